@@ -1,0 +1,61 @@
+# Tessera — `make demo` brings the platform up and runs the demo; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PACKAGES := libs/api libs/common libs/testing libs/sdk \
+            services/control-store services/object-store services/task-scheduler \
+            services/compiler services/gpu-scheduler services/serving
+PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
+
+.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench up down status clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(PYPROJECTS) requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade pip setuptools wheel
+	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation $(addprefix -e ,$(PACKAGES))
+	touch $@
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install check-protos
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+check-protos: install
+	$(PY) scripts/gen_protos.py --check
+
+compose-config:
+	docker-compose config -q
+
+bench: install
+	$(PY) benchmarks/control_store_bench.py
+
+up: install
+	$(VENV)/bin/tessera up
+
+down: install
+	$(VENV)/bin/tessera down
+
+status: install
+	$(VENV)/bin/tessera status
+
+clean:
+	rm -rf $(VENV) build .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs: run scripts/gen_protos.py."""

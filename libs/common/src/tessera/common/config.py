@@ -1,0 +1,94 @@
+"""Every configuration knob of Tessera, in one place.
+
+Values come from the environment (``TESSERA_*``, plus the standard ``OTEL_*``
+variables that the OpenTelemetry SDK reads itself) or from keyword arguments.
+Services share one :class:`Settings`; a knob that only one service reads says so.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The six services, by their canonical (dashed) names.
+SERVICES: tuple[str, ...] = (
+    "control-store",
+    "object-store",
+    "task-scheduler",
+    "compiler",
+    "gpu-scheduler",
+    "serving",
+)
+
+
+def default_run_dir() -> Path:
+    """Where ``tessera up`` keeps pids, ports, logs and data: ``~/.tessera/run``."""
+    return Path.home() / ".tessera" / "run"
+
+
+class Settings(BaseSettings):
+    """Typed settings; the environment variable of ``foo_bar`` is ``TESSERA_FOO_BAR``."""
+
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="ignore", frozen=True)
+
+    # --- infrastructure -------------------------------------------------------
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
+    redis_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["redis://127.0.0.1:6379/0"],
+        description="control-store: Redis shards, comma-separated; keys are hashed over them",
+    )
+    control_store_address: str = Field("127.0.0.1:50051", description="host:port of the control store's gRPC API")
+
+    # --- this process's gRPC server ----------------------------------------------
+    grpc_host: str = Field("127.0.0.1", description="interface the gRPC server binds (0.0.0.0 in containers)")
+    grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    advertise_host: str = Field("", description="host others use to reach this process; default: grpc_host")
+    instance_id: str = Field("", description="unique id of this replica; default: hostname-pid")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="seconds in-flight RPCs get after SIGTERM")
+
+    # --- calls ---------------------------------------------------------------------
+    rpc_timeout_s: float = Field(10.0, gt=0, description="deadline given to any gRPC call that sets none")
+    nats_request_timeout_s: float = Field(5.0, gt=0, description="deadline of a NATS request")
+
+    # --- liveness ------------------------------------------------------------------
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="how often nodes and services report in")
+    node_timeout_s: float = Field(10.0, gt=0, description="control-store: a node silent this long is marked DEAD")
+    instance_ttl_s: int = Field(15, gt=0, description="control-store: a service registration expires after this")
+
+    # --- launcher ------------------------------------------------------------------
+    run_dir: Path = Field(default_factory=default_run_dir, description="tessera up: pids, ports, logs and data")
+    redis_shards: int = Field(1, ge=1, le=64, description="tessera up: Redis shards to start when none are given")
+
+    # --- logging -------------------------------------------------------------------
+    log_level: str = Field("INFO", description="Python log level")
+
+    @field_validator("redis_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @field_validator("redis_urls")
+    @classmethod
+    def _check_urls(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one Redis URL is required")
+        for u in v:
+            if not u.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(f"not a Redis URL: {u!r}")
+        return v
+
+    @cached_property
+    def resolved_instance_id(self) -> str:
+        return self.instance_id or f"{os.uname().nodename}-{os.getpid()}"
+
+
+def otel_service_name(default: str) -> str:
+    """``OTEL_SERVICE_NAME`` if set (the standard variable), else ``default``."""
+    return os.environ.get("OTEL_SERVICE_NAME") or default

@@ -1,0 +1,225 @@
+"""gRPC plumbing shared by every service and client.
+
+Server side: :func:`create_server` builds a ``grpc.aio`` server with OpenTelemetry
+(health and reflection excluded from traces) and one mapping from
+:mod:`tessera.common.errors` to status codes, so a bad request is never UNKNOWN.
+
+Client side: :func:`aio_channel` / :func:`channel` give channels whose calls always
+carry a deadline (the default when the caller sets none), are traced, and are
+retried on UNAVAILABLE only for the idempotent methods named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from opentelemetry import propagate
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, client_interceptor, filters, grpcext
+
+from tessera.common import errors
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+#: Largest message either side accepts (batched writes can be large).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_CODES: dict[str, grpc.StatusCode] = {c.name: c for c in grpc.StatusCode}
+
+
+def status_code(exc: errors.TesseraError) -> grpc.StatusCode:
+    """The gRPC status of a domain error."""
+    return _CODES.get(exc.code, grpc.StatusCode.INTERNAL)
+
+
+# ---------------------------------------------------------------------- server
+
+
+def _untraced() -> Any:
+    excluded = [filters.service_name(HEALTH_SERVICE), *(filters.service_name(s) for s in REFLECTION_SERVICES)]
+    return filters.negate(filters.any_of(*excluded))
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, errors.TesseraError):
+        await context.abort(status_code(exc), str(exc))
+    log.exception("unexpected error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+
+
+class _ErrorMapping(grpc.aio.ServerInterceptor):
+    """Turns domain errors into their status codes and anything else into INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_uu(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await _abort_for(e, context, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                uu, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await _abort_for(e, context, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                us, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
+def create_server(*, traced: bool = True) -> grpc.aio.Server:
+    """A grpc.aio server with tracing and error mapping installed."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if traced:
+        interceptors.append(aio_server_interceptor(filter_=_untraced()))
+    interceptors.append(_ErrorMapping())
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+# ---------------------------------------------------------------------- client
+
+
+def service_config(service: str, idempotent_methods: Iterable[str]) -> str:
+    """A service config that retries UNAVAILABLE, for the idempotent methods only."""
+    names = [{"service": service, "method": m} for m in idempotent_methods]
+    cfg: dict[str, Any] = {"methodConfig": []}
+    if names:
+        cfg["methodConfig"].append(
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        )
+    return json.dumps(cfg)
+
+
+def _options(service: str | None, idempotent: Iterable[str]) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if service:
+        opts.append(("grpc.service_config", service_config(service, idempotent)))
+    return opts
+
+
+class _AioDefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.timeout is None:
+            details = details._replace(timeout=self.timeout)
+        return await continuation(details, request)
+
+
+class _DefaultDeadline(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.timeout is None:
+            details = _SyncCallDetails(details.method, self.timeout, details.metadata, details.credentials,
+                                       getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+        return continuation(details, request)
+
+
+class _SyncCallDetails(grpc.ClientCallDetails):
+    def __init__(self, method: str, timeout: float, metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
+def aio_channel(
+    target: str,
+    *,
+    service: str | None = None,
+    idempotent_methods: Sequence[str] = (),
+    default_timeout: float = 10.0,
+) -> grpc.aio.Channel:
+    """An asyncio channel: default deadline, tracing, retries for ``idempotent_methods`` of ``service``."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=_options(service, idempotent_methods),
+        interceptors=[*aio_client_interceptors(), _AioDefaultDeadline(default_timeout)],
+    )
+
+
+def trace_metadata() -> list[tuple[str, str]]:
+    """The current trace context as gRPC metadata, for calls made on :func:`stream_channel`."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def stream_channel(target: str) -> grpc.Channel:
+    """A blocking channel for long-lived streams that the caller cancels (no default deadline).
+
+    The OpenTelemetry client interceptor hides a stream's ``cancel()``, so streams
+    carry trace context through :func:`trace_metadata` instead.
+    """
+    return grpc.insecure_channel(target, options=_options(None, ()))
+
+
+def channel(
+    target: str,
+    *,
+    service: str | None = None,
+    idempotent_methods: Sequence[str] = (),
+    default_timeout: float = 10.0,
+) -> grpc.Channel:
+    """A blocking channel with the same guarantees as :func:`aio_channel`."""
+    ch = grpc.insecure_channel(target, options=_options(service, idempotent_methods))
+    traced = grpcext.intercept_channel(ch, client_interceptor())
+    return grpc.intercept_channel(traced, _DefaultDeadline(default_timeout))

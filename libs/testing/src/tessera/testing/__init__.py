@@ -1,0 +1,10 @@
+"""Test infrastructure as a package: real servers, never mocks.
+
+:func:`nats_server` and :func:`redis_server` start the same binaries that
+``tessera up`` runs, on free ports, and stop them on exit. The pytest plugin
+(:mod:`tessera.testing.plugin`, loaded automatically) turns them into fixtures.
+"""
+
+from tessera.testing._servers import RedisServer, NatsServer, nats_server, redis_server
+
+__all__ = ["NatsServer", "RedisServer", "nats_server", "redis_server"]

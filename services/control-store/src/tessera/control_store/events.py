@@ -1,0 +1,78 @@
+"""Change events: what the control store announces after each write.
+
+Subjects (core NATS, at most once; readers that must not miss a change re-read
+the table after subscribing):
+
+==========================================  =========================================
+``tessera.events.<table>.created``          records created (tables below)
+``tessera.events.<table>.updated``          records changed
+``tessera.events.<table>.deleted``          records removed (value empty)
+``tessera.events.nodes.dead``               a node missed heartbeats for node_timeout_s
+``tessera.events.kv.<namespace>.<op>``      the key-value table, per namespace
+==========================================  =========================================
+
+Tables: nodes, jobs, functions, tasks, objects, actors, instances, kv. Each
+message is a ``ChangeEvent`` protobuf carrying the ids and, except for deletes,
+the serialized records; a large batch is split into several messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from tessera.api.control_store.v1 import control_store_pb2 as pb
+
+ROOT = "tessera.events"
+TABLES = ("nodes", "jobs", "functions", "tasks", "objects", "actors", "instances", "kv")
+OPS = {
+    pb.CHANGE_OP_CREATED: "created",
+    pb.CHANGE_OP_UPDATED: "updated",
+    pb.CHANGE_OP_DELETED: "deleted",
+    pb.CHANGE_OP_DEAD: "dead",
+}
+#: Upper bound of one event message (NATS' default max payload is 1 MiB).
+MAX_EVENT_BYTES = 512 * 1024
+
+#: Publishes one serialized event on a subject (wired to NATS by server.py).
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+def subject_for(table: str, op: int, namespace: str = "") -> str:
+    if table == "kv":
+        return f"{ROOT}.kv.{namespace}.{OPS[op]}"
+    return f"{ROOT}.{table}.{OPS[op]}"
+
+
+def watch_subject(table: str, namespace: str = "") -> str:
+    if table == "kv":
+        return f"{ROOT}.kv.{namespace or '*'}.*"
+    return f"{ROOT}.{table}.*"
+
+
+class Events:
+    """Builds ChangeEvents and hands them to ``publish`` in bounded chunks."""
+
+    def __init__(self, publish: Publish | None) -> None:
+        self._publish = publish
+
+    async def emit(self, table: str, op: int, changes: Sequence[tuple[bytes, bytes]], *, namespace: str = "") -> None:
+        if self._publish is None or not changes:
+            return
+        subj = subject_for(table, op, namespace)
+        now = int(time.time() * 1000)
+        chunk: list[pb.Change] = []
+        size = 0
+        for key, value in changes:
+            chunk.append(pb.Change(key=key, value=value))
+            size += len(key) + len(value) + 8
+            if size >= MAX_EVENT_BYTES:
+                await self._send(subj, table, op, namespace, chunk, now)
+                chunk, size = [], 0
+        if chunk:
+            await self._send(subj, table, op, namespace, chunk, now)
+
+    async def _send(self, subj: str, table: str, op: int, ns: str, chunk: list[pb.Change], now: int) -> None:
+        ev = pb.ChangeEvent(table=table, op=op, namespace=ns, changes=chunk, time_ms=now)  # type: ignore[arg-type]
+        assert self._publish is not None
+        await self._publish(subj, ev.SerializeToString())

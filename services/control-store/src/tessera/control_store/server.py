@@ -1,0 +1,70 @@
+"""Wiring of the control store: Redis shards + NATS events + gRPC, in one ServiceApp."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+
+from tessera.api.control_store.v1 import control_store_pb2 as pb
+from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
+from tessera.common.config import Settings
+from tessera.common.registry import CONTROL_STORE_SERVICE, Registration, instance_record
+from tessera.common.service import ServiceApp
+from tessera.control_store.liveness import LivenessMonitor
+from tessera.control_store.servicer import ControlStoreServicer
+from tessera.control_store.shards import ShardedRedis
+from tessera.control_store.store import ControlStore
+
+NAME = "control-store"
+
+
+def build(settings: Settings) -> ServiceApp:
+    app = ServiceApp(NAME, settings)
+    db = ShardedRedis(settings.redis_urls)
+
+    async def publish(subject: str, data: bytes) -> None:
+        assert app.bus is not None
+        await app.bus.publish(subject, data)
+
+    async def subscribe(subject: str, on_message: Callable[[bytes], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        assert app.bus is not None
+
+        async def handler(msg: Msg) -> None:
+            await on_message(msg.data)
+
+        sub = await app.bus.subscribe(subject, handler)
+        return sub.unsubscribe
+
+    store = ControlStore(db, publish=publish, node_timeout_s=settings.node_timeout_s)
+    monitor = LivenessMonitor(store, interval_s=settings.heartbeat_interval_s)
+    app.add_servicer(pb_grpc.add_ControlStoreServiceServicer_to_server,
+                     ControlStoreServicer(store, subscribe, instance_ttl_s=settings.instance_ttl_s),
+                     CONTROL_STORE_SERVICE)
+
+    async def start() -> None:
+        await db.ping()
+        monitor.start()
+
+    async def stop() -> None:
+        await monitor.stop()
+        await db.close()
+
+    async def register_self(address: str) -> Registration:
+        async def register(rec: pb.ServiceInstance, ttl: int) -> None:
+            await store.register_instance(rec, ttl)
+
+        async def deregister(service: str, instance_id: str) -> None:
+            await store.deregister_instance(service, instance_id)
+
+        return Registration(instance_record(NAME, settings, address), register=register, deregister=deregister,
+                            interval_s=settings.heartbeat_interval_s, ttl_s=settings.instance_ttl_s)
+
+    app.on_start(start)
+    app.on_stop(stop)
+    app.register_with(register_self)
+    return app
+
+
+async def serve(settings: Settings | None = None) -> None:
+    await build(settings or Settings()).run()

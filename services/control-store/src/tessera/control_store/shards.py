@@ -1,0 +1,79 @@
+"""Redis shards: keys are spread over several Redis instances by a hash of the key.
+
+Every per-key operation goes to ``shard(key)``; batch operations are grouped per
+shard and sent as one pipeline or one script call per shard, concurrently.
+Per-shard index structures (e.g. the set of all nodes) are read from all shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from tessera.common.errors import UnavailableError
+
+T = TypeVar("T")
+
+
+class ShardedRedis:
+    """A fixed list of Redis connections addressed by a hash (crc32 mod N) of the record id.
+
+    Every structure of one record (its hash, its location set, ...) is placed by the
+    same id, so one record always lives on one shard.
+    """
+
+    def __init__(self, urls: Sequence[str], *, socket_timeout: float = 5.0) -> None:
+        if not urls:
+            raise ValueError("at least one Redis URL is required")
+        self.urls = list(urls)
+        self.clients: list[aioredis.Redis] = [
+            aioredis.Redis.from_url(u, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                    health_check_interval=30)
+            for u in urls
+        ]
+        self.n = len(self.clients)
+
+    def index(self, key: bytes) -> int:
+        return zlib.crc32(key) % self.n if self.n > 1 else 0
+
+    def shard(self, key: bytes) -> aioredis.Redis:
+        return self.clients[self.index(key)]
+
+    def group(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
+        """Positions of ``keys`` (record ids) grouped by shard index."""
+        out: dict[int, list[int]] = defaultdict(list)
+        if self.n == 1:
+            out[0] = list(range(len(keys)))
+            return out
+        for i, k in enumerate(keys):
+            out[zlib.crc32(k) % self.n].append(i)
+        return out
+
+    async def each(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> list[T]:
+        """Run ``fn`` on every shard concurrently."""
+        return await guard(asyncio.gather(*(fn(c) for c in self.clients)))
+
+    async def ping(self) -> None:
+        await self.each(lambda c: c.ping())
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.aclose()
+
+
+async def guard(aw: Awaitable[T]) -> T:
+    """Await a Redis operation, turning connection failures into UnavailableError."""
+    try:
+        return await aw
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+        raise UnavailableError(f"Redis unavailable: {e}") from e
+
+
+def register(client: aioredis.Redis, src: str) -> Any:
+    return client.register_script(src)
