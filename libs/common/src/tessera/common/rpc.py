@@ -223,3 +223,18 @@ def channel(
     ch = grpc.insecure_channel(target, options=_options(service, idempotent_methods))
     traced = grpcext.intercept_channel(ch, client_interceptor())
     return grpc.intercept_channel(traced, _DefaultDeadline(default_timeout))
+
+
+# ---------------------------------------------------------------------- health
+
+
+def health_status(address: str, *, service: str = "", timeout: float = 1.0) -> str:
+    """``grpc.health.v1`` status of ``service`` at ``address``: SERVING, NOT_SERVING, ... or UNREACHABLE."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            return "UNREACHABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else e.code().name  # type: ignore[attr-defined]
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
