@@ -1,0 +1,226 @@
+"""``tessera`` — bring a cluster up and look after it.
+
+    tessera up [--redis-shards N] [--timeout S]   start everything; return once all six services are SERVING
+    tessera status [--json]                       what runs where, and its health
+    tessera logs SERVICE [-n N] [-f]              a process's log (a service, nats, redis-0, supervisor)
+    tessera down [--timeout S]                    stop everything gracefully; leave no process behind
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
+from tessera.common import procs
+from tessera.common.config import Settings
+from tessera.common.rpc import health_status
+
+EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
+
+
+def _plan(run: RunDir, settings: Settings, redis_shards: int) -> Cluster:
+    env = os.environ
+    ps: list[Proc] = []
+    if env.get("TESSERA_NATS_URL"):
+        nats_url = settings.nats_url
+    else:
+        port = procs.free_port()
+        ps.append(Proc("nats", "nats", port, address=f"127.0.0.1:{port}"))
+        nats_url = f"nats://127.0.0.1:{port}"
+    if env.get("TESSERA_REDIS_URLS"):
+        redis_urls = list(settings.redis_urls)
+    else:
+        redis_urls = []
+        for i in range(redis_shards):
+            port = procs.free_port()
+            ps.append(Proc(f"redis-{i}", "redis", port, address=f"127.0.0.1:{port}"))
+            redis_urls.append(f"redis://127.0.0.1:{port}/0")
+    for name in SERVICES:
+        port = procs.free_port()
+        ps.append(Proc(name, "service", port, address=f"127.0.0.1:{port}"))
+    cs = next(p for p in ps if p.name == "control-store")
+    return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
+                   control_store_address=cs.address, procs=ps, started=time.time())
+
+
+def _health(p: Proc) -> str:
+    if p.kind == "service":
+        return health_status(p.address, timeout=1.0)
+    host, port = p.address.rsplit(":", 1)
+    return "UP" if procs.port_open(host, int(port)) else "DOWN"
+
+
+def _rows(cluster: Cluster) -> list[dict[str, object]]:
+    return [
+        {"name": p.name, "kind": p.kind, "pid": p.pid, "address": p.address, "health": _health(p),
+         "restarts": p.restarts, "last_exit": p.last_exit}
+        for p in cluster.procs
+    ]
+
+
+def _table(rows: Sequence[dict[str, object]]) -> str:
+    cols = ["name", "pid", "address", "health", "restarts", "last_exit"]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(width[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return f"(no log at {path})"
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    run = RunDir(settings.run_dir)
+    if run.supervisor_pid():
+        print(f"Tessera is already up (run directory {run.path}):")
+        cluster = run.read()
+        if cluster:
+            print(_table(_rows(cluster)))
+        return EXIT_OK
+    run.prepare()
+    run.clear()
+    cluster = _plan(run, settings, args.redis_shards or settings.redis_shards)
+    run.write(cluster)
+    sup = subprocess.Popen([sys.executable, "-m", "tessera._launcher.supervisor", str(run.path)],
+                           stdin=subprocess.DEVNULL, stdout=open(run.log("supervisor"), "ab"),
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"starting Tessera in {run.path} ...", flush=True)
+    deadline = time.monotonic() + args.timeout
+    services = [p for p in cluster.procs if p.kind == "service"]
+    pending = {p.name for p in services}
+    while pending and time.monotonic() < deadline:
+        if sup.poll() is not None:
+            print(f"the supervisor exited ({sup.returncode}):\n{_tail(run.log('supervisor'), 20)}", file=sys.stderr)
+            return EXIT_FAIL
+        for p in services:
+            if p.name in pending and health_status(p.address, timeout=0.5) == "SERVING":
+                pending.discard(p.name)
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        print(f"not SERVING within {args.timeout:g}s: {', '.join(sorted(pending))}", file=sys.stderr)
+        for name in sorted(pending):
+            print(f"--- {name} log:\n{_tail(run.log(name), 15)}", file=sys.stderr)
+        _down(run, timeout=30)
+        return EXIT_FAIL
+    cluster = run.read() or cluster
+    print(_table(_rows(cluster)))
+    print(f"\nTessera is up: control store at {cluster.control_store_address}; `tessera down` stops it.")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    run = RunDir(settings.run_dir)
+    cluster = run.read()
+    sup = run.supervisor_pid()
+    if cluster is None or not sup:
+        if args.json:
+            print(json.dumps({"running": False, "run_dir": str(run.path)}))
+        else:
+            print(f"Tessera is not running (run directory {run.path})")
+        return EXIT_NOT_RUNNING
+    rows = _rows(cluster)
+    healthy = all(r["health"] in ("SERVING", "UP") for r in rows)
+    if args.json:
+        print(json.dumps({"running": True, "healthy": healthy, "run_dir": str(run.path), "supervisor_pid": sup,
+                          "control_store_address": cluster.control_store_address, "nats_url": cluster.nats_url,
+                          "redis_urls": cluster.redis_urls, "processes": rows}, indent=2))
+    else:
+        print(_table(rows))
+    return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    run = RunDir(settings.run_dir)
+    path = run.log(args.service)
+    if not path.exists():
+        known = sorted(p.stem for p in run.logs.glob("*.log")) if run.logs.exists() else []
+        print(f"no log for {args.service!r} in {run.logs}" + (f"; known: {', '.join(known)}" if known else ""),
+              file=sys.stderr)
+        return EXIT_FAIL
+    print(_tail(path, args.lines), flush=True)
+    if args.follow:
+        with open(path, errors="replace") as f:
+            f.seek(0, os.SEEK_END)
+            try:
+                while True:
+                    line = f.readline()
+                    if line:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    else:
+                        time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
+    return EXIT_OK
+
+
+def _down(run: RunDir, *, timeout: float) -> bool:
+    """Stop the supervisor (which stops everything); kill whatever is left. True if something ran."""
+    cluster = run.read()
+    pid = run.supervisor_pid()
+    if pid:
+        kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(pid):
+            kill(pid)
+    leftovers = [p.pid for p in (cluster.procs if cluster else []) if p.pid and alive(p.pid)]
+    for p in leftovers:
+        kill(p)
+    run.clear()
+    return bool(pid or leftovers)
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    run = RunDir(settings.run_dir)
+    if _down(run, timeout=args.timeout):
+        print("Tessera is down")
+    else:
+        print(f"Tessera was not running (run directory {run.path})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tessera", description="Run a Tessera cluster on this machine.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start NATS, Redis and the six services; wait until all are SERVING")
+    up.add_argument("--redis-shards", type=int, default=0, help="Redis shards to start (default TESSERA_REDIS_SHARDS or 1)")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
+    st = sub.add_parser("status", help="processes, addresses and health")
+    st.add_argument("--json", action="store_true")
+    lg = sub.add_parser("logs", help="print a process's log")
+    lg.add_argument("service", help="a service name, nats, redis-N or supervisor")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.add_argument("-f", "--follow", action="store_true")
+    dn = sub.add_parser("down", help="stop everything")
+    dn.add_argument("--timeout", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    if getattr(args, "redis_shards", 0) < 0 or (args.command == "up" and args.redis_shards > 64):
+        ap.error("--redis-shards must be between 1 and 64")
+    try:
+        settings = Settings()
+    except Exception as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    return {"up": cmd_up, "status": cmd_status, "logs": cmd_logs, "down": cmd_down}[args.command](args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

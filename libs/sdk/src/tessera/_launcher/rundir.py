@@ -1,0 +1,133 @@
+"""The run directory: what ``tessera up`` started, where, and its logs and data.
+
+``cluster.json`` holds the plan (addresses and ports, chosen by ``up``) and the
+live state kept by the supervisor (pids, restarts, last exit). It is written
+atomically; the SDK reads ``control_store_address`` from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tessera.client._discovery import CLUSTER_FILE
+from tessera.common.config import SERVICES
+
+
+def module_of(service: str) -> str:
+    return "tessera." + service.replace("-", "_")
+
+
+@dataclass
+class Proc:
+    """One process the supervisor runs."""
+
+    name: str
+    kind: str  # "nats" | "redis" | "service"
+    port: int
+    pid: int = 0
+    restarts: int = 0
+    last_exit: str = ""
+    address: str = ""
+
+
+@dataclass
+class Cluster:
+    run_dir: str
+    nats_url: str
+    redis_urls: list[str]
+    control_store_address: str
+    procs: list[Proc] = field(default_factory=list)
+    supervisor_pid: int = 0
+    started: float = 0.0
+
+    @property
+    def services(self) -> dict[str, dict[str, Any]]:
+        return {p.name: asdict(p) for p in self.procs if p.kind == "service"}
+
+    def proc(self, name: str) -> Proc:
+        for p in self.procs:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["services"] = self.services
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Cluster:
+        d = json.loads(text)
+        d.pop("services", None)
+        d["procs"] = [Proc(**p) for p in d.get("procs", [])]
+        return cls(**d)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cluster_file = path / CLUSTER_FILE
+        self.pid_file = path / "supervisor.pid"
+        self.logs = path / "logs"
+        self.data = path / "data"
+
+    def prepare(self) -> None:
+        for d in (self.path, self.logs, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def read(self) -> Cluster | None:
+        try:
+            return Cluster.from_json(self.cluster_file.read_text())
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, cluster: Cluster) -> None:
+        tmp = self.cluster_file.with_suffix(".tmp")
+        tmp.write_text(cluster.to_json())
+        os.replace(tmp, self.cluster_file)
+
+    def supervisor_pid(self) -> int:
+        """The live supervisor's pid, or 0."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return 0
+        return pid if alive(pid) else 0
+
+    def clear(self) -> None:
+        for f in (self.cluster_file, self.pid_file):
+            f.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+__all__ = ["SERVICES", "Cluster", "Proc", "RunDir", "alive", "kill", "module_of"]
