@@ -18,9 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from opentelemetry import trace
-
 import tessera
+from opentelemetry import trace
 from tessera.common.telemetry import current_trace_id, setup_tracing, shutdown_tracing
 
 BIN = Path(sys.executable).parent

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from tessera.common import procs
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
+from tessera.common import procs
 
 log = logging.getLogger("tessera.supervisor")
 
@@ -132,7 +132,7 @@ class Supervisor:
         order = [[p for p in self.cluster.procs if p.kind == k] for k in ("service", "redis", "nats")]
         for group in order:
             live = [(p, self.children.pop(p.name)) for p in group if p.name in self.children]
-            for p, c in live:
+            for _p, c in live:
                 if c.poll() is None:
                     c.terminate()
             deadline = time.monotonic() + GRACE_S

@@ -9,6 +9,6 @@ b'hello'
 """
 
 from tessera.client._client import Client, Event, connect
-from tessera.client._discovery import ClusterNotFoundError, ClusterInfo, find_cluster
+from tessera.client._discovery import ClusterInfo, ClusterNotFoundError, find_cluster
 
 __all__ = ["Client", "ClusterInfo", "ClusterNotFoundError", "Event", "connect", "find_cluster"]

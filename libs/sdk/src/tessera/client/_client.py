@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import grpc
 
 from tessera.api.control_store.v1 import control_store_pb2 as pb
-from tessera.client._discovery import find_cluster
 from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
+from tessera.client._discovery import find_cluster
 from tessera.common.registry import control_store_stub
 from tessera.common.rpc import stream_channel, trace_metadata
 

@@ -5,6 +5,6 @@
 (:mod:`tessera.testing.plugin`, loaded automatically) turns them into fixtures.
 """
 
-from tessera.testing._servers import RedisServer, NatsServer, nats_server, redis_server
+from tessera.testing._servers import NatsServer, RedisServer, nats_server, redis_server
 
 __all__ = ["NatsServer", "RedisServer", "nats_server", "redis_server"]

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-
 from tessera.testing._servers import NatsServer, RedisServer, nats_server, redis_server
 
 

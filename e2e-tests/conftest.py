@@ -1,0 +1,133 @@
+"""The e2e fixtures: an OTLP/gRPC trace receiver (what Jaeger listens with on 4317)
+and a whole Tessera stack brought up by the real launcher, exporting to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, Any]
+
+
+@dataclass
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    spans: list[Span] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    endpoint: str = ""
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+        with self.lock:
+            for rs in request.resource_spans:
+                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        self.spans.append(Span(
+                            service=service, name=s.name, kind=s.kind, trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(),
+                            attributes={a.key: a.value.string_value or a.value.int_value for a in s.attributes},
+                        ))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self.lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+
+@pytest.fixture(scope="session")
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    receiver.endpoint = f"http://127.0.0.1:{port}"
+    yield receiver
+    server.stop(0)
+
+
+@dataclass
+class Stack:
+    run_dir: Path
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        out = self.cli("status", "--json", timeout=30)
+        return json.loads(out.stdout)
+
+    def proc(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.status()["processes"] if p["name"] == name)
+
+    def pids(self) -> list[int]:
+        cluster = json.loads((self.run_dir / "cluster.json").read_text())
+        return [cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])]
+
+
+def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+               OTEL_BSP_SCHEDULE_DELAY="200", TESSERA_HEARTBEAT_INTERVAL_S="0.5")
+    s = Stack(run_dir, env)
+    up = s.cli("up", "--timeout", "120")
+    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
+    pids = s.pids()
+    try:
+        yield s
+    finally:
+        s.cli("down", timeout=60)
+        for pid in pids:
+            if procs_alive(pid):
+                os.kill(pid, 9)
+
+
+def procs_alive(pid: int) -> bool:
+    from tessera._launcher.rundir import alive
+
+    return alive(pid)
+
+
+
+
+@pytest.fixture
+def poll() -> Callable[..., Any]:
+    return poll_until
