@@ -39,7 +39,7 @@ _tracer = trace.get_tracer("tessera.common.bus")
 
 Handler = Callable[[Msg], Awaitable[None]]
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
 def check_token(token: str, *, what: str = "subject token") -> str:
@@ -80,6 +80,7 @@ class Bus:
         self.request_timeout = request_timeout
         self._js: JetStreamContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
 
     @classmethod
     async def connect(
@@ -108,6 +109,13 @@ class Bus:
         delay = 0.1
         while True:
             try:
+                bus = cls.__new__(cls)
+                bus.closing = False
+
+                async def on_disconnect(bus: Bus = bus) -> None:
+                    if not bus.closing:
+                        log.warning("NATS disconnected; reconnecting")
+
                 nc = await nats.connect(
                     servers=[url],
                     name=name,
@@ -116,10 +124,11 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     error_cb=_on_error,
-                    disconnected_cb=_on_disconnect,
+                    disconnected_cb=on_disconnect,
                     reconnected_cb=_on_reconnect,
                 )
-                return cls(nc, request_timeout=request_timeout)
+                bus.__init__(nc, request_timeout=request_timeout)  # type: ignore[misc]
+                return bus
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
                 if loop.time() + delay > deadline:
                     raise errors.UnavailableError(f"cannot connect to NATS at {url}: {e!r}") from e
@@ -245,6 +254,7 @@ class Bus:
             t.cancel()
         if self.nc.is_closed:
             return
+        self.closing = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout)
         except (asyncio.TimeoutError, nats.errors.Error):
@@ -272,10 +282,6 @@ async def _traced_delivery(msg: Msg, handler: Handler, *, queue: str | None) -> 
 
 async def _on_error(e: Exception) -> None:
     log.warning("NATS error: %r", e)
-
-
-async def _on_disconnect() -> None:
-    log.warning("NATS disconnected; reconnecting")
 
 
 async def _on_reconnect() -> None:
