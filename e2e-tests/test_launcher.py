@@ -1,0 +1,65 @@
+"""The launcher against infrastructure it does not own, and with several Redis shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+import tessera
+from tessera.common.config import SERVICES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+BIN = Path(sys.executable).parent
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "tessera"), *args], env=env, capture_output=True, text=True, timeout=150)
+
+
+def test_up_uses_given_nats_and_starts_two_redis_shards(tmp_path: Path, nats_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(tmp_path), TESSERA_NATS_URL=nats_url)
+    up = _cli(env, "up", "--redis-shards", "2")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = json.loads(_cli(env, "status", "--json").stdout)
+        names = [p["name"] for p in status["processes"]]
+        assert "nats" not in names  # the given NATS is used, not a new one
+        assert names[:2] == ["redis-0", "redis-1"] and len(status["redis_urls"]) == 2
+        assert status["nats_url"] == nats_url
+        assert all(p["health"] == "SERVING" for p in status["processes"] if p["kind"] == "service")
+        # neither the standard NATS nor Redis port is taken by the launcher
+        assert all(not p["address"].endswith((":4222", ":6379")) for p in status["processes"])
+        with tessera.connect(status["control_store_address"]) as c:
+            for i in range(20):  # keys spread over both shards
+                c.kv_put("shards", f"k{i}".encode(), b"v")
+            assert len(c.kv_list("shards")) == 20
+            assert {i.service for i in c.instances()} == set(SERVICES)
+        per_shard = [redis.Redis.from_url(u).zcard(b"kv-index:shards") for u in status["redis_urls"]]
+        assert sum(per_shard) == 20 and all(n > 0 for n in per_shard), per_shard
+        again = _cli(env, "up")
+        assert again.returncode == 0 and "already up" in again.stdout
+    finally:
+        down = _cli(env, "down")
+    assert down.returncode == 0 and "Tessera is down" in down.stdout
+    assert _cli(env, "status").returncode == 2
+
+
+def test_logs_of_unknown_process_is_a_clear_error(tmp_path: Path) -> None:
+    env = dict(os.environ, TESSERA_RUN_DIR=str(tmp_path))
+    out = _cli(env, "logs", "no-such-service")
+    assert out.returncode == 1 and "no log for 'no-such-service'" in out.stderr
+
+
+def test_status_and_down_when_nothing_runs(tmp_path: Path) -> None:
+    env = dict(os.environ, TESSERA_RUN_DIR=str(tmp_path))
+    assert _cli(env, "status").returncode == 2
+    down = _cli(env, "down")
+    assert down.returncode == 0 and "not running" in down.stdout

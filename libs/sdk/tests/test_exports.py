@@ -1,0 +1,37 @@
+"""The public surface of the SDK, pinned: changing it must show up as a reviewed diff here."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import tessera
+import tessera.client
+
+EXPECTED_TESSERA = ["Client", "ClusterNotFoundError", "Event", "__version__", "connect"]
+EXPECTED_CLIENT = ["Client", "ClusterInfo", "ClusterNotFoundError", "Event", "connect", "find_cluster"]
+
+#: Every distribution contributes one subpackage of the shared ``tessera`` namespace.
+SUBPACKAGES = ["api", "client", "common", "compiler", "control_store", "gpu_scheduler", "object_store", "serving",
+               "task_scheduler", "testing"]
+
+
+def test_tessera_exports() -> None:
+    assert sorted(tessera.__all__) == EXPECTED_TESSERA
+    for name in tessera.__all__:
+        assert hasattr(tessera, name), name
+
+
+def test_client_exports() -> None:
+    assert sorted(tessera.client.__all__) == EXPECTED_CLIENT
+    for name in tessera.client.__all__:
+        assert hasattr(tessera.client, name), name
+
+
+def test_every_distribution_shares_the_tessera_namespace() -> None:
+    found = {m.name for m in pkgutil.iter_modules(tessera.__path__) if not m.name.startswith("_")}
+    assert set(SUBPACKAGES) <= found, sorted(found)
+    for name in SUBPACKAGES:
+        importlib.import_module(f"tessera.{name}")
+    for svc in ["control_store", "object_store", "task_scheduler", "compiler", "gpu_scheduler", "serving"]:
+        assert callable(importlib.import_module(f"tessera.{svc}.__main__").main)
