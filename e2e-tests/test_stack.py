@@ -10,6 +10,7 @@ import sys
 
 import grpc
 import pytest
+
 import tessera
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.common import ids

@@ -18,8 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-import tessera
 from opentelemetry import trace
+
+import tessera
 from tessera.common.telemetry import current_trace_id, setup_tracing, shutdown_tracing
 
 BIN = Path(sys.executable).parent

@@ -129,7 +129,7 @@ class Bus:
                 )
                 bus.__init__(nc, request_timeout=request_timeout)  # type: ignore[misc]
                 return bus
-            except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, nats.errors.Error) as e:
                 if loop.time() + delay > deadline:
                     raise errors.UnavailableError(f"cannot connect to NATS at {url}: {e!r}") from e
                 await asyncio.sleep(delay)
@@ -257,7 +257,7 @@ class Bus:
         self.closing = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout)
-        except (asyncio.TimeoutError, nats.errors.Error):
+        except (TimeoutError, nats.errors.Error):
             await self.nc.close()
 
 

@@ -20,7 +20,13 @@ from typing import Any
 import grpc
 import grpc.aio
 from opentelemetry import propagate
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, client_interceptor, filters, grpcext
+from opentelemetry.instrumentation.grpc import (
+    aio_client_interceptors,
+    aio_server_interceptor,
+    client_interceptor,
+    filters,
+    grpcext,
+)
 
 from tessera.common import errors
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+
 from tessera.testing._servers import NatsServer, RedisServer, nats_server, redis_server
 
 
