@@ -12,8 +12,10 @@ from tessera.client._discovery import find_cluster
 from tessera.common.registry import control_store_stub
 from tessera.common.rpc import stream_channel, trace_metadata
 
-_OPS = {pb.CHANGE_OP_CREATED: "created", pb.CHANGE_OP_UPDATED: "updated",
-        pb.CHANGE_OP_DELETED: "deleted", pb.CHANGE_OP_DEAD: "dead"}
+
+def _op_name(op: int) -> str:
+    """CHANGE_OP_CREATED -> "created"."""
+    return pb.ChangeOp.Name(op).removeprefix("CHANGE_OP_").lower() if op in pb.ChangeOp.values() else "unknown"
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Event:
     """One change of one record, as seen by :meth:`Client.watch`."""
 
     table: str
-    op: str  # created | updated | deleted | dead
+    op: str  # created | updated | deleted | dead | sealed | evicted | spilled | restored | lost
     key: bytes
     value: bytes
     namespace: str = ""
@@ -102,7 +104,7 @@ class Client:
             for resp in call:
                 ev = resp.event
                 for ch in ev.changes:
-                    yield Event(ev.table, _OPS.get(ev.op, "unknown"), bytes(ch.key), bytes(ch.value), ev.namespace)
+                    yield Event(ev.table, _op_name(ev.op), bytes(ch.key), bytes(ch.value), ev.namespace)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
                 raise

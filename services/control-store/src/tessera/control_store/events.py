@@ -8,6 +8,8 @@ the table after subscribing):
 ``tessera.events.<table>.updated``          records changed
 ``tessera.events.<table>.deleted``          records removed (value empty)
 ``tessera.events.nodes.dead``               a node missed heartbeats for node_timeout_s
+``tessera.events.objects.<copy event>``     sealed, evicted, spilled, restored, lost: sent by
+                                            the object store of the node concerned
 ``tessera.events.kv.<namespace>.<op>``      the key-value table, per namespace
 ==========================================  =========================================
 
@@ -30,6 +32,11 @@ OPS = {
     pb.CHANGE_OP_UPDATED: "updated",
     pb.CHANGE_OP_DELETED: "deleted",
     pb.CHANGE_OP_DEAD: "dead",
+    pb.CHANGE_OP_SEALED: "sealed",
+    pb.CHANGE_OP_EVICTED: "evicted",
+    pb.CHANGE_OP_SPILLED: "spilled",
+    pb.CHANGE_OP_RESTORED: "restored",
+    pb.CHANGE_OP_LOST: "lost",
 }
 #: Upper bound of one event message (NATS' default max payload is 1 MiB).
 MAX_EVENT_BYTES = 512 * 1024

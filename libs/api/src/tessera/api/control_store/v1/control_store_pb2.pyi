@@ -125,6 +125,18 @@ class _ChangeOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeOp.Val
     CHANGE_OP_DELETED: _ChangeOp.ValueType  # 3
     CHANGE_OP_DEAD: _ChangeOp.ValueType  # 4
     """nodes only: missed heartbeats"""
+    CHANGE_OP_SEALED: _ChangeOp.ValueType  # 5
+    """objects only, announced by the object store of the node concerned:
+    a copy became readable
+    """
+    CHANGE_OP_EVICTED: _ChangeOp.ValueType  # 6
+    """a copy was dropped (another copy exists)"""
+    CHANGE_OP_SPILLED: _ChangeOp.ValueType  # 7
+    """a copy moved to local disk"""
+    CHANGE_OP_RESTORED: _ChangeOp.ValueType  # 8
+    """a spilled copy is back in memory"""
+    CHANGE_OP_LOST: _ChangeOp.ValueType  # 9
+    """no copy is left anywhere: rebuild from lineage"""
 
 class ChangeOp(_ChangeOp, metaclass=_ChangeOpEnumTypeWrapper):
     """---------------------------------------------------------------- events"""
@@ -135,6 +147,18 @@ CHANGE_OP_UPDATED: ChangeOp.ValueType  # 2
 CHANGE_OP_DELETED: ChangeOp.ValueType  # 3
 CHANGE_OP_DEAD: ChangeOp.ValueType  # 4
 """nodes only: missed heartbeats"""
+CHANGE_OP_SEALED: ChangeOp.ValueType  # 5
+"""objects only, announced by the object store of the node concerned:
+a copy became readable
+"""
+CHANGE_OP_EVICTED: ChangeOp.ValueType  # 6
+"""a copy was dropped (another copy exists)"""
+CHANGE_OP_SPILLED: ChangeOp.ValueType  # 7
+"""a copy moved to local disk"""
+CHANGE_OP_RESTORED: ChangeOp.ValueType  # 8
+"""a spilled copy is back in memory"""
+CHANGE_OP_LOST: ChangeOp.ValueType  # 9
+"""no copy is left anywhere: rebuild from lineage"""
 Global___ChangeOp: _TypeAlias = ChangeOp  # noqa: Y015
 
 @_typing.final
