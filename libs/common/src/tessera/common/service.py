@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -110,7 +111,9 @@ class ServiceApp:
         for n in ["", *self._service_names]:
             await self.health.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
-        self.address = f"{s.advertise_host or s.grpc_host}:{self.port}"
+        # Bound to every interface and told no name (a scaled container replica): advertise the hostname.
+        wildcard = s.grpc_host in ("0.0.0.0", "::", "[::]")
+        self.address = f"{s.advertise_host or (socket.gethostname() if wildcard else s.grpc_host)}:{self.port}"
         await self.server.start()
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
 
