@@ -8,7 +8,8 @@ import pkgutil
 import tessera
 import tessera.client
 
-EXPECTED_TESSERA = ["Client", "ClusterNotFoundError", "Event", "__version__", "connect"]
+EXPECTED_TESSERA = ["Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient", "__version__", "connect",
+                    "exceptions", "get", "put"]
 EXPECTED_CLIENT = ["Client", "ClusterInfo", "ClusterNotFoundError", "Event", "connect", "find_cluster"]
 
 #: Every distribution contributes one subpackage of the shared ``tessera`` namespace.

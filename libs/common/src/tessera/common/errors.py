@@ -62,5 +62,11 @@ class DeadlineExceededError(TesseraError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class DataLossError(TesseraError):
+    """Bytes were corrupted or lost in transit (a failed checksum)."""
+
+    code = "DATA_LOSS"
+
+
 class NoRespondersError(UnavailableError):
     """A NATS request found nobody subscribed to its subject."""

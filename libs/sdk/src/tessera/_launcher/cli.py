@@ -19,14 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
-from tessera.common import procs
+from tessera.common import ids, procs
 from tessera.common.config import Settings
 from tessera.common.rpc import health_status
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
 
 
-def _plan(run: RunDir, settings: Settings, redis_shards: int) -> Cluster:
+#: Services that run once per node; the others run once per cluster.
+PER_NODE = ("object-store",)
+
+
+def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1) -> Cluster:
     env = os.environ
     ps: list[Proc] = []
     if env.get("TESSERA_NATS_URL"):
@@ -43,9 +47,16 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int) -> Cluster:
             port = procs.free_port()
             ps.append(Proc(f"redis-{i}", "redis", port, address=f"127.0.0.1:{port}"))
             redis_urls.append(f"redis://127.0.0.1:{port}/0")
+    node_ids = [ids.new_id("node_id").hex() for _ in range(nodes)]
     for name in SERVICES:
-        port = procs.free_port()
-        ps.append(Proc(name, "service", port, address=f"127.0.0.1:{port}"))
+        if name in PER_NODE:
+            for i, node in enumerate(node_ids):
+                port = procs.free_port()
+                ps.append(Proc(name if i == 0 else f"{name}-{i}", "service", port, service=name, node_id=node,
+                               address=f"127.0.0.1:{port}"))
+        else:
+            port = procs.free_port()
+            ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}"))
     cs = next(p for p in ps if p.name == "control-store")
     return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
                    control_store_address=cs.address, procs=ps, started=time.time())
@@ -58,16 +69,43 @@ def _health(p: Proc) -> str:
     return "UP" if procs.port_open(host, int(port)) else "DOWN"
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}MiB" if n < 2**30 else f"{n / 2**30:.1f}GiB"
+
+
+def _detail(p: Proc, health: str) -> dict[str, object]:
+    """Per-node object-store figures: used / capacity, spilled, object count."""
+    if p.service != "object-store" or health != "SERVING":
+        return {}
+    import grpc
+
+    from tessera.api.object_store.v1 import object_store_pb2 as opb
+    from tessera.api.object_store.v1 import object_store_pb2_grpc as opb_grpc
+
+    try:
+        with grpc.insecure_channel(p.address) as ch:
+            s = opb_grpc.ObjectStoreServiceStub(ch).GetStats(opb.GetStatsRequest(), timeout=2.0)
+    except grpc.RpcError:
+        return {}
+    return {"node": p.node_id[:8], "used": s.used, "capacity": s.capacity, "spilled": s.spilled_bytes,
+            "objects": s.objects,
+            "detail": f"node {p.node_id[:8]} {_mib(s.used)}/{_mib(s.capacity)} used, {_mib(s.spilled_bytes)} spilled, "
+                      f"{s.objects} objects"}
+
+
 def _rows(cluster: Cluster) -> list[dict[str, object]]:
-    return [
-        {"name": p.name, "kind": p.kind, "pid": p.pid, "address": p.address, "health": _health(p),
-         "restarts": p.restarts, "last_exit": p.last_exit}
-        for p in cluster.procs
-    ]
+    rows = []
+    for p in cluster.procs:
+        health = _health(p)
+        row: dict[str, object] = {"name": p.name, "kind": p.kind, "pid": p.pid, "address": p.address,
+                                  "health": health, "restarts": p.restarts, "last_exit": p.last_exit, "detail": ""}
+        row.update(_detail(p, health))
+        rows.append(row)
+    return rows
 
 
 def _table(rows: Sequence[dict[str, object]]) -> str:
-    cols = ["name", "pid", "address", "health", "restarts", "last_exit"]
+    cols = ["name", "pid", "address", "health", "restarts", "last_exit", "detail"]
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.upper().ljust(width[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
@@ -94,7 +132,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     run.prepare()
     run.clear()
-    cluster = _plan(run, settings, args.redis_shards or settings.redis_shards)
+    cluster = _plan(run, settings, args.redis_shards or settings.redis_shards, args.nodes)
     run.write(cluster)
     sup = subprocess.Popen([sys.executable, "-m", "tessera._launcher.supervisor", str(run.path)],
                            stdin=subprocess.DEVNULL, stdout=open(run.log("supervisor"), "ab"),
@@ -202,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start NATS, Redis and the six services; wait until all are SERVING")
     up.add_argument("--redis-shards", type=int, default=0, help="Redis shards to start (default TESSERA_REDIS_SHARDS or 1)")
+    up.add_argument("--nodes", type=int, default=1, help="nodes to emulate on this machine (each with its own object store)")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
     st = sub.add_parser("status", help="processes, addresses and health")
     st.add_argument("--json", action="store_true")
@@ -212,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     dn = sub.add_parser("down", help="stop everything")
     dn.add_argument("--timeout", type=float, default=30.0)
     args = ap.parse_args(argv)
-    if getattr(args, "redis_shards", 0) < 0 or (args.command == "up" and args.redis_shards > 64):
+    if args.command == "up" and not 0 <= args.redis_shards <= 64:
         ap.error("--redis-shards must be between 1 and 64")
+    if args.command == "up" and not 1 <= args.nodes <= 16:
+        ap.error("--nodes must be between 1 and 16")
     try:
         settings = Settings()
     except Exception as e:

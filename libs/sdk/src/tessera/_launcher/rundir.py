@@ -29,6 +29,8 @@ class Proc:
     name: str
     kind: str  # "nats" | "redis" | "service"
     port: int
+    service: str = ""  # the service it runs (kind "service"); several per-node copies share one
+    node_id: str = ""  # hex, for per-node processes (object-store)
     pid: int = 0
     restarts: int = 0
     last_exit: str = ""
@@ -48,6 +50,11 @@ class Cluster:
     @property
     def services(self) -> dict[str, dict[str, Any]]:
         return {p.name: asdict(p) for p in self.procs if p.kind == "service"}
+
+    @property
+    def nodes(self) -> list[str]:
+        """Node ids (hex) in start order; node 0 is the head node."""
+        return list(dict.fromkeys(p.node_id for p in self.procs if p.node_id))
 
     def proc(self, name: str) -> Proc:
         for p in self.procs:

@@ -75,10 +75,13 @@ class Supervisor:
             TESSERA_GRPC_HOST="127.0.0.1",
             TESSERA_GRPC_PORT=str(p.port),
             TESSERA_INSTANCE_ID=f"{p.name}-{p.port}",
-            OTEL_SERVICE_NAME=p.name,
+            OTEL_SERVICE_NAME=p.service or p.name,
         )
         env.pop("TESSERA_ADVERTISE_HOST", None)
-        return [sys.executable, "-m", module_of(p.name)], env
+        if p.node_id:
+            env["TESSERA_NODE_ID"] = p.node_id
+            env["TESSERA_OBJECT_STORE_SPILL_DIR"] = str(self.run.data / "spill" / p.node_id)
+        return [sys.executable, "-m", module_of(p.service or p.name)], env
 
     def start(self, p: Proc) -> None:
         cmd, env = self.command(p)

@@ -1,15 +1,203 @@
-"""Wiring of the object-store service."""
+"""Wiring of one node's object store: arena + manager + node logic, the control store
+as directory, NATS for events, gRPC for clients and peers."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.object_store.v1 import object_store_pb2 as pb
+from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.common import ids, rpc
 from tessera.common.config import Settings
+from tessera.common.errors import NotFoundError, UnavailableError
+from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.object_store.arena import Arena
+from tessera.object_store.manager import ObjectManager
+from tessera.object_store.node import Chunk, NodeObjectStore
 
 NAME = "object-store"
+SERVICE = "tessera.object_store.v1.ObjectStoreService"
+IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
+
+log = logging.getLogger(__name__)
+
+_OPS = {"sealed": cpb.CHANGE_OP_SEALED, "evicted": cpb.CHANGE_OP_EVICTED, "spilled": cpb.CHANGE_OP_SPILLED,
+        "restored": cpb.CHANGE_OP_RESTORED, "lost": cpb.CHANGE_OP_LOST}
+
+
+class ClusterDirectory:
+    """Copies as the control store records them; announcements on NATS."""
+
+    def __init__(self, app: ServiceApp, node_id: bytes) -> None:
+        self.app = app
+        self.node_id = node_id
+        self.channel, self.stub = control_store_aio_stub(app.settings)
+        self._addresses: dict[bytes, str] = {}
+
+    async def add_locations(self, entries: list[tuple[bytes, int, str]]) -> None:
+        locs = [cpb.ObjectLocation(object_id=o, node_id=self.node_id, size=s, owner=w) for o, s, w in entries]
+        await self.stub.AddObjectLocations(cpb.AddObjectLocationsRequest(locations=locs))
+
+    async def remove_locations(self, object_ids: list[bytes]) -> list[bytes]:
+        locs = [cpb.ObjectLocation(object_id=o, node_id=self.node_id) for o in object_ids]
+        resp = await self.stub.RemoveObjectLocations(cpb.RemoveObjectLocationsRequest(locations=locs))
+        return list(resp.lost_object_ids)
+
+    async def _address(self, node_id: bytes) -> str:
+        if node_id not in self._addresses:
+            try:
+                node = (await self.stub.GetNode(cpb.GetNodeRequest(node_id=node_id))).node
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    return ""
+                raise
+            if node.state == cpb.NODE_STATE_DEAD:
+                return ""
+            self._addresses[node_id] = node.object_store_address
+        return self._addresses[node_id]
+
+    async def locate(self, object_id: bytes) -> tuple[bool, list[str]]:
+        objs = (await self.stub.GetObjects(cpb.GetObjectsRequest(object_ids=[object_id]))).objects
+        if not objs:
+            return False, []
+        addrs = [await self._address(n) for n in objs[0].locations if n != self.node_id]
+        return True, [a for a in addrs if a]
+
+    async def forget_copy(self, object_id: bytes, address: str) -> list[bytes]:
+        node = next((n for n, a in self._addresses.items() if a == address), None)
+        if node is None:
+            return []
+        locs = [cpb.ObjectLocation(object_id=object_id, node_id=node)]
+        return list((await self.stub.RemoveObjectLocations(cpb.RemoveObjectLocationsRequest(locations=locs))).lost_object_ids)
+
+    async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None:
+        if self.app.bus is None:
+            return
+        changes = [cpb.Change(key=o, value=cpb.ObjectInfo(object_id=o, size=s, owner=w, locations=[self.node_id])
+                              .SerializeToString()) for o, s, w in entries]
+        ev = cpb.ChangeEvent(table="objects", op=_OPS[kind], changes=changes)
+        await self.app.bus.publish(f"tessera.events.objects.{kind}", ev.SerializeToString())
+
+
+class Peers:
+    """gRPC channels to other nodes' object stores, for pulls."""
+
+    def __init__(self, settings: Settings, node_id: bytes) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self._stubs: dict[str, pb_grpc.ObjectStoreServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def stub(self, address: str) -> pb_grpc.ObjectStoreServiceStub:
+        if address not in self._stubs:
+            ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", rpc.MAX_MESSAGE_BYTES)])
+            self._channels.append(ch)
+            self._stubs[address] = pb_grpc.ObjectStoreServiceStub(ch)
+        return self._stubs[address]
+
+    async def fetch(self, address: str, object_id: bytes) -> AsyncIterator[Chunk]:
+        req = pb.PullObjectRequest(object_id=object_id, requester_node_id=self.node_id,
+                                   chunk_size=self.settings.object_store_chunk_bytes)
+        call = self.stub(address).PullObject(req, timeout=600, metadata=rpc.trace_metadata())
+        try:
+            async for r in call:
+                yield Chunk(r.total_size, r.offset, r.data, r.crc32, r.owner)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFoundError(e.details()) from e
+            raise UnavailableError(f"object store at {address}: {e.code().name} {e.details()}") from e
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
 
 
 def build(settings: Settings) -> ServiceApp:
-    return ServiceApp(NAME, settings)
+    app = ServiceApp(NAME, settings)
+    node_id = bytes.fromhex(settings.node_id) if settings.node_id else ids.new_id("node_id")
+    ids.check_id("node_id", node_id, field="TESSERA_NODE_ID")
+    arena_path = settings.object_store_arena_dir / f"tessera-{node_id.hex()}.arena"
+    spill_dir = settings.object_store_spill_dir or settings.run_dir / "spill" / node_id.hex()
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    arena = Arena(arena_path, settings.object_store_memory)
+    directory = ClusterDirectory(app, node_id)
+    peers = Peers(settings, node_id)
+    secondary: set[bytes] = set()  # copies pulled from a peer: evictable, the primary lives elsewhere
+    holder: dict[str, NodeObjectStore] = {}
+    manager = ObjectManager(arena, spill_dir=spill_dir, spill_capacity=settings.object_store_spill_capacity,
+                            has_other_copy=lambda oid: oid in secondary,
+                            on_event=lambda kind, e: holder["node"].on_event(kind, e))
+    node = NodeObjectStore(manager, node_id, directory=directory, fetch=peers.fetch,
+                           inline_threshold=settings.object_store_inline_threshold,
+                           chunk_bytes=settings.object_store_chunk_bytes)
+    holder["node"] = node
+    original_pull = node._pull_from
+
+    async def pull_and_mark(oid: bytes, address: str) -> None:
+        await original_pull(oid, address)
+        secondary.add(oid)
+
+    node._pull_from = pull_and_mark  # type: ignore[method-assign]
+    app.add_servicer(pb_grpc.add_ObjectStoreServiceServicer_to_server,
+                     _servicer(node, str(arena_path), settings.object_store_memory), SERVICE)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def register_node() -> None:
+        info = cpb.NodeInfo(node_id=node_id, address=app.address, object_store_address=app.address,
+                            resources_total={"object_store_memory": float(settings.object_store_memory)},
+                            labels={"hostname": socket.gethostname(), "pid": str(os.getpid())})
+        delay = 0.1
+        while True:
+            try:
+                await directory.stub.RegisterNode(cpb.RegisterNodeRequest(node=info))
+                break
+            except grpc.aio.AioRpcError as e:
+                log.info("registering node %s: %s", node_id.hex(), e.details())
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+        log.info("node %s registered (object store at %s)", node_id.hex(), app.address)
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval_s)
+            try:
+                r = await directory.stub.NodeHeartbeat(cpb.NodeHeartbeatRequest(node_id=node_id))
+                if r.state == cpb.NODE_STATE_DEAD:
+                    log.error("node %s was declared dead by the control store", node_id.hex())
+            except grpc.aio.AioRpcError as e:
+                log.warning("heartbeat failed: %s", e.details())
+
+    async def start() -> None:
+        if settings.object_store_prefault:
+            await asyncio.to_thread(arena.prefault)
+        node.start()
+        tasks.append(asyncio.create_task(register_node(), name="node-registration"))
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await node.stop()
+        await peers.close()
+        await directory.channel.close()
+        arena.close()
+        arena.unlink()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    return app
+
+
+def _servicer(node: NodeObjectStore, arena_path: str, size: int) -> pb_grpc.ObjectStoreServiceServicer:
+    from tessera.object_store.servicer import ObjectStoreServicer
+
+    return ObjectStoreServicer(node, arena_path=arena_path, arena_size=size)
 
 
 async def serve(settings: Settings | None = None) -> None:

@@ -1,0 +1,253 @@
+"""Objects: ``tessera.put`` / ``tessera.get`` over the node's object store.
+
+Large values are written straight into the node's shared-memory arena and read
+back in place: numpy arrays returned by ``get`` are read-only views of shared
+memory (no copy at any size). The object stays pinned while such a view is
+alive and is released once the last one is garbage.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, overload
+
+import grpc
+import numpy as np
+
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.object_store.v1 import object_store_pb2 as pb
+from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.client._discovery import find_cluster
+from tessera.common import ids, rpc
+from tessera.common.registry import control_store_stub
+from tessera.common.serialization import deserialize, serialize
+from tessera.exceptions import GetTimeoutError, ObjectStoreFullError
+
+SERVICE = "tessera.object_store.v1.ObjectStoreService"
+IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
+FOREVER_S = 365 * 24 * 3600.0
+
+
+class ObjectRef:
+    """A reference to an immutable object in the cluster (20-byte id)."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, object_id: bytes) -> None:
+        self._id = ids.check_id("object_id", bytes(object_id))
+
+    @property
+    def id(self) -> bytes:
+        return self._id
+
+    def hex(self) -> str:
+        return self._id.hex()
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self._id.hex()})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ObjectRef, (self._id,)
+
+
+def _map_error(e: grpc.RpcError) -> Exception:
+    code = e.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GetTimeoutError(e.details())  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ObjectStoreFullError(e.details())  # type: ignore[attr-defined]
+    return e
+
+
+class ObjectStoreClient:
+    """A session with one node's object store (on this machine: the arena is mapped)."""
+
+    def __init__(self, address: str, *, timeout: float = 30.0, name: str = "") -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = rpc.channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
+        self._stub = pb_grpc.ObjectStoreServiceStub(self._channel)
+        self._streams = rpc.stream_channel(address)
+        self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
+            pb.OpenSessionRequest(client_name=name or f"pid-{os.getpid()}"), metadata=rpc.trace_metadata())
+        try:
+            hello = next(iter(self._session))
+        except grpc.RpcError as e:
+            self._streams.close()
+            self._channel.close()
+            raise _map_error(e) from None
+        self.session_id = hello.session_id
+        self.node_id = hello.node_id
+        self.inline_threshold = hello.inline_threshold
+        fd = os.open(hello.arena_path, os.O_RDWR)
+        try:
+            self._wmap = mmap.mmap(fd, hello.arena_size)
+            self._rmap = mmap.mmap(fd, hello.arena_size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self._arena = np.frombuffer(self._rmap, dtype=np.uint8)
+        self._releases: list[bytes] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ put
+
+    def put(self, value: Any, *, owner: str = "") -> ObjectRef:
+        """Store ``value``; large buffers are copied once, straight into shared memory."""
+        oid = ids.new_id("object_id")
+        ser = serialize(value)
+        self._flush_releases()
+        try:
+            if ser.size <= self.inline_threshold:
+                self._stub.PutObject(pb.PutObjectRequest(session_id=self.session_id, object_id=oid,
+                                                         data=ser.to_bytes(), owner=owner))
+            else:
+                off = self._stub.CreateObject(pb.CreateObjectRequest(session_id=self.session_id, object_id=oid,
+                                                                     size=ser.size, owner=owner)).arena_offset
+                try:
+                    ser.write_into(memoryview(self._wmap)[off : off + ser.size])
+                except BaseException:
+                    self._stub.AbortObject(pb.AbortObjectRequest(session_id=self.session_id, object_id=oid))
+                    raise
+                self._stub.SealObject(pb.SealObjectRequest(session_id=self.session_id, object_id=oid))
+        except grpc.RpcError as e:
+            raise _map_error(e) from None
+        return ObjectRef(oid)
+
+    # ------------------------------------------------------------------ get
+
+    @overload
+    def get(self, refs: ObjectRef, *, timeout: float | None = None) -> Any: ...
+    @overload
+    def get(self, refs: Sequence[ObjectRef], *, timeout: float | None = None) -> list[Any]: ...
+
+    def get(self, refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+        """The values of ``refs`` (one ref or a list), waiting up to ``timeout`` seconds (None: forever).
+
+        Raises:
+            GetTimeoutError: an object was not available in time.
+        """
+        single = isinstance(refs, ObjectRef)
+        items: list[ObjectRef] = [refs] if single else list(refs)  # type: ignore[list-item]
+        for r in items:
+            if not isinstance(r, ObjectRef):
+                raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
+        self._flush_releases()
+        req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items],
+                                   timeout_ms=int(timeout * 1000) if timeout else 0)
+        deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
+        if timeout is not None and timeout <= 0:
+            req.timeout_ms, deadline = 1, 5.0
+        try:
+            resp = self._stub.GetObjects(req, timeout=deadline)
+        except grpc.RpcError as e:
+            raise _map_error(e) from None
+        values = [self._materialize(loc) for loc in resp.objects]
+        return values[0] if single else values
+
+    def _materialize(self, loc: pb.ObjectLocator) -> Any:
+        if loc.WhichOneof("where") == "inline_data":
+            return deserialize(loc.inline_data)
+        off = loc.arena_offset
+        anchor = self._arena[off : off + loc.size]  # a read-only view; its life is the pin's
+        oid = loc.object_id
+        value = deserialize(memoryview(anchor))
+        weakref.finalize(anchor, self._release_later, oid)
+        return value
+
+    def _release_later(self, oid: bytes) -> None:
+        with self._lock:
+            self._releases.append(oid)
+
+    def _flush_releases(self) -> None:
+        with self._lock:
+            todo, self._releases = self._releases, []
+        if todo:
+            self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
+
+    # ------------------------------------------------------------------ misc
+
+    def delete(self, refs: Iterable[ObjectRef]) -> int:
+        return int(self._stub.DeleteObjects(pb.DeleteObjectsRequest(object_ids=[r.id for r in refs])).deleted)
+
+    def stats(self) -> pb.GetStatsResponse:
+        return self._stub.GetStats(pb.GetStatsRequest())
+
+    def close(self) -> None:
+        """End the session: the store releases every pin it holds."""
+        try:
+            self._flush_releases()
+        except grpc.RpcError:
+            pass
+        self._session.cancel()
+        self._streams.close()
+        self._channel.close()
+        for m in (self._wmap, self._rmap):
+            try:
+                m.close()
+            except BufferError:  # values still reference shared memory: it is unmapped when they go
+                pass
+
+    def __enter__(self) -> ObjectStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- module-level API
+
+_default: ObjectStoreClient | None = None
+_default_lock = threading.Lock()
+
+
+def local_object_store_address(address: str | None = None) -> str:
+    """The object store of this machine's node in the cluster found by :func:`find_cluster`."""
+    cluster = find_cluster(address)
+    svc = cluster.services.get("object-store")
+    if svc and svc.get("address"):
+        return str(svc["address"])
+    ch, stub = control_store_stub(cluster.control_store_address)
+    with ch:
+        inst = stub.ListInstances(cpb.ListInstancesRequest(service="object-store")).instances
+    here = os.uname().nodename
+    local = [i for i in inst if i.hostname == here] or list(inst)
+    if not local:
+        raise ConnectionError("no object store is registered in the cluster")
+    return local[0].address
+
+
+def _client() -> ObjectStoreClient:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = ObjectStoreClient(local_object_store_address())
+        return _default
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the local node's object store and return its reference."""
+    return _client().put(value)
+
+
+def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) of ``refs``; numpy arrays come back as read-only views of shared memory."""
+    return _client().get(refs, timeout=timeout)
+
+
+def _reset() -> None:
+    """Close the default client (tests, and tessera.shutdown later)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+            _default = None

@@ -1,0 +1,316 @@
+"""One node's object store: the object table plus waiting, pulling and announcing.
+
+:class:`NodeObjectStore` sits between the gRPC servicer and the
+:class:`~tessera.object_store.manager.ObjectManager` (memory). It waits for
+objects to be sealed, pulls objects held by other nodes (deduplicating
+concurrent pulls of one object and checking every chunk's CRC), and reports
+copies to the cluster through an injected :class:`Directory`: locations go to
+the control store and events (sealed, evicted, spilled, restored, lost) to NATS,
+batched off the hot path. No gRPC or NATS here: server.py wires those in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tessera.common import ids
+from tessera.common.errors import (
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from tessera.object_store.manager import ObjectEntry, ObjectManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    total_size: int
+    offset: int
+    data: bytes
+    crc32: int
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class Locator:
+    object_id: bytes
+    size: int
+    owner: str
+    offset: int | None = None  # in the arena
+    inline: bytes | None = None
+
+
+class Directory(Protocol):
+    """Where copies are: the cluster's view (the control store), and its announcements."""
+
+    async def add_locations(self, entries: list[tuple[bytes, int, str]]) -> None: ...
+
+    async def remove_locations(self, object_ids: list[bytes]) -> list[bytes]:
+        """Forget this node's copies; returns the ids now without any copy (lost)."""
+        ...
+
+    async def locate(self, object_id: bytes) -> tuple[bool, list[str]]:
+        """(known to the cluster, object-store addresses of other nodes holding a copy)."""
+        ...
+
+    async def forget_copy(self, object_id: bytes, address: str) -> list[bytes]:
+        """A peer could not serve its copy: drop that location; returns lost ids."""
+        ...
+
+    async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None: ...
+
+
+#: fetch(address, object_id) -> chunks of the object from that peer.
+Fetch = Callable[[str, bytes], AsyncIterator[Chunk]]
+
+POLL_S = 0.05
+FLUSH_S = 0.002
+FLUSH_MAX = 512
+
+
+class NodeObjectStore:
+    def __init__(self, manager: ObjectManager, node_id: bytes, *, directory: Directory, fetch: Fetch,
+                 inline_threshold: int, chunk_bytes: int) -> None:
+        self.manager = manager
+        self.node_id = node_id
+        self.directory = directory
+        self.fetch = fetch
+        self.inline_threshold = inline_threshold
+        self.chunk_bytes = chunk_bytes
+        self.pulls = 0
+        self._sealed: dict[bytes, asyncio.Event] = {}
+        self._pulling: dict[bytes, asyncio.Task[None]] = {}
+        self._outbox: list[tuple[str, bytes, int, str]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ events from memory management
+
+    def on_event(self, kind: str, entry: ObjectEntry) -> None:
+        """Called synchronously by the manager; queued for the flusher."""
+        if kind == "sealed":
+            ev = self._sealed.pop(entry.object_id, None)
+            if ev is not None:
+                ev.set()
+        if kind in ("sealed", "evicted", "spilled", "restored", "deleted"):
+            self._outbox.append((kind, entry.object_id, entry.size, entry.owner))
+            self._wake.set()
+
+    def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_loop(), name="object-events")
+
+    async def stop(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+        for t in list(self._pulling.values()):
+            t.cancel()
+        await self._flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(FLUSH_S)  # let a burst of puts share one round trip
+            try:
+                await self._flush()
+            except Exception as e:  # the control store or NATS may be restarting
+                log.warning("could not report object changes: %s", e)
+                await asyncio.sleep(0.5)
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        while self._outbox:
+            batch, self._outbox = self._outbox[:FLUSH_MAX], self._outbox[FLUSH_MAX:]
+            try:
+                by_kind: dict[str, list[tuple[bytes, int, str]]] = {}
+                for kind, oid, size, owner in batch:
+                    by_kind.setdefault(kind, []).append((oid, size, owner))
+                if "sealed" in by_kind:
+                    await self.directory.add_locations(by_kind["sealed"])
+                gone = by_kind.get("evicted", []) + by_kind.get("deleted", [])
+                lost: list[bytes] = []
+                if gone:
+                    lost = await self.directory.remove_locations([g[0] for g in gone])
+                for kind in ("sealed", "evicted", "spilled", "restored"):
+                    if kind in by_kind:
+                        await self.directory.announce(kind, by_kind[kind])
+                deleted = {g[0] for g in by_kind.get("deleted", [])}
+                really_lost = [oid for oid in lost if oid not in deleted]
+                if really_lost:
+                    await self.directory.announce("lost", [(oid, 0, "") for oid in really_lost])
+            except BaseException:
+                self._outbox[:0] = batch
+                raise
+
+    # ------------------------------------------------------------------ writes
+
+    def put_inline(self, object_id: bytes, data: bytes, owner: str, session: str, pin: bool) -> None:
+        ids.check_id("object_id", object_id)
+        self.manager.put_inline(object_id, data, owner)
+        if pin:
+            self.manager.pin(object_id, session)
+
+    def create(self, object_id: bytes, size: int, owner: str) -> int:
+        ids.check_id("object_id", object_id)
+        return self.manager.create(object_id, size, owner)
+
+    def seal(self, object_id: bytes, session: str, pin: bool) -> None:
+        ids.check_id("object_id", object_id)
+        self.manager.seal(object_id)
+        if pin:
+            self.manager.pin(object_id, session)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, object_ids: list[bytes], session: str, timeout_s: float) -> list[Locator]:
+        """Wait for each object (pulling it from a peer if needed) and pin it for ``session``.
+
+        Raises:
+            DeadlineExceededError: not all objects became available within ``timeout_s``
+                (the ones that did stay unpinned: nothing is half-returned).
+        """
+        if not object_ids:
+            raise InvalidArgumentError("object_ids is empty")
+        for oid in object_ids:
+            ids.check_id("object_id", oid)
+        deadline = time.monotonic() + timeout_s
+        results = await asyncio.gather(*(self._await_local(oid, deadline) for oid in object_ids),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            missing = [oid.hex() for oid, r in zip(object_ids, results, strict=True) if isinstance(r, BaseException)]
+            if all(isinstance(e, DeadlineExceededError) for e in errors):
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise DeadlineExceededError(f"object {missing[0]}{more} not available within {timeout_s:g}s")
+            raise next(e for e in errors if not isinstance(e, DeadlineExceededError))
+        out: list[Locator] = []
+        pinned: list[bytes] = []
+        try:
+            for oid in object_ids:
+                e = self.manager.pin(oid, session)
+                pinned.append(oid)
+                if e.size <= self.inline_threshold and e.offset is not None:
+                    data = bytes(self.manager.arena.view(e.offset, e.size))
+                    self.manager.release(oid, session)
+                    pinned.pop()
+                    out.append(Locator(oid, e.size, e.owner, inline=data))
+                else:
+                    out.append(Locator(oid, e.size, e.owner, offset=e.offset))
+        except BaseException:
+            for oid in pinned:
+                self.manager.release(oid, session)
+            raise
+        return out
+
+    async def _await_local(self, oid: bytes, deadline: float) -> None:
+        while True:
+            e = self.manager.get_entry(oid)
+            if e is not None and e.state in ("sealed", "spilled"):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(oid.hex())
+            if e is not None:  # being written here: wait for its seal
+                ev = self._sealed.setdefault(oid, asyncio.Event())
+                try:
+                    await asyncio.wait_for(ev.wait(), remaining)
+                except TimeoutError:
+                    raise DeadlineExceededError(oid.hex()) from None
+                continue
+            known, peers = await self.directory.locate(oid)
+            if peers:
+                await self._pull_dedup(oid, peers, deadline)
+                continue
+            # not (yet) anywhere: wait for a local seal or a copy elsewhere
+            ev = self._sealed.setdefault(oid, asyncio.Event())
+            try:
+                await asyncio.wait_for(ev.wait(), min(remaining, POLL_S if not known else 4 * POLL_S))
+            except TimeoutError:
+                pass
+
+    async def _pull_dedup(self, oid: bytes, peers: list[str], deadline: float) -> None:
+        task = self._pulling.get(oid)
+        if task is None:
+            task = asyncio.create_task(self._pull(oid, peers))
+            self._pulling[oid] = task
+            task.add_done_callback(lambda _t: self._pulling.pop(oid, None))
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), remaining)
+        except TimeoutError:
+            raise DeadlineExceededError(oid.hex()) from None
+
+    async def _pull(self, oid: bytes, peers: list[str]) -> None:
+        last: Exception | None = None
+        for address in peers:
+            try:
+                await self._pull_from(oid, address)
+                self.pulls += 1
+                return
+            except (UnavailableError, DataLossError, NotFoundError, OSError) as e:
+                last = e
+                log.warning("pull of %s from %s failed: %s", oid.hex(), address, e)
+                if isinstance(e, UnavailableError | NotFoundError):
+                    lost = await self.directory.forget_copy(oid, address)
+                    if lost:
+                        await self.directory.announce("lost", [(x, 0, "") for x in lost])
+        if last is not None:
+            log.info("no peer could serve %s: %s", oid.hex(), last)
+
+    async def _pull_from(self, oid: bytes, address: str) -> None:
+        offset: int | None = None
+        written = 0
+        try:
+            async for chunk in self.fetch(address, oid):
+                if offset is None:
+                    if self.manager.get_entry(oid) is not None:
+                        return  # it arrived by another way meanwhile
+                    offset = self.manager.create(oid, chunk.total_size, chunk.owner)
+                if zlib.crc32(chunk.data) != chunk.crc32:
+                    raise DataLossError(f"chunk at {chunk.offset} of {oid.hex()} from {address} failed its CRC check")
+                if chunk.offset != written or written + len(chunk.data) > chunk.total_size:
+                    raise DataLossError(f"chunks of {oid.hex()} from {address} arrived out of order")
+                self.manager.arena.view(offset + written, len(chunk.data))[:] = chunk.data
+                written += len(chunk.data)
+            if offset is None:
+                raise NotFoundError(f"{address} sent nothing for {oid.hex()}")
+            entry = self.manager.get_entry(oid)
+            if entry is None or written != entry.size:
+                raise DataLossError(f"{oid.hex()} from {address}: got {written} bytes, expected "
+                                    f"{entry.size if entry else '?'}")
+            self.manager.seal(oid)
+        except BaseException:
+            if offset is not None and self.manager.get_entry(oid) is not None:
+                try:
+                    self.manager.abort(oid)
+                except FailedPreconditionError:
+                    pass
+            raise
+
+    async def serve_pull(self, oid: bytes, chunk_bytes: int) -> AsyncIterator[Chunk]:
+        """The chunks of a local sealed object, for a peer. The object stays pinned meanwhile."""
+        ids.check_id("object_id", oid)
+        session = f"pull-{id(object())}"
+        e = self.manager.pin(oid, session)
+        try:
+            size = chunk_bytes or self.chunk_bytes
+            assert e.offset is not None
+            for off in range(0, e.size, size):
+                n = min(size, e.size - off)
+                data = bytes(self.manager.arena.view(e.offset + off, n))
+                yield Chunk(e.size, off, data, zlib.crc32(data), e.owner)
+                await asyncio.sleep(0)
+        finally:
+            self.manager.release(oid, session)
+

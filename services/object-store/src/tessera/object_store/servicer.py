@@ -1,0 +1,111 @@
+"""gRPC ↔ domain: ObjectStoreService over :class:`~tessera.object_store.node.NodeObjectStore`."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc.aio
+
+from tessera.api.object_store.v1 import object_store_pb2 as pb
+from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.common import ids
+from tessera.common.errors import InvalidArgumentError
+from tessera.object_store.node import NodeObjectStore
+
+Ctx = grpc.aio.ServicerContext
+
+#: Longest a GetObjects waits when neither the request nor the deadline bounds it.
+MAX_WAIT_S = 3600.0
+
+
+class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
+    def __init__(self, node: NodeObjectStore, *, arena_path: str, arena_size: int) -> None:
+        self.node = node
+        self.arena_path = arena_path
+        self.arena_size = arena_size
+        self.sessions: set[str] = set()
+
+    def _session(self, sid: str) -> str:
+        if sid not in self.sessions:
+            raise InvalidArgumentError(f"unknown session {sid!r}: call OpenSession first")
+        return sid
+
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> AsyncIterator[pb.OpenSessionResponse]:
+        sid = uuid.uuid4().hex
+        self.sessions.add(sid)
+        try:
+            yield pb.OpenSessionResponse(session_id=sid, arena_path=self.arena_path, arena_size=self.arena_size,
+                                         node_id=self.node.node_id, inline_threshold=self.node.inline_threshold)
+            await asyncio.Event().wait()  # until the client goes away
+        finally:
+            self.sessions.discard(sid)
+            self.node.manager.release_session(sid)
+
+    async def PutObject(self, request: pb.PutObjectRequest, context: Ctx) -> pb.PutObjectResponse:
+        sid = self._session(request.session_id) if request.pin else request.session_id
+        self.node.put_inline(request.object_id, request.data, request.owner, sid, request.pin)
+        return pb.PutObjectResponse()
+
+    async def CreateObject(self, request: pb.CreateObjectRequest, context: Ctx) -> pb.CreateObjectResponse:
+        self._session(request.session_id)
+        return pb.CreateObjectResponse(arena_offset=self.node.create(request.object_id, request.size, request.owner))
+
+    async def SealObject(self, request: pb.SealObjectRequest, context: Ctx) -> pb.SealObjectResponse:
+        sid = self._session(request.session_id)
+        self.node.seal(request.object_id, sid, request.pin)
+        return pb.SealObjectResponse()
+
+    async def AbortObject(self, request: pb.AbortObjectRequest, context: Ctx) -> pb.AbortObjectResponse:
+        self._session(request.session_id)
+        self.node.manager.abort(ids.check_id("object_id", request.object_id))
+        return pb.AbortObjectResponse()
+
+    async def GetObjects(self, request: pb.GetObjectsRequest, context: Ctx) -> pb.GetObjectsResponse:
+        sid = self._session(request.session_id)
+        limit = context.time_remaining()
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else MAX_WAIT_S
+        if limit is not None:
+            timeout = min(timeout, max(0.0, limit - 0.05))
+        locs = await self.node.get(list(request.object_ids), sid, timeout)
+        out = []
+        for loc in locs:
+            if loc.inline is not None:
+                out.append(pb.ObjectLocator(object_id=loc.object_id, size=loc.size, owner=loc.owner,
+                                            inline_data=loc.inline))
+            else:
+                out.append(pb.ObjectLocator(object_id=loc.object_id, size=loc.size, owner=loc.owner,
+                                            arena_offset=loc.offset or 0))
+        return pb.GetObjectsResponse(objects=out)
+
+    async def ReleaseObjects(self, request: pb.ReleaseObjectsRequest, context: Ctx) -> pb.ReleaseObjectsResponse:
+        sid = self._session(request.session_id)
+        for oid in request.object_ids:
+            self.node.manager.release(ids.check_id("object_id", oid), sid)
+        return pb.ReleaseObjectsResponse()
+
+    async def DeleteObjects(self, request: pb.DeleteObjectsRequest, context: Ctx) -> pb.DeleteObjectsResponse:
+        for oid in request.object_ids:
+            ids.check_id("object_id", oid)
+        n = sum(1 for oid in request.object_ids if self.node.manager.delete(oid))
+        return pb.DeleteObjectsResponse(deleted=n)
+
+    async def ContainsObjects(self, request: pb.ContainsObjectsRequest, context: Ctx) -> pb.ContainsObjectsResponse:
+        for oid in request.object_ids:
+            ids.check_id("object_id", oid)
+        return pb.ContainsObjectsResponse(present=[self.node.manager.contains(o) for o in request.object_ids])
+
+    async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[pb.PullObjectResponse]:
+        async for c in self.node.serve_pull(request.object_id, request.chunk_size):
+            yield pb.PullObjectResponse(total_size=c.total_size, offset=c.offset, data=c.data, crc32=c.crc32,
+                                        owner=c.owner)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
+        s = self.node.manager.stats()
+        return pb.GetStatsResponse(
+            node_id=self.node.node_id, capacity=s["capacity"], used=s["used"], pinned=s["pinned"],
+            spilled_bytes=s["spilled_bytes"], objects=s["objects"], spilled_objects=s["spilled_objects"],
+            evictions=s["evictions"], spills=s["spills"], restores=s["restores"], pulls=self.node.pulls,
+            spill_capacity=s.get("spill_capacity", 0),
+        )
