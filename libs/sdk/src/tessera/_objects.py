@@ -75,29 +75,53 @@ class ObjectStoreClient:
     def __init__(self, address: str, *, timeout: float = 30.0, name: str = "") -> None:
         self.address = address
         self.timeout = timeout
+        self.name = name or f"pid-{os.getpid()}"
         self._channel = rpc.channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
         self._stub = pb_grpc.ObjectStoreServiceStub(self._channel)
-        self._streams = rpc.stream_channel(address)
+        self._releases: list[bytes] = []
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        """Open a session and map the node's arena (again, after the store restarted)."""
+        self._streams = rpc.stream_channel(self.address)
         self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
-            pb.OpenSessionRequest(client_name=name or f"pid-{os.getpid()}"), metadata=rpc.trace_metadata())
+            pb.OpenSessionRequest(client_name=self.name), metadata=rpc.trace_metadata())
         try:
             hello = next(iter(self._session))
         except grpc.RpcError as e:
             self._streams.close()
-            self._channel.close()
             raise _map_error(e) from None
         self.session_id = hello.session_id
         self.node_id = hello.node_id
         self.inline_threshold = hello.inline_threshold
         fd = os.open(hello.arena_path, os.O_RDWR)
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # map the (pre-faulted) pages now, not on first touch
         try:
-            self._wmap = mmap.mmap(fd, hello.arena_size)
-            self._rmap = mmap.mmap(fd, hello.arena_size, access=mmap.ACCESS_READ)
+            self._wmap = mmap.mmap(fd, hello.arena_size, flags=mmap.MAP_SHARED | populate)
+            self._rmap = mmap.mmap(fd, hello.arena_size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         self._arena = np.frombuffer(self._rmap, dtype=np.uint8)
-        self._releases: list[bytes] = []
-        self._lock = threading.Lock()
+        with self._lock:
+            self._releases.clear()  # pins of the old session died with it
+
+    def _session_lost(self, e: grpc.RpcError) -> bool:
+        return e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in (e.details() or "")  # type: ignore[attr-defined]
+
+    def _retrying(self, op: Any) -> Any:
+        """Run ``op``; if the store restarted (our session is gone), reopen once and run it again."""
+        try:
+            return op()
+        except grpc.RpcError as e:
+            if not self._session_lost(e):
+                raise _map_error(e) from None
+        self._close_session()
+        self._open()
+        try:
+            return op()
+        except grpc.RpcError as e:
+            raise _map_error(e) from None
 
     # ------------------------------------------------------------------ put
 
@@ -106,22 +130,22 @@ class ObjectStoreClient:
         oid = ids.new_id("object_id")
         ser = serialize(value)
         self._flush_releases()
-        try:
-            if ser.size <= self.inline_threshold:
-                self._stub.PutObject(pb.PutObjectRequest(session_id=self.session_id, object_id=oid,
-                                                         data=ser.to_bytes(), owner=owner))
-            else:
-                off = self._stub.CreateObject(pb.CreateObjectRequest(session_id=self.session_id, object_id=oid,
-                                                                     size=ser.size, owner=owner)).arena_offset
-                try:
-                    ser.write_into(memoryview(self._wmap)[off : off + ser.size])
-                except BaseException:
-                    self._stub.AbortObject(pb.AbortObjectRequest(session_id=self.session_id, object_id=oid))
-                    raise
-                self._stub.SealObject(pb.SealObjectRequest(session_id=self.session_id, object_id=oid))
-        except grpc.RpcError as e:
-            raise _map_error(e) from None
+        self._retrying(lambda: self._put(oid, ser, owner))
         return ObjectRef(oid)
+
+    def _put(self, oid: bytes, ser: Any, owner: str) -> None:
+        sid = self.session_id
+        if ser.size <= self.inline_threshold:
+            self._stub.PutObject(pb.PutObjectRequest(session_id=sid, object_id=oid, data=ser.to_bytes(), owner=owner))
+            return
+        req = pb.CreateObjectRequest(session_id=sid, object_id=oid, size=ser.size, owner=owner)
+        off = self._stub.CreateObject(req).arena_offset
+        try:
+            ser.write_into(memoryview(self._wmap)[off : off + ser.size])
+        except BaseException:
+            self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
+            raise
+        self._stub.SealObject(pb.SealObjectRequest(session_id=sid, object_id=oid))
 
     # ------------------------------------------------------------------ get
 
@@ -142,15 +166,15 @@ class ObjectStoreClient:
             if not isinstance(r, ObjectRef):
                 raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
         self._flush_releases()
-        req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items],
-                                   timeout_ms=int(timeout * 1000) if timeout else 0)
+        timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
-        if timeout is not None and timeout <= 0:
-            req.timeout_ms, deadline = 1, 5.0
-        try:
-            resp = self._stub.GetObjects(req, timeout=deadline)
-        except grpc.RpcError as e:
-            raise _map_error(e) from None
+
+        def call() -> pb.GetObjectsResponse:
+            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items],
+                                       timeout_ms=timeout_ms)
+            return self._stub.GetObjects(req, timeout=deadline)
+
+        resp = self._retrying(call)
         values = [self._materialize(loc) for loc in resp.objects]
         return values[0] if single else values
 
@@ -172,7 +196,11 @@ class ObjectStoreClient:
         with self._lock:
             todo, self._releases = self._releases, []
         if todo:
-            self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
+            try:
+                self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
+            except grpc.RpcError as e:
+                if not self._session_lost(e):  # a lost session released its pins already
+                    raise _map_error(e) from None
 
     # ------------------------------------------------------------------ misc
 
@@ -186,11 +214,14 @@ class ObjectStoreClient:
         """End the session: the store releases every pin it holds."""
         try:
             self._flush_releases()
-        except grpc.RpcError:
+        except Exception:
             pass
+        self._close_session()
+        self._channel.close()
+
+    def _close_session(self) -> None:
         self._session.cancel()
         self._streams.close()
-        self._channel.close()
         for m in (self._wmap, self._rmap):
             try:
                 m.close()

@@ -11,7 +11,7 @@ import grpc.aio
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
-from tessera.common.errors import InvalidArgumentError
+from tessera.common.errors import FailedPreconditionError
 from tessera.object_store.node import NodeObjectStore
 
 Ctx = grpc.aio.ServicerContext
@@ -29,7 +29,8 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
 
     def _session(self, sid: str) -> str:
         if sid not in self.sessions:
-            raise InvalidArgumentError(f"unknown session {sid!r}: call OpenSession first")
+            # FAILED_PRECONDITION: the session may have been valid before this store restarted
+            raise FailedPreconditionError(f"unknown session {sid!r}: open a session (OpenSession) first")
         return sid
 
     async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> AsyncIterator[pb.OpenSessionResponse]:
