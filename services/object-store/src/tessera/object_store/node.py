@@ -3,7 +3,7 @@
 :class:`NodeObjectStore` sits between the gRPC servicer and the
 :class:`~tessera.object_store.manager.ObjectManager` (memory). It waits for
 objects to be sealed, pulls objects held by other nodes (deduplicating
-concurrent pulls of one object and checking every chunk's CRC), and reports
+concurrent pulls of one object and checking every chunk's CRC-32C), and reports
 copies to the cluster through an injected :class:`Directory`: locations go to
 the control store and events (sealed, evicted, spilled, restored, lost) to NATS,
 batched off the hot path. No gRPC or NATS here: server.py wires those in.
@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+import google_crc32c
 
 from tessera.common import ids
 from tessera.common.errors import (
@@ -38,7 +39,7 @@ class Chunk:
     total_size: int
     offset: int
     data: bytes
-    crc32: int
+    crc32c: int
     owner: str = ""
 
 
@@ -277,7 +278,7 @@ class NodeObjectStore:
                     if self.manager.get_entry(oid) is not None:
                         return  # it arrived by another way meanwhile
                     offset = self.manager.create(oid, chunk.total_size, chunk.owner)
-                if zlib.crc32(chunk.data) != chunk.crc32:
+                if google_crc32c.value(chunk.data) != chunk.crc32c:
                     raise DataLossError(f"chunk at {chunk.offset} of {oid.hex()} from {address} failed its CRC check")
                 if chunk.offset != written or written + len(chunk.data) > chunk.total_size:
                     raise DataLossError(f"chunks of {oid.hex()} from {address} arrived out of order")
@@ -308,8 +309,8 @@ class NodeObjectStore:
             assert e.offset is not None
             for off in range(0, e.size, size):
                 n = min(size, e.size - off)
-                data = bytes(self.manager.arena.view(e.offset + off, n))
-                yield Chunk(e.size, off, data, zlib.crc32(data), e.owner)
+                view = self.manager.arena.view(e.offset + off, n)
+                yield Chunk(e.size, off, bytes(view), google_crc32c.value(view), e.owner)
                 await asyncio.sleep(0)
         finally:
             self.manager.release(oid, session)

@@ -110,7 +110,7 @@ class Peers:
         call = self.stub(address).PullObject(req, timeout=600, metadata=rpc.trace_metadata())
         try:
             async for r in call:
-                yield Chunk(r.total_size, r.offset, r.data, r.crc32, r.owner)
+                yield Chunk(r.total_size, r.offset, r.data, r.crc32c, r.owner)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFoundError(e.details()) from e

@@ -99,7 +99,7 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
 
     async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[pb.PullObjectResponse]:
         async for c in self.node.serve_pull(request.object_id, request.chunk_size):
-            yield pb.PullObjectResponse(total_size=c.total_size, offset=c.offset, data=c.data, crc32=c.crc32,
+            yield pb.PullObjectResponse(total_size=c.total_size, offset=c.offset, data=c.data, crc32c=c.crc32c,
                                         owner=c.owner)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:

@@ -504,14 +504,14 @@ class PullObjectResponse(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    CRC32_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     total_size: _builtins.int
     """in the first message"""
     offset: _builtins.int
     data: _builtins.bytes
-    crc32: _builtins.int
-    """of this chunk's data"""
+    crc32c: _builtins.int
+    """CRC-32C (Castagnoli) of this chunk's data"""
     owner: _builtins.str
     def __init__(
         self,
@@ -519,12 +519,12 @@ class PullObjectResponse(_message.Message):
         total_size: _builtins.int = ...,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
-        crc32: _builtins.int = ...,
+        crc32c: _builtins.int = ...,
         owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "offset", b"offset", "owner", b"owner", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "offset", b"offset", "owner", b"owner", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
