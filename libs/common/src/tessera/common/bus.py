@@ -116,20 +116,30 @@ class Bus:
                     if not bus.closing:
                         log.warning("NATS disconnected; reconnecting")
 
-                nc = await nats.connect(
-                    servers=[url],
-                    name=name,
-                    connect_timeout=connect_timeout,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    error_cb=_on_error,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=_on_reconnect,
+                nc = NatsClient()
+                # with unlimited reconnects nats-py retries a first connection forever: bound it here
+                await asyncio.wait_for(
+                    nc.connect(
+                        servers=[url],
+                        name=name,
+                        connect_timeout=connect_timeout,  # type: ignore[arg-type]  # seconds, annotated int
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                        error_cb=_on_error,
+                        disconnected_cb=on_disconnect,
+                        reconnected_cb=_on_reconnect,
+                    ),
+                    timeout=max(connect_timeout, deadline - loop.time()),
                 )
                 bus.__init__(nc, request_timeout=request_timeout)  # type: ignore[misc]
                 return bus
             except (TimeoutError, OSError, nats.errors.Error) as e:
+                bus.closing = True
+                try:
+                    await nc.close()  # stop its reconnect loop
+                except Exception as close_error:  # never connected: nothing to close
+                    log.debug("closing a failed NATS connection: %r", close_error)
                 if loop.time() + delay > deadline:
                     raise errors.UnavailableError(f"cannot connect to NATS at {url}: {e!r}") from e
                 await asyncio.sleep(delay)
@@ -175,13 +185,20 @@ class Bus:
 
         With ``queue``, replicas sharing the queue name split the messages: each
         message goes to one of them. The handler runs under a CONSUMER span whose
-        parent is the publisher's span.
+        parent is the publisher's span. Returns once the server has the
+        subscription: a message published after that, by anyone, is delivered.
         """
 
         async def cb(msg: Msg) -> None:
             await _traced_delivery(msg, handler, queue=queue)
 
-        return await self.nc.subscribe(subj, queue=queue or "", cb=cb)
+        sub = await self.nc.subscribe(subj, queue=queue or "", cb=cb)
+        # nats-py's flush() writes its PING ahead of the SUB still queued for its flusher task,
+        # so the first PONG can come back before the server has the subscription; the
+        # second PING travels behind the SUB.
+        await self.nc.flush()
+        await self.nc.flush()
+        return sub
 
     # ------------------------------------------------------------------ JetStream
 
@@ -226,20 +243,48 @@ class Bus:
         config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=max_deliver)
 
         async def loop() -> None:
-            psub = await self.js.pull_subscribe(subj, durable=durable, stream=stream, config=config)
+            try:
+                await consume_until_cancelled()
+            finally:
+                # a fetch that timed out can leave a late status reply queued, which would hold up drain()
+                if psub is not None:
+                    try:
+                        await psub.unsubscribe()
+                    except Exception as unsub_error:
+                        log.debug("unsubscribing %s: %r", durable, unsub_error)
+
+        psub: JetStreamContext.PullSubscription | None = None
+
+        async def consume_until_cancelled() -> None:
+            nonlocal psub
             while True:
                 try:
+                    if psub is None:
+                        psub = await self.js.pull_subscribe(subj, durable=durable, stream=stream, config=config)
                     msgs = await psub.fetch(batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nothing to do (nats-py raises its own subclass or the builtin)
                     continue
                 except nats.errors.ConnectionClosedError:
                     return
+                except nats.errors.Error as e:  # JetStream unavailable for a while (restart, leader change): retry
+                    log.warning("consumer %s on %s: %r; retrying", durable, subj, e)
+                    if psub is not None:
+                        try:
+                            await psub.unsubscribe()
+                        except Exception as unsub_error:
+                            log.debug("unsubscribing %s: %r", durable, unsub_error)
+                        psub = None
+                    await asyncio.sleep(1.0)
+                    continue
                 for msg in msgs:
                     ok = await _traced_delivery(msg, handler, queue=durable)
-                    if ok:
-                        await msg.ack()
-                    else:
-                        await msg.nak(delay=1.0)
+                    try:
+                        if ok:
+                            await msg.ack()
+                        else:
+                            await msg.nak(delay=1.0)
+                    except nats.errors.Error as e:  # not acked: redelivered after ack_wait
+                        log.warning("could not ack %s: %r", msg.subject, e)
 
         task = asyncio.create_task(loop(), name=f"consume:{durable}")
         self._tasks.add(task)
@@ -250,8 +295,10 @@ class Bus:
 
     async def close(self, *, timeout: float = 5.0) -> None:
         """Stop consumers, drain subscriptions (pending messages are handled) and close."""
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each drops its pull subscription
         if self.nc.is_closed:
             return
         self.closing = True
