@@ -492,14 +492,28 @@ def test_event_handler_errors_are_contained(tmp_path: Path, caplog: pytest.LogCa
         assert m.contains(oid(1)) and "event handler failed on sealed" in caplog.text
 
 
-def test_stale_spill_files_removed_at_start(tmp_path: Path) -> None:
+def test_spill_files_of_an_earlier_run_are_adopted(tmp_path: Path) -> None:
     spill = tmp_path / "spill"
     spill.mkdir()
-    (spill / oid(1).hex()).write_bytes(b"old")
+    (spill / oid(1).hex()).write_bytes(b"old object")  # complete: written then renamed
+    (spill / (oid(2).hex() + ".partial")).write_bytes(b"half")  # a spill cut short by a crash
     (spill / "keep.txt").write_bytes(b"not ours")
     with Arena(tmp_path / "arena", SLOT) as arena:
-        ObjectManager(arena, spill_dir=spill, spill_capacity=SLOT)
+        m = ObjectManager(arena, spill_dir=spill, spill_capacity=SLOT)
+        assert m.contains(oid(1)) and not m.contains(oid(2))
+        assert m.stats()["spilled_objects"] == 1
+        e = m.pin(oid(1), "s")  # restored from disk into the arena
+        assert e.offset is not None and bytes(arena.view(e.offset, e.size)) == b"old object"
     assert sorted(p.name for p in spill.iterdir()) == ["keep.txt"]
+
+
+def test_spill_is_written_atomically(tmp_path: Path) -> None:
+    with Arena(tmp_path / "arena", SLOT) as arena:
+        m = ObjectManager(arena, spill_dir=tmp_path / "spill", spill_capacity=4 * SLOT)
+        m.put_inline(oid(1), b"a" * (SLOT // 2), "o")
+        m.put_inline(oid(2), b"b" * (SLOT // 2 + 64), "o")  # forces oid(1) out to disk
+        names = sorted(p.name for p in (tmp_path / "spill").iterdir())
+        assert names == [oid(1).hex()], names
 
 
 # ---------------------------------------------------------------- interleavings

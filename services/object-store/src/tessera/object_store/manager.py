@@ -45,6 +45,7 @@ CREATED = "created"  # allocated in the arena, being written by its creator
 SEALED = "sealed"  # immutable and readable, in the arena
 SPILLED = "spilled"  # sealed, on local disk only
 
+_PARTIAL = ".partial"
 _SPILL_NAME = re.compile(rf"^[0-9a-f]{{{2 * idc.OBJECT_ID_LEN}}}$")
 _IO_CHUNK = 1 << 30  # one read/write call moves at most this much (Linux caps a call near 2 GiB)
 
@@ -80,8 +81,11 @@ class ObjectManager:
     ``restored`` and ``lost`` (a spill file could not be read back). It should not
     raise; if it does, the error is logged and the call goes on.
 
-    ``spill_dir`` belongs to the manager: files in it named like an object id
-    (40 hex digits) are left from an earlier run and are removed at start.
+    ``spill_dir`` belongs to the manager. A spill file is written under a
+    temporary name and renamed when complete, so files named like an object id
+    (40 hex digits) are whole objects: those left by an earlier run of this node
+    are adopted at start as spilled objects (they survive a crash of the store);
+    half-written ones are removed.
     """
 
     def __init__(self, arena: Arena, *, spill_dir: Path, spill_capacity: int,
@@ -114,9 +118,22 @@ class ObjectManager:
         self.spills = 0
         self.restores = 0
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.spill_dir.iterdir():
-            if _SPILL_NAME.match(p.name) and p.is_file():
+        for p in sorted(self.spill_dir.iterdir()):
+            if p.name.endswith(_PARTIAL) and p.is_file():
                 p.unlink(missing_ok=True)
+            elif _SPILL_NAME.match(p.name) and p.is_file():
+                self._adopt(p)
+
+    def _adopt(self, path: Path) -> None:
+        size = path.stat().st_size
+        if size <= 0:
+            path.unlink(missing_ok=True)
+            return
+        oid = bytes.fromhex(path.name)
+        e = ObjectEntry(oid, size, SPILLED, None, "", last_access=self.clock(), spill_path=path)
+        self._objects[oid] = e
+        self._spilled_bytes += size
+        self._spilled_objects += 1
 
     # ================================================================= writes
 
@@ -417,15 +434,17 @@ class ObjectManager:
     def _spill(self, e: ObjectEntry) -> None:
         assert e.offset is not None
         path = self.spill_dir / e.object_id.hex()
+        partial = path.with_name(path.name + _PARTIAL)
         try:
-            with self.arena.view(e.offset, e.size) as src, open(path, "wb", buffering=0) as f:
+            with self.arena.view(e.offset, e.size) as src, open(partial, "wb", buffering=0) as f:
                 for i in range(0, e.size, _IO_CHUNK):
                     chunk = src[i:i + _IO_CHUNK]
                     done = 0
                     while done < len(chunk):
                         done += f.write(chunk[done:]) or 0
+            os.replace(partial, path)
         except OSError as err:
-            path.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             raise ResourceExhaustedError(
                 f"cannot spill object {e.object_id.hex()} of {e.size} bytes to {path}: {err}") from err
         self.alloc.free(e.offset, e.size)

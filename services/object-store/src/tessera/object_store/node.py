@@ -104,7 +104,7 @@ class NodeObjectStore:
             ev = self._sealed.pop(entry.object_id, None)
             if ev is not None:
                 ev.set()
-        if kind in ("sealed", "evicted", "spilled", "restored", "deleted"):
+        if kind in ("sealed", "evicted", "spilled", "restored", "deleted", "lost"):
             self._outbox.append((kind, entry.object_id, entry.size, entry.owner))
             self._wake.set()
 
@@ -139,7 +139,7 @@ class NodeObjectStore:
                     by_kind.setdefault(kind, []).append((oid, size, owner))
                 if "sealed" in by_kind:
                     await self.directory.add_locations(by_kind["sealed"])
-                gone = by_kind.get("evicted", []) + by_kind.get("deleted", [])
+                gone = by_kind.get("evicted", []) + by_kind.get("deleted", []) + by_kind.get("lost", [])
                 lost: list[bytes] = []
                 if gone:
                     lost = await self.directory.remove_locations([g[0] for g in gone])
@@ -147,7 +147,7 @@ class NodeObjectStore:
                     if kind in by_kind:
                         await self.directory.announce(kind, by_kind[kind])
                 deleted = {g[0] for g in by_kind.get("deleted", [])}
-                really_lost = [oid for oid in lost if oid not in deleted]
+                really_lost = list(dict.fromkeys(oid for oid in lost if oid not in deleted))
                 if really_lost:
                     await self.directory.announce("lost", [(oid, 0, "") for oid in really_lost])
             except BaseException:
@@ -162,9 +162,10 @@ class NodeObjectStore:
         if pin:
             self.manager.pin(object_id, session)
 
-    def create(self, object_id: bytes, size: int, owner: str) -> int:
+    def create(self, object_id: bytes, size: int, owner: str, session: str) -> int:
+        """Allocate; if ``session`` ends before the seal, the object is aborted."""
         ids.check_id("object_id", object_id)
-        return self.manager.create(object_id, size, owner)
+        return self.manager.create(object_id, size, owner, session=session)
 
     def seal(self, object_id: bytes, session: str, pin: bool) -> None:
         ids.check_id("object_id", object_id)
@@ -309,8 +310,8 @@ class NodeObjectStore:
             assert e.offset is not None
             for off in range(0, e.size, size):
                 n = min(size, e.size - off)
-                view = self.manager.arena.view(e.offset + off, n)
-                yield Chunk(e.size, off, bytes(view), google_crc32c.value(view), e.owner)
+                data = bytes(self.manager.arena.view(e.offset + off, n))
+                yield Chunk(e.size, off, data, google_crc32c.value(data), e.owner)
                 await asyncio.sleep(0)
         finally:
             self.manager.release(oid, session)

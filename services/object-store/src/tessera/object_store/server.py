@@ -21,7 +21,7 @@ from tessera.common.errors import NotFoundError, UnavailableError
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.object_store.arena import Arena
-from tessera.object_store.manager import ObjectManager
+from tessera.object_store.manager import ObjectEntry, ObjectManager
 from tessera.object_store.node import Chunk, NodeObjectStore
 
 NAME = "object-store"
@@ -133,9 +133,15 @@ def build(settings: Settings) -> ServiceApp:
     peers = Peers(settings, node_id)
     secondary: set[bytes] = set()  # copies pulled from a peer: evictable, the primary lives elsewhere
     holder: dict[str, NodeObjectStore] = {}
+
+    def on_event(kind: str, e: ObjectEntry) -> None:
+        if kind in ("evicted", "deleted", "lost", "aborted"):
+            secondary.discard(e.object_id)
+        holder["node"].on_event(kind, e)
+
     manager = ObjectManager(arena, spill_dir=spill_dir, spill_capacity=settings.object_store_spill_capacity,
                             has_other_copy=lambda oid: oid in secondary,
-                            on_event=lambda kind, e: holder["node"].on_event(kind, e))
+                            on_event=lambda kind, e: on_event(kind, e))
     node = NodeObjectStore(manager, node_id, directory=directory, fetch=peers.fetch,
                            inline_threshold=settings.object_store_inline_threshold,
                            chunk_bytes=settings.object_store_chunk_bytes)
@@ -186,6 +192,7 @@ def build(settings: Settings) -> ServiceApp:
         await node.stop()
         await peers.close()
         await directory.channel.close()
+        manager.close()  # a graceful stop: this node leaves, its spill files go too
         arena.close()
         arena.unlink()
 

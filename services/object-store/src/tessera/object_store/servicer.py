@@ -50,8 +50,8 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         return pb.PutObjectResponse()
 
     async def CreateObject(self, request: pb.CreateObjectRequest, context: Ctx) -> pb.CreateObjectResponse:
-        self._session(request.session_id)
-        return pb.CreateObjectResponse(arena_offset=self.node.create(request.object_id, request.size, request.owner))
+        sid = self._session(request.session_id)
+        return pb.CreateObjectResponse(arena_offset=self.node.create(request.object_id, request.size, request.owner, sid))
 
     async def SealObject(self, request: pb.SealObjectRequest, context: Ctx) -> pb.SealObjectResponse:
         sid = self._session(request.session_id)

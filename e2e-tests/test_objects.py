@@ -1,0 +1,184 @@
+"""The object store on a two-node cluster brought up by `tessera up --nodes 2`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+import tessera
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.object_store.v1 import object_store_pb2 as pb
+from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.exceptions import GetTimeoutError, ObjectStoreFullError
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+BIN = Path(sys.executable).parent
+MiB = 2**20
+CAPACITY = 48 * MiB
+
+
+class Cluster:
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=150)
+
+    def info(self) -> dict:
+        return json.loads((self.run_dir / "cluster.json").read_text())
+
+    def proc(self, name: str) -> dict:
+        return next(p for p in json.loads(self.cli("status", "--json").stdout)["processes"] if p["name"] == name)
+
+    def address(self, name: str) -> str:
+        return self.info()["services"][name]["address"]
+
+    def client(self, name: str = "object-store") -> tessera.ObjectStoreClient:
+        return tessera.ObjectStoreClient(self.address(name))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    run_dir = tmp_path_factory.mktemp("objects")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_OBJECT_STORE_MEMORY=str(CAPACITY),
+               TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(256 * MiB), TESSERA_HEARTBEAT_INTERVAL_S="0.5")
+    c = Cluster(run_dir, env)
+    up = c.cli("up", "--nodes", "2")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield c
+    finally:
+        c.cli("down")
+
+
+def test_zero_copy_read_only_views(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        a = np.arange(1_000_000, dtype=np.float64)
+        ref = c.put(a)
+        v = c.get(ref)
+        assert np.array_equal(v, a)
+        assert np.shares_memory(v, c._arena), "the value must be a view of the shared arena"
+        assert not v.flags.writeable
+        with pytest.raises(ValueError):
+            v[0] = 1.0
+        small = {"k": [1, 2, 3], "s": "text", "b": b"bytes"}
+        assert c.get(c.put(small)) == small
+
+
+def test_pinned_object_is_never_moved_while_viewed(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        keep = np.full(4 * MiB // 8, 7.0)
+        view = c.get(c.put(keep))  # pinned while `view` lives
+        refs = [c.put(np.full(4 * MiB // 8, float(i))) for i in range(20)]  # 80 MiB through a 48 MiB store
+        assert np.all(view == 7.0), "a pinned object's memory was reused"
+        stats = c.stats()
+        assert stats.spills > 0 and stats.spilled_bytes > 0
+        for i, r in enumerate(refs):  # spilled ones come back from disk, intact
+            assert np.all(c.get(r) == float(i))
+        assert c.stats().restores > 0
+
+
+def test_cross_node_pull_is_deduplicated(cluster: Cluster) -> None:
+    data = np.random.default_rng(0).random(2 * MiB // 8)
+    with cluster.client("object-store") as c0, cluster.client("object-store-1") as c1:
+        ref = c0.put(data)
+        before = c1.stats().pulls
+        out: list[np.ndarray] = []
+        threads = [threading.Thread(target=lambda: out.append(np.array(c1.get(ref, timeout=30)))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(out) == 4 and all(np.array_equal(o, data) for o in out)
+        assert c1.stats().pulls == before + 1
+        with tessera.connect(cluster.info()["control_store_address"]) as cs:
+            [info] = cs.stub.GetObjects(cpb.GetObjectsRequest(object_ids=[ref.id]), timeout=5).objects
+        assert len(info.locations) == 2  # the new copy is recorded
+
+
+def test_bad_input_and_limits(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        stub = pb_grpc.ObjectStoreServiceStub(grpc.insecure_channel(cluster.address("object-store")))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetObjects(pb.GetObjectsRequest(session_id=c.session_id, object_ids=[b"short"]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "object_id must be 20 bytes" in e.value.details()
+        ref = c.put(np.zeros(1 * MiB // 8))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SealObject(pb.SealObjectRequest(session_id=c.session_id, object_id=ref.id), timeout=5)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already sealed" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.CreateObject(pb.CreateObjectRequest(session_id="nope", object_id=os.urandom(20), size=10), timeout=5)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in e.value.details()
+        t0 = time.monotonic()
+        with pytest.raises(GetTimeoutError):
+            c.get(tessera.ObjectRef(os.urandom(20)), timeout=0.3)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(ObjectStoreFullError):
+            c.put(np.zeros((CAPACITY + MiB) // 8))
+
+
+def test_copy_events_on_nats(cluster: Cluster) -> None:
+    async def scenario() -> set[str]:
+        import nats
+
+        nc = await nats.connect(cluster.info()["nats_url"])
+        sub = await nc.subscribe("tessera.events.objects.>")
+        await nc.flush()
+        with cluster.client() as c:
+            ref = await asyncio.to_thread(c.put, np.ones(2 * MiB // 8))
+        subjects = set()
+        deadline = time.monotonic() + 10
+        while "tessera.events.objects.sealed" not in subjects and time.monotonic() < deadline:
+            msg = await sub.next_msg(timeout=10)
+            ev = cpb.ChangeEvent.FromString(msg.data)
+            if any(ch.key == ref.id for ch in ev.changes):
+                subjects.add(msg.subject)
+        await nc.close()
+        return subjects
+
+    assert "tessera.events.objects.sealed" in asyncio.run(scenario())
+
+
+def test_kill9_object_store(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        refs = [c.put(np.full(4 * MiB // 8, float(i))) for i in range(16)]  # forces spills
+        assert c.stats().spilled_objects > 0
+        before = cluster.proc("object-store")
+        os.kill(before["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises((grpc.RpcError, ConnectionError, GetTimeoutError)):
+            c.get(refs[0], timeout=1)
+        assert time.monotonic() - t0 < 10, "a dead store must be reported promptly"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            p = cluster.proc("object-store")
+            if p["restarts"] > before["restarts"] and p["health"] == "SERVING":
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the object store was not restarted")
+    with cluster.client() as c:  # spilled objects survived the restart; the ones in memory died with it
+        assert c.stats().spilled_objects > 0
+        stub = pb_grpc.ObjectStoreServiceStub(grpc.insecure_channel(cluster.address("object-store")))
+        present = stub.ContainsObjects(pb.ContainsObjectsRequest(object_ids=[r.id for r in refs]), timeout=5).present
+        assert 0 < sum(present) < len(refs)
+        for i, (r, here) in enumerate(zip(refs, present, strict=True)):
+            if here:
+                assert np.all(c.get(r, timeout=10) == float(i))
+        gone = next(r for r, here in zip(refs, present, strict=True) if not here)
+        with pytest.raises(GetTimeoutError):
+            c.get(gone, timeout=0.5)
