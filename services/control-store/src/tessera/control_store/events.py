@@ -15,7 +15,8 @@ the table after subscribing):
 
 Tables: nodes, jobs, functions, tasks, objects, actors, instances, kv. Each
 message is a ``ChangeEvent`` protobuf carrying the ids and, except for deletes,
-the serialized records; a large batch is split into several messages.
+the serialized records; a large batch is split into several messages, and a
+record over ``MAX_VALUE_BYTES`` is announced by its key alone.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ OPS = {
 }
 #: Upper bound of one event message (NATS' default max payload is 1 MiB).
 MAX_EVENT_BYTES = 512 * 1024
+#: A record larger than this travels without its value (empty): the key announces the change; read the record.
+MAX_VALUE_BYTES = MAX_EVENT_BYTES // 2
 
 #: Publishes one serialized event on a subject (wired to NATS by server.py).
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -71,6 +74,8 @@ class Events:
         chunk: list[pb.Change] = []
         size = 0
         for key, value in changes:
+            if len(value) > MAX_VALUE_BYTES:  # would not fit in a NATS message: the key alone announces it
+                value = b""
             chunk.append(pb.Change(key=key, value=value))
             size += len(key) + len(value) + 8
             if size >= MAX_EVENT_BYTES:

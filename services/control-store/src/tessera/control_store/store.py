@@ -33,8 +33,8 @@ MAX_KV_KEY = 1024
 MAX_KV_VALUE = 4 * 1024 * 1024  # bulk bytes belong in the object store
 MAX_CODE = 16 * 1024 * 1024
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
+_INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 
 _CREATED, _UPDATED, _DELETED, _DEAD = (pb.CHANGE_OP_CREATED, pb.CHANGE_OP_UPDATED, pb.CHANGE_OP_DELETED,
                                        pb.CHANGE_OP_DEAD)
@@ -178,8 +178,11 @@ class ControlStore:
 
         present = [i for i, (r, _) in zip(ids, await self.nodes.get_many(ids), strict=True) if r is not None]
         recs = await self.nodes.update_many(present, mutate, what="node") if present else []
+        # a node that beat after the index was read stays in it: drop only the gone and the dead
+        alive = {r.node_id for r in recs if r.state == pb.NODE_STATE_ALIVE}
         for i in ids:
-            await guard(self.db.shard(i).zrem(b"node:heartbeats", i.hex()))
+            if i not in alive:
+                await guard(self.db.shard(i).zrem(b"node:heartbeats", i.hex()))
         dead = [r for r in recs if r.node_id in set(marked) and r.state == pb.NODE_STATE_DEAD]
         await self.events.emit("nodes", _DEAD, [(r.node_id, r.SerializeToString()) for r in dead])
         return dead
@@ -320,14 +323,16 @@ class ControlStore:
         for _ in range(max_depth):
             if not frontier:
                 break
-            producers = list(dict.fromkeys(idc.producer_task_id(o) for o in frontier))
-            producers = [p for p in producers if p not in seen]
+            made: dict[bytes, bytes] = {}  # producer -> the first object of the frontier it made
+            for o in frontier:
+                made.setdefault(idc.producer_task_id(o), o)
+            producers = [p for p in made if p not in seen]
             got = await self.tasks.get_many(producers)
             level: list[pb.TaskRecord] = []
-            for pid, (rec, _), obj in zip(producers, got, frontier, strict=False):
+            for pid, (rec, _) in zip(producers, got, strict=True):
                 if rec is None:
                     raise FailedPreconditionError(
-                        f"object {obj.hex()} was not produced by a task (it was put) and cannot be rebuilt")
+                        f"object {made[pid].hex()} was not produced by a task (it was put) and cannot be rebuilt")
                 seen.add(pid)
                 level.append(rec)
             order.extend(level)
@@ -339,8 +344,29 @@ class ControlStore:
         else:
             if frontier:
                 raise FailedPreconditionError(f"lineage of {object_id.hex()} is deeper than max_depth={max_depth}")
-        order.reverse()
-        return order
+        # Producers first: each task after every task of this lineage whose output it reads. (The levels
+        # reversed are not enough: a task found at one level may also feed a task found deeper.)
+        recs = {r.spec.task_id: r for r in order}
+        out: list[pb.TaskRecord] = []
+        placed: set[bytes] = set()
+        visiting: set[bytes] = set()
+        for root in reversed(order):
+            stack = [(root.spec.task_id, False)]
+            while stack:
+                tid, inputs_placed = stack.pop()
+                if tid in placed or (not inputs_placed and tid in visiting):
+                    continue
+                if inputs_placed:
+                    placed.add(tid)
+                    out.append(recs[tid])
+                    continue
+                visiting.add(tid)
+                stack.append((tid, True))
+                for a in recs[tid].spec.arg_object_ids:
+                    producer = idc.producer_task_id(a)
+                    if producer in recs and producer not in placed:
+                        stack.append((producer, False))
+        return out
 
     # ================================================================ objects
 
@@ -585,7 +611,7 @@ class ControlStore:
                 f"instance.instance_id {inst.instance_id!r} must be 1-128 characters of letters, digits, '.', ':', '-', '_'")
         if not inst.address:
             raise InvalidArgumentError("instance.address is required")
-        if ttl_s < 0 or ttl_s > 86_400:
+        if ttl_s < 1 or ttl_s > 86_400:
             raise InvalidArgumentError(f"ttl_s must be between 1 and 86400, got {ttl_s}")
         now = self.clock()
         rec = pb.ServiceInstance()
