@@ -97,7 +97,8 @@ class Registration:
         try:
             await self._deregister(self.record.service, self.record.instance_id)
         except Exception as e:
-            log.warning("could not deregister: %s", e)
+            why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else repr(e)
+            log.info("could not deregister (the control store may be stopping too): %s", why)
 
 
 def grpc_registration(record: pb.ServiceInstance, settings: Settings,

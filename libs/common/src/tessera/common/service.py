@@ -91,8 +91,8 @@ class ServiceApp:
             except (grpc.aio.AioRpcError, OSError) as e:
                 if self._stop.is_set():
                     raise
-                log.info("waiting for the control store at %s: %s", self.settings.control_store_address,
-                         getattr(e, "details", lambda: e)())
+                why = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+                log.info("waiting for the control store at %s: %s", self.settings.control_store_address, why)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
