@@ -182,3 +182,21 @@ def test_kill9_object_store(cluster: Cluster) -> None:
         gone = next(r for r, here in zip(refs, present, strict=True) if not here)
         with pytest.raises(GetTimeoutError):
             c.get(gone, timeout=0.5)
+
+
+def test_small_objects_are_read_locally_and_reach_the_store(cluster: Cluster) -> None:
+    with cluster.client() as owner, cluster.client() as other, cluster.client("object-store-1") as remote:
+        refs = [owner.put({"i": i, "pad": "x" * 500}) for i in range(300)]
+        assert [owner.get(r)["i"] for r in refs[:5]] == [0, 1, 2, 3, 4]  # the owner reads its own puts
+        # another client of the node, and a client of the other node, wait for the batch to land
+        assert other.get(refs[-1], timeout=10)["i"] == 299
+        assert [v["i"] for v in remote.get(refs[:50], timeout=30)] == list(range(50))
+        owner.flush()
+        stub = pb_grpc.ObjectStoreServiceStub(grpc.insecure_channel(cluster.address("object-store")))
+        present = stub.ContainsObjects(pb.ContainsObjectsRequest(object_ids=[r.id for r in refs]), timeout=5).present
+        assert all(present)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PutObjects(pb.PutObjectsRequest(session_id=other.session_id, objects=[
+                pb.InlineObject(object_id=os.urandom(20), data=b"ok"), pb.InlineObject(object_id=b"bad", data=b"x")]),
+                timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # nothing of a bad batch is stored

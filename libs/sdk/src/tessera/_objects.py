@@ -4,14 +4,21 @@ Large values are written straight into the node's shared-memory arena and read
 back in place: numpy arrays returned by ``get`` are read-only views of shared
 memory (no copy at any size). The object stays pinned while such a view is
 alive and is released once the last one is garbage.
+
+Small values (up to the store's inline threshold) are kept by the client that
+put them, as Ray's owners do, so reading them back costs no round trip; they are
+sent to the store in batches by a background thread a few milliseconds later.
+A reader elsewhere that asks for one before it arrives simply waits for it.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, overload
 
@@ -27,7 +34,13 @@ from tessera.common.registry import control_store_stub
 from tessera.common.serialization import deserialize, serialize
 from tessera.exceptions import GetTimeoutError, ObjectStoreFullError
 
+log = logging.getLogger(__name__)
+
 SERVICE = "tessera.object_store.v1.ObjectStoreService"
+#: Bytes of small objects a client keeps for reading its own puts back.
+OWNED_CACHE_BYTES = 64 * 2**20
+#: Small puts sent per PutObjects call.
+BATCH_MAX = 1024
 IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 FOREVER_S = 365 * 24 * 3600.0
 
@@ -80,6 +93,14 @@ class ObjectStoreClient:
         self._stub = pb_grpc.ObjectStoreServiceStub(self._channel)
         self._releases: list[bytes] = []
         self._lock = threading.Lock()
+        self._owned: OrderedDict[bytes, bytes] = OrderedDict()
+        self._owned_bytes = 0
+        self._pending: list[pb.InlineObject] = []
+        self._inflight = 0
+        self._cond = threading.Condition()
+        self._flusher: threading.Thread | None = None
+        self._closing = False
+        self._flush_error: Exception | None = None
         self._open()
 
     def _open(self) -> None:
@@ -129,9 +150,69 @@ class ObjectStoreClient:
         """Store ``value``; large buffers are copied once, straight into shared memory."""
         oid = ids.new_id("object_id")
         ser = serialize(value)
+        self._raise_flush_error()
+        if ser.size <= self.inline_threshold:
+            data = ser.to_bytes()
+            self._own(oid, data)
+            with self._cond:
+                self._pending.append(pb.InlineObject(object_id=oid, data=data, owner=owner))
+                self._cond.notify()
+            if self._flusher is None:
+                self._start_flusher()
+            return ObjectRef(oid)
         self._flush_releases()
         self._retrying(lambda: self._put(oid, ser, owner))
         return ObjectRef(oid)
+
+    # ------------------------------------------------------------------ small objects
+
+    def _own(self, oid: bytes, data: bytes) -> None:
+        with self._lock:
+            self._owned[oid] = data
+            self._owned_bytes += len(data)
+            while self._owned_bytes > OWNED_CACHE_BYTES and self._owned:
+                _, old = self._owned.popitem(last=False)
+                self._owned_bytes -= len(old)
+
+    def _start_flusher(self) -> None:
+        with self._cond:
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="tessera-put-flusher", daemon=True)
+                self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending and self._closing:
+                    return
+                batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+                self._inflight += 1
+            try:
+                resp = self._retrying(lambda batch=batch: self._stub.PutObjects(
+                    pb.PutObjectsRequest(session_id=self.session_id, objects=batch)))
+                if resp.failed_object_ids:
+                    raise RuntimeError(f"{len(resp.failed_object_ids)} small objects were not stored: {resp.errors[0]}")
+            except Exception as e:  # surfaced on the next put/get/flush
+                log.warning("could not store %d small objects: %s", len(batch), e)
+                self._flush_error = e
+            finally:
+                with self._cond:
+                    self._inflight -= 1
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait until every small object put so far is in the store."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._pending and not self._inflight, timeout):
+                raise GetTimeoutError(f"{len(self._pending)} small objects not sent within {timeout}s")
+        self._raise_flush_error()
+
+    def _raise_flush_error(self) -> None:
+        if self._flush_error is not None:
+            e, self._flush_error = self._flush_error, None
+            raise e
 
     def _put(self, oid: bytes, ser: Any, owner: str) -> None:
         sid = self.session_id
@@ -165,17 +246,25 @@ class ObjectStoreClient:
         for r in items:
             if not isinstance(r, ObjectRef):
                 raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
+        self._raise_flush_error()
+        with self._lock:
+            local = {r.id: self._owned[r.id] for r in items if r.id in self._owned}
+        if len(local) == len(items):
+            values = [deserialize(local[r.id]) for r in items]
+            return values[0] if single else values
+        items_remote = [r for r in items if r.id not in local]
         self._flush_releases()
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
 
         def call() -> pb.GetObjectsResponse:
-            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items],
+            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items_remote],
                                        timeout_ms=timeout_ms)
             return self._stub.GetObjects(req, timeout=deadline)
 
         resp = self._retrying(call)
-        values = [self._materialize(loc) for loc in resp.objects]
+        remote = {loc.object_id: self._materialize(loc) for loc in resp.objects}
+        values = [deserialize(local[r.id]) if r.id in local else remote[r.id] for r in items]
         return values[0] if single else values
 
     def _materialize(self, loc: pb.ObjectLocator) -> Any:
@@ -211,7 +300,14 @@ class ObjectStoreClient:
         return self._stub.GetStats(pb.GetStatsRequest())
 
     def close(self) -> None:
-        """End the session: the store releases every pin it holds."""
+        """Send what is pending, then end the session: the store releases every pin it holds."""
+        try:
+            self.flush(timeout=10)
+        except Exception as e:
+            log.warning("closing with unsent small objects: %s", e)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         try:
             self._flush_releases()
         except Exception:

@@ -11,7 +11,7 @@ import grpc.aio
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
-from tessera.common.errors import FailedPreconditionError
+from tessera.common.errors import FailedPreconditionError, TesseraError
 from tessera.object_store.node import NodeObjectStore
 
 Ctx = grpc.aio.ServicerContext
@@ -48,6 +48,19 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         sid = self._session(request.session_id) if request.pin else request.session_id
         self.node.put_inline(request.object_id, request.data, request.owner, sid, request.pin)
         return pb.PutObjectResponse()
+
+    async def PutObjects(self, request: pb.PutObjectsRequest, context: Ctx) -> pb.PutObjectsResponse:
+        self._session(request.session_id)
+        for o in request.objects:  # validate all before storing any
+            ids.check_id("object_id", o.object_id)
+        failed, errors = [], []
+        for o in request.objects:
+            try:
+                self.node.put_inline(o.object_id, o.data, o.owner, request.session_id, False)
+            except TesseraError as e:
+                failed.append(o.object_id)
+                errors.append(f"{e.code}: {e}")
+        return pb.PutObjectsResponse(failed_object_ids=failed, errors=errors)
 
     async def CreateObject(self, request: pb.CreateObjectRequest, context: Ctx) -> pb.CreateObjectResponse:
         sid = self._session(request.session_id)

@@ -184,6 +184,80 @@ class PutObjectResponse(_message.Message):
 Global___PutObjectResponse: _TypeAlias = PutObjectResponse  # noqa: Y015
 
 @_typing.final
+class InlineObject(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    object_id: _builtins.bytes
+    data: _builtins.bytes
+    owner: _builtins.str
+    def __init__(
+        self,
+        *,
+        object_id: _builtins.bytes = ...,
+        data: _builtins.bytes = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "object_id", b"object_id", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InlineObject: _TypeAlias = InlineObject  # noqa: Y015
+
+@_typing.final
+class PutObjectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    OBJECTS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    @_builtins.property
+    def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___InlineObject]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        objects: _abc.Iterable[Global___InlineObject] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["objects", b"objects", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutObjectsRequest: _TypeAlias = PutObjectsRequest  # noqa: Y015
+
+@_typing.final
+class PutObjectsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAILED_OBJECT_IDS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def failed_object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Objects that could not be stored, with why (the others were stored)."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        failed_object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "failed_object_ids", b"failed_object_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutObjectsResponse: _TypeAlias = PutObjectsResponse  # noqa: Y015
+
+@_typing.final
 class CreateObjectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

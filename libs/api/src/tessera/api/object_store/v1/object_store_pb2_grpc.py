@@ -44,6 +44,11 @@ class ObjectStoreServiceStub:
                 request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectRequest.SerializeToString,
                 response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectResponse.FromString,
                 _registered_method=True)
+        self.PutObjects = channel.unary_unary(
+                '/tessera.object_store.v1.ObjectStoreService/PutObjects',
+                request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectsRequest.SerializeToString,
+                response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectsResponse.FromString,
+                _registered_method=True)
         self.CreateObject = channel.unary_unary(
                 '/tessera.object_store.v1.ObjectStoreService/CreateObject',
                 request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.CreateObjectRequest.SerializeToString,
@@ -104,6 +109,13 @@ class ObjectStoreServiceServicer:
 
     def PutObject(self, request, context):
         """Small objects in one call: the bytes travel inline and are sealed at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutObjects(self, request, context):
+        """Many small objects in one call (clients batch their small puts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +190,11 @@ def add_ObjectStoreServiceServicer_to_server(servicer, server):
                     servicer.PutObject,
                     request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectRequest.FromString,
                     response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectResponse.SerializeToString,
+            ),
+            'PutObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutObjects,
+                    request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectsRequest.FromString,
+                    response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectsResponse.SerializeToString,
             ),
             'CreateObject': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateObject,
@@ -279,6 +296,33 @@ class ObjectStoreService:
             '/tessera.object_store.v1.ObjectStoreService/PutObject',
             tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectRequest.SerializeToString,
             tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.object_store.v1.ObjectStoreService/PutObjects',
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectsRequest.SerializeToString,
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.PutObjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

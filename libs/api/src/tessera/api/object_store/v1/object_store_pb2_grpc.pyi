@@ -42,6 +42,8 @@ class ObjectStoreServiceStub:
     """
     PutObject: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.PutObjectRequest, _object_store_pb2.PutObjectResponse]
     """Small objects in one call: the bytes travel inline and are sealed at once."""
+    PutObjects: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.PutObjectsRequest, _object_store_pb2.PutObjectsResponse]
+    """Many small objects in one call (clients batch their small puts)."""
     CreateObject: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.CreateObjectRequest, _object_store_pb2.CreateObjectResponse]
     """Large objects: allocate, write into the arena directly, then seal."""
     SealObject: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.SealObjectRequest, _object_store_pb2.SealObjectResponse]
@@ -64,6 +66,8 @@ class ObjectStoreServiceAsyncStub(ObjectStoreServiceStub):
     """
     PutObject: _aio.UnaryUnaryMultiCallable[_object_store_pb2.PutObjectRequest, _object_store_pb2.PutObjectResponse]  # type: ignore[assignment]
     """Small objects in one call: the bytes travel inline and are sealed at once."""
+    PutObjects: _aio.UnaryUnaryMultiCallable[_object_store_pb2.PutObjectsRequest, _object_store_pb2.PutObjectsResponse]  # type: ignore[assignment]
+    """Many small objects in one call (clients batch their small puts)."""
     CreateObject: _aio.UnaryUnaryMultiCallable[_object_store_pb2.CreateObjectRequest, _object_store_pb2.CreateObjectResponse]  # type: ignore[assignment]
     """Large objects: allocate, write into the arena directly, then seal."""
     SealObject: _aio.UnaryUnaryMultiCallable[_object_store_pb2.SealObjectRequest, _object_store_pb2.SealObjectResponse]  # type: ignore[assignment]
@@ -95,6 +99,14 @@ class ObjectStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_object_store_pb2.PutObjectResponse, _abc.Awaitable[_object_store_pb2.PutObjectResponse]]:
         """Small objects in one call: the bytes travel inline and are sealed at once."""
+
+    @_abc_1.abstractmethod
+    def PutObjects(
+        self,
+        request: _object_store_pb2.PutObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_object_store_pb2.PutObjectsResponse, _abc.Awaitable[_object_store_pb2.PutObjectsResponse]]:
+        """Many small objects in one call (clients batch their small puts)."""
 
     @_abc_1.abstractmethod
     def CreateObject(
