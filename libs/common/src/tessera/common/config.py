@@ -61,13 +61,13 @@ class Settings(BaseSettings):
     instance_ttl_s: int = Field(15, gt=0, description="control-store: a service registration expires after this")
 
     # --- node ---------------------------------------------------------------------
-    node_id: str = Field("", description="hex id of this node (16 bytes); default: random per process start")
+    node_id: str = Field("", description="hex id of this node (16 bytes); default: derived from host and gRPC port")
 
     # --- object store ---------------------------------------------------------------
     object_store_memory: int = Field(512 * 1024**2, gt=0, description="object-store: bytes of shared memory per node")
     object_store_arena_dir: Path = Field(Path("/dev/shm"), description="object-store: where the shared-memory file lives")
     object_store_prefault: bool = Field(True, description="object-store: touch every arena page at start (fast first puts)")
-    object_store_spill_dir: Path | None = Field(None, description="object-store: spill directory; default <run_dir>/spill/<node>")
+    object_store_spill_dir: Path | None = Field(None, description="object-store: spill directory (a folder per node id inside); default <run_dir>/spill")
     object_store_spill_capacity: int = Field(16 * 1024**3, ge=0, description="object-store: bytes of disk for spilled objects")
     object_store_inline_threshold: int = Field(100 * 1024, ge=0, description="objects up to this size travel inline in gRPC")
     object_store_chunk_bytes: int = Field(4 * 1024**2, gt=0, description="object-store: chunk size of node-to-node pulls")

@@ -80,7 +80,7 @@ class Supervisor:
         env.pop("TESSERA_ADVERTISE_HOST", None)
         if p.node_id:
             env["TESSERA_NODE_ID"] = p.node_id
-            env["TESSERA_OBJECT_STORE_SPILL_DIR"] = str(self.run.data / "spill" / p.node_id)
+            env["TESSERA_OBJECT_STORE_SPILL_DIR"] = str(self.run.data / "spill")
         return [sys.executable, "-m", module_of(p.service or p.name)], env
 
     def start(self, p: Proc) -> None:

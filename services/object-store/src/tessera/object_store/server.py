@@ -4,6 +4,7 @@ as directory, NATS for events, gRPC for clients and peers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids, rpc
 from tessera.common.config import Settings
-from tessera.common.errors import NotFoundError, UnavailableError
+from tessera.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.object_store.arena import Arena
@@ -121,12 +122,26 @@ class Peers:
             await ch.close()
 
 
+def node_id_of(settings: Settings) -> bytes:
+    """TESSERA_NODE_ID, else one derived from host and port, so a restarted store keeps its
+    id (and adopts its spill files); with no fixed port, a random one."""
+    if settings.node_id:
+        try:
+            node_id = bytes.fromhex(settings.node_id)
+        except ValueError:
+            raise InvalidArgumentError(f"TESSERA_NODE_ID must be hex, got {settings.node_id!r}") from None
+        return ids.check_id("node_id", node_id, field="TESSERA_NODE_ID")
+    if settings.grpc_port:
+        seed = f"{socket.gethostname()}:{settings.grpc_port}".encode()
+        return hashlib.sha256(seed).digest()[: ids.NODE_ID_LEN]
+    return ids.new_id("node_id")
+
+
 def build(settings: Settings) -> ServiceApp:
     app = ServiceApp(NAME, settings)
-    node_id = bytes.fromhex(settings.node_id) if settings.node_id else ids.new_id("node_id")
-    ids.check_id("node_id", node_id, field="TESSERA_NODE_ID")
+    node_id = node_id_of(settings)
     arena_path = settings.object_store_arena_dir / f"tessera-{node_id.hex()}.arena"
-    spill_dir = settings.object_store_spill_dir or settings.run_dir / "spill" / node_id.hex()
+    spill_dir = (settings.object_store_spill_dir or settings.run_dir / "spill") / node_id.hex()
     spill_dir.mkdir(parents=True, exist_ok=True)
     arena = Arena(arena_path, settings.object_store_memory)
     directory = ClusterDirectory(app, node_id)
