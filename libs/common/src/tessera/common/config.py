@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     object_store_spill_dir: Path | None = Field(None, description="object-store: spill directory (a folder per node id inside); default <run_dir>/spill")
     object_store_spill_capacity: int = Field(16 * 1024**3, ge=0, description="object-store: bytes of disk for spilled objects")
     object_store_inline_threshold: int = Field(100 * 1024, ge=0, description="objects up to this size travel inline in gRPC")
-    object_store_chunk_bytes: int = Field(4 * 1024**2, gt=0, description="object-store: chunk size of node-to-node pulls")
+    object_store_chunk_bytes: int = Field(1024**2, gt=0, description="object-store: chunk size of node-to-node pulls")
 
     # --- launcher ------------------------------------------------------------------
     run_dir: Path = Field(default_factory=default_run_dir, description="tessera up: pids, ports, logs and data")

@@ -105,6 +105,32 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
         return handler
 
 
+def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_responses: Iterable[str] = ()) -> None:
+    """Register ``servicer`` for ``service`` (a protobuf ServiceDescriptor), built from the descriptor.
+
+    Does what the generated ``add_XServicer_to_server`` does, except that the
+    methods named in ``raw_responses`` return already-encoded bytes (for messages
+    that carry bulk data and are encoded without an intermediate protobuf copy).
+    """
+    from google.protobuf import message_factory
+
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    raw = set(raw_responses)
+    handlers = {}
+    for m in service.methods:
+        req = message_factory.GetMessageClass(m.input_type)
+        resp = message_factory.GetMessageClass(m.output_type)
+        serializer = (lambda b: b) if m.name in raw else resp.SerializeToString
+        handlers[m.name] = factories[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name), request_deserializer=req.FromString, response_serializer=serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def create_server(*, traced: bool = True) -> grpc.aio.Server:
     """A grpc.aio server with tracing and error mapping installed."""
     interceptors: list[grpc.aio.ServerInterceptor] = []

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import google_crc32c
+from crc32c import crc32c
 
 from tessera.common import ids
 from tessera.common.errors import (
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class Chunk:
     total_size: int
     offset: int
-    data: bytes
+    data: bytes | memoryview
     crc32c: int
     owner: str = ""
 
@@ -279,7 +279,7 @@ class NodeObjectStore:
                     if self.manager.get_entry(oid) is not None:
                         return  # it arrived by another way meanwhile
                     offset = self.manager.create(oid, chunk.total_size, chunk.owner)
-                if google_crc32c.value(chunk.data) != chunk.crc32c:
+                if crc32c(chunk.data) != chunk.crc32c:
                     raise DataLossError(f"chunk at {chunk.offset} of {oid.hex()} from {address} failed its CRC check")
                 if chunk.offset != written or written + len(chunk.data) > chunk.total_size:
                     raise DataLossError(f"chunks of {oid.hex()} from {address} arrived out of order")
@@ -301,7 +301,11 @@ class NodeObjectStore:
             raise
 
     async def serve_pull(self, oid: bytes, chunk_bytes: int) -> AsyncIterator[Chunk]:
-        """The chunks of a local sealed object, for a peer. The object stays pinned meanwhile."""
+        """The chunks of a local sealed object, for a peer: views of the arena (no copy).
+
+        The object stays pinned until the stream ends; each view is valid until the
+        next chunk is requested.
+        """
         ids.check_id("object_id", oid)
         session = f"pull-{id(object())}"
         e = self.manager.pin(oid, session)
@@ -310,9 +314,7 @@ class NodeObjectStore:
             assert e.offset is not None
             for off in range(0, e.size, size):
                 n = min(size, e.size - off)
-                data = bytes(self.manager.arena.view(e.offset + off, n))
-                yield Chunk(e.size, off, data, google_crc32c.value(data), e.owner)
-                await asyncio.sleep(0)
+                view = self.manager.arena.view(e.offset + off, n)
+                yield Chunk(e.size, off, view, crc32c(view), e.owner)
         finally:
             self.manager.release(oid, session)
-

@@ -24,6 +24,7 @@ from tessera.common.service import ServiceApp
 from tessera.object_store.arena import Arena
 from tessera.object_store.manager import ObjectEntry, ObjectManager
 from tessera.object_store.node import Chunk, NodeObjectStore
+from tessera.object_store.wire import decode_chunk
 
 NAME = "object-store"
 SERVICE = "tessera.object_store.v1.ObjectStoreService"
@@ -96,6 +97,7 @@ class Peers:
         self.settings = settings
         self.node_id = node_id
         self._stubs: dict[str, pb_grpc.ObjectStoreServiceStub] = {}
+        self._raw_pull: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def stub(self, address: str) -> pb_grpc.ObjectStoreServiceStub:
@@ -103,15 +105,21 @@ class Peers:
             ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", rpc.MAX_MESSAGE_BYTES)])
             self._channels.append(ch)
             self._stubs[address] = pb_grpc.ObjectStoreServiceStub(ch)
+            # chunks are read raw (see wire.py): one copy from the message into the arena
+            self._raw_pull[address] = ch.unary_stream(f"/{SERVICE}/PullObject",
+                                                      request_serializer=pb.PullObjectRequest.SerializeToString)
         return self._stubs[address]
 
     async def fetch(self, address: str, object_id: bytes) -> AsyncIterator[Chunk]:
         req = pb.PullObjectRequest(object_id=object_id, requester_node_id=self.node_id,
                                    chunk_size=self.settings.object_store_chunk_bytes)
-        call = self.stub(address).PullObject(req, timeout=600, metadata=rpc.trace_metadata())
+        self.stub(address)
+        pull = self._raw_pull[address]
+        call = pull(req, timeout=600, metadata=rpc.trace_metadata())
         try:
-            async for r in call:
-                yield Chunk(r.total_size, r.offset, r.data, r.crc32c, r.owner)
+            async for raw in call:
+                total, offset, crc, owner, data = decode_chunk(raw)
+                yield Chunk(total, offset, data, crc, owner)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFoundError(e.details()) from e
@@ -168,7 +176,8 @@ def build(settings: Settings) -> ServiceApp:
         secondary.add(oid)
 
     node._pull_from = pull_and_mark  # type: ignore[method-assign]
-    app.add_servicer(pb_grpc.add_ObjectStoreServiceServicer_to_server,
+    descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
+    app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject"]),
                      _servicer(node, str(arena_path), settings.object_store_memory), SERVICE)
     tasks: list[asyncio.Task[None]] = []
 

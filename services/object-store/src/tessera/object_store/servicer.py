@@ -13,6 +13,7 @@ from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
 from tessera.common.errors import FailedPreconditionError, TesseraError
 from tessera.object_store.node import NodeObjectStore
+from tessera.object_store.wire import encode_chunk
 
 Ctx = grpc.aio.ServicerContext
 
@@ -110,10 +111,10 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
             ids.check_id("object_id", oid)
         return pb.ContainsObjectsResponse(present=[self.node.manager.contains(o) for o in request.object_ids])
 
-    async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[pb.PullObjectResponse]:
+    async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[bytes]:
+        """Registered with a raw serializer: each chunk is encoded straight from the arena."""
         async for c in self.node.serve_pull(request.object_id, request.chunk_size):
-            yield pb.PullObjectResponse(total_size=c.total_size, offset=c.offset, data=c.data, crc32c=c.crc32c,
-                                        owner=c.owner)
+            yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
         s = self.node.manager.stats()
