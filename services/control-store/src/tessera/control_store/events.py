@@ -71,20 +71,23 @@ class Events:
             return
         subj = subject_for(table, op, namespace)
         now = int(time.time() * 1000)
-        chunk: list[pb.Change] = []
+        # changes.add() fills the event in place: a batch of thousands of records costs one
+        # call per change, with no intermediate Change messages to build and copy.
+        ev = pb.ChangeEvent(table=table, op=op, namespace=namespace, time_ms=now)  # type: ignore[arg-type]
+        add = ev.changes.add
         size = 0
         for key, value in changes:
             if len(value) > MAX_VALUE_BYTES:  # would not fit in a NATS message: the key alone announces it
                 value = b""
-            chunk.append(pb.Change(key=key, value=value))
+            add(key=key, value=value)
             size += len(key) + len(value) + 8
             if size >= MAX_EVENT_BYTES:
-                await self._send(subj, table, op, namespace, chunk, now)
-                chunk, size = [], 0
-        if chunk:
-            await self._send(subj, table, op, namespace, chunk, now)
+                await self._send(subj, ev)
+                ev = pb.ChangeEvent(table=table, op=op, namespace=namespace, time_ms=now)  # type: ignore[arg-type]
+                add, size = ev.changes.add, 0
+        if ev.changes:
+            await self._send(subj, ev)
 
-    async def _send(self, subj: str, table: str, op: int, ns: str, chunk: list[pb.Change], now: int) -> None:
-        ev = pb.ChangeEvent(table=table, op=op, namespace=ns, changes=chunk, time_ms=now)  # type: ignore[arg-type]
+    async def _send(self, subj: str, ev: pb.ChangeEvent) -> None:
         assert self._publish is not None
         await self._publish(subj, ev.SerializeToString())

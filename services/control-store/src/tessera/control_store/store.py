@@ -26,6 +26,7 @@ from tessera.control_store import transitions
 from tessera.control_store.events import Events, Publish
 from tessera.control_store.shards import ShardedRedis, guard
 from tessera.control_store.tables import Table
+from tessera.control_store.wire import fields
 
 #: Largest batch accepted by the batched calls.
 MAX_BATCH = 10_000
@@ -38,6 +39,8 @@ _INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 
 _CREATED, _UPDATED, _DELETED, _DEAD = (pb.CHANGE_OP_CREATED, pb.CHANGE_OP_UPDATED, pb.CHANGE_OP_DELETED,
                                        pb.CHANGE_OP_DEAD)
+
+_SPEC = b"\x0a"  # TaskRecord.spec: field 1, length-delimited
 
 # compare-and-delete: release an actor name only if it still names this actor
 _DEL_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -251,67 +254,122 @@ class ControlStore:
     # ================================================================== tasks
 
     def _check_spec(self, s: pb.TaskSpec) -> None:
-        idc.check_id("task_id", s.task_id, field="spec.task_id")
-        idc.check_id("job_id", s.job_id, field=f"task {s.task_id.hex()}: job_id")
+        # Runs once per task of every batch: compare lengths first and build an error
+        # message (with the hex id) only for a spec that fails.
+        tid = s.task_id
+        if len(tid) != idc.TASK_ID_LEN:
+            idc.check_id("task_id", tid, field="spec.task_id")
+        if len(s.job_id) != idc.JOB_ID_LEN:
+            idc.check_id("job_id", s.job_id, field=f"task {tid.hex()}: job_id")
         if s.actor_id:
-            idc.check_id("actor_id", s.actor_id, field=f"task {s.task_id.hex()}: actor_id")
+            idc.check_id("actor_id", s.actor_id, field=f"task {tid.hex()}: actor_id")
             if not s.method_name and not s.function_id:
-                raise InvalidArgumentError(f"task {s.task_id.hex()}: an actor task needs method_name")
-        else:
-            idc.check_id("function_id", s.function_id, field=f"task {s.task_id.hex()}: function_id")
+                raise InvalidArgumentError(f"task {tid.hex()}: an actor task needs method_name")
+        elif len(s.function_id) != idc.FUNCTION_ID_LEN:
+            idc.check_id("function_id", s.function_id, field=f"task {tid.hex()}: function_id")
         for a in s.arg_object_ids:
-            idc.check_id("object_id", a, field=f"task {s.task_id.hex()}: arg_object_ids")
+            if len(a) != idc.OBJECT_ID_LEN:
+                idc.check_id("object_id", a, field=f"task {tid.hex()}: arg_object_ids")
         if s.parent_task_id:
-            idc.check_id("task_id", s.parent_task_id, field=f"task {s.task_id.hex()}: parent_task_id")
-        _resources(s.resources, f"task {s.task_id.hex()}")
+            idc.check_id("task_id", s.parent_task_id, field=f"task {tid.hex()}: parent_task_id")
+        res = s.resources
+        if res:
+            for k in res:
+                if not k or not res[k] >= 0:
+                    _resources(res, f"task {tid.hex()}")
+
+    def _check_specs(self, specs: Sequence[pb.TaskSpec]) -> None:
+        """Validate every spec; the error raised is the one the first invalid spec (in order) gives.
+
+        The fields every task has are checked across the whole batch at once; only specs
+        with something more (actor, arguments, parent) or something wrong go through
+        :meth:`_check_spec` one by one.
+        """
+        odd: Sequence[pb.TaskSpec] = [
+            s for s in specs
+            if len(s.task_id) != idc.TASK_ID_LEN or len(s.job_id) != idc.JOB_ID_LEN
+            or len(s.function_id) != idc.FUNCTION_ID_LEN or s.actor_id or s.arg_object_ids or s.parent_task_id
+        ]
+        maps = [m for m in [s.resources for s in specs] if m]
+        if not all([k and m[k] >= 0 for m in maps for k in m]):
+            odd = specs  # some spec has a bad resource: find the first error in order
+        check = self._check_spec
+        for s in odd:
+            check(s)
 
     async def create_tasks(self, specs: Sequence[pb.TaskSpec]) -> int:
         _batch(specs, "CreateTasks")
-        for s in specs:
-            self._check_spec(s)
+        self._check_specs(specs)
         now = self.clock()
         ids = [s.task_id for s in specs]
-        payloads = [pb.TaskRecord(spec=s, state=pb.TASK_STATE_PENDING, created_ms=now,
-                                  updated_ms=now).SerializeToString() for s in specs]
+        # TaskRecord(spec=s, state=PENDING, created_ms=now, updated_ms=now), written as the
+        # spec's own bytes in field 1 followed by the other fields: the same bytes protobuf
+        # would produce, without copying every spec into a new message.
+        tail = pb.TaskRecord(state=pb.TASK_STATE_PENDING, created_ms=now, updated_ms=now).SerializeToString()
+        payloads = fields(_SPEC, [s.SerializeToString() for s in specs], tail)
         await self.tasks.create_many(ids, payloads)
         await self.events.emit("tasks", _CREATED, list(zip(ids, payloads, strict=True)))
         return len(specs)
 
     async def get_tasks(self, task_ids: Sequence[bytes]) -> list[pb.TaskRecord]:
+        parse = pb.TaskRecord.FromString
+        return [parse(raw) for raw in await self.get_tasks_raw(task_ids)]
+
+    async def get_tasks_raw(self, task_ids: Sequence[bytes]) -> list[bytes]:
+        """:meth:`get_tasks` as the serialized records, for callers that only pass them on."""
         _batch(task_ids, "GetTasks")
         for t in task_ids:
-            idc.check_id("task_id", t)
-        return await self.tasks.require_many(task_ids, what="task")
+            if len(t) != idc.TASK_ID_LEN:
+                idc.check_id("task_id", t)
+        got = await self.tasks.get_raw_many(task_ids)
+        missing = [i.hex() for i, (r, _) in zip(task_ids, got, strict=True) if r is None]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise NotFoundError(f"task {missing[0]} not found{more}")
+        return [r for r, _ in got]  # type: ignore[misc]
 
     async def update_task_states(self, updates: Sequence[pb.TaskStateUpdate]) -> list[pb.TaskRecord]:
+        return [rec for rec, _ in await self.update_task_states_raw(updates)]
+
+    async def update_task_states_raw(self, updates: Sequence[pb.TaskStateUpdate]) -> list[tuple[pb.TaskRecord, bytes]]:
+        """:meth:`update_task_states`, giving each record with its serialized bytes."""
         _batch(updates, "UpdateTaskStates")
-        seen: set[bytes] = set()
-        for u in updates:
-            idc.check_id("task_id", u.task_id)
-            if u.node_id:
-                idc.check_id("node_id", u.node_id)
-            if u.task_id in seen:
-                raise InvalidArgumentError(f"task {u.task_id.hex()} is updated twice in one request")
-            seen.add(u.task_id)
-            transitions.check(transitions.TASK, pb.TaskState, "task", u.task_id.hex(), u.state, u.state)
+        legal = transitions.TASK
+        ids = [u.task_id for u in updates]
+        # the whole batch at once; on any doubt, one by one for the error of the first bad update
+        if (set(map(len, ids)) != {idc.TASK_ID_LEN} or len(set(ids)) != len(ids)
+                or not {u.state for u in updates} <= legal.keys()
+                or not {len(n) for n in [u.node_id for u in updates] if n} <= {idc.NODE_ID_LEN}):
+            seen: set[bytes] = set()
+            for u in updates:
+                idc.check_id("task_id", u.task_id)
+                if u.node_id:
+                    idc.check_id("node_id", u.node_id)
+                if u.task_id in seen:
+                    raise InvalidArgumentError(f"task {u.task_id.hex()} is updated twice in one request")
+                seen.add(u.task_id)
+                transitions.check(legal, pb.TaskState, "task", u.task_id.hex(), u.state, u.state)
         now = self.clock()
+        pending, failed = pb.TASK_STATE_PENDING, pb.TASK_STATE_FAILED
 
         def mutate(i: int, cur: pb.TaskRecord) -> pb.TaskRecord:
             u = updates[i]
-            transitions.check(transitions.TASK, pb.TaskState, "task", u.task_id.hex(), cur.state, u.state)
-            if u.state == pb.TASK_STATE_PENDING and cur.state != pb.TASK_STATE_PENDING:
+            state, old = u.state, cur.state
+            if state != old and state not in legal.get(old, ()):
+                transitions.check(legal, pb.TaskState, "task", u.task_id.hex(), old, state)
+            if state == pending and old != pending:
                 cur.attempt += 1  # a retry, or a re-run for lineage reconstruction
-            cur.state = u.state
+            cur.state = state
             if u.node_id:
                 cur.node_id = u.node_id
-            if u.error or u.state == pb.TASK_STATE_FAILED:
+            if u.error or state == failed:
                 cur.error = u.error
             cur.updated_ms = now
             return cur
 
-        recs = await self.tasks.update_many([u.task_id for u in updates], mutate, what="task")
-        await self.events.emit("tasks", _UPDATED, [(r.spec.task_id, r.SerializeToString()) for r in recs])
-        return recs
+        got = await self.tasks.update_raw_many(ids, mutate, what="task")
+        await self.events.emit("tasks", _UPDATED, [(i, raw) for i, (_, raw) in zip(ids, got, strict=True)])
+        return got
 
     async def get_lineage(self, object_id: bytes, max_depth: int = 0) -> list[pb.TaskRecord]:
         """The tasks to re-run, producers first, to rebuild ``object_id`` and every lost input it needs."""

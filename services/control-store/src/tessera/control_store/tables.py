@@ -9,6 +9,7 @@ so concurrent control-store replicas never lose each other's writes.
 from __future__ import annotations
 
 import asyncio
+from binascii import hexlify
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -32,6 +33,13 @@ if KEYS[1] ~= '' then
   for i = 1, n do redis.call('SADD', KEYS[1], ARGV[n + i]) end
 end
 return 0
+"""
+
+# KEYS = records. Returns {payload, version} per key ({false, false} where missing).
+_GET = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'r', 'v') end
+return out
 """
 
 # KEYS = records; ARGV = n expected versions then n payloads. Writes those that match; returns failed positions.
@@ -63,13 +71,18 @@ class Table(Generic[M]):
         self.index_key = f"{prefix}:index".encode() if indexed else b""
         self._create = [c.register_script(_CREATE) for c in db.clients]
         self._cas = [c.register_script(_CAS) for c in db.clients]
+        self._get = [c.register_script(_GET) for c in db.clients]
 
     def key(self, ident: bytes) -> bytes:
-        return self.prefix + ident.hex().encode()
+        return self.prefix + hexlify(ident)
+
+    def keys(self, ids: Sequence[bytes]) -> list[bytes]:
+        prefix = self.prefix
+        return [prefix + hexlify(i) for i in ids]
 
     async def create_many(self, ids: Sequence[bytes], payloads: Sequence[bytes]) -> None:
         """Create all records or none; ALREADY_EXISTS names the first id that exists."""
-        keys = [self.key(i) for i in ids]
+        keys = self.keys(ids)
         if len(set(keys)) != len(keys):
             seen: set[bytes] = set()
             dup = next(i for i, k in zip(ids, keys, strict=True) if k in seen or seen.add(k))  # type: ignore[func-returns-value]
@@ -77,10 +90,14 @@ class Table(Generic[M]):
         groups = self.db.group(ids)
 
         async def run(shard: int, pos: list[int]) -> int:
-            res = await self._create[shard](
-                keys=[self.index_key, *(keys[p] for p in pos)],
-                args=[*(payloads[p] for p in pos), *(ids[p].hex() for p in pos)],
-            )
+            args: list[bytes | str]
+            if len(pos) == len(ids):  # one shard holds them all: no regrouping
+                rkeys, args = [self.index_key, *keys], list(payloads)
+            else:
+                rkeys, args = [self.index_key, *[keys[p] for p in pos]], [payloads[p] for p in pos]
+            if self.index_key:  # index members, read by the script only for indexed tables
+                args += [ids[p].hex() for p in pos]
+            res = await self._create[shard](keys=rkeys, args=args)
             return pos[int(res) - 1] if int(res) else -1
 
         results = await guard(asyncio.gather(*(run(s, p) for s, p in groups.items())))
@@ -92,21 +109,31 @@ class Table(Generic[M]):
                 await self.delete_many([ids[p] for p in done])
             raise AlreadyExistsError(f"{self.name[:-1]} {ids[conflicts[0]].hex()} already exists")
 
-    async def get_many(self, ids: Sequence[bytes]) -> list[tuple[M | None, int]]:
-        """(record, version) per id, in order; (None, 0) where missing."""
-        keys = [self.key(i) for i in ids]
-        out: list[tuple[M | None, int]] = [(None, 0)] * len(ids)
+    async def get_raw_many(self, ids: Sequence[bytes]) -> list[tuple[bytes | None, int]]:
+        """(serialized record, version) per id, in order; (None, 0) where missing.
+
+        One script call per shard reads every record: Redis returns them as a single
+        reply, which hiredis decodes at once, where a pipeline costs a Python round of
+        reply handling per record.
+        """
+        if not ids:
+            return []
+        keys = self.keys(ids)
+        out: list[tuple[bytes | None, int]] = [(None, 0)] * len(ids)
 
         async def run(shard: int, pos: list[int]) -> None:
-            pipe = self.db.clients[shard].pipeline(transaction=False)
-            for p in pos:
-                pipe.hmget(keys[p], "r", "v")
-            for p, (raw, ver) in zip(pos, await pipe.execute(), strict=True):
+            rkeys = keys if len(pos) == len(ids) else [keys[p] for p in pos]
+            for p, (raw, ver) in zip(pos, await self._get[shard](keys=rkeys), strict=True):
                 if raw is not None:
-                    out[p] = (self.msg.FromString(raw), int(ver))
+                    out[p] = (raw, int(ver))
 
         await guard(asyncio.gather(*(run(s, p) for s, p in self.db.group(ids).items())))
         return out
+
+    async def get_many(self, ids: Sequence[bytes]) -> list[tuple[M | None, int]]:
+        """(record, version) per id, in order; (None, 0) where missing."""
+        parse = self.msg.FromString
+        return [(None, 0) if raw is None else (parse(raw), ver) for raw, ver in await self.get_raw_many(ids)]
 
     async def get(self, ident: bytes, *, what: str) -> M:
         rec, _ = (await self.get_many([ident]))[0]
@@ -129,35 +156,47 @@ class Table(Generic[M]):
         nothing is written (all ids are validated before any write). Concurrent
         writers are detected by version and the losers re-read and re-apply.
         """
+        return [rec for rec, _ in await self.update_raw_many(ids, mutate, what=what)]
+
+    async def update_raw_many(self, ids: Sequence[bytes], mutate: Callable[[int, M], M | None], *,
+                              what: str) -> list[tuple[M, bytes]]:
+        """:meth:`update_many`, giving each record with the bytes now stored for it."""
         todo = list(range(len(ids)))
-        result: list[M | None] = [None] * len(ids)
+        result: list[tuple[M, bytes] | None] = [None] * len(ids)
+        parse = self.msg.FromString
         for attempt in range(MAX_CAS_ATTEMPTS):
-            got = await self.get_many([ids[p] for p in todo])
+            got = await self.get_raw_many([ids[p] for p in todo])
             missing = [ids[p].hex() for p, (r, _) in zip(todo, got, strict=True) if r is None]
             if missing:
                 raise NotFoundError(f"{what} {missing[0]} not found")
-            new = [mutate(p, r) for p, (r, _) in zip(todo, got, strict=True)]  # type: ignore[arg-type]
-            for q, p in enumerate(todo):  # mutate() returning None: nothing to change
-                if new[q] is None:
-                    result[p] = got[q][0]
-            todo_w = [q for q in range(len(todo)) if new[q] is not None]
-            keys = [self.key(ids[todo[q]]) for q in range(len(todo))]
-            groups = self.db.group([ids[todo[q]] for q in todo_w])
-            groups = {s: [todo_w[i] for i in pos] for s, pos in groups.items()}
-
-            async def run(shard: int, pos: list[int], new: list[M | None] = new, got: list[tuple[M | None, int]] = got,
-                          keys: list[bytes] = keys) -> list[int]:
-                failed = await self._cas[shard](
-                    keys=[keys[q] for q in pos],
-                    args=[*(got[q][1] for q in pos), *(new[q].SerializeToString() for q in pos)],  # type: ignore[union-attr]
-                )
-                return [pos[int(f) - 1] for f in failed]
-
-            failed_sets = await guard(asyncio.gather(*(run(s, q) for s, q in groups.items())))
-            failed = {q for fs in failed_sets for q in fs}
+            cur = [parse(raw) for raw, _ in got]  # type: ignore[arg-type]
+            new = [mutate(p, r) for p, r in zip(todo, cur, strict=True)]
+            todo_w: list[int] = []
+            payloads: list[bytes] = [b""] * len(todo)
             for q, p in enumerate(todo):
-                if q not in failed and new[q] is not None:
-                    result[p] = new[q]
+                rec = new[q]
+                if rec is None:  # mutate() returning None: nothing to change
+                    result[p] = (cur[q], got[q][0])  # type: ignore[assignment]
+                else:
+                    todo_w.append(q)
+                    payloads[q] = rec.SerializeToString()
+            w_ids = [ids[todo[q]] for q in todo_w]
+            keys = self.keys(w_ids)
+            groups = {s: [(todo_w[i], keys[i]) for i in pos] for s, pos in self.db.group(w_ids).items()}
+
+            async def run(shard: int, items: list[tuple[int, bytes]], got: list[tuple[bytes | None, int]] = got,
+                          payloads: list[bytes] = payloads) -> list[int]:
+                failed = await self._cas[shard](
+                    keys=[k for _, k in items],
+                    args=[*[got[q][1] for q, _ in items], *[payloads[q] for q, _ in items]],
+                )
+                return [items[int(f) - 1][0] for f in failed]
+
+            failed_sets = await guard(asyncio.gather(*(run(s, it) for s, it in groups.items() if it)))
+            failed = {q for fs in failed_sets for q in fs}
+            for q in todo_w:
+                if q not in failed:
+                    result[todo[q]] = (new[q], payloads[q])  # type: ignore[assignment]
             todo = [todo[q] for q in sorted(failed)]
             if not todo:
                 return result  # type: ignore[return-value]
@@ -165,7 +204,7 @@ class Table(Generic[M]):
         raise AbortedError(f"{what} {ids[todo[0]].hex()}: too many concurrent writers, retry")
 
     async def delete_many(self, ids: Sequence[bytes]) -> int:
-        keys = [self.key(i) for i in ids]
+        keys = self.keys(ids)
 
         async def run(shard: int, pos: list[int]) -> int:
             pipe = self.db.clients[shard].pipeline(transaction=True)
