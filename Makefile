@@ -30,10 +30,10 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 lint: install
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src
 
 protos: install
 	$(PY) scripts/gen_protos.py

@@ -242,7 +242,7 @@ class ObjectStoreClient:
             GetTimeoutError: an object was not available in time.
         """
         single = isinstance(refs, ObjectRef)
-        items: list[ObjectRef] = [refs] if single else list(refs)  # type: ignore[list-item]
+        items: list[ObjectRef] = [refs] if isinstance(refs, ObjectRef) else list(refs)
         for r in items:
             if not isinstance(r, ObjectRef):
                 raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
@@ -273,7 +273,7 @@ class ObjectStoreClient:
         off = loc.arena_offset
         anchor = self._arena[off : off + loc.size]  # a read-only view; its life is the pin's
         oid = loc.object_id
-        value = deserialize(memoryview(anchor))
+        value = deserialize(memoryview(anchor))  # type: ignore[arg-type]
         weakref.finalize(anchor, self._release_later, oid)
         return value
 

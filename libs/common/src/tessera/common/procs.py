@@ -59,7 +59,8 @@ def wait_port(host: str, port: int, *, timeout: float, proc: subprocess.Popen[by
         if port_open(host, port):
             return
         if proc is not None and proc.poll() is not None:
-            raise FailedPreconditionError(f"{proc.args[0] if isinstance(proc.args, list) else proc.args} exited with {proc.returncode}")
+            name = proc.args[0] if isinstance(proc.args, list) else proc.args
+            raise FailedPreconditionError(f"{name!s} exited with {proc.returncode}")
         time.sleep(0.05)
     raise DeadlineExceededError(f"nothing listened on {host}:{port} within {timeout:g}s")
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -163,7 +163,7 @@ class ServiceApp:
         return None
 
 
-def main_for(serve: Callable[[], Awaitable[None]]) -> None:
+def main_for(serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Entry point helper for ``__main__``: run ``serve`` and exit 0 after a clean shutdown."""
     try:
         asyncio.run(serve())

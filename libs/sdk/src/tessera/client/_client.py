@@ -15,7 +15,9 @@ from tessera.common.rpc import stream_channel, trace_metadata
 
 def _op_name(op: int) -> str:
     """CHANGE_OP_CREATED -> "created"."""
-    return pb.ChangeOp.Name(op).removeprefix("CHANGE_OP_").lower() if op in pb.ChangeOp.values() else "unknown"
+    if op not in pb.ChangeOp.values():
+        return "unknown"
+    return pb.ChangeOp.Name(op).removeprefix("CHANGE_OP_").lower()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from tessera.api.control_store.v1 import control_store_pb2 as pb
 
 ROOT = "tessera.events"
 TABLES = ("nodes", "jobs", "functions", "tasks", "objects", "actors", "instances", "kv")
-OPS = {
+OPS: dict[int, str] = {
     pb.CHANGE_OP_CREATED: "created",
     pb.CHANGE_OP_UPDATED: "updated",
     pb.CHANGE_OP_DELETED: "deleted",

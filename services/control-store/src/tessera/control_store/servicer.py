@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
 
 import grpc.aio
 
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
-from tessera.common.errors import InvalidArgumentError
+from tessera.common.errors import InvalidArgumentError, ResourceExhaustedError
 from tessera.control_store import events
 from tessera.control_store.store import ControlStore, check_name
 from tessera.control_store.wire import fields
@@ -22,7 +23,7 @@ from tessera.control_store.wire import fields
 #: subscribe(subject, on_message) -> unsubscribe; wired to NATS by server.py.
 Subscribe = Callable[[str, Callable[[bytes], Awaitable[None]]], Awaitable[Callable[[], Awaitable[None]]]]
 
-Ctx = grpc.aio.ServicerContext
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 #: Events a slow Watch client may fall behind by before it is cut off.
 WATCH_QUEUE = 10_000
@@ -172,7 +173,7 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
             while True:
                 data = await queue.get()
                 if data is None:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "watch fell too far behind; re-read and watch again")
+                    raise ResourceExhaustedError("watch fell too far behind; re-read and watch again")
                 yield pb.WatchResponse(event=pb.ChangeEvent.FromString(data))
         finally:
             await unsubscribe()

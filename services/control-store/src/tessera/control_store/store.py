@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.common import ids as idc
@@ -63,8 +63,8 @@ def _batch(items: Sequence[object], what: str) -> None:
         raise ResourceExhaustedError(f"{what}: batch of {len(items)} exceeds the limit of {MAX_BATCH}")
 
 
-def _resources(res: dict[str, float] | object, what: str) -> None:
-    for k, v in res.items():  # type: ignore[attr-defined]
+def _resources(res: Mapping[str, float], what: str) -> None:
+    for k, v in res.items():
         if not k:
             raise InvalidArgumentError(f"{what}: a resource name is empty")
         if not v >= 0:

@@ -7,6 +7,8 @@ reconstruction and retries re-run a task.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError
 
@@ -40,7 +42,7 @@ JOB: dict[int, frozenset[int]] = {
 }
 
 
-def check(table: dict[int, frozenset[int]], enum: type, what: str, ident: str, old: int, new: int) -> None:
+def check(table: dict[int, frozenset[int]], enum: Any, what: str, ident: str, old: int, new: int) -> None:
     """Raise unless ``old -> new`` is legal (``old == new`` is a no-op and always legal)."""
     if new not in table:
         raise InvalidArgumentError(f"{what} state must be one of {', '.join(enum.Name(s) for s in table)}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc.aio
 
@@ -15,7 +16,7 @@ from tessera.common.errors import FailedPreconditionError, TesseraError
 from tessera.object_store.node import NodeObjectStore
 from tessera.object_store.wire import encode_chunk
 
-Ctx = grpc.aio.ServicerContext
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 #: Longest a GetObjects waits when neither the request nor the deadline bounds it.
 MAX_WAIT_S = 3600.0
@@ -111,7 +112,7 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
             ids.check_id("object_id", oid)
         return pb.ContainsObjectsResponse(present=[self.node.manager.contains(o) for o in request.object_ids])
 
-    async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[bytes]:
+    async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[bytes]:  # type: ignore[override]
         """Registered with a raw serializer: each chunk is encoded straight from the arena."""
         async for c in self.node.serve_pull(request.object_id, request.chunk_size):
             yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
