@@ -1,0 +1,753 @@
+"""Object-store benchmark: Tessera's object store beside Ray 2.60's, in one run.
+
+    .venv/bin/python benchmarks/object_store_bench.py [--quick] [--json PATH] [--profile DIR]
+
+Tessera: ``tessera up --nodes 2`` in a temporary run directory (two object
+stores, 2.5 GiB of shared memory each), driven from this process through the SDK
+(``tessera.ObjectStoreClient``); ``tessera down`` at the end, also on error.
+Ray: benchmarks/peers/ray_objects.py run with Ray's own venv (.venv-ray) once
+Tessera is down, so the two never hold memory at the same time. Both columns
+come from the same workload code (``Workload`` in that file); every size is
+checked against the data put (exact checksums) on both systems.
+
+Rows: 1 KB put, get and put+get loops (ops/s, p50); 1 MB / 100 MB / 1 GB puts
+(GB/s: the first put, and the median after one untimed put) and gets (latency of
+a get that returns a zero-copy view); a 1 GB get from a second process on the
+same node; a 1 GB pull between two nodes over loopback; numpy's copy of the same
+sizes as the physical limit of a put. See benchmarks/README.md.
+
+``--profile DIR`` then profiles Tessera (py-spy on the object-store processes,
+pyinstrument in this client) for a loop of 1 KB puts and gets and for one 1 GB
+node-to-node pull, and prints the top costs.
+
+Nothing here asserts on timings: the figures are reported as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+DEFAULT_JSON = ROOT / "results" / "object_store.json"
+RAY_PYTHON = REPO / ".venv-ray" / "bin" / "python"
+RAY_PEER = ROOT / "peers" / "ray_objects.py"
+GIB = 1024**3
+NODE_MEMORY = int(2.5 * GIB)  # per node, for both systems: room for two 1 GB objects
+RATE = 500  # py-spy samples per second (--profile)
+
+
+def _load_workload() -> ModuleType:
+    """benchmarks/peers/ray_objects.py as a module (it imports ray only in its main)."""
+    spec = importlib.util.spec_from_file_location("ray_objects_workload", RAY_PEER)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+wl = _load_workload()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------ machine
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    shm = shutil.disk_usage("/dev/shm").total if Path("/dev/shm").exists() else 0
+    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_model": model, "memory_bytes": mem, "dev_shm_bytes": shm, "machine": platform.machine(),
+            "system": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+            "loadavg_start": list(os.getloadavg())}
+
+
+# ------------------------------------------------------------------ Tessera
+
+
+def _release_pins(client: Any) -> None:
+    """The SDK releases the pin of a dropped zero-copy view lazily, with its next call; do it now."""
+    gc.collect()
+    flush = getattr(client, "_flush_releases", None)
+    if flush is not None:
+        flush()
+
+
+class TesseraSystem:
+    """The workload's adapter: a client of node 0 (and one of node 1 for pulls)."""
+
+    def __init__(self, cluster: dict[str, Any]) -> None:
+        import tessera
+
+        svc = cluster["services"]
+        self.address0 = svc["object-store"]["address"]
+        self.address1 = svc["object-store-1"]["address"]
+        self.control_store = cluster["control_store_address"]
+        self.c0 = tessera.ObjectStoreClient(self.address0, name="bench-node0")
+        self.c1 = tessera.ObjectStoreClient(self.address1, name="bench-node1")
+
+    def put(self, value: Any) -> Any:
+        return self.c0.put(value)
+
+    def get(self, ref: Any) -> Any:
+        return self.c0.get(ref)
+
+    def sync(self) -> None:
+        """Small puts are sent to the store in the background: wait until they are all there."""
+        flush = getattr(self.c0, "flush", None)
+        if flush is not None:
+            flush()
+
+    def free(self, refs: list[Any]) -> None:
+        self.sync()
+        _release_pins(self.c0)
+        self.c0.delete(refs)
+        refs.clear()
+
+    def _reader_process(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A second process (this file with --reader) connects to node 0's store and runs ``job``."""
+        job["address"] = self.address0
+        out = subprocess.run([sys.executable, __file__, "--reader"], input=json.dumps(job),
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise SystemExit(f"the reader process failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def reader(self, ref: Any, n: int) -> dict[str, Any]:
+        return self._reader_process({"kind": "same", "ref": ref.hex(), "n": n})
+
+    def reader_small(self, refs: list[Any], warmup: int) -> dict[str, Any]:
+        return self._reader_process({"kind": "each", "refs": [r.hex() for r in refs], "warmup": warmup})
+
+    def wait_located(self, ref: Any, timeout: float = 30.0) -> float:
+        """Until the control store lists a copy of ``ref`` (node 0 reports seals in the background)."""
+        from tessera.api.control_store.v1 import control_store_pb2 as cpb
+        from tessera.common.registry import control_store_stub
+
+        ch, stub = control_store_stub(self.control_store)
+        t0 = time.perf_counter()
+        with ch:
+            while time.perf_counter() - t0 < timeout:
+                objs = stub.GetObjects(cpb.GetObjectsRequest(object_ids=[ref.id])).objects
+                if objs and objs[0].locations:
+                    return time.perf_counter() - t0
+                time.sleep(0.005)
+        raise SystemExit(f"node 0 did not report {ref.hex()} to the control store within {timeout:g}s")
+
+    def pull_once(self, value: Any, check: bool) -> dict[str, Any]:
+        r = self.c0.put(value)
+        located = self.wait_located(r)
+        t0 = time.perf_counter()
+        v = self.c1.get(r, timeout=300)
+        dt = time.perf_counter() - t0
+        cs = wl.checksum(v) if check else None
+        del v
+        _release_pins(self.c1)
+        self.c1.delete([r])
+        self.c0.delete([r])
+        return {"get_s": dt, "checksum": cs, "located_s": located}
+
+    def node_to_node(self, value: Any, reps: int) -> list[dict[str, Any]]:
+        """Put on node 0; once the control store knows the copy, get through a client of node 1 (a pull)."""
+        out = []
+        for _ in range(reps):
+            out.append(self.pull_once(value, True))
+            log(f"   1 GB node to node: {1 / out[-1]['get_s']:.2f} GB/s")
+            wl._settle(wl.SIZES["1GB"])
+        return out
+
+    def close(self) -> None:
+        for c in (self.c0, self.c1):
+            with contextlib.suppress(Exception):
+                c.close()
+
+
+def reader_main() -> int:
+    """The second process of the same-node rows: a job (JSON) on stdin, the result (JSON) on stdout."""
+    import tessera
+
+    job = json.loads(sys.stdin.read())
+    t0 = time.perf_counter()
+    client = tessera.ObjectStoreClient(job["address"], name="bench-reader")
+    connect = time.perf_counter() - t0
+    if job["kind"] == "same":
+        out = wl.timed_gets(client.get, tessera.ObjectRef(bytes.fromhex(job["ref"])), job["n"])
+    else:
+        out = wl.read_each(client.get, [tessera.ObjectRef(bytes.fromhex(h)) for h in job["refs"]], job["warmup"])
+    out["connect_s"] = connect
+    client.close()
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def tessera_cluster(nodes: int, memory: int, keep_logs: Path | None = None) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """``tessera up --nodes N`` in a temporary run directory; ``tessera down`` (and cleanup) whatever happens."""
+    run_dir = Path(tempfile.mkdtemp(prefix="tessera-objbench-"))
+    env = {**os.environ, "TESSERA_RUN_DIR": str(run_dir), "TESSERA_OBJECT_STORE_MEMORY": str(memory),
+           "TESSERA_LOG_LEVEL": "WARNING"}
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "TESSERA_NATS_URL",
+              "TESSERA_REDIS_URLS"):
+        env.pop(k, None)
+    exe = Path(sys.executable).parent / "tessera"
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "tessera._launcher.cli"]
+    cluster: dict[str, Any] = {}
+    try:
+        t0 = time.perf_counter()
+        up = subprocess.run([*cli, "up", "--nodes", str(nodes), "--timeout", "240"], env=env,
+                            capture_output=True, text=True, timeout=300)
+        if up.returncode != 0:
+            raise SystemExit(f"tessera up failed ({up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
+        cluster = json.loads((run_dir / "cluster.json").read_text())
+        cluster["up_s"] = time.perf_counter() - t0
+        yield cluster, env
+    finally:
+        # the teardown runs to its end: a second Ctrl-C or SIGTERM meanwhile is ignored
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if keep_logs is not None and (run_dir / "logs").exists():
+                shutil.copytree(run_dir / "logs", keep_logs, dirs_exist_ok=True)
+            log("   tessera down ...")
+            down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120)
+            if down.returncode != 0:
+                log(f"tessera down failed ({down.returncode}): {down.stderr[-2000:]}")
+            for name, s in cluster.get("services", {}).items():  # arenas of our nodes, should a store have died
+                if name.startswith("object-store") and s.get("node_id"):
+                    Path(f"/dev/shm/tessera-{s['node_id']}.arena").unlink(missing_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+def _chunk_bytes() -> int:
+    from tessera.common.config import Settings
+
+    return int(Settings().object_store_chunk_bytes)
+
+
+def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
+                keep_logs: Path | None = None) -> dict[str, Any]:
+    import tessera
+
+    log(f"== Tessera: tessera up --nodes 2, {NODE_MEMORY / GIB:.1f} GiB of shared memory per node ...")
+    with tessera_cluster(2, NODE_MEMORY, keep_logs) as (cluster, env):
+        svc = cluster["services"]
+        log(f"   up in {cluster['up_s']:.1f} s; object stores at {svc['object-store']['address']} "
+            f"(pid {svc['object-store']['pid']}) and {svc['object-store-1']['address']} "
+            f"(pid {svc['object-store-1']['pid']})")
+        system = TesseraSystem(cluster)
+        try:
+            w = wl.Workload(plan, src, log=log)
+            w.copy_rows()
+            w.small_rows(system)
+            w.large_rows(system)
+            w.aligned_copy_row()
+            w.reader_row(system)
+            w.node_to_node_row(system)
+            stats = system.c0.stats()
+            result: dict[str, Any] = {
+                "system": "tessera", "version": getattr(tessera, "__version__", ""), "numpy": np.__version__,
+                "object_store_memory": NODE_MEMORY, "up_s": cluster["up_s"],
+                "inline_threshold": system.c0.inline_threshold,
+                "reader": "a second Python process with its own ObjectStoreClient of node 0's store",
+                "node_to_node": f"put through a client of node 0, get through a client of node 1 (a pull of "
+                                f"{_chunk_bytes() / 2**20:g} MiB chunks over gRPC on loopback), timed from the get "
+                                f"once the control store lists the copy",
+                "metrics": w.m, "verified": w.verified,
+                "store_after": {"objects": stats.objects, "used": stats.used, "spills": stats.spills,
+                                "evictions": stats.evictions},
+            }
+            if profile_dir is not None:
+                result["profile"] = profile_tessera(system, cluster, src, profile_dir)
+            return result
+        finally:
+            system.close()
+
+
+# ------------------------------------------------------------------ profiling
+
+
+def _pyspy() -> str | None:
+    p = Path(sys.executable).parent / "py-spy"
+    return str(p) if p.exists() else shutil.which("py-spy")
+
+
+@contextlib.contextmanager
+def pyspy_record(pids: dict[str, int], out_dir: Path, tag: str, rate: int = RATE) -> Iterator[dict[str, Path]]:
+    """py-spy (raw collapsed stacks per thread, full file names, busy samples only) on each pid meanwhile."""
+    exe = _pyspy()
+    paths = {name: out_dir / f"{tag}-{name}.txt" for name in pids}
+    if exe is None:
+        log("   (py-spy not found: no server-side profile; pip install py-spy into the venv)")
+        yield {}
+        return
+    procs = [subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+                               "--threads", "--full-filenames", "--nonblocking", "-o", str(paths[name])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for name, pid in pids.items()]
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield paths
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+#: Leaf frames of a thread that waits (py-spy's --nonblocking idle detection lets some through).
+_IDLE = ("EpollSelector.select", "BaseSelector.select", "_worker (", "Thread.run (", "Condition.wait",
+         "Event.wait", "_wait_for_tstate_lock", "Thread.join")
+
+#: Who a frame belongs to, by its file: the first match wins. Frames of the standard library's
+#: helpers (typing, contextlib, abc, weakref ...) are charged to the nearest caller that has an owner.
+_OWNERS = (
+    ("opentelemetry", "OpenTelemetry (tracing interceptors, spans, context)"),
+    ("/wrapt/", "OpenTelemetry (tracing interceptors, spans, context)"),
+    ("/grpc/", "grpc (Python and Cython layer)"),
+    ("/google/protobuf/", "protobuf"),
+    ("/object_store/", "Tessera object store"),
+    ("/tessera/common/", "Tessera common (rpc, service)"),
+    ("/tessera/", "Tessera other"),
+    ("/asyncio/", "asyncio event loop"),
+)
+
+
+def _owner(frame: str) -> str | None:
+    for needle, owner in _OWNERS:
+        if needle in frame:
+            return owner
+    return None
+
+
+def summarize_raw(path: Path, top: int = 12) -> dict[str, Any]:
+    """Shares of the busy samples per thread, per owner and per function, from py-spy's raw output.
+
+    py-spy gives proportions; the CPU time itself is measured from /proc (see ``cpu_s``).
+    Time in Cython or C code that py-spy cannot see is charged to the Python frame that
+    called it: the self time of asyncio's ``Handle._run`` is grpc's Cython server code
+    (its callbacks and coroutine steps) run by the event loop.
+    """
+    if not path.exists():
+        return {"error": f"no profile at {path}"}
+    threads: Counter[str] = Counter()
+    owners: Counter[str] = Counter()
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = [f.strip() for f in stack.split(";")]
+        thread = "?"
+        if frames and frames[0].startswith("thread ("):
+            thread = frames.pop(0).split(": ", 1)[-1]
+        if not frames or any(m in frames[-1] for m in _IDLE):
+            continue
+        total += count
+        threads[thread] += count
+        if frames[-1].startswith("Handle._run ("):
+            owner = "grpc aio server (Cython, run as event-loop callbacks)"
+        else:
+            owner = next((o for o in map(_owner, reversed(frames)) if o), "other (C extensions, interpreter)")
+        owners[owner] += count
+        self_c[_short(frames[-1])] += count
+        for f in {_short(f) for f in frames}:
+            incl[f] += count
+
+    def pct(c: Counter[str], k: int) -> list[tuple[str, float]]:
+        return [(name, round(100.0 * v / total, 1)) for name, v in c.most_common(k)] if total else []
+
+    return {"busy_samples": total, "threads": pct(threads, 8), "by_owner": pct(owners, 10),
+            "self": pct(self_c, top), "inclusive": pct(incl, 4 * top)}
+
+
+def _short(frame: str) -> str:
+    """'fn (/long/path/pkg/mod.py:123)' -> 'fn (pkg/mod.py:123)'."""
+    name, _, where = frame.partition(" (")
+    if not where:
+        return frame
+    parts = where.rstrip(")").split("/")
+    return f"{name} ({'/'.join(parts[-2:])})"
+
+
+def _pyinstrument_top(profiler: Any, top: int = 12) -> list[tuple[str, float]]:
+    """Self time per function, as % of the profiled wall time, from a pyinstrument session."""
+    session = profiler.last_session
+    self_t: Counter[str] = Counter()
+    total = session.duration or 1.0
+
+    def name(frame: Any) -> str:
+        where = "/".join((frame.file_path_short or "").split("/")[-2:])
+        return f"{frame.function} ({where}:{frame.line_no})"
+
+    def walk(frame: Any, parent: str) -> None:
+        synthetic = frame.function.startswith("[")  # "[self]", "[await]": time of the parent itself
+        label = parent if synthetic else name(frame)
+        child_t = sum(c.time for c in frame.children)
+        self_t[label] += max(0.0, frame.time - child_t)
+        for c in frame.children:
+            walk(c, label)
+
+    root = session.root_frame()
+    if root is not None:
+        walk(root, "?")
+    return [(k, round(100.0 * v / total, 1)) for k, v in self_t.most_common(top)]
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def measured(pids: dict[str, int], out_dir: Path, tag: str, interval: float) -> Iterator[dict[str, Any]]:
+    """py-spy on ``pids``, pyinstrument on this process, and the CPU seconds of each, while the block runs."""
+    profiler_cls: Any = None
+    try:
+        from pyinstrument import Profiler
+
+        profiler_cls = Profiler
+    except ImportError:
+        log("   (pyinstrument not installed: no client-side profile)")
+    res: dict[str, Any] = {}
+    prof = profiler_cls(interval=interval) if profiler_cls is not None else None
+    with pyspy_record(pids, out_dir, tag) as paths:
+        cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+        me0 = os.times()
+        if prof:
+            prof.start()
+        t0 = time.perf_counter()
+        try:
+            yield res
+        finally:
+            wall = time.perf_counter() - t0
+            if prof:
+                prof.stop()
+            me1 = os.times()
+            res["wall_s"] = wall
+            res["cpu_s"] = {k: cpu_s(p) - cpu0[k] for k, p in pids.items()}
+            res["cpu_s"]["client"] = (me1.user + me1.system) - (me0.user + me0.system)
+    res["server"] = {k: summarize_raw(p) for k, p in paths.items()}
+    if prof:
+        (out_dir / f"{tag}-client.txt").write_text(prof.output_text(unicode=False, color=False))
+        res["client"] = _pyinstrument_top(prof)
+
+
+def profile_tessera(system: TesseraSystem, cluster: dict[str, Any], src: np.ndarray, out_dir: Path) -> dict[str, Any]:
+    """Where Tessera's time goes: 1 KB puts, 1 KB gets through gRPC, one 1 GB node-to-node pull."""
+    import tessera
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    svc = cluster["services"]
+    pid0, pid1 = int(svc["object-store"]["pid"]), int(svc["object-store-1"]["pid"])
+    result: dict[str, Any] = {"dir": str(out_dir)}
+    x = src[:125]
+    n = 3000
+
+    log(f"== profile (a1): {n} puts of 1 KB, until stored")
+    with measured({"store0": pid0}, out_dir, "put1k", 0.0002) as put:
+        refs = [system.put(x) for _ in range(n)]
+        system.sync()
+    put["ops"] = n
+    result["put_1KB"] = put
+
+    log(f"== profile (a2): {n} gets of 1 KB through gRPC (a second client, which holds no copy)")
+    other = tessera.ObjectStoreClient(system.address0, name="bench-other")
+    with measured({"store0": pid0}, out_dir, "get1k", 0.0002) as get:
+        for r in refs:
+            v = other.get(r)
+    get["ops"] = n
+    result["get_1KB"] = get
+    _expect_equal(v, x)
+    del v
+    other.close()
+    system.free(refs)
+
+    log("== profile (b): one 1 GB node-to-node pull")
+    with measured({"store1_puller": pid1, "store0_server": pid0}, out_dir, "pull1g", 0.001) as pull:
+        p = system.pull_once(src, False)
+    pull["ops"] = 1
+    pull["get_s"] = p["get_s"]
+    pull["gbps"] = wl.SIZES["1GB"] / p["get_s"] / 1e9
+    pull["note"] = "the window also holds the 1 GB put on node 0 and the deletes (the get alone: get_s)"
+    result["pull_1GB"] = pull
+    _print_profile(result)
+    return result
+
+
+def _expect_equal(v: Any, x: Any) -> None:
+    if not np.array_equal(v, x):
+        raise SystemExit("benchmark: wrong data read back while profiling")
+
+
+def _print_profile(res: dict[str, Any]) -> None:
+    for key, title in (("put_1KB", "1 KB put (until stored)"), ("get_1KB", "1 KB get through gRPC"),
+                       ("pull_1GB", "1 GB node-to-node pull")):
+        part = res[key]
+        per = part["wall_s"] / part["ops"]
+        cpu = ", ".join(f"{k} {v / part['ops'] * 1e6:,.0f} us" for k, v in part["cpu_s"].items())
+        extra = f"; the get itself {part['get_s']:.2f} s = {part['gbps']:.2f} GB/s" if "get_s" in part else ""
+        log(f"\n-- {title}: {per * 1e6:,.0f} us wall per op{extra}; CPU per op: {cpu}")
+        for name, summ in part.get("server", {}).items():
+            if "error" in summ:
+                log(f"   {name}: {summ['error']}")
+                continue
+            threads = ", ".join(f"{t} {v}%" for t, v in summ["threads"][:3])
+            log(f"   py-spy {name} ({summ['busy_samples']} busy samples: {threads}); by owner:")
+            for k, v in summ["by_owner"][:6]:
+                log(f"      {v:5.1f}%  {k}")
+            log("     top self:")
+            for k, v in summ["self"][:8]:
+                log(f"      {v:5.1f}%  {k}")
+        if part.get("client"):
+            log("   pyinstrument client, self time as % of wall:")
+            for k, v in part["client"][:8]:
+                log(f"      {v:5.1f}%  {k}")
+    log(f"\nraw profiles (py-spy collapsed stacks, pyinstrument trees) in {res['dir']}")
+
+
+# ------------------------------------------------------------------ Ray
+
+
+def run_ray(quick: bool, timeout: float) -> dict[str, Any]:
+    if not RAY_PYTHON.exists():
+        return {"error": f"{RAY_PYTHON} not found (create it: python -m venv .venv-ray && "
+                         ".venv-ray/bin/pip install ray==2.60.0 numpy)"}
+    log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} "
+        f"(ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)) ...")
+    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(NODE_MEMORY), *(["--quick"] if quick else [])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the helper's own session: its driver and Ray's processes
+        proc.wait(30)
+        raise
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"the Ray helper exited with {proc.returncode}: {out[-2000:]}"}
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------ report
+
+#: (key, label, unit, better) — better: "higher" or "lower"
+ROWS: list[tuple[str, str, str, str]] = [
+    ("put_1KB_ops", "1 KB put loop, until stored", "ops/s", "higher"),
+    ("put_1KB_p50_us", "1 KB put call p50", "us", "lower"),
+    ("get_1KB_ops", "1 KB get loop (putting process)", "ops/s", "higher"),
+    ("get_1KB_p50_us", "1 KB get p50 (putting process)", "us", "lower"),
+    ("putget_1KB_ops", "1 KB put+get (small ops)", "ops/s", "higher"),
+    ("putget_1KB_p50_us", "1 KB put+get p50", "us", "lower"),
+    ("reader_1KB_ops", "1 KB get loop, 2nd process", "ops/s", "higher"),
+    ("reader_1KB_p50_us", "1 KB get p50, 2nd process", "us", "lower"),
+    ("put_1MB_gbps", "1 MB put (warm, median)", "GB/s", "higher"),
+    ("put_1MB_cold_gbps", "1 MB put (first)", "GB/s", "higher"),
+    ("get_1MB_us", "1 MB get", "us", "lower"),
+    ("put_100MB_gbps", "100 MB put (warm, median)", "GB/s", "higher"),
+    ("put_100MB_cold_gbps", "100 MB put (first, cold)", "GB/s", "higher"),
+    ("get_100MB_us", "100 MB get", "us", "lower"),
+    ("put_1GB_gbps", "1 GB put (warm, median)", "GB/s", "higher"),
+    ("put_1GB_best_gbps", "1 GB put (warm, best)", "GB/s", "higher"),
+    ("put_1GB_cold_gbps", "1 GB put (first, cold)", "GB/s", "higher"),
+    ("get_1GB_us", "1 GB get", "us", "lower"),
+    ("reader_1GB_get_us", "1 GB get, 2nd process same node", "us", "lower"),
+    ("reader_1GB_first_us", "  first get in that process", "us", "lower"),
+    ("n2n_1GB_gbps", "1 GB node to node (loopback)", "GB/s", "higher"),
+    ("copy_100MB_gbps", "numpy copyto 100 MB, warm dst", "GB/s", "higher"),
+    ("copy_1GB_gbps", "numpy copyto 1 GB, warm dst", "GB/s", "higher"),
+    ("copy_1GB_cold_gbps", "numpy copyto 1 GB, fresh dst", "GB/s", "higher"),
+    ("copy_1GB_put_alignment_gbps", "numpy copyto 1 GB, put's placement", "GB/s", "higher"),
+]
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "GB/s":
+        return f"{v:.2f}"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def build_rows(t: dict[str, float], r: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for key, label, unit, better in ROWS:
+        tv, rv = t.get(key), r.get(key)
+        rows.append({"key": key, "row": label, "unit": unit, "better": better, "tessera": tv, "ray": rv,
+                     "ratio": (tv / rv) if tv is not None and rv else None})
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'row':<34}{'unit':>7}{'Tessera':>11}{'Ray':>11}{'T/Ray':>8}  better"
+    lines = [head, "-" * len(head)]
+    for x in rows:
+        ratio = f"{x['ratio']:.2f}x" if x["ratio"] is not None else "n/a"
+        if x["key"].startswith("copy_"):
+            ratio += "*"
+        lines.append(f"{x['row']:<34}{x['unit']:>7}{_fmt(x['tessera'], x['unit']):>11}"
+                     f"{_fmt(x['ray'], x['unit']):>11}{ratio:>8}  {x['better']}")
+    lines.append("* numpy rows are no system's: the same copy, measured in each system's process (a gauge of the "
+                 "machine's state then);\n  \"put's placement\": the destination placed where that system's 1 GB put "
+                 "wrote, relative to the source, modulo 4 KiB")
+    return "\n".join(lines)
+
+
+def aims(t: dict[str, float], r: dict[str, float]) -> list[dict[str, Any]]:
+    out = []
+
+    def add(name: str, figure: str, reached: bool | None, ray: str = "") -> None:
+        out.append({"aim": name, "tessera": figure, "reached": reached, "ray": ray})
+
+    for size in ("100MB", "1GB"):
+        if f"put_{size}_gbps" in t and f"copy_{size}_gbps" in t:
+            f = t[f"put_{size}_gbps"] / t[f"copy_{size}_gbps"]
+            rf = (r[f"put_{size}_gbps"] / r[f"copy_{size}_gbps"]) if f"put_{size}_gbps" in r else None
+            figure = f"{f:.2f}x"
+            if size == "1GB" and "copy_1GB_put_alignment_gbps" in t:
+                figure += (f" (and {t['put_1GB_gbps'] / t['copy_1GB_put_alignment_gbps']:.2f}x of a copy with the "
+                           f"put's own placement, dst - src = {int(t['put_1GB_dst_src_mod4096'])} mod 4096)")
+            add(f"{size} put >= 0.8x memcpy (warm, same process's copyto)", figure, f >= 0.8,
+                f"{rf:.2f}x" if rf is not None else "n/a")
+    gets = {k: v for k, v in t.items() if (k.startswith("get_") and k.endswith("_us") and "first" not in k)
+            or k in ("reader_1GB_get_us", "reader_1KB_p50_us")}
+    if gets:
+        worst = max(gets, key=lambda k: gets[k])
+        rg = {k: r[k] for k in gets if k in r}
+        rworst = f"{max(rg.values()):.0f} us worst ({max(rg, key=lambda k: rg[k])})" if rg else "n/a"
+        add("same-node get of any size < 100 us (median)", f"{gets[worst]:.0f} us worst ({worst})",
+            gets[worst] < 100, rworst)
+    if "putget_1KB_ops" in t:
+        rv = r.get("putget_1KB_ops")
+        add("small put+get ops >= 2x Ray", f"{t['putget_1KB_ops'] / rv:.2f}x Ray" if rv else "n/a (no Ray figure)",
+            (t["putget_1KB_ops"] >= 2 * rv) if rv else None)
+    if "n2n_1GB_gbps" in t:
+        rv = r.get("n2n_1GB_gbps")
+        add("node-to-node >= 1 GB/s", f"{t['n2n_1GB_gbps']:.2f} GB/s", t["n2n_1GB_gbps"] >= 1.0,
+            f"{rv:.2f} GB/s" if rv else "n/a")
+    return out
+
+
+def aims_text(items: Sequence[dict[str, Any]]) -> str:
+    lines = ["aims:"]
+    for a in items:
+        mark = {True: "REACHED", False: "NOT reached", None: "unknown"}[a["reached"]]
+        lines.append(f"  {mark:<12} {a['aim']}: Tessera {a['tessera']}" + (f"; Ray {a['ray']}" if a["ray"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="after Tessera's rows, profile 1 KB put/get and a 1 GB pull (py-spy + pyinstrument) into DIR")
+    ap.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the Tessera services' logs here at the end")
+    ap.add_argument("--no-ray", action="store_true", help="Tessera only")
+    ap.add_argument("--no-tessera", action="store_true", help="Ray only")
+    ap.add_argument("--ray-timeout", type=float, default=600.0, help="seconds the Ray helper may take")
+    ap.add_argument("--reader", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.reader:
+        return reader_main()
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # run the finally blocks: tessera down
+
+    signal.signal(signal.SIGTERM, on_term)
+    plan = wl.Plan.quick() if args.quick else wl.Plan()
+    started = time.time()
+    info = machine_info()
+    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_bytes'] / GIB:.1f} GiB, "
+        f"load {', '.join(f'{x:.2f}' for x in info['loadavg_start'])}")
+    tess: dict[str, Any] = {}
+    if not args.no_tessera:
+        t0 = time.perf_counter()
+        src = wl.source_array()
+        log(f"   source array (1 GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
+        tess = run_tessera(plan, args.profile, src, args.keep_logs)
+        del src
+        gc.collect()
+    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(args.quick, args.ray_timeout)
+    if "error" in ray_res:
+        log(f"   Ray: {ray_res['error']}")
+    tm, rm = tess.get("metrics", {}), ray_res.get("metrics", {})
+    rows = build_rows(tm, rm)
+    goals = aims(tm, rm)
+    info["loadavg_end"] = list(os.getloadavg())
+    print()
+    print(table(rows))
+    print()
+    print(aims_text(goals))
+    print(f"\nsame-node 2nd process: Tessera: {tess.get('reader', 'n/a')}; Ray: {ray_res.get('reader', 'n/a')}")
+    if "reader_connect_ms" in tm:
+        print(f"  (Tessera's second process takes {tm['reader_connect_ms']:.0f} ms to connect: session and arena "
+              f"mapping; not in the get figures)")
+    print(f"node to node: Tessera: {tess.get('node_to_node', 'n/a')}; Ray: {ray_res.get('node_to_node', 'n/a')}")
+    result = {
+        "benchmark": "object_store",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "quick": args.quick,
+        "host": info,
+        "plan": asdict(plan),
+        "rows": rows,
+        "aims": goals,
+        "tessera": tess,
+        "ray": ray_res,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'Ctrl-C'}); the clusters were stopped", file=sys.stderr)
+        sys.exit(130)
