@@ -200,3 +200,20 @@ def test_small_objects_are_read_locally_and_reach_the_store(cluster: Cluster) ->
                 pb.InlineObject(object_id=os.urandom(20), data=b"ok"), pb.InlineObject(object_id=b"bad", data=b"x")]),
                 timeout=5)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # nothing of a bad batch is stored
+
+
+def test_views_share_one_pin_and_release_it_when_gone(cluster: Cluster) -> None:
+    import gc
+
+    with cluster.client() as c, cluster.client() as reader:
+        ref = c.put(np.arange(2 * MiB // 8, dtype=np.float64))
+        first = reader.get(ref)
+        second = reader.get(ref)  # served from the mapping the reader holds: same memory
+        assert np.shares_memory(first, second)
+        assert reader.stats().pinned > 0
+        del first, second
+        gc.collect()
+        other = reader.get(c.put(np.ones(MiB // 8)))  # the next call carries the release
+        pinned = reader.stats().pinned
+        assert MiB <= pinned < 2 * MiB, pinned  # only `other` is still pinned
+        del other

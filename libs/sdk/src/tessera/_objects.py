@@ -13,6 +13,7 @@ A reader elsewhere that asks for one before it arrives simply waits for it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -92,6 +93,7 @@ class ObjectStoreClient:
         self._channel = rpc.channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
         self._stub = pb_grpc.ObjectStoreServiceStub(self._channel)
         self._releases: list[bytes] = []
+        self._live: dict[bytes, weakref.ref[np.ndarray]] = {}  # objects this client views (and pins)
         self._lock = threading.Lock()
         self._owned: OrderedDict[bytes, bytes] = OrderedDict()
         self._owned_bytes = 0
@@ -124,6 +126,9 @@ class ObjectStoreClient:
         finally:
             os.close(fd)
         self._arena = np.frombuffer(self._rmap, dtype=np.uint8)
+        anchor = ctypes.c_char.from_buffer(self._wmap)
+        self._wbase = ctypes.addressof(anchor)  # for page-congruent placement of large buffers
+        del anchor  # (no export of the mapping may outlive this, or it could not be closed)
         with self._lock:
             self._releases.clear()  # pins of the old session died with it
 
@@ -222,7 +227,7 @@ class ObjectStoreClient:
         req = pb.CreateObjectRequest(session_id=sid, object_id=oid, size=ser.size, owner=owner)
         off = self._stub.CreateObject(req).arena_offset
         try:
-            ser.write_into(memoryview(self._wmap)[off : off + ser.size])
+            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
         except BaseException:
             self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
             raise
@@ -247,22 +252,34 @@ class ObjectStoreClient:
             if not isinstance(r, ObjectRef):
                 raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
         self._raise_flush_error()
+        local: dict[bytes, Any] = {}
         with self._lock:
-            local = {r.id: self._owned[r.id] for r in items if r.id in self._owned}
+            for r in items:
+                if r.id in self._owned:
+                    local[r.id] = self._owned[r.id]
+                else:
+                    anchor = self._live[r.id]() if r.id in self._live else None
+                    if anchor is not None:  # already pinned and mapped here: another view, no round trip
+                        local[r.id] = memoryview(anchor)  # type: ignore[arg-type]
+            releases, self._releases = self._releases, []
         if len(local) == len(items):
+            self._releases_back(releases)
             values = [deserialize(local[r.id]) for r in items]
             return values[0] if single else values
         items_remote = [r for r in items if r.id not in local]
-        self._flush_releases()
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
 
         def call() -> pb.GetObjectsResponse:
             req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items_remote],
-                                       timeout_ms=timeout_ms)
+                                       timeout_ms=timeout_ms, release_object_ids=releases)
             return self._stub.GetObjects(req, timeout=deadline)
 
-        resp = self._retrying(call)
+        try:
+            resp = self._retrying(call)
+        except BaseException:
+            self._releases_back(releases)
+            raise
         remote = {loc.object_id: self._materialize(loc) for loc in resp.objects}
         values = [deserialize(local[r.id]) if r.id in local else remote[r.id] for r in items]
         return values[0] if single else values
@@ -273,13 +290,28 @@ class ObjectStoreClient:
         off = loc.arena_offset
         anchor = self._arena[off : off + loc.size]  # a read-only view; its life is the pin's
         oid = loc.object_id
-        value = deserialize(memoryview(anchor))  # type: ignore[arg-type]
-        weakref.finalize(anchor, self._release_later, oid)
-        return value
+        with self._lock:
+            old = self._live.get(oid)
+            old_anchor = old() if old is not None else None
+            if old_anchor is not None:  # viewed here already (a racing get): keep that pin, return this one
+                self._releases.append(oid)
+                anchor = old_anchor
+            else:
+                self._live[oid] = weakref.ref(anchor)
+                weakref.finalize(anchor, self._release_later, oid)
+        return deserialize(memoryview(anchor))  # type: ignore[arg-type]
 
     def _release_later(self, oid: bytes) -> None:
         with self._lock:
+            ref = self._live.get(oid)
+            if ref is not None and ref() is None:
+                del self._live[oid]
             self._releases.append(oid)
+
+    def _releases_back(self, releases: list[bytes]) -> None:
+        if releases:
+            with self._lock:
+                self._releases[:0] = releases
 
     def _flush_releases(self) -> None:
         with self._lock:
@@ -294,7 +326,14 @@ class ObjectStoreClient:
     # ------------------------------------------------------------------ misc
 
     def delete(self, refs: Iterable[ObjectRef]) -> int:
-        return int(self._stub.DeleteObjects(pb.DeleteObjectsRequest(object_ids=[r.id for r in refs])).deleted)
+        """Free objects now (FAILED_PRECONDITION while someone still views one)."""
+        self._flush_releases()  # views this client dropped no longer pin
+        with self._lock:
+            ids_ = [r.id for r in refs]
+            for oid in ids_:
+                data = self._owned.pop(oid, None)
+                self._owned_bytes -= len(data) if data is not None else 0
+        return int(self._stub.DeleteObjects(pb.DeleteObjectsRequest(object_ids=ids_)).deleted)
 
     def stats(self) -> pb.GetStatsResponse:
         return self._stub.GetStats(pb.GetStatsRequest())

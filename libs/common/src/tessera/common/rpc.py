@@ -143,6 +143,10 @@ def create_server(*, traced: bool = True) -> grpc.aio.Server:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # accept the clients' keepalive pings (every 30 s, also on idle streams such as
+            # sessions and watches) instead of answering them with GOAWAY "too_many_pings"
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
 

@@ -80,6 +80,8 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
 
     async def GetObjects(self, request: pb.GetObjectsRequest, context: Ctx) -> pb.GetObjectsResponse:
         sid = self._session(request.session_id)
+        for oid in request.release_object_ids:
+            self.node.manager.release(ids.check_id("object_id", oid), sid)
         limit = context.time_remaining()
         timeout = request.timeout_ms / 1000 if request.timeout_ms else MAX_WAIT_S
         if limit is not None:

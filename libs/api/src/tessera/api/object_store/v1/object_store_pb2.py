@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*tessera/object_store/v1/object_store.proto\x12\x17tessera.object_store.v1\"w\n\rObjectLocator\x12\x11\n\tobject_id\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x15\n\x0binline_data\x18\x03 \x01(\x0cH\x00\x12\x16\n\x0c\x61rena_offset\x18\x04 \x01(\x04H\x00\x12\r\n\x05owner\x18\x05 \x01(\tB\x07\n\x05where\")\n\x12OpenSessionRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"|\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\narena_path\x18\x02 \x01(\t\x12\x12\n\narena_size\x18\x03 \x01(\x04\x12\x0f\n\x07node_id\x18\x04 \x01(\x0c\x12\x18\n\x10inline_threshold\x18\x05 \x01(\x04\"c\n\x10PutObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0b\n\x03pin\x18\x05 \x01(\x08\"\x13\n\x11PutObjectResponse\">\n\x0cInlineObject\x12\x11\n\tobject_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05owner\x18\x03 \x01(\t\"_\n\x11PutObjectsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x36\n\x07objects\x18\x02 \x03(\x0b\x32%.tessera.object_store.v1.InlineObject\"?\n\x12PutObjectsResponse\x12\x19\n\x11\x66\x61iled_object_ids\x18\x01 \x03(\x0c\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"Y\n\x13\x43reateObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\r\n\x05owner\x18\x04 \x01(\t\",\n\x14\x43reateObjectResponse\x12\x14\n\x0c\x61rena_offset\x18\x01 \x01(\x04\"G\n\x11SealObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\x12\x0b\n\x03pin\x18\x03 \x01(\x08\"\x14\n\x12SealObjectResponse\";\n\x12\x41\x62ortObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\"\x15\n\x13\x41\x62ortObjectResponse\"O\n\x11GetObjectsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nobject_ids\x18\x02 \x03(\x0c\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\"M\n\x12GetObjectsResponse\x12\x37\n\x07objects\x18\x01 \x03(\x0b\x32&.tessera.object_store.v1.ObjectLocator\"?\n\x15ReleaseObjectsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nobject_ids\x18\x02 \x03(\x0c\"\x18\n\x16ReleaseObjectsResponse\"*\n\x14\x44\x65leteObjectsRequest\x12\x12\n\nobject_ids\x18\x01 \x03(\x0c\"(\n\x15\x44\x65leteObjectsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\",\n\x16\x43ontainsObjectsRequest\x12\x12\n\nobject_ids\x18\x01 \x03(\x0c\"*\n\x17\x43ontainsObjectsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"U\n\x11PullObjectRequest\x12\x11\n\tobject_id\x18\x01 \x01(\x0c\x12\x19\n\x11requester_node_id\x18\x02 \x01(\x0c\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"e\n\x12PullObjectResponse\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\x12\r\n\x05owner\x18\x05 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xf0\x01\n\x10GetStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x0e\n\x06pinned\x18\x04 \x01(\x04\x12\x15\n\rspilled_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07objects\x18\x06 \x01(\r\x12\x17\n\x0fspilled_objects\x18\x07 \x01(\r\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x0e\n\x06spills\x18\t \x01(\x04\x12\x10\n\x08restores\x18\n \x01(\x04\x12\r\n\x05pulls\x18\x0b \x01(\x04\x12\x16\n\x0espill_capacity\x18\x0c \x01(\x04*x\n\x0bObjectState\x12\x1c\n\x18OBJECT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14OBJECT_STATE_CREATED\x10\x01\x12\x17\n\x13OBJECT_STATE_SEALED\x10\x02\x12\x18\n\x14OBJECT_STATE_SPILLED\x10\x03\x32\x93\n\n\x12ObjectStoreService\x12j\n\x0bOpenSession\x12+.tessera.object_store.v1.OpenSessionRequest\x1a,.tessera.object_store.v1.OpenSessionResponse0\x01\x12\x62\n\tPutObject\x12).tessera.object_store.v1.PutObjectRequest\x1a*.tessera.object_store.v1.PutObjectResponse\x12\x65\n\nPutObjects\x12*.tessera.object_store.v1.PutObjectsRequest\x1a+.tessera.object_store.v1.PutObjectsResponse\x12k\n\x0c\x43reateObject\x12,.tessera.object_store.v1.CreateObjectRequest\x1a-.tessera.object_store.v1.CreateObjectResponse\x12\x65\n\nSealObject\x12*.tessera.object_store.v1.SealObjectRequest\x1a+.tessera.object_store.v1.SealObjectResponse\x12h\n\x0b\x41\x62ortObject\x12+.tessera.object_store.v1.AbortObjectRequest\x1a,.tessera.object_store.v1.AbortObjectResponse\x12\x65\n\nGetObjects\x12*.tessera.object_store.v1.GetObjectsRequest\x1a+.tessera.object_store.v1.GetObjectsResponse\x12q\n\x0eReleaseObjects\x12..tessera.object_store.v1.ReleaseObjectsRequest\x1a/.tessera.object_store.v1.ReleaseObjectsResponse\x12n\n\rDeleteObjects\x12-.tessera.object_store.v1.DeleteObjectsRequest\x1a..tessera.object_store.v1.DeleteObjectsResponse\x12t\n\x0f\x43ontainsObjects\x12/.tessera.object_store.v1.ContainsObjectsRequest\x1a\x30.tessera.object_store.v1.ContainsObjectsResponse\x12g\n\nPullObject\x12*.tessera.object_store.v1.PullObjectRequest\x1a+.tessera.object_store.v1.PullObjectResponse0\x01\x12_\n\x08GetStats\x12(.tessera.object_store.v1.GetStatsRequest\x1a).tessera.object_store.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*tessera/object_store/v1/object_store.proto\x12\x17tessera.object_store.v1\"w\n\rObjectLocator\x12\x11\n\tobject_id\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x15\n\x0binline_data\x18\x03 \x01(\x0cH\x00\x12\x16\n\x0c\x61rena_offset\x18\x04 \x01(\x04H\x00\x12\r\n\x05owner\x18\x05 \x01(\tB\x07\n\x05where\")\n\x12OpenSessionRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"|\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\narena_path\x18\x02 \x01(\t\x12\x12\n\narena_size\x18\x03 \x01(\x04\x12\x0f\n\x07node_id\x18\x04 \x01(\x0c\x12\x18\n\x10inline_threshold\x18\x05 \x01(\x04\"c\n\x10PutObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0b\n\x03pin\x18\x05 \x01(\x08\"\x13\n\x11PutObjectResponse\">\n\x0cInlineObject\x12\x11\n\tobject_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05owner\x18\x03 \x01(\t\"_\n\x11PutObjectsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x36\n\x07objects\x18\x02 \x03(\x0b\x32%.tessera.object_store.v1.InlineObject\"?\n\x12PutObjectsResponse\x12\x19\n\x11\x66\x61iled_object_ids\x18\x01 \x03(\x0c\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"Y\n\x13\x43reateObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\r\n\x05owner\x18\x04 \x01(\t\",\n\x14\x43reateObjectResponse\x12\x14\n\x0c\x61rena_offset\x18\x01 \x01(\x04\"G\n\x11SealObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\x12\x0b\n\x03pin\x18\x03 \x01(\x08\"\x14\n\x12SealObjectResponse\";\n\x12\x41\x62ortObjectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\x0c\"\x15\n\x13\x41\x62ortObjectResponse\"k\n\x11GetObjectsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nobject_ids\x18\x02 \x03(\x0c\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\x12\x1a\n\x12release_object_ids\x18\x04 \x03(\x0c\"M\n\x12GetObjectsResponse\x12\x37\n\x07objects\x18\x01 \x03(\x0b\x32&.tessera.object_store.v1.ObjectLocator\"?\n\x15ReleaseObjectsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nobject_ids\x18\x02 \x03(\x0c\"\x18\n\x16ReleaseObjectsResponse\"*\n\x14\x44\x65leteObjectsRequest\x12\x12\n\nobject_ids\x18\x01 \x03(\x0c\"(\n\x15\x44\x65leteObjectsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\",\n\x16\x43ontainsObjectsRequest\x12\x12\n\nobject_ids\x18\x01 \x03(\x0c\"*\n\x17\x43ontainsObjectsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"U\n\x11PullObjectRequest\x12\x11\n\tobject_id\x18\x01 \x01(\x0c\x12\x19\n\x11requester_node_id\x18\x02 \x01(\x0c\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"e\n\x12PullObjectResponse\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\x12\r\n\x05owner\x18\x05 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xf0\x01\n\x10GetStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x0e\n\x06pinned\x18\x04 \x01(\x04\x12\x15\n\rspilled_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07objects\x18\x06 \x01(\r\x12\x17\n\x0fspilled_objects\x18\x07 \x01(\r\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x0e\n\x06spills\x18\t \x01(\x04\x12\x10\n\x08restores\x18\n \x01(\x04\x12\r\n\x05pulls\x18\x0b \x01(\x04\x12\x16\n\x0espill_capacity\x18\x0c \x01(\x04*x\n\x0bObjectState\x12\x1c\n\x18OBJECT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14OBJECT_STATE_CREATED\x10\x01\x12\x17\n\x13OBJECT_STATE_SEALED\x10\x02\x12\x18\n\x14OBJECT_STATE_SPILLED\x10\x03\x32\x93\n\n\x12ObjectStoreService\x12j\n\x0bOpenSession\x12+.tessera.object_store.v1.OpenSessionRequest\x1a,.tessera.object_store.v1.OpenSessionResponse0\x01\x12\x62\n\tPutObject\x12).tessera.object_store.v1.PutObjectRequest\x1a*.tessera.object_store.v1.PutObjectResponse\x12\x65\n\nPutObjects\x12*.tessera.object_store.v1.PutObjectsRequest\x1a+.tessera.object_store.v1.PutObjectsResponse\x12k\n\x0c\x43reateObject\x12,.tessera.object_store.v1.CreateObjectRequest\x1a-.tessera.object_store.v1.CreateObjectResponse\x12\x65\n\nSealObject\x12*.tessera.object_store.v1.SealObjectRequest\x1a+.tessera.object_store.v1.SealObjectResponse\x12h\n\x0b\x41\x62ortObject\x12+.tessera.object_store.v1.AbortObjectRequest\x1a,.tessera.object_store.v1.AbortObjectResponse\x12\x65\n\nGetObjects\x12*.tessera.object_store.v1.GetObjectsRequest\x1a+.tessera.object_store.v1.GetObjectsResponse\x12q\n\x0eReleaseObjects\x12..tessera.object_store.v1.ReleaseObjectsRequest\x1a/.tessera.object_store.v1.ReleaseObjectsResponse\x12n\n\rDeleteObjects\x12-.tessera.object_store.v1.DeleteObjectsRequest\x1a..tessera.object_store.v1.DeleteObjectsResponse\x12t\n\x0f\x43ontainsObjects\x12/.tessera.object_store.v1.ContainsObjectsRequest\x1a\x30.tessera.object_store.v1.ContainsObjectsResponse\x12g\n\nPullObject\x12*.tessera.object_store.v1.PullObjectRequest\x1a+.tessera.object_store.v1.PullObjectResponse0\x01\x12_\n\x08GetStats\x12(.tessera.object_store.v1.GetStatsRequest\x1a).tessera.object_store.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.api.object_store.v1.object_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OBJECTSTATE']._serialized_start=1904
-  _globals['_OBJECTSTATE']._serialized_end=2024
+  _globals['_OBJECTSTATE']._serialized_start=1932
+  _globals['_OBJECTSTATE']._serialized_end=2052
   _globals['_OBJECTLOCATOR']._serialized_start=71
   _globals['_OBJECTLOCATOR']._serialized_end=190
   _globals['_OPENSESSIONREQUEST']._serialized_start=192
@@ -62,29 +62,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORTOBJECTRESPONSE']._serialized_start=1002
   _globals['_ABORTOBJECTRESPONSE']._serialized_end=1023
   _globals['_GETOBJECTSREQUEST']._serialized_start=1025
-  _globals['_GETOBJECTSREQUEST']._serialized_end=1104
-  _globals['_GETOBJECTSRESPONSE']._serialized_start=1106
-  _globals['_GETOBJECTSRESPONSE']._serialized_end=1183
-  _globals['_RELEASEOBJECTSREQUEST']._serialized_start=1185
-  _globals['_RELEASEOBJECTSREQUEST']._serialized_end=1248
-  _globals['_RELEASEOBJECTSRESPONSE']._serialized_start=1250
-  _globals['_RELEASEOBJECTSRESPONSE']._serialized_end=1274
-  _globals['_DELETEOBJECTSREQUEST']._serialized_start=1276
-  _globals['_DELETEOBJECTSREQUEST']._serialized_end=1318
-  _globals['_DELETEOBJECTSRESPONSE']._serialized_start=1320
-  _globals['_DELETEOBJECTSRESPONSE']._serialized_end=1360
-  _globals['_CONTAINSOBJECTSREQUEST']._serialized_start=1362
-  _globals['_CONTAINSOBJECTSREQUEST']._serialized_end=1406
-  _globals['_CONTAINSOBJECTSRESPONSE']._serialized_start=1408
-  _globals['_CONTAINSOBJECTSRESPONSE']._serialized_end=1450
-  _globals['_PULLOBJECTREQUEST']._serialized_start=1452
-  _globals['_PULLOBJECTREQUEST']._serialized_end=1537
-  _globals['_PULLOBJECTRESPONSE']._serialized_start=1539
-  _globals['_PULLOBJECTRESPONSE']._serialized_end=1640
-  _globals['_GETSTATSREQUEST']._serialized_start=1642
-  _globals['_GETSTATSREQUEST']._serialized_end=1659
-  _globals['_GETSTATSRESPONSE']._serialized_start=1662
-  _globals['_GETSTATSRESPONSE']._serialized_end=1902
-  _globals['_OBJECTSTORESERVICE']._serialized_start=2027
-  _globals['_OBJECTSTORESERVICE']._serialized_end=3326
+  _globals['_GETOBJECTSREQUEST']._serialized_end=1132
+  _globals['_GETOBJECTSRESPONSE']._serialized_start=1134
+  _globals['_GETOBJECTSRESPONSE']._serialized_end=1211
+  _globals['_RELEASEOBJECTSREQUEST']._serialized_start=1213
+  _globals['_RELEASEOBJECTSREQUEST']._serialized_end=1276
+  _globals['_RELEASEOBJECTSRESPONSE']._serialized_start=1278
+  _globals['_RELEASEOBJECTSRESPONSE']._serialized_end=1302
+  _globals['_DELETEOBJECTSREQUEST']._serialized_start=1304
+  _globals['_DELETEOBJECTSREQUEST']._serialized_end=1346
+  _globals['_DELETEOBJECTSRESPONSE']._serialized_start=1348
+  _globals['_DELETEOBJECTSRESPONSE']._serialized_end=1388
+  _globals['_CONTAINSOBJECTSREQUEST']._serialized_start=1390
+  _globals['_CONTAINSOBJECTSREQUEST']._serialized_end=1434
+  _globals['_CONTAINSOBJECTSRESPONSE']._serialized_start=1436
+  _globals['_CONTAINSOBJECTSRESPONSE']._serialized_end=1478
+  _globals['_PULLOBJECTREQUEST']._serialized_start=1480
+  _globals['_PULLOBJECTREQUEST']._serialized_end=1565
+  _globals['_PULLOBJECTRESPONSE']._serialized_start=1567
+  _globals['_PULLOBJECTRESPONSE']._serialized_end=1668
+  _globals['_GETSTATSREQUEST']._serialized_start=1670
+  _globals['_GETSTATSREQUEST']._serialized_end=1687
+  _globals['_GETSTATSRESPONSE']._serialized_start=1690
+  _globals['_GETSTATSRESPONSE']._serialized_end=1930
+  _globals['_OBJECTSTORESERVICE']._serialized_start=2055
+  _globals['_OBJECTSTORESERVICE']._serialized_end=3354
 # @@protoc_insertion_point(module_scope)
