@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench up down status clean
+.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects up down status clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,14 @@ compose-config:
 
 bench: install
 	$(PY) benchmarks/control_store_bench.py
+
+# Ray 2.60 lives in its own venv, never in .venv: the object-store benchmark runs it beside Tessera.
+.venv-ray/bin/python:
+	$(PYTHON) -m venv .venv-ray
+	.venv-ray/bin/pip install -q "ray==2.60.0" numpy
+
+bench-objects: install .venv-ray/bin/python
+	$(PY) benchmarks/object_store_bench.py
 
 up: install
 	$(VENV)/bin/tessera up
