@@ -217,3 +217,15 @@ def test_views_share_one_pin_and_release_it_when_gone(cluster: Cluster) -> None:
         pinned = reader.stats().pinned
         assert MiB <= pinned < 2 * MiB, pinned  # only `other` is still pinned
         del other
+
+
+def test_status_reports_each_node_store(cluster: Cluster) -> None:
+    rows = {p["name"]: p for p in json.loads(cluster.cli("status", "--json").stdout)["processes"]}
+    nodes = {rows[n]["node"] for n in ("object-store", "object-store-1")}
+    assert len(nodes) == 2  # two nodes, each with its own store
+    for name in ("object-store", "object-store-1"):
+        row = rows[name]
+        assert row["capacity"] == CAPACITY - CAPACITY % 64 and row["used"] <= row["capacity"]
+        assert {"spilled", "objects"} <= row.keys()
+    table = cluster.cli("status").stdout
+    assert "MiB used" in table and "objects" in table
