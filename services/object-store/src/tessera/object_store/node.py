@@ -76,7 +76,7 @@ class Directory(Protocol):
 Fetch = Callable[[str, bytes], AsyncIterator[Chunk]]
 
 POLL_S = 0.05
-FLUSH_S = 0.002
+FLUSH_S = 0.005  # let a burst of seals share one location report
 FLUSH_MAX = 512
 
 
@@ -122,7 +122,7 @@ class NodeObjectStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(FLUSH_S)  # let a burst of puts share one round trip
+            await asyncio.sleep(FLUSH_S)
             try:
                 await self._flush()
             except Exception as e:  # the control store or NATS may be restarting
