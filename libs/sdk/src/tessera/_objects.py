@@ -108,6 +108,11 @@ class ObjectStoreClient:
     def _open(self) -> None:
         """Open a session and map the node's arena (again, after the store restarted)."""
         self._streams = rpc.stream_channel(self.address)
+        try:  # a store that just restarted may take a moment to accept connections again
+            grpc.channel_ready_future(self._streams).result(timeout=self.timeout)
+        except grpc.FutureTimeoutError:
+            self._streams.close()
+            raise ConnectionError(f"no object store answered at {self.address} within {self.timeout:g}s") from None
         self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
             pb.OpenSessionRequest(client_name=self.name), metadata=rpc.trace_metadata())
         try:
