@@ -63,3 +63,15 @@ def test_status_and_down_when_nothing_runs(tmp_path: Path) -> None:
     assert _cli(env, "status").returncode == 2
     down = _cli(env, "down")
     assert down.returncode == 0 and "not running" in down.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "0"], "--nodes must be between 1 and 16"),
+    (["--nodes", "17"], "--nodes must be between 1 and 16"),
+    (["--redis-shards", "65"], "--redis-shards must be between 1 and 64"),
+])
+def test_up_rejects_bad_arguments_and_starts_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    env = dict(os.environ, TESSERA_RUN_DIR=str(tmp_path))
+    out = _cli(env, "up", *args)
+    assert out.returncode == 2 and message in out.stderr
+    assert not (tmp_path / "cluster.json").exists()
