@@ -92,8 +92,9 @@ class Registration:
                 log.warning("could not refresh registration: %s", e)
 
     async def stop(self) -> None:
-        if self._task:
+        if self._task:  # finish the heartbeat first, so no refresh can land after the deregistration
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         try:
             await self._deregister(self.record.service, self.record.instance_id)
         except Exception as e:
