@@ -231,7 +231,7 @@ class NodeObjectStore:
                     raise DeadlineExceededError(oid.hex()) from None
                 continue
             known, peers = await self.directory.locate(oid)
-            if peers:
+            if peers and self.manager.get_entry(oid) is None:  # (it may have arrived during the lookup)
                 await self._pull_dedup(oid, peers, deadline)
                 continue
             # not (yet) anywhere: wait for a local seal or a copy elsewhere
@@ -257,8 +257,8 @@ class NodeObjectStore:
         last: Exception | None = None
         for address in peers:
             try:
-                await self._pull_from(oid, address)
-                self.pulls += 1
+                if await self._pull_from(oid, address):
+                    self.pulls += 1
                 return
             except (UnavailableError, DataLossError, NotFoundError, OSError) as e:
                 last = e
@@ -270,14 +270,17 @@ class NodeObjectStore:
         if last is not None:
             log.info("no peer could serve %s: %s", oid.hex(), last)
 
-    async def _pull_from(self, oid: bytes, address: str) -> None:
+    async def _pull_from(self, oid: bytes, address: str) -> bool:
+        """Pull ``oid`` from the peer at ``address``; False if it was here already."""
+        if self.manager.get_entry(oid) is not None:
+            return False
         offset: int | None = None
         written = 0
         try:
             async for chunk in self.fetch(address, oid):
                 if offset is None:
                     if self.manager.get_entry(oid) is not None:
-                        return  # it arrived by another way meanwhile
+                        return False  # it arrived by another way meanwhile
                     offset = self.manager.create(oid, chunk.total_size, chunk.owner)
                 if crc32c(chunk.data) != chunk.crc32c:
                     raise DataLossError(f"chunk at {chunk.offset} of {oid.hex()} from {address} failed its CRC check")
@@ -292,6 +295,7 @@ class NodeObjectStore:
                 raise DataLossError(f"{oid.hex()} from {address}: got {written} bytes, expected "
                                     f"{entry.size if entry else '?'}")
             self.manager.seal(oid)
+            return True
         except BaseException:
             if offset is not None and self.manager.get_entry(oid) is not None:
                 try:

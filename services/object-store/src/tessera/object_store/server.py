@@ -171,9 +171,11 @@ def build(settings: Settings) -> ServiceApp:
     holder["node"] = node
     original_pull = node._pull_from
 
-    async def pull_and_mark(oid: bytes, address: str) -> None:
-        await original_pull(oid, address)
-        secondary.add(oid)
+    async def pull_and_mark(oid: bytes, address: str) -> bool:
+        pulled = await original_pull(oid, address)
+        if pulled:
+            secondary.add(oid)
+        return pulled
 
     node._pull_from = pull_and_mark  # type: ignore[method-assign]
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
