@@ -80,7 +80,6 @@ class Bus:
         self.request_timeout = request_timeout
         self._js: JetStreamContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.closing = False
 
     @classmethod
     async def connect(
@@ -109,14 +108,12 @@ class Bus:
         delay = 0.1
         while True:
             try:
-                bus = cls.__new__(cls)
-                bus.closing = False
+                nc = NatsClient()
 
-                async def on_disconnect(bus: Bus = bus) -> None:
-                    if not bus.closing:
+                async def on_disconnect(nc: NatsClient = nc) -> None:
+                    if not nc.is_closed:  # a deliberate close is no disconnect
                         log.warning("NATS disconnected; reconnecting")
 
-                nc = NatsClient()
                 # with unlimited reconnects nats-py retries a first connection forever: bound it here
                 await asyncio.wait_for(
                     nc.connect(
@@ -132,10 +129,8 @@ class Bus:
                     ),
                     timeout=max(connect_timeout, deadline - loop.time()),
                 )
-                bus.__init__(nc, request_timeout=request_timeout)  # type: ignore[misc]
-                return bus
+                return cls(nc, request_timeout=request_timeout)
             except (TimeoutError, OSError, nats.errors.Error) as e:
-                bus.closing = True
                 try:
                     await nc.close()  # stop its reconnect loop
                 except Exception as close_error:  # never connected: nothing to close
@@ -301,7 +296,6 @@ class Bus:
         await asyncio.gather(*tasks, return_exceptions=True)  # each drops its pull subscription
         if self.nc.is_closed:
             return
-        self.closing = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout)
         except (TimeoutError, nats.errors.Error):
