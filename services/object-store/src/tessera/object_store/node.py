@@ -90,6 +90,7 @@ class NodeObjectStore:
         self.inline_threshold = inline_threshold
         self.chunk_bytes = chunk_bytes
         self.pulls = 0
+        self._secondary: set[bytes] = set()  # copies pulled from a peer: the primary lives elsewhere
         self._sealed: dict[bytes, asyncio.Event] = {}
         self._pulling: dict[bytes, asyncio.Task[None]] = {}
         self._outbox: list[tuple[str, bytes, int, str]] = []
@@ -98,8 +99,14 @@ class NodeObjectStore:
 
     # ------------------------------------------------------------------ events from memory management
 
+    def has_other_copy(self, object_id: bytes) -> bool:
+        """For the manager: a pulled copy may be evicted, a primary must be spilled."""
+        return object_id in self._secondary
+
     def on_event(self, kind: str, entry: ObjectEntry) -> None:
         """Called synchronously by the manager; queued for the flusher."""
+        if kind in ("evicted", "deleted", "lost", "aborted"):
+            self._secondary.discard(entry.object_id)
         if kind == "sealed":
             ev = self._sealed.pop(entry.object_id, None)
             if ev is not None:
@@ -259,6 +266,7 @@ class NodeObjectStore:
             try:
                 if await self._pull_from(oid, address):
                     self.pulls += 1
+                    self._secondary.add(oid)
                 return
             except (UnavailableError, DataLossError, NotFoundError, OSError) as e:
                 last = e

@@ -15,15 +15,15 @@ import grpc.aio
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
-from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.object_store.arena import Arena
-from tessera.object_store.manager import ObjectEntry, ObjectManager
+from tessera.object_store.manager import ObjectManager
 from tessera.object_store.node import Chunk, NodeObjectStore
+from tessera.object_store.servicer import ObjectStoreServicer
 from tessera.object_store.wire import decode_chunk
 
 NAME = "object-store"
@@ -96,26 +96,22 @@ class Peers:
     def __init__(self, settings: Settings, node_id: bytes) -> None:
         self.settings = settings
         self.node_id = node_id
-        self._stubs: dict[str, pb_grpc.ObjectStoreServiceStub] = {}
-        self._raw_pull: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
+        self._pulls: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def stub(self, address: str) -> pb_grpc.ObjectStoreServiceStub:
-        if address not in self._stubs:
+    def _pull(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
+        """PullObject at ``address``, its chunks read raw (see wire.py): one copy into the arena."""
+        if address not in self._pulls:
             ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", rpc.MAX_MESSAGE_BYTES)])
             self._channels.append(ch)
-            self._stubs[address] = pb_grpc.ObjectStoreServiceStub(ch)
-            # chunks are read raw (see wire.py): one copy from the message into the arena
-            self._raw_pull[address] = ch.unary_stream(f"/{SERVICE}/PullObject",
-                                                      request_serializer=pb.PullObjectRequest.SerializeToString)
-        return self._stubs[address]
+            self._pulls[address] = ch.unary_stream(f"/{SERVICE}/PullObject",
+                                                   request_serializer=pb.PullObjectRequest.SerializeToString)
+        return self._pulls[address]
 
     async def fetch(self, address: str, object_id: bytes) -> AsyncIterator[Chunk]:
         req = pb.PullObjectRequest(object_id=object_id, requester_node_id=self.node_id,
                                    chunk_size=self.settings.object_store_chunk_bytes)
-        self.stub(address)
-        pull = self._raw_pull[address]
-        call = pull(req, timeout=600, metadata=rpc.trace_metadata())
+        call = self._pull(address)(req, timeout=600, metadata=rpc.trace_metadata())
         try:
             async for raw in call:
                 total, offset, crc, owner, data = decode_chunk(raw)
@@ -154,33 +150,16 @@ def build(settings: Settings) -> ServiceApp:
     arena = Arena(arena_path, settings.object_store_memory)
     directory = ClusterDirectory(app, node_id)
     peers = Peers(settings, node_id)
-    secondary: set[bytes] = set()  # copies pulled from a peer: evictable, the primary lives elsewhere
-    holder: dict[str, NodeObjectStore] = {}
-
-    def on_event(kind: str, e: ObjectEntry) -> None:
-        if kind in ("evicted", "deleted", "lost", "aborted"):
-            secondary.discard(e.object_id)
-        holder["node"].on_event(kind, e)
-
+    holder: dict[str, NodeObjectStore] = {}  # the manager reports to the node store made from it
     manager = ObjectManager(arena, spill_dir=spill_dir, spill_capacity=settings.object_store_spill_capacity,
-                            has_other_copy=lambda oid: oid in secondary,
-                            on_event=lambda kind, e: on_event(kind, e))
-    node = NodeObjectStore(manager, node_id, directory=directory, fetch=peers.fetch,
-                           inline_threshold=settings.object_store_inline_threshold,
-                           chunk_bytes=settings.object_store_chunk_bytes)
-    holder["node"] = node
-    original_pull = node._pull_from
-
-    async def pull_and_mark(oid: bytes, address: str) -> bool:
-        pulled = await original_pull(oid, address)
-        if pulled:
-            secondary.add(oid)
-        return pulled
-
-    node._pull_from = pull_and_mark  # type: ignore[method-assign]
+                            has_other_copy=lambda oid: holder["node"].has_other_copy(oid),
+                            on_event=lambda kind, e: holder["node"].on_event(kind, e))
+    node = holder["node"] = NodeObjectStore(manager, node_id, directory=directory, fetch=peers.fetch,
+                                            inline_threshold=settings.object_store_inline_threshold,
+                                            chunk_bytes=settings.object_store_chunk_bytes)
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject"]),
-                     _servicer(node, str(arena_path), settings.object_store_memory), SERVICE)
+                     ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=settings.object_store_memory), SERVICE)
     tasks: list[asyncio.Task[None]] = []
 
     async def register_node() -> None:
@@ -225,12 +204,6 @@ def build(settings: Settings) -> ServiceApp:
     app.on_start(start)
     app.on_stop(stop)
     return app
-
-
-def _servicer(node: NodeObjectStore, arena_path: str, size: int) -> pb_grpc.ObjectStoreServiceServicer:
-    from tessera.object_store.servicer import ObjectStoreServicer
-
-    return ObjectStoreServicer(node, arena_path=arena_path, arena_size=size)
 
 
 async def serve(settings: Settings | None = None) -> None:
