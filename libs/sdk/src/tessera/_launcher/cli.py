@@ -27,7 +27,7 @@ EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
 
 
 #: Services that run once per node; the others run once per cluster.
-PER_NODE = ("object-store",)
+PER_NODE = ("object-store", "task-scheduler")
 
 
 def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1) -> Cluster:
