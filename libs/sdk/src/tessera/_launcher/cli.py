@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
@@ -235,6 +235,27 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+#: Entry-point group through which a service distribution adds a subcommand (``tessera compile``,
+#: ``tessera gpu ...``): ``register(subparsers) -> handler``, where ``handler(args) -> exit code``.
+PLUGIN_GROUP = "tessera.cli"
+
+
+def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Callable[[argparse.Namespace], int]]:
+    from importlib.metadata import entry_points
+
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name in handlers or ep.name in ("up", "status", "logs", "down"):
+            continue
+        try:
+            register = ep.load()
+        except Exception as e:  # a broken plugin must not take the launcher down
+            print(f"tessera: ignoring subcommand {ep.name!r}: {e}", file=sys.stderr)
+            continue
+        handlers[ep.name] = register(sub)
+    return handlers
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tessera", description="Run a Tessera cluster on this machine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -250,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("-f", "--follow", action="store_true")
     dn = sub.add_parser("down", help="stop everything")
     dn.add_argument("--timeout", type=float, default=30.0)
+    plugins = _plugins(sub)
     args = ap.parse_args(argv)
+    if args.command in plugins:
+        return int(plugins[args.command](args) or 0)
     if args.command == "up" and not 0 <= args.redis_shards <= 64:
         ap.error("--redis-shards must be between 1 and 64")
     if args.command == "up" and not 1 <= args.nodes <= 16:
