@@ -1,0 +1,241 @@
+"""The Oven: a logical graph becomes a physical plan of compiled stages.
+
+Rules, applied in order (each a pure function of the graph, named in ``Plan.rules``):
+
+1. ``fuse_featurizers``: a text n-gram counter, its TF-IDF transform and a concat of such
+   chains (char + word n-grams of one text, say) become one featurize stage that reads
+   the raw field and emits the final sparse matrix.
+2. ``sparse_dot``: a linear head over a sparse block multiplies only the non-zeros.
+3. ``prune_dead_features``: a linear head keeps only the columns with a non-zero weight
+   (when fewer than half are live) and drops the others' entries before the product.
+
+Every stage is compiled when the plan is built (lookup tables, transposed weights), never
+at the first request. Source stages (those that read record fields) carry a content
+``key``: two pipelines whose stages have the same key share one compiled stage in the
+:class:`~tessera.serving.params.ParamStore`, and the scheduler runs it once per input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tessera.common.errors import InvalidArgumentError
+from tessera.serving import models
+from tessera.serving.featurize import Hasher, NgramCounter, Tfidf
+from tessera.serving.ir import Graph, Node
+from tessera.serving.params import ParamStore
+
+
+@dataclass
+class Stage:
+    key: str
+    kind: str  # featurize | columns | transform | head
+    inputs: list[int]  # earlier stages; empty for source stages
+    fn: Callable[..., Any]
+    fields: list[str] = field(default_factory=list)  # source stages: the record fields read
+    shared_key: str = ""  # set when the compiled object lives in the ParamStore's shared cache
+
+
+@dataclass
+class Plan:
+    name: str
+    graph: Graph
+    stages: list[Stage]
+    rules: list[str]
+    shared_keys: list[str]
+    extra_bytes: int  # bytes this plan owns beyond shared parameters (pruned weights)
+
+    @property
+    def sources(self) -> list[int]:
+        return [i for i, s in enumerate(self.stages) if not s.inputs]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class _Builder:
+    def __init__(self, name: str, graph: Graph, store: ParamStore, *, prune: bool) -> None:
+        self.name = name
+        self.g = graph
+        self.store = store
+        self.prune = prune
+        self.stages: list[Stage] = []
+        self.at: dict[str, int] = {}  # node id -> stage index
+        self.rules: set[str] = set()
+        self.shared: list[str] = []
+        self.extra = 0
+        self.consumers: dict[str, list[str]] = {}
+        for n in graph.nodes:
+            for i in n.inputs:
+                self.consumers.setdefault(i, []).append(n.id)
+
+    def p(self, n: Node, role: str) -> Any:
+        h = n.params.get(role)
+        return None if h is None else self.store.get(h)
+
+    # -- rule 1: featurizer fusion ------------------------------------------------
+    def _text_chain(self, n: Node) -> tuple[list[Node], str] | None:
+        """The nodes of a text chain ending at ``n`` (ngrams [-> tfidf] or hashing) and its field."""
+        if n.op in ("text_ngrams", "hashing"):
+            return [n], n.attrs["field"]
+        if n.op == "tfidf":
+            src = self.g.node(n.inputs[0])
+            if src.op == "text_ngrams" and self.consumers.get(src.id) == [n.id]:
+                return [src, n], src.attrs["field"]
+        return None
+
+    def _unit(self, chain: list[Node]) -> tuple[str, Callable[[list[str]], Any]]:
+        first = chain[0]
+        if first.op == "hashing":
+            key = _key("hashing", first.attrs)
+            return key, self.store.shared(key, lambda: Hasher(first.attrs))
+        ck = _key("ngrams", first.attrs, first.params)
+        counter = self.store.shared(ck, lambda: NgramCounter(self.p(first, "terms"), self.p(first, "offsets"), first.attrs))
+        self.shared.append(ck)
+        if len(chain) == 1:
+            return ck, counter
+        tf = chain[1]
+        tk = _key("tfidf", ck, tf.attrs, tf.params)
+        idf = self.p(tf, "idf")
+        t = Tfidf(tf.attrs, idf)
+        return tk, lambda docs: t(counter(docs))
+
+    def fuse(self, n: Node) -> bool:
+        chains: list[list[Node]] = []
+        fields: list[str] = []
+        if n.op == "concat":
+            for i in n.inputs:
+                c = self._text_chain(self.g.node(i))
+                if c is None:
+                    return False
+                chains.append(c[0])
+                fields.append(c[1])
+        else:
+            c = self._text_chain(n)
+            if c is None:
+                return False
+            chains.append(c[0])
+            fields.append(c[1])
+        units = [self._unit(c) for c in chains]
+        key = _key("featurize", fields, [u[0] for u in units])
+        flds = sorted(set(fields))
+        fns = [u[1] for u in units]
+
+        def featurize(columns: dict[str, list[Any]], n_rows: int, fns: list[Any] = fns, fields: list[str] = fields) -> Any:
+            blocks = [fn(columns[f]) for fn, f in zip(fns, fields, strict=True)]
+            return blocks[0] if len(blocks) == 1 else models.hstack(blocks)
+
+        for c in chains:
+            for m in c:
+                self.at[m.id] = len(self.stages)
+        self.at[n.id] = len(self.stages)
+        self.stages.append(Stage(key, "featurize", [], featurize, flds))
+        if len(chains) > 1 or len(chains[0]) > 1:
+            self.rules.add("fuse_featurizers")
+        return True
+
+    # -- the rest, one stage per node -------------------------------------------------
+    def node(self, n: Node) -> None:
+        if n.id in self.at:
+            return
+        if n.op in ("text_ngrams", "hashing", "tfidf", "concat"):
+            # a concat may be the head of a fusable group (its members are not yet staged)
+            if all(i not in self.at or self.stages[self.at[i]].kind == "featurize" for i in n.inputs) and self.fuse(n):
+                return
+        a = n.attrs
+        ins = [self.at[i] for i in n.inputs]
+        fn: Callable[..., Any]
+        kind = "transform"
+        if n.op == "columns":
+            cols = models.Columns(a)
+            fn = cols
+            self.at[n.id] = len(self.stages)
+            self.stages.append(Stage(_key("columns", a), "columns", [], fn, list(a["fields"])))
+            return
+        if n.op == "text_ngrams":
+            counter = NgramCounter(self.p(n, "terms"), self.p(n, "offsets"), a)
+            self.at[n.id] = len(self.stages)
+            f = a["field"]
+            self.stages.append(Stage(_key("ngrams", a, n.params), "featurize", [],
+                                     lambda c, k, f=f: counter(c[f]), [f]))
+            return
+        if n.op == "hashing":
+            h = Hasher(a)
+            f = a["field"]
+            self.at[n.id] = len(self.stages)
+            self.stages.append(Stage(_key("hashing", a), "featurize", [], lambda c, k, f=f: h(c[f]), [f]))
+            return
+        if n.op == "tfidf":
+            fn = Tfidf(a, self.p(n, "idf"))
+        elif n.op == "concat":
+            fn = lambda *blocks: models.hstack(list(blocks))  # noqa: E731
+        elif n.op == "scale":
+            fn = models.Scale(self.p(n, "mean"), self.p(n, "scale"))
+        elif n.op == "onehot":
+            fn = models.OneHot(a)
+        elif n.op == "linear":
+            lin = models.Linear(self.p(n, "coef"), self.p(n, "intercept"), a, prune=self.prune)
+            self.extra += lin.nbytes
+            self.rules.add("sparse_dot")
+            if lin.pruned:
+                self.rules.add("prune_dead_features")
+            fn, kind = lin, "head"
+        elif n.op == "trees":
+            roles = ("feature", "threshold", "left", "right", "value", "roots", "tree_output")
+            fn, kind = models.Trees({r: self.p(n, r) for r in roles}, a), "head"
+        elif n.op == "mlp":
+            layers = a.get("layers", [])
+            ps = {r: self.p(n, r) for r in n.params}
+            fn, kind = models.Mlp(layers, ps, a), "head"
+        else:  # pragma: no cover - Graph.check rejects unknown ops
+            raise InvalidArgumentError(f"unknown operator {n.op!r}")
+        self.at[n.id] = len(self.stages)
+        self.stages.append(Stage(_key(n.op, a, n.params, ins), kind, ins, fn))
+
+
+def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True) -> Plan:
+    """Compile ``graph`` (whose parameters are in ``store``) into a plan of stages."""
+    b = _Builder(name, graph, store, prune=prune)
+    try:
+        for n in graph.nodes:
+            b.node(n)
+    except KeyError as e:
+        raise InvalidArgumentError(f"pipeline {name!r}: missing attribute or parameter {e}") from None
+    except (ValueError, TypeError, IndexError) as e:
+        raise InvalidArgumentError(f"pipeline {name!r}: bad parameters: {type(e).__name__}: {e}") from None
+    out = b.at[graph.output]
+    if b.stages[out].kind != "head":
+        raise InvalidArgumentError(f"pipeline {name!r}: the output must be a model (linear, trees, mlp)")
+    # keep only what the output needs, in order
+    need: set[int] = set()
+    todo = [out]
+    while todo:
+        i = todo.pop()
+        if i not in need:
+            need.add(i)
+            todo.extend(b.stages[i].inputs)
+    order = sorted(need)
+    remap = {old: new for new, old in enumerate(order)}
+    stages = []
+    for old in order:
+        s = b.stages[old]
+        stages.append(Stage(s.key, s.kind, [remap[i] for i in s.inputs], s.fn, s.fields))
+    return Plan(name, graph, stages, sorted(b.rules), sorted(set(b.shared)), b.extra)
+
+
+def run(plan: Plan, columns: dict[str, list[Any]], n: int, *, sources: dict[int, Any] | None = None) -> models.Scores:
+    """Run ``plan`` on ``n`` records given as columns; ``sources`` holds source-stage outputs
+    computed elsewhere (shared across pipelines)."""
+    outs: list[Any] = [None] * len(plan.stages)
+    for i, s in enumerate(plan.stages):
+        if not s.inputs:
+            outs[i] = sources[i] if sources and i in sources else s.fn(columns, n)
+        else:
+            outs[i] = s.fn(*(outs[j] for j in s.inputs))
+    result: models.Scores = outs[-1]
+    return result
