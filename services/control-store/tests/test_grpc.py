@@ -127,14 +127,16 @@ def test_failed_precondition_changes_nothing(stub: Any) -> None:
     jid = job(stub)
     a, b = spec(jid), spec(jid)
     stub.CreateTasks(pb.CreateTasksRequest(specs=[a, b]))
+    stub.UpdateTaskStates(pb.UpdateTaskStatesRequest(updates=[
+        pb.TaskStateUpdate(task_id=b.task_id, state=pb.TASK_STATE_CANCELLED)]))
     code, details = code_of(stub.UpdateTaskStates, pb.UpdateTaskStatesRequest(updates=[
         pb.TaskStateUpdate(task_id=a.task_id, state=pb.TASK_STATE_RUNNING),
-        pb.TaskStateUpdate(task_id=b.task_id, state=pb.TASK_STATE_FINISHED),
+        pb.TaskStateUpdate(task_id=b.task_id, state=pb.TASK_STATE_RUNNING),
     ]))
     assert (code, details) == (grpc.StatusCode.FAILED_PRECONDITION,
-                               f"task {b.task_id.hex()}: illegal transition TASK_STATE_PENDING -> TASK_STATE_FINISHED")
+                               f"task {b.task_id.hex()}: illegal transition TASK_STATE_CANCELLED -> TASK_STATE_RUNNING")
     got = stub.GetTasks(pb.GetTasksRequest(task_ids=[a.task_id, b.task_id])).tasks
-    assert [t.state for t in got] == [pb.TASK_STATE_PENDING, pb.TASK_STATE_PENDING]
+    assert [t.state for t in got] == [pb.TASK_STATE_PENDING, pb.TASK_STATE_CANCELLED]
     put = ids.new_id("object_id")
     assert code_of(stub.GetLineage, pb.GetLineageRequest(object_id=put)) == (
         grpc.StatusCode.FAILED_PRECONDITION, f"object {put.hex()} was not produced by a task (it was put) and cannot be rebuilt")

@@ -167,7 +167,7 @@ async def test_attempt_counts_reruns(store: ControlStore, spec) -> None:  # type
 
 
 @pytest.mark.parametrize(("path", "illegal"), [
-    ([], T.TASK_STATE_FINISHED),
+    ([T.TASK_STATE_FINISHED], T.TASK_STATE_RUNNING),
     ([T.TASK_STATE_RUNNING, T.TASK_STATE_FINISHED], T.TASK_STATE_RUNNING),
     ([T.TASK_STATE_CANCELLED], T.TASK_STATE_PENDING),
     ([T.TASK_STATE_RUNNING, T.TASK_STATE_FAILED], T.TASK_STATE_SCHEDULED),

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+
 from tessera.common.errors import InvalidArgumentError
 
 MAGIC = b"TSR1"
@@ -100,8 +102,13 @@ def serialize(value: Any) -> Serialized:
     raw: list[pickle.PickleBuffer] = []
     try:
         meta = pickle.dumps(value, protocol=5, buffer_callback=raw.append)
-    except Exception as e:
-        raise InvalidArgumentError(f"cannot serialize {type(value).__name__}: {e}") from e
+    except Exception:
+        # Lambdas, closures and classes defined in __main__ pickle by value.
+        raw.clear()
+        try:
+            meta = cloudpickle.dumps(value, protocol=5, buffer_callback=raw.append)
+        except Exception as e:
+            raise InvalidArgumentError(f"cannot serialize {type(value).__name__}: {e}") from e
     buffers: list[memoryview] = []
     for pb in raw:
         try:

@@ -14,10 +14,11 @@ from tessera.common.errors import FailedPreconditionError, InvalidArgumentError
 
 T = pb.TaskState
 TASK: dict[int, frozenset[int]] = {
-    T.TASK_STATE_PENDING: frozenset({T.TASK_STATE_SCHEDULED, T.TASK_STATE_RUNNING, T.TASK_STATE_FAILED,
-                                     T.TASK_STATE_CANCELLED}),
-    T.TASK_STATE_SCHEDULED: frozenset({T.TASK_STATE_PENDING, T.TASK_STATE_RUNNING, T.TASK_STATE_FAILED,
-                                       T.TASK_STATE_CANCELLED}),
+    # Schedulers write states in batches: a task may finish before its RUNNING state was ever written.
+    T.TASK_STATE_PENDING: frozenset({T.TASK_STATE_SCHEDULED, T.TASK_STATE_RUNNING, T.TASK_STATE_FINISHED,
+                                     T.TASK_STATE_FAILED, T.TASK_STATE_CANCELLED}),
+    T.TASK_STATE_SCHEDULED: frozenset({T.TASK_STATE_PENDING, T.TASK_STATE_RUNNING, T.TASK_STATE_FINISHED,
+                                       T.TASK_STATE_FAILED, T.TASK_STATE_CANCELLED}),
     T.TASK_STATE_RUNNING: frozenset({T.TASK_STATE_PENDING, T.TASK_STATE_FINISHED, T.TASK_STATE_FAILED,
                                      T.TASK_STATE_CANCELLED}),
     T.TASK_STATE_FINISHED: frozenset({T.TASK_STATE_PENDING}),  # lineage reconstruction
