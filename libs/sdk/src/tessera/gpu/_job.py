@@ -1,0 +1,244 @@
+"""The training-loop hook: mini-batch boundaries, suspend/resume, checkpoints, metrics.
+
+A job run by a gpu-scheduler node agent gets its instructions on standard input
+(one word a line: ``suspend``, ``resume``, ``stop``, ``checkpoint``) and reports on the
+file descriptor ``TESSERA_GPU_REPORT_FD`` (one JSON object a line). Instructions are
+acted on only at a mini-batch boundary (:meth:`Job.step`), where the state is
+consistent: on ``suspend`` the model, optimizer, step and RNG state are written to the
+node-local checkpoint folder (a ramdisk), the GPU memory is freed, and the job waits;
+on ``resume`` it restores from that checkpoint and goes on; on ``stop`` (a migration, or
+a requeue) it exits with :data:`EXIT_STOPPED` and the agent hands the checkpoint on.
+
+Outside an agent the same code runs standalone: :meth:`Job.step` only counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tessera.gpu import _ckpt
+
+EXIT_STOPPED = 75  # the job stopped at a boundary after checkpointing (it will continue elsewhere)
+REPORT_EVERY_S = 0.2
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    st: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        st["numpy"] = np.random.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"].clone())
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.clone() for t in st["cuda"]])
+
+
+class Job:
+    """The hook of one training job. Use :func:`tessera.gpu.init` to get it."""
+
+    def __init__(self, *, model: Any = None, optimizer: Any = None, extra: dict[str, Any] | None = None,
+                 checkpoint_every: int | None = None, env: dict[str, str] | None = None) -> None:
+        e = os.environ if env is None else env
+        self.job_id = e.get("TESSERA_GPU_JOB_ID", "")
+        self.models = [m for m in (model if isinstance(model, list | tuple) else [model]) if m is not None]
+        self.optimizers = [o for o in (optimizer if isinstance(optimizer, list | tuple) else [optimizer]) if o is not None]
+        self.extra = extra if extra is not None else {}
+        every = checkpoint_every if checkpoint_every is not None else int(e.get("TESSERA_GPU_CHECKPOINT_EVERY", "0") or 0)
+        self.checkpoint_every = max(0, every)
+        self.ckpt_dir = Path(e.get("TESSERA_GPU_CKPT_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "tessera-gpu")
+        self.restore_path = e.get("TESSERA_GPU_RESTORE", "")
+        self.slots = [s for s in e.get("TESSERA_GPU_SLOTS", "").split(",") if s]
+        self.step_count = 0
+        self.metrics: dict[str, float] = {}
+        self.last_checkpoint: Path | None = None
+        self.suspend_s: list[float] = []  # checkpoint + free, per suspend
+        self.resume_s: list[float] = []  # restore, per resume
+        self._report_fd = int(e["TESSERA_GPU_REPORT_FD"]) if e.get("TESSERA_GPU_REPORT_FD") else -1
+        self._cmd = threading.Condition()
+        self._pending: list[str] = []
+        self._last_boundary = time.perf_counter()
+        self._mb_ema = 0.0
+        self._last_report = 0.0
+        if self._report_fd >= 0:
+            threading.Thread(target=self._read_commands, name="tessera-gpu-ctl", daemon=True).start()
+
+    # ------------------------------------------------------------------ control channel
+    def _read_commands(self) -> None:
+        for line in sys.stdin:
+            word = line.strip()
+            if word:
+                self.command(word)
+        self.command("stop")  # the agent went away: checkpoint and stop at the next boundary
+
+    def command(self, word: str) -> None:
+        """Queue an instruction (``suspend``, ``resume``, ``stop``, ``checkpoint``); acted on at the next boundary."""
+        if word not in ("suspend", "resume", "stop", "checkpoint"):
+            raise ValueError(f"unknown instruction {word!r}")
+        with self._cmd:
+            self._pending.append(word)
+            self._cmd.notify_all()
+
+    def _take(self) -> str | None:
+        with self._cmd:
+            return self._pending.pop(0) if self._pending else None
+
+    def _wait(self) -> str:
+        with self._cmd:
+            while not self._pending:
+                self._cmd.wait()
+            return self._pending.pop(0)
+
+    def report(self, event: str, **fields: Any) -> None:
+        if self._report_fd < 0:
+            return
+        msg = {"event": event, "job_id": self.job_id, "step": self.step_count, "t": time.time(), **fields}
+        data = (json.dumps(msg) + "\n").encode()
+        try:
+            os.write(self._report_fd, data)
+        except OSError:
+            self._report_fd = -1
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step_count, "models": [m.state_dict() for m in self.models],
+                "optimizers": [o.state_dict() for o in self.optimizers], "rng": _rng_state(),
+                "extra": self.extra, "metrics": self.metrics}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        for m, s in zip(self.models, st["models"], strict=True):
+            m.load_state_dict(s)
+        for o, s in zip(self.optimizers, st["optimizers"], strict=True):
+            o.load_state_dict(s)
+        _set_rng_state(st["rng"])
+        self.extra.clear()
+        self.extra.update(st.get("extra", {}))
+        self.metrics = dict(st.get("metrics", {}))
+        self.step_count = int(st["step"])
+
+    def checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write the state at this boundary (default: the node-local checkpoint folder)."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        p = Path(path) if path is not None else self.ckpt_dir / f"{self.job_id or 'job'}-{self.step_count}.ckpt"
+        _ckpt.save(p, self.state())
+        if self.last_checkpoint is not None and self.last_checkpoint != p and path is None:
+            self.last_checkpoint.unlink(missing_ok=True)
+        self.last_checkpoint = p
+        return p
+
+    def restore(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint (``path``, else the one the agent handed over); returns the step to go on from."""
+        src = path or self.restore_path
+        if not src:
+            return self.step_count
+        t0 = time.perf_counter()
+        self.load_state(_ckpt.load(src))
+        self.report("restored", path=str(src), load_s=time.perf_counter() - t0)
+        return self.step_count
+
+    def _offload(self, device: str) -> None:
+        """Move models and optimizer state to ``device`` (frees GPU memory when it is "cpu")."""
+        if not any(p.device.type != "cpu" for m in self.models for p in m.parameters()) and device == "cpu":
+            return
+        import torch
+
+        for m in self.models:
+            m.to(device)
+        for o in self.optimizers:
+            for s in o.state.values():
+                for k, v in s.items():
+                    if isinstance(v, torch.Tensor):
+                        s[k] = v.to(device)
+        if device == "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ the hook
+    def step(self, **metrics: float) -> int:
+        """Mark the end of a mini-batch: count it, report its time and ``metrics``, and obey instructions.
+
+        Returns the number of mini-batches done.
+        """
+        now = time.perf_counter()
+        dt = now - self._last_boundary
+        self._mb_ema = dt if self._mb_ema == 0 else 0.8 * self._mb_ema + 0.2 * dt
+        self.step_count += 1
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
+        if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+            path = self.checkpoint()
+            self.report("checkpoint", path=str(path), minibatch_s=self._mb_ema, metrics=self.metrics)
+        elif now - self._last_report >= REPORT_EVERY_S:
+            self.report("progress", minibatch_s=self._mb_ema, metrics=self.metrics)
+            self._last_report = now
+        while (word := self._take()) is not None:
+            if word == "checkpoint":
+                path = self.checkpoint()
+                self.report("checkpoint", path=str(path), minibatch_s=self._mb_ema, metrics=self.metrics)
+            elif word in ("suspend", "stop"):
+                self._suspend(stop=word == "stop")
+        self._last_boundary = time.perf_counter()
+        return self.step_count
+
+    def _suspend(self, *, stop: bool) -> None:
+        t0 = time.perf_counter()
+        device = next((str(p.device) for m in self.models for p in m.parameters()), "cpu")
+        path = self.checkpoint()
+        self._offload("cpu")
+        self.suspend_s.append(time.perf_counter() - t0)
+        self.report("suspended", path=str(path), save_s=self.suspend_s[-1], metrics=self.metrics,
+                    minibatch_s=self._mb_ema)
+        word = "stop" if stop else self._wait()
+        while word == "suspend" or word == "checkpoint":
+            word = self._wait()
+        if word == "stop":
+            self.report("stopped", path=str(path))
+            sys.stdout.flush()
+            os._exit(EXIT_STOPPED)
+        t1 = time.perf_counter()
+        self._offload(device)
+        self.load_state(_ckpt.load(path))
+        self.resume_s.append(time.perf_counter() - t1)
+        self.report("resumed", load_s=self.resume_s[-1])
+
+    def finish(self, **metrics: float) -> None:
+        """The job is done: report the final metrics."""
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
+        self.report("finished", metrics=self.metrics, minibatch_s=self._mb_ema)
+
+
+_current: Job | None = None
+
+
+def init(model: Any = None, optimizer: Any = None, *, extra: dict[str, Any] | None = None,
+         checkpoint_every: int | None = None) -> Job:
+    """Attach the training state (modules and optimizers with ``state_dict``) to this job's hook.
+
+    ``extra``: a dict of further state kept in every checkpoint (e.g. a data-loader position).
+    ``checkpoint_every``: also checkpoint every N mini-batches (so a lost node costs at most N).
+    """
+    global _current
+    _current = Job(model=model, optimizer=optimizer, extra=extra, checkpoint_every=checkpoint_every)
+    return _current
+
+
+def current() -> Job | None:
+    return _current

@@ -1,0 +1,49 @@
+"""``python -m tessera.gpu._runner``: the process a node agent starts for one job.
+
+Reads ``TESSERA_GPU_ENTRY`` (``package.module:function`` or ``path/to/file.py:function``)
+and ``TESSERA_GPU_ARGS`` (a JSON list of strings), imports the function and calls it.
+Exit code 0 when it returns, 1 when it raises (the traceback goes to the job's log).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def load_entry(entry: str) -> Callable[..., Any]:
+    mod_name, sep, func = entry.rpartition(":")
+    if not sep or not mod_name or not func:
+        raise ValueError(f"entry point {entry!r} must be MODULE:FUNCTION or FILE.py:FUNCTION")
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise AttributeError(f"{mod_name} has no function {func!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    entry = os.environ.get("TESSERA_GPU_ENTRY", "")
+    args = json.loads(os.environ.get("TESSERA_GPU_ARGS", "[]"))
+    fn = load_entry(entry)
+    fn(*args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

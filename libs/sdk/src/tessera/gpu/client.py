@@ -1,0 +1,81 @@
+"""The blocking client of the gpu-scheduler service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2_grpc as pb_grpc
+from tessera.common.rpc import channel
+
+SERVICE = "tessera.gpu_scheduler.v1.GpuSchedulerService"
+IDEMPOTENT = ("GetJob", "ListJobs", "GetCluster")
+
+
+def job_to_dict(j: pb.JobInfo) -> dict[str, Any]:
+    return {"job_id": j.job_id, "name": j.spec.name, "state": pb.JobState.Name(j.state).removeprefix("JOB_STATE_"),
+            "gpus": j.spec.gpus, "node_id": j.node_id, "gpu_slots": list(j.gpu_slots), "step": j.step,
+            "checkpoint_step": j.checkpoint_step, "minibatch_s": j.minibatch_s, "metrics": dict(j.metrics),
+            "suspensions": j.suspensions, "migrations": j.migrations, "requeues": j.requeues, "held": j.held,
+            "packed_with": j.packed_with, "message": j.message, "exit_code": j.exit_code}
+
+
+class GpuClient:
+    """Submit, watch and steer GPU jobs.
+
+    Args:
+        address: host:port of a gpu-scheduler; default: the one registered in the cluster's control store.
+        timeout: deadline, in seconds, of every call.
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        if not address:
+            from tessera.client import Client
+
+            with Client(timeout=timeout) as c:
+                found = [i.address for i in c.instances("gpu-scheduler")]
+            if not found:
+                raise ConnectionError("no gpu-scheduler is registered in the cluster")
+            address = found[0]
+        self.address = address
+        self._channel = channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
+        self._stub = pb_grpc.GpuSchedulerServiceStub(self._channel)
+
+    def __enter__(self) -> GpuClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, *, entry_point: str = "", image: str = "", args: list[str] | None = None, gpus: int = 1,
+               priority: int = 0, group: str = "", time_limit_s: float = 0.0, name: str = "",
+               env: dict[str, str] | None = None, elastic: bool = False) -> str:
+        """Submit a job; returns its id. INVALID_ARGUMENT for a bad spec (no entry point, 0 or too many GPUs)."""
+        spec = pb.JobSpec(name=name, entry_point=entry_point, image=image, args=args or [], gpus=gpus,
+                          priority=priority, group_id=group, time_limit_s=time_limit_s, env=env or {}, elastic=elastic)
+        return str(self._stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job_id)
+
+    def status(self, job_id: str) -> pb.JobInfo:
+        return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def list(self, group: str = "") -> list[pb.JobInfo]:
+        return list(self._stub.ListJobs(pb.ListJobsRequest(group_id=group), timeout=self.timeout).jobs)
+
+    def kill(self, job_id: str) -> pb.JobInfo:
+        return self._stub.KillJob(pb.KillJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def suspend(self, job_id: str) -> pb.JobInfo:
+        return self._stub.SuspendJob(pb.SuspendJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def resume(self, job_id: str) -> pb.JobInfo:
+        return self._stub.ResumeJob(pb.ResumeJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def migrate(self, job_id: str, *, node_id: str = "") -> pb.JobInfo:
+        return self._stub.MigrateJob(pb.MigrateJobRequest(job_id=job_id, node_id=node_id), timeout=self.timeout).job
+
+    def cluster(self) -> pb.GetClusterResponse:
+        return self._stub.GetCluster(pb.GetClusterRequest(), timeout=self.timeout)

@@ -1,0 +1,79 @@
+"""The in-job SDK: checkpoints, and suspend / resume / stop through a real job process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tessera.gpu import _ckpt  # noqa: E402
+from tessera.gpu._job import EXIT_STOPPED  # noqa: E402
+
+
+def test_checkpoint_roundtrip_of_nested_state(tmp_path: Path) -> None:
+    st = {"a": torch.arange(10, dtype=torch.float32), "b": [torch.zeros(0), (torch.ones(2, 3, dtype=torch.bfloat16), 7)],
+          "c": {"d": "text", "e": torch.tensor(3)}}
+    n = _ckpt.save(tmp_path / "x.ckpt", st)
+    assert n == (tmp_path / "x.ckpt").stat().st_size
+    back = _ckpt.load(tmp_path / "x.ckpt")
+    assert torch.equal(back["a"], st["a"]) and back["b"][0].numel() == 0
+    assert torch.equal(back["b"][1][0], st["b"][1][0]) and back["b"][1][1] == 7 and back["c"]["d"] == "text"
+    (tmp_path / "bad").write_bytes(b"nope" * 10)
+    with pytest.raises(ValueError, match="bad magic"):
+        _ckpt.load(tmp_path / "bad")
+
+
+def _spawn(tmp_path: Path, out: Path, *, steps: int, extra_env: dict[str, str] | None = None,
+           sleep_s: float = 0.0) -> tuple[subprocess.Popen[bytes], int]:
+    r, w = os.pipe()
+    env = dict(os.environ, TESSERA_GPU_JOB_ID="t1", TESSERA_GPU_REPORT_FD=str(w), TESSERA_GPU_CKPT_DIR=str(tmp_path),
+               TESSERA_GPU_ENTRY="tessera.gpu_scheduler.examples:train",
+               TESSERA_GPU_ARGS=json.dumps([str(steps), "7", str(out), str(sleep_s)]), **(extra_env or {}))
+    p = subprocess.Popen([sys.executable, "-m", "tessera.gpu._runner"], env=env, stdin=subprocess.PIPE, pass_fds=(w,))
+    os.close(w)
+    return p, r
+
+
+def _events(fd: int):  # type: ignore[no-untyped-def]
+    with os.fdopen(fd, "rb") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def test_suspended_and_resumed_job_ends_with_identical_weights(tmp_path: Path) -> None:
+    ref = tmp_path / "ref.pt"
+    p, r = _spawn(tmp_path, ref, steps=60)
+    assert p.wait(60) == 0
+    os.close(r)
+    # the same run, suspended at a boundary, then stopped, then resumed from the checkpoint in a new process
+    out = tmp_path / "out.pt"
+    p, r = _spawn(tmp_path, out, steps=60, sleep_s=0.01)
+    events = _events(r)
+    assert p.stdin is not None
+    for ev in events:
+        if ev["event"] == "progress" and ev["step"] >= 5:
+            p.stdin.write(b"suspend\n")
+            p.stdin.flush()
+            break
+    ev = next(e for e in events if e["event"] == "suspended")
+    path, step = ev["path"], ev["step"]
+    p.stdin.write(b"resume\n")  # in-process resume
+    p.stdin.flush()
+    assert next(e for e in events if e["event"] in ("resumed", "finished"))["event"] == "resumed"
+    p.stdin.write(b"stop\n")  # now a stop (as for a migration): checkpoint at the next boundary and exit
+    p.stdin.flush()
+    ev = next(e for e in events if e["event"] == "suspended")
+    assert ev["step"] >= step
+    assert p.wait(60) == EXIT_STOPPED
+    p2, r2 = _spawn(tmp_path, out, steps=60, extra_env={"TESSERA_GPU_RESTORE": ev["path"]})
+    evs2 = list(_events(r2))
+    assert p2.wait(60) == 0
+    assert evs2[0]["event"] == "restored" and evs2[0]["step"] == ev["step"]
+    a, b = torch.load(ref), torch.load(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
