@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     # --- logging -------------------------------------------------------------------
     log_level: str = Field("INFO", description="Python log level")
 
+    # serving (white-box pipelines; HTTP/JSON beside gRPC; one stage scheduler per replica)
+    serving_http_port: int = Field(0, ge=0, le=65535, description="serving: HTTP/JSON port; 0 picks a free one")
+    serving_workers: int = Field(2, gt=0, description="serving: executor threads that run batches of stages")
+    serving_max_batch: int = Field(64, gt=0, description="serving: most records the scheduler puts in one batch")
+    serving_latency_budget_ms: float = Field(2.0, ge=0, description="serving: default batching reservation of a pipeline")
+    serving_max_records: int = Field(4096, gt=0, description="serving: most records in one predict request")
+    serving_max_text_chars: int = Field(100_000, gt=0, description="serving: longest text field accepted")
+
     @field_validator("redis_urls", mode="before")
     @classmethod
     def _split_urls(cls, v: object) -> object:
