@@ -1,5 +1,10 @@
 """Tessera serving: white-box pipelines with shared parameters and one stage scheduler.
 
-The replica starts, connects NATS, registers in the control store and serves
-gRPC health and reflection; its API (pipeline serving) is not served yet.
+- :mod:`tessera.serving.flour`: build pipelines as operator DAGs in Python.
+- :func:`tessera.serving.sklearn_import.import_sklearn`: fitted scikit-learn pipelines to the same IR.
+- :class:`tessera.serving.Client`: register pipelines on the serving replicas and predict.
 """
+
+from tessera.serving.client import Client, PipelineInfo, Prediction
+
+__all__ = ["Client", "PipelineInfo", "Prediction"]

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from tessera.common.errors import (
     AlreadyExistsError,
@@ -142,6 +141,8 @@ class Engine:
         cols: dict[str, list[Any]] = {f.name: [None] * n for f in inputs}
         single = inputs[0] if len(inputs) == 1 else None
         for i, r in enumerate(records):
+            if isinstance(r, np.ndarray):
+                r = r.tolist()
             if isinstance(r, dict):
                 rec = r
             elif single is not None and not isinstance(r, (list, tuple)):

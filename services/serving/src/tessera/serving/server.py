@@ -1,15 +1,106 @@
-"""Wiring of the serving service."""
+"""Wiring of one serving replica: engine + scheduler, the cluster registry (control store)
+and parameters (object store), gRPC and HTTP/JSON front ends, NATS for registry changes
+and for predictions through the queue group ``serving``.
+
+NATS subjects:
+- ``tessera.events.kv.serving-pipelines.<op>`` (from the control store): every replica
+  follows registry changes.
+- ``tessera.serving.predict`` (queue group ``serving``): a JSON request
+  ``{"pipeline": name, "records": [...]}`` answered by one replica with
+  ``{"predictions": [...]}`` or ``{"error": {...}}``.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import asdict
+
+from nats.aio.msg import Msg
+
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.serving.v1 import serving_pb2 as pb
+from tessera.common import rpc
 from tessera.common.config import Settings
+from tessera.common.errors import InvalidArgumentError, TesseraError
+from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.serving.cluster import PIPELINES, ClusterStore
+from tessera.serving.engine import Engine, Scheduler
+from tessera.serving.http import HttpFrontEnd
+from tessera.serving.replica import Replica
+from tessera.serving.servicer import ServingServicer
 
 NAME = "serving"
+SERVICE = "tessera.serving.v1.ServingService"
+PREDICT_SUBJECT = "tessera.serving.predict"
+QUEUE = "serving"
+
+log = logging.getLogger(__name__)
+
+_OPS = {cpb.CHANGE_OP_CREATED: "created", cpb.CHANGE_OP_UPDATED: "updated", cpb.CHANGE_OP_DELETED: "deleted"}
 
 
 def build(settings: Settings) -> ServiceApp:
-    return ServiceApp(NAME, settings)
+    app = ServiceApp(NAME, settings)
+    channel, stub = control_store_aio_stub(settings)
+    cluster = ClusterStore(stub, timeout=settings.rpc_timeout_s)
+    engine = Engine(max_records=settings.serving_max_records, max_text_chars=settings.serving_max_text_chars)
+    scheduler = Scheduler(engine, workers=settings.serving_workers, max_batch=settings.serving_max_batch)
+    replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
+                      default_budget_ms=settings.serving_latency_budget_ms)
+    http = HttpFrontEnd(replica.predict, cluster.pipeline_names)
+    servicer = ServingServicer(replica)
+    descriptor = pb.DESCRIPTOR.services_by_name["ServingService"]
+    app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor), servicer, SERVICE)
+
+    async def on_registry_change(msg: Msg) -> None:
+        ev = cpb.ChangeEvent.FromString(msg.data)
+        op = _OPS.get(ev.op)
+        if op is None:
+            return
+        for ch in ev.changes:
+            spec = pb.PipelineSpec.FromString(ch.value) if ch.value else None
+            await replica.on_change(op, ch.key.decode(), spec)
+
+    async def on_predict(msg: Msg) -> None:
+        assert app.bus is not None
+        try:
+            try:
+                req = json.loads(msg.data)
+                name, records = req["pipeline"], req["records"]
+                if not isinstance(name, str) or not isinstance(records, list):
+                    raise TypeError("pipeline must be a string and records a list")
+            except (ValueError, KeyError, TypeError) as e:
+                raise InvalidArgumentError(f'expected {{"pipeline": name, "records": [...]}}: {e}') from None
+            preds = await replica.predict(name, records)
+            out = {"predictions": [asdict(p) for p in preds]}
+        except TesseraError as e:
+            out = {"error": {"code": e.code, "message": str(e)}}
+        except Exception as e:
+            log.exception("NATS predict")
+            out = {"error": {"code": "INTERNAL", "message": f"{type(e).__name__}: {e}"}}
+        await app.bus.respond(msg, json.dumps(out, separators=(",", ":")).encode())
+
+    async def start() -> None:
+        assert app.bus is not None
+        scheduler.start()
+        port = await http.start(settings.grpc_host, settings.serving_http_port)
+        host = app.address.rsplit(":", 1)[0]
+        servicer.http_address = f"{host}:{port}"
+        await app.bus.subscribe(f"tessera.events.kv.{PIPELINES}.>", on_registry_change)
+        await app.bus.subscribe(PREDICT_SUBJECT, on_predict, queue=QUEUE)
+        log.info("serving: HTTP/JSON on %s, NATS %s (queue %s)", servicer.http_address, PREDICT_SUBJECT, QUEUE)
+
+    async def stop() -> None:
+        await http.stop()
+        await scheduler.stop()
+        await cluster.close()
+        await channel.close()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    return app
 
 
 async def serve(settings: Settings | None = None) -> None:

@@ -100,7 +100,8 @@ class _Importer:
         """Apply one step to ``cur``: a ('fields', [names], kind) selection or a node id."""
         from sklearn.compose import ColumnTransformer
         from sklearn.feature_extraction.text import CountVectorizer, HashingVectorizer, TfidfTransformer
-        from sklearn.pipeline import FeatureUnion, Pipeline as SkPipeline
+        from sklearn.pipeline import FeatureUnion
+        from sklearn.pipeline import Pipeline as SkPipeline
         from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
         if isinstance(est, SkPipeline):
@@ -326,7 +327,8 @@ def import_sklearn(est: Any, *, text_field: str = "text") -> Pipeline:
 
 def _reads_text(est: Any) -> bool:
     from sklearn.feature_extraction.text import CountVectorizer, HashingVectorizer
-    from sklearn.pipeline import FeatureUnion, Pipeline as SkPipeline
+    from sklearn.pipeline import FeatureUnion
+    from sklearn.pipeline import Pipeline as SkPipeline
 
     first = est.steps[0][1] if isinstance(est, SkPipeline) else est
     if isinstance(first, FeatureUnion):

@@ -1,0 +1,290 @@
+"""Serving on a stack brought up by `tessera up`, plus two more serving replicas.
+
+Real processes throughout: NATS, Redis, control store, object store and the serving
+replicas; scikit-learn pipelines registered through the SDK, predictions over gRPC,
+HTTP/JSON and the NATS queue group, a replica killed under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.naive_bayes import MultinomialNB
+from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from tessera.api.serving.v1 import serving_pb2 as pb
+from tessera.api.serving.v1 import serving_pb2_grpc as pb_grpc
+from tessera.common import procs
+from tessera.common.rpc import health_status
+from tessera.serving import Client
+from tessera.serving.sklearn_import import UnsupportedEstimatorError, import_sklearn
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+BIN = Path(sys.executable).parent
+WORDS = "good great awful bad food slow quick friendly rude cheap tasty bland staff room view noisy quiet".split()
+
+
+class Cluster:
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+        self.extra: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=150)
+
+    def info(self) -> dict:
+        return json.loads((self.run_dir / "cluster.json").read_text())
+
+    def start_replica(self, name: str) -> str:
+        """One more serving replica (a process of its own) against the same NATS and control store."""
+        info = self.info()
+        port = procs.free_port()
+        env = dict(self.env, TESSERA_NATS_URL=info["nats_url"], TESSERA_CONTROL_STORE_ADDRESS=info["control_store_address"],
+                   TESSERA_GRPC_PORT=str(port), TESSERA_INSTANCE_ID=name, OTEL_TRACES_SAMPLER="always_off")
+        proc = procs.start([sys.executable, "-m", "tessera.serving"], log_path=self.run_dir / f"{name}.log", env=env)
+        address = f"127.0.0.1:{port}"
+        self.extra.append((address, proc))
+        deadline = time.monotonic() + 60
+        while health_status(address) != "SERVING":
+            assert proc.poll() is None, (self.run_dir / f"{name}.log").read_text()
+            assert time.monotonic() < deadline, "replica did not become SERVING"
+            time.sleep(0.2)
+        return address
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    run_dir = tmp_path_factory.mktemp("serving")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_OBJECT_STORE_MEMORY=str(256 * 2**20),
+               TESSERA_HEARTBEAT_INTERVAL_S="0.5", OTEL_TRACES_SAMPLER="always_off")
+    c = Cluster(run_dir, env)
+    up = c.cli("up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield c
+    finally:
+        for _, p in c.extra:
+            if p.poll() is None:
+                p.terminate()
+        for _, p in c.extra:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        c.cli("down")
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(1)
+    docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 10)))) for _ in range(300)]
+    y = np.array(["pos" if sum(w in ("good", "great", "tasty", "friendly") for w in d.split()) >
+                  sum(w in ("awful", "bad", "rude", "bland") for w in d.split()) else "neg" for d in docs])
+    return docs, y
+
+
+@pytest.fixture(scope="module")
+def fitted(data: tuple[list[str], np.ndarray]) -> list[Pipeline]:
+    """Two sentiment pipelines sharing one fitted featurizer, different heads."""
+    docs, y = data
+    feat = FeatureUnion([("c", TfidfVectorizer(analyzer="char", ngram_range=(1, 3))),
+                         ("w", TfidfVectorizer(ngram_range=(1, 2)))]).fit(docs)
+    X = feat.transform(docs)
+    return [Pipeline([("f", feat), ("m", LogisticRegression(C=c).fit(X, y))]) for c in (0.5, 5.0)]
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster) -> Iterator[Client]:
+    with Client(cluster_address=cluster.info()["control_store_address"]) as c:
+        yield c
+
+
+def test_register_predict_and_share(client: Client, fitted: list[Pipeline], data: tuple[list[str], np.ndarray]) -> None:
+    docs, _ = data
+    info = client.register("sentiment-a", fitted[0])
+    assert info.inputs == [("text", "text")] and info.classes == ["neg", "pos"]
+    assert info.rules == ["fuse_featurizers", "sparse_dot"] and info.stages == ["featurize", "head"]
+    preds = client.predict("sentiment-a", docs[:40])
+    assert [p.label for p in preds] == fitted[0].predict(docs[:40]).tolist()
+    np.testing.assert_allclose([p.scores for p in preds], fitted[0].predict_proba(docs[:40]), atol=1e-6)
+    # the second pipeline's vocabularies and idf are in the cluster already: only its head is new
+    ir = import_sklearn(fitted[1])
+    stub = client._stubs[0]
+    missing = stub.FindMissingParameters(pb.FindMissingParametersRequest(hashes=list(ir.params)), timeout=10).missing
+    heads = {h for n in ir.graph.nodes if n.op == "linear" for h in n.params.values()}
+    assert set(missing) == heads
+    before = client.stats()
+    client.register("sentiment-b", fitted[1])
+    after = client.stats()
+    assert after.param_bytes - before.param_bytes == sum(ir.params[h].nbytes for h in heads)
+    assert after.table_bytes == before.table_bytes
+    # both together: one featurization per input
+    out = client.predict_batch([("sentiment-a", docs[:5]), ("sentiment-b", docs[:5])])
+    np.testing.assert_allclose([p.scores for p in out[1]], fitted[1].predict_proba(docs[:5]), atol=1e-6)
+    assert client.stats().rows_reused - after.rows_reused == 5
+    assert {i.name for i in client.list()} >= {"sentiment-a", "sentiment-b"}
+
+
+def test_tabular_and_http(client: Client) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 3))
+    y = X @ [1.0, -2.0, 0.5] + 3.0
+    sk = make_pipeline(StandardScaler(), Ridge(alpha=0.1)).fit(X, y)
+    client.register("house", sk)
+    got = client.predict("house", X[:10].tolist())
+    np.testing.assert_allclose([p.value for p in got], sk.predict(X[:10]), atol=1e-6)
+    http = client.stats().http_address
+    body = json.dumps({"records": [{"x0": 0.1, "x1": 0.2, "x2": 0.3}]}).encode()
+    req = urllib.request.Request(f"http://{http}/v1/pipelines/house:predict", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        value = json.loads(r.read())["predictions"][0]["value"]
+    assert value == pytest.approx(sk.predict([[0.1, 0.2, 0.3]])[0], abs=1e-6)
+    for path, payload, status in (("nope:predict", {"records": [[1, 2, 3]]}, 404),
+                                  ("house:predict", {"records": [{"x0": "a", "x1": 1, "x2": 1}]}, 400),
+                                  ("house:predict", {"rows": []}, 400)):
+        req = urllib.request.Request(f"http://{http}/v1/pipelines/{path}", data=json.dumps(payload).encode(),
+                                     method="POST")
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=10)
+        assert ei.value.code == status
+        assert json.loads(ei.value.read())["error"]["message"]
+
+
+def test_bad_input_gets_precise_status_and_changes_nothing(client: Client, fitted: list[Pipeline],
+                                                           data: tuple[list[str], np.ndarray]) -> None:
+    docs, y = data
+    names = sorted(i.name for i in client.list())
+    cases = [
+        (lambda: client.predict("no-such-pipeline", ["hi"]), grpc.StatusCode.NOT_FOUND, "no pipeline named"),
+        (lambda: client.predict("sentiment-a", [{"text": 3.0}]), grpc.StatusCode.INVALID_ARGUMENT, "must be text"),
+        (lambda: client.predict("sentiment-a", [{"body": "x"}]), grpc.StatusCode.INVALID_ARGUMENT, "missing field"),
+        (lambda: client.predict("sentiment-a", ["x"] * 5000), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most"),
+        (lambda: client.predict("sentiment-a", ["x" * 200_000]), grpc.StatusCode.RESOURCE_EXHAUSTED, "characters"),
+        (lambda: client.unregister("no-such-pipeline"), grpc.StatusCode.NOT_FOUND, "no pipeline named"),
+        (lambda: client.register("bad name!", fitted[0]), grpc.StatusCode.INVALID_ARGUMENT, "bad pipeline name"),
+        (lambda: client.register("sentiment-a", fitted[0], replace=False), grpc.StatusCode.ALREADY_EXISTS, "already"),
+    ]
+    for call, code, text in cases:
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        assert ei.value.code() == code, ei.value.details()
+        assert text in ei.value.details()
+    stub: pb_grpc.ServingServiceStub = client._stubs[0]
+    bad_graphs = [
+        ('{"inputs":[["t","text"]],"nodes":[{"id":"a","op":"exec","params":{}}],"output":"a"}', "unknown operator"),
+        ("not json", "malformed"),
+        ('{"inputs":[["t","text"]],"nodes":[{"id":"m","op":"linear","inputs":["t"],"params":{"coef":"00","intercept":"11"}}],'
+         '"output":"m"}', "not an earlier node"),
+    ]
+    for graph, text in bad_graphs:
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Register(pb.RegisterRequest(pipeline=pb.PipelineSpec(name="evil", graph_json=graph)), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in ei.value.details()
+    with pytest.raises(grpc.RpcError) as ei:  # a tensor whose bytes do not match its hash
+        stub.UploadParameters(pb.UploadParametersRequest(tensors=[pb.Tensor(hash="ab", dtype="<f8", shape=[1],
+                                                                             data=b"\0" * 8)]), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hash" in ei.value.details()
+    with pytest.raises(UnsupportedEstimatorError, match="MultinomialNB"):  # refused on the client, nothing sent
+        client.register("nb", make_pipeline(CountVectorizer(), MultinomialNB()).fit(docs, y))
+    assert sorted(i.name for i in client.list()) == names
+
+
+def test_replicas_serve_every_pipeline_and_survive_a_kill(cluster: Cluster, client: Client,
+                                                          data: tuple[list[str], np.ndarray],
+                                                          fitted: list[Pipeline]) -> None:
+    docs, _ = data
+    extra = [cluster.start_replica("serving-x1"), cluster.start_replica("serving-x2")]
+    client.register("sentiment-c", fitted[1])  # registered once, through the first replica
+    want = fitted[1].predict_proba(docs[:8])
+    for addr in extra:  # ... served by the others, which load it from the registry
+        with Client(addr) as one:
+            np.testing.assert_allclose([p.scores for p in one.predict("sentiment-c", docs[:8])], want, atol=1e-6)
+    # unregistering on one replica removes it everywhere
+    client.register("short-lived", fitted[0])
+    with Client(extra[0]) as one:
+        one.predict("short-lived", ["good"])
+        client.unregister("short-lived")
+        deadline = time.monotonic() + 10
+        while True:  # the replica drops it when the registry's change event arrives
+            try:
+                one.predict("short-lived", ["good"])
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e.details()
+                break
+            assert time.monotonic() < deadline, "the other replica still serves an unregistered pipeline"
+            time.sleep(0.05)
+    # load through every replica; one is killed halfway; requests go on through the others
+    addrs = [*client.addresses, *extra]
+    errors: list[BaseException] = []
+    done = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(addrs, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    p = c.predict("sentiment-c", docs[:2])
+                    assert len(p) == 2
+                    done[0] += 1
+                except BaseException as e:  # noqa: BLE001 - collected and reported below
+                    errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    before_kill = done[0]
+    victim = cluster.extra[0][1]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors[:3]
+    assert before_kill > 0 and done[0] > before_kill + 10
+
+
+def test_nats_queue_group(cluster: Cluster, data: tuple[list[str], np.ndarray], fitted: list[Pipeline]) -> None:
+    import nats
+
+    docs, _ = data
+
+    async def go() -> list[dict]:
+        nc = await nats.connect(cluster.info()["nats_url"])
+        try:
+            out = []
+            for d in docs[:6]:
+                msg = await nc.request("tessera.serving.predict",
+                                       json.dumps({"pipeline": "sentiment-c", "records": [d]}).encode(), timeout=10)
+                out.append(json.loads(msg.data))
+            bad = await nc.request("tessera.serving.predict", b'{"pipeline": "nope", "records": ["x"]}', timeout=10)
+            out.append(json.loads(bad.data))
+            return out
+        finally:
+            await nc.close()
+
+    res = asyncio.run(go())
+    got = [r["predictions"][0]["scores"] for r in res[:6]]
+    np.testing.assert_allclose(got, fitted[1].predict_proba(docs[:6]), atol=1e-6)
+    assert res[6]["error"]["code"] == "NOT_FOUND"

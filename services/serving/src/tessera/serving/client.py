@@ -1,0 +1,234 @@
+"""``tessera.serving.Client``: register pipelines and get predictions from the serving replicas.
+
+The client converts a pipeline to the IR here (a fitted scikit-learn pipeline is imported
+by :func:`~tessera.serving.sklearn_import.import_sklearn`; a Flour graph is already IR),
+uploads only the parameters the cluster lacks, and registers the graph. Calls go to one
+replica and move on to the next when a replica is unreachable, so a replica that goes
+away under load costs a retry, not a failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tessera.api.serving.v1 import serving_pb2 as pb
+from tessera.api.serving.v1 import serving_pb2_grpc as pb_grpc
+from tessera.common import rpc
+from tessera.serving.ir import Pipeline
+
+SERVICE = "tessera.serving.v1.ServingService"
+IDEMPOTENT = ("FindMissingParameters", "UploadParameters", "List", "Predict", "PredictBatch", "GetStats")
+UPLOAD_BYTES = 32 * 1024 * 1024  # parameters per UploadParameters call
+
+
+@dataclass
+class Prediction:
+    """A prediction: ``label`` and ``class_index`` for classifiers, ``value`` for regressors;
+    ``scores``: class probabilities (or decision values)."""
+
+    label: Any = None
+    class_index: int = -1
+    value: float = 0.0
+    scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class PipelineInfo:
+    name: str
+    source: str
+    inputs: list[tuple[str, str]]
+    classes: list[Any]
+    rules: list[str]
+    stages: list[str]
+    param_bytes: int
+    latency_budget_ms: float
+
+
+def _value(v: pb.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "number":
+        x = v.number
+        return int(x) if x.is_integer() else x
+    return v.text if kind == "text" else None
+
+
+def _to_value(x: Any) -> pb.Value:
+    if isinstance(x, str):
+        return pb.Value(text=x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(x, np.generic) and not isinstance(x, np.bool_):
+                return pb.Value(number=float(x))
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"record values must be text or numbers, got {type(x).__name__}")
+    return pb.Value(number=float(x))
+
+
+def _record(r: Any) -> pb.Record:
+    if isinstance(r, dict):
+        return pb.Record(fields={str(k): _to_value(v) for k, v in r.items()})
+    if isinstance(r, (list, tuple)) or (hasattr(r, "tolist") and not isinstance(r, str)):
+        vals = r.tolist() if hasattr(r, "tolist") else r
+        if not isinstance(vals, list):
+            vals = [vals]
+        return pb.Record(values=[_to_value(v) for v in vals])
+    return pb.Record(values=[_to_value(r)])
+
+
+def _preds(resp: pb.PredictResponse) -> list[Prediction]:
+    out = []
+    for p in resp.predictions:
+        if p.class_index >= 0:
+            out.append(Prediction(label=_value(p.label), class_index=p.class_index, scores=list(p.scores)))
+        else:
+            out.append(Prediction(value=p.value, scores=list(p.scores)))
+    return out
+
+
+def _info(i: pb.PipelineInfo) -> PipelineInfo:
+    return PipelineInfo(i.name, i.source, list(zip(i.input_names, i.input_kinds, strict=True)),
+                        [_value(c) for c in i.classes], list(i.rules), list(i.stages), i.param_bytes,
+                        i.latency_budget_ms)
+
+
+def to_ir(pipeline: Any) -> Pipeline:
+    """A Flour graph, an IR pipeline or a fitted scikit-learn estimator, as IR."""
+    if isinstance(pipeline, Pipeline):
+        return pipeline
+    build = getattr(pipeline, "build", None)
+    if callable(build):
+        out = build()
+        if isinstance(out, Pipeline):
+            return out
+    if type(pipeline).__module__.startswith("sklearn."):
+        from tessera.serving.sklearn_import import import_sklearn
+
+        return import_sklearn(pipeline)
+    raise TypeError(f"cannot serve a {type(pipeline).__name__}: give a Flour pipeline or a fitted scikit-learn one")
+
+
+def serving_addresses(address: str | None = None) -> list[str]:
+    """The serving replicas registered in the cluster (``tessera up`` run dir or TESSERA_ADDRESS)."""
+    from tessera.api.control_store.v1 import control_store_pb2 as cpb
+    from tessera.client._discovery import find_cluster
+    from tessera.common.registry import control_store_stub
+
+    cluster = find_cluster(address)
+    ch, stub = control_store_stub(cluster.control_store_address)
+    with ch:
+        inst = stub.ListInstances(cpb.ListInstancesRequest(service="serving"), timeout=10.0).instances
+    addrs = sorted({i.address for i in inst})
+    if not addrs:
+        raise ConnectionError("no serving replica is registered in the cluster")
+    return addrs
+
+
+class Client:
+    """A blocking, thread-safe client of the serving replicas.
+
+    Args:
+        addresses: host:port of one or more replicas; default: every replica registered in
+            the cluster found by ``tessera up`` (or ``TESSERA_ADDRESS``).
+        timeout: deadline in seconds of each call.
+    """
+
+    def __init__(self, addresses: str | Sequence[str] | None = None, *, timeout: float = 30.0,
+                 cluster_address: str | None = None) -> None:
+        if addresses is None:
+            addrs = serving_addresses(cluster_address)
+        elif isinstance(addresses, str):
+            addrs = [addresses]
+        else:
+            addrs = list(addresses)
+        self.addresses = addrs
+        self.timeout = timeout
+        self._channels = [rpc.channel(a, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
+                          for a in addrs]
+        self._stubs = [pb_grpc.ServingServiceStub(c) for c in self._channels]
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any, *, failover: bool = True) -> Any:
+        """Call one replica (round robin); on UNAVAILABLE try the others in turn."""
+        with self._lock:
+            start = next(self._next) % len(self._stubs)
+        order = [(start + i) % len(self._stubs) for i in range(len(self._stubs))]
+        last: grpc.RpcError | None = None
+        for i in order if failover else order[:1]:
+            try:
+                return getattr(self._stubs[i], method)(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise
+                last = e
+        assert last is not None
+        raise last
+
+    # ------------------------------------------------------------------ pipelines
+    def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True) -> PipelineInfo:
+        """Serve ``pipeline`` (Flour or a fitted scikit-learn pipeline) as ``name``.
+
+        Only parameters the cluster does not hold yet are sent; a pipeline that shares a
+        vocabulary with one already registered uploads only its own weights.
+        ``latency_budget_ms``: how long its requests may wait to be batched (0: the default).
+        """
+        ir = to_ir(pipeline)
+        missing = list(self._call("FindMissingParameters", pb.FindMissingParametersRequest(hashes=list(ir.params))).missing)
+        batch: list[pb.Tensor] = []
+        size = 0
+        for h in missing:
+            a = ir.params[h]
+            batch.append(pb.Tensor(hash=h, dtype=a.dtype.str, shape=list(a.shape), data=a.tobytes()))
+            size += a.nbytes
+            if size >= UPLOAD_BYTES:
+                self._call("UploadParameters", pb.UploadParametersRequest(tensors=batch))
+                batch, size = [], 0
+        if batch:
+            self._call("UploadParameters", pb.UploadParametersRequest(tensors=batch))
+        spec = pb.PipelineSpec(name=name, graph_json=ir.graph.to_json(), latency_budget_ms=latency_budget_ms)
+        resp = self._call("Register", pb.RegisterRequest(pipeline=spec, replace=replace), failover=False)
+        return _info(resp.info)
+
+    def unregister(self, name: str) -> None:
+        self._call("Unregister", pb.UnregisterRequest(name=name), failover=False)
+
+    def list(self) -> list[PipelineInfo]:
+        return [_info(i) for i in self._call("List", pb.ListRequest()).pipelines]
+
+    # ------------------------------------------------------------------ predictions
+    def predict(self, name: str, records: Sequence[Any]) -> list[Prediction]:
+        """Predictions of pipeline ``name`` for ``records`` (dicts of fields, lists of values,
+        or bare values for single-input pipelines such as text ones)."""
+        req = pb.PredictRequest(pipeline=name, records=[_record(r) for r in records])
+        return _preds(self._call("Predict", req))
+
+    def predict_batch(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Prediction]]:
+        """Several (pipeline, records) requests in one call, run together on one replica:
+        a featurizer that pipelines share runs once per distinct input."""
+        req = pb.PredictBatchRequest(requests=[pb.PredictRequest(pipeline=n, records=[_record(r) for r in recs])
+                                               for n, recs in requests])
+        return [_preds(r) for r in self._call("PredictBatch", req).responses]
+
+    def stats(self, replica: int = 0) -> pb.GetStatsResponse:
+        """Memory and scheduler figures of one replica."""
+        resp: pb.GetStatsResponse = self._stubs[replica].GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+        return resp

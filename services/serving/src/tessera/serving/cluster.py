@@ -1,0 +1,131 @@
+"""Where the cluster keeps pipelines: the registry in the control store, parameters in
+the object store.
+
+- Registry: the control store's KV namespace ``serving-pipelines`` (name -> PipelineSpec).
+  The control store announces every change on NATS (``tessera.events.kv.serving-pipelines.*``),
+  which every replica follows.
+- Parameters: each array is one object in the node's object store; the KV namespace
+  ``serving-params`` maps its content hash to the object id. A replica reads it as a
+  read-only view of the node's shared memory (no copy, mapped once per node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
+from tessera.api.serving.v1 import serving_pb2 as pb
+from tessera.common.errors import NotFoundError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+PIPELINES = "serving-pipelines"
+PARAMS = "serving-params"
+
+
+class ClusterStore:
+    def __init__(self, stub: cpb_grpc.ControlStoreServiceStub, *, timeout: float = 10.0) -> None:
+        self.stub = stub
+        self.timeout = timeout
+        self._objects: Any = None
+        self._objects_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ registry
+    async def put_pipeline(self, spec: pb.PipelineSpec, *, replace: bool) -> None:
+        req = cpb.KvPutRequest(namespace=PIPELINES, key=spec.name.encode(), value=spec.SerializeToString(),
+                               overwrite=replace)
+        await self.stub.KvPut(req, timeout=self.timeout)
+
+    async def get_pipeline(self, name: str) -> pb.PipelineSpec | None:
+        try:
+            resp = await self.stub.KvGet(cpb.KvGetRequest(namespace=PIPELINES, key=name.encode()), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise UnavailableError(f"control store: {e.code().name} {e.details()}") from e
+        return pb.PipelineSpec.FromString(resp.value)
+
+    async def delete_pipeline(self, name: str) -> bool:
+        resp = await self.stub.KvDelete(cpb.KvDeleteRequest(namespace=PIPELINES, key=name.encode()), timeout=self.timeout)
+        return bool(resp.deleted)
+
+    async def pipeline_names(self) -> list[str]:
+        resp = await self.stub.KvList(cpb.KvListRequest(namespace=PIPELINES), timeout=self.timeout)
+        return [k.decode() for k in resp.keys]
+
+    # ------------------------------------------------------------------ parameters
+    async def _client(self) -> Any:
+        async with self._objects_lock:
+            if self._objects is None:
+                resp = await self.stub.ListInstances(cpb.ListInstancesRequest(service="object-store"),
+                                                     timeout=self.timeout)
+                here = os.uname().nodename
+                insts = [i for i in resp.instances if i.hostname == here] or list(resp.instances)
+                if not insts:
+                    raise UnavailableError("no object store is registered in the cluster")
+                from tessera import ObjectStoreClient
+
+                addr = insts[0].address
+                self._objects = await asyncio.to_thread(ObjectStoreClient, addr, name="serving")
+                log.info("parameters in the object store at %s", addr)
+            return self._objects
+
+    async def object_id(self, h: str) -> bytes | None:
+        try:
+            resp = await self.stub.KvGet(cpb.KvGetRequest(namespace=PARAMS, key=h.encode()), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise UnavailableError(f"control store: {e.code().name} {e.details()}") from e
+        return bytes(resp.value)
+
+    async def missing(self, hashes: list[str]) -> list[str]:
+        found = await asyncio.gather(*(self.object_id(h) for h in hashes))
+        return [h for h, oid in zip(hashes, found, strict=True) if oid is None]
+
+    async def store_params(self, arrays: dict[str, np.ndarray]) -> int:
+        """Put the arrays the cluster lacks into the object store; returns how many were new."""
+        new = await self.missing(list(arrays))
+        if not new:
+            return 0
+        client = await self._client()
+
+        def put_all() -> list[bytes]:
+            refs = [client.put(np.ascontiguousarray(arrays[h]), owner="serving") for h in new]
+            client.flush()  # small ones are batched: in the store before anyone is told of them
+            return [r.id for r in refs]
+
+        oids = await asyncio.to_thread(put_all)
+        for h, oid in zip(new, oids, strict=True):
+            try:
+                await self.stub.KvPut(cpb.KvPutRequest(namespace=PARAMS, key=h.encode(), value=oid, overwrite=False),
+                                      timeout=self.timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # another replica stored it first: same content
+                    raise
+        return len(new)
+
+    async def load_params(self, hashes: list[str]) -> dict[str, np.ndarray]:
+        """The arrays of ``hashes``: read-only views of the node's shared memory."""
+        oids = await asyncio.gather(*(self.object_id(h) for h in hashes))
+        lost = [h for h, o in zip(hashes, oids, strict=True) if o is None]
+        if lost:
+            raise NotFoundError(f"parameters missing from the cluster: {', '.join(lost[:5])}")
+        client = await self._client()
+        from tessera import ObjectRef
+
+        refs = [ObjectRef(o) for o in oids if o is not None]
+        values = await asyncio.to_thread(client.get, refs, timeout=30.0)
+        return dict(zip(hashes, values, strict=True))
+
+    async def close(self) -> None:
+        if self._objects is not None:
+            await asyncio.to_thread(self._objects.close)
