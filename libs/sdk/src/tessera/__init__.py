@@ -10,10 +10,13 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 from tessera import exceptions  # noqa: E402
-from tessera._objects import ObjectRef, ObjectStoreClient, get, put  # noqa: E402
+from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait  # noqa: E402
+from tessera._objects import ObjectRef, ObjectStoreClient  # noqa: E402
+from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote  # noqa: E402
 from tessera.client import Client, ClusterNotFoundError, Event, connect  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient", "__version__", "connect",
-           "exceptions", "get", "put"]
+__all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
+           "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
+           "is_initialized", "kill", "put", "remote", "shutdown", "wait"]

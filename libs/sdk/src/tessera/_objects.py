@@ -156,10 +156,17 @@ class ObjectStoreClient:
 
     # ------------------------------------------------------------------ put
 
-    def put(self, value: Any, *, owner: str = "") -> ObjectRef:
-        """Store ``value``; large buffers are copied once, straight into shared memory."""
-        oid = ids.new_id("object_id")
+    def put(self, value: Any, *, owner: str = "", object_id: bytes | None = None) -> ObjectRef:
+        """Store ``value``; large buffers are copied once, straight into shared memory.
+
+        ``object_id`` names the object (a task's return value); by default a new id is drawn.
+        """
+        oid = ids.check_id("object_id", object_id) if object_id is not None else ids.new_id("object_id")
         ser = serialize(value)
+        return self.put_serialized(oid, ser, owner=owner)
+
+    def put_serialized(self, oid: bytes, ser: Any, *, owner: str = "") -> ObjectRef:
+        """Store an already serialized value (``tessera.common.serialization.Serialized``) as ``oid``."""
         self._raise_flush_error()
         if ser.size <= self.inline_threshold:
             data = ser.to_bytes()
@@ -175,6 +182,19 @@ class ObjectStoreClient:
         return ObjectRef(oid)
 
     # ------------------------------------------------------------------ small objects
+
+    def put_inline(self, oid: bytes, data: bytes, *, owner: str = "") -> None:
+        """Queue an already serialized small object (at most the inline threshold) for the next batch."""
+        with self._cond:
+            self._pending.append(pb.InlineObject(object_id=oid, data=data, owner=owner))
+            self._cond.notify()
+        if self._flusher is None:
+            self._start_flusher()
+
+    def owned(self, oid: bytes) -> bytes | None:
+        """The serialized bytes of a small object this client put, if it still keeps them."""
+        with self._lock:
+            return self._owned.get(oid)
 
     def _own(self, oid: bytes, data: bytes) -> None:
         with self._lock:

@@ -19,4 +19,42 @@ class ObjectLostError(TesseraSDKError):
     """No copy of the object is left anywhere."""
 
 
-__all__ = ["GetTimeoutError", "ObjectLostError", "ObjectStoreFullError", "TesseraSDKError"]
+class TaskError(TesseraSDKError):
+    """A task raised. ``get`` raises an instance that is also of the original exception's type where possible.
+
+    Attributes:
+        cause: the original exception, when it could be carried back.
+        traceback_str: the remote traceback.
+        function_name: the task that raised.
+    """
+
+    def __init__(self, message: str, *, cause: BaseException | None = None, traceback_str: str = "",
+                 function_name: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.traceback_str = traceback_str
+        self.function_name = function_name
+
+    def __str__(self) -> str:
+        text = str(self.args[0]) if self.args else ""
+        return f"{text}\n\n{self.traceback_str}" if self.traceback_str else text
+
+
+class WorkerCrashedError(TesseraSDKError):
+    """The worker process running a task died, and the task had no retries left."""
+
+
+class ActorDiedError(TesseraSDKError):
+    """The actor is dead: killed, its constructor raised, or its process died with no restarts left."""
+
+
+class TaskCancelledError(TesseraSDKError):
+    """The task was cancelled with ``tessera.cancel``."""
+
+
+class TaskUnschedulableError(TesseraSDKError):
+    """No node in the cluster has the resources the task asks for."""
+
+
+__all__ = ["ActorDiedError", "GetTimeoutError", "ObjectLostError", "ObjectStoreFullError", "TaskCancelledError",
+           "TaskError", "TaskUnschedulableError", "TesseraSDKError", "WorkerCrashedError"]

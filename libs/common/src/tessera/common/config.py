@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     object_store_inline_threshold: int = Field(100 * 1024, ge=0, description="objects up to this size travel inline in gRPC")
     object_store_chunk_bytes: int = Field(1024**2, gt=0, description="object-store: chunk size of node-to-node pulls")
 
+    # task scheduler (a node agent per node; the global scheduler runs beside it unless told otherwise)
+    task_scheduler_role: str = Field("both", pattern="^(both|agent|global)$",
+                                     description="task-scheduler: agent (node agent), global (global scheduler) or both")
+    num_cpus: int = Field(0, ge=0, description="task-scheduler: CPUs this node offers to tasks; 0: the machine's count")
+    num_gpus: int = Field(0, ge=0, description="task-scheduler: GPUs this node offers to tasks")
+    node_resources: str = Field("", description='task-scheduler: custom resources as JSON, e.g. {"accelerator": 2}')
+    task_scheduler_max_workers: int = Field(64, gt=0, description="task-scheduler: worker processes per node (besides actors)")
+    task_scheduler_prestart_workers: int = Field(-1, ge=-1, description="task-scheduler: workers started up front; -1: one per CPU")
+    task_scheduler_queue_per_cpu: float = Field(4.0, gt=0, description="task-scheduler: queued tasks per CPU before spilling")
+    task_scheduler_unschedulable_s: float = Field(30.0, ge=0, description="task-scheduler: how long a task no node can run waits for one")
+
     # --- launcher ------------------------------------------------------------------
     run_dir: Path = Field(default_factory=default_run_dir, description="tessera up: pids, ports, logs and data")
     redis_shards: int = Field(1, ge=1, le=64, description="tessera up: Redis shards to start when none are given")
@@ -86,6 +97,14 @@ class Settings(BaseSettings):
     serving_latency_budget_ms: float = Field(2.0, ge=0, description="serving: default batching reservation of a pipeline")
     serving_max_records: int = Field(4096, gt=0, description="serving: most records in one predict request")
     serving_max_text_chars: int = Field(100_000, gt=0, description="serving: longest text field accepted")
+
+    # gpu-scheduler (Gandiva: a scheduler per cluster, a node agent per node)
+    gpus_per_node: int = Field(0, ge=0, le=64, description="gpu-scheduler: virtual GPU slots of a node agent when NVML finds no GPU")
+    gpu_scheduler_policy: str = Field("gandiva", pattern="^(gandiva|fifo|las)$", description="gpu-scheduler: gandiva, fifo or las")
+    gpu_scheduler_quantum_s: float = Field(10.0, gt=0, description="gpu-scheduler: time slice when GPUs are oversubscribed")
+    gpu_scheduler_tick_s: float = Field(0.25, gt=0, description="gpu-scheduler: how often the scheduler reconciles and agents report")
+    gpu_scheduler_agent_timeout_s: float = Field(5.0, gt=0, description="gpu-scheduler: a node agent silent this long is dead; its jobs are requeued")
+    gpu_scheduler_packing: bool = Field(False, description="gpu-scheduler: pack jobs on shared GPUs when introspection shows a gain")
 
     @field_validator("redis_urls", mode="before")
     @classmethod

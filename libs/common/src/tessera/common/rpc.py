@@ -145,7 +145,9 @@ def create_server(*, traced: bool = True) -> grpc.aio.Server:
             ("grpc.so_reuseport", 0),
             # accept the clients' keepalive pings (every 30 s, also on idle streams such as
             # sessions and watches) instead of answering them with GOAWAY "too_many_pings"
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            # (the server-side name of GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )

@@ -30,7 +30,7 @@ EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
 PER_NODE = ("object-store", "task-scheduler")
 
 
-def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1) -> Cluster:
+def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gpus_per_node: int = 0) -> Cluster:
     env = os.environ
     ps: list[Proc] = []
     if env.get("TESSERA_NATS_URL"):
@@ -57,6 +57,11 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1) ->
         else:
             port = procs.free_port()
             ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}"))
+    if gpus_per_node:  # a gpu-scheduler node agent per node (the gpu-scheduler run with the node's id)
+        for i, node in enumerate(node_ids):
+            port = procs.free_port()
+            ps.append(Proc(f"gpu-agent-{i}", "service", port, service="gpu-scheduler", node_id=node,
+                           address=f"127.0.0.1:{port}"))
     cs = next(p for p in ps if p.name == "control-store")
     return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
                    control_store_address=cs.address, procs=ps, started=time.time())
@@ -132,7 +137,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     run.prepare()
     run.clear()
-    cluster = _plan(run, settings, args.redis_shards or settings.redis_shards, args.nodes)
+    if args.gpus_per_node:
+        os.environ["TESSERA_GPUS_PER_NODE"] = str(args.gpus_per_node)  # the supervisor and its children inherit it
+    cluster = _plan(run, settings, args.redis_shards or settings.redis_shards, args.nodes,
+                    args.gpus_per_node or settings.gpus_per_node)
     run.write(cluster)
     sup = subprocess.Popen([sys.executable, "-m", "tessera._launcher.supervisor", str(run.path)],
                            stdin=subprocess.DEVNULL, stdout=open(run.log("supervisor"), "ab"),
@@ -262,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start NATS, Redis and the six services; wait until all are SERVING")
     up.add_argument("--redis-shards", type=int, default=0, help="Redis shards to start (default TESSERA_REDIS_SHARDS or 1)")
     up.add_argument("--nodes", type=int, default=1, help="nodes to emulate on this machine (each with its own object store)")
+    up.add_argument("--gpus-per-node", type=int, default=0,
+                    help="virtual GPU slots per node (where NVML finds none); runs a gpu-scheduler node agent per node")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
     st = sub.add_parser("status", help="processes, addresses and health")
     st.add_argument("--json", action="store_true")
@@ -279,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--redis-shards must be between 1 and 64")
     if args.command == "up" and not 1 <= args.nodes <= 16:
         ap.error("--nodes must be between 1 and 16")
+    if args.command == "up" and not 0 <= args.gpus_per_node <= 64:
+        ap.error("--gpus-per-node must be between 0 and 64")
     try:
         settings = Settings()
     except Exception as e:

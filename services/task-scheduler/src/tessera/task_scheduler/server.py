@@ -1,15 +1,547 @@
-"""Wiring of the task-scheduler service."""
+"""Wiring of the task scheduler: a node agent and/or a global scheduler replica.
+
+The node agent (:class:`Node`) connects the local scheduler (agent.py) to its
+surroundings: client sessions (gRPC), worker processes (a Unix socket), other
+agents and the global scheduler (NATS), the control store (task lineage, actor
+records, object locations) and the node's object store (small results).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from tessera._objects import ObjectStoreClient
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common import ids, rpc
 from tessera.common.config import Settings
+from tessera.common.errors import InvalidArgumentError
+from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.task_scheduler import resources as res
+from tessera.task_scheduler.agent import NodeAgent, error_result
+from tessera.task_scheduler.frames import pack, read_frame
+from tessera.task_scheduler.placement import NodeView
+from tessera.task_scheduler.scheduler import GlobalScheduler
+from tessera.task_scheduler.servicer import TaskSchedulerServicer
+
+log = logging.getLogger(__name__)
 
 NAME = "task-scheduler"
+SERVICE = "tessera.task_scheduler.v1.TaskSchedulerService"
+K = pb.TaskKind
+E = pb.ErrorKind
+LOAD_INTERVAL_S = 0.1
+SPILL_SUBJECT = "tessera.sched.spill"
+LOAD_SUBJECT = "tessera.sched.load"
+GLOBAL_QUEUE = "task-scheduler-global"
+ACTOR_STATES = {"ALIVE": cpb.ACTOR_STATE_ALIVE, "RESTARTING": cpb.ACTOR_STATE_RESTARTING, "DEAD": cpb.ACTOR_STATE_DEAD}
+
+
+def node_subject(node_id: bytes, what: str) -> str:
+    return f"tessera.sched.node.{node_id.hex()}.{what}"
+
+
+def node_resources(settings: Settings) -> dict[str, float]:
+    total: dict[str, float] = {res.CPU: float(settings.num_cpus or os.cpu_count() or 1)}
+    if settings.num_gpus:
+        total[res.GPU] = float(settings.num_gpus)
+    if settings.node_resources:
+        try:
+            custom = json.loads(settings.node_resources)
+        except ValueError as e:
+            raise InvalidArgumentError(f"TESSERA_NODE_RESOURCES is not JSON: {e}") from None
+        if not isinstance(custom, dict):
+            raise InvalidArgumentError("TESSERA_NODE_RESOURCES must be a JSON object of name: amount")
+        total.update(res.check_request(custom, what="TESSERA_NODE_RESOURCES"))
+    return total
+
+
+def node_id_of(settings: Settings) -> bytes:
+    if settings.node_id:
+        try:
+            return ids.check_id("node_id", bytes.fromhex(settings.node_id), field="TESSERA_NODE_ID")
+        except ValueError:
+            raise InvalidArgumentError(f"TESSERA_NODE_ID must be hex, got {settings.node_id!r}") from None
+    return ids.new_id("node_id")
+
+
+def validate(spec: pb.TaskSpec) -> None:
+    """Refuse a malformed submission (it then fails alone, with ERROR_KIND_INVALID)."""
+    ids.check_id("task_id", spec.task_id)
+    if spec.kind not in (K.TASK_KIND_NORMAL, K.TASK_KIND_ACTOR_CREATE, K.TASK_KIND_ACTOR_METHOD):
+        raise InvalidArgumentError(f"task {spec.name!r}: unknown kind {spec.kind}")
+    if spec.kind != K.TASK_KIND_ACTOR_METHOD:
+        ids.check_id("function_id", spec.function_id)
+    if spec.kind != K.TASK_KIND_NORMAL:
+        ids.check_id("actor_id", spec.actor_id)
+    if spec.kind == K.TASK_KIND_ACTOR_METHOD and not spec.method:
+        raise InvalidArgumentError(f"actor call {spec.name!r} names no method")
+    for a in spec.args:
+        if a.WhichOneof("kind") == "object_id":
+            ids.check_id("object_id", a.object_id)
+        elif a.WhichOneof("kind") is None:
+            raise InvalidArgumentError(f"task {spec.name!r}: an argument has neither a value nor an object id")
+    res.check_request(dict(spec.resources), what=f"task {spec.name!r}")
+
+
+class Node:
+    """A node agent's surroundings; implements agent.Ports."""
+
+    def __init__(self, app: ServiceApp, settings: Settings, node_id: bytes, total: dict[str, float]) -> None:
+        self.app = app
+        self.settings = settings
+        self.node_id = node_id
+        self.incarnation = os.urandom(6).hex()
+        self.agent = NodeAgent(node_id, total, self, max_queue_per_cpu=settings.task_scheduler_queue_per_cpu,
+                               unschedulable_after_s=settings.task_scheduler_unschedulable_s,
+                               max_workers=settings.task_scheduler_max_workers)
+        self.sessions: dict[str, Any] = {}  # session id -> put(result)
+        self.session_names: dict[str, str] = {}
+        self.next_session = 0
+        self.worker_writers: dict[bytes, asyncio.StreamWriter] = {}
+        self.procs: dict[bytes, asyncio.subprocess.Process] = {}
+        self.proc_actor: dict[bytes, bytes] = {}
+        self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
+        self.object_store_address = ""
+        self.objects: ObjectStoreClient | None = None
+        self.cs: Any = None
+        self._out_results: dict[bytes, list[pb.TaskResult]] = {}
+        self._out_spill: list[pb.TaskSpec] = []
+        self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
+        self._created: list[pb.TaskSpec] = []
+        self._states: list[cpb.TaskStateUpdate] = []
+        self._recorded: set[bytes] = set()
+        self._flush_scheduled = False
+        self._writes = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, put: Any, name: str) -> str:
+        self.next_session += 1
+        sid = f"s{self.next_session}"
+        self.sessions[sid] = put
+        self.session_names[sid] = name
+        return sid
+
+    def close_session(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+        self.session_names.pop(sid, None)
+
+    def welcome(self, sid: str) -> pb.Welcome:
+        return pb.Welcome(node_id=self.node_id, session=sid, object_store_address=self.object_store_address,
+                          resources=self.agent.total)
+
+    def client_frame(self, sid: str, frame: pb.ClientFrame) -> None:
+        if frame.submit:
+            good = []
+            for spec in frame.submit:
+                try:
+                    validate(spec)
+                except InvalidArgumentError as e:
+                    put = self.sessions.get(sid)
+                    if put is not None:
+                        put(error_result(spec, E.ERROR_KIND_INVALID, str(e)))
+                    continue
+                spec.owner_node_id = self.node_id
+                spec.owner = sid
+                good.append(spec)
+            if good:
+                self.agent.submit(good, local=True)
+        if frame.cancel:
+            self.agent.cancel(frame.cancel, force=frame.force)
+        for aid in frame.kill_actor:
+            self.agent.kill_actor(aid)
+
+    def status(self) -> pb.GetStatusResponse:
+        a = self.agent
+        return pb.GetStatusResponse(
+            node_id=self.node_id, resources_total=a.total, resources_available=a.available, queued=len(a.queue),
+            waiting=len(a.waiting), running=len(a.running), workers=len(a.workers), idle_workers=len(a.idle),
+            actors=sum(1 for x in a.actors.values() if x.state != "DEAD"), tasks_finished=a.finished,
+            tasks_spilled=a.spilled_count, tasks_received=a.received, sessions=len(self.sessions))
+
+    # ------------------------------------------------------------------ workers (Ports)
+
+    def start_worker(self, *, actor_id: bytes = b"") -> bytes:
+        wid = os.urandom(8)
+        self._tasks.append(asyncio.create_task(self._spawn(wid, actor_id)))
+        return wid
+
+    async def _spawn(self, wid: bytes, actor_id: bytes) -> None:
+        env = dict(os.environ)
+        # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
+        env.update(TESSERA_WORKER_SOCKET="@" + self.socket_path[1:], TESSERA_WORKER_ID=wid.hex(),
+                   TESSERA_WORKER_ACTOR=actor_id.hex(), TESSERA_NODE_ID=self.node_id.hex(),
+                   TESSERA_CONTROL_STORE_ADDRESS=self.settings.control_store_address)
+        env.pop("OTEL_SERVICE_NAME", None)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tessera.task_scheduler.worker", env=env, stdin=asyncio.subprocess.DEVNULL)
+        except (OSError, ValueError) as e:
+            log.error("could not start a worker: %s", e)
+            self._worker_gone(wid, actor_id, f"could not start: {e}")
+            return
+        self.procs[wid] = proc
+        self.proc_actor[wid] = actor_id
+        code = await proc.wait()
+        self.procs.pop(wid, None)
+        why = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        self._worker_gone(wid, actor_id, why)
+
+    def _worker_gone(self, wid: bytes, actor_id: bytes, why: str) -> None:
+        self.proc_actor.pop(wid, None)
+        self.worker_writers.pop(wid, None)
+        known = wid in self.agent.workers
+        if not known and actor_id:  # died before it said hello
+            a = self.agent.actors.get(actor_id)
+            if a is not None and a.state != "DEAD":
+                from tessera.task_scheduler.agent import Worker
+                self.agent.workers[wid] = Worker(wid, actor_id=actor_id)
+        self.agent.worker_died(wid, why)
+
+    def stop_worker(self, worker_id: bytes) -> None:
+        proc = self.procs.get(worker_id)
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None:
+        w = self.worker_writers.get(worker_id)
+        if w is None:
+            return
+        w.write(pack(pb.ServerFrame(execute=[spec])))
+
+    async def _worker_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        wid = b""
+        sid = ""
+        try:
+            hello = pb.ClientFrame.FromString(await read_frame(reader)).hello
+            wid = hello.worker_id
+            actor_id = bytes.fromhex(hello.name) if hello.name else b""
+            self.worker_writers[wid] = writer
+
+            def put(r: pb.TaskResult) -> None:
+                writer.write(pack(pb.ServerFrame(results=[r])))
+
+            sid = self.open_session(put, f"worker {wid.hex()}")
+            writer.write(pack(pb.ServerFrame(welcome=self.welcome(sid))))
+            self.agent.worker_ready(wid, actor_id=actor_id)
+            while True:
+                frame = pb.ClientFrame.FromString(await read_frame(reader))
+                for r in frame.done:
+                    self.agent.task_done(wid, r)
+                if frame.blocked:
+                    self.agent.worker_blocked(wid, frame.blocked)
+                if frame.submit or frame.cancel or frame.kill_actor:
+                    self.client_frame(sid, frame)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("worker connection failed")
+        finally:
+            if sid:
+                self.close_session(sid)
+            writer.close()
+
+    # ------------------------------------------------------------------ results, spill, forward (Ports)
+
+    def deliver(self, owner_node: bytes, results: list[pb.TaskResult]) -> None:
+        if owner_node == self.node_id or not owner_node:
+            self._to_sessions(results)
+            return
+        self._out_results.setdefault(owner_node, []).extend(results)
+        self._schedule_flush()
+
+    def _to_sessions(self, results: list[pb.TaskResult]) -> None:
+        for r in results:
+            if r.task_id in self._recorded:
+                self._recorded.discard(r.task_id)
+                st = cpb.TASK_STATE_FAILED if r.HasField("error") else cpb.TASK_STATE_FINISHED
+                self._states.append(cpb.TaskStateUpdate(task_id=r.task_id, state=st, node_id=r.node_id,
+                                                        error=r.error.message if r.HasField("error") else ""))
+                self._writes.set()
+            put = self.sessions.get(r.owner)
+            if put is not None:
+                put(r)
+
+    def spill(self, specs: list[pb.TaskSpec]) -> None:
+        self._out_spill.extend(specs)
+        self._schedule_flush()
+
+    def forward(self, node_id: bytes, specs: list[pb.TaskSpec]) -> None:
+        self._out_forward.setdefault(node_id, []).extend(specs)
+        self._schedule_flush()
+
+    def control(self, node_id: bytes, ctl: pb.Control) -> None:
+        self._publish(node_subject(node_id, "control"), ctl.SerializeToString())
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        results, self._out_results = self._out_results, {}
+        for node, rs in results.items():
+            self._publish(node_subject(node, "results"),
+                          pb.ResultBatch(results=rs, from_node_id=self.node_id).SerializeToString())
+        if self._out_spill:
+            specs, self._out_spill = self._out_spill, []
+            self._publish(SPILL_SUBJECT, pb.TaskBatch(tasks=specs, from_node_id=self.node_id).SerializeToString())
+        fwd, self._out_forward = self._out_forward, {}
+        for node, specs in fwd.items():
+            self._publish(node_subject(node, "tasks"), pb.TaskBatch(tasks=specs, from_node_id=self.node_id).SerializeToString())
+
+    def _publish(self, subject: str, data: bytes) -> None:
+        bus = self.app.bus
+        if bus is None:
+            return
+        self._tasks.append(asyncio.create_task(bus.publish(subject, data)))
+        if len(self._tasks) > 256:
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    # ------------------------------------------------------------------ control store and object store (Ports)
+
+    def store_inline(self, object_id: bytes, data: bytes) -> None:
+        if self.objects is not None:
+            self.objects.put_inline(object_id, data)
+
+    def record_created(self, specs: list[pb.TaskSpec]) -> None:
+        for s in specs:
+            self._recorded.add(s.task_id)
+            self._created.append(cpb.TaskSpec(
+                task_id=s.task_id, job_id=s.job_id, function_id=s.function_id, function_name=s.name,
+                args=s.SerializeToString(), num_returns=s.num_returns, resources=s.resources,
+                arg_object_ids=[a.object_id for a in s.args if a.WhichOneof("kind") == "object_id"],
+                max_retries=max(0, s.max_retries), parent_task_id=s.parent_task_id))
+        self._writes.set()
+
+    def record_finished(self, result: pb.TaskResult) -> None:  # (results are recorded as they reach their owner)
+        pass
+
+    def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
+        req = cpb.UpdateActorRequest(actor_id=actor_id, state=ACTOR_STATES[state], node_id=self.node_id,
+                                     address=self.app.address, death_cause=cause)
+        self._tasks.append(asyncio.create_task(self._update_actor(req)))
+
+    async def _update_actor(self, req: cpb.UpdateActorRequest) -> None:
+        try:
+            await self.cs.UpdateActor(req, timeout=10.0)
+        except Exception as e:
+            log.warning("could not record actor %s as %s: %s", req.actor_id.hex(), cpb.ActorState.Name(req.state), e)
+
+    def locate_objects(self, object_ids: list[bytes]) -> None:
+        self._tasks.append(asyncio.create_task(self._locate(object_ids)))
+
+    async def _locate(self, object_ids: list[bytes]) -> None:
+        try:
+            objs = (await self.cs.GetObjects(cpb.GetObjectsRequest(object_ids=object_ids), timeout=10.0)).objects
+        except Exception as e:
+            log.warning("object lookup failed: %s", e)
+            return
+        found = {o.object_id: b"" for o in objs if o.locations}
+        if found:
+            self.agent.objects_available(found)
+
+    def locate_actor(self, actor_id: bytes) -> None:
+        self._tasks.append(asyncio.create_task(self._locate_actor(actor_id)))
+
+    async def _locate_actor(self, actor_id: bytes) -> None:
+        deadline = time.monotonic() + 60.0
+        delay = 0.01
+        while time.monotonic() < deadline:
+            try:
+                a = (await self.cs.GetActor(cpb.GetActorRequest(actor_id=actor_id), timeout=10.0)).actor
+            except Exception as e:
+                if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                    self.agent.actor_located(actor_id, b"", dead="no such actor")
+                    return
+                a = None
+            if a is not None:
+                if a.state == cpb.ACTOR_STATE_DEAD:
+                    self.agent.actor_located(actor_id, b"", dead=a.death_cause or "dead")
+                    return
+                if a.node_id and a.state in (cpb.ACTOR_STATE_ALIVE, cpb.ACTOR_STATE_RESTARTING):
+                    self.agent.actor_located(actor_id, a.node_id)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        self.agent.actor_located(actor_id, b"", dead="it did not start within 60s")
+
+    async def _writer(self) -> None:
+        """Lineage and task states to the control store, in batches, in order."""
+        while True:
+            await self._writes.wait()
+            self._writes.clear()
+            created, self._created = self._created, []
+            states, self._states = self._states, []
+            try:
+                for i in range(0, len(created), 2000):
+                    await self.cs.CreateTasks(cpb.CreateTasksRequest(specs=created[i:i + 2000]), timeout=30.0)
+                for i in range(0, len(states), 2000):
+                    await self.cs.UpdateTaskStates(cpb.UpdateTaskStatesRequest(updates=states[i:i + 2000]), timeout=30.0)
+            except Exception as e:
+                log.warning("could not record %d task(s) / %d state(s): %s", len(created), len(states), e)
+            await asyncio.sleep(0.005)  # let more gather
+
+    # ------------------------------------------------------------------ NATS
+
+    async def _on_tasks(self, msg: Any) -> None:
+        batch = pb.TaskBatch.FromString(msg.data)
+        self.agent.submit(batch.tasks, local=False)
+
+    async def _on_results(self, msg: Any) -> None:
+        batch = pb.ResultBatch.FromString(msg.data)
+        self._to_sessions(self.agent.remote_results(batch.results))
+
+    async def _on_control(self, msg: Any) -> None:
+        ctl = pb.Control.FromString(msg.data)
+        if ctl.cancel:
+            self.agent.cancel(ctl.cancel, force=ctl.force)
+        for aid in ctl.kill_actor:
+            self.agent.kill_actor(aid)
+
+    async def _on_assigned(self, msg: Any) -> None:
+        batch = pb.TaskBatch.FromString(msg.data)
+        self.agent.assigned([t.task_id for t in batch.tasks], batch.from_node_id)
+
+    async def _on_load(self, msg: Any) -> None:
+        self.agent.peer_load(view_of(pb.NodeLoad.FromString(msg.data)))
+
+    async def _on_sealed(self, msg: Any) -> None:
+        if not self.agent.by_object:
+            return
+        ev = cpb.ChangeEvent.FromString(msg.data)
+        found = {c.key: b"" for c in ev.changes if c.key in self.agent.by_object}
+        if found:
+            self.agent.objects_available(found)
+
+    def load_report(self, leaving: bool = False) -> pb.NodeLoad:
+        a = self.agent
+        return pb.NodeLoad(node_id=self.node_id, incarnation=self.incarnation, resources_total=a.total,
+                           resources_available=a.available, queued=len(a.queue) + len(a.waiting), running=len(a.running),
+                           workers=len(a.workers), address=self.app.address, time_ms=int(time.time() * 1000),
+                           leaving=leaving)
+
+    async def _reporter(self) -> None:
+        last = b""
+        last_sent = 0.0
+        ticks = 0
+        while True:
+            await asyncio.sleep(LOAD_INTERVAL_S)
+            rep = self.load_report()
+            key = rep.SerializeToString(deterministic=True)
+            key_nt = key[: -12] if len(key) > 12 else key
+            now = time.monotonic()
+            if key_nt != last or now - last_sent > 1.0:
+                last, last_sent = key_nt, now
+                if self.app.bus is not None:
+                    await self.app.bus.publish(LOAD_SUBJECT, rep.SerializeToString())
+            self.agent.tick(now, peer_timeout_s=max(3.0, self.settings.node_timeout_s / 2))
+            ticks += 1
+            if ticks % 10 == 0 and self.agent.by_object:  # missed sealed events: look again
+                self.locate_objects(self.agent.waiting_objects()[:1000])
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        bus = self.app.bus
+        assert bus is not None
+        self._loop = asyncio.get_running_loop()
+        ch, self.cs = control_store_aio_stub(self.settings)
+        self._cs_channel = ch
+        self.object_store_address = await self._find_object_store()
+        if self.object_store_address:
+            self.objects = await asyncio.to_thread(ObjectStoreClient, self.object_store_address, name=f"agent-{self.node_id.hex()[:8]}")
+        self._server = await asyncio.start_unix_server(self._worker_conn, path=self.socket_path, limit=2**20)
+        await bus.subscribe(node_subject(self.node_id, "tasks"), self._on_tasks)
+        await bus.subscribe(node_subject(self.node_id, "results"), self._on_results)
+        await bus.subscribe(node_subject(self.node_id, "control"), self._on_control)
+        await bus.subscribe(node_subject(self.node_id, "assigned"), self._on_assigned)
+        await bus.subscribe(LOAD_SUBJECT, self._on_load)
+        await bus.subscribe("tessera.events.objects.sealed", self._on_sealed)
+        self._tasks.append(asyncio.create_task(self._writer(), name="lineage-writer"))
+        self._tasks.append(asyncio.create_task(self._reporter(), name="load-reporter"))
+        n = self.settings.task_scheduler_prestart_workers
+        if n < 0:
+            n = int(self.agent.total.get(res.CPU, 1))
+        for _ in range(n):
+            self.agent.starting += 1
+            self.start_worker()
+        log.info("node agent %s: %s, %d workers starting", self.node_id.hex()[:8], res.describe(self.agent.total), n)
+
+    async def _find_object_store(self) -> str:
+        """The object store of this node (the one registered under the same node id)."""
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            try:
+                node = (await self.cs.GetNode(cpb.GetNodeRequest(node_id=self.node_id), timeout=5.0)).node
+                if node.object_store_address:
+                    return str(node.object_store_address)
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+        log.error("no object store registered for node %s: large values cannot be stored", self.node_id.hex())
+        return ""
+
+    async def stop(self) -> None:
+        if self.app.bus is not None:
+            try:
+                await self.app.bus.publish(LOAD_SUBJECT, self.load_report(leaving=True).SerializeToString())
+            except Exception:
+                pass
+        for proc in list(self.procs.values()):
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in list(self.procs.values()):
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except TimeoutError:
+                proc.kill()
+        for t in self._tasks:
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self.objects is not None:
+            await asyncio.to_thread(self.objects.close)
+        await self._cs_channel.close()
+
+
+def view_of(load: pb.NodeLoad) -> NodeView:
+    return NodeView(load.node_id, incarnation=load.incarnation, total=dict(load.resources_total),
+                    available=dict(load.resources_available), queued=load.queued, running=load.running,
+                    leaving=load.leaving)
 
 
 def build(settings: Settings) -> ServiceApp:
-    return ServiceApp(NAME, settings)
+    app = ServiceApp(NAME, settings)
+    role = settings.task_scheduler_role
+    node: Node | None = None
+    if role in ("both", "agent"):
+        node = Node(app, settings, node_id_of(settings), node_resources(settings))
+        descriptor = pb.DESCRIPTOR.services_by_name["TaskSchedulerService"]
+        app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor), TaskSchedulerServicer(node), SERVICE)
+        app.on_start(node.start)
+        app.on_stop(node.stop)
+    if role in ("both", "global"):
+        gs = GlobalScheduler(app, settings)
+        app.on_start(gs.start)
+        app.on_stop(gs.stop)
+    return app
 
 
 async def serve(settings: Settings | None = None) -> None:

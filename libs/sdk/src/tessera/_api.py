@@ -1,0 +1,364 @@
+"""``tessera.init`` and the module-level task API: get, wait, put, cancel, kill, get_actor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tessera import _objects
+from tessera._core import Core
+from tessera._objects import ObjectRef, ObjectStoreClient
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
+from tessera.client._discovery import find_cluster
+from tessera.common import ids, rpc
+from tessera.common.config import Settings
+from tessera.common.registry import control_store_stub
+from tessera.exceptions import TesseraSDKError
+
+log = logging.getLogger(__name__)
+
+#: How long a driver keeps trying to reach its node agent again after losing it.
+RECONNECT_S = 60.0
+
+
+@dataclass
+class _State:
+    core: Core
+    control_store_address: str
+    object_store_address: str
+    inline_threshold: int
+    cluster_key: str
+    session: GrpcSession | None = None
+    _objects: ObjectStoreClient | None = None
+    _cs: Any = None
+    _cs_channel: grpc.Channel | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def objects(self) -> ObjectStoreClient:
+        with self._lock:
+            if self._objects is None:
+                self._objects = ObjectStoreClient(self.object_store_address)
+            return self._objects
+
+    def control_store(self) -> cpb_grpc.ControlStoreServiceStub:
+        with self._lock:
+            if self._cs is None:
+                self._cs_channel, self._cs = control_store_stub(self.control_store_address)
+            return self._cs
+
+
+_state: _State | None = None
+_state_lock = threading.Lock()
+
+
+def state() -> _State:
+    st = _state
+    if st is None:
+        raise TesseraSDKError("tessera is not initialized: call tessera.init() (after `tessera up`)")
+    return st
+
+
+def object_client() -> ObjectStoreClient:
+    return state().objects()
+
+
+def control_store() -> cpb_grpc.ControlStoreServiceStub:
+    return state().control_store()
+
+
+# ---------------------------------------------------------------------- the driver's session
+
+
+class GrpcSession:
+    """A driver's session stream with its node agent; reconnects and resubmits if the agent restarts."""
+
+    def __init__(self, address: str, core: Core, name: str) -> None:
+        self.address = address
+        self.core = core
+        self.name = name
+        self.outbox: queue.SimpleQueue[pb.ClientFrame | None] = queue.SimpleQueue()
+        self.closing = False
+        self.welcome = pb.Welcome()
+        self.channel = rpc.stream_channel(address)
+        self._call: Any = None
+        self._connect(timeout=30.0)
+        self.reader = threading.Thread(target=self._read, name="tessera-session", daemon=True)
+        self.reader.start()
+
+    def _connect(self, timeout: float) -> None:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(f"no task scheduler answered at {self.address} within {timeout:g}s") from None
+        self.outbox = queue.SimpleQueue()
+        stub = pb_grpc.TaskSchedulerServiceStub(self.channel)
+        hello = pb.ClientFrame(hello=pb.Hello(job_id=self.core.job_id, name=self.name))
+        self._call = stub.Session(self._frames(hello, self.outbox), metadata=rpc.trace_metadata())
+        first = next(self._call)
+        self.welcome = first.welcome
+        self.core.node_id = self.welcome.node_id
+
+    def _frames(self, hello: pb.ClientFrame, box: queue.SimpleQueue[pb.ClientFrame | None]) -> Iterator[pb.ClientFrame]:
+        yield hello
+        while True:
+            frame = box.get()
+            if frame is None:
+                return
+            # Coalesce what queued up meanwhile into one frame: submissions travel in batches.
+            while frame.submit and len(frame.submit) < 4096:
+                try:
+                    more = box.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    yield frame
+                    return
+                frame.MergeFrom(more)
+            yield frame
+
+    def send(self, frame: pb.ClientFrame) -> None:
+        self.outbox.put(frame)
+
+    def _read(self) -> None:
+        while not self.closing:
+            try:
+                for frame in self._call:
+                    if frame.results:
+                        self.core.deliver(frame.results)
+            except grpc.RpcError as e:
+                if self.closing:
+                    return
+                log.warning("lost the session with the node agent at %s (%s): reconnecting", self.address,
+                            e.code().name)  # type: ignore[attr-defined]
+            if self.closing:
+                return
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        deadline = time.monotonic() + RECONNECT_S
+        while not self.closing:
+            try:
+                self._connect(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                pending = self.core.pending_specs()
+                if pending:
+                    log.warning("resubmitting %d unfinished task(s) to the node agent", len(pending))
+                    self.send(pb.ClientFrame(submit=pending))
+                return
+            except (ConnectionError, grpc.RpcError, StopIteration) as e:
+                if time.monotonic() > deadline:
+                    log.error("could not reach the node agent at %s for %.0fs: %s", self.address, RECONNECT_S, e)
+                    self.core.close()
+                    return
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self.closing = True
+        self.outbox.put(None)
+        try:
+            if self._call is not None:
+                self._call.cancel()
+        except Exception:
+            pass
+        self.channel.close()
+
+
+# ---------------------------------------------------------------------- init / shutdown
+
+
+def _agent_address(cluster: Any, cs: cpb_grpc.ControlStoreServiceStub) -> str:
+    svc = cluster.services.get("task-scheduler")
+    if svc and svc.get("address"):
+        return str(svc["address"])
+    inst = cs.ListInstances(cpb.ListInstancesRequest(service="task-scheduler"), timeout=10.0).instances
+    here = os.uname().nodename
+    local = [i for i in inst if i.hostname == here] or list(inst)
+    if not local:
+        raise ConnectionError("no task scheduler is registered in the cluster")
+    return local[0].address
+
+
+def init(address: str | None = None, *, name: str = "", log_to_driver: bool = True) -> None:
+    """Connect this process to a Tessera cluster as a driver.
+
+    Args:
+        address: the control store's ``host:port``; None: ``TESSERA_ADDRESS``, else the
+            cluster that ``tessera up`` started on this machine (its run directory).
+        name: a name for this driver, shown in the cluster's job table.
+
+    Raises:
+        ClusterNotFoundError: no address given and no running cluster found.
+    """
+    global _state
+    with _state_lock:
+        if _state is not None:
+            return
+        cluster = find_cluster(address)
+        ch, cs = control_store_stub(cluster.control_store_address)
+        job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"), entrypoint=name or _entrypoint(),
+                                                                driver_address=f"pid-{os.getpid()}")),
+                           timeout=30.0).job
+        agent = _agent_address(cluster, cs)
+        core = Core(job_id=job.job_id, objects=object_client, control_store=control_store)
+        session = GrpcSession(agent, core, name or _entrypoint())
+        core.transport = session
+        w = session.welcome
+        st = _State(core=core, control_store_address=cluster.control_store_address,
+                    object_store_address=w.object_store_address or _objects.local_object_store_address(address),
+                    inline_threshold=Settings().object_store_inline_threshold,
+                    cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
+        _state = st
+
+
+def _entrypoint() -> str:
+    import sys
+
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+def attach_worker(core: Core, *, object_store_address: str, control_store_address: str) -> None:
+    """Inside a worker process: the task API talks through the worker's own agent connection."""
+    global _state
+    with _state_lock:
+        _state = _State(core=core, control_store_address=control_store_address,
+                        object_store_address=object_store_address,
+                        inline_threshold=Settings().object_store_inline_threshold, cluster_key=control_store_address)
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def shutdown() -> None:
+    """Disconnect this driver (its unfinished tasks are abandoned)."""
+    global _state
+    with _state_lock:
+        st, _state = _state, None
+    if st is None:
+        return
+    st.core.close()
+    if st._objects is not None:
+        try:
+            st._objects.flush(timeout=10.0)
+        except Exception:
+            pass
+        st._objects.close()
+    if st.session is not None:
+        try:
+            st.control_store().UpdateJobState(cpb.UpdateJobStateRequest(job_id=st.core.job_id,
+                                                                        state=cpb.JOB_STATE_SUCCEEDED), timeout=5.0)
+        except Exception:
+            pass
+        st.session.close()
+    if st._cs_channel is not None:
+        st._cs_channel.close()
+
+
+# ---------------------------------------------------------------------- the task API
+
+
+def _as_list(refs: Any, what: str) -> tuple[list[ObjectRef], bool]:
+    if isinstance(refs, ObjectRef):
+        return [refs], True
+    if isinstance(refs, list | tuple):
+        bad = [type(r).__name__ for r in refs if not isinstance(r, ObjectRef)]
+        if bad:
+            raise TypeError(f"{what} takes ObjectRefs, got {bad[0]}")
+        return list(refs), False
+    raise TypeError(f"{what} takes an ObjectRef or a list of them, got {type(refs).__name__}")
+
+
+def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) of ``refs``, waiting up to ``timeout`` seconds (None: forever).
+
+    Raises:
+        TaskError: the task raised (also an instance of its exception's type where possible).
+        WorkerCrashedError, ActorDiedError, TaskCancelledError, ObjectLostError, GetTimeoutError.
+    """
+    items, single = _as_list(refs, "tessera.get")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    st = _state
+    if st is None:  # objects only (no tasks): the local object store, as before init
+        return _objects.get(refs, timeout=timeout)
+    values = st.core.get(items, timeout)
+    return values[0] if single else values
+
+
+def wait(refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until ``num_returns`` of ``refs`` are ready, or ``timeout``; returns ``(ready, not_ready)`` in input order."""
+    items, single = _as_list(refs, "tessera.wait")
+    if single:
+        raise TypeError("tessera.wait takes a list of ObjectRefs")
+    if len(set(items)) != len(items):
+        raise ValueError("tessera.wait got the same ObjectRef twice")
+    if not 0 <= num_returns <= len(items):
+        raise ValueError(f"num_returns must be between 0 and {len(items)}, got {num_returns}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    ready, not_ready = state().core.wait(items, num_returns, timeout)
+    return [items[i] for i in ready], [items[i] for i in not_ready]
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the local node's object store and return its reference."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("tessera.put of an ObjectRef: pass the ref itself instead")
+    st = _state
+    if st is None:
+        return _objects.put(value)
+    return st.objects().put(value)
+
+
+def cancel(ref: ObjectRef, *, force: bool = False) -> None:
+    """Cancel the task that makes ``ref``: dropped if queued; stopped (its worker killed) if running and ``force``."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"tessera.cancel takes an ObjectRef, got {type(ref).__name__}")
+    state().core.cancel(ref, force=force)
+
+
+def kill(actor: Any) -> None:
+    """Stop an actor now: its pending calls fail with ActorDiedError; it is not restarted."""
+    from tessera._remote import ActorHandle
+
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"tessera.kill takes an actor handle, got {type(actor).__name__}")
+    st = state()
+    st.core._send(pb.ClientFrame(kill_actor=[actor.actor_id]))
+
+
+def get_actor(name: str, *, namespace: str = "") -> Any:
+    """The handle of the live actor registered as ``name``.
+
+    Raises:
+        ValueError: no actor has that name.
+    """
+    from tessera._remote import ActorHandle
+
+    if not isinstance(name, str) or not name:
+        raise ValueError("get_actor needs a non-empty name")
+    st = state()
+    try:
+        info = st.control_store().GetActor(cpb.GetActorRequest(name=name, namespace=namespace), timeout=10.0).actor
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            raise ValueError(f"no actor named {name!r} in namespace {namespace!r}") from None
+        raise
+    if info.state == cpb.ACTOR_STATE_DEAD:
+        raise ValueError(f"the actor named {name!r} is dead: {info.death_cause}")
+    return ActorHandle(info.actor_id, None, name)
+
+
+def _check_id(oid: bytes) -> bytes:
+    return ids.check_id("object_id", oid)

@@ -1,0 +1,410 @@
+"""The owner side of tasks: submit, track, get, wait, cancel, rebuild lost objects.
+
+A driver (or a worker running nested tasks) owns the tasks it submits, as in Ray:
+it holds each task until the tasks it depends on have finished (their small values
+then travel inline with it), sends submissions to its node agent in batches over
+one session, and keeps the results that come back. Values too large to travel
+inline are read from the object store. An object whose every copy was lost is
+rebuilt by re-running the tasks that made it (their specs are kept in the control
+store as lineage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common import ids
+from tessera.common.serialization import deserialize
+from tessera.exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    ObjectLostError,
+    TaskCancelledError,
+    TaskError,
+    TaskUnschedulableError,
+    TesseraSDKError,
+    WorkerCrashedError,
+)
+
+log = logging.getLogger(__name__)
+
+E = pb.ErrorKind
+#: How long a get of a stored object waits before checking whether it was lost.
+LOST_CHECK_S = 1.0
+FOREVER_S = 365 * 24 * 3600.0
+
+
+class Transport(Protocol):
+    def send(self, frame: pb.ClientFrame) -> None: ...
+    def close(self) -> None: ...
+
+
+class ObjectRefLike(Protocol):
+    @property
+    def id(self) -> bytes: ...
+
+
+@dataclass
+class _Result:
+    kind: str  # "v" inline value, "s" in the object store, "e" error
+    data: bytes = b""
+    error: pb.TaskError | None = None
+    name: str = ""
+
+
+_derived: dict[type, type] = {}
+
+
+def task_error(err: pb.TaskError, name: str) -> BaseException:
+    """The exception ``get`` raises for a failed task."""
+    kind = err.kind
+    where = f"{name}: " if name else ""
+    if kind == E.ERROR_KIND_WORKER_CRASHED:
+        return WorkerCrashedError(where + err.message)
+    if kind == E.ERROR_KIND_ACTOR_DIED:
+        return ActorDiedError(where + err.message)
+    if kind == E.ERROR_KIND_CANCELLED:
+        return TaskCancelledError(where + err.message)
+    if kind == E.ERROR_KIND_UNSCHEDULABLE:
+        return TaskUnschedulableError(err.message)
+    if kind == E.ERROR_KIND_OBJECT_LOST:
+        return ObjectLostError(where + err.message)
+    cause: BaseException | None = None
+    if err.exception:
+        try:
+            cause = pickle.loads(err.exception)
+        except Exception:
+            cause = None
+    message = f"{name} raised {err.type_name or 'an exception'}: {err.message}"
+    if isinstance(cause, TaskError):  # re-raised from a nested task: keep the innermost
+        return cause
+    if cause is not None and isinstance(cause, Exception):
+        cls = type(cause)
+        derived = _derived.get(cls)
+        if derived is None:
+            try:
+                derived = type(f"TaskError({cls.__name__})", (TaskError, cls), {
+                    "__init__": TaskError.__init__, "__str__": TaskError.__str__, "__reduce__": _reduce_derived})
+            except TypeError:  # incompatible layouts (e.g. some builtins): a plain TaskError
+                derived = TaskError
+            _derived[cls] = derived
+        try:
+            e = derived.__new__(derived)
+            TaskError.__init__(e, message, cause=cause, traceback_str=err.traceback, function_name=name)
+            return e
+        except Exception:
+            pass
+    return TaskError(message, cause=cause, traceback_str=err.traceback, function_name=name)
+
+
+def _reduce_derived(self: TaskError) -> tuple[Any, ...]:
+    return (TaskError, (self.args[0] if self.args else "",), {"cause": self.cause, "traceback_str": self.traceback_str,
+                                                              "function_name": self.function_name})
+
+
+class Core:
+    """One owner's tasks (a driver, or a worker's nested submissions)."""
+
+    def __init__(self, *, job_id: bytes, objects: Callable[[], Any], control_store: Callable[[], Any],
+                 worker: bool = False) -> None:
+        self.job_id = job_id
+        self._objects = objects  # -> ObjectStoreClient (made lazily)
+        self._cs = control_store  # -> control-store stub (made lazily)
+        self.worker = worker
+        self.transport: Transport | None = None
+        self.node_id = b""
+        self.cond = threading.Condition()
+        self.results: dict[bytes, _Result] = {}
+        self.pending: dict[bytes, pb.TaskSpec] = {}  # submitted, not finished
+        self.held: dict[bytes, pb.TaskSpec] = {}  # waiting for own tasks it depends on
+        self.names: dict[bytes, str] = {}
+        self.current_task: bytes = b""
+        self.closed = False
+        self._rebuilding: dict[bytes, float] = {}
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, spec: pb.TaskSpec) -> list[bytes]:
+        """Send ``spec`` (now, or once the tasks it depends on have finished); its return ids."""
+        if self.closed:
+            raise TesseraSDKError("tessera is shut down: call tessera.init() first")
+        spec.job_id = self.job_id
+        if self.current_task:
+            spec.parent_task_id = self.current_task
+        returns = [ids.object_id(spec.task_id, i + 1) for i in range(spec.num_returns)]
+        with self.cond:
+            self.names[spec.task_id] = spec.name
+            state = self._resolve(spec)
+            if state == "held":
+                self.held[spec.task_id] = spec
+                return returns
+            self.pending[spec.task_id] = spec
+        if state == "ready":
+            self._send(pb.ClientFrame(submit=[spec]))
+        return returns
+
+    def _resolve(self, spec: pb.TaskSpec) -> str:
+        """Inline arguments whose values are known; "held", "failed" (result set) or "ready". Caller holds cond."""
+        held = False
+        for a in spec.args:
+            if a.WhichOneof("kind") != "object_id":
+                continue
+            oid = a.object_id
+            r = self.results.get(oid)
+            if r is None:
+                tid = oid[: ids.TASK_ID_LEN]
+                if tid in self.pending or tid in self.held:
+                    held = True
+                    continue
+                data = self._owned_value(oid)
+                if data is not None:
+                    kw = a.keyword
+                    a.value = data
+                    a.keyword = kw
+                continue
+            if r.kind == "e":
+                assert r.error is not None
+                self._fail_locally(spec, r.error, r.name)
+                return "failed"
+            if r.kind == "v":
+                a.value = r.data
+        return "held" if held else "ready"
+
+    def _owned_value(self, oid: bytes) -> bytes | None:
+        try:
+            client = self._objects()
+        except Exception:
+            return None
+        return client.owned(oid) if client is not None else None
+
+    def _fail_locally(self, spec: pb.TaskSpec, err: pb.TaskError, name: str) -> None:
+        for i in range(spec.num_returns):
+            self.results[ids.object_id(spec.task_id, i + 1)] = _Result("e", error=err, name=name)
+        self.cond.notify_all()
+
+    def _send(self, frame: pb.ClientFrame) -> None:
+        t = self.transport
+        if t is None:
+            raise TesseraSDKError("not connected to a node agent: call tessera.init() first")
+        t.send(frame)
+
+    def pending_specs(self) -> list[pb.TaskSpec]:
+        """What to send again after reconnecting to a (restarted) agent."""
+        with self.cond:
+            return list(self.pending.values())
+
+    # ------------------------------------------------------------------ results
+
+    def deliver(self, results: Sequence[pb.TaskResult]) -> None:
+        """Results from the agent (called by the transport's reader thread)."""
+        released: list[pb.TaskSpec] = []
+        with self.cond:
+            for r in results:
+                spec = self.pending.pop(r.task_id, None)
+                name = spec.name if spec is not None else self.names.get(r.task_id, "")
+                if r.HasField("error"):
+                    n = spec.num_returns if spec is not None else max(1, len(r.returns))
+                    for i in range(n):
+                        self.results[ids.object_id(r.task_id, i + 1)] = _Result("e", error=r.error, name=name)
+                    continue
+                for v in r.returns:
+                    self.results[v.object_id] = _Result("s", name=name) if v.stored else _Result("v", v.value)
+            if self.held:
+                for tid, spec in list(self.held.items()):
+                    state = self._resolve(spec)
+                    if state != "held":
+                        del self.held[tid]
+                        if state == "ready":
+                            self.pending[tid] = spec
+                            released.append(spec)
+            self.cond.notify_all()
+        if released:
+            self._send(pb.ClientFrame(submit=released))
+
+    def _known(self, oid: bytes) -> bool:
+        tid = oid[: ids.TASK_ID_LEN]
+        return oid in self.results or tid in self.pending or tid in self.held
+
+    # ------------------------------------------------------------------ get / wait
+
+    def get(self, refs: Sequence[ObjectRefLike], timeout: float | None) -> list[Any]:
+        deadline = time.monotonic() + (timeout if timeout is not None else FOREVER_S)
+        out: list[Any] = []
+        for ref in refs:
+            out.append(self._get_one(ref, deadline, timeout))
+        return out
+
+    def _get_one(self, ref: ObjectRefLike, deadline: float, timeout: float | None) -> Any:
+        oid = ref.id
+        with self.cond:
+            r = self.results.get(oid)
+            if r is None and self._known(oid):
+                self._block(+1)
+                try:
+                    while r is None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise GetTimeoutError(f"{self._describe(oid)} was not ready within {timeout:g}s")
+                        self.cond.wait(min(remaining, 1.0))
+                        r = self.results.get(oid)
+                        if self.closed:
+                            raise TesseraSDKError("tessera was shut down while waiting")
+                finally:
+                    self._block(-1)
+        if r is not None:
+            if r.kind == "v":
+                return deserialize(r.data)
+            if r.kind == "e":
+                assert r.error is not None
+                raise task_error(r.error, r.name)
+        return self._fetch(ref, deadline, timeout)
+
+    def _describe(self, oid: bytes) -> str:
+        name = self.names.get(oid[: ids.TASK_ID_LEN])
+        return f"the result of {name}" if name else f"object {oid.hex()}"
+
+    def _block(self, delta: int) -> None:
+        if self.worker and self.transport is not None:
+            try:
+                self.transport.send(pb.ClientFrame(blocked=delta))
+            except Exception:
+                pass
+
+    def _fetch(self, ref: ObjectRefLike, deadline: float, timeout: float | None) -> Any:
+        """A value in the object store; rebuilt through lineage if every copy is gone."""
+        client = self._objects()
+        blocked = False
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GetTimeoutError(f"{self._describe(ref.id)} was not available within {timeout:g}s")
+                try:
+                    return client.get(ref, timeout=min(remaining, LOST_CHECK_S))
+                except GetTimeoutError:
+                    if not blocked:
+                        self._block(+1)
+                        blocked = True
+                    self._maybe_rebuild(ref.id)
+        finally:
+            if blocked:
+                self._block(-1)
+
+    def ready(self, refs: Sequence[ObjectRefLike]) -> list[bool]:
+        out = []
+        foreign = []
+        with self.cond:
+            for i, ref in enumerate(refs):
+                if ref.id in self.results:
+                    out.append(True)
+                elif self._known(ref.id):
+                    out.append(False)
+                else:
+                    out.append(False)
+                    foreign.append(i)
+        if foreign:
+            present = self._exists([refs[i].id for i in foreign])
+            for i, p in zip(foreign, present, strict=True):
+                out[i] = p
+        return out
+
+    def _exists(self, oids: list[bytes]) -> list[bool]:
+        client = self._objects()
+        owned = [client.owned(o) is not None for o in oids]
+        stub = self._cs()
+        objs = stub.GetObjects(cpb.GetObjectsRequest(object_ids=oids), timeout=10.0).objects
+        located = {o.object_id for o in objs if o.locations}
+        return [w or o in located for w, o in zip(owned, oids, strict=True)]
+
+    def wait(self, refs: Sequence[ObjectRefLike], num_returns: int, timeout: float | None) -> tuple[list[int], list[int]]:
+        deadline = time.monotonic() + (timeout if timeout is not None else FOREVER_S)
+        has_foreign = False
+        while True:
+            flags = self.ready(refs)
+            ready = [i for i, f in enumerate(flags) if f]
+            if len(ready) >= num_returns or time.monotonic() >= deadline:
+                ready = ready[:num_returns]
+                taken = set(ready)
+                return ready, [i for i in range(len(refs)) if i not in taken]
+            with self.cond:
+                has_foreign = any(not self._known(r.id) for r in refs)
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self.cond.wait(min(remaining, 0.05 if has_foreign else 1.0))
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self, ref: ObjectRefLike, *, force: bool) -> None:
+        tid = ref.id[: ids.TASK_ID_LEN]
+        with self.cond:
+            spec = self.held.pop(tid, None)
+            if spec is not None:
+                self._fail_locally(spec, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled"), spec.name)
+                return
+            if tid not in self.pending:
+                return
+        self._send(pb.ClientFrame(cancel=[tid], force=force))
+
+    # ------------------------------------------------------------------ lineage
+
+    def _maybe_rebuild(self, oid: bytes) -> None:
+        """If every copy of ``oid`` is gone, re-run the tasks that made it (producers first)."""
+        now = time.monotonic()
+        if now - self._rebuilding.get(oid, 0.0) < 5.0:
+            return
+        stub = self._cs()
+        objs = stub.GetObjects(cpb.GetObjectsRequest(object_ids=[oid]), timeout=10.0).objects
+        if objs and objs[0].locations:
+            return  # a copy exists: the store is fetching it
+        if ids.return_index(oid) == 0:
+            raise ObjectLostError(f"object {oid.hex()} was put, not computed, and no copy is left: it cannot be rebuilt")
+        try:
+            lineage = stub.GetLineage(cpb.GetLineageRequest(object_id=oid), timeout=10.0).tasks
+        except Exception as e:
+            raise ObjectLostError(f"object {oid.hex()} is lost and its lineage is unavailable: {e}") from None
+        if not lineage:
+            return  # not recorded yet (a task still running elsewhere): keep waiting
+        self._rebuilding[oid] = now
+        rerun: list[pb.TaskSpec] = []
+        for rec in lineage:
+            returns = [ids.object_id(rec.spec.task_id, i + 1) for i in range(rec.spec.num_returns)]
+            infos = stub.GetObjects(cpb.GetObjectsRequest(object_ids=returns), timeout=10.0).objects
+            have = {o.object_id for o in infos if o.locations}
+            if rec.spec.task_id != oid[: ids.TASK_ID_LEN] and all(r in have for r in returns):
+                continue
+            if rec.state not in (cpb.TASK_STATE_FINISHED, cpb.TASK_STATE_FAILED):
+                continue  # running or queued: it will produce the object
+            spec = pb.TaskSpec.FromString(rec.spec.args)
+            spec.attempt = rec.attempt + 1
+            rerun.append(spec)
+        if not rerun:
+            return
+        log.warning("object %s is lost: re-running %d task(s) of its lineage (%s)", oid.hex(), len(rerun),
+                    ", ".join(s.name for s in rerun))
+        with self.cond:
+            for s in rerun:
+                self.pending[s.task_id] = s
+                self.names[s.task_id] = s.name
+                for i in range(s.num_returns):
+                    self.results.pop(ids.object_id(s.task_id, i + 1), None)
+        self._send(pb.ClientFrame(submit=rerun))
+
+    # ------------------------------------------------------------------ life
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def new_task_id() -> bytes:
+    return os.urandom(ids.TASK_ID_LEN)

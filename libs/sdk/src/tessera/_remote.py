@@ -1,0 +1,278 @@
+"""``@tessera.remote``: remote functions, actor classes and actor handles (Ray's names)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import cloudpickle
+
+from tessera import _api
+from tessera._objects import ObjectRef
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common import ids
+from tessera.common.errors import InvalidArgumentError
+from tessera.common.serialization import serialize
+
+K = pb.TaskKind
+T = TypeVar("T")
+
+_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name"}
+_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime"}
+
+
+def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise TypeError(f"unknown option(s) for {what}: {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+    for k in ("num_cpus", "num_gpus"):
+        v = opts.get(k)
+        if v is not None and (not isinstance(v, int | float) or v < 0):
+            raise ValueError(f"{k} must be a number >= 0, got {v!r}")
+    nr = opts.get("num_returns")
+    if nr is not None and (not isinstance(nr, int) or nr < 0 or nr > 10_000):
+        raise ValueError(f"num_returns must be an int between 0 and 10000, got {nr!r}")
+    for k in ("max_retries", "max_restarts"):
+        v = opts.get(k)
+        if v is not None and (not isinstance(v, int) or v < -1):
+            raise ValueError(f"{k} must be an int >= -1 (-1: unlimited), got {v!r}")
+    r = opts.get("resources")
+    if r is not None:
+        if not isinstance(r, dict) or not all(isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in r.items()):
+            raise ValueError(f"resources must map names to amounts >= 0, got {r!r}")
+        if {"CPU", "GPU"} & set(r):
+            raise ValueError("use num_cpus / num_gpus, not resources={'CPU'|'GPU': ...}")
+    return opts
+
+
+def _resources(opts: dict[str, Any], default_cpus: float) -> dict[str, float]:
+    out = {k: float(v) for k, v in (opts.get("resources") or {}).items()}
+    cpus = opts.get("num_cpus")
+    out["CPU"] = float(default_cpus if cpus is None else cpus)
+    if opts.get("num_gpus"):
+        out["GPU"] = float(opts["num_gpus"])
+    return {k: v for k, v in out.items() if v > 0}
+
+
+class _Exported:
+    """A function or class exported once per cluster (content-addressed in the control store)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+        self._ids: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def function_id(self) -> bytes:
+        st = _api.state()
+        with self._lock:
+            fid = self._ids.get(st.cluster_key)
+            if fid is not None:
+                return fid
+            try:
+                code = cloudpickle.dumps(self.obj)
+            except Exception as e:
+                raise TypeError(f"{self.name} cannot be serialized to run remotely: {e}") from None
+            fid = hashlib.sha256(code).digest()
+            st.control_store().ExportFunction(cpb.ExportFunctionRequest(job_id=st.core.job_id, name=self.name, code=code,
+                                                                        expected_function_id=fid), timeout=30.0)
+            self._ids[st.cluster_key] = fid
+            return fid
+
+
+def _args(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[pb.Arg]:
+    st = _api.state()
+    limit = st.inline_threshold
+    out: list[pb.Arg] = []
+    items: list[tuple[str, Any]] = [("", a) for a in args] + list(kwargs.items())
+    for i, (kw, v) in enumerate(items):
+        if isinstance(v, ObjectRef):
+            out.append(pb.Arg(object_id=v.id, keyword=kw))
+            continue
+        try:
+            ser = serialize(v)
+        except InvalidArgumentError as e:
+            which = f"argument {kw!r}" if kw else f"argument {i}"
+            raise TypeError(f"{which} of {name} cannot be serialized: {e}") from None
+        if ser.size <= limit:
+            out.append(pb.Arg(value=ser.to_bytes(), keyword=kw))
+        else:  # large: through the object store, read in place by the worker
+            ref = st.objects().put_serialized(ids.new_id("object_id"), ser)
+            out.append(pb.Arg(object_id=ref.id, keyword=kw))
+    return out
+
+
+def _refs(returns: list[bytes], num_returns: int) -> Any:
+    refs = [ObjectRef(r) for r in returns]
+    if num_returns == 1:
+        return refs[0]
+    return tuple(refs)
+
+
+class RemoteFunction(Generic[T]):
+    """A function that runs as a task: ``f.remote(...)`` returns an ObjectRef."""
+
+    def __init__(self, fn: Callable[..., T], options: dict[str, Any], exported: _Exported | None = None) -> None:
+        self._fn = fn
+        self._options = options
+        self._exported = exported or _Exported(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", "remote_function")
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"remote function {self.__name__} cannot be called directly: use {self.__name__}.remote(...)")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # tasks that call other remote functions carry them by value
+        return (RemoteFunction, (self._fn, self._options))
+
+    def options(self, **options: Any) -> RemoteFunction[T]:
+        merged = {**self._options, **_check_options(options, _TASK_OPTIONS, f"function {self.__name__}")}
+        return RemoteFunction(self._fn, merged, self._exported)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        st = _api.state()
+        o = self._options
+        num_returns = int(o.get("num_returns", 1))
+        name = o.get("name") or self._exported.name
+        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_NORMAL,
+                           function_id=self._exported.function_id(), name=name, args=_args(name, args, kwargs),
+                           num_returns=num_returns, resources=_resources(o, 1.0),
+                           max_retries=int(o.get("max_retries", 3)))
+        return _refs(st.core.submit(spec), num_returns)
+
+
+class ActorClass:
+    """A class whose instances are actors: ``A.remote(...)`` returns an :class:`ActorHandle`."""
+
+    def __init__(self, cls: type, options: dict[str, Any], exported: _Exported | None = None) -> None:
+        self._cls = cls
+        self._options = options
+        self._exported = exported or _Exported(cls)
+        self.__name__ = cls.__name__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor class {self.__name__} cannot be instantiated directly: use {self.__name__}.remote(...)")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ActorClass, (self._cls, self._options))
+
+    def options(self, **options: Any) -> ActorClass:
+        merged = {**self._options, **_check_options(options, _ACTOR_OPTIONS, f"actor class {self.__name__}")}
+        return ActorClass(self._cls, merged, self._exported)
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        st = _api.state()
+        o = self._options
+        actor_id = os.urandom(ids.ACTOR_ID_LEN)
+        fid = self._exported.function_id()
+        name = str(o.get("name") or "")
+        namespace = str(o.get("namespace") or "")
+        max_restarts = int(o.get("max_restarts", 0))
+        methods = sorted(n for n, _ in inspect.getmembers(self._cls, callable) if not n.startswith("__"))
+        info = cpb.ActorInfo(actor_id=actor_id, job_id=st.core.job_id, name=name, namespace=namespace,
+                             class_function_id=fid, max_restarts=max_restarts)
+        try:
+            st.control_store().CreateActor(cpb.CreateActorRequest(actor=info), timeout=30.0)
+        except Exception as e:
+            code = getattr(e, "code", lambda: None)()
+            if code is not None and code.name == "ALREADY_EXISTS":
+                raise ValueError(f"an actor named {name!r} already exists (namespace {namespace!r})") from None
+            raise
+        cname = f"{self._exported.name}.__init__"
+        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_CREATE, function_id=fid,
+                           name=cname, args=_args(cname, args, kwargs), num_returns=1,
+                           resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
+                           actor_name=name, namespace=namespace, max_retries=0)
+        ready = st.core.submit(spec)
+        h = ActorHandle(actor_id, methods, self._exported.name)
+        h._ready = ObjectRef(ready[0])
+        return h
+
+
+class ActorHandle:
+    """A reference to an actor: ``handle.method.remote(...)``; calls from one caller run in order."""
+
+    def __init__(self, actor_id: bytes, methods: list[str] | None, class_name: str) -> None:
+        self._actor_id = actor_id
+        self._methods = methods
+        self._class_name = class_name
+        self._caller = os.urandom(8)
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._ready: ObjectRef | None = None
+
+    @property
+    def actor_id(self) -> bytes:
+        return self._actor_id
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._methods is not None and name not in self._methods:
+            raise AttributeError(f"actor {self._class_name} has no method {name!r}")
+        return ActorMethod(self, name, {})
+
+    def __repr__(self) -> str:
+        return f"ActorHandle({self._class_name}, {self._actor_id.hex()})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ActorHandle, (self._actor_id, self._methods, self._class_name))
+
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+
+class ActorMethod:
+    def __init__(self, handle: ActorHandle, name: str, options: dict[str, Any]) -> None:
+        self._handle = handle
+        self._name = name
+        self._options = options
+
+    def options(self, **options: Any) -> ActorMethod:
+        return ActorMethod(self._handle, self._name, {**self._options, **_check_options(options, {"num_returns", "name"},
+                                                                                          f"method {self._name}")})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        st = _api.state()
+        h = self._handle
+        num_returns = int(self._options.get("num_returns", 1))
+        name = f"{h._class_name}.{self._name}"
+        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_METHOD, name=name,
+                           method=self._name, args=_args(name, args, kwargs), num_returns=num_returns,
+                           actor_id=h._actor_id, caller=h._caller, seq=h._next_seq())
+        return _refs(st.core.submit(spec), num_returns)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor method {self._name} cannot be called directly: use .{self._name}.remote(...)")
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """``@tessera.remote`` or ``@tessera.remote(num_cpus=..., num_gpus=..., resources=..., num_returns=...,
+    max_retries=..., max_restarts=...)`` on a function (a task) or a class (an actor)."""
+    if len(args) == 1 and not options and (inspect.isfunction(args[0]) or inspect.isclass(args[0])
+                                           or callable(args[0])):
+        return _make(args[0], {})
+    if args:
+        raise TypeError("@tessera.remote takes keyword options only, e.g. @tessera.remote(num_cpus=2)")
+
+    def deco(obj: Any) -> Any:
+        return _make(obj, options)
+
+    return deco
+
+
+def _make(obj: Any, options: dict[str, Any]) -> Any:
+    if inspect.isclass(obj):
+        return ActorClass(obj, _check_options(dict(options), _ACTOR_OPTIONS, f"actor class {obj.__name__}"))
+    if callable(obj):
+        return RemoteFunction(obj, _check_options(dict(options), _TASK_OPTIONS, f"function {obj.__name__}"))
+    raise TypeError(f"@tessera.remote applies to functions and classes, not {type(obj).__name__}")

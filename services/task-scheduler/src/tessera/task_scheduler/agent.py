@@ -1,0 +1,611 @@
+"""The node agent's local scheduler: queues, leased workers, actors, spill-over.
+
+Pure bookkeeping: it reacts to events (a submission, a worker's result, a worker's
+death, an object becoming available, a peer's load report) and says what to do
+through :class:`Ports`, which the wiring implements over gRPC, NATS and
+processes. Nothing here blocks or does I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.task_scheduler import resources as res
+from tessera.task_scheduler.placement import NodeView, choose_node
+
+log = logging.getLogger(__name__)
+
+K = pb.TaskKind
+E = pb.ErrorKind
+#: Inline values kept for arguments of later tasks on this node.
+CACHE_BYTES = 32 * 2**20
+#: Scanned past a head-of-line task that does not fit.
+LOOKAHEAD = 64
+
+
+class Ports(Protocol):
+    """What the agent asks its surroundings to do."""
+
+    def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None: ...
+    def start_worker(self, *, actor_id: bytes = b"") -> bytes: ...
+    def stop_worker(self, worker_id: bytes) -> None: ...
+    def deliver(self, owner_node: bytes, results: list[pb.TaskResult]) -> None: ...
+    def spill(self, specs: list[pb.TaskSpec]) -> None: ...
+    def forward(self, node_id: bytes, specs: list[pb.TaskSpec]) -> None: ...
+    def control(self, node_id: bytes, ctl: pb.Control) -> None: ...
+    def store_inline(self, object_id: bytes, data: bytes) -> None: ...
+    def locate_objects(self, object_ids: list[bytes]) -> None: ...
+    def locate_actor(self, actor_id: bytes) -> None: ...
+    def record_created(self, specs: list[pb.TaskSpec]) -> None: ...
+    def record_finished(self, result: pb.TaskResult) -> None: ...
+    def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None: ...
+
+
+@dataclass
+class Worker:
+    worker_id: bytes
+    actor_id: bytes = b""
+    task: pb.TaskSpec | None = None
+    held: dict[str, float] = field(default_factory=dict)
+    blocked: int = 0
+    ready: bool = False
+
+
+@dataclass
+class Actor:
+    spec: pb.TaskSpec  # the creation task
+    worker_id: bytes = b""
+    state: str = "PENDING"  # PENDING, ALIVE, RESTARTING, DEAD
+    queue: deque[pb.TaskSpec] = field(default_factory=deque)
+    restarts: int = 0
+    cause: str = ""
+    held: dict[str, float] = field(default_factory=dict)
+
+
+def error_result(spec: pb.TaskSpec, kind: int, message: str, node_id: bytes = b"") -> pb.TaskResult:
+    return pb.TaskResult(task_id=spec.task_id, owner=spec.owner, node_id=node_id, attempt=spec.attempt,
+                         error=pb.TaskError(kind=kind, message=message))  # type: ignore[arg-type]
+
+
+class NodeAgent:
+    """One node's scheduler state."""
+
+    def __init__(self, node_id: bytes, total: dict[str, float], ports: Ports, *, max_queue_per_cpu: float = 4.0,
+                 unschedulable_after_s: float = 60.0, max_workers: int = 64) -> None:
+        self.node_id = node_id
+        self.total = dict(total)
+        self.available = dict(total)
+        self.ports = ports
+        self.max_queue_per_cpu = max_queue_per_cpu
+        self.unschedulable_after_s = unschedulable_after_s
+        self.max_workers = max_workers
+        self.workers: dict[bytes, Worker] = {}
+        self.idle: deque[bytes] = deque()
+        self.starting = 0
+        self.queue: deque[pb.TaskSpec] = deque()
+        self.waiting: dict[bytes, tuple[pb.TaskSpec, set[bytes]]] = {}
+        self.by_object: dict[bytes, set[bytes]] = {}
+        self.objects: OrderedDict[bytes, bytes] = OrderedDict()  # known to exist; inline value or b""
+        self.object_bytes = 0
+        self.running: dict[bytes, bytes] = {}  # task id -> worker id
+        self.actors: dict[bytes, Actor] = {}
+        self.actor_nodes: dict[bytes, bytes] = {}  # remote actors: actor id -> node id
+        self.actor_waiting: dict[bytes, list[pb.TaskSpec]] = {}  # calls to actors not located yet
+        self.dead_actors: dict[bytes, str] = {}
+        self.spilled: dict[bytes, tuple[pb.TaskSpec, bytes, float]] = {}  # task id -> (spec, node or b"", when)
+        self.unschedulable: dict[bytes, tuple[pb.TaskSpec, float]] = {}
+        self.peers: dict[bytes, NodeView] = {}
+        self.finished = 0
+        self.spilled_count = 0
+        self.received = 0
+
+    # ------------------------------------------------------------------ views
+
+    def load(self) -> NodeView:
+        return NodeView(self.node_id, total=dict(self.total), available=dict(self.available),
+                        queued=len(self.queue) + len(self.waiting), running=len(self.running))
+
+    def _feasible_somewhere(self, req: dict[str, float]) -> bool:
+        return res.fits(req, self.total) or any(p.can_ever(req) and not p.leaving for p in self.peers.values())
+
+    def _busy(self) -> bool:
+        cpus = max(1.0, self.total.get(res.CPU, 1.0))
+        return len(self.queue) >= self.max_queue_per_cpu * cpus
+
+    # ------------------------------------------------------------------ submissions
+
+    def submit(self, specs: Iterable[pb.TaskSpec], *, local: bool) -> None:
+        """Tasks from a client on this node (``local``) or forwarded by another node."""
+        created = []
+        for spec in specs:
+            if not local:
+                self.received += 1
+            if local and spec.kind == K.TASK_KIND_NORMAL and spec.attempt == 0:
+                created.append(spec)
+            self._route(spec, local=local)
+        if created:
+            self.ports.record_created(created)
+        self.pump()
+
+    def _route(self, spec: pb.TaskSpec, *, local: bool) -> None:
+        if spec.kind == K.TASK_KIND_ACTOR_METHOD:
+            self._actor_call(spec)
+            return
+        req = dict(spec.resources)
+        if not res.fits(req, self.total):
+            if local:
+                self._place_elsewhere(spec)
+            else:  # sent here by mistake (stale view): give it back to the global scheduler
+                self.spilled_count += 1
+                self.ports.spill([spec])
+            return
+        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            self._create_actor(spec)
+            return
+        if local and self._busy() and self._peer_has_room(req):
+            self._spill(spec)
+            return
+        self._enqueue(spec)
+
+    def _peer_has_room(self, req: dict[str, float]) -> bool:
+        return any(not p.leaving and res.fits(req, p.available) and p.queued == 0 for p in self.peers.values())
+
+    def _place_elsewhere(self, spec: pb.TaskSpec) -> None:
+        req = dict(spec.resources)
+        if not self._feasible_somewhere(req):
+            log.warning("%s needs %s; no node has that yet: waiting up to %.0fs for one", spec.name,
+                        res.describe(req), self.unschedulable_after_s)
+            self.unschedulable[spec.task_id] = (spec, time.monotonic())
+            return
+        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            node = choose_node(req, self.peers.values())
+            if node is None:
+                self.unschedulable[spec.task_id] = (spec, time.monotonic())
+                return
+            self.actor_nodes[spec.actor_id] = node.node_id
+            self.ports.forward(node.node_id, [spec])
+            return
+        self._spill(spec)
+
+    def _spill(self, spec: pb.TaskSpec) -> None:
+        self.spilled_count += 1
+        self.spilled[spec.task_id] = (spec, b"", time.monotonic())
+        self.ports.spill([spec])
+
+    def _enqueue(self, spec: pb.TaskSpec) -> None:
+        missing = {a.object_id for a in spec.args if a.WhichOneof("kind") == "object_id" and a.object_id not in self.objects}
+        if not missing:
+            self.queue.append(spec)
+            return
+        self.waiting[spec.task_id] = (spec, missing)
+        for oid in missing:
+            self.by_object.setdefault(oid, set()).add(spec.task_id)
+        self.ports.locate_objects(sorted(missing))
+
+    def assigned(self, task_ids: Iterable[bytes], node_id: bytes) -> None:
+        """The global scheduler placed spilled tasks on ``node_id``."""
+        for tid in task_ids:
+            entry = self.spilled.get(tid)
+            if entry is not None:
+                self.spilled[tid] = (entry[0], node_id, time.monotonic())
+
+    # ------------------------------------------------------------------ objects
+
+    def objects_available(self, values: dict[bytes, bytes]) -> None:
+        """Objects now exist (value: inline bytes, or b"" when only in the object store)."""
+        woken = False
+        for oid, data in values.items():
+            self._remember(oid, data)
+            for tid in self.by_object.pop(oid, ()):
+                entry = self.waiting.get(tid)
+                if entry is None:
+                    continue
+                entry[1].discard(oid)
+                if not entry[1]:
+                    del self.waiting[tid]
+                    self.queue.append(entry[0])
+                    woken = True
+        if woken:
+            self.pump()
+
+    def waiting_objects(self) -> list[bytes]:
+        return list(self.by_object)
+
+    def _remember(self, oid: bytes, data: bytes) -> None:
+        old = self.objects.pop(oid, None)
+        if old is not None:
+            self.object_bytes -= len(old)
+        if old and not data:
+            data = old
+        self.objects[oid] = data
+        self.object_bytes += len(data)
+        while self.object_bytes > CACHE_BYTES and self.objects:
+            _, d = self.objects.popitem(last=False)
+            self.object_bytes -= len(d)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def pump(self) -> None:
+        """Dispatch queued tasks to idle workers while resources last."""
+        scanned = 0
+        i = 0
+        while i < len(self.queue) and scanned < LOOKAHEAD:
+            spec = self.queue[i]
+            req = dict(spec.resources)
+            if not res.fits(req, self.available):
+                i += 1
+                scanned += 1
+                continue
+            if not self.idle:
+                self._grow()
+                return
+            del self.queue[i]
+            wid = self.idle.popleft()
+            self._run(wid, spec, req)
+
+    def _grow(self) -> None:
+        live = sum(1 for w in self.workers.values() if not w.actor_id)
+        if self.starting == 0 and live + self.starting < self.max_workers:
+            self.starting += 1
+            self.ports.start_worker()
+
+    def _run(self, wid: bytes, spec: pb.TaskSpec, req: dict[str, float]) -> None:
+        w = self.workers[wid]
+        res.acquire(req, self.available)
+        w.task, w.held = spec, req
+        self.running[spec.task_id] = wid
+        self.ports.execute(wid, self._with_values(spec))
+
+    def _with_values(self, spec: pb.TaskSpec) -> pb.TaskSpec:
+        """Inline argument values this node holds, so the worker need not fetch them."""
+        if not any(a.WhichOneof("kind") == "object_id" and self.objects.get(a.object_id) for a in spec.args):
+            return spec
+        out = pb.TaskSpec()
+        out.CopyFrom(spec)
+        for a in out.args:
+            if a.WhichOneof("kind") == "object_id":
+                data = self.objects.get(a.object_id)
+                if data:
+                    a.value = data
+        return out
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_ready(self, wid: bytes, *, actor_id: bytes = b"") -> None:
+        w = self.workers.get(wid)
+        if w is None:
+            w = self.workers[wid] = Worker(wid, actor_id=actor_id)
+        w.ready = True
+        if actor_id:
+            a = self.actors.get(actor_id)
+            if a is None or a.state == "DEAD":
+                self.ports.stop_worker(wid)
+                return
+            a.worker_id = wid
+            self.ports.execute(wid, self._with_values(a.spec))
+            return
+        self.starting = max(0, self.starting - 1)
+        self.idle.append(wid)
+        self.pump()
+
+    def worker_blocked(self, wid: bytes, delta: int) -> None:
+        """A worker waits in ``get`` (+1) or runs again (-1): lend its CPU meanwhile."""
+        w = self.workers.get(wid)
+        if w is None or w.task is None:
+            return
+        cpu = {k: v for k, v in w.held.items() if k == res.CPU}
+        if delta > 0 and w.blocked == 0:
+            res.release(cpu, self.available)
+            w.blocked = 1
+            self.pump()
+            self._grow_if_starved()
+        elif delta < 0 and w.blocked:
+            res.acquire(cpu, self.available)
+            w.blocked = 0
+
+    def _grow_if_starved(self) -> None:
+        if self.queue and not self.idle:
+            self._grow()
+
+    def task_done(self, wid: bytes, result: pb.TaskResult) -> None:
+        w = self.workers.get(wid)
+        if w is None:
+            return
+        if w.actor_id:
+            self._actor_done(w, result)
+            return
+        spec = w.task
+        if spec is None or spec.task_id != result.task_id:
+            return
+        self.running.pop(spec.task_id, None)
+        self._free(w)
+        self.idle.append(wid)
+        self._finish(spec, result)
+        self.pump()
+
+    def _free(self, w: Worker) -> None:
+        held = dict(w.held)
+        if w.blocked:
+            held.pop(res.CPU, None)
+        res.release(held, self.available)
+        w.task, w.held, w.blocked = None, {}, 0
+
+    def _finish(self, spec: pb.TaskSpec, result: pb.TaskResult) -> None:
+        self.finished += 1
+        result.node_id = self.node_id
+        result.owner = spec.owner
+        result.attempt = spec.attempt
+        values = {}
+        for r in result.returns:
+            if r.value and not r.stored:
+                self.ports.store_inline(r.object_id, r.value)
+            values[r.object_id] = r.value if not r.stored else b""
+        self.ports.deliver(spec.owner_node_id, [result])
+        if values:
+            self.objects_available(values)
+
+    def worker_died(self, wid: bytes, why: str) -> None:
+        w = self.workers.pop(wid, None)
+        if w is None:
+            self.starting = max(0, self.starting - 1)
+            return
+        if wid in self.idle:
+            self.idle.remove(wid)
+        if w.actor_id:
+            self._actor_worker_died(w, why)
+            return
+        spec = w.task
+        if spec is not None:
+            self.running.pop(spec.task_id, None)
+            self._free(w)
+            self._retry_or_fail(spec, f"the worker running {spec.name} died ({why})")
+        self._grow_if_starved()
+        self.pump()
+
+    def _retry_or_fail(self, spec: pb.TaskSpec, why: str) -> None:
+        if spec.max_retries < 0 or spec.attempt < spec.max_retries:
+            retry = pb.TaskSpec()
+            retry.CopyFrom(spec)
+            retry.attempt += 1
+            log.warning("%s; retrying (attempt %d)", why, retry.attempt)
+            self.queue.appendleft(retry)
+            return
+        self._finish(spec, error_result(spec, E.ERROR_KIND_WORKER_CRASHED, f"{why}; no retries left"))
+
+    # ------------------------------------------------------------------ actors
+
+    def _create_actor(self, spec: pb.TaskSpec) -> None:
+        old = self.actors.get(spec.actor_id)
+        if old is not None and old.state != "DEAD":
+            return  # a duplicate creation (resubmitted after a reconnect)
+        a = self.actors[spec.actor_id] = Actor(spec)
+        a.held = dict(spec.resources)
+        res.acquire(a.held, self.available)
+        self.ports.start_worker(actor_id=spec.actor_id)
+        for call in self.actor_waiting.pop(spec.actor_id, []):
+            a.queue.append(call)
+
+    def _actor_call(self, spec: pb.TaskSpec) -> None:
+        aid = spec.actor_id
+        a = self.actors.get(aid)
+        if a is not None:
+            if a.state == "DEAD":
+                self._finish(spec, error_result(spec, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {a.cause}"))
+                return
+            a.queue.append(spec)
+            self._actor_next(a)
+            return
+        if aid in self.dead_actors:
+            self._finish(spec, error_result(spec, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {self.dead_actors[aid]}"))
+            return
+        node = self.actor_nodes.get(aid)
+        if node is not None and node != self.node_id:
+            self.ports.forward(node, [spec])
+            return
+        first = aid not in self.actor_waiting
+        self.actor_waiting.setdefault(aid, []).append(spec)
+        if first:
+            self.ports.locate_actor(aid)
+
+    def actor_located(self, actor_id: bytes, node_id: bytes, *, dead: str = "") -> None:
+        """Where an actor lives (from the control store), or that it is dead."""
+        calls = self.actor_waiting.pop(actor_id, [])
+        if dead:
+            self.dead_actors[actor_id] = dead
+            for c in calls:
+                self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {dead}"))
+            return
+        if node_id == self.node_id and actor_id not in self.actors:
+            # The record says here, but this agent does not host it (restarted): the actor is gone.
+            self.actor_located(actor_id, b"", dead="its node agent restarted")
+            return
+        self.actor_nodes[actor_id] = node_id
+        for c in calls:
+            self._actor_call(c)
+
+    def _actor_next(self, a: Actor) -> None:
+        if a.state != "ALIVE" or not a.worker_id or not a.queue:
+            return
+        w = self.workers.get(a.worker_id)
+        if w is None or w.task is not None:
+            return
+        spec = a.queue.popleft()
+        w.task = spec
+        self.ports.execute(a.worker_id, self._with_values(spec))
+
+    def _actor_done(self, w: Worker, result: pb.TaskResult) -> None:
+        a = self.actors.get(w.actor_id)
+        spec = w.task if w.task is not None and w.task.task_id == result.task_id else None
+        if a is None:
+            return
+        if spec is None and result.task_id == a.spec.task_id:
+            spec = a.spec
+        if spec is None:
+            return
+        w.task = None
+        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            if result.HasField("error"):
+                self._actor_dead(a, f"its constructor raised: {result.error.message}")
+                self._finish(spec, result)
+                self.ports.stop_worker(w.worker_id)
+                return
+            first = a.state == "PENDING"
+            a.state = "ALIVE"
+            self.ports.actor_state(spec.actor_id, "ALIVE")
+            if first:
+                self._finish(spec, result)
+        else:
+            self._finish(spec, result)
+        self._actor_next(a)
+
+    def _actor_worker_died(self, w: Worker, why: str) -> None:
+        a = self.actors.get(w.actor_id)
+        if a is None or a.state == "DEAD":
+            return
+        running = w.task
+        if running is not None and running.kind == K.TASK_KIND_ACTOR_METHOD:
+            self._finish(running, error_result(running, E.ERROR_KIND_ACTOR_DIED,
+                                               f"the actor's process died while running {running.name} ({why})"))
+        if a.spec.max_restarts < 0 or a.restarts < a.spec.max_restarts:
+            a.restarts += 1
+            a.state = "RESTARTING"
+            a.worker_id = b""
+            log.warning("actor %s died (%s); restarting (%d)", a.spec.name, why, a.restarts)
+            self.ports.actor_state(a.spec.actor_id, "RESTARTING")
+            self.ports.start_worker(actor_id=a.spec.actor_id)
+            return
+        self._actor_dead(a, f"its process died ({why}) and it has no restarts left")
+
+    def _actor_dead(self, a: Actor, cause: str) -> None:
+        a.state, a.cause = "DEAD", cause
+        res.release(a.held, self.available)
+        a.held = {}
+        self.dead_actors[a.spec.actor_id] = cause
+        self.ports.actor_state(a.spec.actor_id, "DEAD", cause)
+        while a.queue:
+            c = a.queue.popleft()
+            self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
+        self.pump()
+
+    def kill_actor(self, actor_id: bytes) -> None:
+        a = self.actors.get(actor_id)
+        if a is not None:
+            if a.state != "DEAD":
+                wid = a.worker_id
+                self._actor_dead(a, "killed by tessera.kill")
+                if wid:
+                    self.workers.pop(wid, None)
+                    self.ports.stop_worker(wid)
+            return
+        node = self.actor_nodes.get(actor_id)
+        if node is not None and node != self.node_id:
+            self.ports.control(node, pb.Control(kill_actor=[actor_id]))
+
+    # ------------------------------------------------------------------ cancellation
+
+    def cancel(self, task_ids: Iterable[bytes], *, force: bool) -> None:
+        for tid in task_ids:
+            spec = self._dequeue(tid)
+            if spec is not None:
+                self._finish(spec, error_result(spec, E.ERROR_KIND_CANCELLED, "cancelled"))
+                continue
+            wid = self.running.get(tid)
+            if wid is not None and force:
+                w = self.workers.pop(wid)
+                self.running.pop(tid, None)
+                if w.task is not None:
+                    spec = w.task
+                    self._free(w)
+                    self._finish(spec, error_result(spec, E.ERROR_KIND_CANCELLED, "cancelled (its worker was stopped)"))
+                self.ports.stop_worker(wid)
+                self.pump()
+                continue
+            entry = self.spilled.get(tid)
+            if entry is not None and entry[1]:
+                self.ports.control(entry[1], pb.Control(cancel=[tid], force=force))
+
+    def _dequeue(self, tid: bytes) -> pb.TaskSpec | None:
+        for i, s in enumerate(self.queue):
+            if s.task_id == tid:
+                del self.queue[i]
+                return s
+        entry = self.waiting.pop(tid, None)
+        if entry is not None:
+            for oid in entry[1]:
+                self.by_object.get(oid, set()).discard(tid)
+            return entry[0]
+        u = self.unschedulable.pop(tid, None)
+        return u[0] if u else None
+
+    # ------------------------------------------------------------------ results from elsewhere, peers, time
+
+    def remote_results(self, results: Iterable[pb.TaskResult]) -> list[pb.TaskResult]:
+        """Results of tasks that ran elsewhere for owners here; returns those to deliver."""
+        out = []
+        values = {}
+        for r in results:
+            self.spilled.pop(r.task_id, None)
+            for v in r.returns:
+                values[v.object_id] = v.value if not v.stored else b""
+            out.append(r)
+        if values:
+            self.objects_available(values)
+        return out
+
+    def peer_load(self, view: NodeView) -> None:
+        if view.node_id == self.node_id:
+            return
+        old = self.peers.get(view.node_id)
+        self.peers[view.node_id] = view
+        if old is not None and old.incarnation and old.incarnation != view.incarnation:
+            self._node_lost(view.node_id, "its agent restarted")
+        if view.leaving:
+            self._node_lost(view.node_id, "its agent stopped")
+            del self.peers[view.node_id]
+        if self.unschedulable:
+            self._retry_unschedulable()
+
+    def _retry_unschedulable(self) -> None:
+        for tid, (spec, _) in list(self.unschedulable.items()):
+            if self._feasible_somewhere(dict(spec.resources)):
+                del self.unschedulable[tid]
+                self._route(spec, local=True)
+
+    def _node_lost(self, node_id: bytes, why: str) -> None:
+        for tid, (spec, node, _) in list(self.spilled.items()):
+            if node == node_id:
+                del self.spilled[tid]
+                log.warning("task %s was placed on node %s, and %s: placing it again", spec.name, node_id.hex()[:8], why)
+                retry = pb.TaskSpec()
+                retry.CopyFrom(spec)
+                self._route(retry, local=True)
+        for aid, node in list(self.actor_nodes.items()):
+            if node == node_id:
+                del self.actor_nodes[aid]
+        self.pump()
+
+    def tick(self, now: float, *, peer_timeout_s: float, spill_ack_s: float = 5.0) -> None:
+        """Periodic: forget silent peers, re-spill unassigned work, fail what no node can ever run."""
+        for nid, p in list(self.peers.items()):
+            if now - p.seen > peer_timeout_s:
+                del self.peers[nid]
+                self._node_lost(nid, f"it sent no load report for {peer_timeout_s:g}s")
+        for tid, (spec, node, when) in list(self.spilled.items()):
+            if not node and now - when > spill_ack_s:  # the global scheduler never placed it
+                self.spilled[tid] = (spec, b"", now)
+                self.ports.spill([spec])
+        for tid, (spec, since) in list(self.unschedulable.items()):
+            if now - since > self.unschedulable_after_s:
+                del self.unschedulable[tid]
+                have = "; ".join(f"{p.node_id.hex()[:8]}: {res.describe(p.total)}" for p in self.peers.values())
+                mine = f"{self.node_id.hex()[:8]}: {res.describe(self.total)}"
+                self._finish(spec, error_result(
+                    spec, E.ERROR_KIND_UNSCHEDULABLE,
+                    f"{spec.name} needs {res.describe(dict(spec.resources))}, and no node has it "
+                    f"(nodes: {mine}{'; ' + have if have else ''}) after {self.unschedulable_after_s:g}s"))

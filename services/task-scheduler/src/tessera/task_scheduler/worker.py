@@ -1,0 +1,172 @@
+"""A worker process: runs the tasks its node agent leases to it, one at a time.
+
+Started by the agent (``python -m tessera.task_scheduler.worker``) with the agent's
+Unix socket in ``TESSERA_WORKER_SOCKET``. The same connection carries the tasks
+to run and, because tasks may submit tasks, this worker's own submissions and
+their results. A worker started for an actor holds that actor's instance for life.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from tessera import _api
+from tessera._core import Core
+from tessera._objects import ObjectRef
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common import ids
+from tessera.common.config import Settings
+from tessera.common.serialization import deserialize, serialize
+from tessera.task_scheduler.frames import FrameError, SocketConnection
+
+log = logging.getLogger("tessera.worker")
+K = pb.TaskKind
+E = pb.ErrorKind
+
+
+class Worker:
+    def __init__(self, conn: SocketConnection, settings: Settings, worker_id: bytes, actor_id: bytes) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.worker_id = worker_id
+        self.actor_id = actor_id
+        self.inbox: queue.SimpleQueue[pb.TaskSpec | None] = queue.SimpleQueue()
+        self.functions: dict[bytes, Any] = {}
+        self.instance: Any = None
+        self.core = Core(job_id=b"\0" * ids.JOB_ID_LEN, objects=_api.object_client, control_store=_api.control_store,
+                         worker=True)
+        self.core.transport = conn
+
+    # ------------------------------------------------------------------ connection
+
+    def reader(self) -> None:
+        try:
+            while True:
+                frame = self.conn.recv()
+                if frame.results:
+                    self.core.deliver(frame.results)
+                for spec in frame.execute:
+                    self.inbox.put(spec)
+        except (FrameError, OSError):
+            pass
+        self.inbox.put(None)  # the agent is gone: so is this worker
+
+    # ------------------------------------------------------------------ execution
+
+    def load(self, function_id: bytes) -> Any:
+        fn = self.functions.get(function_id)
+        if fn is None:
+            stub = _api.control_store()
+            info = stub.GetFunction(cpb.GetFunctionRequest(function_id=function_id), timeout=30.0).function
+            fn = self.functions[function_id] = cloudpickle.loads(info.code)
+        return fn
+
+    def arguments(self, spec: pb.TaskSpec) -> tuple[list[Any], dict[str, Any]]:
+        refs = [ObjectRef(a.object_id) for a in spec.args if a.WhichOneof("kind") == "object_id"]
+        fetched = iter(self.core.get(refs, None)) if refs else iter(())
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for a in spec.args:
+            v = deserialize(a.value) if a.WhichOneof("kind") == "value" else next(fetched)
+            if a.keyword:
+                kwargs[a.keyword] = v
+            else:
+                args.append(v)
+        return args, kwargs
+
+    def run(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        self.core.job_id = spec.job_id
+        self.core.current_task = spec.task_id
+        try:
+            args, kwargs = self.arguments(spec)
+            if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+                cls = self.load(spec.function_id)
+                self.instance = cls(*args, **kwargs)
+                values: list[Any] = [None]
+            else:
+                if spec.kind == K.TASK_KIND_ACTOR_METHOD:
+                    if self.instance is None:
+                        raise RuntimeError("the actor was not constructed")
+                    fn = getattr(self.instance, spec.method)
+                else:
+                    fn = self.load(spec.function_id)
+                out = fn(*args, **kwargs)
+                if spec.num_returns == 1:
+                    values = [out]
+                elif spec.num_returns == 0:
+                    values = []
+                else:
+                    values = list(out)
+                    if len(values) != spec.num_returns:
+                        raise ValueError(f"{spec.name} returned {len(values)} values; num_returns is {spec.num_returns}")
+            return pb.TaskResult(task_id=spec.task_id, returns=[self.store(spec, i + 1, v) for i, v in enumerate(values)])
+        except Exception as e:
+            return self.failure(spec, e)
+        finally:
+            self.core.current_task = b""
+
+    def store(self, spec: pb.TaskSpec, index: int, value: Any) -> pb.ReturnValue:
+        oid = ids.object_id(spec.task_id, index)
+        ser = serialize(value)
+        if ser.size <= self.settings.object_store_inline_threshold:
+            return pb.ReturnValue(object_id=oid, value=ser.to_bytes(), size=ser.size)
+        _api.object_client().put_serialized(oid, ser, owner=spec.owner)
+        return pb.ReturnValue(object_id=oid, stored=True, size=ser.size)
+
+    def failure(self, spec: pb.TaskSpec, e: Exception) -> pb.TaskResult:
+        tb = traceback.format_exc()
+        try:
+            blob = cloudpickle.dumps(e)
+            pickled = blob if len(blob) < 1 << 20 else b""
+        except Exception:
+            pickled = b""
+        err = pb.TaskError(kind=E.ERROR_KIND_TASK, message=str(e), traceback=tb, exception=pickled,
+                           type_name=type(e).__name__)
+        return pb.TaskResult(task_id=spec.task_id, error=err)
+
+    def serve(self) -> None:
+        threading.Thread(target=self.reader, name="tessera-worker-reader", daemon=True).start()
+        while True:
+            spec = self.inbox.get()
+            if spec is None:
+                return
+            result = self.run(spec)
+            try:
+                self.conn.send(pb.ClientFrame(done=[result]))
+            except OSError:
+                return
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when a worker ends
+    worker_id = bytes.fromhex(os.environ["TESSERA_WORKER_ID"])
+    actor_id = bytes.fromhex(os.environ.get("TESSERA_WORKER_ACTOR", ""))
+    conn = SocketConnection(os.environ["TESSERA_WORKER_SOCKET"])
+    conn.send(pb.ClientFrame(hello=pb.Hello(worker=True, worker_id=worker_id, name=actor_id.hex())))
+    welcome = conn.recv().welcome
+    w = Worker(conn, settings, worker_id, actor_id)
+    w.core.node_id = welcome.node_id
+    _api.attach_worker(w.core, object_store_address=welcome.object_store_address,
+                       control_store_address=settings.control_store_address)
+    try:
+        w.serve()
+    finally:
+        conn.close()
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter teardown: the agent is waiting for nothing more
+
+
+if __name__ == "__main__":
+    main()
