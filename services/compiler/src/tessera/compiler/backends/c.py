@@ -1,0 +1,223 @@
+"""The C backend: loop IR -> C with OpenMP pragmas -> gcc -> a shared library, loaded with ctypes.
+
+The library exports ``run_graph(void **io, float *arena, const float *weights)``, which calls
+every kernel in order over the planned arena, and ``run_graph_profiled`` that also records each
+kernel's wall time: a call from Python is one ctypes crossing for the whole graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tessera.common.errors import FailedPreconditionError
+from tessera.compiler import te
+from tessera.compiler.lower import Allocate, BufLoad, For, IfThen, LoweredFunc, Seq, Stmt, Store
+
+if TYPE_CHECKING:
+    from tessera.compiler.codegen import Program
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared", "-std=gnu11"]
+_CTYPE = {"float32": "float", "int64": "int64_t", "bool": "int"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TESSERA_COMPILER_CACHE_DIR") or Path.home() / ".cache" / "tessera" / "compiler")
+
+
+def _c_const(c: te.Const) -> str:
+    if c.dtype == "float32":
+        v = float(c.value)
+        if math.isinf(v):
+            return "INFINITY" if v > 0 else "(-INFINITY)"
+        return f"{v!r}f" if "e" in repr(v) or "." in repr(v) else f"{v!r}.0f"
+    return f"{int(c.value)}L"
+
+
+def expr(e: te.Expr) -> str:
+    if isinstance(e, te.Var):
+        return e.name
+    if isinstance(e, te.Const):
+        return _c_const(e)
+    if isinstance(e, te.BinOp):
+        op = "/" if e.op == "//" else e.op
+        return f"({expr(e.a)} {op} {expr(e.b)})"
+    if isinstance(e, te.Call):
+        return f"{e.fn}({', '.join(expr(a) for a in e.args)})"
+    if isinstance(e, te.Cast):
+        return f"(({_CTYPE[e.dtype]})({expr(e.value)}))"
+    if isinstance(e, te.Select):
+        return f"({expr(e.cond)} ? {expr(e.then)} : {expr(e.other)})"
+    if isinstance(e, BufLoad):
+        return f"{e.buf.name}[{expr(e.index)}]"
+    raise TypeError(f"cannot render {type(e).__name__} in C")
+
+
+def stmt(s: Stmt, ind: str = "  ") -> list[str]:
+    if isinstance(s, Seq):
+        return [line for x in s.stmts for line in stmt(x, ind)]
+    if isinstance(s, Store):
+        return [f"{ind}{s.buf.name}[{expr(s.index)}] = {expr(s.value)};"]
+    if isinstance(s, IfThen):
+        return [f"{ind}if ({expr(s.cond)}) {{", *stmt(s.body, ind + "  "), f"{ind}}}"]
+    if isinstance(s, Allocate):
+        decl = f"{ind}{_CTYPE[s.buf.dtype]} {s.buf.name}[{s.buf.size}] __attribute__((aligned(64)));"
+        return [f"{ind}{{", decl, *stmt(s.body, ind + "  "), f"{ind}}}"]
+    if isinstance(s, For):
+        pragma = {"parallel": "#pragma omp parallel for schedule(static)", "vectorize": "#pragma omp simd",
+                  "unroll": f"#pragma GCC unroll {min(s.extent, 64)}"}.get(s.kind)
+        head = f"{ind}for (long {s.var.name} = 0; {s.var.name} < {s.extent}; ++{s.var.name}) {{"
+        return [*([ind + pragma] if pragma else []), head, *stmt(s.body, ind + "  "), f"{ind}}}"]
+    raise TypeError(f"cannot render {type(s).__name__} in C")
+
+
+def kernel(f: LoweredFunc) -> str:
+    params = []
+    for b in f.params:
+        const = "const " if b.name.startswith("in") else ""
+        params.append(f"{const}{_CTYPE[b.dtype]} *__restrict__ {b.name}")
+    params.append("float *__restrict__ ws")
+    lines = [f"static void {f.name}({', '.join(params)}) {{"]
+    ws = {id(x.buf): x.buf for x in _bufloads(f.body)} | {id(x.buf): x.buf for x in _stores(f.body)}
+    for b in ws.values():
+        if b.scope == "workspace":
+            lines.append(f"  {_CTYPE[b.dtype]} *__restrict__ {b.name} = ({_CTYPE[b.dtype]} *)(ws + {b.offset});")
+    lines += stmt(f.body)
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _walk(s: Stmt) -> list[Stmt]:
+    out = [s]
+    if isinstance(s, Seq):
+        for x in s.stmts:
+            out += _walk(x)
+    elif isinstance(s, For | IfThen | Allocate):
+        out += _walk(s.body)
+    return out
+
+
+def _stores(s: Stmt) -> list[Store]:
+    return [x for x in _walk(s) if isinstance(x, Store)]
+
+
+def _bufloads(s: Stmt) -> list[BufLoad]:
+    out: list[BufLoad] = []
+    exprs: list[te.Expr] = []
+    for x in _walk(s):
+        if isinstance(x, Store):
+            exprs += [x.index, x.value]
+        elif isinstance(x, IfThen):
+            exprs.append(x.cond)
+    while exprs:
+        e = exprs.pop()
+        if isinstance(e, BufLoad):
+            out.append(e)
+            exprs.append(e.index)
+        exprs.extend(te.children(e))
+    return out
+
+
+class CModule:
+    """A loaded library; one arena per module (calls on one module are serialized)."""
+
+    def __init__(self, path: str, program: Program) -> None:
+        self.lib = ctypes.CDLL(path)
+        self.program = program
+        self._run = self.lib.run_graph
+        self._run.restype = None
+        self._run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self._prof = self.lib.run_graph_profiled
+        self._prof.restype = None
+        self._prof.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.arena = np.zeros(max(program.arena_size, 16) + 16, np.float32)
+        self._arena_ptr = self.arena.ctypes.data + (-self.arena.ctypes.data % 64)
+        self.weights = program.weights
+        self._weights_ptr = self.weights.ctypes.data
+        self._n = program.n_inputs + program.n_outputs
+        self._io = (ctypes.c_void_p * max(self._n, 1))()
+        self._lock = threading.Lock()
+
+    def _bind(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        for i, a in enumerate([*inputs, *outputs]):
+            self._io[i] = a.ctypes.data
+
+    def run(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        with self._lock:
+            self._bind(inputs, outputs)
+            self._run(self._io, self._arena_ptr, self._weights_ptr)
+
+    def profile(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> list[float]:
+        times = np.zeros(max(len(self.program.calls), 1), np.float64)
+        with self._lock:
+            self._bind(inputs, outputs)
+            self._prof(self._io, self._arena_ptr, self._weights_ptr, times.ctypes.data)
+        return [float(t) for t in times[: len(self.program.calls)]]
+
+
+class CBackend:
+    name = "c"
+
+    def render(self, program: Program) -> str:
+        out = ["// generated by tessera.compiler (C backend)", "#include <math.h>", "#include <stdint.h>", "#include <omp.h>", ""]
+        seen: set[str] = set()
+        for call in program.calls:
+            if call.func.name not in seen:
+                seen.add(call.func.name)
+                out += [f"// {call.label}", kernel(call.func), ""]
+        def call_line(c: object) -> str:
+            from tessera.compiler.codegen import Call as _Call
+            assert isinstance(c, _Call)
+            args = []
+            for a, b in zip(c.args, c.func.params, strict=True):
+                ty = _CTYPE[b.dtype]
+                if a.kind in ("input", "output"):
+                    pos = a.index if a.kind == "input" else program.n_inputs + a.index
+                    args.append(f"({ty} *)io[{pos}]")
+                elif a.kind == "arena":
+                    args.append(f"({ty} *)(arena + {a.index})")
+                else:
+                    args.append(f"({ty} *)(weights + {a.index})")
+            args.append(f"arena + {program.workspace_offset}")
+            return f"{c.func.name}({', '.join(args)});"
+        out.append("void run_graph(void **io, float *arena, const float *weights) {")
+        out += [f"  {call_line(c)}" for c in program.calls]
+        out.append("}")
+        out.append("void run_graph_profiled(void **io, float *arena, const float *weights, double *times) {")
+        out.append("  double t0;")
+        for i, c in enumerate(program.calls):
+            out.append(f"  t0 = omp_get_wtime(); {call_line(c)} times[{i}] = omp_get_wtime() - t0;")
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+    def build(self, source: str, cache_dir: str | None = None) -> tuple[str, bool]:
+        """Compile with gcc into ``<cache>/<sha256 of source and flags>.so`` (reused when present)."""
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256((" ".join(CFLAGS) + "\n" + source).encode()).hexdigest()[:32]
+        lib = cache / f"{key}.so"
+        if lib.exists():
+            return str(lib), True
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src = Path(tmp) / "kernels.c"
+            src.write_text(source)
+            out = Path(tmp) / "kernels.so"
+            r = subprocess.run(["gcc", *CFLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise FailedPreconditionError(f"gcc failed: {r.stderr[-2000:]}")
+            (cache / f"{key}.c").write_text(source)
+            os.replace(out, lib)  # atomic: concurrent builders of the same key agree
+        return str(lib), False
+
+    def load(self, path: str, program: Program) -> CModule:
+        return CModule(path, program)

@@ -1,0 +1,285 @@
+"""Lowering: a scheduled tensor-expression program to a loop IR over flat buffers.
+
+The loop IR is what a backend renders: :class:`For` (serial / parallel / vectorize / unroll),
+:class:`Store`, :class:`Allocate` (a local buffer), :class:`IfThen` (split tails) and
+:class:`Seq`. Loads become :class:`BufLoad` of a flat index. Inline stages are substituted into
+their consumers; stages computed at root that are not outputs live in the kernel's workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tessera.compiler import te
+from tessera.compiler.schedule import Schedule, ScheduleError, Split, Stage
+from tessera.compiler.te import Expr, IterVar, Tensor, Var
+
+
+@dataclass(eq=False)
+class Buffer:
+    name: str
+    size: int
+    dtype: str = "float32"
+    scope: str = "param"  # param, workspace, local
+    offset: int = 0  # elements into the workspace
+
+    __hash__ = object.__hash__
+
+
+@dataclass(eq=False)
+class BufLoad(Expr):
+    buf: Buffer
+    index: Expr
+
+    def __post_init__(self) -> None:
+        self.dtype = self.buf.dtype
+
+
+class Stmt:
+    pass
+
+
+@dataclass(eq=False)
+class For(Stmt):
+    var: Var
+    extent: int
+    kind: str  # serial, parallel, vectorize, unroll
+    body: Stmt
+
+
+@dataclass(eq=False)
+class Seq(Stmt):
+    stmts: list[Stmt]
+
+
+@dataclass(eq=False)
+class Store(Stmt):
+    buf: Buffer
+    index: Expr
+    value: Expr
+
+
+@dataclass(eq=False)
+class Allocate(Stmt):
+    buf: Buffer
+    body: Stmt
+
+
+@dataclass(eq=False)
+class IfThen(Stmt):
+    cond: Expr
+    body: Stmt
+
+
+@dataclass
+class LoweredFunc:
+    name: str
+    params: list[Buffer]
+    body: Stmt
+    workspace: int = 0  # float32 elements of scratch the kernel needs
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= int(s)
+    return out[::-1]
+
+
+def _flat(indices: Sequence[Expr], shape: Sequence[int]) -> Expr:
+    idx: Expr = te.Const(0, "int64")
+    for i, st in zip(indices, _strides(shape), strict=True):
+        idx = idx + i * st
+    return te.simplify(idx)
+
+
+def _vars_in(e: Expr) -> set[int]:
+    out: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Var):
+            out.add(id(x))
+        elif isinstance(x, BufLoad):
+            stack.append(x.index)
+        stack.extend(te.children(x))
+    return out
+
+
+class _Lowering:
+    def __init__(self, sch: Schedule, inputs: Sequence[Tensor], outputs: Sequence[Tensor], name: str) -> None:
+        self.sch, self.name = sch, name
+        self.buffers: dict[int, Buffer] = {}
+        for i, t in enumerate(inputs):
+            self.buffers[t.uid] = Buffer(f"in{i}", int(np.prod(t.shape)), t.dtype)
+        for i, t in enumerate(outputs):
+            self.buffers[t.uid] = Buffer(f"out{i}", int(np.prod(t.shape)), t.dtype)
+        self.params = [self.buffers[t.uid] for t in [*inputs, *outputs]]
+        missing = [t.name for t in sch.placeholders if t.uid not in self.buffers]
+        if missing:
+            raise ScheduleError(f"{name}: placeholders {missing} are not kernel inputs")
+        self.workspace = 0
+        for st in sch.stages:
+            if st.tensor.uid in self.buffers or st.attach == "inline":
+                continue
+            size = int(np.prod(st.region if st.region and st.attach != "root" and st.scope == "local" else st.tensor.shape))
+            if st.scope == "local":
+                self.buffers[st.tensor.uid] = Buffer(f"{st.tensor.name}_l", size, st.tensor.dtype, "local")
+            else:
+                self.buffers[st.tensor.uid] = Buffer(f"ws_{st.tensor.name}", size, st.tensor.dtype, "workspace", self.workspace)
+                self.workspace += size + (-size % 16)
+        self.inline = {st.tensor.uid: st for st in sch.stages if st.attach == "inline"}
+        self.bases: dict[int, list[Expr]] = {}  # attached stage -> base of its tile, in the consumer's loop vars
+        self.attached: dict[int, list[Stage]] = {}  # id(consumer axis) -> stages computed there
+        for st in sch.stages:
+            if isinstance(st.attach, tuple):
+                self.attached.setdefault(id(st.attach[1]), []).append(st)
+
+    # ------------------------------------------------------------------ expressions
+
+    def expand(self, e: Expr) -> Expr:
+        """Substitute inline stages, recursively."""
+        def f(x: Expr) -> Expr:
+            if isinstance(x, te.Load) and x.tensor.uid in self.inline:
+                t = x.tensor
+                assert t.body is not None
+                return self.expand(te.substitute(t.body, {a.var: i for a, i in zip(t.axes, x.indices, strict=True)}))
+            return x
+        return te.rebuild(e, f)
+
+    def to_buffers(self, e: Expr) -> Expr:
+        """Loads of tensors -> loads of flat buffers (tile-relative for local attached stages)."""
+        def f(x: Expr) -> Expr:
+            if not isinstance(x, te.Load):
+                return x
+            buf = self.buffers[x.tensor.uid]
+            st = self.sch._by_tensor.get(x.tensor.uid)
+            if st is not None and buf.scope == "local" and isinstance(st.attach, tuple):
+                base = self.bases[st.tensor.uid]
+                rel = [te.simplify(i - b) for i, b in zip(x.indices, base, strict=False)]
+                return BufLoad(buf, _flat(rel, st.region))
+            return BufLoad(buf, _flat(x.indices, x.tensor.shape))
+        return te.rebuild(e, f)
+
+    # ------------------------------------------------------------------ stages
+
+    def leaf_values(self, st: Stage) -> dict[Var, Expr]:
+        val: dict[Var, Expr] = {a.var: (te.Const(0, "int64") if a.extent == 1 else a.var) for a in st.leaves}
+        for rel in reversed(st.relations):
+            if isinstance(rel, Split):
+                val[rel.parent.var] = te.simplify(val[rel.outer.var] * rel.factor + val[rel.inner.var])
+            else:
+                f = val[rel.fused.var]
+                val[rel.outer.var] = te.simplify(f // rel.inner.extent)
+                val[rel.inner.var] = te.simplify(f % rel.inner.extent)
+        return val
+
+    def stage(self, st: Stage, parallel_ok: bool) -> Stmt:
+        t = st.tensor
+        assert t.body is not None
+        val = self.leaf_values(st)
+        guards: list[Expr] = []
+        for rel in st.relations:
+            if isinstance(rel, Split) and rel.parent.extent % rel.factor:
+                guards.append(val[rel.parent.var] < rel.parent.extent)
+        data_vals = [val[a.var] for a in st.data_axes]
+        if isinstance(st.attach, tuple):
+            base = self.bases[t.uid]
+            full = [te.simplify(b + v) for b, v in zip(base, data_vals, strict=True)]
+            for a, tl, fv in zip(t.axes, st.region, full, strict=True):
+                if a.extent % tl:
+                    guards.append(fv < a.extent)
+        else:
+            full = data_vals
+        sub: dict[Var, Expr] = {a.var: v for a, v in zip(t.axes, full, strict=True)}
+        for r in st.red_axes:
+            sub[r.var] = val[r.var]
+        buf = self.buffers[t.uid]
+        if buf.scope == "local" and isinstance(st.attach, tuple):
+            out_index = _flat(data_vals, st.region)
+        else:
+            out_index = _flat(full, t.shape)
+        body = self.expand(t.body)
+        red = body if isinstance(body, te.Reduce) else None
+        value = self.to_buffers(te.simplify(te.substitute(red.body if red else body, sub)))
+        guards = [self.to_buffers(te.simplify(te.substitute(g, {}))) for g in guards]
+        red_vars = {id(r.var) for r in st.leaves if r.kind == "reduce"}
+
+        def guarded(s: Stmt, conds: list[Expr]) -> Stmt:
+            if not conds:
+                return s
+            c = conds[0]
+            for x in conds[1:]:
+                c = c & x
+            return IfThen(c, s)
+
+        if red is not None:
+            cur = BufLoad(buf, out_index)
+            upd = cur + value if red.combiner == "sum" else te.call("fmaxf", cur, value)
+            core: Stmt = guarded(Store(buf, out_index, upd), guards)
+            init: Stmt = guarded(Store(buf, out_index, red.init), [g for g in guards if not (_vars_in(g) & red_vars)])
+        else:
+            core = guarded(Store(buf, out_index, value), guards)
+            init = Seq([])
+        first_red = next((i for i, a in enumerate(st.leaves) if a.kind == "reduce"), None)
+
+        def loop(a: IterVar, body: Stmt, outermost: bool) -> Stmt:
+            if a.extent == 1:
+                return body
+            kind = st.ann.get(a, "serial")
+            if kind == "parallel" and not (parallel_ok and outermost):
+                kind = "serial"
+            return For(a.var, a.extent, kind, body)
+
+        def build(pos: int, emitted_any: bool, did_init: bool) -> Stmt:
+            if pos == len(st.leaves):
+                return core
+            if red is not None and pos == first_red and not did_init:
+                data_after = [a for a in st.leaves[pos:] if a.kind == "data"]
+                init_nest = init
+                for a in reversed(data_after):
+                    init_nest = loop(a, init_nest, False)
+                return Seq([init_nest, build(pos, emitted_any, True)])
+            a = st.leaves[pos]
+            inner = build(pos + 1, emitted_any or a.extent > 1, did_init)
+            here = [self.attached_stage(c, st) for c in self.attached.get(id(a), [])]
+            if here:
+                inner = Seq([*here, inner])
+                for c in self.attached.get(id(a), []):
+                    cb = self.buffers[c.tensor.uid]
+                    if cb.scope == "local":
+                        inner = Allocate(cb, inner)
+            return loop(a, inner, not emitted_any)
+
+        return build(0, False, False)
+
+    def attached_stage(self, st: Stage, consumer: Stage) -> Stmt:
+        assert isinstance(st.attach, tuple)
+        cval = self.leaf_values(consumer)
+        pos = consumer._leaf_index(st.attach[1])
+        zero = {a.var: te.Const(0, "int64") for a in consumer.leaves[pos + 1:]}
+        self.bases[st.tensor.uid] = [te.simplify(te.substitute(cval[a.var], zero)) for a in consumer.tensor.axes[:len(st.tensor.axes)]]
+        return self.stage(st, parallel_ok=False)
+
+    def run(self) -> LoweredFunc:
+        # bases of attached stages are needed when their consumer's body is lowered: compute them first
+        for st in self.sch.stages:
+            if isinstance(st.attach, tuple):
+                consumer, ax = st.attach
+                cval = self.leaf_values(consumer)
+                pos = consumer._leaf_index(ax)
+                zero = {a.var: te.Const(0, "int64") for a in consumer.leaves[pos + 1:]}
+                self.bases[st.tensor.uid] = [te.simplify(te.substitute(cval[a.var], zero))
+                                             for a in consumer.tensor.axes[:len(st.tensor.axes)]]
+        body = [self.stage(st, parallel_ok=True) for st in self.sch.stages if st.attach == "root"]
+        return LoweredFunc(self.name, self.params, Seq(body), self.workspace)
+
+
+def lower(sch: Schedule, inputs: Sequence[Tensor], outputs: Sequence[Tensor], name: str = "kernel") -> LoweredFunc:
+    """Lower ``sch`` to one function over ``inputs`` then ``outputs`` (flat buffers) and a workspace."""
+    return _Lowering(sch, inputs, outputs, name).run()

@@ -1,0 +1,142 @@
+"""Default schedules: one template per kind of fused group, keyed on the anchor's tag.
+
+The knobs (tile sizes) are picked so that the tiles divide the extents where possible:
+register tiles for matmul (rows x vector columns) and NCHWc conv (output columns x channel
+block), one row per thread for row reductions, a parallel outer loop and a vectorized inner
+loop for everything injective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tessera.compiler.schedule import Schedule, Stage
+from tessera.compiler.te import Tensor
+
+ANCHORS = ("conv2d", "conv2d_nchwc", "matmul")
+PARALLEL_MIN = 4096  # elements below which a kernel runs on one thread
+
+
+def choose(n: int, prefs: Sequence[int]) -> int:
+    for p in prefs:
+        if p <= n and n % p == 0:
+            return p
+    return min(n, max(p for p in prefs if p <= max(n, 1)) if any(p <= n for p in prefs) else n)
+
+
+def schedule_group(out: Tensor, knobs: dict[str, Any] | None = None) -> Schedule:
+    knobs = knobs or {}
+    s = Schedule([out])
+    for st in s.stages:
+        if st.tensor is out:
+            continue
+        if st.tensor.tag == "pad":
+            _injective(st)
+        elif not st.tensor.reduce_axes:
+            st.compute_inline()
+    if out.reduce_axes:
+        s.cache_write(out)
+    reds = [st for st in s.stages if st.tensor.reduce_axes]
+    ost = s[out]
+    anchor = next((st for st in reds if st.tensor.tag in ANCHORS), None)
+    size = int(te_prod(out.shape))
+    if anchor is not None and anchor.tensor.shape == out.shape:
+        if anchor.tensor.tag == "matmul":
+            _matmul(s, ost, anchor, knobs)
+        elif anchor.tensor.tag == "conv2d_nchwc":
+            _conv_nchwc(s, ost, anchor, knobs)
+        else:
+            _rows(ost, [anchor], len(out.shape) - 1, size)
+    elif reds:
+        lead = min(len(r.tensor.shape) for r in reds)
+        if all(r.tensor.shape == out.shape[:len(r.tensor.shape)] for r in reds):
+            lead = min(lead, len(out.shape) - 1) if all(r.tensor.shape == out.shape for r in reds) else lead
+            _rows(ost, reds, lead, size)
+        else:
+            _injective(ost)
+    else:
+        _injective(ost)
+    return s
+
+
+def te_prod(shape: Sequence[int]) -> int:
+    p = 1
+    for x in shape:
+        p *= int(x)
+    return p
+
+
+def _injective(st: Stage) -> None:
+    axes = st.axis
+    size = te_prod(st.tensor.shape)
+    if not axes:
+        return
+    if len(axes) == 1:
+        if size >= PARALLEL_MIN:
+            o, i = st.split(axes[0], 64)
+            st.parallel(o)
+            st.vectorize(i)
+        else:
+            st.vectorize(axes[0])
+        return
+    outer = st.fuse(*axes[:-1])
+    if size >= PARALLEL_MIN:
+        st.parallel(outer)
+    st.vectorize(axes[-1])
+
+
+def _rows(ost: Stage, reds: list[Stage], lead: int, size: int) -> None:
+    """One output row per iteration of a parallel loop; each reduction computed for that row only."""
+    axes = ost.axis
+    if lead == 0:
+        _injective(ost)
+        return
+    outer = ost.fuse(*axes[:lead])
+    if size >= PARALLEL_MIN:
+        ost.parallel(outer)
+    if len(axes) > lead:
+        ost.vectorize(axes[-1])
+    for r in reds:
+        r.set_scope("local")
+        r.compute_at(ost, outer)
+        data = [a for a in r.axis if a.extent > 1]
+        if data:
+            r.reorder(*r.reduce_axis, *data)
+            r.vectorize(data[-1])
+
+
+def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
+    *batch, i, j = ost.axis
+    m, n = i.extent, j.extent
+    mi = knobs.get("mm_rows") or choose(m, [4, 6, 8, 3, 2, 5, 7, 1])
+    nj = knobs.get("mm_cols") or choose(n, [64, 32, 48, 16, 80, 96, 8]) if n >= 8 else n
+    io, jo, ii, ji = ost.tile(i, j, mi, nj)
+    outer = ost.fuse(*batch, io, jo)
+    if te_prod(ost.tensor.shape) * acc.tensor.reduce_axes[0].extent >= 65536:
+        ost.parallel(outer)
+    ost.vectorize(ji)
+    acc.set_scope("local")
+    acc.compute_at(ost, outer)
+    *_, ti, tj = acc.axis
+    (k,) = acc.reduce_axis
+    acc.reorder(k, ti, tj)
+    acc.unroll(ti)
+    acc.vectorize(tj)
+
+
+def _conv_nchwc(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
+    n, ko, p, q, ki = ost.axis
+    qb = knobs.get("conv_cols") or choose(q.extent, [14, 16, 12, 8, 7, 10, 9, 6, 5, 4, 3, 2, 1])
+    qo, qi = ost.split(q, qb)
+    outer = ost.fuse(n, ko, p)
+    ost.parallel(outer)
+    ost.vectorize(ki)
+    acc.set_scope("local")
+    acc.compute_at(ost, qo)
+    tn, tko, tp, tq, tk = acc.axis
+    rco, ry, rx, rci = acc.reduce_axis
+    acc.reorder(rco, ry, rx, rci, tq, tk)
+    acc.unroll(tq)
+    acc.vectorize(tk)
+
