@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects up down status clean
+.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-serving up down status clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/serving/src
 
 protos: install
 	$(PY) scripts/gen_protos.py
@@ -54,6 +54,14 @@ bench: install
 
 bench-objects: install .venv-ray/bin/python
 	$(PY) benchmarks/object_store_bench.py
+
+# Serving: white box vs black box in-process, gRPC vs Ray Serve over HTTP (Ray Serve in .venv-ray).
+.venv-ray/.serve: .venv-ray/bin/python
+	.venv-ray/bin/pip install -q "ray[serve]==2.60.0" scikit-learn
+	touch $@
+
+bench-serving: install .venv-ray/.serve
+	$(PY) benchmarks/serving_bench.py
 
 up: install
 	$(VENV)/bin/tessera up

@@ -9,6 +9,7 @@ away under load costs a retry, not a failure.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import threading
 from collections.abc import Sequence
@@ -211,17 +212,17 @@ class Client:
     def unregister(self, name: str) -> None:
         self._call("Unregister", pb.UnregisterRequest(name=name), failover=False)
 
-    def list(self) -> list[PipelineInfo]:
+    def list(self) -> builtins.list[PipelineInfo]:
         return [_info(i) for i in self._call("List", pb.ListRequest()).pipelines]
 
     # ------------------------------------------------------------------ predictions
-    def predict(self, name: str, records: Sequence[Any]) -> list[Prediction]:
+    def predict(self, name: str, records: Sequence[Any]) -> builtins.list[Prediction]:
         """Predictions of pipeline ``name`` for ``records`` (dicts of fields, lists of values,
         or bare values for single-input pipelines such as text ones)."""
         req = pb.PredictRequest(pipeline=name, records=[_record(r) for r in records])
         return _preds(self._call("Predict", req))
 
-    def predict_batch(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Prediction]]:
+    def predict_batch(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> builtins.list[builtins.list[Prediction]]:
         """Several (pipeline, records) requests in one call, run together on one replica:
         a featurizer that pipelines share runs once per distinct input."""
         req = pb.PredictBatchRequest(requests=[pb.PredictRequest(pipeline=n, records=[_record(r) for r in recs])

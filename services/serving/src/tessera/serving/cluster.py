@@ -71,7 +71,7 @@ class ClusterStore:
                 insts = [i for i in resp.instances if i.hostname == here] or list(resp.instances)
                 if not insts:
                     raise UnavailableError("no object store is registered in the cluster")
-                from tessera import ObjectStoreClient
+                from tessera._objects import ObjectStoreClient
 
                 addr = insts[0].address
                 self._objects = await asyncio.to_thread(ObjectStoreClient, addr, name="serving")
@@ -120,7 +120,7 @@ class ClusterStore:
         if lost:
             raise NotFoundError(f"parameters missing from the cluster: {', '.join(lost[:5])}")
         client = await self._client()
-        from tessera import ObjectRef
+        from tessera._objects import ObjectRef
 
         refs = [ObjectRef(o) for o in oids if o is not None]
         values = await asyncio.to_thread(client.get, refs, timeout=30.0)

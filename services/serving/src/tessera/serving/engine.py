@@ -303,7 +303,8 @@ class Scheduler:
             if not self._queue:
                 self._slots.release()
                 continue
-            batch, total = [], 0
+            batch: list[_Request] = []
+            total = 0
             self._queue.sort(key=lambda r: r.deadline)
             while self._queue and (not batch or total + self._queue[0].n <= self.max_batch):
                 r = self._queue.pop(0)

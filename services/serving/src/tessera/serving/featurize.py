@@ -170,7 +170,9 @@ class NgramCounter:
 
     def _python(self, docs: Sequence[str]) -> Csr:
         vocab = self._lookup_dict()
-        indptr, indices, data = [0], [], []
+        indptr: list[int] = [0]
+        indices: list[int] = []
+        data: list[int] = []
         for d in docs:
             counts: dict[int, int] = {}
             for g in self.an.ngrams(d):
@@ -250,7 +252,9 @@ class Hasher:
         self._mm = murmurhash3_32
 
     def __call__(self, docs: Sequence[str]) -> Csr:
-        indptr, indices, data = [0], [], []
+        indptr: list[int] = [0]
+        indices: list[int] = []
+        data: list[float] = []
         for d in docs:
             for g in self.an.ngrams(d):
                 h = int(self._mm(g, seed=0))

@@ -151,7 +151,12 @@ class Var:
                       scale: float = 1.0, base: Sequence[float] = (0.0,), classes: Sequence[Any] | None = None) -> Var:
         """Trees as dicts of arrays (feature, threshold, left, right, value; -1 children mark a leaf),
         summed (boosting: ``base + scale * sum``) or averaged (forests)."""
-        feats, thr, left, right, vals, roots = [], [], [], [], [], []
+        feats: list[np.ndarray] = []
+        thr: list[np.ndarray] = []
+        left: list[np.ndarray] = []
+        right: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
+        roots: list[int] = []
         off = 0
         for t in trees:
             n = len(t["feature"])

@@ -61,7 +61,7 @@ def tensor_hash(arr: np.ndarray) -> str:
     """Content hash of an array: dtype, shape and bytes."""
     a = np.ascontiguousarray(arr)
     h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
-    h.update(memoryview(a).cast("B"))
+    h.update(a.tobytes())
     return h.hexdigest()[:40]
 
 

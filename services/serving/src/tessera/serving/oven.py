@@ -116,11 +116,11 @@ class _Builder:
                 chains.append(c[0])
                 fields.append(c[1])
         else:
-            c = self._text_chain(n)
-            if c is None:
+            one = self._text_chain(n)
+            if one is None:
                 return False
-            chains.append(c[0])
-            fields.append(c[1])
+            chains.append(one[0])
+            fields.append(one[1])
         units = [self._unit(c) for c in chains]
         key = _key("featurize", fields, [u[0] for u in units])
         flds = sorted(set(fields))
@@ -130,8 +130,8 @@ class _Builder:
             blocks = [fn(columns[f]) for fn, f in zip(fns, fields, strict=True)]
             return blocks[0] if len(blocks) == 1 else models.hstack(blocks)
 
-        for c in chains:
-            for m in c:
+        for chain in chains:
+            for m in chain:
                 self.at[m.id] = len(self.stages)
         self.at[n.id] = len(self.stages)
         self.stages.append(Stage(key, "featurize", [], featurize, flds))

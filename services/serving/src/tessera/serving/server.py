@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -65,6 +66,7 @@ def build(settings: Settings) -> ServiceApp:
 
     async def on_predict(msg: Msg) -> None:
         assert app.bus is not None
+        out: dict[str, Any]
         try:
             try:
                 req = json.loads(msg.data)

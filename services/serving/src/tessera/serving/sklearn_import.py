@@ -37,7 +37,7 @@ class _Importer:
         self.n = 0
         self.fields: dict[str, str] = {}
 
-    def add(self, op: str, inputs: list[str], attrs: dict[str, Any], params: dict[str, np.ndarray]) -> str:
+    def add(self, op: str, inputs: list[str], attrs: dict[str, Any], params: dict[str, np.ndarray | None]) -> str:
         self.n += 1
         nid = f"{op}{self.n}"
         hashes = {role: self.p.add(arr) for role, arr in params.items() if arr is not None}
@@ -67,8 +67,6 @@ class _Importer:
             raise UnsupportedEstimatorError(f"{_name(est)} with a callable analyzer is not supported")
         if est.input != "content":
             raise UnsupportedEstimatorError(f"{_name(est)}(input={est.input!r}) is not supported (only 'content')")
-        if est.decode_error != "strict" and False:  # pragma: no cover - str input never decodes
-            pass
         stop = est.get_stop_words()
         attrs: dict[str, Any] = {
             "field": self.field(fld, "text"), "analyzer": est.analyzer, "ngram_range": list(est.ngram_range),
@@ -263,7 +261,7 @@ class _Importer:
             attrs.update(proba="logistic", classes=[_jsonable(c) for c in est.classes_.tolist()])
         elif est.loss not in ("squared_error", "absolute_error", "huber", "quantile"):
             raise UnsupportedEstimatorError(f"GradientBoostingRegressor(loss={est.loss!r}) is not supported")
-        return self.add("trees", [x], attrs, packed)
+        return self.add("trees", [x], attrs, dict(packed))
 
     def forest(self, est: Any, x: str) -> str:
         from sklearn.ensemble import RandomForestClassifier
@@ -282,12 +280,13 @@ class _Importer:
             values.append(v)
         packed = self._pack(trees, values)
         packed["tree_output"] = np.zeros(len(trees), dtype=np.int64)
+        params: dict[str, np.ndarray | None] = dict(packed)
         attrs: dict[str, Any] = {"combine": "mean", "n_features": int(est.n_features_in_),
                                  "max_depth": int(max(t.tree_.max_depth for t in trees))}
         if clf:
             attrs.update(proba="mean", classes=[_jsonable(c) for c in est.classes_.tolist()],
                          n_outputs=len(est.classes_))
-        return self.add("trees", [x], attrs, packed)
+        return self.add("trees", [x], attrs, params)
 
 
 def import_sklearn(est: Any, *, text_field: str = "text") -> Pipeline:
