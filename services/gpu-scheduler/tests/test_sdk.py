@@ -62,7 +62,7 @@ def test_suspended_and_resumed_job_ends_with_identical_weights(tmp_path: Path) -
             p.stdin.flush()
             break
     ev = next(e for e in events if e["event"] == "suspended")
-    path, step = ev["path"], ev["step"]
+    step = ev["step"]
     p.stdin.write(b"resume\n")  # in-process resume
     p.stdin.flush()
     assert next(e for e in events if e["event"] in ("resumed", "finished"))["event"] == "resumed"

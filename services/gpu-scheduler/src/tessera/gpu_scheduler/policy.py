@@ -63,6 +63,7 @@ class JobView:
     accuracy: float | None = None  # last reported accuracy (early feedback)
     held: bool = False  # suspended by an administrator: never placed
     target: str = ""  # node an administrator asked it to migrate to
+    home: str = ""  # node where it waits suspended (resuming there is cheapest)
 
     @property
     def running(self) -> bool:
@@ -170,7 +171,7 @@ class Policy:
                 out[j.job_id] = cur
                 self._take(cur, free)
         for j in sorted((j for j in run if j.job_id not in out), key=lambda j: -j.gpus):
-            slots = self._fit(j.gpus, free)
+            slots = self._fit(j.gpus, free, prefer=j.target or j.home)
             if slots is None:
                 continue
             out[j.job_id] = slots

@@ -1,15 +1,213 @@
-"""Wiring of the gpu-scheduler service."""
+"""Wiring of the gpu-scheduler service: one process per cluster schedules; one per node
+(started with ``TESSERA_NODE_ID``, as ``tessera up --gpus-per-node G`` does) is that node's agent.
+
+Control store KV namespaces: ``gpu-jobs`` (job records), ``gpu-agents`` (what each agent runs).
+NATS: ``tessera.gpu.agent.<node>.cmd`` (requests to an agent), ``tessera.gpu.events.job.<state>``
+(a JobInfo each time a job changes state).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2_grpc as pb_grpc
+from tessera.common import errors
 from tessera.common.config import Settings
+from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.gpu_scheduler.agent import NodeAgent, discover_gpus
+from tessera.gpu_scheduler.policy import make_policy
+from tessera.gpu_scheduler.scheduler import GpuScheduler
+from tessera.gpu_scheduler.servicer import GpuSchedulerServicer
 
 NAME = "gpu-scheduler"
+AGENT_NAME = "gpu-agent"
+SERVICE = "tessera.gpu_scheduler.v1.GpuSchedulerService"
+JOBS_NS, AGENTS_NS = "gpu-jobs", "gpu-agents"
+
+log = logging.getLogger(__name__)
+
+
+def agent_subject(node_id: str) -> str:
+    return f"tessera.gpu.agent.{node_id}.cmd"
+
+
+class ControlStoreKV:
+    """One KV namespace of the control store (the only home of the scheduler's state)."""
+
+    def __init__(self, stub: Any, namespace: str, timeout: float) -> None:
+        self.stub, self.ns, self.timeout = stub, namespace, timeout
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self.stub.KvPut(cpb.KvPutRequest(namespace=self.ns, key=key.encode(), value=value, overwrite=True),
+                              timeout=self.timeout)
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            r = await self.stub.KvGet(cpb.KvGetRequest(namespace=self.ns, key=key.encode()), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return bytes(r.value)
+
+    async def keys(self) -> list[str]:
+        r = await self.stub.KvList(cpb.KvListRequest(namespace=self.ns), timeout=self.timeout)
+        return [k.decode() for k in r.keys]
+
+    async def delete(self, key: str) -> None:
+        await self.stub.KvDelete(cpb.KvDeleteRequest(namespace=self.ns, key=key.encode()), timeout=self.timeout)
 
 
 def build(settings: Settings) -> ServiceApp:
-    return ServiceApp(NAME, settings)
+    return build_agent(settings) if settings.node_id else build_scheduler(settings)
+
+
+def build_scheduler(settings: Settings) -> ServiceApp:
+    app = ServiceApp(NAME, settings)
+    channel, stub = control_store_aio_stub(settings)
+    timeout = settings.rpc_timeout_s
+    lock = asyncio.Lock()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def send(node: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert app.bus is not None
+        msg = await app.bus.request(agent_subject(node), json.dumps(cmd).encode(), timeout=min(timeout, 10.0))
+        reply = json.loads(msg.data)
+        if not reply.get("ok"):
+            raise errors.FailedPreconditionError(str(reply.get("error")))
+        return dict(reply)
+
+    async def emit(state: str, job: pb.JobInfo) -> None:
+        if app.bus is not None:
+            await app.bus.publish(f"tessera.gpu.events.job.{state}", job.SerializeToString())
+
+    policy = make_policy(settings.gpu_scheduler_policy, quantum=settings.gpu_scheduler_quantum_s,
+                         **({"explore_packing": settings.gpu_scheduler_packing} if settings.gpu_scheduler_policy == "gandiva" else {}))
+    sched = GpuScheduler(ControlStoreKV(stub, JOBS_NS, timeout), ControlStoreKV(stub, AGENTS_NS, timeout), send, emit, policy,
+                         agent_timeout_s=settings.gpu_scheduler_agent_timeout_s)
+    descriptor_add = pb_grpc.add_GpuSchedulerServiceServicer_to_server
+    app.add_servicer(descriptor_add, GpuSchedulerServicer(sched, lock, policy.name), SERVICE)
+
+    async def loop() -> None:
+        while True:
+            try:
+                async with lock:
+                    await sched.tick()
+            except Exception:
+                log.exception("scheduling tick failed")
+            await asyncio.sleep(settings.gpu_scheduler_tick_s)
+
+    async def start() -> None:
+        tasks.append(asyncio.create_task(loop(), name="gpu-schedule"))
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await channel.close()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    return app
+
+
+def build_agent(settings: Settings) -> ServiceApp:
+    app = ServiceApp(AGENT_NAME, settings)
+    node_id = settings.node_id
+    channel, stub = control_store_aio_stub(settings)
+    timeout = settings.rpc_timeout_s
+    kv = ControlStoreKV(stub, AGENTS_NS, timeout)
+    store: dict[str, Any] = {}
+    tasks: list[asyncio.Task[None]] = []
+
+    async def store_client() -> Any:
+        if "client" not in store:
+            node = (await stub.GetNode(cpb.GetNodeRequest(node_id=bytes.fromhex(node_id)), timeout=timeout)).node
+            if not node.object_store_address:
+                raise errors.UnavailableError(f"node {node_id[:8]} has no object store")
+            from tessera._objects import ObjectStoreClient
+
+            store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address, name=f"gpu-agent-{node_id[:8]}")
+        return store["client"]
+
+    async def upload(path: Path) -> bytes:
+        import numpy as np
+
+        client = await store_client()
+
+        def put() -> bytes:
+            ref = client.put(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+            client.flush()
+            return bytes(ref.id)
+
+        return await asyncio.to_thread(put)
+
+    async def fetch(oid: bytes, path: Path) -> None:
+        from tessera._objects import ObjectRef
+
+        client = await store_client()
+
+        def get() -> None:
+            data = client.get(ObjectRef(oid), timeout=60.0)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(memoryview(data).cast("B") if not isinstance(data, bytes | bytearray) else data)
+            del data
+            tmp.replace(path)
+
+        await asyncio.to_thread(get)
+
+    gpus = discover_gpus(settings.gpus_per_node)
+    work = Path("/dev/shm") if Path("/dev/shm").is_dir() else settings.run_dir
+    agent = NodeAgent(node_id, gpus, work_dir=work / f"tessera-gpu-{node_id[:16]}", upload=upload, fetch=fetch,
+                      control_store_address=settings.control_store_address)
+    agent.log_dir = settings.run_dir / "gpu-jobs"
+
+    async def on_cmd(msg: Any) -> None:
+        assert app.bus is not None
+        try:
+            reply = await agent.handle(json.loads(msg.data))
+        except errors.TesseraError as e:
+            reply = {"ok": False, "error": str(e), "code": e.code}
+        except Exception as e:
+            log.exception("agent command failed")
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "code": "INTERNAL"}
+        await app.bus.respond(msg, json.dumps(reply).encode())
+
+    async def beat() -> None:
+        while True:
+            try:
+                await kv.put(node_id, json.dumps(agent.snapshot()).encode())
+            except grpc.aio.AioRpcError as e:
+                log.warning("agent report failed: %s", e.details())
+            await asyncio.sleep(settings.gpu_scheduler_tick_s)
+
+    async def start() -> None:
+        assert app.bus is not None
+        await app.bus.subscribe(agent_subject(node_id), on_cmd)
+        tasks.append(asyncio.create_task(beat(), name="gpu-agent-report"))
+        log.info("gpu agent of node %s: %d %s GPU(s)", node_id[:8], gpus.count, gpus.kind)
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await agent.close()
+        if "client" in store:
+            await asyncio.to_thread(store["client"].close)
+        await channel.close()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    return app
 
 
 async def serve(settings: Settings | None = None) -> None:

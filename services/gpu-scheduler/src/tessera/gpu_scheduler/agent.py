@@ -1,0 +1,268 @@
+"""The node agent: runs this node's GPU jobs as processes and reports on them.
+
+Domain code (no grpc, no nats): the wiring (:mod:`server`) hands it commands that
+came over NATS and publishes :meth:`NodeAgent.snapshot` to the control store. A job
+process gets its instructions on stdin and reports JSON lines on a pipe (see
+:mod:`tessera.gpu._job`). Checkpoints a job writes to the node-local folder are
+copied into the object store (``upload``), so that another node can restore them
+(``fetch``); their object ids travel in the snapshot, never their bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 75  # tessera.gpu._job.EXIT_STOPPED
+
+Upload = Callable[[Path], Awaitable[bytes]]
+Fetch = Callable[[bytes, Path], Awaitable[None]]
+
+
+@dataclass
+class GpuInfo:
+    count: int
+    kind: str  # nvml | virtual
+    names: list[str] = field(default_factory=list)
+
+
+def discover_gpus(virtual: int) -> GpuInfo:
+    """The node's GPUs through NVML when there are any, else ``virtual`` slots."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            n = pynvml.nvmlDeviceGetCount()
+            names = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(n)]
+        finally:
+            pynvml.nvmlShutdown()
+        if n:
+            return GpuInfo(n, "nvml", names)
+    except Exception:  # no driver, no library: virtual slots
+        pass
+    return GpuInfo(virtual, "virtual", [f"virtual-{i}" for i in range(virtual)])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class _Proc:
+    job_id: str
+    slots: list[int]
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "starting"  # starting | running | suspended | exited
+    rc: int | None = None
+    step: int = 0
+    minibatch_s: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    ckpt_oid: str = ""
+    ckpt_step: int = 0
+    ckpt_path: str = ""
+    suspend_s: float = 0.0
+    resume_s: float = 0.0
+    message: str = ""
+    started: float = field(default_factory=time.time)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def view(self) -> dict[str, Any]:
+        return {"state": self.state, "rc": self.rc, "step": self.step, "minibatch_s": self.minibatch_s,
+                "metrics": self.metrics, "ckpt_oid": self.ckpt_oid, "ckpt_step": self.ckpt_step, "slots": self.slots,
+                "suspend_s": self.suspend_s, "resume_s": self.resume_s, "message": self.message}
+
+
+class NodeAgent:
+    def __init__(self, node_id: str, gpus: GpuInfo, *, work_dir: Path, upload: Upload | None = None,
+                 fetch: Fetch | None = None, control_store_address: str = "") -> None:
+        self.node_id = node_id
+        self.gpus = gpus
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.work_dir = work_dir
+        self.ckpt_dir = work_dir / "ckpt"
+        self.log_dir = work_dir / "logs"
+        self.upload = upload
+        self.fetch = fetch
+        self.control_store_address = control_store_address
+        self.jobs: dict[str, _Proc] = {}
+        self.seq = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        self.seq += 1
+        now = time.time()
+        for jid in [j for j, p in self.jobs.items() if p.state == "exited" and now - p.started > 300]:
+            del self.jobs[jid]
+        return {"node_id": self.node_id, "gpus": self.gpus.count, "kind": self.gpus.kind, "names": self.gpus.names,
+                "incarnation": self.incarnation, "seq": self.seq, "jobs": {j: p.view() for j, p in self.jobs.items()}}
+
+    async def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        op = cmd.get("op")
+        job_id = str(cmd.get("job_id", ""))
+        if op == "start":
+            await self.start(job_id, cmd.get("spec", {}), list(cmd.get("slots", [])), str(cmd.get("checkpoint_oid", "")))
+        elif op in ("suspend", "resume", "stop", "checkpoint"):
+            self.instruct(job_id, op)
+        elif op == "kill":
+            await self.kill(job_id)
+        elif op == "forget":
+            self.forget(job_id)
+        else:
+            raise InvalidArgumentError(f"unknown agent op {op!r}")
+        return {"ok": True, "incarnation": self.incarnation}
+
+    async def start(self, job_id: str, spec: dict[str, Any], slots: list[int], checkpoint_oid: str) -> None:
+        old = self.jobs.get(job_id)
+        if old is not None and old.state != "exited":
+            raise FailedPreconditionError(f"job {job_id} already runs on node {self.node_id[:8]}")
+        if any(s < 0 or s >= self.gpus.count for s in slots):
+            raise InvalidArgumentError(f"slots {slots} outside this node's {self.gpus.count} GPUs")
+        p = _Proc(job_id, slots)
+        self.jobs[job_id] = p
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
+        env.update(TESSERA_GPU_JOB_ID=job_id, TESSERA_GPU_CKPT_DIR=str(self.ckpt_dir),
+                   TESSERA_GPU_SLOTS=",".join(map(str, slots)), TESSERA_GPU_NODE_ID=self.node_id,
+                   TESSERA_GPU_ENTRY=str(spec.get("entry_point", "")), TESSERA_GPU_ARGS=json.dumps(list(spec.get("args", []))))
+        if self.control_store_address:
+            env["TESSERA_ADDRESS"] = self.control_store_address
+        if self.gpus.kind == "nvml":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))
+        env.pop("TESSERA_GPU_RESTORE", None)
+        try:
+            if checkpoint_oid:
+                if self.fetch is None:
+                    raise FailedPreconditionError("this node has no object store to fetch checkpoints from")
+                path = self.ckpt_dir / f"{job_id}-restore.ckpt"
+                await self.fetch(bytes.fromhex(checkpoint_oid), path)
+                env["TESSERA_GPU_RESTORE"] = str(path)
+                p.ckpt_oid = checkpoint_oid
+            if spec.get("image"):
+                raise FailedPreconditionError(await _docker_unavailable())
+            r, w = os.pipe()
+            try:
+                with open(self.log_dir / f"{job_id}.log", "ab") as logf:
+                    p.proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "tessera.gpu._runner", stdin=asyncio.subprocess.PIPE, stdout=logf,
+                        stderr=asyncio.subprocess.STDOUT, env={**env, "TESSERA_GPU_REPORT_FD": str(w)}, pass_fds=(w,),
+                        preexec_fn=_die_with_parent)
+            finally:
+                os.close(w)
+        except Exception as e:
+            p.state, p.rc, p.message = "exited", 1, f"could not start: {e}"
+            log.warning("job %s could not start: %s", job_id, e)
+            return
+        p.state = "running"
+        p.tasks = [asyncio.create_task(self._read_reports(p, r)), asyncio.create_task(self._wait(p))]
+        log.info("job %s started on slots %s (pid %d)", job_id, slots, p.proc.pid)
+
+    async def _read_reports(self, p: _Proc, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+        try:
+            while line := await reader.readline():
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                await self._on_report(p, ev)
+        finally:
+            transport.close()
+
+    async def _on_report(self, p: _Proc, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        p.step = int(ev.get("step", p.step))
+        if "minibatch_s" in ev:
+            p.minibatch_s = float(ev["minibatch_s"])
+        if ev.get("metrics"):
+            p.metrics = {k: float(v) for k, v in ev["metrics"].items()}
+        if kind == "resumed":
+            p.state = "running"
+            p.resume_s = float(ev.get("load_s", 0.0))
+        if kind in ("suspended", "checkpoint") and ev.get("path"):
+            p.ckpt_path = str(ev["path"])
+            if self.upload is not None:
+                try:
+                    oid = await self.upload(Path(ev["path"]))
+                    p.ckpt_oid, p.ckpt_step = oid.hex(), int(ev.get("step", 0))
+                except Exception as e:  # the job goes on; its previous checkpoint stands
+                    log.warning("job %s: checkpoint upload failed: %s", p.job_id, e)
+        if kind == "suspended":  # reported once its checkpoint is in the object store
+            p.state = "suspended"
+            p.suspend_s = float(ev.get("save_s", 0.0))
+
+    async def _wait(self, p: _Proc) -> None:
+        assert p.proc is not None
+        rc = await p.proc.wait()
+        await asyncio.sleep(0.05)  # let the last reports in
+        for t in p.tasks:
+            if t is not asyncio.current_task() and not t.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(t), 2.0)
+                except (TimeoutError, asyncio.CancelledError):
+                    t.cancel()
+        p.rc, p.state = rc, "exited"
+        log.info("job %s exited with %d", p.job_id, rc)
+
+    def instruct(self, job_id: str, word: str) -> None:
+        p = self.jobs.get(job_id)
+        if p is None or p.proc is None or p.state == "exited":
+            raise NotFoundError(f"job {job_id} does not run on node {self.node_id[:8]}")
+        assert p.proc.stdin is not None
+        p.proc.stdin.write(f"{word}\n".encode())
+
+    async def kill(self, job_id: str) -> None:
+        p = self.jobs.get(job_id)
+        if p is None:
+            return
+        if p.proc is not None and p.proc.returncode is None:
+            p.proc.terminate()
+
+    def forget(self, job_id: str) -> None:
+        p = self.jobs.pop(job_id, None)
+        if p is not None and p.ckpt_path:
+            Path(p.ckpt_path).unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        procs = [p.proc for p in self.jobs.values() if p.proc is not None and p.proc.returncode is None]
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            try:
+                await asyncio.wait_for(pr.wait(), 5.0)
+            except TimeoutError:
+                pr.kill()
+
+
+async def _docker_unavailable() -> str:
+    """Why a container job cannot run here (the Docker executor needs a reachable engine)."""
+    try:
+        import docker
+    except ImportError:
+        return "container jobs need the docker SDK (pip install docker) and a Docker engine"
+    try:
+        docker.from_env(timeout=2).ping()
+    except Exception as e:
+        return f"no Docker engine reachable: {e}"
+    return "container jobs are not supported by this node agent yet"

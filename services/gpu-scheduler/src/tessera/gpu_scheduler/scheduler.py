@@ -1,0 +1,386 @@
+"""The live scheduler: job records, node agents' reports, and the policy, reconciled every tick.
+
+Domain code (no grpc, no nats). Every job record lives in the control store (``store``,
+namespace ``gpu-jobs``); node agents publish what they run to ``gpu-agents``. Each tick
+reads the agents' reports, folds them into the records (progress, metrics, checkpoints,
+exits; a job whose agent died or restarted is requeued from its last checkpoint), asks
+the :mod:`policy` where jobs should run, and sends the agents the instructions that
+move the cluster there (start, suspend, resume, stop). The scheduler keeps no state
+that is not in the store: a restarted one reads the records and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
+from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tessera.gpu_scheduler.policy import JobView, Node, Policy, plan_actions
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 75
+S = pb.JobState
+TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_KILLED)
+ENTRY_HELP = "MODULE:FUNCTION or path/to/file.py:FUNCTION"
+
+
+class KV(Protocol):
+    async def put(self, key: str, value: bytes) -> None: ...
+    async def get(self, key: str) -> bytes | None: ...
+    async def keys(self) -> list[str]: ...
+    async def delete(self, key: str) -> None: ...
+
+
+Send = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+Emit = Callable[[str, pb.JobInfo], Awaitable[None]]
+
+
+@dataclass
+class AgentState:
+    report: dict[str, Any]
+    seen_seq: int
+    seen_at: float  # our clock, when seq last changed
+
+    @property
+    def node_id(self) -> str:
+        return str(self.report["node_id"])
+
+
+def state_name(s: int) -> str:
+    return pb.JobState.Name(s).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+
+
+class GpuScheduler:
+    def __init__(self, jobs: KV, agents: KV, send: Send, emit: Emit, policy: Policy, *,
+                 agent_timeout_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.jobs_kv = jobs
+        self.agents_kv = agents
+        self.send = send
+        self.emit = emit
+        self.policy = policy
+        self.agent_timeout_s = agent_timeout_s
+        self.clock = clock
+        self.jobs: dict[str, pb.JobInfo] = {}
+        self.agents: dict[str, AgentState] = {}
+        self.loaded = False
+
+    # ------------------------------------------------------------------ records
+    async def load(self) -> None:
+        for k in await self.jobs_kv.keys():
+            raw = await self.jobs_kv.get(k)
+            if raw is not None:
+                self.jobs[k] = pb.JobInfo.FromString(raw)
+        self.loaded = True
+
+    async def _save(self, j: pb.JobInfo, *, event: bool = False) -> None:
+        await self.jobs_kv.put(j.job_id, j.SerializeToString())
+        if event:
+            await self.emit(state_name(j.state), j)
+
+    def _job(self, job_id: str) -> pb.JobInfo:
+        j = self.jobs.get(job_id)
+        if j is None:
+            raise NotFoundError(f"no GPU job {job_id!r}")
+        return j
+
+    def capacity(self) -> tuple[int, int]:
+        """(GPUs of the largest node, GPUs in all) among live agents."""
+        alive = [a for a in self.agents.values() if self._alive(a)]
+        return max((int(a.report["gpus"]) for a in alive), default=0), sum(int(a.report["gpus"]) for a in alive)
+
+    # ------------------------------------------------------------------ API
+    async def submit(self, spec: pb.JobSpec) -> pb.JobInfo:
+        if spec.gpus < 1:
+            raise InvalidArgumentError(f"a job needs at least one GPU (gpus={spec.gpus})")
+        if not spec.entry_point and not spec.image:
+            raise InvalidArgumentError(f"missing entry point: give entry_point ({ENTRY_HELP}) or a container image")
+        if spec.entry_point and spec.image:
+            raise InvalidArgumentError("give either an entry point or a container image, not both")
+        if spec.entry_point:
+            mod, sep, fn = spec.entry_point.rpartition(":")
+            if not sep or not mod or not fn.isidentifier():
+                raise InvalidArgumentError(f"entry point {spec.entry_point!r} must be {ENTRY_HELP}")
+        if spec.time_limit_s < 0:
+            raise InvalidArgumentError("time_limit_s must be >= 0")
+        _, total = self.capacity()
+        if spec.gpus > total:
+            raise InvalidArgumentError(f"job asks for {spec.gpus} GPUs; the cluster has {total}")
+        j = pb.JobInfo(job_id=uuid.uuid4().hex[:16], spec=spec, state=S.JOB_STATE_QUEUED, submitted_at=self.clock())
+        if not j.spec.name:
+            j.spec.name = (spec.entry_point or spec.image).rsplit(":", 1)[-1] or "job"
+        self.jobs[j.job_id] = j
+        await self._save(j, event=True)
+        return j
+
+    def get(self, job_id: str) -> pb.JobInfo:
+        return self._job(job_id)
+
+    def list_jobs(self, group: str = "") -> list[pb.JobInfo]:
+        return sorted((j for j in self.jobs.values() if not group or j.spec.group_id == group),
+                      key=lambda j: (j.submitted_at, j.job_id))
+
+    async def kill(self, job_id: str) -> pb.JobInfo:
+        j = self._job(job_id)
+        if j.state in TERMINAL:
+            raise FailedPreconditionError(f"job {job_id} already ended ({state_name(j.state)})")
+        await self._finish(j, S.JOB_STATE_KILLED, "killed on request")
+        return j
+
+    async def suspend(self, job_id: str) -> pb.JobInfo:
+        j = self._job(job_id)
+        if j.state in TERMINAL:
+            raise FailedPreconditionError(f"job {job_id} already ended ({state_name(j.state)})")
+        j.held = True
+        await self._save(j)
+        return j
+
+    async def resume(self, job_id: str) -> pb.JobInfo:
+        j = self._job(job_id)
+        if not j.held:
+            raise FailedPreconditionError(f"job {job_id} is not suspended by an administrator")
+        j.held = False
+        await self._save(j)
+        return j
+
+    async def migrate(self, job_id: str, node_id: str) -> pb.JobInfo:
+        j = self._job(job_id)
+        if j.state != S.JOB_STATE_RUNNING:
+            raise FailedPreconditionError(f"job {job_id} is {state_name(j.state)}; only a running job migrates")
+        others = [a.node_id for a in self.agents.values() if self._alive(a) and a.node_id != j.node_id
+                  and int(a.report["gpus"]) >= j.spec.gpus]
+        if node_id:
+            if node_id not in self.agents or not self._alive(self.agents[node_id]):
+                raise NotFoundError(f"no live node {node_id!r}")
+            if node_id == j.node_id:
+                raise FailedPreconditionError(f"job {job_id} already runs on node {node_id}")
+            if node_id not in others:
+                raise FailedPreconditionError(f"node {node_id} has fewer than {j.spec.gpus} GPUs")
+        elif not others:
+            raise FailedPreconditionError("no other live node can hold this job")
+        j.target_node_id = node_id or sorted(others)[0]
+        await self._save(j)
+        return j
+
+    # ------------------------------------------------------------------ the loop
+    def _alive(self, a: AgentState) -> bool:
+        return self.clock() - a.seen_at <= self.agent_timeout_s
+
+    async def _read_agents(self) -> None:
+        import json
+
+        now = self.clock()
+        for k in await self.agents_kv.keys():
+            raw = await self.agents_kv.get(k)
+            if raw is None:
+                continue
+            rep = json.loads(raw)
+            old = self.agents.get(k)
+            if old is None:
+                # a report we have not seen change yet: trust it only if it changes (a live agent beats)
+                self.agents[k] = AgentState(rep, int(rep["seq"]), now if not self.loaded else now - self.agent_timeout_s / 2)
+            elif int(rep["seq"]) != old.seen_seq or rep["incarnation"] != old.report["incarnation"]:
+                self.agents[k] = AgentState(rep, int(rep["seq"]), now)
+
+    async def _finish(self, j: pb.JobInfo, state: int, message: str, rc: int | None = None) -> None:
+        if j.node_id and j.state in (S.JOB_STATE_RUNNING, S.JOB_STATE_SUSPENDED):
+            await self._send(j.node_id, {"op": "kill", "job_id": j.job_id})
+        j.state = state  # type: ignore[assignment]
+        j.message = message
+        j.finished_at = self.clock()
+        if rc is not None:
+            j.exit_code = rc
+        j.phase = ""
+        j.packed_with = ""
+        del j.gpu_slots[:]
+        await self._save(j, event=True)
+
+    async def _send(self, node: str, cmd: dict[str, Any]) -> bool:
+        try:
+            await self.send(node, cmd)
+            return True
+        except Exception as e:
+            log.warning("node %s: %s %s failed: %s", node[:8], cmd.get("op"), cmd.get("job_id"), e)
+            return False
+
+    async def _requeue(self, j: pb.JobInfo, why: str) -> None:
+        log.warning("job %s requeued from checkpoint step %d: %s", j.job_id, j.checkpoint_step, why)
+        j.state = S.JOB_STATE_QUEUED
+        j.node_id, j.phase, j.incarnation, j.packed_with = "", "", "", ""
+        del j.gpu_slots[:]
+        j.requeues += 1
+        j.step = j.checkpoint_step
+        j.message = why
+        j.last_ran_at = self.clock()
+        await self._save(j, event=True)
+
+    async def _reconcile(self, j: pb.JobInfo) -> None:
+        """Fold the agent's report of ``j`` into its record."""
+        if not j.node_id or j.state not in (S.JOB_STATE_RUNNING, S.JOB_STATE_SUSPENDED):
+            return
+        a = self.agents.get(j.node_id)
+        if a is None or not self._alive(a):
+            await self._requeue(j, f"node {j.node_id[:8]} stopped reporting")
+            return
+        if j.incarnation and a.report["incarnation"] != j.incarnation:
+            await self._requeue(j, f"the agent of node {j.node_id[:8]} restarted")
+            return
+        rep = a.report["jobs"].get(j.job_id)
+        if rep is None:
+            if j.phase == "starting" and self.clock() - j.run_started_at > self.agent_timeout_s:
+                await self._requeue(j, f"node {j.node_id[:8]} never started it")
+            return
+        changed = False
+        for attr, key in (("step", "step"), ("minibatch_s", "minibatch_s")):
+            if rep[key] and getattr(j, attr) != rep[key]:
+                setattr(j, attr, rep[key])
+                changed = True
+        if rep["metrics"] and dict(j.metrics) != rep["metrics"]:
+            j.metrics.clear()
+            j.metrics.update(rep["metrics"])
+            changed = True
+        if rep["ckpt_oid"] and rep["ckpt_oid"] != j.checkpoint_object_id.hex():
+            j.checkpoint_object_id, j.checkpoint_step = bytes.fromhex(rep["ckpt_oid"]), rep["ckpt_step"]
+            changed = True
+        if not j.packed_with and rep["minibatch_s"]:
+            j.solo_minibatch_s = rep["minibatch_s"]
+        state = rep["state"]
+        if state == "exited":
+            rc = rep["rc"]
+            await self._send(j.node_id, {"op": "forget", "job_id": j.job_id})
+            if rc == 0:
+                await self._finish(j, S.JOB_STATE_SUCCEEDED, "finished", rc)
+            elif rc == EXIT_STOPPED and j.phase in ("stopping", "suspending"):
+                j.state, j.phase, j.node_id, j.incarnation = S.JOB_STATE_QUEUED, "", "", ""
+                del j.gpu_slots[:]
+                j.step = j.checkpoint_step
+                await self._save(j, event=True)
+            else:
+                await self._finish(j, S.JOB_STATE_FAILED, rep.get("message") or f"exited with code {rc}", rc)
+            return
+        if j.phase == "starting" and state == "running":
+            j.phase = ""
+            changed = True
+        if j.phase == "suspending" and state == "suspended":
+            j.phase, j.state = "", S.JOB_STATE_SUSPENDED
+            del j.gpu_slots[:]
+            j.packed_with = ""
+            j.last_ran_at = self.clock()
+            j.suspensions += 1
+            await self._save(j, event=True)
+            return
+        if j.phase == "resuming" and state == "running":
+            j.phase = ""
+            changed = True
+        now = self.clock()
+        if j.spec.time_limit_s and j.state == S.JOB_STATE_RUNNING and j.started_at and \
+                now - j.started_at > j.spec.time_limit_s:
+            await self._finish(j, S.JOB_STATE_KILLED, f"time limit of {j.spec.time_limit_s:g}s reached")
+            return
+        if changed:
+            await self._save(j)
+
+    def _views(self) -> tuple[list[Node], list[JobView]]:
+        nodes = [Node(a.node_id, int(a.report["gpus"])) for a in sorted(self.agents.values(), key=lambda a: a.node_id)
+                 if self._alive(a)]
+        views = []
+        for j in self.list_jobs():
+            if j.state in TERMINAL:
+                continue
+            running = j.state == S.JOB_STATE_RUNNING
+            acc = j.metrics.get("accuracy")
+            views.append(JobView(
+                j.job_id, j.spec.gpus, j.submitted_at, priority=j.spec.priority, group=j.spec.group_id,
+                app=j.spec.entry_point or j.spec.image, elastic=False,
+                slots=tuple((j.node_id, int(s)) for s in j.gpu_slots) if running else (),
+                run_started=j.run_started_at, last_ran=j.last_ran_at or None, attained=j.attained_gpu_s,
+                accuracy=acc, held=j.held, target=j.target_node_id,
+                home=j.node_id if j.state == S.JOB_STATE_SUSPENDED else ""))
+        return nodes, views
+
+    async def tick(self) -> None:
+        """One reconciliation: read agents, fold reports, ask the policy, instruct agents."""
+        if not self.loaded:
+            await self.load()
+        prev = getattr(self, "_last_tick", None)
+        now = self.clock()
+        self._last_tick = now
+        await self._read_agents()
+        for j in list(self.jobs.values()):
+            if j.state == S.JOB_STATE_RUNNING and prev is not None:
+                j.attained_gpu_s += j.spec.gpus * (now - prev)
+            await self._reconcile(j)
+        nodes, views = self._views()
+        busy = {jid for jid, j in self.jobs.items() if j.phase}  # in a transition: leave them be
+        decision = self.policy.schedule(now, nodes, views)
+        for jid, why in decision.stop.items():
+            await self._finish(self.jobs[jid], S.JOB_STATE_KILLED, why)
+        occupied: dict[tuple[str, int], str] = {}
+        for j in self.jobs.values():
+            if j.state == S.JOB_STATE_RUNNING or j.phase in ("suspending", "stopping"):
+                for s in j.gpu_slots:
+                    occupied[(j.node_id, int(s))] = j.job_id
+        for act in plan_actions(views, decision):
+            j = self.jobs[act.job_id]
+            if act.job_id in busy or act.job_id in decision.stop:
+                continue
+            if act.kind == "suspend" or (act.kind == "migrate" and j.target_node_id):
+                if await self._send(j.node_id, {"op": "suspend", "job_id": j.job_id}):
+                    j.phase = "suspending"
+                    await self._save(j)
+            elif act.kind == "start":
+                await self._start(j, act.slots, occupied)
+
+    async def _start(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...], occupied: dict[tuple[str, int], str]) -> None:
+        node = slots[0][0]
+        if any(occupied.get(s, j.job_id) != j.job_id for s in slots):
+            return  # the previous holder has not let go yet: next tick
+        gpu_ids = [g for _, g in slots]
+        if j.state == S.JOB_STATE_SUSPENDED and j.node_id == node and not j.target_node_id:
+            if not await self._send(node, {"op": "resume", "job_id": j.job_id}):
+                return
+            j.phase = "resuming"
+        elif j.state == S.JOB_STATE_SUSPENDED:
+            # it waits, suspended, on another node: stop it there (its checkpoint is in the object store) and start here
+            if not j.checkpoint_object_id:
+                return  # the upload of its checkpoint has not landed yet
+            if await self._send(j.node_id, {"op": "stop", "job_id": j.job_id}):
+                j.phase = "stopping"
+                j.migrations += 1
+                await self._save(j)
+            return
+        else:
+            cmd = {"op": "start", "job_id": j.job_id, "slots": gpu_ids, "checkpoint_oid": j.checkpoint_object_id.hex(),
+                   "spec": {"entry_point": j.spec.entry_point, "image": j.spec.image, "args": list(j.spec.args),
+                            "env": dict(j.spec.env)}}
+            if not await self._send(node, cmd):
+                return
+            a = self.agents.get(node)
+            j.incarnation = str(a.report["incarnation"]) if a else ""
+            j.phase = "starting"
+            if not j.started_at:
+                j.started_at = self.clock()
+        if j.target_node_id == node:
+            j.target_node_id = ""
+        j.state = S.JOB_STATE_RUNNING
+        j.node_id = node
+        del j.gpu_slots[:]
+        j.gpu_slots.extend(gpu_ids)
+        j.run_started_at = self.clock()
+        for s in slots:
+            occupied[s] = j.job_id
+        await self._save(j, event=True)
+
+    def cluster(self) -> list[dict[str, Any]]:
+        out = []
+        for a in sorted(self.agents.values(), key=lambda a: a.node_id):
+            out.append({"node_id": a.node_id, "gpus": int(a.report["gpus"]), "kind": a.report.get("kind", ""),
+                        "names": list(a.report.get("names", [])), "alive": self._alive(a),
+                        "job_ids": sorted(j.job_id for j in self.jobs.values()
+                                          if j.node_id == a.node_id and j.state == S.JOB_STATE_RUNNING)})
+        return out
