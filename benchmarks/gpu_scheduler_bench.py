@@ -1,0 +1,128 @@
+"""GPU scheduler figures measured on real jobs (torch on CPU here):
+
+1. suspend + resume latency of a ResNet-18-sized job (11.7M parameters + SGD momentum) through
+   the tessera.gpu hook: checkpoint to the node-local ramdisk at a mini-batch boundary, then restore;
+2. packing: throughput of two small training jobs sharing one slot vs each alone;
+3. the simulator on both Pollux traces (64 GPUs, 4 per node): gandiva vs LAS vs FIFO.
+
+    .venv/bin/python benchmarks/gpu_scheduler_bench.py [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACES = ROOT / "services" / "gpu-scheduler" / "traces"
+
+
+def suspend_resume(repeat: int) -> dict[str, float]:
+    import torch
+
+    from tessera.gpu import _ckpt
+    from tessera.gpu._job import Job
+    from tessera.gpu_scheduler.examples import resnet18_like
+
+    model = resnet18_like()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss = model(torch.randn(2, 3, 64, 64)).sum()
+    loss.backward()
+    opt.step()
+    d = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    job = Job(model=model, optimizer=opt, env={"TESSERA_GPU_JOB_ID": "bench", "TESSERA_GPU_CKPT_DIR": str(d / "tessera-gpu-bench")})
+    saves, loads = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        path = job.checkpoint()
+        t1 = time.perf_counter()
+        job.load_state(_ckpt.load(path))
+        t2 = time.perf_counter()
+        saves.append(t1 - t0)
+        loads.append(t2 - t1)
+    size = path.stat().st_size
+    path.unlink()
+    # the peer: torch.save / torch.load of the same state to the same ramdisk
+    ts, tl = [], []
+    for _ in range(repeat):
+        p = d / "tessera-gpu-bench" / "peer.pt"
+        t0 = time.perf_counter()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, p)
+        t1 = time.perf_counter()
+        st = torch.load(p)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        t2 = time.perf_counter()
+        ts.append(t1 - t0)
+        tl.append(t2 - t1)
+        p.unlink()
+    return {"params_m": params / 1e6, "checkpoint_mb": size / 2**20,
+            "suspend_ms": 1e3 * statistics.median(saves), "resume_ms": 1e3 * statistics.median(loads),
+            "suspend_resume_ms": 1e3 * (statistics.median(saves) + statistics.median(loads)),
+            "torch_save_load_ms": 1e3 * (statistics.median(ts) + statistics.median(tl))}
+
+
+def _train_proc(steps: int, seed: int, threads: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TESSERA_GPU_ENTRY="tessera.gpu_scheduler.examples:train",
+               TESSERA_GPU_ARGS=json.dumps([str(steps), str(seed)]))
+    return subprocess.Popen([sys.executable, "-c", "import torch, time, sys; torch.set_num_threads(int(sys.argv[1]));"
+                             "from tessera.gpu._runner import main; t=time.perf_counter(); main(); print(time.perf_counter()-t)",
+                             str(threads)], env=env, stdout=subprocess.PIPE)
+
+
+def packing(steps: int) -> dict[str, float]:
+    alone = []
+    for seed in (0, 1):
+        p = _train_proc(steps, seed, 1)
+        alone.append(float(p.communicate()[0]))
+    ps = [_train_proc(steps, s, 1) for s in (0, 1)]
+    packed = [float(p.communicate()[0]) for p in ps]
+    solo_rate = statistics.fmean(steps / t for t in alone)
+    combined = sum(steps / t for t in packed)
+    return {"alone_steps_s": solo_rate, "packed_combined_steps_s": combined, "packing_gain": combined / solo_rate}
+
+
+def simulate() -> list[dict[str, object]]:
+    from tessera.gpu_scheduler.policy import make_policy
+    from tessera.gpu_scheduler.simulator import simulate as sim
+    from tessera.gpu_scheduler.trace import read_trace
+
+    out = []
+    for f in sorted(TRACES.glob("*.csv")):
+        trace = read_trace(f)
+        for pol in ("fifo", "las", "gandiva"):
+            r = sim(trace, make_policy(pol), gpus=64, gpus_per_node=4, seed=0).summary()
+            r["trace"] = f.name
+            out.append(r)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=600)
+    args = ap.parse_args()
+    sr = suspend_resume(args.repeat)
+    print(f"suspend/resume, ResNet-18-sized ({sr['params_m']:.1f}M params, checkpoint {sr['checkpoint_mb']:.0f} MiB incl. momentum):"
+          f" suspend {sr['suspend_ms']:.1f} ms + resume {sr['resume_ms']:.1f} ms = {sr['suspend_resume_ms']:.1f} ms"
+          f" (torch.save + torch.load of the same state: {sr['torch_save_load_ms']:.1f} ms)")
+    pk = packing(args.steps)
+    print(f"packing two tiny jobs on one slot: alone {pk['alone_steps_s']:.0f} steps/s, packed combined "
+          f"{pk['packed_combined_steps_s']:.0f} steps/s (gain x{pk['packing_gain']:.2f})")
+    for r in simulate():
+        print(f"{r['trace']} {r['policy']:8s} avg JCT {r['avg_jct_h']:.2f} h, median {r['median_jct_h']:.2f}, p95 "
+              f"{r['p95_jct_h']:.2f}, makespan {r['makespan_h']:.1f} h, utilization {r['utilization']:.3f}, "
+              f"allocation while jobs wait {r['allocation_while_waiting']:.3f}, queueing {r['avg_queueing_delay_h']:.2f} h, "
+              f"time to first feedback {r['avg_time_to_first_feedback_h']:.2f} h")
+
+
+if __name__ == "__main__":
+    main()
