@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     gpu_scheduler_agent_timeout_s: float = Field(5.0, gt=0, description="gpu-scheduler: a node agent silent this long is dead; its jobs are requeued")
     gpu_scheduler_packing: bool = Field(False, description="gpu-scheduler: pack jobs on shared GPUs when introspection shows a gain")
 
+    # --- compiler ------------------------------------------------------------------
+    compiler_cache_dir: Path | None = Field(None, description="compiler: compile cache (shared libraries by content hash); default ~/.cache/tessera/compiler")
+    compiler_job_ack_wait_s: float = Field(30.0, gt=0, description="compiler: a job not acked (nor heartbeated) this long goes to another replica")
+    compiler_job_max_deliver: int = Field(5, ge=1, description="compiler: deliveries of one compile job before it is dropped")
+    compiler_compile_timeout_s: float = Field(600.0, gt=0, description="compiler: longest a waiting Compile call waits when its deadline is longer")
+    compiler_loaded_artifacts: int = Field(8, ge=1, description="compiler: artifacts a replica keeps loaded for Run")
+
     @field_validator("redis_urls", mode="before")
     @classmethod
     def _split_urls(cls, v: object) -> object:

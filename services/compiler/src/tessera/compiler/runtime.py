@@ -6,9 +6,13 @@ their pointers and the outputs' into the module's argument array, and calls ``ru
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,3 +88,51 @@ class CompiledModel:
             self.module.run(ins, outs)
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
+
+
+def pack_artifact(model: CompiledModel) -> bytes:
+    """The bundle a replica stores: shared library, weights, and what is needed to call them."""
+    p = model.program
+    meta = {
+        "n_inputs": p.n_inputs, "n_outputs": p.n_outputs, "arena_size": p.arena_size, "workspace_offset": p.workspace_offset,
+        "input_shapes": [list(s) for s in p.input_shapes], "input_dtypes": list(p.input_dtypes),
+        "output_shapes": [list(s) for s in p.output_shapes], "kernels": [[c.label, c.flops] for c in p.calls],
+        "fused_graph": model.graph.format(), "library": Path(model.library).name,
+    }
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), weights=p.weights,
+             library=np.frombuffer(Path(model.library).read_bytes(), np.uint8),
+             source=np.frombuffer(model.source.encode(), np.uint8))
+    return buf.getvalue()
+
+
+def load_artifact(bundle: bytes, cache_dir: str | None = None) -> CompiledModel:
+    """A runnable model from a bundle (the library is written to the compile cache once)."""
+    from tessera.compiler.backends.c import CModule, default_cache_dir
+    from tessera.compiler.codegen import Call
+    from tessera.compiler.ir import GraphBuilder
+    from tessera.compiler.lower import LoweredFunc, Seq
+
+    try:
+        with np.load(io.BytesIO(bundle), allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            weights = np.array(z["weights"], np.float32)
+            lib_bytes = bytes(z["library"])
+            source = bytes(z["source"]).decode()
+    except Exception as e:  # a corrupt bundle
+        raise InvalidArgumentError(f"not a compiler artifact bundle: {e}") from None
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / meta["library"]
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(lib_bytes)
+        os.replace(tmp, path)
+    calls = [Call(LoweredFunc(label, [], Seq([])), [], label, float(flops)) for label, flops in meta["kernels"]]
+    program = Program(calls, meta["n_inputs"], meta["n_outputs"], meta["arena_size"], meta["workspace_offset"], weights,
+                      [tuple(s) for s in meta["input_shapes"]], list(meta["input_dtypes"]),
+                      [tuple(s) for s in meta["output_shapes"]])
+    graph = GraphBuilder().build([])
+    model = CompiledModel(CModule(str(path), program), program, graph, source, str(path), True)
+    model.stats["fused_graph"] = meta["fused_graph"]
+    return model

@@ -1,0 +1,135 @@
+"""``tessera compile MODEL.py:NAME --shape 1,3,224,224``: compile a model here, with progress,
+then print the fused graph and each kernel's time.
+
+NAME is a ``torch.nn.Module`` subclass (built with no arguments), an instance, or a function
+returning one. ``--shape`` once per input (``--dtype int64`` for index inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("compile", help="compile a PyTorch model to fused C kernels; print the fused graph and kernel times")
+    p.add_argument("model", help="MODEL.py:NAME (a Module class, instance or factory)")
+    p.add_argument("--shape", action="append", required=True, help="an input shape, e.g. 1,3,224,224 (once per input)")
+    p.add_argument("--dtype", action="append", default=[], help="an input dtype (float32 or int64), in input order")
+    p.add_argument("--repeat", type=int, default=20, help="runs to time")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with torch")
+    p.add_argument("--cache-dir", default=None, help="compile cache directory")
+    return run
+
+
+class Spinner:
+    """One status line, redrawn while a step runs."""
+
+    def __init__(self) -> None:
+        self.msg, self.t0 = "", time.perf_counter()
+        self._stop = threading.Event()
+        self._tty = sys.stderr.isatty()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        frames = "|/-\\"
+        i = 0
+        while not self._stop.wait(0.1):
+            if self._tty and self.msg:
+                sys.stderr.write(f"\r{frames[i % 4]} {self.msg} ({time.perf_counter() - self.t0:.1f}s)\033[K")
+                sys.stderr.flush()
+            i += 1
+
+    def step(self, msg: str) -> None:
+        if not self._tty:
+            print(f"... {msg}", file=sys.stderr)
+        self.msg = msg
+
+    def done(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._tty:
+            sys.stderr.write("\r\033[K")
+
+
+def load_model(spec: str) -> Any:
+    import torch
+
+    path, _, name = spec.partition(":")
+    if not name or not Path(path).is_file():
+        raise SystemExit(f"tessera compile: expected MODEL.py:NAME with an existing file, got {spec!r}")
+    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module
+    mod_spec.loader.exec_module(module)
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise SystemExit(f"tessera compile: {path} has no {name!r}")
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    model = obj()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"tessera compile: {name} did not give a torch.nn.Module")
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from tessera.common.errors import InvalidArgumentError
+    from tessera.compiler.api import compile as compile_module
+
+    try:
+        shapes = [tuple(int(d) for d in s.split(",")) for s in args.shape]
+    except ValueError:
+        print(f"tessera compile: bad --shape {args.shape}", file=sys.stderr)
+        return 2
+    dtypes = args.dtype + ["float32"] * (len(shapes) - len(args.dtype))
+    spin = Spinner()
+    try:
+        spin.step(f"loading {args.model}")
+        model = load_model(args.model).eval()
+        gen = torch.Generator().manual_seed(0)
+        inputs = [torch.randint(0, 2, s, generator=gen) if d == "int64" else torch.randn(s, generator=gen)
+                  for s, d in zip(shapes, dtypes, strict=True)]
+        spin.step("tracing (torch.fx)")
+        cm = compile_module(model, inputs, cache_dir=args.cache_dir, progress=spin.step)
+        spin.step("timing")
+        per_kernel = cm.profile(*inputs, repeat=max(3, args.repeat // 2))
+        total = cm.benchmark(*inputs, repeat=args.repeat)
+        err = None
+        if not args.no_check:
+            with torch.no_grad():
+                ref = model(*inputs)
+            got = cm(*inputs)
+            refs = ref if isinstance(ref, tuple) else (ref,)
+            gots = got if isinstance(got, tuple) else (got,)
+            err = max(float((g - r).abs().max()) for g, r in zip(gots, refs, strict=True))
+    except InvalidArgumentError as e:
+        spin.done()
+        print(f"tessera compile: {e}", file=sys.stderr)
+        return 1
+    spin.done()
+    print("fused graph:")
+    print(cm.graph.format())
+    print()
+    print(f"{'#':>3}  {'kernel':<40} {'time (us)':>10} {'GFLOP/s':>9}")
+    for i, (label, t, gf) in enumerate(per_kernel):
+        print(f"{i:>3}  {label:<40} {t * 1e6:>10.1f} {gf:>9.1f}")
+    print()
+    s = cm.stats
+    print(f"compile {s['total_s']:.2f}s (passes {s['passes_s']:.2f}s, lowering {s['lower_s']:.2f}s, "
+          f"gcc {s['build_s']:.2f}s{', cache hit' if cm.cache_hit else ''}); arena {cm.program.arena_size * 4 / 2**20:.1f} MiB")
+    print(f"whole graph: {total * 1e3:.3f} ms per call (median of {args.repeat})" +
+          (f"; max |tessera - torch| = {err:.2e}" if err is not None else ""))
+    del np
+    return 0
