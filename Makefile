@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-serving up down status clean
+.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-serving bench-gpu up down status clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/serving/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/serving/src services/gpu-scheduler/src
 
 protos: install
 	$(PY) scripts/gen_protos.py
@@ -75,3 +75,6 @@ status: install
 clean:
 	rm -rf $(VENV) build .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+bench-gpu: install
+	$(PY) benchmarks/gpu_scheduler_bench.py
