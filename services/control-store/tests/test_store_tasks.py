@@ -219,3 +219,21 @@ async def test_update_rejects_bad_input(store: ControlStore, spec, snapshot) -> 
     with pytest.raises(InvalidArgumentError, match="UpdateTaskStates: the batch is empty"):
         await store.update_task_states([])
     assert snapshot() == before
+
+
+async def test_record_finished_tasks_once_and_replace_on_rerun(store: ControlStore, spec) -> None:  # type: ignore[no-untyped-def]
+    node = bytes(range(16))
+    a, b = spec(), spec()
+    await store.create_tasks([a, b], state=T.TASK_STATE_FINISHED, node_id=node)
+    got = await store.get_tasks([a.task_id, b.task_id])
+    assert [(t.state, t.node_id) for t in got] == [(T.TASK_STATE_FINISHED, node)] * 2
+    with pytest.raises(AlreadyExistsError):
+        await store.create_tasks([a], state=T.TASK_STATE_FINISHED)
+    rerun = spec()
+    rerun.task_id = a.task_id
+    rerun.function_name = "rerun"
+    await store.create_tasks([rerun], state=T.TASK_STATE_FAILED, replace=True)
+    (t,) = await store.get_tasks([a.task_id])
+    assert (t.state, t.spec.function_name) == (T.TASK_STATE_FAILED, "rerun")
+    with pytest.raises(InvalidArgumentError):
+        await store.create_tasks([a, a], replace=True)

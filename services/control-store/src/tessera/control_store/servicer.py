@@ -76,7 +76,8 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
 
     # tasks
     async def CreateTasks(self, request: pb.CreateTasksRequest, context: Ctx) -> pb.CreateTasksResponse:
-        return pb.CreateTasksResponse(created=await self.store.create_tasks(request.specs))
+        return pb.CreateTasksResponse(created=await self.store.create_tasks(
+            request.specs, state=request.state, replace=request.replace, node_id=request.node_id))
 
     # The replies of the two batched task calls are assembled from the stored bytes
     # (field 1, repeated TaskRecord, once per record) and parsed once, rather than

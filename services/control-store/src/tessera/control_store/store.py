@@ -297,17 +297,28 @@ class ControlStore:
         for s in odd:
             check(s)
 
-    async def create_tasks(self, specs: Sequence[pb.TaskSpec]) -> int:
+    async def create_tasks(self, specs: Sequence[pb.TaskSpec], *, state: int = 0, replace: bool = False,
+                           node_id: bytes = b"") -> int:
         _batch(specs, "CreateTasks")
         self._check_specs(specs)
+        state = state or pb.TASK_STATE_PENDING
+        if state not in transitions.TASK:
+            raise InvalidArgumentError(f"state must be a task state, got {state}")
+        if node_id:
+            idc.check_id("node_id", node_id)
         now = self.clock()
         ids = [s.task_id for s in specs]
-        # TaskRecord(spec=s, state=PENDING, created_ms=now, updated_ms=now), written as the
+        # TaskRecord(spec=s, state=..., created_ms=now, updated_ms=now), written as the
         # spec's own bytes in field 1 followed by the other fields: the same bytes protobuf
         # would produce, without copying every spec into a new message.
-        tail = pb.TaskRecord(state=pb.TASK_STATE_PENDING, created_ms=now, updated_ms=now).SerializeToString()
+        tail = pb.TaskRecord(state=state, node_id=node_id, created_ms=now, updated_ms=now).SerializeToString()  # type: ignore[arg-type]
         payloads = fields(_SPEC, [s.SerializeToString() for s in specs], tail)
-        await self.tasks.create_many(ids, payloads)
+        if replace:
+            if len(set(ids)) != len(ids):
+                raise InvalidArgumentError("a task id appears twice in the request")
+            await self.tasks.put_many(ids, payloads)
+        else:
+            await self.tasks.create_many(ids, payloads)
         await self.events.emit("tasks", _CREATED, list(zip(ids, payloads, strict=True)))
         return len(specs)
 

@@ -35,6 +35,20 @@ end
 return 0
 """
 
+# KEYS[1] = index set ('' for none), KEYS[2..n+1] = records; ARGV = n payloads then n index members.
+# Writes every record whether it exists or not (its version goes up by one).
+_PUT = """
+local n = #KEYS - 1
+for i = 2, #KEYS do
+  redis.call('HSET', KEYS[i], 'r', ARGV[i - 1])
+  redis.call('HINCRBY', KEYS[i], 'v', 1)
+end
+if KEYS[1] ~= '' then
+  for i = 1, n do redis.call('SADD', KEYS[1], ARGV[n + i]) end
+end
+return 0
+"""
+
 # KEYS = records. Returns {payload, version} per key ({false, false} where missing).
 _GET = """
 local out = {}
@@ -70,6 +84,7 @@ class Table(Generic[M]):
         self.msg = msg
         self.index_key = f"{prefix}:index".encode() if indexed else b""
         self._create = [c.register_script(_CREATE) for c in db.clients]
+        self._put = [c.register_script(_PUT) for c in db.clients]
         self._cas = [c.register_script(_CAS) for c in db.clients]
         self._get = [c.register_script(_GET) for c in db.clients]
 
@@ -108,6 +123,18 @@ class Table(Generic[M]):
             if done:
                 await self.delete_many([ids[p] for p in done])
             raise AlreadyExistsError(f"{self.name[:-1]} {ids[conflicts[0]].hex()} already exists")
+
+    async def put_many(self, ids: Sequence[bytes], payloads: Sequence[bytes]) -> None:
+        """Write all records, replacing any that exist (idempotent: re-running a task records it again)."""
+        keys = self.keys(ids)
+
+        async def run(shard: int, pos: list[int]) -> None:
+            args: list[bytes | str] = [payloads[p] for p in pos]
+            if self.index_key:
+                args += [ids[p].hex() for p in pos]
+            await self._put[shard](keys=[self.index_key, *[keys[p] for p in pos]], args=args)
+
+        await guard(asyncio.gather(*(run(s, p) for s, p in self.db.group(ids).items())))
 
     async def get_raw_many(self, ids: Sequence[bytes]) -> list[tuple[bytes | None, int]]:
         """(serialized record, version) per id, in order; (None, 0) where missing.

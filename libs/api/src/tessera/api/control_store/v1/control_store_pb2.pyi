@@ -1122,16 +1122,30 @@ class CreateTasksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPECS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    state: Global___TaskState.ValueType
+    """The state the records start in (UNSPECIFIED: PENDING). Schedulers that record
+    tasks once, when they finish, write FINISHED or FAILED here.
+    """
+    replace: _builtins.bool
+    """Replace records that exist (a re-run, or a retry) instead of failing with ALREADY_EXISTS."""
+    node_id: _builtins.bytes
+    """where they ran (finished records)"""
     @_builtins.property
     def specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]: ...
     def __init__(
         self,
         *,
         specs: _abc.Iterable[Global___TaskSpec] | None = ...,
+        state: Global___TaskState.ValueType = ...,
+        replace: _builtins.bool = ...,
+        node_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["specs", b"specs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "replace", b"replace", "specs", b"specs", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
