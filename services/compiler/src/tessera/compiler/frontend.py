@@ -88,7 +88,7 @@ class _Converter:
             F_.adaptive_avg_pool2d: lambda x, output_size: self.adaptive(x, output_size),
             F_.embedding: lambda x, w, *a, **k: self.embedding(x, w),
             F_.conv2d: self.f_conv, F_.dropout: lambda x, *a, **k: x,
-            torch.mean: self.mean, getattr: getattr,
+            torch.mean: self.mean, torch.sum: self.sum, getattr: getattr,
         }
         self.methods: dict[str, Callable[..., int | Any]] = {
             "view": lambda x, *s: self.reshape(x, s), "reshape": lambda x, *s: self.reshape(x, s),
@@ -101,7 +101,7 @@ class _Converter:
             "tanh": lambda x: self.unary(Op.TANH, x), "exp": lambda x: self.unary(Op.EXP, x),
             "softmax": lambda x, dim: self.softmax(x, dim), "mean": self.mean,
             "unsqueeze": lambda x, d: self.unsqueeze(x, d), "squeeze": lambda x, d=None: self.squeeze(x, d),
-            "t": lambda x: self.transpose(x, 0, 1), "matmul": self.matmul,
+            "t": lambda x: self.transpose(x, 0, 1), "matmul": self.matmul, "sum": self.sum,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -121,7 +121,7 @@ class _Converter:
         return self.b.const(np.array(x, np.float32))
 
     def add(self, op: Op, ins: Sequence[int], shape: Sequence[int], attrs: dict[str, Any] | None = None, dtype: str = "float32") -> int:
-        return self.b.add(Node(op, tuple(ins), tuple(int(s) for s in shape), dtype, attrs or {}, self.where))
+        return self.b.add(Node(op, tuple(ins), tuple(int(s) for s in shape), dtype, attrs or {}, self.fx_name))
 
     # ------------------------------------------------------------------ ops
 
@@ -372,6 +372,12 @@ class _Converter:
         out = [1 if d in axes else n for d, n in enumerate(s)] if keepdim else [n for d, n in enumerate(s) if d not in axes]
         return self.add(Op.MEAN, [x.id], out, {"axes": tuple(axes), "keepdim": bool(keepdim)})
 
+    def sum(self, x: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> int:
+        m = self.mean(x, dim, keepdim)
+        s = self.shape(_i(x))
+        count = math.prod(s) // max(1, math.prod(self.shape(m)) if keepdim else math.prod(self.shape(m)))
+        return self.binary(Op.MUL, _V(m), float(count))
+
     # ------------------------------------------------------------------ driving fx
 
     def convert(self, example_inputs: Sequence[Any]) -> Graph:
@@ -390,11 +396,11 @@ class _Converter:
         class Interp(torch.fx.Interpreter):
             def run_node(self, n: Any) -> Any:
                 result = super().run_node(n)
-                conv.where = _where(n)
+                conv.where, conv.fx_name = _where(n), n.name
                 conv.ir[n] = conv.node(n, result, self)
                 return result
 
-        self.where = ""
+        self.where = self.fx_name = ""
         placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(example_inputs):
             raise InvalidArgumentError(f"the model takes {len(placeholders)} inputs, {len(example_inputs)} were given")
@@ -503,7 +509,8 @@ def _name(t: Any) -> str:
 
 def _where(n: Any) -> str:
     st = n.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip().startswith("File")]
+    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip().startswith("File")
+             and "/torch/" not in ln and "/tessera/compiler/" not in ln]
     return lines[-1] if lines else f"node {n.name}"
 
 

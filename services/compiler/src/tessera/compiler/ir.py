@@ -162,7 +162,7 @@ class GraphBuilder:
         return i
 
     def const(self, value: np.ndarray, name: str = "") -> int:
-        value = np.ascontiguousarray(value)
+        value = np.array(value, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
         if value.dtype == np.float64:
             value = value.astype(np.float32)
         key = f"c{len(self.consts)}_{name}" if name else f"c{len(self.consts)}"

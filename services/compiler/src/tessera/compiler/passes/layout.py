@@ -43,10 +43,23 @@ def _convert_convs(graph: Graph) -> Graph:
 
 def _push(graph: Graph) -> tuple[Graph, bool]:
     changed = False
+    made: dict[tuple[int, int], int] = {}  # (value, block) -> its blocked copy, made once
+
+    def to(b: GraphBuilder, x: int, cb: int) -> int:
+        if (x, cb) not in made:
+            made[(x, cb)] = _to(b, x, cb)
+        return made[(x, cb)]
 
     def rw(b: GraphBuilder, i: int, n: Node, ins: list[int]) -> int | None:
         nonlocal changed
         src = [b.nodes[j] for j in ins]
+        if n.op is Op.TO_NCHWC and src[0].op is not Op.FROM_NCHWC:
+            key = (ins[0], n.attrs["block"])
+            if key in made:
+                changed = True
+                return made[key]
+            made[key] = b.add(Node(n.op, tuple(ins), n.shape, n.dtype, dict(n.attrs), n.name))
+            return made[key]
         if n.op is Op.TO_NCHWC and src[0].op is Op.FROM_NCHWC and src[0].attrs["block"] == n.attrs["block"]:
             changed = True
             return src[0].inputs[0]
@@ -60,6 +73,16 @@ def _push(graph: Graph) -> tuple[Graph, bool]:
             changed = True
             cb = src[0].attrs["block"]
             y = b.add(Node(n.op, (src[0].inputs[0], src[1].inputs[0]), _blocked(n.shape, cb), n.dtype, dict(n.attrs), n.name))
+            return _from(b, y, n.shape, cb)
+        if n.op in ELEMENTWISE_BINARY and len(n.shape) == 4 and n.shape[1] % BLOCK == 0 and src[0].shape == src[1].shape == n.shape \
+                and sum(s.op is Op.FROM_NCHWC for s in src) == 1:
+            changed = True
+            k = 0 if src[0].op is Op.FROM_NCHWC else 1
+            cb = src[k].attrs["block"]
+            args = [src[k].inputs[0], to(b, ins[1 - k], cb)]
+            if k == 1:
+                args.reverse()
+            y = b.add(Node(n.op, tuple(args), _blocked(n.shape, cb), n.dtype, dict(n.attrs), n.name))
             return _from(b, y, n.shape, cb)
         if n.op in (Op.MAX_POOL, Op.AVG_POOL) and src[0].op is Op.FROM_NCHWC and len(n.shape) == 4:
             changed = True
