@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     gpu_scheduler_tick_s: float = Field(0.25, gt=0, description="gpu-scheduler: how often the scheduler reconciles and agents report")
     gpu_scheduler_agent_timeout_s: float = Field(5.0, gt=0, description="gpu-scheduler: a node agent silent this long is dead; its jobs are requeued")
     gpu_scheduler_packing: bool = Field(False, description="gpu-scheduler: pack jobs on shared GPUs when introspection shows a gain")
+    gpu_scheduler_prewarm: bool = Field(True, description="gpu-scheduler: a node agent keeps one job runner with torch imported, ready")
 
     # --- compiler ------------------------------------------------------------------
     compiler_cache_dir: Path | None = Field(None, description="compiler: compile cache (shared libraries by content hash); default ~/.cache/tessera/compiler")

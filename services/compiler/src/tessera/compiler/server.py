@@ -28,13 +28,13 @@ SERVICE = "tessera.compiler.v1.CompilerService"
 STREAM = "COMPILER_JOBS"
 SUBJECT = "tessera.compiler.jobs"
 DURABLE = "compiler"
-NAMESPACE = "compiler.artifacts"
+NAMESPACE = "compiler_artifacts"
 
 log = logging.getLogger(__name__)
 
 
 class ControlStoreMetadata:
-    """Artifact records in the control store's KV namespace ``compiler.artifacts``."""
+    """Artifact records in the control store's KV namespace ``compiler_artifacts``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

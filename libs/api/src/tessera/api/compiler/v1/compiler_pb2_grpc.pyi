@@ -6,7 +6,7 @@ Tessera compiler: PyTorch models to fused, generated C kernels.
 Compile stores the model in the object store and queues a job on the JetStream
 stream COMPILER_JOBS (subject tessera.compiler.jobs); whichever replica takes it
 builds the artifact, puts it in the object store, records its metadata in the
-control store (KV namespace "compiler.artifacts") and only then acks the job, so a
+control store (KV namespace "compiler_artifacts") and only then acks the job, so a
 replica that dies mid-build loses nothing: the job goes to another replica.
 """
 
