@@ -389,8 +389,15 @@ def ray_wire(pipe: Any, texts: list[str], n_req: int, tmp: Path) -> dict[str, An
     tfile = tmp / "texts.json"
     tfile.write_text(json.dumps(texts))
     out = tmp / "ray.json"
-    r = subprocess.run([str(RAY_PYTHON), str(RAY_PEER), "--model", str(model), "--texts", str(tfile), "--out", str(out),
-                        "--n", str(n_req)], capture_output=True, text=True, timeout=900)
+    # a loaded machine can make the raylet miss Ray's default start timeout: give it longer, and one retry
+    env = dict(os.environ, RAY_raylet_start_wait_time_s="120", RAY_AUTH_MODE="disabled")
+    for attempt in range(2):
+        r = subprocess.run([str(RAY_PYTHON), str(RAY_PEER), "--model", str(model), "--texts", str(tfile), "--out",
+                            str(out), "--n", str(n_req)], capture_output=True, text=True, timeout=900, env=env)
+        if r.returncode == 0:
+            break
+        log(f"  Ray Serve run {attempt + 1} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        subprocess.run([str(RAY_PYTHON.parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
     if r.returncode != 0:
         return {"error": (r.stderr or r.stdout)[-2000:]}
     result: dict[str, Any] = json.loads(out.read_text())

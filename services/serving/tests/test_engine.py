@@ -67,7 +67,10 @@ def test_plan_rules_and_aot_compilation(heads: list[IrPipeline], texts: tuple[li
     # dead-feature pruning: a count vectorizer + L1 model with most weights zero
     sk = make_pipeline(CountVectorizer(ngram_range=(1, 2)),
                        LogisticRegression(l1_ratio=1.0, solver="saga", C=0.2, max_iter=3000)).fit(docs, y)
-    e2 = serve(import_sklearn(sk))
+    ir = import_sklearn(sk)
+    lin = next(n for n in ir.graph.nodes if n.op == "linear")
+    assert "coef_index" in lin.params and "coef" not in lin.params  # only live columns are shipped
+    e2 = serve(ir)
     assert "prune_dead_features" in e2.get("p").plan.rules
     np.testing.assert_allclose([p.scores for p in e2.predict("p", docs[:50])], sk.predict_proba(docs[:50]), atol=1e-6)
 
@@ -99,13 +102,21 @@ async def test_batching_within_latency_budget(heads: list[IrPipeline]) -> None:
     s.start()
     try:
         key = e.get("slow").plan.stages[0].key
-        # 20 requests within the 40 ms budget: batched into few executions, each one answered in time
-        t0 = time.monotonic()
-        res = await asyncio.gather(*(s.submit("slow", [f"request {i} was good"]) for i in range(20)))
-        dt = time.monotonic() - t0
+        # 20 requests trickling in over ~20 ms, within a 40 ms budget: the first waits for the
+        # others, so they run in few executions, each answered in time
+        async def later(i: int) -> list:
+            await asyncio.sleep(0.001 * i)
+            t = time.monotonic()
+            out = await s.submit("slow", [f"request {i} was good"])
+            waits.append(time.monotonic() - t)
+            return out
+
+        waits: list[float] = []
+        res = await asyncio.gather(*(later(i) for i in range(20)))
         assert len(res) == 20 and all(len(r) == 1 for r in res)
         assert e.stage_runs[key] <= 3, dict(s.batch_sizes)
-        assert 0.035 <= dt < 0.5  # the batch waited for its budget, not longer
+        assert max(waits) >= 0.015  # the first request waited for the others ...
+        assert max(waits) < 0.5  # ... not much beyond its budget (a loaded machine adds some)
         # a zero budget is dispatched at once
         t0 = time.monotonic()
         await s.submit("fast", ["quick one"])

@@ -15,7 +15,8 @@ Operators (``Node.op``):
 - ``scale``: (x - mean) / scale.
 - ``onehot``: one-hot encoding of categorical columns.
 - ``concat``: side-by-side concatenation of feature blocks.
-- ``linear``: linear model (regression, logistic, SVM, SGD heads).
+- ``linear``: linear model (regression, logistic, SVM, SGD heads); weights dense (``coef``) or
+  as the live columns only (``coef_index``, ``coef_value``, attribute ``n_features``).
 - ``trees``: tree ensemble (gradient boosting or random forest).
 - ``mlp``: a small dense network (Linear/ReLU/Tanh/Sigmoid layers, from torch modules).
 """
@@ -42,7 +43,7 @@ OPS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "scale": ((), 1),  # "mean", "scale" optional
     "onehot": ((), 1),
     "concat": ((), None),
-    "linear": (("coef", "intercept"), 1),
+    "linear": (("intercept",), 1),  # and "coef" (dense), or "coef_index" + "coef_value" (live columns)
     "trees": (("feature", "threshold", "left", "right", "value", "roots", "tree_output"), 1),
     "mlp": ((), 1),
 }

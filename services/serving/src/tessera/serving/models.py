@@ -96,9 +96,38 @@ class Linear:
     """X @ coef.T + intercept, sparse or dense X. With ``prune``, columns whose weights are all
     zero are dropped (the dead features cost nothing at prediction time)."""
 
-    def __init__(self, coef: np.ndarray, intercept: np.ndarray, attrs: dict[str, Any], *, prune: bool = True) -> None:
+    def __init__(self, coef: np.ndarray | None, intercept: np.ndarray, attrs: dict[str, Any], *, prune: bool = True,
+                 coef_index: np.ndarray | None = None, coef_value: np.ndarray | None = None) -> None:
+        if coef is None:  # weights given for the live columns only
+            if coef_index is None or coef_value is None:
+                raise InvalidArgumentError("linear: give coef, or coef_index and coef_value")
+            d = int(attrs.get("n_features", 0))
+            idx = np.asarray(coef_index).reshape(-1)  # kept as given (int32): no private copy
+            if idx.dtype.kind not in "iu":
+                raise InvalidArgumentError("linear: coef_index must be integers")
+            val = np.atleast_2d(np.asarray(coef_value, dtype=np.float64))
+            if val.shape[1] != idx.size or (idx.size and (idx.min() < 0 or idx.max() >= d)) or \
+                    np.any(np.diff(idx) <= 0):
+                raise InvalidArgumentError("linear: coef_index must be increasing columns < n_features, one per value")
+            self._init_common(val.shape[0], d, intercept, attrs)
+            self.live, self.coef, self.pruned = idx, val, True
+            self.nbytes = 0  # the parameters themselves, shared through the store
+            return
         coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
-        self.k, self.d = coef.shape
+        self._init_common(coef.shape[0], coef.shape[1], intercept, attrs)
+        self.pruned = False
+        live = np.flatnonzero(np.any(coef != 0.0, axis=0))
+        if prune and live.size < 0.5 * self.d:
+            # dead-feature pruning: keep only live columns; inputs are matched against them
+            self.live = live
+            self.coef = np.ascontiguousarray(coef[:, live])
+            self.pruned = True
+        else:
+            self.coef = np.ascontiguousarray(coef)  # the shared parameter itself (already C-ordered)
+        self.nbytes = self.coef.nbytes + self.live.nbytes if self.pruned else 0
+
+    def _init_common(self, k: int, d: int, intercept: np.ndarray, attrs: dict[str, Any]) -> None:
+        self.k, self.d = k, d
         self.intercept = np.asarray(intercept, dtype=np.float64).reshape(-1)
         if self.intercept.size == 1 and self.k > 1:
             self.intercept = np.repeat(self.intercept, self.k)
@@ -106,30 +135,21 @@ class Linear:
             raise InvalidArgumentError(f"linear: intercept has {self.intercept.size} values for {self.k} outputs")
         self.proba_kind = str(attrs.get("proba", "none"))
         self.classes = attrs.get("classes")
-        self.pruned = False
-        live = np.flatnonzero(np.any(coef != 0.0, axis=0))
-        if prune and live.size < 0.5 * self.d:
-            # dead-feature pruning: keep only live columns; inputs are remapped onto them
-            self.col_map = np.full(self.d, -1, dtype=np.int64)
-            self.col_map[live] = np.arange(live.size)
-            self.live = live
-            self.coef = np.ascontiguousarray(coef[:, live])
-            self.pruned = True
-        else:
-            self.coef = np.ascontiguousarray(coef)  # the shared parameter itself (already C-ordered)
-        self.nbytes = self.coef.nbytes if self.pruned else 0
+        self.live = np.zeros(0, dtype=np.int64)
 
     def __call__(self, X: Block) -> Scores:
         if width(X) != self.d:
             raise InvalidArgumentError(f"linear model expects {self.d} features, got {width(X)}")
         if isinstance(X, Csr):
             if self.pruned:
-                m = self.col_map[X.indices]
-                keep = m >= 0
+                if self.live.size == 0:
+                    return finish(np.zeros((X.shape[0], self.k)) + self.intercept, self.proba_kind, self.classes)
+                pos = np.minimum(np.searchsorted(self.live, X.indices), self.live.size - 1)
+                keep = self.live[pos] == X.indices
                 rows = X.rows()[keep]
-                indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
-                np.cumsum(np.bincount(rows, minlength=X.shape[0]), out=indptr[1:])
-                X = Csr(X.data[keep], m[keep], indptr, self.live.size)
+                w = self.coef[:, pos[keep]] * X.data[keep]
+                d = np.stack([np.bincount(rows, weights=w[j], minlength=X.shape[0]) for j in range(self.k)], axis=1)
+                return finish(d + self.intercept, self.proba_kind, self.classes)
             d = X.dot(self.coef) + self.intercept
             return finish(d, self.proba_kind, self.classes)
         if self.pruned:

@@ -7,7 +7,9 @@ Rules, applied in order (each a pure function of the graph, named in ``Plan.rule
    the raw field and emits the final sparse matrix.
 2. ``sparse_dot``: a linear head over a sparse block multiplies only the non-zeros.
 3. ``prune_dead_features``: a linear head keeps only the columns with a non-zero weight
-   (when fewer than half are live) and drops the others' entries before the product.
+   (when fewer than half are live) and skips the others' entries in the product. The
+   scikit-learn importer already ships such heads as live columns only (a head trained
+   on a subset never saw most of a shared vocabulary), so the store keeps just those.
 
 Every stage is compiled when the plan is built (lookup tables, transposed weights), never
 at the first request. Source stages (those that read record fields) carry a content
@@ -179,7 +181,8 @@ class _Builder:
         elif n.op == "onehot":
             fn = models.OneHot(a)
         elif n.op == "linear":
-            lin = models.Linear(self.p(n, "coef"), self.p(n, "intercept"), a, prune=self.prune)
+            lin = models.Linear(self.p(n, "coef"), self.p(n, "intercept"), a, prune=self.prune,
+                                coef_index=self.p(n, "coef_index"), coef_value=self.p(n, "coef_value"))
             self.extra += lin.nbytes
             self.rules.add("sparse_dot")
             if lin.pruned:

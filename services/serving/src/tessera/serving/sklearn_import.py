@@ -201,21 +201,30 @@ class _Importer:
                     raise UnsupportedEstimatorError("SGDClassifier(loss='modified_huber') is not supported")
                 proba = "ovr_logistic"
             classes = [_jsonable(c) for c in est.classes_.tolist()]
-            return self.add("linear", [x], {"proba": proba, "classes": classes},
-                            {"coef": np.asarray(est.coef_, dtype=np.float64),
-                             "intercept": np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64))})
+            return self.linear(x, {"proba": proba, "classes": classes}, np.asarray(est.coef_, dtype=np.float64),
+                               np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)))
         if isinstance(est, (lm.LinearRegression, lm.Ridge, lm.SGDRegressor, lm.Lasso, lm.ElasticNet)):
             coef = np.asarray(est.coef_, dtype=np.float64)
             if coef.ndim > 1 and coef.shape[0] > 1:
                 raise UnsupportedEstimatorError(f"multi-output {_name(est)} is not supported")
-            return self.add("linear", [x], {"proba": "none"},
-                            {"coef": coef.reshape(1, -1),
-                             "intercept": np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)).reshape(-1)})
+            return self.linear(x, {"proba": "none"}, coef.reshape(1, -1),
+                               np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)).reshape(-1))
         if isinstance(est, (en.GradientBoostingClassifier, en.GradientBoostingRegressor)):
             return self.boosting(est, x)
         if isinstance(est, (en.RandomForestClassifier, en.RandomForestRegressor)):
             return self.forest(est, x)
         raise UnsupportedEstimatorError(f"unsupported estimator {_name(est)} ({type(est).__module__})")
+
+    def linear(self, x: str, attrs: dict[str, Any], coef: np.ndarray, intercept: np.ndarray) -> str:
+        """Weights of the live columns only when most are zero (features the model never saw
+        in training): what a head adds to the store is then a fraction of its dense size."""
+        live = np.flatnonzero(np.any(coef != 0.0, axis=0))
+        if live.size < 0.5 * coef.shape[1]:
+            attrs = dict(attrs, n_features=int(coef.shape[1]))
+            return self.add("linear", [x], attrs, {"coef_index": live.astype(np.int32),
+                                                   "coef_value": np.ascontiguousarray(coef[:, live]),
+                                                   "intercept": intercept})
+        return self.add("linear", [x], attrs, {"coef": coef, "intercept": intercept})
 
     @staticmethod
     def _pack(trees: list[Any], values: list[np.ndarray]) -> dict[str, np.ndarray]:
