@@ -115,17 +115,27 @@ class GrpcSession:
             frame = box.get()
             if frame is None:
                 return
-            # Coalesce what queued up meanwhile into one frame: submissions travel in batches.
-            while frame.submit and len(frame.submit) < 4096:
+            if not frame.submit:
+                yield frame
+                continue
+            # Coalesce the submissions that queued up meanwhile into one frame.
+            specs = list(frame.submit)
+            while len(specs) < 4096:
                 try:
                     more = box.get_nowait()
                 except queue.Empty:
-                    break
+                    more = pb.ClientFrame()
+                if more is not None and more.submit:
+                    specs.extend(more.submit)
+                    continue
+                yield pb.ClientFrame(submit=specs)
                 if more is None:
-                    yield frame
                     return
-                frame.MergeFrom(more)
-            yield frame
+                if more.ByteSize():
+                    yield more
+                break
+            else:
+                yield pb.ClientFrame(submit=specs)
 
     def send(self, frame: pb.ClientFrame) -> None:
         self.outbox.put(frame)
@@ -218,6 +228,7 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
                     inline_threshold=Settings().object_store_inline_threshold,
                     cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
         _state = st
+        _objects.escape_hook = core.escape
 
 
 def _entrypoint() -> str:
@@ -233,6 +244,7 @@ def attach_worker(core: Core, *, object_store_address: str, control_store_addres
         _state = _State(core=core, control_store_address=control_store_address,
                         object_store_address=object_store_address,
                         inline_threshold=Settings().object_store_inline_threshold, cluster_key=control_store_address)
+        _objects.escape_hook = core.escape
 
 
 def is_initialized() -> bool:
@@ -246,6 +258,7 @@ def shutdown() -> None:
         st, _state = _state, None
     if st is None:
         return
+    _objects.escape_hook = None
     st.core.close()
     if st._objects is not None:
         try:

@@ -126,10 +126,11 @@ class Core:
         self.results: dict[bytes, _Result] = {}
         self.pending: dict[bytes, pb.TaskSpec] = {}  # submitted, not finished
         self.held: dict[bytes, pb.TaskSpec] = {}  # waiting for own tasks it depends on
-        self.names: dict[bytes, str] = {}
         self.current_task: bytes = b""
         self.closed = False
         self._rebuilding: dict[bytes, float] = {}
+        self.escaped: set[bytes] = set()  # refs serialized elsewhere before their value arrived
+        self.stored: set[bytes] = set()  # small values this owner put in the object store
 
     # ------------------------------------------------------------------ submit
 
@@ -140,10 +141,10 @@ class Core:
         spec.job_id = self.job_id
         if self.current_task:
             spec.parent_task_id = self.current_task
-        returns = [ids.object_id(spec.task_id, i + 1) for i in range(spec.num_returns)]
+        tid = spec.task_id
+        returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
         with self.cond:
-            self.names[spec.task_id] = spec.name
-            state = self._resolve(spec)
+            state = self._resolve(spec) if spec.args else "ready"
             if state == "held":
                 self.held[spec.task_id] = spec
                 return returns
@@ -207,10 +208,11 @@ class Core:
     def deliver(self, results: Sequence[pb.TaskResult]) -> None:
         """Results from the agent (called by the transport's reader thread)."""
         released: list[pb.TaskSpec] = []
+        promote: list[tuple[bytes, bytes]] = []
         with self.cond:
             for r in results:
                 spec = self.pending.pop(r.task_id, None)
-                name = spec.name if spec is not None else self.names.get(r.task_id, "")
+                name = spec.name if spec is not None else ""
                 if r.HasField("error"):
                     n = spec.num_returns if spec is not None else max(1, len(r.returns))
                     for i in range(n):
@@ -218,6 +220,10 @@ class Core:
                     continue
                 for v in r.returns:
                     self.results[v.object_id] = _Result("s", name=name) if v.stored else _Result("v", v.value)
+                    if v.object_id in self.escaped and not v.stored:
+                        self.escaped.discard(v.object_id)
+                        self.stored.add(v.object_id)
+                        promote.append((v.object_id, v.value))
             if self.held:
                 for tid, spec in list(self.held.items()):
                     state = self._resolve(spec)
@@ -229,6 +235,28 @@ class Core:
             self.cond.notify_all()
         if released:
             self._send(pb.ClientFrame(submit=released))
+        if promote:
+            client = self._objects()
+            for oid, data in promote:
+                client.put_inline(oid, data)
+
+    def escape(self, oid: bytes) -> None:
+        """A ref to ``oid`` is leaving this process: small values live only here, so store them for others.
+
+        Values too large to travel inline are in the object store already; results not
+        back yet are stored when they arrive.
+        """
+        with self.cond:
+            r = self.results.get(oid)
+            if r is None:
+                if self._known(oid):
+                    self.escaped.add(oid)
+                return
+            if r.kind != "v" or oid in self.stored:
+                return
+            self.stored.add(oid)
+            data = r.data
+        self._objects().put_inline(oid, data)
 
     def _known(self, oid: bytes) -> bool:
         tid = oid[: ids.TASK_ID_LEN]
@@ -269,7 +297,9 @@ class Core:
         return self._fetch(ref, deadline, timeout)
 
     def _describe(self, oid: bytes) -> str:
-        name = self.names.get(oid[: ids.TASK_ID_LEN])
+        tid = oid[: ids.TASK_ID_LEN]
+        spec = self.pending.get(tid) or self.held.get(tid)
+        name = spec.name if spec is not None else ""
         return f"the result of {name}" if name else f"object {oid.hex()}"
 
     def _block(self, delta: int) -> None:
@@ -363,7 +393,7 @@ class Core:
             return
         stub = self._cs()
         objs = stub.GetObjects(cpb.GetObjectsRequest(object_ids=[oid]), timeout=10.0).objects
-        if objs and objs[0].locations:
+        if objs and objs[0].locations and self._still_held(oid, list(objs[0].locations)):
             return  # a copy exists: the store is fetching it
         if ids.return_index(oid) == 0:
             raise ObjectLostError(f"object {oid.hex()} was put, not computed, and no copy is left: it cannot be rebuilt")
@@ -393,10 +423,36 @@ class Core:
         with self.cond:
             for s in rerun:
                 self.pending[s.task_id] = s
-                self.names[s.task_id] = s.name
                 for i in range(s.num_returns):
                     self.results.pop(ids.object_id(s.task_id, i + 1), None)
         self._send(pb.ClientFrame(submit=rerun))
+
+    def _still_held(self, oid: bytes, nodes: list[bytes]) -> bool:
+        """Whether any of ``nodes`` really holds ``oid``; forget the copies that are gone (a store restarted)."""
+        import grpc
+
+        from tessera.api.object_store.v1 import object_store_pb2 as opb
+        from tessera.api.object_store.v1 import object_store_pb2_grpc as opb_grpc
+
+        stub = self._cs()
+        gone = []
+        for node in nodes:
+            try:
+                addr = stub.GetNode(cpb.GetNodeRequest(node_id=node), timeout=5.0).node.object_store_address
+                with grpc.insecure_channel(addr) as ch:
+                    present = opb_grpc.ObjectStoreServiceStub(ch).ContainsObjects(
+                        opb.ContainsObjectsRequest(object_ids=[oid]), timeout=5.0).present
+                if present and present[0]:
+                    return True
+                gone.append(node)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
+                    return True  # cannot tell now (restarting): look again later
+                gone.append(node)
+        if gone:
+            stub.RemoveObjectLocations(cpb.RemoveObjectLocationsRequest(
+                locations=[cpb.ObjectLocation(object_id=oid, node_id=n) for n in gone]), timeout=10.0)
+        return False
 
     # ------------------------------------------------------------------ life
 

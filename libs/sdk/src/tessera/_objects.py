@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, overload
 
 import grpc
@@ -71,7 +71,14 @@ class ObjectRef:
         return hash(self._id)
 
     def __reduce__(self) -> tuple[Any, ...]:
+        hook = escape_hook
+        if hook is not None:  # the ref leaves its owner (nested in a value): make sure others can read it
+            hook(self._id)
         return ObjectRef, (self._id,)
+
+
+#: Called with an object id whenever an ObjectRef is serialized (set by the task API's owner).
+escape_hook: Callable[[bytes], None] | None = None
 
 
 def _map_error(e: grpc.RpcError) -> Exception:

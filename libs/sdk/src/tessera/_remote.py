@@ -121,6 +121,7 @@ class RemoteFunction(Generic[T]):
         self._fn = fn
         self._options = options
         self._exported = exported or _Exported(fn)
+        self._templates: dict[str, pb.TaskSpec] = {}
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", "remote_function")
         self.__wrapped__ = fn
@@ -135,16 +136,26 @@ class RemoteFunction(Generic[T]):
         merged = {**self._options, **_check_options(options, _TASK_OPTIONS, f"function {self.__name__}")}
         return RemoteFunction(self._fn, merged, self._exported)
 
+    def _template(self, st: Any) -> pb.TaskSpec:
+        """The parts of this function's task specs that never change (per cluster)."""
+        t = self._templates.get(st.cluster_key)
+        if t is None:
+            o = self._options
+            t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
+                            name=o.get("name") or self._exported.name, num_returns=int(o.get("num_returns", 1)),
+                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)))
+            self._templates[st.cluster_key] = t
+        return t
+
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         st = _api.state()
-        o = self._options
-        num_returns = int(o.get("num_returns", 1))
-        name = o.get("name") or self._exported.name
-        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_NORMAL,
-                           function_id=self._exported.function_id(), name=name, args=_args(name, args, kwargs),
-                           num_returns=num_returns, resources=_resources(o, 1.0),
-                           max_retries=int(o.get("max_retries", 3)))
-        return _refs(st.core.submit(spec), num_returns)
+        t = self._template(st)
+        spec = pb.TaskSpec()
+        spec.CopyFrom(t)
+        spec.task_id = os.urandom(ids.TASK_ID_LEN)
+        if args or kwargs:
+            spec.args.extend(_args(t.name, args, kwargs))
+        return _refs(st.core.submit(spec), t.num_returns)
 
 
 class ActorClass:

@@ -102,6 +102,21 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 us, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_ss(requests, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await _abort_for(e, context, method)
+
+            return grpc.stream_stream_rpc_method_handler(
+                ss, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
         return handler
 
 

@@ -60,8 +60,13 @@ def _pad(n: int) -> int:
     return (-n) % ALIGN
 
 
-def save(path: str | Path, state: Any) -> int:
-    """Write ``state`` to ``path`` atomically (a temporary file renamed); returns the bytes written."""
+def save(path: str | Path, state: Any, *, in_place: bool = False) -> int:
+    """Write ``state`` to ``path``; returns the bytes written.
+
+    By default atomically (a temporary file renamed). With ``in_place``, a file of the same
+    size already at ``path`` is overwritten where it is: on a ramdisk its pages are already
+    there, so a repeated checkpoint (a suspend every time slice) costs one memcpy per byte.
+    """
     import torch
 
     tensors: list[Any] = []
@@ -69,14 +74,14 @@ def save(path: str | Path, state: Any) -> int:
     flat = [t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     specs = [(str(t.dtype).removeprefix("torch."), tuple(t.shape), int(f.numel())) for t, f in zip(tensors, flat, strict=True)]
     meta = pickle.dumps((skeleton, specs), protocol=pickle.HIGHEST_PROTOCOL)
+    head = MAGIC + struct.pack("<Q", len(meta)) + meta
+    head += b"\0" * _pad(len(head))
+    total = len(head) + sum(b.numel() + _pad(b.numel()) for b in flat)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    total = 0
-    with open(tmp, "wb", buffering=0) as f:
-        head = MAGIC + struct.pack("<Q", len(meta)) + meta
-        head += b"\0" * _pad(len(head))
+    reuse = in_place and path.exists() and path.stat().st_size == total
+    target = path if reuse else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(target, "r+b" if reuse else "wb", buffering=0) as f:
         f.write(head)
-        total += len(head)
         for b in flat:
             n = b.numel()
             if n:
@@ -84,8 +89,8 @@ def save(path: str | Path, state: Any) -> int:
             pad = _pad(n)
             if pad:
                 f.write(b"\0" * pad)
-            total += n + pad
-    os.replace(tmp, path)
+    if not reuse:
+        os.replace(target, path)
     return total
 
 
@@ -110,6 +115,45 @@ def load_bytes(data: bytes | bytearray | memoryview) -> Any:
         tensors.append(t)
         off += nbytes + _pad(nbytes)
     return _fill(skeleton, tensors)
+
+
+def load_into(path: str | Path, live: Any) -> Any | None:
+    """Read a checkpoint straight into the tensors of ``live`` (a state of the same shape, e.g. the
+    job's own state_dicts, whose tensors share the parameters' memory): one read, no allocation.
+
+    Returns the checkpoint's state with ``live``'s tensors in it, or None when the shapes differ
+    (then use :func:`load`).
+    """
+    import torch
+
+    live_tensors: list[Any] = []
+    _strip(live, live_tensors)
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(16)
+        if head[:8] != MAGIC:
+            raise ValueError("not a tessera.gpu checkpoint (bad magic)")
+        (meta_len,) = struct.unpack_from("<Q", head, 8)
+        skeleton, specs = pickle.loads(f.read(meta_len))
+        if len(specs) != len(live_tensors):
+            return None
+        for (dtype, shape, nbytes), t in zip(specs, live_tensors, strict=True):
+            if str(t.dtype).removeprefix("torch.") != dtype or tuple(t.shape) != tuple(shape) or \
+                    not t.is_contiguous() or t.device.type != "cpu" or t.numel() * t.element_size() != nbytes:
+                return None
+        f.seek(16 + meta_len + _pad(16 + meta_len))
+        for (_, _, nbytes), t in zip(specs, live_tensors, strict=True):
+            if nbytes:
+                view = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+                got = 0
+                while got < nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise ValueError(f"checkpoint {path} is truncated")
+                    got += n
+            pad = _pad(nbytes)
+            if pad:
+                f.seek(pad, os.SEEK_CUR)
+    return _fill(skeleton, live_tensors)
 
 
 def load(path: str | Path) -> Any:

@@ -72,6 +72,7 @@ class Job:
         self.step_count = 0
         self.metrics: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
+        self._slot = 1
         self.suspend_s: list[float] = []  # checkpoint + free, per suspend
         self.resume_s: list[float] = []  # restore, per resume
         self._report_fd = int(e["TESSERA_GPU_REPORT_FD"]) if e.get("TESSERA_GPU_REPORT_FD") else -1
@@ -125,11 +126,12 @@ class Job:
                 "optimizers": [o.state_dict() for o in self.optimizers], "rng": _rng_state(),
                 "extra": self.extra, "metrics": self.metrics}
 
-    def load_state(self, st: dict[str, Any]) -> None:
-        for m, s in zip(self.models, st["models"], strict=True):
-            m.load_state_dict(s)
-        for o, s in zip(self.optimizers, st["optimizers"], strict=True):
-            o.load_state_dict(s)
+    def load_state(self, st: dict[str, Any], *, tensors_in_place: bool = False) -> None:
+        if not tensors_in_place:
+            for m, s in zip(self.models, st["models"], strict=True):
+                m.load_state_dict(s)
+            for o, s in zip(self.optimizers, st["optimizers"], strict=True):
+                o.load_state_dict(s)
         _set_rng_state(st["rng"])
         self.extra.clear()
         self.extra.update(st.get("extra", {}))
@@ -137,12 +139,18 @@ class Job:
         self.step_count = int(st["step"])
 
     def checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write the state at this boundary (default: the node-local checkpoint folder)."""
+        """Write the state at this boundary (default: the node-local checkpoint folder).
+
+        The default files are two, used in turn (the last one stays whole while the next is
+        written), each overwritten in place: no new ramdisk pages after the first two.
+        """
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        p = Path(path) if path is not None else self.ckpt_dir / f"{self.job_id or 'job'}-{self.step_count}.ckpt"
-        _ckpt.save(p, self.state())
-        if self.last_checkpoint is not None and self.last_checkpoint != p and path is None:
-            self.last_checkpoint.unlink(missing_ok=True)
+        if path is None:
+            self._slot ^= 1
+            p = self.ckpt_dir / f"{self.job_id or 'job'}-{self._slot}.ckpt"
+        else:
+            p = Path(path)
+        _ckpt.save(p, self.state(), in_place=path is None)
         self.last_checkpoint = p
         return p
 
@@ -155,6 +163,14 @@ class Job:
         self.load_state(_ckpt.load(src))
         self.report("restored", path=str(src), load_s=time.perf_counter() - t0)
         return self.step_count
+
+    def restore_in_place(self, path: str | Path) -> None:
+        """Restore ``path`` into this job's own tensors (one read); a fresh load when shapes differ."""
+        st = _ckpt.load_into(path, self.state())
+        if st is None:
+            self.load_state(_ckpt.load(path))
+        else:
+            self.load_state(st, tensors_in_place=True)
 
     def _offload(self, device: str) -> None:
         """Move models and optimizer state to ``device`` (frees GPU memory when it is "cpu")."""
@@ -215,7 +231,7 @@ class Job:
             os._exit(EXIT_STOPPED)
         t1 = time.perf_counter()
         self._offload(device)
-        self.load_state(_ckpt.load(path))
+        self.restore_in_place(path)
         self.resume_s.append(time.perf_counter() - t1)
         self.report("resumed", load_s=self.resume_s[-1])
 

@@ -3,6 +3,11 @@
 Reads ``TESSERA_GPU_ENTRY`` (``package.module:function`` or ``path/to/file.py:function``)
 and ``TESSERA_GPU_ARGS`` (a JSON list of strings), imports the function and calls it.
 Exit code 0 when it returns, 1 when it raises (the traceback goes to the job's log).
+
+With ``TESSERA_GPU_WARM=1`` the runner starts ahead of any job: it imports torch and the SDK,
+then waits for one JSON line on stdin, ``{"env": {...}}``, the job's environment, and runs it.
+A node agent keeps one such runner ready, so that a job started or migrated onto the node does
+not pay for the interpreter and torch imports (seconds) on its critical path.
 """
 
 from __future__ import annotations
@@ -37,7 +42,25 @@ def load_entry(entry: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def _wait_for_job() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    import tessera.gpu  # noqa: F401
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return False
+    desc = json.loads(line)
+    os.environ.pop("TESSERA_GPU_WARM", None)
+    os.environ.update({str(k): str(v) for k, v in desc.get("env", {}).items()})
+    return True
+
+
 def main() -> int:
+    if os.environ.get("TESSERA_GPU_WARM") == "1" and not _wait_for_job():
+        return 0
     entry = os.environ.get("TESSERA_GPU_ENTRY", "")
     args = json.loads(os.environ.get("TESSERA_GPU_ARGS", "[]"))
     fn = load_entry(entry)

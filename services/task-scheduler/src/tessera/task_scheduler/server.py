@@ -17,7 +17,6 @@ import sys
 import time
 from typing import Any
 
-from tessera._objects import ObjectStoreClient
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
@@ -111,14 +110,12 @@ class Node:
         self.proc_actor: dict[bytes, bytes] = {}
         self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
         self.object_store_address = ""
-        self.objects: ObjectStoreClient | None = None
         self.cs: Any = None
         self._out_results: dict[bytes, list[pb.TaskResult]] = {}
         self._out_spill: list[pb.TaskSpec] = []
         self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
-        self._created: list[pb.TaskSpec] = []
-        self._states: list[cpb.TaskStateUpdate] = []
-        self._recorded: set[bytes] = set()
+        self._recorded: dict[bytes, pb.TaskSpec] = {}  # submitted here, not finished: lineage to write
+        self._finished: list[tuple[pb.TaskSpec, int, bytes]] = []
         self._flush_scheduled = False
         self._writes = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -267,11 +264,10 @@ class Node:
 
     def _to_sessions(self, results: list[pb.TaskResult]) -> None:
         for r in results:
-            if r.task_id in self._recorded:
-                self._recorded.discard(r.task_id)
-                st = cpb.TASK_STATE_FAILED if r.HasField("error") else cpb.TASK_STATE_FINISHED
-                self._states.append(cpb.TaskStateUpdate(task_id=r.task_id, state=st, node_id=r.node_id,
-                                                        error=r.error.message if r.HasField("error") else ""))
+            spec = self._recorded.pop(r.task_id, None)
+            if spec is not None:  # lineage: each task is recorded once, when it is done
+                failed = r.HasField("error")
+                self._finished.append((spec, cpb.TASK_STATE_FAILED if failed else cpb.TASK_STATE_FINISHED, r.node_id))
                 self._writes.set()
             put = self.sessions.get(r.owner)
             if put is not None:
@@ -316,21 +312,11 @@ class Node:
 
     # ------------------------------------------------------------------ control store and object store (Ports)
 
-    def store_inline(self, object_id: bytes, data: bytes) -> None:
-        if self.objects is not None:
-            self.objects.put_inline(object_id, data)
-
     def record_created(self, specs: list[pb.TaskSpec]) -> None:
-        for s in specs:
-            self._recorded.add(s.task_id)
-            self._created.append(cpb.TaskSpec(
-                task_id=s.task_id, job_id=s.job_id, function_id=s.function_id, function_name=s.name,
-                args=s.SerializeToString(), num_returns=s.num_returns, resources=s.resources,
-                arg_object_ids=[a.object_id for a in s.args if a.WhichOneof("kind") == "object_id"],
-                max_retries=max(0, s.max_retries), parent_task_id=s.parent_task_id))
-        self._writes.set()
+        for spec in specs:
+            self._recorded[spec.task_id] = spec
 
-    def record_finished(self, result: pb.TaskResult) -> None:  # (results are recorded as they reach their owner)
+    def record_finished(self, result: pb.TaskResult) -> None:  # (recorded when results reach their owner)
         pass
 
     def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
@@ -383,20 +369,22 @@ class Node:
         self.agent.actor_located(actor_id, b"", dead="it did not start within 60s")
 
     async def _writer(self) -> None:
-        """Lineage and task states to the control store, in batches, in order."""
+        """Lineage to the control store: finished tasks, batched (one call per state and node)."""
         while True:
             await self._writes.wait()
+            await asyncio.sleep(self.settings.task_scheduler_flush_s)  # let a batch gather
             self._writes.clear()
-            created, self._created = self._created, []
-            states, self._states = self._states, []
-            try:
-                for i in range(0, len(created), 2000):
-                    await self.cs.CreateTasks(cpb.CreateTasksRequest(specs=created[i:i + 2000]), timeout=30.0)
-                for i in range(0, len(states), 2000):
-                    await self.cs.UpdateTaskStates(cpb.UpdateTaskStatesRequest(updates=states[i:i + 2000]), timeout=30.0)
-            except Exception as e:
-                log.warning("could not record %d task(s) / %d state(s): %s", len(created), len(states), e)
-            await asyncio.sleep(0.005)  # let more gather
+            done, self._finished = self._finished, []
+            groups: dict[tuple[int, bytes], list[cpb.TaskSpec]] = {}
+            for spec, state, node in done:
+                groups.setdefault((state, node), []).append(lineage_record(spec))
+            for (state, node), specs in groups.items():
+                for i in range(0, len(specs), 2000):
+                    try:
+                        await self.cs.CreateTasks(cpb.CreateTasksRequest(specs=specs[i:i + 2000], state=state,  # type: ignore[arg-type]
+                                                                         node_id=node, replace=True), timeout=30.0)
+                    except Exception as e:
+                        log.warning("could not record %d finished task(s): %s", len(specs[i:i + 2000]), e)
 
     # ------------------------------------------------------------------ NATS
 
@@ -465,8 +453,6 @@ class Node:
         ch, self.cs = control_store_aio_stub(self.settings)
         self._cs_channel = ch
         self.object_store_address = await self._find_object_store()
-        if self.object_store_address:
-            self.objects = await asyncio.to_thread(ObjectStoreClient, self.object_store_address, name=f"agent-{self.node_id.hex()[:8]}")
         self._server = await asyncio.start_unix_server(self._worker_conn, path=self.socket_path, limit=2**20)
         await bus.subscribe(node_subject(self.node_id, "tasks"), self._on_tasks)
         await bus.subscribe(node_subject(self.node_id, "results"), self._on_results)
@@ -516,9 +502,15 @@ class Node:
             t.cancel()
         if self._server is not None:
             self._server.close()
-        if self.objects is not None:
-            await asyncio.to_thread(self.objects.close)
         await self._cs_channel.close()
+
+
+def lineage_record(s: pb.TaskSpec) -> cpb.TaskSpec:
+    """The control store's record of a task: enough to run it again (the whole spec rides in ``args``)."""
+    return cpb.TaskSpec(task_id=s.task_id, job_id=s.job_id, function_id=s.function_id, function_name=s.name,
+                        args=s.SerializeToString(), num_returns=s.num_returns, resources=s.resources,
+                        arg_object_ids=[a.object_id for a in s.args if a.WhichOneof("kind") == "object_id"],
+                        max_retries=max(0, s.max_retries), parent_task_id=s.parent_task_id)
 
 
 def view_of(load: pb.NodeLoad) -> NodeView:

@@ -18,6 +18,7 @@ import traceback
 from typing import Any
 
 import cloudpickle
+import grpc
 
 from tessera import _api
 from tessera._core import Core
@@ -67,7 +68,12 @@ class Worker:
         fn = self.functions.get(function_id)
         if fn is None:
             stub = _api.control_store()
-            info = stub.GetFunction(cpb.GetFunctionRequest(function_id=function_id), timeout=30.0).function
+            try:
+                info = stub.GetFunction(cpb.GetFunctionRequest(function_id=function_id), timeout=30.0).function
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise LookupError(f"function {function_id.hex()} is not exported in this cluster") from None
+                raise
             fn = self.functions[function_id] = cloudpickle.loads(info.code)
         return fn
 
@@ -124,7 +130,10 @@ class Worker:
         return pb.ReturnValue(object_id=oid, stored=True, size=ser.size)
 
     def failure(self, spec: pb.TaskSpec, e: Exception) -> pb.TaskResult:
-        tb = traceback.format_exc()
+        frames = e.__traceback__
+        while frames is not None and frames.tb_frame.f_code.co_filename == __file__:
+            frames = frames.tb_next  # start at the user's code, not the worker's
+        tb = "".join(traceback.format_exception(type(e), e, frames))
         try:
             blob = cloudpickle.dumps(e)
             pickled = blob if len(blob) < 1 << 20 else b""

@@ -1,0 +1,471 @@
+"""Tasks and actors on a two-node cluster brought up by `tessera up --nodes 2` (Ray's core API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import grpc
+import numpy as np
+import pytest
+
+import tessera
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
+from tessera.common import ids
+from tessera.exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    TaskCancelledError,
+    TaskError,
+    TaskUnschedulableError,
+    WorkerCrashedError,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+# Test modules are not importable by the workers: ship this one's functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+BIN = Path(sys.executable).parent
+UNSCHEDULABLE_S = 6
+
+
+class Cluster:
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=150)
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "cluster.json").read_text())
+
+    def proc(self, name: str) -> dict[str, Any]:
+        return next(p for p in json.loads(self.cli("status", "--json").stdout)["processes"] if p["name"] == name)
+
+    def node_ids(self) -> list[str]:
+        return list(dict.fromkeys(p["node_id"] for p in self.info()["procs"] if p.get("node_id")))
+
+    def agent_status(self, name: str = "task-scheduler") -> pb.GetStatusResponse:
+        with grpc.insecure_channel(self.info()["services"][name]["address"]) as ch:
+            return pb_grpc.TaskSchedulerServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=5.0)
+
+    def kill(self, name: str) -> int:
+        pid = self.proc(name)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        return int(pid)
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.proc(name)
+            if p["pid"] != old_pid and p["health"] == "SERVING":
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{name} did not come back within {timeout:g}s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    run_dir = tmp_path_factory.mktemp("tasks")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_NUM_CPUS="2", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
+               TESSERA_TASK_SCHEDULER_UNSCHEDULABLE_S=str(UNSCHEDULABLE_S),
+               TESSERA_OBJECT_STORE_MEMORY=str(128 * 2**20))
+    c = Cluster(run_dir, env)
+    up = c.cli("up", "--nodes", "2")
+    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
+    old = {k: os.environ.get(k) for k in ("TESSERA_RUN_DIR", "TESSERA_ADDRESS")}
+    os.environ["TESSERA_RUN_DIR"] = str(run_dir)
+    os.environ.pop("TESSERA_ADDRESS", None)
+    tessera.init(name="e2e-tasks")
+    try:
+        yield c
+    finally:
+        tessera.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        c.cli("down")
+
+
+# ---------------------------------------------------------------------- remote functions
+
+
+@tessera.remote
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@tessera.remote
+def where() -> str:
+    return os.environ["TESSERA_NODE_ID"]
+
+
+@tessera.remote(num_returns=2)
+def divmod_task(a: int, b: int) -> tuple[int, int]:
+    return divmod(a, b)
+
+
+@tessera.remote
+def fan_out(n: int) -> int:
+    return sum(tessera.get([add.remote(i, 1) for i in range(n)]))
+
+
+@tessera.remote
+def make_refs(n: int) -> list[tessera.ObjectRef]:
+    return [add.remote(i, i) for i in range(n)]
+
+
+@tessera.remote
+def array(n: int, value: float) -> np.ndarray:
+    return np.full(n, value)
+
+
+@tessera.remote
+def total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+@tessera.remote
+def sleepy(s: float, tag: Any = None) -> Any:
+    time.sleep(s)
+    return tag
+
+
+@tessera.remote
+def fail(msg: str) -> None:
+    raise KeyError(msg)
+
+
+def test_tasks_arguments_and_multiple_returns(cluster: Cluster) -> None:
+    assert tessera.get(add.remote(1, 2)) == 3
+    assert tessera.get(add.remote(a=5, b=6)) == 11
+    r = add.remote(add.remote(1, 2), add.remote(3, 4))  # refs as arguments are resolved first
+    assert tessera.get(r) == 10
+    q, m = divmod_task.remote(17, 5)
+    assert tessera.get([q, m]) == [3, 2]
+    put = tessera.put(np.arange(10.0))
+    assert tessera.get(total.remote(put)) == 45.0
+    big = np.ones(2**20)  # 8 MiB: travels through the object store, read in place by the worker
+    assert tessera.get(total.remote(big)) == float(2**20)
+    assert tessera.get(add.remote("a", "b")) == "ab"
+
+
+def test_nested_tasks_and_returned_refs(cluster: Cluster) -> None:
+    assert tessera.get(fan_out.remote(20)) == sum(range(1, 21))
+    refs = tessera.get(make_refs.remote(5))
+    assert all(isinstance(r, tessera.ObjectRef) for r in refs)
+    assert tessera.get(refs) == [0, 2, 4, 6, 8]
+    nested = [fan_out.remote(10) for _ in range(6)]  # more parents than CPUs: parents lend theirs while waiting
+    assert tessera.get(nested, timeout=120) == [55] * 6
+
+
+def test_large_results_read_in_place(cluster: Cluster) -> None:
+    ref = array.remote(3 * 2**20, 2.0)
+    a = tessera.get(ref)
+    assert a.shape == (3 * 2**20,) and a[0] == 2.0 and not a.flags.writeable
+    assert tessera.get(total.remote(ref)) == 6.0 * 2**20
+
+
+def test_errors_carry_type_and_traceback(cluster: Cluster) -> None:
+    ref = fail.remote("missing")
+    with pytest.raises(TaskError) as e:
+        tessera.get(ref)
+    assert isinstance(e.value, KeyError)
+    assert "fail raised KeyError" in str(e.value) and ", in fail" in e.value.traceback_str
+    assert "worker.py" not in e.value.traceback_str
+    with pytest.raises(KeyError):  # a task that depends on a failed one fails with the same error
+        tessera.get(add.remote(ref, 1))
+    with pytest.raises(TypeError, match="argument 0 of .*add cannot be serialized"):
+        add.remote(threading.Lock(), 1)
+    with pytest.raises(TypeError, match="cannot be called directly"):
+        add(1, 2)
+    assert tessera.get(add.remote(2, 2)) == 4  # nothing else disturbed
+
+
+def test_unknown_function_fails_alone(cluster: Cluster) -> None:
+    bogus = tessera.remote(lambda: 1)
+    t = bogus._template(tessera._api.state())
+    t.function_id = b"\x01" * 32
+    with pytest.raises(LookupError, match="is not exported"):
+        tessera.get(bogus.remote(), timeout=60)
+    assert tessera.get(add.remote(1, 1)) == 2
+
+
+def test_bad_input(cluster: Cluster) -> None:
+    with pytest.raises(TypeError):
+        tessera.get("not a ref")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_returns"):
+        tessera.wait([add.remote(1, 1)], num_returns=2)
+    with pytest.raises(TypeError, match="unknown option"):
+        add.options(num_cpu=1)
+    with pytest.raises(ValueError, match="num_cpus"):
+        add.options(num_cpus=-1)
+    with pytest.raises(ValueError):
+        tessera.get(add.remote(1, 1), timeout=-1)
+    # Straight to the agent: a malformed hello is refused; a malformed task fails alone.
+    address = cluster.info()["services"]["task-scheduler"]["address"]
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.TaskSchedulerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Session(iter([pb.ClientFrame(hello=pb.Hello(job_id=b"x"))]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "job_id must be 4 bytes" in e.value.details()
+        frames = iter([pb.ClientFrame(hello=pb.Hello(job_id=b"abcd")),
+                       pb.ClientFrame(submit=[pb.TaskSpec(task_id=b"short", kind=pb.TASK_KIND_NORMAL, num_returns=1)])])
+        call = stub.Session(frames, timeout=10)
+        next(call)  # welcome
+        result = next(call).results[0]
+        assert result.error.kind == pb.ERROR_KIND_INVALID and "task_id must be 16 bytes" in result.error.message
+        call.cancel()
+    assert tessera.get(add.remote(3, 3)) == 6
+
+
+# ---------------------------------------------------------------------- wait, cancel
+
+
+def test_wait_semantics(cluster: Cluster) -> None:
+    fast = [sleepy.remote(0, i) for i in range(3)]
+    slow = sleepy.remote(30, "slow")
+    ready, not_ready = tessera.wait([slow, *fast], num_returns=3, timeout=20)
+    assert set(ready) == set(fast) and not_ready == [slow]
+    t = time.monotonic()
+    ready, not_ready = tessera.wait([slow], num_returns=1, timeout=0.5)
+    assert (ready, not_ready) == ([], [slow]) and time.monotonic() - t < 5
+    with pytest.raises(GetTimeoutError):
+        tessera.get(slow, timeout=0.3)
+    tessera.cancel(slow, force=True)
+    with pytest.raises(TaskCancelledError):
+        tessera.get(slow, timeout=30)
+    ready, _ = tessera.wait(fast, num_returns=len(fast), timeout=10)
+    assert ready == fast  # input order
+
+
+def test_cancel_queued_task(cluster: Cluster) -> None:
+    blockers = [sleepy.options(num_cpus=2).remote(2) for _ in range(4)]
+    victim = sleepy.options(num_cpus=2).remote(0, "victim")
+    tessera.cancel(victim)
+    with pytest.raises(TaskCancelledError):
+        tessera.get(victim, timeout=60)
+    tessera.get(blockers, timeout=60)
+
+
+# ---------------------------------------------------------------------- actors
+
+
+@tessera.remote
+class Counter:
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+        self.log: list[int] = []
+
+    def inc(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def record(self, i: int) -> None:
+        self.log.append(i)
+
+    def history(self) -> list[int]:
+        return self.log
+
+    def crash(self) -> None:
+        os._exit(1)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_actor_calls_run_in_submission_order(cluster: Cluster) -> None:
+    c = Counter.remote(10)
+    assert tessera.get([c.inc.remote() for _ in range(5)]) == [11, 12, 13, 14, 15]
+    for i in range(300):
+        c.record.remote(i)
+    assert tessera.get(c.history.remote()) == list(range(300))
+    with pytest.raises(AttributeError, match="no method 'nope'"):
+        c.nope.remote()
+
+
+def test_actor_handles_travel_to_tasks(cluster: Cluster) -> None:
+    c = Counter.remote()
+
+    @tessera.remote
+    def bump(counter: Any, k: int) -> int:
+        return tessera.get(counter.inc.remote(k))
+
+    tessera.get([bump.remote(c, 1) for _ in range(4)])
+    assert tessera.get(c.inc.remote(0)) == 4
+
+
+def test_named_actor_and_kill(cluster: Cluster) -> None:
+    c = Counter.options(name="the-counter").remote(100)
+    assert tessera.get(c.inc.remote()) == 101
+    same = tessera.get_actor("the-counter")
+    assert tessera.get(same.inc.remote()) == 102
+    with pytest.raises(ValueError, match="already exists"):
+        Counter.options(name="the-counter").remote()
+    with pytest.raises(ValueError, match="no actor named"):
+        tessera.get_actor("nobody")
+    tessera.kill(c)
+    with pytest.raises(ActorDiedError):
+        tessera.get(c.inc.remote(), timeout=30)
+    with pytest.raises(ActorDiedError):
+        tessera.get(same.inc.remote(), timeout=30)
+
+
+def test_actor_restarts_then_dies(cluster: Cluster) -> None:
+    c = Counter.options(max_restarts=1).remote(5)
+    pid = tessera.get(c.pid.remote())
+    with pytest.raises(ActorDiedError):
+        tessera.get(c.crash.remote(), timeout=60)
+    assert tessera.get(c.inc.remote(), timeout=60) == 6  # restarted: constructed again
+    assert tessera.get(c.pid.remote()) != pid
+    with pytest.raises(ActorDiedError):
+        tessera.get(c.crash.remote(), timeout=60)
+    with pytest.raises(ActorDiedError, match="no restarts left"):
+        tessera.get(c.inc.remote(), timeout=60)
+
+
+def test_actor_constructor_error(cluster: Cluster) -> None:
+    @tessera.remote
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("no")
+
+        def f(self) -> int:
+            return 1
+
+    b = Broken.remote()
+    with pytest.raises(ActorDiedError, match="constructor raised"):
+        tessera.get(b.f.remote(), timeout=60)
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def test_worker_killed_mid_task_is_retried(cluster: Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "attempts"
+
+    @tessera.remote(max_retries=2)
+    def die_once(path: str) -> str:
+        p = Path(path)
+        n = int(p.read_text()) if p.exists() else 0
+        p.write_text(str(n + 1))
+        if n == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f"attempt {n + 1}"
+
+    assert tessera.get(die_once.remote(str(marker)), timeout=60) == "attempt 2"
+
+    @tessera.remote(max_retries=0)
+    def always_die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(WorkerCrashedError, match="no retries left"):
+        tessera.get(always_die.remote(), timeout=60)
+    assert tessera.get(add.remote(1, 2)) == 3
+
+
+# ---------------------------------------------------------------------- two nodes
+
+
+def test_spillover_and_cross_node_arguments(cluster: Cluster) -> None:
+    nodes = set(cluster.node_ids())
+    assert len(nodes) == 2
+    # More sleeping tasks than this node's CPUs and queue: the rest spill to the other node.
+    tags = tessera.get([sleepy.remote(0.2, where.remote()) for _ in range(4)])
+    assert set(tags) <= nodes
+
+    @tessera.remote
+    def node_of_and_sleep(s: float) -> str:
+        time.sleep(s)
+        return os.environ["TESSERA_NODE_ID"]
+
+    ran = tessera.get([node_of_and_sleep.remote(0.3) for _ in range(40)], timeout=120)
+    assert set(ran) == nodes, "no task spilled to the second node"
+    # Large arrays made on both nodes, consumed by tasks wherever they run.
+    arrays = [array.remote(2**19, float(i)) for i in range(12)]
+    sums = tessera.get([total.remote(a) for a in arrays], timeout=120)
+    assert sums == [float(i) * 2**19 for i in range(12)]
+    assert cluster.agent_status("task-scheduler").tasks_spilled > 0
+
+
+def test_gpu_task_waits_for_a_gpu_node(cluster: Cluster) -> None:
+    @tessera.remote(num_gpus=1)
+    def on_gpu() -> str:
+        return os.environ["TESSERA_NODE_ID"]
+
+    ref = on_gpu.remote()
+    with pytest.raises(GetTimeoutError):
+        tessera.get(ref, timeout=1)
+    node = ids.new_id("node_id").hex()
+    info = cluster.info()
+    env = dict(cluster.env, TESSERA_NODE_ID=node, TESSERA_NUM_GPUS="1", TESSERA_NUM_CPUS="1",
+               TESSERA_NATS_URL=info["nats_url"], TESSERA_REDIS_URLS=",".join(info["redis_urls"]),
+               TESSERA_CONTROL_STORE_ADDRESS=info["control_store_address"], TESSERA_GRPC_PORT="0",
+               TESSERA_OBJECT_STORE_MEMORY=str(32 * 2**20))
+    procs = [subprocess.Popen([sys.executable, "-m", f"tessera.{m}"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for m in ("object_store", "task_scheduler")]
+    try:
+        assert tessera.get(ref, timeout=60) == node
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+    @tessera.remote(resources={"tpu": 1})
+    def on_tpu() -> None:
+        return None
+
+    t = time.monotonic()
+    with pytest.raises(TaskUnschedulableError, match="tpu=1"):
+        tessera.get(on_tpu.remote(), timeout=UNSCHEDULABLE_S + 30)
+    assert time.monotonic() - t >= UNSCHEDULABLE_S - 1
+
+
+def test_lineage_rebuilds_objects_lost_with_a_store(cluster: Cluster, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    @tessera.remote
+    def produce(n: int, path: str) -> np.ndarray:
+        (Path(path) / os.urandom(4).hex()).touch()
+        return np.arange(n, dtype=np.float64)
+
+    @tessera.remote
+    def double(a: np.ndarray) -> np.ndarray:
+        return a * 2
+
+    a = produce.remote(2**18, str(runs))
+    b = double.remote(a)
+    assert float(tessera.get(b).sum()) == float(np.arange(2**18).sum() * 2)
+    assert len(list(runs.iterdir())) == 1
+    # Both objects live in this node's store (the tasks ran here); kill it: they are gone.
+    where_ran = tessera.get([where.remote() for _ in range(1)])[0]
+    name = "object-store" if where_ran == cluster.node_ids()[0] else "object-store-1"
+    pid = cluster.kill(name)
+    cluster.wait_restarted(name, pid)
+    got = tessera.get(b, timeout=120)
+    assert float(got.sum()) == float(np.arange(2**18).sum() * 2)
+    assert len(list(runs.iterdir())) >= 2, "the producer was not run again"
+
+
+def test_node_agent_killed_driver_reconnects(cluster: Cluster) -> None:
+    refs = [sleepy.remote(0.5, i) for i in range(6)]
+    pid = cluster.kill("task-scheduler")
+    assert tessera.get(refs, timeout=120) == list(range(6))
+    cluster.wait_restarted("task-scheduler", pid)
+    assert tessera.get(add.remote(5, 5), timeout=60) == 10
