@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from models import MLP, ResNet18, randomize_bn
+from models import MLP, BertLayer
 
 from tessera.api.compiler.v1 import compiler_pb2 as pb
 from tessera.api.compiler.v1 import compiler_pb2_grpc as pb_grpc
@@ -74,7 +74,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         env.update(TESSERA_NATS_URL=nats.url, TESSERA_REDIS_URLS=redis.url, TESSERA_CONTROL_STORE_ADDRESS=f"127.0.0.1:{cs_port}",
                    TESSERA_RUN_DIR=str(tmp / "run"), TESSERA_HEARTBEAT_INTERVAL_S="0.5", TESSERA_SHUTDOWN_GRACE_S="1",
                    TESSERA_OBJECT_STORE_MEMORY=str(256 * 2**20), TESSERA_OBJECT_STORE_PREFAULT="false",
-                   OTEL_TRACES_SAMPLER="always_off")
+                   OTEL_TRACES_SAMPLER="always_off", TESSERA_COMPILER_JOB_ACK_WAIT_S="3")
         c = Cluster(env, tmp)
         try:
             port_env = {"TESSERA_GRPC_PORT": str(cs_port)}
@@ -196,11 +196,11 @@ def test_bad_input_is_invalid_argument(replica: Proc) -> None:
 def test_job_survives_a_killed_replica(cluster: Cluster, replica: Proc) -> None:
     """Replica B takes the job, is killed mid-build; the job goes back on the stream and A finishes it."""
     torch.manual_seed(1)
-    model, x = randomize_bn(ResNet18(num_classes=10, width=16)), torch.randn(1, 3, 32, 32)
+    model, x = BertLayer(hidden=64, heads=4, ff=128).eval(), torch.randn(1, 16, 64)  # ~10 kernels: a build of a few seconds
     data = graph_bytes(model, [x])
     replica.proc.send_signal(signal.SIGSTOP)  # A stays registered but takes nothing: B gets the job
     try:
-        b = cluster.compiler("compiler-b", TESSERA_COMPILER_JOB_ACK_WAIT_S="3")
+        b = cluster.compiler("compiler-b")
         with CompilerClient(b.address, timeout=60) as client:
             info = client.compile_bytes(data, wait=False)
             assert info.state == pb.ARTIFACT_STATE_QUEUED

@@ -115,10 +115,11 @@ def to_array(t: pb.Tensor, shape: Sequence[int], dtype: str, i: int) -> np.ndarr
 
 class Compiler:
     def __init__(self, meta: MetadataStore, blobs: BlobStore, enqueue: Enqueue, *, instance: str,
-                 cache_dir: str | None = None, loaded_max: int = 8) -> None:
+                 cache_dir: str | None = None, loaded_max: int = 8, heartbeat_s: float = 2.0) -> None:
         self.meta, self.blobs, self.enqueue = meta, blobs, enqueue
         self.instance = instance
         self.cache_dir = cache_dir
+        self.heartbeat_s = heartbeat_s  # well under the stream's ack wait
         self._loaded: OrderedDict[str, CompiledModel] = OrderedDict()
         self._loaded_max = loaded_max
         self._load_lock = asyncio.Lock()
@@ -165,7 +166,7 @@ class Compiler:
             graph = await asyncio.to_thread(parse_model, job.format, model, list(job.inputs))
             build = asyncio.create_task(asyncio.to_thread(compile_graph, graph, target=job.target, cache_dir=self.cache_dir))
             while not build.done():  # keep the job ours while gcc runs
-                await asyncio.wait({build}, timeout=2.0)
+                await asyncio.wait({build}, timeout=self.heartbeat_s)
                 if not build.done():
                     await heartbeat()
             compiled = build.result()

@@ -112,7 +112,7 @@ def build(settings: Settings) -> ServiceApp:
 
     compiler = Compiler(meta, blobs, enqueue, instance=settings.resolved_instance_id,
                         cache_dir=str(settings.compiler_cache_dir) if settings.compiler_cache_dir else None,
-                        loaded_max=settings.compiler_loaded_artifacts)
+                        loaded_max=settings.compiler_loaded_artifacts, heartbeat_s=settings.compiler_job_ack_wait_s / 3)
     descriptor = pb.DESCRIPTOR.services_by_name["CompilerService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor),
                      CompilerServicer(compiler, max_wait_s=settings.compiler_compile_timeout_s), SERVICE)
