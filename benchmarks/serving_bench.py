@@ -201,19 +201,28 @@ def mb(b: float) -> float:
 # ------------------------------------------------------------------ in process
 
 
-def black_box(pipes: list[Any], texts: list[str], n_req: int, tabular: bool = False) -> dict[str, Any]:
-    """Each pipeline its own pickle, loaded on its own."""
+def black_box(pipes: list[Any], texts: list[str], n_req: int) -> dict[str, Any]:
+    """Each pipeline its own pickle, loaded on its own, served in black-box mode."""
+    from tessera.serving.blackbox import BlackBox
+
     blobs = [pickle.dumps(p, protocol=5) for p in pipes]
     with traced() as mem:
         loaded = [pickle.loads(b) for b in blobs]
+    bbox = BlackBox()
+    for i, m in enumerate(loaded):
+        bbox.register(f"b{i}", m)
     rng = random.Random(0)
     k = len(loaded)
-    call = (lambda m, x: m.predict(x)) if tabular else (lambda m, x: m.predict_proba(x))
+
+    def call(m: Any, x: list[Any]) -> Any:
+        bbox.register("cur", m)
+        return bbox.predict("cur", x)
+
     picks = [(rng.randrange(k), rng.randrange(len(texts))) for _ in range(n_req + 100)]
     res: dict[str, Any] = {"pipelines": k, "memory_mb": mb(mem["bytes"]), "memory_mb_per_pipeline": mb(mem["bytes"]) / k}
-    res["b1"] = latencies(lambda i: call(loaded[picks[i][0]], [texts[picks[i][1]]]), n_req)
-    res["b32"] = latencies(lambda i: call(loaded[picks[i][0]], [texts[(picks[i][1] + j) % len(texts)] for j in range(32)]),
-                           max(20, n_req // 16), warmup=5)
+    res["b1"] = latencies(lambda i: bbox.predict(f"b{picks[i][0]}", [texts[picks[i][1]]]), n_req)
+    res["b32"] = latencies(lambda i: bbox.predict(f"b{picks[i][0]}", [texts[(picks[i][1] + j) % len(texts)]
+                                                                      for j in range(32)]), max(20, n_req // 16), warmup=5)
     colds = []
     for i in range(5):
         blob = blobs[i]
@@ -224,10 +233,11 @@ def black_box(pipes: list[Any], texts: list[str], n_req: int, tabular: bool = Fa
         colds.append((time.perf_counter() - t) * 1000)
     res["cold_first_prediction_ms"] = float(np.median(colds))
     t = time.perf_counter()
-    for m in loaded:
-        call(m, [texts[0]])
+    for i in range(k):
+        bbox.predict(f"b{i}", [texts[0]])
     res["one_input_all_pipelines_ms"] = (time.perf_counter() - t) * 1000
     loaded.clear()
+    bbox.pipelines.clear()
     gc.collect()
     return res
 
@@ -496,7 +506,7 @@ def main() -> None:
     wb.pop("engine")
     result["text"]["white_box"] = wb
     log("tabular")
-    result["tabular"] = {"black_box": black_box(tab_pipes[:n_bb], X.tolist(), args.requests, tabular=True),
+    result["tabular"] = {"black_box": black_box(tab_pipes[:n_bb], X.tolist(), args.requests),
                          "white_box": white_box_tabular(tab_pipes, X, args.requests)}
     gc.collect()
     if not args.skip_wire:

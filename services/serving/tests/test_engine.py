@@ -153,3 +153,36 @@ def test_bad_records_and_graphs(heads: list[IrPipeline]) -> None:
         Engine().register("z", heads[0].graph)
     with pytest.raises(InvalidArgumentError, match="bad pipeline name"):
         e.register("no spaces allowed", heads[0].graph)
+
+
+def test_black_box_mode_gives_the_same_predictions(texts: tuple[list[str], np.ndarray]) -> None:
+    from tessera.serving.blackbox import BlackBox
+
+    docs, y = texts
+    sk = Pipeline([("f", _featurizer()), ("m", LogisticRegression(max_iter=300))]).fit(docs, y)
+    bb = BlackBox()
+    bb.register("p", sk)
+    white = serve(import_sklearn(sk))
+    got_b, got_w = bb.predict("p", docs[:30]), white.predict("p", docs[:30])
+    assert [p.label for p in got_b] == [p.label for p in got_w]
+    np.testing.assert_allclose([p.scores for p in got_b], [p.scores for p in got_w], atol=1e-6)
+    with pytest.raises(NotFoundError):
+        bb.predict("q", docs[:1])
+
+
+def test_pruned_head_over_mixed_text_and_tabular_columns() -> None:
+    """A ColumnTransformer of text and one-hot columns (a scipy block) into a sparse head."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(4)
+    X = np.empty((120, 2), dtype=object)
+    X[:, 0] = [" ".join(rng.choice(["good", "bad", "slow", "fast", "nice"], size=4)) for _ in range(120)]
+    X[:, 1] = rng.choice(["a", "b", "c"], size=120)
+    y = np.array(["good" in t for t in X[:, 0]])
+    ct = ColumnTransformer([("t", CountVectorizer(ngram_range=(1, 3)), 0), ("c", OneHotEncoder(), [1])])
+    sk = Pipeline([("ct", ct), ("m", LogisticRegression(l1_ratio=1.0, solver="saga", C=0.05, max_iter=5000))]).fit(X, y)
+    e = serve(import_sklearn(sk))
+    assert "prune_dead_features" in e.get("p").plan.rules
+    got = e.predict("p", [list(r) for r in X[:40]])
+    np.testing.assert_allclose([p.scores for p in got], sk.predict_proba(X[:40]), atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from tessera.serving.ir import Pipeline
 SERVICE = "tessera.serving.v1.ServingService"
 IDEMPOTENT = ("FindMissingParameters", "UploadParameters", "List", "Predict", "PredictBatch", "GetStats")
 UPLOAD_BYTES = 32 * 1024 * 1024  # parameters per UploadParameters call
+DOWN_S = 5.0  # how long a replica that answered UNAVAILABLE is tried last
 
 
 @dataclass
@@ -156,6 +158,7 @@ class Client:
                           for a in addrs]
         self._stubs = [pb_grpc.ServingServiceStub(c) for c in self._channels]
         self._next = itertools.count()
+        self._down: dict[int, float] = {}  # replica index -> until when it is tried last
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -172,7 +175,10 @@ class Client:
         """Call one replica (round robin); on UNAVAILABLE try the others in turn."""
         with self._lock:
             start = next(self._next) % len(self._stubs)
+        now = time.monotonic()
         order = [(start + i) % len(self._stubs) for i in range(len(self._stubs))]
+        # replicas that just failed go last (for DOWN_S), so one that went away costs one retry
+        order.sort(key=lambda i: self._down.get(i, 0.0) > now)
         last: grpc.RpcError | None = None
         for i in order if failover else order[:1]:
             try:
@@ -180,6 +186,7 @@ class Client:
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
                     raise
+                self._down[i] = time.monotonic() + DOWN_S
                 last = e
         assert last is not None
         raise last

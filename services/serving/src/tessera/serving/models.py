@@ -153,17 +153,9 @@ class Linear:
             d = X.dot(self.coef) + self.intercept
             return finish(d, self.proba_kind, self.classes)
         if self.pruned:
-            if sp.issparse(X):
-                X = sp.csr_matrix(X)
-                m = self.col_map[X.indices]
-                keep = m >= 0
-                rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-                X = sp.csr_matrix((X.data[keep], (rows[keep], m[keep])), shape=(X.shape[0], self.live.size))
-            else:
-                X = X[:, self.live]
-        d = X @ self.coef.T
-        d = np.asarray(d, dtype=np.float64) + self.intercept
-        return finish(d, self.proba_kind, self.classes)
+            X = sp.csr_matrix(X)[:, self.live] if sp.issparse(X) else X[:, self.live]
+        dense = np.asarray(X @ self.coef.T, dtype=np.float64) + self.intercept
+        return finish(dense, self.proba_kind, self.classes)
 
 
 class Columns:
