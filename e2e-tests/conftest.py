@@ -1,5 +1,11 @@
 """The e2e fixtures: an OTLP/gRPC trace receiver (what Jaeger listens with on 4317)
-and a whole Tessera stack brought up by the real launcher, exporting to it."""
+and a whole Tessera stack brought up by the real launcher, exporting to it.
+
+With TESSERA_E2E_STACK=compose the ``stack`` fixture starts nothing: it yields a
+:class:`ComposeStack`, the compose stack already running (scripts/compose_up.sh), reached at
+its published addresses (.env: the control store on 127.0.0.1:50051, Jaeger's UI and query
+API on 127.0.0.1:16686) and at its containers' addresses (asked of the engine: podman or docker).
+The compose tests (e2e-tests/test_compose.py, marker ``compose``) run in both modes."""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 BIN = Path(sys.executable).parent
+# "up" (default): `tessera up` per test module; "compose": the running compose stack.
+STACK_MODE = os.environ.get("TESSERA_E2E_STACK", "up")
 
 
 @dataclass
@@ -101,8 +109,49 @@ def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
+@dataclass
+class ComposeStack:
+    """The compose stack started outside the tests; addresses from the environment (defaults: .env's)."""
+
+    control_store_address: str
+    jaeger_url: str
+    engine: str
+    project: str
+
+    @classmethod
+    def from_env(cls) -> ComposeStack:
+        e = os.environ.get
+        return cls(control_store_address=e("TESSERA_E2E_CONTROL_STORE", "127.0.0.1:50051"),
+                   jaeger_url=e("TESSERA_E2E_JAEGER_URL", "http://127.0.0.1:16686"),
+                   engine=e("TESSERA_E2E_ENGINE", "podman"), project=e("COMPOSE_PROJECT_NAME", "tessera"))
+
+    def containers(self) -> list[dict[str, Any]]:
+        """The project's running containers: name, service, hostname and address on the compose network."""
+        ids = subprocess.run([self.engine, "ps", "-q", "--filter", f"label=com.docker.compose.project={self.project}"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout.split()
+        if not ids:
+            return []
+        found = json.loads(subprocess.run([self.engine, "inspect", *ids], check=True, capture_output=True, text=True,
+                                          timeout=60).stdout)
+        return [{"name": c["Name"].lstrip("/"), "service": c["Config"]["Labels"].get("com.docker.compose.service", ""),
+                 "hostname": c["Config"]["Hostname"], "id": c["Id"],
+                 "ip": next((n["IPAddress"] for n in c["NetworkSettings"]["Networks"].values() if n.get("IPAddress")), "")}
+                for c in found]
+
+    def reachable(self, address: str) -> str:
+        """A registered ``host:port`` (a replica advertises its container hostname) as the host reaches it."""
+        host, _, port = address.rpartition(":")
+        for c in self.containers():
+            if host in (c["hostname"], c["name"], c["service"]) or c["id"].startswith(host):
+                return f"{c['ip']}:{port}"
+        return address
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Stack | ComposeStack]:
+    if STACK_MODE == "compose":  # already running: started and stopped by scripts/compose_test.sh
+        yield ComposeStack.from_env()
+        return
     run_dir = tmp_path_factory.mktemp("run")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
     env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,

@@ -1,0 +1,211 @@
+"""The platform as compose runs it: every service registered and serving, scaled replicas, traces in Jaeger.
+
+`make compose-test` (scripts/compose_test.sh) builds the images, starts the stack with
+`--scale serving=2`, runs this module with TESSERA_E2E_STACK=compose and tears the stack
+down. Without a container engine the same tests run against `tessera up` (the default
+``stack`` fixture); those that need compose itself (replicas, Jaeger) are skipped there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import tessera
+from tessera.api.serving.v1 import serving_pb2, serving_pb2_grpc
+from tessera.common.config import SERVICES
+from tessera.common.rpc import health_status
+
+pytestmark = [pytest.mark.compose, pytest.mark.e2e, pytest.mark.timeout(300)]
+
+# The gRPC service each Tessera service serves (beside health and reflection).
+GRPC_SERVICE = {
+    "control-store": "tessera.control_store.v1.ControlStoreService",
+    "object-store": "tessera.object_store.v1.ObjectStoreService",
+    "task-scheduler": "tessera.task_scheduler.v1.TaskSchedulerService",
+    "compiler": "tessera.compiler.v1.CompilerService",
+    "gpu-scheduler": "tessera.gpu_scheduler.v1.GpuSchedulerService",
+    "serving": "tessera.serving.v1.ServingService",
+}
+
+
+class Target:
+    """What the tests need of a stack, the same for compose and for `tessera up`."""
+
+    def __init__(self, stack: Any) -> None:
+        self.stack = stack
+        self.compose = os.environ.get("TESSERA_E2E_STACK", "up") == "compose"
+
+    @property
+    def control_store_address(self) -> str:
+        return str(self.stack.control_store_address if self.compose else self.stack.status()["control_store_address"])
+
+    def reachable(self, address: str) -> str:
+        return str(self.stack.reachable(address)) if self.compose else address
+
+    def instances(self, service: str = "") -> list[Any]:
+        with tessera.connect(self.control_store_address) as c:
+            return c.instances(service)
+
+    def containers(self, service: str) -> list[dict[str, Any]]:
+        return [c for c in self.stack.containers() if c["service"] == service] if self.compose else []
+
+
+@pytest.fixture(scope="module")
+def target(stack: Any) -> Target:
+    return Target(stack)
+
+
+def reflected_services(address: str) -> set[str]:
+    """Service names that server reflection lists at ``address`` (what `grpcurl list` shows)."""
+    with grpc.insecure_channel(address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        return {s.name for r in stub.ServerReflectionInfo(iter([req]), timeout=5)
+                for s in r.list_services_response.service}
+
+
+def test_every_service_registered_serving_and_reflected(target: Target, poll: Callable[..., Any]) -> None:
+    instances = poll(lambda: (lambda xs: xs if {i.service for i in xs} >= set(SERVICES) else None)(target.instances()),
+                     timeout=60, what="all six services registered in the control store")
+    assert {i.service for i in instances} == set(SERVICES)
+    for inst in instances:
+        address = target.reachable(inst.address)
+        assert health_status(address, timeout=5) == "SERVING", (inst.service, inst.address, address)
+        assert {GRPC_SERVICE[inst.service], "grpc.health.v1.Health"} <= reflected_services(address), inst
+
+
+# ---- scaled replicas -----------------------------------------------------------------
+
+def serving_stats(stub: serving_pb2_grpc.ServingServiceStub) -> str:
+    """One request to whichever replica the channel picks; returns the replica that answered."""
+    return str(stub.GetStats(serving_pb2.GetStatsRequest(), timeout=5).instance_id)
+
+
+# Requests spread over the replicas: each returns the instance id of the replica that answered.
+# (Predict joins here once a pipeline is registered on every replica.)
+SERVING_CALLS: list[Callable[[serving_pb2_grpc.ServingServiceStub], str]] = [serving_stats]
+
+
+def test_scaled_serving_replicas_share_the_requests(target: Target, poll: Callable[..., Any]) -> None:
+    if not target.compose:
+        pytest.skip("replicas need the compose stack (`--scale serving=2`); `tessera up` runs one serving process")
+    containers = target.containers("serving")
+    assert len(containers) >= 2, f"the stack runs {len(containers)} serving container(s); start it with --scale serving=2"
+    replicas = poll(lambda: (lambda xs: xs if len(xs) >= len(containers) else None)(target.instances("serving")),
+                    timeout=60, what=f"{len(containers)} serving replicas registered")
+    assert len({r.instance_id for r in replicas}) == len(replicas) == len(containers)
+    assert len({r.address for r in replicas}) == len(replicas), "replicas advertise distinct addresses"
+    addresses = [target.reachable(r.address) for r in replicas]
+    for r, address in zip(replicas, addresses, strict=True):
+        assert health_status(address, timeout=5) == "SERVING", r
+        assert GRPC_SERVICE["serving"] in reflected_services(address), r
+
+    # One client, round robin over every replica: the calls land on all of them.
+    target_uri = "ipv4:" + ",".join(addresses)
+    with grpc.insecure_channel(target_uri, options=[("grpc.lb_policy_name", "round_robin")]) as ch:
+        stub = serving_pb2_grpc.ServingServiceStub(ch)
+        for call in SERVING_CALLS:
+            answered = [call(stub) for _ in range(4 * len(replicas))]
+            assert set(answered) == {r.instance_id for r in replicas}, (call.__name__, answered)
+
+
+# ---- traces in Jaeger ----------------------------------------------------------------
+
+CLIENT = r"""
+import sys, grpc
+from opentelemetry import trace
+from tessera.api.object_store.v1 import object_store_pb2 as pb, object_store_pb2_grpc as g
+from tessera.common import rpc
+from tessera.common.telemetry import current_trace_id, setup_tracing, shutdown_tracing
+
+setup_tracing("e2e-client")
+with trace.get_tracer("e2e").start_as_current_span("e2e get"):
+    print(current_trace_id(), flush=True)
+    ch = rpc.channel(sys.argv[1])
+    stub = g.ObjectStoreServiceStub(ch)
+    session = stub.OpenSession(pb.OpenSessionRequest(client_name="e2e"), timeout=30)
+    sid = next(session).session_id
+    # An object no store holds: the store asks the control store where it is (object-store -> control-store).
+    try:
+        stub.GetObjects(pb.GetObjectsRequest(session_id=sid, object_ids=[bytes(20)], timeout_ms=300), timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+    else:
+        raise SystemExit("GetObjects of an object nobody holds returned")
+    ch.close()  # ends the session stream too
+shutdown_tracing()
+"""
+
+
+def jaeger_get(base: str, path: str, **query: str) -> Any:
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def service_edges(trace: dict[str, Any]) -> set[tuple[str, str]]:
+    """(parent service, child service) for each CHILD_OF reference that crosses services in a Jaeger trace."""
+    service = {pid: p["serviceName"] for pid, p in trace["processes"].items()}
+    span_service = {s["spanID"]: service[s["processID"]] for s in trace["spans"]}
+    edges = set()
+    for s in trace["spans"]:
+        for ref in s.get("references") or []:
+            parent = span_service.get(ref["spanID"])
+            child = span_service[s["spanID"]]
+            if ref.get("refType") == "CHILD_OF" and parent and parent != child:
+                edges.add((parent, child))
+    return edges
+
+
+@pytest.fixture(scope="module")
+def jaeger(target: Target) -> tuple[str, str]:
+    """Jaeger's query API on the host and its OTLP/gRPC endpoint on the compose network."""
+    if not target.compose:
+        pytest.skip("Jaeger runs in the compose stack; under `tessera up` test_stack.py checks traces with its own receiver")
+    found = target.containers("jaeger")
+    if not found:
+        pytest.skip("the compose stack runs without Jaeger (its image could not be pulled; see compose_up.sh's output)")
+    otlp = f"http://{found[0]['ip']}:{os.environ.get('JAEGER_OTLP_GRPC_PORT', '4317')}"
+    return target.stack.jaeger_url, otlp
+
+
+def test_trace_edges_client_object_store_control_store_in_jaeger(target: Target, jaeger: tuple[str, str],
+                                                                 poll: Callable[..., Any]) -> None:
+    query, otlp = jaeger
+    stores = target.instances("object-store")
+    assert stores, "no object store registered"
+    store = stores[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_SERVICE_NAME="e2e-client", OTEL_EXPORTER_OTLP_ENDPOINT=otlp, OTEL_BSP_SCHEDULE_DELAY="200")
+    run = subprocess.run([sys.executable, "-c", CLIENT, target.reachable(store.address)], env=env,
+                         capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr
+    trace_id = run.stdout.strip()
+    want = {("e2e-client", "object-store"), ("object-store", "control-store")}
+
+    def edges() -> set[tuple[str, str]] | None:
+        try:
+            data = jaeger_get(query, f"/api/traces/{trace_id}")["data"]
+        except OSError:  # 404 until the spans are in
+            return None
+        got = service_edges(data[0]) if data else set()
+        return got if want <= got else None
+
+    got = poll(edges, timeout=60, interval=1.0, what=f"trace {trace_id} with edges {sorted(want)} in Jaeger")
+    assert want <= got
+    # Health checks are not traced (compose_wait.py and this module made many).
+    for service in ("control-store", "object-store"):
+        traces = jaeger_get(query, "/api/traces", service=service, operation="/grpc.health.v1.Health/Check",
+                            limit="5", lookback="1h").get("data")
+        assert not traces, f"{service}: health checks were traced"

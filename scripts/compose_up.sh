@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Start the compose stack under podman (or ENGINE=docker) and wait until every container is ready.
+#
+#   scripts/compose_up.sh [--scale SERVICE=N]     # e.g. --scale serving=2
+#
+# Images must be built (scripts/compose_build.sh). podman-compose ignores
+# `condition: service_healthy`, so the services start in dependency order:
+# nats, redis (and jaeger) → control-store → the other five, and each step waits for
+# readiness through the health protocols (scripts/compose_wait.py: grpc.health.v1 for
+# Tessera's services). Where .env's upstream nats/redis images cannot be pulled, the
+# ones built from the base image are used; where Jaeger's cannot, the stack runs
+# without Jaeger (services still export, nothing collects) and says so.
+set -euo pipefail
+# shellcheck source=scripts/compose_env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/compose_env.sh"
+
+scale=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --scale) scale=(--scale "$2"); shift 2 ;;
+    --scale=*) scale=(--scale "${1#--scale=}"); shift ;;
+    *) echo "usage: $0 [--scale SERVICE=N]" >&2; exit 2 ;;
+  esac
+done
+
+t0=$SECONDS
+for infra in nats redis; do
+  var=$(echo "${infra}_IMAGE" | tr '[:lower:]' '[:upper:]')
+  if ! have_image "${!var}"; then
+    export "$var=$TESSERA_IMAGE_PREFIX$infra:$TESSERA_IMAGE_TAG"
+  fi
+  echo "compose_up: $infra image ${!var}"
+done
+infra=(nats redis)
+if have_image "$JAEGER_IMAGE"; then
+  infra+=(jaeger)
+else
+  echo "compose_up: Jaeger image $JAEGER_IMAGE is not available (not local, pull failed): running without Jaeger, traces are not collected"
+fi
+
+# podman without systemd logs that it cannot schedule healthchecks: expected, compose_wait.py checks instead.
+up() {
+  "${COMPOSE[@]}" up -d --no-deps --no-build "$@" 2> >(grep -v -e 'systemd connection' -e 'connect to syslog' >&2) >/dev/null
+}
+wait_ready() { "$PY" scripts/compose_wait.py --timeout "${TESSERA_COMPOSE_WAIT_S:-180}" "$@"; }
+
+up "${infra[@]}"
+wait_ready "${infra[@]}"
+up control-store
+wait_ready control-store
+others=(object-store task-scheduler compiler gpu-scheduler serving)
+up "${scale[@]}" "${others[@]}"
+expect=("${others[@]}")
+if [ ${#scale[@]} -gt 0 ]; then expect+=("${scale[1]}"); fi
+wait_ready "${expect[@]}"
+echo "compose_up: stack ready in $((SECONDS - t0))s (control store on ${HOST_BIND_ADDRESS}:${CONTROL_STORE_PORT})"
