@@ -78,3 +78,22 @@ clean:
 
 bench-gpu: install
 	$(PY) benchmarks/gpu_scheduler_bench.py
+
+# The compose stack under podman (root; ENGINE=docker for Docker): deploy/, scripts/compose_*.
+# SCALE=serving=2 starts two serving replicas. compose-test: build, up, pytest -m compose, down.
+.PHONY: wheelhouse compose-build compose-up compose-down compose-test
+wheelhouse: install
+	scripts/compose_wheelhouse.sh
+
+compose-build: install
+	if [ "$${ENGINE:-podman}" = podman ]; then deploy/podman/setup.sh >/dev/null; fi
+	scripts/compose_build.sh
+
+compose-up: compose-build
+	scripts/compose_up.sh $(if $(SCALE),--scale $(SCALE))
+
+compose-down:
+	scripts/compose_down.sh
+
+compose-test: install
+	scripts/compose_test.sh
