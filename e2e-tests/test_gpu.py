@@ -162,7 +162,6 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
     assert _same(ref, torch.load(out))
 
 
-@pytest.mark.slow  # the requeued run does not finish reliably yet (seen exiting with SIGABRT); kept out of the default suite
 def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:
     ref = _reference(tmp_path, 600, 5)
     out = tmp_path / "out.pt"

@@ -77,3 +77,23 @@ def test_suspended_and_resumed_job_ends_with_identical_weights(tmp_path: Path) -
     assert evs2[0]["event"] == "restored" and evs2[0]["step"] == ev["step"]
     a, b = torch.load(ref), torch.load(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_place_checkpoints_reuse_files_and_restore_into_live_tensors(tmp_path: Path) -> None:
+    from tessera.gpu._job import Job
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    job = Job(model=model, optimizer=opt, env={"TESSERA_GPU_JOB_ID": "j", "TESSERA_GPU_CKPT_DIR": str(tmp_path)})
+    p1, p2, p3 = job.checkpoint(), job.checkpoint(), job.checkpoint()
+    assert p1 == p3 != p2 and sorted(f.name for f in tmp_path.iterdir()) == ["j-0.ckpt", "j-1.ckpt"]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model.weight
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    job.restore_in_place(p3)
+    assert model.weight is weight and torch.equal(model.weight, saved["weight"])  # same memory, old values
+    assert _ckpt.load_into(p3, {"other": torch.zeros(3)}) is None  # shapes differ: the caller loads afresh

@@ -42,6 +42,23 @@ def load_entry(entry: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def _die_with_agent() -> None:
+    """SIGTERM this process when the node agent that started it dies (set here, not in a fork
+    hook: the agent is multi-threaded, and Python code between fork and exec is not safe there)."""
+    agent = int(os.environ.get("TESSERA_GPU_AGENT_PID", "0") or 0)
+    if not agent:
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != agent:  # it died before the line above
+        os._exit(1)
+
+
 def _wait_for_job() -> bool:
     try:
         import torch  # noqa: F401
@@ -59,6 +76,7 @@ def _wait_for_job() -> bool:
 
 
 def main() -> int:
+    _die_with_agent()
     if os.environ.get("TESSERA_GPU_WARM") == "1" and not _wait_for_job():
         return 0
     entry = os.environ.get("TESSERA_GPU_ENTRY", "")

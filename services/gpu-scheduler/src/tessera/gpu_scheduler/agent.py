@@ -11,11 +11,9 @@ copied into the object store (``upload``), so that another node can restore them
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import uuid
@@ -59,13 +57,6 @@ def discover_gpus(virtual: int) -> GpuInfo:
     return GpuInfo(virtual, "virtual", [f"virtual-{i}" for i in range(virtual)])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclass
 class _Proc:
     job_id: str
@@ -91,15 +82,26 @@ class _Proc:
                 "suspend_s": self.suspend_s, "resume_s": self.resume_s, "message": self.message}
 
 
+@dataclass
+class _Warm:
+    proc: asyncio.subprocess.Process
+    report_fd: int
+    log_path: Path
+
+
 class NodeAgent:
     def __init__(self, node_id: str, gpus: GpuInfo, *, work_dir: Path, upload: Upload | None = None,
-                 fetch: Fetch | None = None, control_store_address: str = "") -> None:
+                 fetch: Fetch | None = None, control_store_address: str = "", prewarm: bool = False,
+                 log_dir: Path | None = None) -> None:
         self.node_id = node_id
         self.gpus = gpus
         self.incarnation = uuid.uuid4().hex[:12]
         self.work_dir = work_dir
         self.ckpt_dir = work_dir / "ckpt"
-        self.log_dir = work_dir / "logs"
+        self.log_dir = log_dir or work_dir / "logs"
+        self.prewarm = prewarm
+        self._warm: _Warm | None = None
+        self._warming: asyncio.Task[None] | None = None
         self.upload = upload
         self.fetch = fetch
         self.control_store_address = control_store_address
@@ -159,15 +161,17 @@ class NodeAgent:
                 p.ckpt_oid = checkpoint_oid
             if spec.get("image"):
                 raise FailedPreconditionError(await _docker_unavailable())
-            r, w = os.pipe()
-            try:
-                with open(self.log_dir / f"{job_id}.log", "ab") as logf:
-                    p.proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "tessera.gpu._runner", stdin=asyncio.subprocess.PIPE, stdout=logf,
-                        stderr=asyncio.subprocess.STDOUT, env={**env, "TESSERA_GPU_REPORT_FD": str(w)}, pass_fds=(w,),
-                        preexec_fn=_die_with_parent)
-            finally:
-                os.close(w)
+            warm, self._warm = self._warm, None
+            if warm is not None and warm.proc.returncode is None:
+                # a runner that already imported torch: hand it the job's environment
+                delta = {k: v for k, v in env.items() if os.environ.get(k) != v}
+                assert warm.proc.stdin is not None
+                warm.proc.stdin.write((json.dumps({"env": delta}) + "\n").encode())
+                warm.log_path.rename(self.log_dir / f"{job_id}.log")
+                p.proc, r = warm.proc, warm.report_fd
+            else:
+                p.proc, r = await self._spawn(env, self.log_dir / f"{job_id}.log")
+            self._schedule_prewarm()
         except Exception as e:
             p.state, p.rc, p.message = "exited", 1, f"could not start: {e}"
             log.warning("job %s could not start: %s", job_id, e)
@@ -175,6 +179,39 @@ class NodeAgent:
         p.state = "running"
         p.tasks = [asyncio.create_task(self._read_reports(p, r)), asyncio.create_task(self._wait(p))]
         log.info("job %s started on slots %s (pid %d)", job_id, slots, p.proc.pid)
+
+    async def _spawn(self, env: dict[str, str], log_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        try:
+            with open(log_path, "ab") as logf:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tessera.gpu._runner", stdin=asyncio.subprocess.PIPE, stdout=logf,
+                    stderr=asyncio.subprocess.STDOUT, pass_fds=(w,),
+                    env={**env, "TESSERA_GPU_REPORT_FD": str(w), "TESSERA_GPU_AGENT_PID": str(os.getpid())})
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        return proc, r
+
+    def _schedule_prewarm(self) -> None:
+        if self.prewarm and self._warm is None and (self._warming is None or self._warming.done()):
+            self._warming = asyncio.create_task(self._prewarm())
+
+    async def _prewarm(self, delay: float = 1.0) -> None:
+        """Keep one runner ready (after ``delay``, so that it does not slow a job that just started)."""
+        await asyncio.sleep(delay)
+        if self._warm is not None:
+            return
+        path = self.log_dir / f"warm-{uuid.uuid4().hex[:8]}.log"
+        proc, r = await self._spawn({**os.environ, "TESSERA_GPU_WARM": "1"}, path)
+        self._warm = _Warm(proc, r, path)
+
+    def start_prewarm(self) -> None:
+        """Start the first ready runner (called once the agent is up)."""
+        self._schedule_prewarm()
 
     async def _read_reports(self, p: _Proc, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -240,12 +277,18 @@ class NodeAgent:
             p.proc.terminate()
 
     def forget(self, job_id: str) -> None:
-        p = self.jobs.pop(job_id, None)
-        if p is not None and p.ckpt_path:
-            Path(p.ckpt_path).unlink(missing_ok=True)
+        self.jobs.pop(job_id, None)
+        for f in self.ckpt_dir.glob(f"{job_id}-*.ckpt"):
+            f.unlink(missing_ok=True)
 
     async def close(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
         procs = [p.proc for p in self.jobs.values() if p.proc is not None and p.proc.returncode is None]
+        if self._warm is not None:
+            procs.append(self._warm.proc)
+            os.close(self._warm.report_fd)
+            self._warm.log_path.unlink(missing_ok=True)
         for pr in procs:
             pr.terminate()
         for pr in procs:

@@ -169,8 +169,8 @@ def build_agent(settings: Settings) -> ServiceApp:
     gpus = discover_gpus(settings.gpus_per_node)
     work = Path("/dev/shm") if Path("/dev/shm").is_dir() else settings.run_dir
     agent = NodeAgent(node_id, gpus, work_dir=work / f"tessera-gpu-{node_id[:16]}", upload=upload, fetch=fetch,
-                      control_store_address=settings.control_store_address)
-    agent.log_dir = settings.run_dir / "gpu-jobs"
+                      control_store_address=settings.control_store_address, prewarm=settings.gpu_scheduler_prewarm,
+                      log_dir=settings.run_dir / "gpu-jobs")
 
     async def on_cmd(msg: Any) -> None:
         assert app.bus is not None
@@ -195,6 +195,7 @@ def build_agent(settings: Settings) -> ServiceApp:
         assert app.bus is not None
         await app.bus.subscribe(agent_subject(node_id), on_cmd)
         tasks.append(asyncio.create_task(beat(), name="gpu-agent-report"))
+        agent.start_prewarm()
         log.info("gpu agent of node %s: %d %s GPU(s)", node_id[:8], gpus.count, gpus.kind)
 
     async def stop() -> None:
