@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tessera.compiler.schedule import Schedule, Stage
+from tessera.compiler.target import vector_lanes
 from tessera.compiler.te import Tensor
 
 ANCHORS = ("conv2d", "conv2d_nchwc", "matmul")
@@ -109,8 +110,10 @@ def _rows(ost: Stage, reds: list[Stage], lead: int, size: int) -> None:
 def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
     *batch, i, j = ost.axis
     m, n = i.extent, j.extent
-    mi = knobs.get("mm_rows") or choose(m, [4, 6, 8, 3, 2, 5, 7, 1])
-    nj = knobs.get("mm_cols") or choose(n, [64, 32, 48, 16, 80, 96, 8]) if n >= 8 else n
+    lanes = vector_lanes()
+    # a register tile of rows x (2 vectors): 12 accumulators of the 16 (AVX2) or 32 (AVX-512) registers
+    mi = knobs.get("mm_rows") or choose(m, [6, 4, 8, 5, 3, 7, 2, 1])
+    nj = knobs.get("mm_cols") or (choose(n, [2 * lanes, lanes, 3 * lanes, 4 * lanes]) if n >= lanes else n)
     io, jo, ii, ji = ost.tile(i, j, mi, nj)
     outer = ost.fuse(*batch, io, jo)
     if te_prod(ost.tensor.shape) * acc.tensor.reduce_axes[0].extent >= 65536:
@@ -127,7 +130,9 @@ def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
 
 def _conv_nchwc(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
     n, ko, p, q, ki = ost.axis
-    qb = knobs.get("conv_cols") or choose(q.extent, [14, 16, 12, 8, 7, 10, 9, 6, 5, 4, 3, 2, 1])
+    # output columns per register tile: each needs block/lanes accumulators
+    prefs = [14, 16, 12, 8, 7, 10, 9, 6, 5, 4, 3, 2, 1] if vector_lanes() >= 16 else [7, 6, 4, 5, 8, 3, 2, 1]
+    qb = knobs.get("conv_cols") or choose(q.extent, prefs)
     qo, qi = ost.split(q, qb)
     outer = ost.fuse(n, ko, p)
     ost.parallel(outer)
