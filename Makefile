@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-serving bench-gpu up down status clean
+.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-serving bench-gpu bench-compiler up down status clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/serving/src services/gpu-scheduler/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/serving/src services/gpu-scheduler/src services/compiler/src
 
 protos: install
 	$(PY) scripts/gen_protos.py
@@ -78,6 +78,10 @@ clean:
 
 bench-gpu: install
 	$(PY) benchmarks/gpu_scheduler_bench.py
+
+# The compiler beside torch eager, torch.compile (inductor, with and without freezing) and numpy/OpenBLAS.
+bench-compiler: install
+	$(PY) benchmarks/compiler_bench.py
 
 # The compose stack under podman (root; ENGINE=docker for Docker): deploy/, scripts/compose_*.
 # SCALE=serving=2 starts two serving replicas. compose-test: build, up, pytest -m compose, down.

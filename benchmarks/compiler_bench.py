@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,10 +196,10 @@ def main() -> int:
         rows.append(res)
         t = res["tessera_s"]
 
-        def cell(k: str) -> str:
+        def cell(k: str, res: dict[str, Any] = res) -> str:
             return f"{res[k] * 1e3:9.3f}m" if k in res else f"{'-':>10}"
 
-        def ratio(k: str) -> str:
+        def ratio(k: str, res: dict[str, Any] = res, t: float = t) -> str:
             return f"{res[k] / t:.2f}" if k in res else "-"
         print(f"{w['name']:<34} {cell('tessera_s')} {cell('eager_s')} {cell('inductor_s')} {cell('inductor_freezing_s')} "
               f"{cell('numpy_s')}  {w['flops'] / t / 1e9:8.1f}  {ratio('eager_s')}/{ratio('inductor_s')}/"

@@ -23,9 +23,9 @@ SERVICE = "tessera.compiler.v1.CompilerService"
 
 def compiler_address(address: str | None = None) -> str:
     """The compiler of the cluster found the usual way (``TESSERA_ADDRESS`` / the run directory)."""
+    from tessera.api.control_store.v1 import control_store_pb2 as cpb
     from tessera.client._discovery import find_cluster
     from tessera.common.registry import control_store_stub
-    from tessera.api.control_store.v1 import control_store_pb2 as cpb
 
     cluster = find_cluster(address)
     svc = cluster.services.get("compiler") if cluster.services else None
@@ -69,7 +69,7 @@ class CompilerClient:
         graph = from_torch(module, example_inputs)
         return self.compile_bytes(dump_graph(graph), target=target, wait=wait, timeout=timeout)
 
-    def compile_bytes(self, model: bytes, *, fmt: int = pb.MODEL_FORMAT_TESSERA_GRAPH, inputs: Sequence[pb.TensorSpec] = (),
+    def compile_bytes(self, model: bytes, *, fmt: pb.ModelFormat.ValueType = pb.MODEL_FORMAT_TESSERA_GRAPH, inputs: Sequence[pb.TensorSpec] = (),
                       target: str = "c", wait: bool = True, timeout: float | None = None) -> pb.ArtifactInfo:
         req = pb.CompileRequest(model=model, format=fmt, inputs=list(inputs), target=target, wait=wait)
         return self.stub.Compile(req, timeout=timeout or self.timeout).artifact

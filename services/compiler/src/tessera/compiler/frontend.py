@@ -41,7 +41,7 @@ class _Converter:
 
         self.torch, self.F, self.root = torch, F, root
         self.b = GraphBuilder()
-        self.ir: dict[Any, int] = {}  # fx node -> IR value
+        self.ir: dict[Any, Any] = {}  # fx node -> IR value (_V) or a Python value
         self.param_ids: dict[int, int] = {}
         nn = torch.nn
         self.modules: dict[type, Callable[..., int]] = {
@@ -94,7 +94,7 @@ class _Converter:
             "view": lambda x, *s: self.reshape(x, s), "reshape": lambda x, *s: self.reshape(x, s),
             "flatten": lambda x, start_dim=0, end_dim=-1: self.flatten(x, start_dim, end_dim),
             "permute": lambda x, *p: self.permute(x, p), "transpose": lambda x, a, b: self.transpose(x, a, b),
-            "contiguous": lambda x: x, "size": None, "dim": None,
+            "contiguous": lambda x: x,
             "add": lambda a, b: self.binary(Op.ADD, a, b), "sub": lambda a, b: self.binary(Op.SUB, a, b),
             "mul": lambda a, b: self.binary(Op.MUL, a, b), "div": lambda a, b: self.binary(Op.DIV, a, b),
             "relu": lambda x: self.unary(Op.RELU, x), "sigmoid": lambda x: self.unary(Op.SIGMOID, x),
@@ -426,9 +426,10 @@ class _Converter:
                 raise InvalidArgumentError(f"input {n.name} has dtype {result.dtype}: float32 or int64 only")
             return _V(self.b.input(tuple(result.shape), dtype, n.name))
         if n.op == "get_attr":
-            return _V(self.param(result)) if isinstance(result, torch.Tensor) else result
+            return _V(_id(self, result)) if isinstance(result, torch.Tensor) else result
         if n.op == "output":
             return None
+        out: Any
         args = torch.fx.node.map_arg(n.args, lambda a: self.ir.get(a))
         kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: self.ir.get(a))
         if not _has_tensor(args) and not _has_tensor(kwargs):
@@ -458,7 +459,7 @@ class _Converter:
             raise UnsupportedOpError(f"unsupported fx node kind {n.op} at '{n.name}'")
         if isinstance(out, _V):
             return out
-        if isinstance(out, int) and not isinstance(result, int):
+        if isinstance(out, int) and not isinstance(out, bool) and not isinstance(result, int):
             if isinstance(result, torch.Tensor) and tuple(result.shape) != self.shape(out):
                 raise InvalidArgumentError(f"shape mismatch at {n.name}: {list(result.shape)} vs {list(self.shape(out))}")
             return _V(out)

@@ -77,7 +77,7 @@ class ObjectStoreBlobs:
     async def _get_client(self) -> Any:
         async with self._lock:
             if self._client is None:
-                from tessera import ObjectStoreClient
+                from tessera._objects import ObjectStoreClient
 
                 addr = await self._address()
                 self._client = await asyncio.to_thread(ObjectStoreClient, addr, name="compiler")
@@ -90,7 +90,7 @@ class ObjectStoreBlobs:
         return bytes(ref.id)
 
     async def get(self, object_id: bytes) -> bytes:
-        from tessera import ObjectRef
+        from tessera._objects import ObjectRef
 
         c = await self._get_client()
         value = await asyncio.to_thread(c.get, ObjectRef(object_id), timeout=30.0)

@@ -34,13 +34,11 @@ def compute_node(node: Node, inputs: list[Tensor], name: str) -> Tensor:
     return f(node, inputs, name)
 
 
-def _bcast(t: Tensor, idx: Sequence[Expr], out_rank: int) -> Load:
+def _bcast(t: Tensor, idx: Sequence[Expr], out_rank: int) -> te.Load:
     """Index ``t`` (numpy-broadcast against an output of rank ``out_rank``) at output index ``idx``."""
     off = out_rank - len(t.shape)
     return t[tuple(te.Const(0, "int64") if s == 1 else idx[off + d] for d, s in enumerate(t.shape))]
 
-
-Load = te.Load
 
 # ---------------------------------------------------------------------------- elementwise
 
