@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import threading
 
 import numpy as np
 import pytest
@@ -54,7 +55,8 @@ def test_large_buffer_lands_page_congruent_to_its_source(shift: int) -> None:
 
 def test_bad_input() -> None:
     with pytest.raises(InvalidArgumentError, match="cannot serialize"):
-        serialize(lambda: 1)
+        serialize(threading.Lock())
+    assert deserialize(serialize(lambda x: x + 1).to_bytes())(1) == 2  # by value, as tasks need
     with pytest.raises(InvalidArgumentError, match="bad magic"):
         deserialize(b"XXXX" + bytes(40))
     with pytest.raises(InvalidArgumentError, match="too short"):

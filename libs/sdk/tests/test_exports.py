@@ -8,8 +8,11 @@ import pkgutil
 import tessera
 import tessera.client
 
-EXPECTED_TESSERA = ["Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient", "__version__", "connect",
-                    "exceptions", "get", "put"]
+EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
+                    "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
+                    "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectLostError", "ObjectStoreFullError", "TaskCancelledError",
+                       "TaskError", "TaskUnschedulableError", "TesseraSDKError", "WorkerCrashedError"]
 EXPECTED_CLIENT = ["Client", "ClusterInfo", "ClusterNotFoundError", "Event", "connect", "find_cluster"]
 
 #: Every distribution contributes one subpackage of the shared ``tessera`` namespace.
@@ -21,6 +24,10 @@ def test_tessera_exports() -> None:
     assert sorted(tessera.__all__) == EXPECTED_TESSERA
     for name in tessera.__all__:
         assert hasattr(tessera, name), name
+
+
+def test_exception_exports() -> None:
+    assert sorted(tessera.exceptions.__all__) == EXPECTED_EXCEPTIONS
 
 
 def test_client_exports() -> None:
