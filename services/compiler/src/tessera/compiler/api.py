@@ -4,30 +4,51 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
 
 from tessera.compiler import codegen
 from tessera.compiler.backends import get_backend
+from tessera.compiler.backends.c import default_cache_dir
 from tessera.compiler.frontend import from_torch
 from tessera.compiler.ir import Graph
 from tessera.compiler.passes import run_passes
 from tessera.compiler.runtime import CompiledModel
+from tessera.compiler.tune import FileTuningLog, TuningLog, logged_knobs, tune_graph
 
 _tracer = trace.get_tracer("tessera.compiler")
 Progress = Callable[[str], None]
 
 
 def compile_graph(graph: Graph, *, target: str = "c", cache_dir: str | None = None,
-                  progress: Progress | None = None, knobs: dict[int, dict[str, Any]] | None = None) -> CompiledModel:
-    """Passes, kernels, code generation and build of an IR graph."""
+                  progress: Progress | None = None, knobs: dict[int, dict[str, Any]] | None = None,
+                  tuning_log: TuningLog | None = None, tune_trials: int = 0,
+                  tune_progress: Callable[[str, int, int, float], None] | None = None) -> CompiledModel:
+    """Passes, kernels, code generation and build of an IR graph (``knobs``: schedule knobs per fused node).
+
+    Kernels use the best schedules in ``tuning_log`` (default: ``tuning.json`` in the compile cache)
+    for their workloads; with ``tune_trials`` > 0 the tunable kernels are tuned first (that many
+    measured trials in all) and the log is updated.
+    """
     say = progress or (lambda _msg: None)
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     say("graph passes")
     g = run_passes(graph)
     stats["passes_s"] = time.perf_counter() - t0
+    log = tuning_log or FileTuningLog(Path(cache_dir or default_cache_dir()) / "tuning.json")
+    if knobs is None:
+        if tune_trials > 0:
+            say(f"tuning ({tune_trials} trials)")
+            with _tracer.start_as_current_span("tune"):
+                t3 = time.perf_counter()
+                knobs = tune_graph(g, tune_trials, log, cache_dir=cache_dir, target=target, progress=tune_progress)
+                stats["tune_s"] = time.perf_counter() - t3
+        else:
+            knobs = logged_knobs(g, log, target)
+    stats["tuned_kernels"] = len(knobs)
     say(f"scheduling and lowering {sum(1 for n in g.nodes if n.op.value == 'fused')} kernels")
     with _tracer.start_as_current_span("lower"):
         t1 = time.perf_counter()
@@ -48,11 +69,11 @@ def compile_graph(graph: Graph, *, target: str = "c", cache_dir: str | None = No
 
 
 def compile(module: Any, example_inputs: Sequence[Any], *, target: str = "c", cache_dir: str | None = None,
-            progress: Progress | None = None) -> CompiledModel:  # noqa: A001
+            progress: Progress | None = None, **kw: Any) -> CompiledModel:  # noqa: A001
     """Compile a ``torch.nn.Module`` for the shapes of ``example_inputs``.
 
     Returns a :class:`CompiledModel`, callable on numpy arrays or torch tensors.
     """
     with _tracer.start_as_current_span("frontend"):
         graph = from_torch(module, example_inputs)
-    return compile_graph(graph, target=target, cache_dir=cache_dir, progress=progress)
+    return compile_graph(graph, target=target, cache_dir=cache_dir, progress=progress, **kw)

@@ -25,6 +25,10 @@ def register(sub: Any) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--repeat", type=int, default=20, help="runs to time")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with torch")
     p.add_argument("--cache-dir", default=None, help="compile cache directory")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="auto-tune the conv/matmul kernels with this many measured trials in all (best schedules are logged)")
+    p.add_argument("--tuning-log", default=None, help="JSON tuning log (default: the cluster's control store if one runs, "
+                                                       "else tuning.json in the compile cache)")
     return run
 
 
@@ -81,6 +85,22 @@ def load_model(spec: str) -> Any:
     return model
 
 
+def tuning_log(args: argparse.Namespace) -> Any:
+    from tessera.compiler.tune import FileTuningLog
+
+    if args.tuning_log:
+        return FileTuningLog(args.tuning_log)
+    try:
+        from tessera.client import Client
+        from tessera.compiler.server import ControlStoreTuningLog
+
+        client = Client(timeout=5.0)
+        client.kv_list("compiler_tuning", timeout=2.0)  # reachable?
+        return ControlStoreTuningLog(client)
+    except Exception:  # no cluster: the compile cache's file
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -102,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
         inputs = [torch.randint(0, 2, s, generator=gen) if d == "int64" else torch.randn(s, generator=gen)
                   for s, d in zip(shapes, dtypes, strict=True)]
         spin.step("tracing (torch.fx)")
-        cm = compile_module(model, inputs, cache_dir=args.cache_dir, progress=spin.step)
+        log = tuning_log(args)
+
+        def tune_bar(label: str, done: int, total: int, best: float) -> None:
+            width = 24
+            fill = width * done // max(total, 1)
+            spin.step(f"tuning {label:<28} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} best {best:.1f} GFLOP/s")
+        cm = compile_module(model, inputs, cache_dir=args.cache_dir, progress=spin.step, tuning_log=log,
+                            tune_trials=args.tune, tune_progress=tune_bar)
         spin.step("timing")
         per_kernel = cm.profile(*inputs, repeat=max(3, args.repeat // 2))
         total = cm.benchmark(*inputs, repeat=args.repeat)
@@ -127,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{i:>3}  {label:<40} {t * 1e6:>10.1f} {gf:>9.1f}")
     print()
     s = cm.stats
+    if "tune_s" in s:
+        print(f"tuned {s['tuned_kernels']} kernels in {s['tune_s']:.1f}s")
+    elif s.get("tuned_kernels"):
+        print(f"{s['tuned_kernels']} kernels use logged tuned schedules")
     print(f"compile {s['total_s']:.2f}s (passes {s['passes_s']:.2f}s, lowering {s['lower_s']:.2f}s, "
           f"gcc {s['build_s']:.2f}s{', cache hit' if cm.cache_hit else ''}); arena {cm.program.arena_size * 4 / 2**20:.1f} MiB")
     print(f"whole graph: {total * 1e3:.3f} ms per call (median of {args.repeat})" +

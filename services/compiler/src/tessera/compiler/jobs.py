@@ -29,10 +29,12 @@ from tessera.compiler.cache import graph_key
 from tessera.compiler.ir import Graph
 from tessera.compiler.runtime import CompiledModel, load_artifact, pack_artifact
 from tessera.compiler.serialize import load_graph
+from tessera.compiler.tune import TuningLog
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("c",)
+SECONDS_PER_TRIAL = 1.5  # a tuning budget in seconds buys about this many measured trials (build + timing)
 DTYPES = {"float32": np.float32, "int64": np.int64}
 
 
@@ -115,11 +117,13 @@ def to_array(t: pb.Tensor, shape: Sequence[int], dtype: str, i: int) -> np.ndarr
 
 class Compiler:
     def __init__(self, meta: MetadataStore, blobs: BlobStore, enqueue: Enqueue, *, instance: str,
-                 cache_dir: str | None = None, loaded_max: int = 8, heartbeat_s: float = 2.0) -> None:
+                 cache_dir: str | None = None, loaded_max: int = 8, heartbeat_s: float = 2.0,
+                 tuning_log: TuningLog | None = None) -> None:
         self.meta, self.blobs, self.enqueue = meta, blobs, enqueue
         self.instance = instance
         self.cache_dir = cache_dir
         self.heartbeat_s = heartbeat_s  # well under the stream's ack wait
+        self.tuning_log = tuning_log
         self._loaded: OrderedDict[str, CompiledModel] = OrderedDict()
         self._loaded_max = loaded_max
         self._load_lock = asyncio.Lock()
@@ -164,7 +168,9 @@ class Compiler:
         t0 = time.perf_counter()
         try:
             graph = await asyncio.to_thread(parse_model, job.format, model, list(job.inputs))
-            build = asyncio.create_task(asyncio.to_thread(compile_graph, graph, target=job.target, cache_dir=self.cache_dir))
+            trials = int(job.tuning_budget_s / SECONDS_PER_TRIAL)
+            build = asyncio.create_task(asyncio.to_thread(compile_graph, graph, target=job.target, cache_dir=self.cache_dir,
+                                                          tuning_log=self.tuning_log, tune_trials=trials))
             while not build.done():  # keep the job ours while gcc runs
                 await asyncio.wait({build}, timeout=self.heartbeat_s)
                 if not build.done():

@@ -4,6 +4,7 @@ metadata, the node's object store for models and bundles, gRPC for clients."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from typing import Any
@@ -101,6 +102,29 @@ class ObjectStoreBlobs:
             self._client.close()
 
 
+class ControlStoreTuningLog:
+    """Best schedules per workload in the control store's KV namespace ``compiler_tuning`` (a blocking
+    client: the tuner runs in a worker thread). Shared by every replica and every model."""
+
+    NAMESPACE = "compiler_tuning"
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.client.kv_get(self.NAMESPACE, key.encode(), timeout=5.0)))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        old = self.get(key)
+        if old is None or record["gflops"] > old["gflops"]:
+            self.client.kv_put(self.NAMESPACE, key.encode(), json.dumps(record).encode(), timeout=5.0)
+
+
 def build(settings: Settings) -> ServiceApp:
     app = ServiceApp(NAME, settings)
     meta = ControlStoreMetadata(settings)
@@ -110,7 +134,10 @@ def build(settings: Settings) -> ServiceApp:
         assert app.bus is not None
         await app.bus.js_publish(SUBJECT, job, msg_id=dedupe)
 
-    compiler = Compiler(meta, blobs, enqueue, instance=settings.resolved_instance_id,
+    from tessera.client import Client
+
+    tuning = ControlStoreTuningLog(Client(settings.control_store_address, timeout=settings.rpc_timeout_s))
+    compiler = Compiler(meta, blobs, enqueue, instance=settings.resolved_instance_id, tuning_log=tuning,
                         cache_dir=str(settings.compiler_cache_dir) if settings.compiler_cache_dir else None,
                         loaded_max=settings.compiler_loaded_artifacts, heartbeat_s=settings.compiler_job_ack_wait_s / 3)
     descriptor = pb.DESCRIPTOR.services_by_name["CompilerService"]

@@ -123,7 +123,13 @@ def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
     acc.compute_at(ost, outer)
     *_, ti, tj = acc.axis
     (k,) = acc.reduce_axis
-    acc.reorder(k, ti, tj)
+    ku = int(knobs.get("mm_kunroll") or 1)
+    if ku > 1 and k.extent % ku == 0:
+        ko, ki = acc.split(k, ku)
+        acc.reorder(ko, ki, ti, tj)
+        acc.unroll(ki)
+    else:
+        acc.reorder(k, ti, tj)
     acc.unroll(ti)
     acc.vectorize(tj)
 
@@ -141,7 +147,14 @@ def _conv_nchwc(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> N
     acc.compute_at(ost, qo)
     tn, tko, tp, tq, tk = acc.axis
     rco, ry, rx, rci = acc.reduce_axis
-    acc.reorder(rco, ry, rx, rci, tq, tk)
+    if knobs.get("conv_order") == 1:  # the window outside the input-channel blocks
+        acc.reorder(ry, rx, rco, rci, tq, tk)
+    else:
+        acc.reorder(rco, ry, rx, rci, tq, tk)
+    cu = int(knobs.get("conv_ci_unroll") or 1)
+    if cu > 1 and rci.extent % cu == 0:
+        _, ci_in = acc.split(rci, cu)
+        acc.unroll(ci_in)
     acc.unroll(tq)
     acc.vectorize(tk)
 

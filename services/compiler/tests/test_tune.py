@@ -1,0 +1,74 @@
+"""Auto-tuning: the search, the cost model, the tuning log and its use by later compiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.compiler.api import compile as compile_module
+from tessera.compiler.frontend import from_torch
+from tessera.compiler.ir import Op
+from tessera.compiler.passes import run_passes
+from tessera.compiler.tune import FileTuningLog, Tuner, anchor_of, features, logged_knobs, space, workload_key
+
+
+class Lin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(96, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+def fused_node(model: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    g = run_passes(from_torch(model.eval(), [x]))
+    return g, next(i for i, n in enumerate(g.nodes) if n.op is Op.FUSED and anchor_of(n) == "matmul")
+
+
+def test_search_space_features_and_model_guided_search(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g, i = fused_node(Lin(), torch.randn(48, 96))
+    node = g.nodes[i]
+    assert set(space(node)) == {"mm_rows", "mm_cols", "mm_kunroll"}
+    tuner = Tuner(node, cache_dir=str(tmp_path), seed=0)
+    f1 = tuner.feature({"mm_rows": 1, "mm_cols": 8, "mm_kunroll": 1})
+    f2 = tuner.feature({"mm_rows": 6, "mm_cols": 16, "mm_kunroll": 4})
+    assert len(f1) == len(f2) and f1 != f2  # features of the lowered loop programs differ
+    seen: list[tuple[int, int, float]] = []
+    res = tuner.tune(6, strategy="model", top_k=2, progress=lambda d, t, b: seen.append((d, t, b)))
+    assert len(res.trials) == 6 and [d for d, _, _ in seen] == list(range(1, 7))
+    assert res.history == sorted(res.history) and res.best.gflops == res.history[-1] > 0
+    assert len({tuple(sorted(m.knobs.items())) for m in res.trials}) == 6  # no candidate measured twice
+
+
+def test_every_candidate_computes_the_same_result(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Lin().eval(), torch.randn(13, 96)
+    ref = model(x).detach().numpy()
+    g, i = fused_node(model, x)
+    tuner = Tuner(g.nodes[i], seed=3)
+    for _ in range(3):
+        knobs = tuner.random_knobs()
+        cm = compile_module(model, [x], cache_dir=str(tmp_path), knobs={i: knobs})
+        np.testing.assert_allclose(cm(x.numpy()), ref, rtol=1e-4, atol=1e-5, err_msg=str(knobs))
+
+
+def test_logged_schedules_are_used_by_later_compiles(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Lin().eval(), torch.randn(48, 96)
+    log = FileTuningLog(tmp_path / "tuning.json")
+    tuned = compile_module(model, [x], cache_dir=str(tmp_path), tuning_log=log, tune_trials=4)
+    assert tuned.stats["tuned_kernels"] == 1
+    g, i = fused_node(model, x)
+    rec = log.get(workload_key(g.nodes[i]))
+    assert rec is not None and rec["trials"] >= 4 and rec["gflops"] > 0
+    # another model with the same workload (other weights) picks the logged schedule up
+    other = Lin().eval()
+    again = compile_module(other, [x], cache_dir=str(tmp_path), tuning_log=log)
+    assert again.stats["tuned_kernels"] == 1 and logged_knobs(g, log) == {i: rec["knobs"]}
+    np.testing.assert_allclose(again(x.numpy()), other(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert features  # the feature extractor is the model's input (covered above)
