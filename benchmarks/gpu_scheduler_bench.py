@@ -3,9 +3,12 @@
 1. suspend + resume latency of a ResNet-18-sized job (11.7M parameters + SGD momentum) through
    the tessera.gpu hook: checkpoint to the node-local ramdisk at a mini-batch boundary, then restore;
 2. packing: throughput of two small training jobs sharing one slot vs each alone;
-3. the simulator on both Pollux traces (64 GPUs, 4 per node): gandiva vs LAS vs FIFO.
+3. the simulator on both Pollux traces (64 GPUs, 4 per node): gandiva vs LAS vs FIFO;
+4. with --live: migration of a ResNet-18-sized job between the node agents of a
+   `tessera up --nodes 2 --gpus-per-node 1` stack (started and stopped by the benchmark): from the
+   MigrateJob call to the job's first mini-batch on the other node.
 
-    .venv/bin/python benchmarks/gpu_scheduler_bench.py [--repeat 5]
+    .venv/bin/python benchmarks/gpu_scheduler_bench.py [--repeat 5] [--live]
 """
 
 from __future__ import annotations
@@ -109,10 +112,50 @@ def simulate() -> list[dict[str, object]]:
     return out
 
 
+def migration(repeat: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    run_dir = Path(tempfile.mkdtemp(prefix="tessera-gpu-bench-"))
+    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_OBJECT_STORE_MEMORY=str(512 * 2**20),
+               TESSERA_GPU_SCHEDULER_TICK_S="0.05")
+    tessera = str(Path(sys.executable).parent / "tessera")
+    up = subprocess.run([tessera, "up", "--nodes", "2", "--gpus-per-node", "1"], env=env, capture_output=True, text=True)
+    if up.returncode:
+        raise SystemExit(f"tessera up failed: {up.stderr}")
+    os.environ["TESSERA_RUN_DIR"] = str(run_dir)
+    from tessera.gpu import GpuClient
+
+    times: list[float] = []
+    try:
+        with GpuClient() as c:
+            deadline = time.monotonic() + 60
+            while sum(n.alive for n in c.cluster().nodes) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            jid = c.submit(entry_point="tessera.gpu_scheduler.examples:train_resnet", args=["100000", "0"])
+            while c.status(jid).step < 3:
+                time.sleep(0.05)
+            for _ in range(repeat):
+                time.sleep(2.0)  # let the destination's ready runner come up
+                info = c.status(jid)
+                node, step = info.node_id, info.step
+                t0 = time.perf_counter()
+                c.migrate(jid)
+                while True:
+                    info = c.status(jid)
+                    if info.node_id not in ("", node) and info.state == 2 and info.step > info.checkpoint_step >= step:
+                        break
+                    time.sleep(0.01)
+                times.append(time.perf_counter() - t0)
+            c.kill(jid)
+    finally:
+        subprocess.run([tessera, "down"], env=env, capture_output=True)
+    return {"migration_s_median": statistics.median(times), "migration_s_min": min(times)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--live", action="store_true", help="also time migrations between two node agents")
     args = ap.parse_args()
     sr = suspend_resume(args.repeat)
     print(f"suspend/resume, ResNet-18-sized ({sr['params_m']:.1f}M params, checkpoint {sr['checkpoint_mb']:.0f} MiB incl. momentum):"
@@ -122,6 +165,10 @@ def main() -> None:
     pk = packing(args.steps)
     print(f"packing two tiny jobs on one slot: alone {pk['alone_steps_s']:.0f} steps/s, packed combined "
           f"{pk['packed_combined_steps_s']:.0f} steps/s (gain x{pk['packing_gain']:.2f})")
+    if args.live:
+        mg = migration(args.repeat)
+        print(f"migration of a ResNet-18-sized job between two node agents: median {mg['migration_s_median']:.2f} s, "
+              f"best {mg['migration_s_min']:.2f} s (MigrateJob call to first mini-batch on the other node)")
     for r in simulate():
         print(f"{r['trace']} {r['policy']:8s} avg JCT {r['avg_jct_h']:.2f} h, median {r['median_jct_h']:.2f}, p95 "
               f"{r['p95_jct_h']:.2f}, makespan {r['makespan_h']:.1f} h, utilization {r['utilization']:.3f}, "

@@ -140,10 +140,10 @@ def test_time_slicing_three_jobs_on_two_slots_all_progress(client: GpuClient) ->
 
 
 def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, tmp_path: Path) -> None:
-    ref = _reference(tmp_path, 400, 3)
+    ref = _reference(tmp_path, 250, 3)
     out = tmp_path / "out.pt"
-    jid = client.submit(entry_point=ENTRY, args=["400", "3", str(out), "0.01"])
-    poll_until(lambda: client.status(jid).step >= 20, timeout=60, what="job running")
+    jid = client.submit(entry_point=ENTRY, args=["250", "3", str(out), "0.01"])
+    poll_until(lambda: client.status(jid).step >= 10, timeout=60, what="job running")
     client.suspend(jid)
     poll_until(lambda: _state(client, jid) == "SUSPENDED", timeout=30, what="suspended")
     held_at = client.status(jid).step
@@ -163,9 +163,9 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
 
 
 def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:
-    ref = _reference(tmp_path, 600, 5)
+    ref = _reference(tmp_path, 300, 5)
     out = tmp_path / "out.pt"
-    jid = client.submit(entry_point=ENTRY, args=["600", "5", str(out), "0.01", "20"])
+    jid = client.submit(entry_point=ENTRY, args=["300", "5", str(out), "0.01", "20"])
     poll_until(lambda: client.status(jid).checkpoint_step >= 40, timeout=60, what="a checkpoint")
     node = client.status(jid).node_id
     cluster = gpu_stack.status()
@@ -180,3 +180,18 @@ def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack
 def _node_of(stack: Stack, name: str) -> str:
     cluster = json.loads((stack.run_dir / "cluster.json").read_text())
     return str(next(p["node_id"] for p in cluster["procs"] if p["name"] == name))
+
+
+def test_container_job_without_an_engine_fails_with_the_reason(client: GpuClient) -> None:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        pytest.skip("a Docker engine is reachable here; the container executor is not implemented yet")
+    except ImportError:
+        pass
+    except Exception:  # the SDK is there but no engine answers
+        pass
+    jid = client.submit(image="python:3.11-slim", args=["python", "-c", "print(1)"])
+    poll_until(lambda: _state(client, jid) == "FAILED", timeout=30, what="container job refused")
+    assert "Docker" in client.status(jid).message

@@ -121,3 +121,11 @@ def test_jobs_larger_than_the_cluster_are_never_placed_and_bad_names_refused() -
         make_policy("srtf")
     with pytest.raises(ValueError, match="quantum"):
         make_policy("fifo", quantum=0)
+
+
+def test_pair_gain_from_measured_minibatch_times() -> None:
+    from tessera.gpu_scheduler.scheduler import pair_gain
+
+    assert pair_gain(0.1, 0.125, 0.2, 0.25) == pytest.approx(1.6)  # each at 80% of its speed alone: a gain
+    assert pair_gain(0.1, 0.25, 0.1, 0.25) == pytest.approx(0.8)  # each at 40%: slower together, unpack
+    assert pair_gain(0.0, 0.1, 0.1, 0.1) is None  # never measured alone

@@ -94,11 +94,14 @@ def save(path: str | Path, state: Any, *, in_place: bool = False) -> int:
     return total
 
 
-def load_bytes(data: bytes | bytearray | memoryview) -> Any:
-    """The state held by a checkpoint's bytes; tensors are views of ``data`` (which must stay writable: a bytearray)."""
+def load_bytes(data: Any) -> Any:
+    """The state held by a checkpoint's bytes; tensors are views of ``data`` when it is writable
+    (a bytearray, a copy-on-write mmap), else of a copy."""
+    import mmap
+
     import torch
 
-    buf = data if isinstance(data, bytearray) else bytearray(data)
+    buf = data if isinstance(data, bytearray | mmap.mmap) else bytearray(data)
     if bytes(buf[:8]) != MAGIC:
         raise ValueError("not a tessera.gpu checkpoint (bad magic)")
     (meta_len,) = struct.unpack_from("<Q", buf, 8)
@@ -157,15 +160,16 @@ def load_into(path: str | Path, live: Any) -> Any | None:
 
 
 def load(path: str | Path) -> Any:
-    """Read a checkpoint written by :func:`save` (one read of the whole file)."""
-    with open(path, "rb", buffering=0) as f:
+    """Read a checkpoint written by :func:`save`.
+
+    The file is mapped copy-on-write, not read: on a ramdisk its tensors are views of the page
+    cache until something writes to them (``load_state_dict`` copies them into the model).
+    """
+    import mmap
+
+    with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError(f"checkpoint {path} is truncated")
-            got += n
-    return load_bytes(buf)
+        if size < 16:
+            raise ValueError(f"checkpoint {path} is truncated")
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    return load_bytes(mm)

@@ -123,6 +123,7 @@ class NodeAgent:
             await self.start(job_id, cmd.get("spec", {}), list(cmd.get("slots", [])), str(cmd.get("checkpoint_oid", "")))
         elif op in ("suspend", "resume", "stop", "checkpoint"):
             self.instruct(job_id, op)
+            log.info("job %s: %s", job_id, op)
         elif op == "kill":
             await self.kill(job_id)
         elif op == "forget":
@@ -156,7 +157,9 @@ class NodeAgent:
                 if self.fetch is None:
                     raise FailedPreconditionError("this node has no object store to fetch checkpoints from")
                 path = self.ckpt_dir / f"{job_id}-restore.ckpt"
+                t0 = time.perf_counter()
                 await self.fetch(bytes.fromhex(checkpoint_oid), path)
+                log.info("job %s: checkpoint %s fetched in %.3fs", job_id, checkpoint_oid[:12], time.perf_counter() - t0)
                 env["TESSERA_GPU_RESTORE"] = str(path)
                 p.ckpt_oid = checkpoint_oid
             if spec.get("image"):
@@ -169,6 +172,7 @@ class NodeAgent:
                 warm.proc.stdin.write((json.dumps({"env": delta}) + "\n").encode())
                 warm.log_path.rename(self.log_dir / f"{job_id}.log")
                 p.proc, r = warm.proc, warm.report_fd
+                log.info("job %s handed to a ready runner", job_id)
             else:
                 p.proc, r = await self._spawn(env, self.log_dir / f"{job_id}.log")
             self._schedule_prewarm()
@@ -234,6 +238,8 @@ class NodeAgent:
             p.minibatch_s = float(ev["minibatch_s"])
         if ev.get("metrics"):
             p.metrics = {k: float(v) for k, v in ev["metrics"].items()}
+        if kind == "restored":
+            log.info("job %s restored from its checkpoint in %.3fs", p.job_id, float(ev.get("load_s", 0.0)))
         if kind == "resumed":
             p.state = "running"
             p.resume_s = float(ev.get("load_s", 0.0))
@@ -241,7 +247,10 @@ class NodeAgent:
             p.ckpt_path = str(ev["path"])
             if self.upload is not None:
                 try:
+                    t0 = time.perf_counter()
                     oid = await self.upload(Path(ev["path"]))
+                    log.info("job %s: %s checkpoint of step %s uploaded in %.3fs", p.job_id, kind, ev.get("step"),
+                             time.perf_counter() - t0)
                     p.ckpt_oid, p.ckpt_step = oid.hex(), int(ev.get("step", 0))
                 except Exception as e:  # the job goes on; its previous checkpoint stands
                     log.warning("job %s: checkpoint upload failed: %s", p.job_id, e)

@@ -70,3 +70,25 @@ def resnet18_like(num_classes: int = 1000) -> Any:
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
     return nn.Sequential(*layers)
+
+
+def train_resnet(steps: str = "1000", seed: str = "0", image: str = "32") -> None:
+    """A ResNet-18-sized job (11.7M parameters, SGD + momentum) on small random images, for migration timing."""
+    import torch
+
+    from tessera import gpu
+
+    torch.manual_seed(int(seed))
+    model = resnet18_like(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    job = gpu.init(model, opt)
+    start = job.restore()
+    size = int(image)
+    for _ in range(start, int(steps)):
+        x, y = torch.randn(2, 3, size, size), torch.randint(0, 10, (2,))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        job.step(loss=loss.item())
+    job.finish()

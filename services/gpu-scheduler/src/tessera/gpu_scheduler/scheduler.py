@@ -30,6 +30,17 @@ TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_KILLED)
 ENTRY_HELP = "MODULE:FUNCTION or path/to/file.py:FUNCTION"
 
 
+PACK_MEASURE_S = 3.0  # how long two packed jobs run before their gain is measured
+
+
+def pair_gain(solo_a: float, packed_a: float, solo_b: float, packed_b: float) -> float | None:
+    """Combined normalized throughput of two packed jobs from mini-batch times alone and packed
+    (1.0: as fast as one of them alone; above: packing gains). None without all four."""
+    if min(solo_a, packed_a, solo_b, packed_b) <= 0:
+        return None
+    return solo_a / packed_a + solo_b / packed_b
+
+
 class KV(Protocol):
     async def put(self, key: str, value: bytes) -> None: ...
     async def get(self, key: str) -> bytes | None: ...
@@ -67,6 +78,7 @@ class GpuScheduler:
         self.agent_timeout_s = agent_timeout_s
         self.clock = clock
         self.jobs: dict[str, pb.JobInfo] = {}
+        self.pair_gains: dict[frozenset[str], float] = {}  # introspection: measured packing gains
         self.agents: dict[str, AgentState] = {}
         self.loaded = False
 
@@ -196,7 +208,7 @@ class GpuScheduler:
         if rc is not None:
             j.exit_code = rc
         j.phase = ""
-        j.packed_with = ""
+        await self._unpack(j)
         del j.gpu_slots[:]
         await self._save(j, event=True)
 
@@ -208,10 +220,19 @@ class GpuScheduler:
             log.warning("node %s: %s %s failed: %s", node[:8], cmd.get("op"), cmd.get("job_id"), e)
             return False
 
+    async def _unpack(self, j: pb.JobInfo) -> None:
+        """``j`` leaves its GPUs: its packing partner (if any) is alone again."""
+        o = self.jobs.get(j.packed_with)
+        j.packed_with = ""
+        if o is not None and o.packed_with == j.job_id:
+            o.packed_with = ""
+            await self._save(o)
+
     async def _requeue(self, j: pb.JobInfo, why: str) -> None:
         log.warning("job %s requeued from checkpoint step %d: %s", j.job_id, j.checkpoint_step, why)
         j.state = S.JOB_STATE_QUEUED
-        j.node_id, j.phase, j.incarnation, j.packed_with = "", "", "", ""
+        await self._unpack(j)
+        j.node_id, j.phase, j.incarnation = "", "", ""
         del j.gpu_slots[:]
         j.requeues += 1
         j.step = j.checkpoint_step
@@ -256,6 +277,7 @@ class GpuScheduler:
             if rc == 0:
                 await self._finish(j, S.JOB_STATE_SUCCEEDED, "finished", rc)
             elif rc == EXIT_STOPPED and j.phase in ("stopping", "suspending"):
+                await self._unpack(j)
                 j.state, j.phase, j.node_id, j.incarnation = S.JOB_STATE_QUEUED, "", "", ""
                 del j.gpu_slots[:]
                 j.step = j.checkpoint_step
@@ -269,7 +291,7 @@ class GpuScheduler:
         if j.phase == "suspending" and state == "suspended":
             j.phase, j.state = "", S.JOB_STATE_SUSPENDED
             del j.gpu_slots[:]
-            j.packed_with = ""
+            await self._unpack(j)
             j.last_ran_at = self.clock()
             j.suspensions += 1
             await self._save(j, event=True)
@@ -317,9 +339,10 @@ class GpuScheduler:
             await self._reconcile(j)
         nodes, views = self._views()
         busy = {jid for jid, j in self.jobs.items() if j.phase}  # in a transition: leave them be
-        decision = self.policy.schedule(now, nodes, views)
+        decision = self.policy.schedule(now, nodes, views, self._pair_speed)
         for jid, why in decision.stop.items():
             await self._finish(self.jobs[jid], S.JOB_STATE_KILLED, why)
+        self._measure_pairs()
         occupied: dict[tuple[str, int], str] = {}
         for j in self.jobs.values():
             if j.state == S.JOB_STATE_RUNNING or j.phase in ("suspending", "stopping"):
@@ -334,11 +357,34 @@ class GpuScheduler:
                     j.phase = "suspending"
                     await self._save(j)
             elif act.kind == "start":
-                await self._start(j, act.slots, occupied)
+                await self._start(j, act.slots, occupied, decision.placements)
 
-    async def _start(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...], occupied: dict[tuple[str, int], str]) -> None:
+    # ------------------------------------------------------------------ packing introspection
+    def _pair_speed(self, a: JobView, b: JobView) -> float | None:
+        """Measured combined throughput of ``a`` and ``b`` packed together (1.0 = one job alone), if measured."""
+        return self.pair_gains.get(frozenset((a.job_id, b.job_id)))
+
+    def _measure_pairs(self) -> None:
+        """Two jobs packed for a while, each with a mini-batch time measured alone and one now: their gain."""
+        now = self.clock()
+        for j in self.jobs.values():
+            o = self.jobs.get(j.packed_with)
+            if o is None or j.job_id > o.job_id or j.state != S.JOB_STATE_RUNNING or o.state != S.JOB_STATE_RUNNING:
+                continue
+            if now - max(j.run_started_at, o.run_started_at) < PACK_MEASURE_S:
+                continue
+            gain = pair_gain(j.solo_minibatch_s, j.minibatch_s, o.solo_minibatch_s, o.minibatch_s)
+            if gain is not None:
+                self.pair_gains[frozenset((j.job_id, o.job_id))] = gain
+
+    async def _start(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...], occupied: dict[tuple[str, int], str],
+                     placements: dict[str, tuple[tuple[str, int], ...]] | None = None) -> None:
         node = slots[0][0]
-        if any(occupied.get(s, j.job_id) != j.job_id for s in slots):
+        partners = {occupied[s] for s in slots if occupied.get(s, j.job_id) != j.job_id}
+        packing = bool(partners) and placements is not None and all(
+            tuple(placements.get(p, ())) == tuple(slots) and self.jobs[p].state == S.JOB_STATE_RUNNING
+            and not self.jobs[p].phase for p in partners)
+        if partners and not packing:
             return  # the previous holder has not let go yet: next tick
         gpu_ids = [g for _, g in slots]
         if j.state == S.JOB_STATE_SUSPENDED and j.node_id == node and not j.target_node_id:
@@ -374,6 +420,11 @@ class GpuScheduler:
         j.run_started_at = self.clock()
         for s in slots:
             occupied[s] = j.job_id
+        if packing:
+            (partner,) = partners
+            j.packed_with, self.jobs[partner].packed_with = partner, j.job_id
+            self.jobs[partner].run_started_at = self.clock()  # its packed measurement starts now too
+            await self._save(self.jobs[partner])
         await self._save(j, event=True)
 
     def cluster(self) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,12 @@ def build_agent(settings: Settings) -> ServiceApp:
         client = await store_client()
 
         def put() -> bytes:
-            ref = client.put(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = np.frombuffer(mm, dtype=np.uint8)  # no read into a bytes copy: the put is the one copy
+                try:
+                    ref = client.put(view)
+                finally:
+                    del view
             client.flush()
             return bytes(ref.id)
 
