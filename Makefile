@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/serving/src services/gpu-scheduler/src services/compiler/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/task-scheduler/src services/serving/src services/gpu-scheduler/src services/compiler/src
 
 protos: install
 	$(PY) scripts/gen_protos.py
