@@ -147,13 +147,16 @@ class GrpcSession:
                     if frame.results:
                         self.core.deliver(frame.results)
             except grpc.RpcError as e:
-                if self.closing:
+                if self._closed():
                     return
                 log.warning("lost the session with the node agent at %s (%s): reconnecting", self.address,
                             e.code().name)  # type: ignore[attr-defined]
-            if self.closing:
+            if self._closed():
                 return
             self._reconnect()
+
+    def _closed(self) -> bool:
+        return self.closing
 
     def _reconnect(self) -> None:
         deadline = time.monotonic() + RECONNECT_S

@@ -89,7 +89,7 @@ def task_error(err: pb.TaskError, name: str) -> BaseException:
         return cause
     if cause is not None and isinstance(cause, Exception):
         cls = type(cause)
-        derived = _derived.get(cls)
+        derived: type[TaskError] | None = _derived.get(cls)
         if derived is None:
             try:
                 derived = type(f"TaskError({cls.__name__})", (TaskError, cls), {
@@ -98,7 +98,7 @@ def task_error(err: pb.TaskError, name: str) -> BaseException:
                 derived = TaskError
             _derived[cls] = derived
         try:
-            e = derived.__new__(derived)
+            e: TaskError = Exception.__new__(derived)
             TaskError.__init__(e, message, cause=cause, traceback_str=err.traceback, function_name=name)
             return e
         except Exception:

@@ -1,0 +1,244 @@
+"""The node agent's local scheduler and the placement rule, on their own (no processes, no network)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common.errors import InvalidArgumentError
+from tessera.task_scheduler import resources as res
+from tessera.task_scheduler.agent import NodeAgent
+from tessera.task_scheduler.placement import NodeView, choose_node
+from tessera.task_scheduler.server import validate
+
+K, E = pb.TaskKind, pb.ErrorKind
+HERE, THERE = b"\x01" * 16, b"\x02" * 16
+
+
+class Recorder:
+    """The agent's ports, recording what it asked for."""
+
+    def __init__(self) -> None:
+        self.executed: list[tuple[bytes, pb.TaskSpec]] = []
+        self.started: list[bytes] = []
+        self.stopped: list[bytes] = []
+        self.delivered: list[tuple[bytes, pb.TaskResult]] = []
+        self.spilled: list[pb.TaskSpec] = []
+        self.forwarded: list[tuple[bytes, pb.TaskSpec]] = []
+        self.located: list[bytes] = []
+        self.actor_states: list[tuple[bytes, str]] = []
+        self.created: list[pb.TaskSpec] = []
+
+    def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None:
+        self.executed.append((worker_id, spec))
+
+    def start_worker(self, *, actor_id: bytes = b"") -> bytes:
+        wid = os.urandom(8)
+        self.started.append(actor_id)
+        return wid
+
+    def stop_worker(self, worker_id: bytes) -> None:
+        self.stopped.append(worker_id)
+
+    def deliver(self, owner_node: bytes, results: list[pb.TaskResult]) -> None:
+        self.delivered += [(owner_node, r) for r in results]
+
+    def spill(self, specs: list[pb.TaskSpec]) -> None:
+        self.spilled += specs
+
+    def forward(self, node_id: bytes, specs: list[pb.TaskSpec]) -> None:
+        self.forwarded += [(node_id, s) for s in specs]
+
+    def control(self, node_id: bytes, ctl: pb.Control) -> None:
+        pass
+
+    def locate_objects(self, object_ids: list[bytes]) -> None:
+        self.located += object_ids
+
+    def locate_actor(self, actor_id: bytes) -> None:
+        pass
+
+    def record_created(self, specs: list[pb.TaskSpec]) -> None:
+        self.created += specs
+
+    def record_finished(self, result: pb.TaskResult) -> None:
+        pass
+
+    def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
+        self.actor_states.append((actor_id, state))
+
+
+def task(cpus: float = 1, *, args: list[pb.Arg] | None = None, retries: int = 0, **res_: float) -> pb.TaskSpec:
+    r = {"CPU": cpus, **res_} if cpus else dict(res_)
+    return pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_NORMAL, function_id=b"f" * 32, name="t", num_returns=1,
+                       resources=r, max_retries=retries, owner_node_id=HERE, owner="s1", args=args or [])
+
+
+def done(spec: pb.TaskSpec, value: bytes = b"v") -> pb.TaskResult:
+    return pb.TaskResult(task_id=spec.task_id, returns=[pb.ReturnValue(object_id=spec.task_id + b"\0\0\0\1", value=value)])
+
+
+@pytest.fixture
+def agent() -> tuple[NodeAgent, Recorder]:
+    ports = Recorder()
+    a = NodeAgent(HERE, {"CPU": 2.0}, ports, max_queue_per_cpu=2, unschedulable_after_s=5)
+    for i in range(2):
+        a.worker_ready(bytes([i]) * 8)
+    return a, ports
+
+
+def test_runs_tasks_on_idle_workers_within_resources(agent: Any) -> None:
+    a, p = agent
+    specs = [task() for _ in range(3)]
+    a.submit(specs, local=True)
+    assert [s.task_id for _, s in p.executed] == [s.task_id for s in specs[:2]]
+    assert a.available["CPU"] == 0 and len(a.queue) == 1
+    wid, first = p.executed[0]
+    a.task_done(wid, done(first))
+    assert p.delivered[0][1].task_id == first.task_id and p.delivered[0][0] == HERE
+    assert p.executed[-1][1].task_id == specs[2].task_id  # the freed worker takes the queued task
+    assert len(p.created) == 3  # lineage of every local task
+
+
+def test_task_waits_for_its_arguments_and_gets_them_inline(agent: Any) -> None:
+    a, p = agent
+    oid = os.urandom(20)
+    t = task(args=[pb.Arg(object_id=oid)])
+    a.submit([t], local=True)
+    assert not p.executed and p.located == [oid] and t.task_id in a.waiting
+    a.objects_available({oid: b"value-bytes"})
+    (_, ran), = p.executed
+    assert ran.args[0].value == b"value-bytes"
+
+
+def test_spills_when_busy_and_a_peer_has_room(agent: Any) -> None:
+    a, p = agent
+    a.peer_load(NodeView(THERE, incarnation="x", total={"CPU": 4}, available={"CPU": 4}))
+    a.submit([task() for _ in range(8)], local=True)
+    # a batch fills the local queue (4 = 2 per CPU) and spills the rest; two of the queued run at once
+    assert len(p.executed) == 2 and len(a.queue) == 2 and len(p.spilled) == 4
+    # a task this node can never run goes to the global scheduler at once
+    a.submit([task(cpus=4)], local=True)
+    assert p.spilled[-1].resources["CPU"] == 4
+
+
+def test_spilled_tasks_are_placed_again_when_their_node_restarts(agent: Any) -> None:
+    a, p = agent
+    a.peer_load(NodeView(THERE, incarnation="one", total={"CPU": 4}, available={"CPU": 4}))
+    big = task(cpus=4)
+    a.submit([big], local=True)
+    a.assigned([big.task_id], THERE)
+    a.peer_load(NodeView(THERE, incarnation="two", total={"CPU": 4}, available={"CPU": 4}))
+    assert [s.task_id for s in p.spilled] == [big.task_id, big.task_id]
+
+
+def test_unschedulable_task_waits_then_fails(agent: Any) -> None:
+    a, p = agent
+    t = task(GPU=1)
+    a.submit([t], local=True)
+    assert not p.delivered and t.task_id in a.unschedulable
+    a.tick(1e12, peer_timeout_s=3)
+    (_, r), = p.delivered
+    assert r.error.kind == E.ERROR_KIND_UNSCHEDULABLE and "GPU=1" in r.error.message
+
+
+def test_unschedulable_task_moves_when_a_node_can_run_it(agent: Any) -> None:
+    a, p = agent
+    t = task(GPU=1)
+    a.submit([t], local=True)
+    a.peer_load(NodeView(THERE, incarnation="x", total={"CPU": 1, "GPU": 1}, available={"CPU": 1, "GPU": 1}))
+    assert [s.task_id for s in p.spilled] == [t.task_id] and not a.unschedulable
+
+
+def test_worker_death_retries_then_fails(agent: Any) -> None:
+    a, p = agent
+    t = task(retries=1)
+    a.submit([t], local=True)
+    wid, _ = p.executed[0]
+    a.worker_died(wid, "killed by SIGKILL")
+    retry = p.executed[-1][1]
+    assert retry.task_id == t.task_id and retry.attempt == 1
+    a.worker_died(p.executed[-1][0], "killed by SIGKILL")
+    (_, r), = p.delivered
+    assert r.error.kind == E.ERROR_KIND_WORKER_CRASHED and "no retries left" in r.error.message
+    assert a.available["CPU"] == 2
+
+
+def test_blocked_worker_lends_its_cpu(agent: Any) -> None:
+    a, p = agent
+    a.submit([task() for _ in range(3)], local=True)
+    wid, _ = p.executed[0]
+    a.worker_blocked(wid, +1)
+    assert a.available["CPU"] == 1 and len(p.started) == 1  # a CPU is lent: a worker starts to use it
+    a.worker_ready(b"n" * 8)
+    assert a.available["CPU"] == 0 and len(p.executed) == 3  # the third ran on the lent CPU
+    a.worker_blocked(wid, -1)
+    assert a.available["CPU"] == -1  # briefly over: it gets the CPU back when one frees
+
+
+def test_actor_calls_queue_in_order_and_fail_after_death(agent: Any) -> None:
+    a, p = agent
+    aid = os.urandom(16)
+    create = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="A",
+                         num_returns=1, actor_id=aid, owner_node_id=HERE, owner="s1")
+    calls = [pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", name="A.m", num_returns=1,
+                         actor_id=aid, owner_node_id=HERE, owner="s1", seq=i) for i in range(3)]
+    a.submit([create, *calls], local=True)
+    assert p.started == [aid]
+    awid = b"a" * 8
+    a.worker_ready(awid, actor_id=aid)
+    assert p.executed[-1][1].task_id == create.task_id
+    a.task_done(awid, done(create))
+    seen = []
+    for _ in calls:
+        spec = p.executed[-1][1]
+        seen.append(spec.seq)
+        a.task_done(awid, done(spec))
+    assert seen == [0, 1, 2]
+    a.worker_died(awid, "exit code 1")  # max_restarts 0: dead
+    late = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", actor_id=aid,
+                       owner_node_id=HERE, owner="s1", num_returns=1)
+    a.submit([late], local=True)
+    assert p.delivered[-1][1].error.kind == E.ERROR_KIND_ACTOR_DIED
+    assert (aid, "DEAD") in p.actor_states
+
+
+def test_cancel_a_queued_task(agent: Any) -> None:
+    a, p = agent
+    specs = [task() for _ in range(3)]
+    a.submit(specs, local=True)
+    a.cancel([specs[2].task_id], force=False)
+    assert p.delivered[-1][1].error.kind == E.ERROR_KIND_CANCELLED and not a.queue
+
+
+def test_choose_node_prefers_short_queues_and_local_arguments() -> None:
+    a = NodeView(b"a" * 16, total={"CPU": 2}, available={"CPU": 0}, queued=10)
+    b = NodeView(b"b" * 16, total={"CPU": 2}, available={"CPU": 2}, queued=0)
+    gpu = NodeView(b"g" * 16, total={"CPU": 1, "GPU": 1}, available={"CPU": 1, "GPU": 1})
+    assert choose_node({"CPU": 1}, [a, b]) is b
+    assert choose_node({"GPU": 1}, [a, b, gpu]) is gpu
+    assert choose_node({"GPU": 2}, [a, b, gpu]) is None
+    # a 1 GB argument held by a: moving it costs more than a's queue
+    assert choose_node({"CPU": 1}, [a, b], arg_bytes={b"o" * 20: {a.node_id: 10**9}}) is a
+
+
+def test_resource_requests_are_checked() -> None:
+    assert res.check_request({"CPU": 1, "x": 0}) == {"CPU": 1.0}
+    for bad in ({"CPU": -1}, {"GPU": 1.5}, {"": 1}, {"CPU": float("nan")}):
+        with pytest.raises(InvalidArgumentError):
+            res.check_request(bad)
+
+
+def test_validate_refuses_malformed_specs() -> None:
+    validate(task())
+    with pytest.raises(InvalidArgumentError, match="task_id must be 16 bytes"):
+        validate(pb.TaskSpec(task_id=b"x"))
+    with pytest.raises(InvalidArgumentError, match="function_id"):
+        validate(pb.TaskSpec(task_id=b"t" * 16, kind=K.TASK_KIND_NORMAL))
+    with pytest.raises(InvalidArgumentError, match="neither a value nor an object id"):
+        validate(task(args=[pb.Arg()]))
+    with pytest.raises(InvalidArgumentError, match="names no method"):
+        validate(pb.TaskSpec(task_id=b"t" * 16, kind=K.TASK_KIND_ACTOR_METHOD, actor_id=b"a" * 16))
