@@ -29,11 +29,12 @@ def _convert_convs(graph: Graph) -> Graph:
         if n.op is not Op.CONV2D or n.attrs["groups"] != 1 or not all(b.nodes[j].op is Op.CONST for j in ins[1:]):
             return None
         k, c, r, s = b.nodes[ins[1]].shape
-        if c % BLOCK or k % BLOCK:
+        if k % BLOCK or (c % BLOCK and c > BLOCK):
             return None
+        ib = BLOCK if c % BLOCK == 0 else c  # a few input channels (an RGB stem): one block of all of them
         w = b.consts[b.nodes[ins[1]].attrs["key"]]
-        packed = w.reshape(k // BLOCK, BLOCK, c // BLOCK, BLOCK, r, s).transpose(0, 2, 4, 5, 3, 1)
-        args = [_to(b, ins[0], BLOCK), b.const(packed, f"{n.name}_wc")]
+        packed = w.reshape(k // BLOCK, BLOCK, c // ib, ib, r, s).transpose(0, 2, 4, 5, 3, 1)
+        args = [_to(b, ins[0], ib), b.const(packed, f"{n.name}_wc")]
         if len(ins) > 2:
             args.append(b.const(b.consts[b.nodes[ins[2]].attrs["key"]].reshape(k // BLOCK, BLOCK), f"{n.name}_bc"))
         conv = b.add(Node(Op.CONV2D_NCHWC, tuple(args), _blocked(n.shape, BLOCK), attrs=dict(n.attrs), name=n.name))
