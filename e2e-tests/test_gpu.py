@@ -62,7 +62,8 @@ def gpu_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
     env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
                TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20), TESSERA_OBJECT_STORE_PREFAULT="false",
-               TESSERA_GPU_SCHEDULER_QUANTUM_S="2", TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="3")
+               TESSERA_GPU_SCHEDULER_QUANTUM_S="2", TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="3",
+               TESSERA_GPU_SCHEDULER_PACKING="true")
     s = Stack(run_dir, env)
     up = s.cli("up", "--nodes", "2", "--gpus-per-node", "1", "--timeout", "120")
     assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
@@ -130,10 +131,12 @@ def test_bad_input_gets_clear_errors(client: GpuClient) -> None:
     assert client.list() == []
 
 
-def test_time_slicing_three_jobs_on_two_slots_all_progress(client: GpuClient) -> None:
+def test_time_slicing_three_jobs_on_two_slots_all_progress_then_packing_is_tried(client: GpuClient) -> None:
     ids = [client.submit(entry_point=ENTRY, args=["100000", str(i), "", "0.01"], name=f"ts{i}") for i in range(3)]
     poll_until(lambda: all(client.status(j).step > 0 for j in ids), timeout=60, what="all three jobs progressed")
     poll_until(lambda: sum(client.status(j).suspensions for j in ids) >= 2, timeout=60, what="time slices")
+    # each job has now run alone (its mini-batch time measured): the waiting one is packed with a runner to measure the pair
+    poll_until(lambda: any(client.status(j).packed_with for j in ids), timeout=60, what="a pair packed")
     for j in ids:
         client.kill(j)
     assert all(_state(client, j) == "KILLED" for j in ids)

@@ -361,7 +361,14 @@ class GpuScheduler:
 
     # ------------------------------------------------------------------ packing introspection
     def _pair_speed(self, a: JobView, b: JobView) -> float | None:
-        """Measured combined throughput of ``a`` and ``b`` packed together (1.0 = one job alone), if measured."""
+        """Measured combined throughput of ``a`` and ``b`` packed together (1.0 = one job alone), if measured.
+
+        A job never measured alone cannot be packed yet (0.0): without its speed alone, the pair's
+        gain could not be told; time-slicing gives it that measurement first.
+        """
+        ja, jb = self.jobs.get(a.job_id), self.jobs.get(b.job_id)
+        if ja is None or jb is None or ja.solo_minibatch_s <= 0 or jb.solo_minibatch_s <= 0:
+            return 0.0
         return self.pair_gains.get(frozenset((a.job_id, b.job_id)))
 
     def _measure_pairs(self) -> None:
