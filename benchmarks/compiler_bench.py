@@ -174,7 +174,8 @@ def main() -> int:
             ref = model(*inputs)
         got = cm(*[x.numpy() for x in inputs])
         res["max_abs_err"] = float(np.abs(got - ref.numpy()).max())
-        res["correct"] = bool(np.allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4 if w["kind"] == "model" else 1e-5))
+        scale = max(1.0, float(np.abs(ref.numpy()).max()))  # long dot products: the error grows with the output's scale
+        res["correct"] = bool(np.allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5 * scale))
         ins = [np.ascontiguousarray(x.numpy()) for x in inputs]
         outs = [np.empty(s, np.float32) for s in cm.program.output_shapes]
         res["tessera_s"] = median_time(lambda cm=cm, ins=ins, outs=outs: cm.run(ins, outs), budget_s=budget)
