@@ -186,3 +186,24 @@ def test_pruned_head_over_mixed_text_and_tabular_columns() -> None:
     assert "prune_dead_features" in e.get("p").plan.rules
     got = e.predict("p", [list(r) for r in X[:40]])
     np.testing.assert_allclose([p.scores for p in got], sk.predict_proba(X[:40]), atol=1e-6)
+
+
+async def test_a_bad_request_does_not_fail_its_batch(tabular: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import OneHotEncoder
+
+    X, y, _ = tabular
+    sk = Pipeline([("ct", ColumnTransformer([("c", OneHotEncoder(), [4])], remainder="passthrough")),
+                   ("m", Ridge())]).fit(X, y)
+    e = serve(import_sklearn(sk), budget_ms=30.0)
+    s = Scheduler(e, workers=1)
+    s.start()
+    try:
+        good = [list(r) for r in X[:3]]
+        bad = [list(X[0][:4]) + ["purple"]]  # unknown category: sklearn would raise too
+        res = await asyncio.gather(*(s.submit("p", [g]) for g in good), s.submit("p", bad), return_exceptions=True)
+        assert isinstance(res[3], InvalidArgumentError) and "unknown category" in str(res[3])
+        np.testing.assert_allclose([r[0].value for r in res[:3]], sk.predict(X[:3]), atol=1e-6)
+    finally:
+        await s.stop()

@@ -323,16 +323,33 @@ class Scheduler:
                 total += r.n
             asyncio.get_running_loop().create_task(self._run(batch))
 
+    async def _execute(self, items: list[tuple[Registered, dict[str, list[Any]], int]]) -> list[list[Prediction]]:
+        if sum(n for _, _, n in items) <= self.inline_rows:
+            return self.engine.execute(items)  # sub-millisecond: a thread handoff would cost more
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.execute, items)
+
     async def _run(self, batch: list[_Request]) -> None:
         assert self._slots is not None
         t0 = time.monotonic()
         try:
             live = [r for r in batch if not r.future.done()]
             items = [(r.reg, r.cols, r.n) for r in live]
-            if sum(r.n for r in live) <= self.inline_rows:
-                results = self.engine.execute(items)  # sub-millisecond: a thread handoff would cost more
-            else:
-                results = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.execute, items)
+            try:
+                results = await self._execute(items)
+            except Exception:
+                if len(live) == 1:
+                    raise
+                # one bad request (an unknown category, say) must not fail the others batched with it
+                for r, item in zip(live, items, strict=True):
+                    try:
+                        res1 = (await self._execute([item]))[0]
+                    except Exception as e1:
+                        if not r.future.done():
+                            r.future.set_exception(e1)
+                    else:
+                        if not r.future.done():
+                            r.future.set_result(res1)
+                return
             for r, res in zip(live, results, strict=True):
                 if not r.future.done():
                     r.future.set_result(res)

@@ -172,7 +172,9 @@ class _Importer:
                 continue
             sel = [names[i] for i in idx]
             sub: Any = ("fields", sel, "number")
-            if trans == "passthrough":
+            identity = type(trans).__name__ == "FunctionTransformer" and trans.func is None and \
+                trans.inverse_func is None  # how a fitted ColumnTransformer keeps remainder="passthrough"
+            if trans == "passthrough" or identity:
                 parts.append(self.materialize(sub))
                 continue
             from sklearn.feature_extraction.text import CountVectorizer, HashingVectorizer
