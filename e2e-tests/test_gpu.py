@@ -143,9 +143,9 @@ def test_time_slicing_three_jobs_on_two_slots_all_progress_then_packing_is_tried
 
 
 def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, tmp_path: Path) -> None:
-    ref = _reference(tmp_path, 250, 3)
+    ref = _reference(tmp_path, 150, 3)
     out = tmp_path / "out.pt"
-    jid = client.submit(entry_point=ENTRY, args=["250", "3", str(out), "0.01"])
+    jid = client.submit(entry_point=ENTRY, args=["150", "3", str(out), "0.01"])
     poll_until(lambda: client.status(jid).step >= 10, timeout=60, what="job running")
     client.suspend(jid)
     poll_until(lambda: _state(client, jid) == "SUSPENDED", timeout=30, what="suspended")
@@ -166,10 +166,10 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
 
 
 def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:
-    ref = _reference(tmp_path, 300, 5)
+    ref = _reference(tmp_path, 150, 5)
     out = tmp_path / "out.pt"
-    jid = client.submit(entry_point=ENTRY, args=["300", "5", str(out), "0.01", "20"])
-    poll_until(lambda: client.status(jid).checkpoint_step >= 40, timeout=60, what="a checkpoint")
+    jid = client.submit(entry_point=ENTRY, args=["150", "5", str(out), "0.01", "10"])
+    poll_until(lambda: client.status(jid).checkpoint_step >= 20, timeout=60, what="a checkpoint")
     node = client.status(jid).node_id
     cluster = gpu_stack.status()
     agent = next(p for p in cluster["processes"] if p["name"].startswith("gpu-agent") and _node_of(gpu_stack, p["name"]) == node)

@@ -243,6 +243,9 @@ class NodeAgent:
         if kind == "resumed":
             p.state = "running"
             p.resume_s = float(ev.get("load_s", 0.0))
+        if kind == "suspended":  # its GPUs are free now; the checkpoint's upload follows (ckpt_step tells when)
+            p.state = "suspended"
+            p.suspend_s = float(ev.get("save_s", 0.0))
         if kind in ("suspended", "checkpoint") and ev.get("path"):
             p.ckpt_path = str(ev["path"])
             if self.upload is not None:
@@ -254,9 +257,6 @@ class NodeAgent:
                     p.ckpt_oid, p.ckpt_step = oid.hex(), int(ev.get("step", 0))
                 except Exception as e:  # the job goes on; its previous checkpoint stands
                     log.warning("job %s: checkpoint upload failed: %s", p.job_id, e)
-        if kind == "suspended":  # reported once its checkpoint is in the object store
-            p.state = "suspended"
-            p.suspend_s = float(ev.get("save_s", 0.0))
 
     async def _wait(self, p: _Proc) -> None:
         assert p.proc is not None

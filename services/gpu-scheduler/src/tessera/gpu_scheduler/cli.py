@@ -2,7 +2,7 @@
 
     tessera gpu simulate --trace FILE [--policy gandiva|fifo|las|all] --gpus N [--json] [--plot PNG]
     tessera gpu submit --entry MODULE:FUNC [--gpus G] [--priority P] [--group ID] [--time-limit S]
-    tessera gpu list | status JOB | kill JOB | suspend JOB | resume JOB | migrate JOB [--node NODE]
+    tessera gpu list | nodes | status JOB | kill JOB | suspend JOB | resume JOB | migrate JOB [--node NODE]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Callab
     sm.add_argument("--time-limit", type=float, default=0.0)
     sm.add_argument("args", nargs="*", help="arguments (or the container command)")
     gsub.add_parser("list", help="all jobs")
+    gsub.add_parser("nodes", help="node agents, their GPUs and jobs")
     for verb in ("status", "kill", "suspend", "resume", "migrate"):
         p = gsub.add_parser(verb, help=f"{verb} a job")
         p.add_argument("job_id")
@@ -130,6 +131,11 @@ def _jobs(args: argparse.Namespace) -> int:
                 for j in c.list():
                     d = job_to_dict(j)
                     print(f"{d['job_id']}  {d['state']:<10} gpus={d['gpus']} node={str(d['node_id'])[:8]} step={d['step']} {d['name']}")
+            elif cmd == "nodes":
+                cl = c.cluster()
+                print(f"policy {cl.policy}")
+                for n in cl.nodes:
+                    print(f"{n.node_id[:8]}  {'alive' if n.alive else 'DEAD '}  {n.gpus} {n.kind} GPU(s)  jobs: {', '.join(n.job_ids) or '-'}")
             elif cmd == "status":
                 print(json.dumps(job_to_dict(c.status(args.job_id)), indent=2))
             elif cmd == "migrate":

@@ -400,8 +400,8 @@ class GpuScheduler:
             j.phase = "resuming"
         elif j.state == S.JOB_STATE_SUSPENDED:
             # it waits, suspended, on another node: stop it there (its checkpoint is in the object store) and start here
-            if not j.checkpoint_object_id:
-                return  # the upload of its checkpoint has not landed yet
+            if not j.checkpoint_object_id or j.checkpoint_step < j.step:
+                return  # the upload of the checkpoint it was suspended with has not landed yet
             if await self._send(j.node_id, {"op": "stop", "job_id": j.job_id}):
                 j.phase = "stopping"
                 j.migrations += 1
