@@ -1,5 +1,6 @@
-"""The Tessera demo: bring the platform up, write, read back and watch a record, then
-move objects through shared memory and between two nodes.
+"""The Tessera demo: bring the platform up, write, read back and watch a record,
+move objects through shared memory and between two nodes, then run tasks and train
+a policy with rollout actors and a parameter server.
 
     python examples/demo.py [--keep]
 
@@ -92,6 +93,7 @@ def run_demo() -> int:
     client.close()
 
     objects = run_objects()
+    tasks = run_tasks()
     shutdown_tracing()
 
     print("\n== summary")
@@ -101,6 +103,9 @@ def run_demo() -> int:
     print(f"   get it back      : {objects['get_us']:.0f} us (a read-only view of shared memory: {objects['zero_copy']})")
     if "pull_ms" in objects:
         print(f"   other node pulls : {objects['pull_ms']:.0f} ms ({objects['pull_gbs']:.2f} GB/s)")
+    print(f"   100 tasks        : {tasks['tasks_s'] * 1e3:.0f} ms")
+    print(f"   ES on CartPole   : return {tasks['score']:.0f} after {tasks['iterations']} iterations "
+          f"({tasks['rollouts']} rollouts by 4 actors, {tasks['seconds']:.1f} s)")
     print(f"   trace id         : {trace_id}")
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if endpoint:
@@ -108,6 +113,21 @@ def run_demo() -> int:
     else:
         print("   (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 with Jaeger running to see the trace)")
     return 0
+
+
+def run_tasks() -> dict[str, float]:
+    """Tasks fan out; rollout actors and a parameter-server actor train a policy (examples/rl_rollouts.py)."""
+    import rl_rollouts
+
+    print("\n== tasks and actors: evolution strategies on CartPole")
+    tessera.init(name="tessera-demo")
+    try:
+        summary: dict[str, float] = rl_rollouts.run(lambda line: print(line, flush=True))
+    finally:
+        tessera.shutdown()
+    if summary["score"] < 195:
+        raise RuntimeError(f"training stopped at mean return {summary['score']:.0f} (target 195)")
+    return summary
 
 
 def run_objects() -> dict[str, float | bool]:

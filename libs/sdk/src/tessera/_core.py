@@ -93,7 +93,8 @@ def task_error(err: pb.TaskError, name: str) -> BaseException:
         if derived is None:
             try:
                 derived = type(f"TaskError({cls.__name__})", (TaskError, cls), {
-                    "__init__": TaskError.__init__, "__str__": TaskError.__str__, "__reduce__": _reduce_derived})
+                    "__init__": TaskError.__init__, "__str__": TaskError.__str__, "__reduce__": _reduce_derived,
+                    "__module__": "tessera.exceptions"})
             except TypeError:  # incompatible layouts (e.g. some builtins): a plain TaskError
                 derived = TaskError
             _derived[cls] = derived

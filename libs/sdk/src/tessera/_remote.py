@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -74,6 +75,7 @@ class _Exported:
             fid = self._ids.get(st.cluster_key)
             if fid is not None:
                 return fid
+            _ship_local_module(self.obj)
             try:
                 code = cloudpickle.dumps(self.obj)
             except Exception as e:
@@ -83,6 +85,28 @@ class _Exported:
                                                                         expected_function_id=fid), timeout=30.0)
             self._ids[st.cluster_key] = fid
             return fid
+
+
+def _ship_local_module(obj: Any) -> None:
+    """Code from the driver's own files (its script's folder or the working directory), which workers
+    cannot import, travels by value; installed packages travel by reference."""
+    name = getattr(obj, "__module__", None)
+    mod = sys.modules.get(name) if name else None
+    if mod is None or name == "__main__" or name in _by_value:
+        return
+    path = getattr(mod, "__file__", None)
+    if not path:
+        return
+    real = os.path.realpath(path)
+    if any(part in ("site-packages", "dist-packages") for part in real.split(os.sep)):
+        return
+    roots = {os.path.realpath(sys.path[0] or os.getcwd()), os.path.realpath(os.getcwd())}
+    if any(real.startswith(r + os.sep) for r in roots):
+        cloudpickle.register_pickle_by_value(mod)
+        _by_value.add(name)
+
+
+_by_value: set[str] = set()
 
 
 def _args(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[pb.Arg]:

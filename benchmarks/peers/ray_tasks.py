@@ -1,0 +1,161 @@
+"""The task benchmark's workload, and its Ray side.
+
+    .venv-ray/bin/python benchmarks/peers/ray_tasks.py --json OUT [--quick]
+
+``run(api, n)`` is the workload, written against the names Tessera shares with
+Ray (``remote``, ``get``, ``wait``); benchmarks/tasks_bench.py runs the same
+function with ``tessera`` as ``api``. Run as a script, it starts Ray
+(``ray.init(num_cpus=2)``), times ``ray.init`` to the first result, measures the
+idle memory of Ray's processes, runs the workload, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+
+def pss_mib(pids: list[int]) -> float:
+    """Proportional set size of ``pids`` in MiB (shared pages split between their users)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total / 1024
+
+
+def make(api: Any) -> dict[str, Any]:
+    """The remote functions and actor class of the workload, declared through ``api``."""
+
+    @api.remote
+    def noop() -> None:
+        return None
+
+    @api.remote
+    def parent(n: int) -> int:
+        return len(api.get([noop.remote() for _ in range(n)]))
+
+    @api.remote
+    class Actor:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def call(self) -> int:
+            self.n += 1
+            return self.n
+
+    return {"noop": noop, "parent": parent, "Actor": Actor}
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"p50_ms": xs[len(xs) // 2] * 1e3, "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3}
+
+
+def run(api: Any, n: int) -> dict[str, Any]:
+    """Each row's figure for the system behind ``api`` (the best of three repetitions where it says so)."""
+    f = make(api)
+    noop, parent, actor_cls = f["noop"], f["parent"], f["Actor"]
+    api.get([noop.remote() for _ in range(200)])  # warm the workers
+    out: dict[str, Any] = {}
+
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        api.get([noop.remote() for _ in range(n)])
+        rates.append(n / (time.perf_counter() - t))
+    out["tasks_async_per_s"] = max(rates)
+
+    lat = []
+    for _ in range(max(200, n // 10)):
+        t = time.perf_counter()
+        api.get(noop.remote())
+        lat.append(time.perf_counter() - t)
+    out["task_round_trip"] = _pcts(lat)
+
+    a = actor_cls.remote()
+    api.get(a.call.remote())
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        api.get([a.call.remote() for _ in range(n)])
+        rates.append(n / (time.perf_counter() - t))
+    out["actor_calls_async_per_s"] = max(rates)
+    lat = []
+    for _ in range(max(200, n // 10)):
+        t = time.perf_counter()
+        api.get(a.call.remote())
+        lat.append(time.perf_counter() - t)
+    out["actor_round_trip"] = _pcts(lat)
+
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        got = api.get([parent.remote(100) for _ in range(10)])
+        assert got == [100] * 10
+        rates.append(1010 / (time.perf_counter() - t))
+    out["nested_10x100_tasks_per_s"] = max(rates)
+
+    m = min(1000, n)
+    t = time.perf_counter()
+    pending = [noop.remote() for _ in range(m)]
+    done = 0
+    while pending:
+        ready, pending = api.wait(pending, num_returns=1)
+        done += len(ready)
+    assert done == m
+    out["wait_loop_1k_tasks_per_s"] = m / (time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+
+    @ray.remote
+    def first() -> int:
+        return 1
+
+    assert ray.get(first.remote()) == 1
+    cold = time.perf_counter() - t
+    time.sleep(3)  # idle
+    me = os.getpid()
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == me:
+            continue
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"ray" in cmd and b"ray_tasks.py" not in cmd:
+            pids.append(int(p))
+    idle = pss_mib(pids)
+    res = run(ray, 2000 if args.quick else 10000)
+    res.update(cold_start_s=cold, idle_memory_mib=idle, idle_processes=len(pids),
+               version=ray.__version__, python=sys.version.split()[0])
+    ray.shutdown()
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k: v for k, v in res.items()}, default=statistics.mean))
+
+
+if __name__ == "__main__":
+    main()

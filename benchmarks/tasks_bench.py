@@ -1,0 +1,162 @@
+"""Task benchmark: Tessera's tasks and actors beside Ray 2.60's, in one run.
+
+    .venv/bin/python benchmarks/tasks_bench.py [--quick] [--json PATH] [--no-ray]
+
+Tessera: ``tessera up`` (one node, 2 CPUs) in a temporary run directory; cold
+start is ``tessera up`` plus ``tessera.init()`` to the first task's result. Idle
+memory is the proportional set size (PSS) of every process of the stack (NATS,
+Redis, the six services, the node agent's workers) after a few idle seconds.
+Ray: benchmarks/peers/ray_tasks.py with Ray's own venv (.venv-ray), run after
+Tessera is down; ``ray.init(num_cpus=2)`` to the first result, and the PSS of
+every Ray process. Both run the same workload (``run`` in that file).
+
+Nothing asserts on timings: figures are reported as measured, with the ratio
+Tessera / Ray (for latencies and memory, lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+DEFAULT_JSON = ROOT / "results" / "tasks.json"
+RAY_PYTHON = REPO / ".venv-ray" / "bin" / "python"
+PEER = ROOT / "peers" / "ray_tasks.py"
+BIN = Path(sys.executable).parent
+
+
+def _workload() -> Any:
+    spec = importlib.util.spec_from_file_location("ray_tasks", PEER)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ray_tasks"] = mod
+    spec.loader.exec_module(mod)
+    cloudpickle.register_pickle_by_value(mod)  # the workers cannot import it: ship its functions by value
+    return mod
+
+
+def _tree(pids: list[int]) -> list[int]:
+    """``pids`` and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p))
+    out, todo = [], list(pids)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def tessera_side(n: int, work: Any) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_NUM_CPUS="2")
+    os.environ.update(TESSERA_RUN_DIR=str(run_dir))
+    t = time.perf_counter()
+    up = subprocess.run([str(BIN / "tessera"), "up"], env=env, capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        raise SystemExit(f"tessera up failed:\n{up.stdout}\n{up.stderr}")
+    import tessera
+
+    try:
+        tessera.init(name="tasks-bench")
+
+        @tessera.remote
+        def first() -> int:
+            return 1
+
+        assert tessera.get(first.remote()) == 1
+        cold = time.perf_counter() - t
+        time.sleep(3)
+        cluster = json.loads((run_dir / "cluster.json").read_text())
+        pids = _tree([cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])])
+        idle = work.pss_mib(pids)
+        res = work.run(tessera, n)
+        res.update(cold_start_s=cold, idle_memory_mib=idle, idle_processes=len(pids))
+        return res
+    finally:
+        tessera.shutdown()
+        subprocess.run([str(BIN / "tessera"), "down"], env=env, capture_output=True, timeout=120)
+
+
+def ray_side(quick: bool) -> dict[str, Any] | None:
+    if not RAY_PYTHON.exists():
+        print("Ray's venv is missing (make .venv-ray/bin/python): Ray column skipped", file=sys.stderr)
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [str(RAY_PYTHON), str(PEER), "--json", f.name, *(["--quick"] if quick else [])]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            print(f"Ray side failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}", file=sys.stderr)
+            return None
+        return json.loads(Path(f.name).read_text())
+
+
+ROWS = [
+    ("no-op tasks, submit all then get (tasks/s)", ("tasks_async_per_s",), True),
+    ("task round trip p50 (ms)", ("task_round_trip", "p50_ms"), False),
+    ("task round trip p99 (ms)", ("task_round_trip", "p99_ms"), False),
+    ("actor calls, submit all then get (calls/s)", ("actor_calls_async_per_s",), True),
+    ("actor round trip p50 (ms)", ("actor_round_trip", "p50_ms"), False),
+    ("nested 10x100 (tasks/s)", ("nested_10x100_tasks_per_s",), True),
+    ("wait(num_returns=1) loop over 1k (tasks/s)", ("wait_loop_1k_tasks_per_s",), True),
+    ("cold start to first result (s)", ("cold_start_s",), False),
+    ("idle memory of the stack (MiB PSS)", ("idle_memory_mib",), False),
+]
+
+
+def _get(d: dict[str, Any] | None, path: tuple[str, ...]) -> float | None:
+    for k in path:
+        if d is None:
+            return None
+        d = d.get(k)  # type: ignore[assignment]
+    return float(d) if d is not None else None  # type: ignore[arg-type]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2k tasks per row instead of 10k")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--no-ray", action="store_true")
+    args = ap.parse_args()
+    work = _workload()
+    n = 2000 if args.quick else 10000
+    ours = tessera_side(n, work)
+    theirs = None if args.no_ray else ray_side(args.quick)
+    print(f"{'row':48} {'Tessera':>10} {'Ray 2.60':>10} {'ratio':>7}  better")
+    rows = []
+    for label, path, higher in ROWS:
+        a, b = _get(ours, path), _get(theirs, path)
+        ratio = a / b if a is not None and b else None
+        rows.append({"row": label, "tessera": a, "ray": b, "ratio": ratio, "higher_is_better": higher})
+        fa = f"{a:10.2f}" if a is not None else f"{'-':>10}"
+        fb = f"{b:10.2f}" if b is not None else f"{'-':>10}"
+        fr = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}"
+        print(f"{label:48} {fa} {fb} {fr}  {'higher' if higher else 'lower'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "tessera": ours, "ray": theirs, "tasks_per_row": n,
+                                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
