@@ -242,3 +242,18 @@ def test_validate_refuses_malformed_specs() -> None:
         validate(task(args=[pb.Arg()]))
     with pytest.raises(InvalidArgumentError, match="names no method"):
         validate(pb.TaskSpec(task_id=b"t" * 16, kind=K.TASK_KIND_ACTOR_METHOD, actor_id=b"a" * 16))
+
+
+def test_actors_die_with_their_owner_unless_detached(agent: Any) -> None:
+    a, p = agent
+    ids_ = []
+    for detached in (False, True):
+        aid = os.urandom(16)
+        ids_.append(aid)
+        a.submit([pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="A",
+                              num_returns=1, actor_id=aid, owner_node_id=HERE, owner="s1", detached=detached)], local=True)
+    a.owner_gone("s2")
+    assert all(a.actors[i].state != "DEAD" for i in ids_)
+    a.owner_gone("s1")
+    assert a.actors[ids_[0]].state == "DEAD" and a.actors[ids_[1]].state != "DEAD"
+    assert (ids_[0], "DEAD") in p.actor_states

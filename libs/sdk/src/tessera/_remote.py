@@ -92,7 +92,7 @@ def _ship_local_module(obj: Any) -> None:
     cannot import, travels by value; installed packages travel by reference."""
     name = getattr(obj, "__module__", None)
     mod = sys.modules.get(name) if name else None
-    if mod is None or name == "__main__" or name in _by_value:
+    if mod is None or name is None or name == "__main__" or name in _by_value:
         return
     path = getattr(mod, "__file__", None)
     if not path:
@@ -209,6 +209,8 @@ class ActorClass:
         fid = self._exported.function_id()
         name = str(o.get("name") or "")
         namespace = str(o.get("namespace") or "")
+        if o.get("lifetime") not in (None, "detached", "non_detached"):
+            raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {o.get('lifetime')!r}")
         max_restarts = int(o.get("max_restarts", 0))
         methods = sorted(n for n, _ in inspect.getmembers(self._cls, callable) if not n.startswith("__"))
         info = cpb.ActorInfo(actor_id=actor_id, job_id=st.core.job_id, name=name, namespace=namespace,
@@ -224,7 +226,8 @@ class ActorClass:
         spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_CREATE, function_id=fid,
                            name=cname, args=_args(cname, args, kwargs), num_returns=1,
                            resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
-                           actor_name=name, namespace=namespace, max_retries=0)
+                           actor_name=name, namespace=namespace, max_retries=0,
+                           detached=o.get("lifetime") == "detached")
         ready = st.core.submit(spec)
         h = ActorHandle(actor_id, methods, self._exported.name)
         h._ready = ObjectRef(ready[0])

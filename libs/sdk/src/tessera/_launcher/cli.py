@@ -78,8 +78,31 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}MiB" if n < 2**30 else f"{n / 2**30:.1f}GiB"
 
 
+def _agent_detail(p: Proc) -> dict[str, object]:
+    """A node agent's figures: resources in use, queued and running tasks, workers, actors."""
+    import grpc
+
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as tpb
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as tpb_grpc
+
+    try:
+        with grpc.insecure_channel(p.address) as ch:
+            s = tpb_grpc.TaskSchedulerServiceStub(ch).GetStatus(tpb.GetStatusRequest(), timeout=2.0)
+    except grpc.RpcError:
+        return {}
+    cpus = s.resources_total.get("CPU", 0.0)
+    free = s.resources_available.get("CPU", 0.0)
+    gpus = f", GPU {s.resources_total['GPU'] - s.resources_available.get('GPU', 0):g}/{s.resources_total['GPU']:g}" \
+        if "GPU" in s.resources_total else ""
+    return {"node": p.node_id[:8], "queued": s.queued, "running": s.running, "workers": s.workers,
+            "detail": f"node {p.node_id[:8]} CPU {cpus - free:g}/{cpus:g}{gpus}, {s.running} running, "
+                      f"{s.queued + s.waiting} queued, {s.workers} workers, {s.actors} actors, {s.tasks_finished} done"}
+
+
 def _detail(p: Proc, health: str) -> dict[str, object]:
-    """Per-node object-store figures: used / capacity, spilled, object count."""
+    """Per-node figures: the object store's used / capacity, spilled, object count; the node agent's load."""
+    if p.service == "task-scheduler" and health == "SERVING":
+        return _agent_detail(p)
     if p.service != "object-store" or health != "SERVING":
         return {}
     import grpc

@@ -97,6 +97,7 @@ class NodeAgent:
         self.actor_nodes: dict[bytes, bytes] = {}  # remote actors: actor id -> node id
         self.actor_waiting: dict[bytes, list[pb.TaskSpec]] = {}  # calls to actors not located yet
         self.dead_actors: dict[bytes, str] = {}
+        self.owned_remote: dict[bytes, tuple[bytes, str]] = {}  # actors placed elsewhere for local owners
         self.spilled: dict[bytes, tuple[pb.TaskSpec, bytes, float]] = {}  # task id -> (spec, node or b"", when)
         self.unschedulable: dict[bytes, tuple[pb.TaskSpec, float]] = {}
         self.peers: dict[bytes, NodeView] = {}
@@ -168,6 +169,8 @@ class NodeAgent:
                 self.unschedulable[spec.task_id] = (spec, time.monotonic())
                 return
             self.actor_nodes[spec.actor_id] = node.node_id
+            if not spec.detached:
+                self.owned_remote[spec.actor_id] = (node.node_id, spec.owner)
             self.ports.forward(node.node_id, [spec])
             return
         self._spill(spec)
@@ -490,12 +493,23 @@ class NodeAgent:
             self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
         self.pump()
 
-    def kill_actor(self, actor_id: bytes) -> None:
+    def owner_gone(self, owner: str) -> None:
+        """A session ended: its actors go with it (unless detached), as in Ray."""
+        for aid, a in list(self.actors.items()):
+            if a.state != "DEAD" and a.spec.owner == owner and a.spec.owner_node_id == self.node_id \
+                    and not a.spec.detached:
+                self.kill_actor(aid, cause="its owner went away")
+        for aid, node in list(self.owned_remote.items()):
+            if node[1] == owner:
+                del self.owned_remote[aid]
+                self.ports.control(node[0], pb.Control(kill_actor=[aid]))
+
+    def kill_actor(self, actor_id: bytes, *, cause: str = "killed by tessera.kill") -> None:
         a = self.actors.get(actor_id)
         if a is not None:
             if a.state != "DEAD":
                 wid = a.worker_id
-                self._actor_dead(a, "killed by tessera.kill")
+                self._actor_dead(a, cause)
                 if wid:
                     self.workers.pop(wid, None)
                     self.ports.stop_worker(wid)

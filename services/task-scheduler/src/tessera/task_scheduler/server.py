@@ -132,7 +132,8 @@ class Node:
         return sid
 
     def close_session(self, sid: str) -> None:
-        self.sessions.pop(sid, None)
+        if self.sessions.pop(sid, None) is not None:
+            self.agent.owner_gone(sid)
         self.session_names.pop(sid, None)
 
     def welcome(self, sid: str) -> pb.Welcome:

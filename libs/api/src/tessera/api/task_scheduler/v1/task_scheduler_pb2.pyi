@@ -160,6 +160,7 @@ class TaskSpec(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
     job_id: _builtins.bytes
@@ -192,6 +193,8 @@ class TaskSpec(_message.Message):
     """actor methods: per-caller ordering key"""
     seq: _builtins.int
     """actor methods: position in the caller's order"""
+    detached: _builtins.bool
+    """actor creations: outlives its owner (otherwise it dies when the owner's session ends)"""
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arg]: ...
     @_builtins.property
@@ -221,10 +224,11 @@ class TaskSpec(_message.Message):
         attempt: _builtins.int = ...,
         caller: _builtins.bytes = ...,
         seq: _builtins.int = ...,
+        detached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
