@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-serving bench-gpu bench-compiler up down status clean
+.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,9 @@ bench: install
 
 bench-objects: install .venv-ray/bin/python
 	$(PY) benchmarks/object_store_bench.py
+
+bench-tasks: install .venv-ray/bin/python
+	$(PY) benchmarks/tasks_bench.py
 
 # Serving: white box vs black box in-process, gRPC vs Ray Serve over HTTP (Ray Serve in .venv-ray).
 .venv-ray/.serve: .venv-ray/bin/python
