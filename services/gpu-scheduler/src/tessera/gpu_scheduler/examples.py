@@ -2,7 +2,8 @@
 
 ``train(steps, seed, out, sleep_s, checkpoint_every)``: a seeded MLP trained with SGD +
 momentum on batches drawn from torch's RNG, through the :mod:`tessera.gpu` hook; the
-final weights go to ``out`` (so runs can be compared bit for bit).
+final weights go to ``out`` (so runs can be compared bit for bit), and the step its last
+process began at to ``out + ".start"``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def train(steps: str = "200", seed: str = "0", out: str = "", sleep_s: str = "0"
     job.finish(accuracy=acc)
     if out:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out)
+        with open(out + ".start", "w") as f:  # the step this (last) run began at: > 0 after a restore
+            f.write(str(start))
 
 
 def resnet18_like(num_classes: int = 1000) -> Any:
