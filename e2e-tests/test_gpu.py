@@ -161,6 +161,7 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
     info = client.status(jid)
     assert _state(client, jid) == "SUCCEEDED", info.message
     assert info.migrations >= 1 and info.suspensions >= 2
+    assert int(Path(f"{out}.start").read_text()) > held_at  # the process on the new node began from the checkpoint
     assert _same(ref, torch.load(out))
 
 
