@@ -4,6 +4,7 @@ in the middle of a job."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ class Proc:
     address: str
     proc: subprocess.Popen[bytes]
     log: Path
+    control_store: str = ""
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -52,7 +54,7 @@ class Cluster:
         log = self.log_dir / f"{name}.log"
         p = procs.start([sys.executable, "-m", module], log_path=log,
                         env={**self.base_env, "TESSERA_GRPC_PORT": str(port), "TESSERA_INSTANCE_ID": name, **env})
-        proc = Proc(name, f"127.0.0.1:{port}", p, log)
+        proc = Proc(name, f"127.0.0.1:{port}", p, log, self.base_env["TESSERA_CONTROL_STORE_ADDRESS"])
         self.procs.append(proc)
         deadline = time.monotonic() + 60
         while health_status(proc.address, timeout=0.5) != "SERVING":
@@ -136,6 +138,51 @@ def edit(data: bytes, change: Any) -> bytes:
     return buf.getvalue()
 
 
+def exported(model: Any, inputs: list[torch.Tensor]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(model.eval(), tuple(inputs)), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_exported_program(replica: Proc) -> None:
+    """A torch.export program, traced on the service."""
+    torch.manual_seed(2)
+    model, x = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.GELU()).eval(), torch.randn(24, 48)
+    spec = [pb.TensorSpec(shape=[24, 48], dtype="float32")]
+    with CompilerClient(replica.address, timeout=180) as client:
+        info = client.compile_bytes(exported(model, [x]), fmt=pb.MODEL_FORMAT_EXPORTED_PROGRAM, inputs=spec)
+        assert info.state == pb.ARTIFACT_STATE_READY and "matmul+add+gelu" in info.fused_graph
+        (y,) = client.run(info.artifact_id, [x.numpy()])
+        np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tuning_budget_logs_to_the_control_store(replica: Proc) -> None:
+    """A Compile with a tuning budget: the best schedule lands in the control store's tuning log."""
+    torch.manual_seed(3)
+    model, x = torch.nn.Sequential(torch.nn.Linear(40, 48), torch.nn.ReLU()).eval(), torch.randn(24, 40)
+    with CompilerClient(replica.address, timeout=300) as client:
+        req = pb.CompileRequest(model=graph_bytes(model, [x]), format=pb.MODEL_FORMAT_TESSERA_GRAPH, tuning_budget_s=3.0, wait=True)
+        tuned = client.stub.Compile(req, timeout=300).artifact
+        (y,) = client.run(tuned.artifact_id, [x.numpy()])
+        np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    from tessera.client import Client
+
+    with Client(replica_cs_address(replica)) as cs:
+        keys = cs.kv_list("compiler_tuning")
+        assert keys, "no tuning record in the control store"
+        recs = [json.loads(cs.kv_get("compiler_tuning", k)) for k in keys]
+        assert any(r["trials"] >= 1 and r["gflops"] > 0 and set(r["knobs"]) == {"mm_rows", "mm_cols", "mm_kunroll"}
+                   for r in recs)
+
+
+def replica_cs_address(replica: Proc) -> str:
+    return replica.control_store
+
+
 def _code(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as e:
         call()
@@ -173,10 +220,18 @@ def test_bad_input_is_invalid_argument(replica: Proc) -> None:
             next(n for n in doc["nodes"] if n["op"] == "matmul")["shape"] = [2, 65]
         code, msg = _code(compile_(edit(good, widen_first_matmul)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "node" in msg
-        # a torch.export program with an op outside the covered set
+        # corrupt torch.export bytes, then a program with an op outside the covered set
         code, msg = _code(compile_(b"PK\x03\x04junk", fmt=pb.MODEL_FORMAT_EXPORTED_PROGRAM,
                                    inputs=[pb.TensorSpec(shape=[2, 32], dtype="float32")]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "torch.export" in msg
+
+        class Cumsum(torch.nn.Module):
+            def forward(self, t: torch.Tensor) -> torch.Tensor:
+                return torch.cumsum(t, 1) * 2
+
+        code, msg = _code(compile_(exported(Cumsum(), [x]), fmt=pb.MODEL_FORMAT_EXPORTED_PROGRAM,
+                                   inputs=[pb.TensorSpec(shape=[2, 32], dtype="float32")]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "cumsum" in msg and "unsupported" in msg
         # Run and GetArtifact
         info = client.compile(model, [x])
         code, msg = _code(lambda: stub.Run(pb.RunRequest(artifact_id=info.artifact_id, inputs=[tensor(np.zeros((3, 32), np.float32))]),

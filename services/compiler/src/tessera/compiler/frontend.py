@@ -90,6 +90,7 @@ class _Converter:
             F_.conv2d: self.f_conv, F_.dropout: lambda x, *a, **k: x,
             torch.mean: self.mean, torch.sum: self.sum, getattr: getattr,
         }
+        self.functions.update(self._aten())
         self.methods: dict[str, Callable[..., int | Any]] = {
             "view": lambda x, *s: self.reshape(x, s), "reshape": lambda x, *s: self.reshape(x, s),
             "flatten": lambda x, start_dim=0, end_dim=-1: self.flatten(x, start_dim, end_dim),
@@ -103,6 +104,53 @@ class _Converter:
             "unsqueeze": lambda x, d: self.unsqueeze(x, d), "squeeze": lambda x, d=None: self.squeeze(x, d),
             "t": lambda x: self.transpose(x, 0, 1), "matmul": self.matmul, "sum": self.sum,
         }
+
+    def _aten(self) -> dict[Any, Callable[..., Any]]:
+        """The ATen ops of a torch.export program (its module), onto the same handlers."""
+        a = self.torch.ops.aten
+        ident = lambda x, *_, **__: x  # noqa: E731
+        table: dict[Any, Callable[..., Any]] = {
+            a.conv2d.default: self.f_conv,
+            a.batch_norm.default: self.f_bn,
+            a.relu.default: lambda x: self.unary(Op.RELU, x), a.sigmoid.default: lambda x: self.unary(Op.SIGMOID, x),
+            a.tanh.default: lambda x: self.unary(Op.TANH, x), a.silu.default: lambda x: self.unary(Op.SILU, x),
+            a.gelu.default: lambda x, approximate="none": self.unary(Op.GELU_TANH if approximate == "tanh" else Op.GELU, x),
+            a.exp.default: lambda x: self.unary(Op.EXP, x), a.sqrt.default: lambda x: self.unary(Op.SQRT, x),
+            a.rsqrt.default: lambda x: self.unary(Op.RSQRT, x), a.neg.default: lambda x: self.unary(Op.NEG, x),
+            a.add.Tensor: self.f_add, a.sub.Tensor: lambda x, y, alpha=1: self.binary(Op.SUB, x, y),
+            a.mul.Tensor: lambda x, y: self.binary(Op.MUL, x, y), a.div.Tensor: lambda x, y: self.binary(Op.DIV, x, y),
+            a.linear.default: lambda x, w, b=None: self.linear(x, w, b),
+            a.view.default: lambda x, size: self.reshape(x, size), a.reshape.default: lambda x, size: self.reshape(x, size),
+            a.flatten.using_ints: lambda x, start_dim=0, end_dim=-1: self.flatten(x, start_dim, end_dim),
+            a.permute.default: lambda x, dims: self.permute(x, dims), a.transpose.int: self.transpose,
+            a.t.default: lambda x: self.transpose(x, 0, 1), a.unsqueeze.default: self.unsqueeze,
+            a.squeeze.dim: self.squeeze,
+            a.matmul.default: self.matmul, a.mm.default: self.matmul, a.bmm.default: self.matmul,
+            a.softmax.int: lambda x, dim, dtype=None: self.softmax(x, dim),
+            a.layer_norm.default: lambda x, shape, w=None, b=None, eps=1e-5, cudnn=True: self.layer_norm(x, shape, w, b, eps),
+            a.max_pool2d.default: self.f_maxpool, a.avg_pool2d.default: self.f_avgpool,
+            a.adaptive_avg_pool2d.default: lambda x, output_size: self.adaptive(x, output_size),
+            a.cat.default: self.cat, a.mean.dim: self.mean, a.sum.dim_IntList: self.sum,
+            a.embedding.default: lambda w, idx, *_: self.embedding(idx, w),
+            a.slice.Tensor: self.aten_slice,
+            a.dropout.default: ident, a.clone.default: ident, a.contiguous.default: ident,
+        }
+        return table
+
+    def f_bn(self, x: Any, w: Any, b: Any, mean: Any, var: Any, training: bool = False, momentum: float = 0.1,
+             eps: float = 1e-5, cudnn: bool = True) -> int:
+        if training or mean is None:
+            raise UnsupportedOpError("batch_norm in training mode or without running statistics (export the model in eval mode)")
+        x = _i(x)
+        c = self.shape(x)[1]
+        wid = _id(self, w) if w is not None else self.b.const(np.ones(c, np.float32))
+        bid = _id(self, b) if b is not None else self.b.const(np.zeros(c, np.float32))
+        return self.add(Op.BATCH_NORM, [x, wid, bid, _id(self, mean), _id(self, var)], self.shape(x), {"eps": float(eps)})
+
+    def aten_slice(self, x: Any, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> Any:
+        idx: list[Any] = [slice(None)] * len(self.shape(_i(x)))
+        idx[dim] = slice(start, end, step)
+        return self.getitem(x, tuple(idx))
 
     # ------------------------------------------------------------------ helpers
 
@@ -437,6 +485,8 @@ class _Converter:
         if not isinstance(result, torch.Tensor) and not (isinstance(result, tuple | list)
                                                          and any(isinstance(r, torch.Tensor) for r in result)):
             return result  # x.shape, x.size(0), x.dim(): concrete Python values
+        if n.op == "call_module" and str(n.target).startswith("_guards"):
+            return None  # torch.export's input guards
         if n.op == "call_module":
             mod = self.root.get_submodule(n.target)
             fn = self.modules.get(type(mod))
@@ -521,7 +571,10 @@ def from_torch(module: Any, example_inputs: Sequence[Any]) -> Graph:
 
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    module = module.eval()
+    try:
+        module = module.eval()
+    except NotImplementedError:  # the module of a torch.export program: already in inference form
+        pass
     ex = [torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x for x in example_inputs]
     return _Converter(module).convert(ex)
 

@@ -309,7 +309,7 @@ def tune_graph(graph: Graph, trials: int, log: TuningLog, *, cache_dir: str | No
     weights = {k: _flops(graph.nodes[v[0]].attrs["body"]) * len(v) for k, v in by_key.items()}
     total = sum(weights.values()) or 1.0
     for key, idx in sorted(by_key.items(), key=lambda kv: -weights[kv[0]]):
-        n = max(4, int(trials * weights[key] / total))
+        n = max(2, int(trials * weights[key] / total))
         node = graph.nodes[idx[0]]
         label = str(node.attrs["label"])
         step: Progress | None = None
