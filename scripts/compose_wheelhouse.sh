@@ -9,7 +9,9 @@
 #
 # Wheels are kept between runs in $TESSERA_CACHE_DIR/wheelhouse (default
 # /var/cache/tessera/wheelhouse); pip's own configuration (index, find-links) is used as
-# it is. Writes DIR/requirements.txt: the pinned third-party set the runtime image installs.
+# it is. Writes DIR/requirements.txt: the pinned third-party set the runtime image installs,
+# and DIR/tessera/: wheels of Tessera's own packages (built every run: they follow the code),
+# which the service images install with --no-deps.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,9 +29,16 @@ if [ "$have" != "$want" ]; then
   exit 1
 fi
 
+mkdir -p "$CACHE" "$OUT"
 PKGS=(libs/api libs/common libs/sdk services/control-store services/object-store services/task-scheduler
       services/compiler services/gpu-scheduler services/serving)
-mkdir -p "$CACHE" "$OUT"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Tessera's own wheels, from the working tree.
+rm -rf "$OUT/tessera" && mkdir -p "$OUT/tessera"
+"$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index --wheel-dir "$OUT/tessera" "${PKGS[@]}" \
+  2> >(grep -v "is neither a file nor a directory" >&2)
+echo "compose_wheelhouse: $(ls "$OUT/tessera" | wc -l) Tessera wheels in $OUT/tessera"
 # Nothing to do when the packages' metadata, this script and the target Python are unchanged.
 key=$(cat "${PKGS[@]/%//pyproject.toml}" "$0" <(echo "${TESSERA_IMAGE_PYTHON_FULL:-} ${TESSERA_TORCH_INDEX:-}") | sha256sum | cut -c1-16)
 if [ -f "$OUT/requirements.txt" ] && [ "$(cat "$OUT/.key" 2>/dev/null)" = "$key" ]; then
