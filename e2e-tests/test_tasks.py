@@ -469,3 +469,28 @@ def test_node_agent_killed_driver_reconnects(cluster: Cluster) -> None:
     assert tessera.get(refs, timeout=120) == list(range(6))
     cluster.wait_restarted("task-scheduler", pid)
     assert tessera.get(add.remote(5, 5), timeout=60) == 10
+
+
+DRIVER = """
+import sys, tessera
+tessera.init()
+@tessera.remote
+def add(a, b):
+    return a + b
+@tessera.remote
+class C:
+    def f(self, x):
+        return x * 2
+c = C.remote()
+print(tessera._api.state().session.transport, tessera.get(add.remote(1, 2)), tessera.get(c.f.remote(4)))
+tessera.shutdown()
+"""
+
+
+@pytest.mark.parametrize("transport", ["grpc", "socket"])
+def test_driver_session_over_grpc_or_the_local_socket(cluster: Cluster, transport: str) -> None:
+    assert tessera._api.state().session.transport == "socket"  # this driver shares the agent's host
+    env = dict(cluster.env, TESSERA_SESSION_TRANSPORT=transport if transport == "grpc" else "")
+    out = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [transport, "3", "8"]

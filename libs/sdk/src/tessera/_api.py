@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ import grpc
 
 from tessera import _objects
 from tessera._core import Core
+from tessera._framing import SocketConnection
 from tessera._objects import ObjectRef, ObjectStoreClient
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
@@ -81,7 +83,12 @@ def control_store() -> cpb_grpc.ControlStoreServiceStub:
 
 
 class GrpcSession:
-    """A driver's session stream with its node agent; reconnects and resubmits if the agent restarts."""
+    """A driver's session with its node agent; reconnects and resubmits if the agent restarts.
+
+    It opens over gRPC; when the agent is on this host, the session moves to the
+    agent's Unix socket (the same frames, without HTTP/2), unless
+    ``TESSERA_SESSION_TRANSPORT=grpc``.
+    """
 
     def __init__(self, address: str, core: Core, name: str) -> None:
         self.address = address
@@ -92,9 +99,15 @@ class GrpcSession:
         self.welcome = pb.Welcome()
         self.channel = rpc.stream_channel(address)
         self._call: Any = None
+        self._sock: SocketConnection | None = None
+        self._sender: threading.Thread | None = None
         self._connect(timeout=30.0)
         self.reader = threading.Thread(target=self._read, name="tessera-session", daemon=True)
         self.reader.start()
+
+    @property
+    def transport(self) -> str:
+        return "socket" if self._sock is not None else "grpc"
 
     def _connect(self, timeout: float) -> None:
         try:
@@ -108,34 +121,34 @@ class GrpcSession:
         first = next(self._call)
         self.welcome = first.welcome
         self.core.node_id = self.welcome.node_id
+        self._sock = None
+        if self.welcome.socket and self.welcome.hostname == socket.gethostname() \
+                and os.environ.get("TESSERA_SESSION_TRANSPORT", "") != "grpc":
+            try:
+                conn = SocketConnection(self.welcome.socket, timeout=5.0)
+                conn.send(hello)
+                welcome = conn.recv().welcome
+            except OSError as e:
+                log.info("staying on gRPC: the agent's socket is not reachable (%s)", e)
+                return
+            self._call.cancel()
+            self._call = None
+            self.welcome, self._sock = welcome, conn
+            self.outbox = queue.SimpleQueue()
+            self._sender = threading.Thread(target=self._socket_sender, args=(conn, self.outbox),
+                                            name="tessera-session-send", daemon=True)
+            self._sender.start()
 
     def _frames(self, hello: pb.ClientFrame, box: queue.SimpleQueue[pb.ClientFrame | None]) -> Iterator[pb.ClientFrame]:
         yield hello
-        while True:
-            frame = box.get()
-            if frame is None:
-                return
-            if not frame.submit:
-                yield frame
-                continue
-            # Coalesce the submissions that queued up meanwhile into one frame.
-            specs = list(frame.submit)
-            while len(specs) < 4096:
-                try:
-                    more = box.get_nowait()
-                except queue.Empty:
-                    more = pb.ClientFrame()
-                if more is not None and more.submit:
-                    specs.extend(more.submit)
-                    continue
-                yield pb.ClientFrame(submit=specs)
-                if more is None:
-                    return
-                if more.ByteSize():
-                    yield more
-                break
-            else:
-                yield pb.ClientFrame(submit=specs)
+        yield from _coalesced(box)
+
+    def _socket_sender(self, conn: SocketConnection, box: queue.SimpleQueue[pb.ClientFrame | None]) -> None:
+        try:
+            for frame in _coalesced(box):
+                conn.send(frame)
+        except OSError:
+            pass  # the reader notices and reconnects
 
     def send(self, frame: pb.ClientFrame) -> None:
         self.outbox.put(frame)
@@ -143,14 +156,21 @@ class GrpcSession:
     def _read(self) -> None:
         while not self.closing:
             try:
-                for frame in self._call:
-                    if frame.results:
-                        self.core.deliver(frame.results)
-            except grpc.RpcError as e:
+                if self._sock is not None:
+                    conn = self._sock
+                    while True:
+                        frame = conn.recv()
+                        if frame.results:
+                            self.core.deliver(frame.results)
+                else:
+                    for frame in self._call:
+                        if frame.results:
+                            self.core.deliver(frame.results)
+            except (grpc.RpcError, OSError) as e:
                 if self._closed():
                     return
-                log.warning("lost the session with the node agent at %s (%s): reconnecting", self.address,
-                            e.code().name)  # type: ignore[attr-defined]
+                why = e.code().name if isinstance(e, grpc.RpcError) else str(e)  # type: ignore[attr-defined]
+                log.warning("lost the session with the node agent at %s (%s): reconnecting", self.address, why)
             if self._closed():
                 return
             self._reconnect()
@@ -159,6 +179,9 @@ class GrpcSession:
         return self.closing
 
     def _reconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self.outbox.put(None)
         deadline = time.monotonic() + RECONNECT_S
         while not self.closing:
             try:
@@ -183,7 +206,39 @@ class GrpcSession:
                 self._call.cancel()
         except Exception:
             pass
+        if self._sock is not None:
+            if self._sender is not None:
+                self._sender.join(2.0)  # what is queued (e.g. kills) is written before the socket closes
+            self._sock.close()
         self.channel.close()
+
+
+def _coalesced(box: queue.SimpleQueue[pb.ClientFrame | None]) -> Iterator[pb.ClientFrame]:
+    """Frames from ``box`` until None; submissions queued meanwhile travel as one frame."""
+    while True:
+        frame = box.get()
+        if frame is None:
+            return
+        if not frame.submit:
+            yield frame
+            continue
+        specs = list(frame.submit)
+        while len(specs) < 4096:
+            try:
+                more = box.get_nowait()
+            except queue.Empty:
+                more = pb.ClientFrame()
+            if more is not None and more.submit:
+                specs.extend(more.submit)
+                continue
+            yield pb.ClientFrame(submit=specs)
+            if more is None:
+                return
+            if more.ByteSize():
+                yield more
+            break
+        else:
+            yield pb.ClientFrame(submit=specs)
 
 
 # ---------------------------------------------------------------------- init / shutdown

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -138,7 +139,7 @@ class Node:
 
     def welcome(self, sid: str) -> pb.Welcome:
         return pb.Welcome(node_id=self.node_id, session=sid, object_store_address=self.object_store_address,
-                          resources=self.agent.total)
+                          resources=self.agent.total, socket="@" + self.socket_path[1:], hostname=socket.gethostname())
 
     def client_frame(self, sid: str, frame: pb.ClientFrame) -> None:
         if frame.submit:
@@ -222,33 +223,37 @@ class Node:
             return
         w.write(pack(pb.ServerFrame(execute=[spec])))
 
-    async def _worker_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _socket_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A session over the agent's Unix socket: a worker, or a driver on this host."""
         wid = b""
         sid = ""
         try:
             hello = pb.ClientFrame.FromString(await read_frame(reader)).hello
-            wid = hello.worker_id
-            actor_id = bytes.fromhex(hello.name) if hello.name else b""
-            self.worker_writers[wid] = writer
-
-            def put(r: pb.TaskResult) -> None:
-                writer.write(pack(pb.ServerFrame(results=[r])))
-
-            sid = self.open_session(put, f"worker {wid.hex()}")
+            sink = _SocketSink(writer)
+            if hello.worker:
+                wid = hello.worker_id
+                self.worker_writers[wid] = writer
+                sid = self.open_session(sink.put, f"worker {wid.hex()}")
+            else:
+                if len(hello.job_id) != ids.JOB_ID_LEN:
+                    return
+                sid = self.open_session(sink.put, hello.name)
             writer.write(pack(pb.ServerFrame(welcome=self.welcome(sid))))
-            self.agent.worker_ready(wid, actor_id=actor_id)
+            if wid:
+                self.agent.worker_ready(wid, actor_id=bytes.fromhex(hello.name) if hello.name else b"")
             while True:
                 frame = pb.ClientFrame.FromString(await read_frame(reader))
-                for r in frame.done:
-                    self.agent.task_done(wid, r)
-                if frame.blocked:
-                    self.agent.worker_blocked(wid, frame.blocked)
+                if wid:
+                    for r in frame.done:
+                        self.agent.task_done(wid, r)
+                    if frame.blocked:
+                        self.agent.worker_blocked(wid, frame.blocked)
                 if frame.submit or frame.cancel or frame.kill_actor:
                     self.client_frame(sid, frame)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
-            log.exception("worker connection failed")
+            log.exception("session over the socket failed")
         finally:
             if sid:
                 self.close_session(sid)
@@ -454,7 +459,7 @@ class Node:
         ch, self.cs = control_store_aio_stub(self.settings)
         self._cs_channel = ch
         self.object_store_address = await self._find_object_store()
-        self._server = await asyncio.start_unix_server(self._worker_conn, path=self.socket_path, limit=2**20)
+        self._server = await asyncio.start_unix_server(self._socket_conn, path=self.socket_path, limit=2**20)
         await bus.subscribe(node_subject(self.node_id, "tasks"), self._on_tasks)
         await bus.subscribe(node_subject(self.node_id, "results"), self._on_results)
         await bus.subscribe(node_subject(self.node_id, "control"), self._on_control)
@@ -504,6 +509,24 @@ class Node:
         if self._server is not None:
             self._server.close()
         await self._cs_channel.close()
+
+
+class _SocketSink:
+    """Results for one socket session, written in batches (one frame per turn of the event loop)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.batch: list[pb.TaskResult] = []
+
+    def put(self, r: pb.TaskResult) -> None:
+        if not self.batch:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.batch.append(r)
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, []
+        if batch and not self.writer.is_closing():
+            self.writer.write(pack(pb.ServerFrame(results=batch)))
 
 
 def lineage_record(s: pb.TaskSpec) -> cpb.TaskSpec:

@@ -394,9 +394,16 @@ class Welcome(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     OBJECT_STORE_ADDRESS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    SOCKET_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
     node_id: _builtins.bytes
     session: _builtins.str
     object_store_address: _builtins.str
+    socket: _builtins.str
+    """A Unix socket (abstract; "@name") speaking the same frames, length-prefixed:
+    clients on the agent's host may move their session there (fewer copies, no HTTP/2).
+    """
+    hostname: _builtins.str
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -406,10 +413,12 @@ class Welcome(_message.Message):
         session: _builtins.str = ...,
         object_store_address: _builtins.str = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        socket: _builtins.str = ...,
+        hostname: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "object_store_address", b"object_store_address", "resources", b"resources", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "node_id", b"node_id", "object_store_address", b"object_store_address", "resources", b"resources", "session", b"session", "socket", b"socket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
