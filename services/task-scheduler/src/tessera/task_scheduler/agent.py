@@ -87,7 +87,7 @@ class NodeAgent:
         self.workers: dict[bytes, Worker] = {}
         self.idle: deque[bytes] = deque()
         self.starting = 0
-        self.queue: deque[pb.TaskSpec] = deque()
+        self.queue: deque[tuple[pb.TaskSpec, dict[str, float]]] = deque()  # ready: (spec, its request)
         self.waiting: dict[bytes, tuple[pb.TaskSpec, set[bytes]]] = {}
         self.by_object: dict[bytes, set[bytes]] = {}
         self.objects: OrderedDict[bytes, bytes] = OrderedDict()  # known to exist; inline value or b""
@@ -183,7 +183,7 @@ class NodeAgent:
     def _enqueue(self, spec: pb.TaskSpec) -> None:
         missing = {a.object_id for a in spec.args if a.WhichOneof("kind") == "object_id" and a.object_id not in self.objects}
         if not missing:
-            self.queue.append(spec)
+            self.queue.append((spec, dict(spec.resources)))
             return
         self.waiting[spec.task_id] = (spec, missing)
         for oid in missing:
@@ -211,7 +211,7 @@ class NodeAgent:
                 entry[1].discard(oid)
                 if not entry[1]:
                     del self.waiting[tid]
-                    self.queue.append(entry[0])
+                    self.queue.append((entry[0], dict(entry[0].resources)))
                     woken = True
         if woken:
             self.pump()
@@ -235,21 +235,18 @@ class NodeAgent:
 
     def pump(self) -> None:
         """Dispatch queued tasks to idle workers while resources last."""
-        scanned = 0
+        queue, avail = self.queue, self.available
         i = 0
-        while i < len(self.queue) and scanned < LOOKAHEAD:
-            spec = self.queue[i]
-            req = dict(spec.resources)
-            if not res.fits(req, self.available):
-                i += 1
-                scanned += 1
-                continue
+        while queue and i < len(queue) and i < LOOKAHEAD:
             if not self.idle:
                 self._grow()
                 return
-            del self.queue[i]
-            wid = self.idle.popleft()
-            self._run(wid, spec, req)
+            spec, req = queue[i]
+            if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
+                i += 1
+                continue
+            del queue[i]
+            self._run(self.idle.popleft(), spec, req)
 
     def _grow(self) -> None:
         live = sum(1 for w in self.workers.values() if not w.actor_id)
@@ -374,7 +371,7 @@ class NodeAgent:
             retry.CopyFrom(spec)
             retry.attempt += 1
             log.warning("%s; retrying (attempt %d)", why, retry.attempt)
-            self.queue.appendleft(retry)
+            self.queue.appendleft((retry, dict(retry.resources)))
             return
         self._finish(spec, error_result(spec, E.ERROR_KIND_WORKER_CRASHED, f"{why}; no retries left"))
 
@@ -542,7 +539,7 @@ class NodeAgent:
                 self.ports.control(entry[1], pb.Control(cancel=[tid], force=force))
 
     def _dequeue(self, tid: bytes) -> pb.TaskSpec | None:
-        for i, s in enumerate(self.queue):
+        for i, (s, _) in enumerate(self.queue):
             if s.task_id == tid:
                 del self.queue[i]
                 return s
