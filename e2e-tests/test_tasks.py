@@ -494,3 +494,22 @@ def test_driver_session_over_grpc_or_the_local_socket(cluster: Cluster, transpor
     out = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [transport, "3", "8"]
+
+
+def test_tasks_on_a_dead_node_agent_run_elsewhere(cluster: Cluster) -> None:
+    @tessera.remote
+    def slow_where(s: float) -> str:
+        time.sleep(s)
+        return os.environ["TESSERA_NODE_ID"]
+
+    refs = [slow_where.remote(0.5) for _ in range(30)]
+    second = cluster.node_ids()[1]
+    deadline = time.monotonic() + 30
+    while cluster.agent_status("task-scheduler-1").running == 0:  # wait until the other node has work
+        assert time.monotonic() < deadline, "nothing spilled to the second node"
+        time.sleep(0.05)
+    pid = cluster.kill("task-scheduler-1")
+    ran = tessera.get(refs, timeout=180)
+    assert len(ran) == 30 and set(ran) <= set(cluster.node_ids())
+    cluster.wait_restarted("task-scheduler-1", pid)
+    assert second in cluster.node_ids()

@@ -35,6 +35,23 @@ def pss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
+def mapped_pss_mib(pids: list[int], marker: str) -> float:
+    """PSS in MiB of the mappings of ``pids`` whose path contains ``marker`` (e.g. a shared-memory arena)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps") as f:
+                inside = False
+                for line in f:
+                    if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split()[0]:
+                        inside = marker in line
+                    elif inside and line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
 def make(api: Any) -> dict[str, Any]:
     """The remote functions and actor class of the workload, declared through ``api``."""
 
