@@ -27,6 +27,7 @@ def test_small_bert_layer(check: Any) -> None:
     assert any(lbl.startswith("matmul+add+gelu") for lbl in labels)  # the FFN's activation runs in the GEMM epilogue
 
 
+@pytest.mark.slow
 def test_small_resnet(check: Any) -> None:
     torch.manual_seed(0)
     cm = check(randomize_bn(ResNet18(num_classes=10, width=16)), [torch.randn(1, 3, 32, 32)], rtol=1e-4, atol=2e-5)
