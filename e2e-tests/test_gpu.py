@@ -133,7 +133,7 @@ def test_bad_input_gets_clear_errors(client: GpuClient) -> None:
 
 def test_time_slicing_three_jobs_on_two_slots_all_progress_then_packing_is_tried(client: GpuClient) -> None:
     ids = [client.submit(entry_point=ENTRY, args=["100000", str(i), "", "0.01"], name=f"ts{i}") for i in range(3)]
-    poll_until(lambda: all(client.status(j).step > 0 for j in ids), timeout=60, what="all three jobs progressed")
+    poll_until(lambda: all(client.status(j).step > 0 for j in ids), timeout=150, what="all three jobs progressed")
     poll_until(lambda: sum(client.status(j).suspensions for j in ids) >= 2, timeout=60, what="time slices")
     # each job has now run alone (its mini-batch time measured): the waiting one is packed with a runner to measure the pair
     poll_until(lambda: any(client.status(j).packed_with for j in ids), timeout=60, what="a pair packed")
