@@ -20,8 +20,8 @@ def run(print_row: Callable[..., None] = print) -> None:
         if slots < 1:
             print_row("gpu", "no GPU slots: start the stack with `tessera up --gpus-per-node 1`")
             return
-        ids = [c.submit(entry_point=ENTRY, args=["600", str(i), "", "0.01"], name=f"demo-{i}") for i in range(2)]
-        deadline = time.monotonic() + 90
+        ids = [c.submit(entry_point=ENTRY, args=["150", str(i), "", "0.01"], name=f"demo-{i}") for i in range(2)]
+        deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             jobs = [job_to_dict(c.status(j)) for j in ids]
             if all(j["state"] in ("SUCCEEDED", "FAILED", "KILLED") for j in jobs):
