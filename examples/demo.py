@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import trace
 
@@ -40,7 +41,7 @@ def main() -> int:
     started_here = False
     if tessera_cli("status") != 0:
         print("== bringing Tessera up")
-        if tessera_cli("up", "--nodes", "2") != 0:
+        if tessera_cli("up", "--nodes", "2", "--gpus-per-node", "1") != 0:
             return 1
         started_here = True
     try:
@@ -92,27 +93,47 @@ def run_demo() -> int:
     client.kv_delete(namespace, key)
     client.close()
 
-    objects = run_objects()
-    tasks = run_tasks()
+    steps: list[tuple[str, str, float, str]] = []
+
+    def step(name: str, service: str, fn: Any, result: Any) -> None:
+        t = time.perf_counter()
+        out = fn()
+        steps.append((name, service, time.perf_counter() - t, result(out)))
+
+    step("objects: 64 MiB put, zero-copy get, pull to node 2", "object-store", run_objects,
+         lambda o: f"put {o['put_gbs']:.1f} GB/s, get {o['get_us']:.0f} us"
+                   + (f", pull {o['pull_gbs']:.2f} GB/s" if "pull_gbs" in o else ""))
+    step("tasks and actors: ES on CartPole", "task-scheduler", run_tasks,
+         lambda o: f"return {o['score']:.0f} after {o['iterations']} iterations, 100 tasks in {o['tasks_s'] * 1e3:.0f} ms")
+    step("compile a CNN, run it on the service", "compiler", lambda: _step("compiler_demo", "compiler"),
+         lambda o: "matches torch")
+    step("two training jobs time-sliced on one GPU slot", "gpu-scheduler", lambda: _step("gpu_demo", "gpu"),
+         lambda o: "both progressed")
+    step("register and query pipelines", "serving", lambda: _step("serving_demo", "serving"),
+         lambda o: f"equals scikit-learn: {o.get('matches_sklearn')}" if isinstance(o, dict) else "answered")
     shutdown_tracing()
 
     print("\n== summary")
-    print(f"   services SERVING : {len(services)}")
-    print(f"   write+read+event : {elapsed:.1f} ms")
-    print(f"   put 64 MiB array : {objects['put_ms']:.1f} ms ({objects['put_gbs']:.1f} GB/s)")
-    print(f"   get it back      : {objects['get_us']:.0f} us (a read-only view of shared memory: {objects['zero_copy']})")
-    if "pull_ms" in objects:
-        print(f"   other node pulls : {objects['pull_ms']:.0f} ms ({objects['pull_gbs']:.2f} GB/s)")
-    print(f"   100 tasks        : {tasks['tasks_s'] * 1e3:.0f} ms")
-    print(f"   ES on CartPole   : return {tasks['score']:.0f} after {tasks['iterations']} iterations "
-          f"({tasks['rollouts']} rollouts by 4 actors, {tasks['seconds']:.1f} s)")
-    print(f"   trace id         : {trace_id}")
+    print(f"   services SERVING : {len(services)}; write+read+event {elapsed:.1f} ms")
+    width = max(len(n) for n, *_ in steps)
+    print(f"   {'step'.ljust(width)}  {'service':14} {'time':>7}  result")
+    for name, service, dt, result in steps:
+        print(f"   {name.ljust(width)}  {service:14} {dt:6.1f}s  {result}")
+    print(f"   trace id: {trace_id}")
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if endpoint:
         print(f"   spans exported to {endpoint}; in Jaeger: http://localhost:16686/trace/{trace_id}")
     else:
         print("   (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 with Jaeger running to see the trace)")
     return 0
+
+
+def _step(module: str, service: str) -> Any:
+    """Run ``examples/<module>.py``'s ``run(print_row)``."""
+    import importlib
+
+    print(f"\n== {service}")
+    return importlib.import_module(module).run(lambda *parts: print("   " + str(parts[-1]).strip("\n"), flush=True))
 
 
 def run_tasks() -> dict[str, float]:
