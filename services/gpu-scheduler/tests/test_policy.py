@@ -129,3 +129,19 @@ def test_pair_gain_from_measured_minibatch_times() -> None:
     assert pair_gain(0.1, 0.125, 0.2, 0.25) == pytest.approx(1.6)  # each at 80% of its speed alone: a gain
     assert pair_gain(0.1, 0.25, 0.1, 0.25) == pytest.approx(0.8)  # each at 40%: slower together, unpack
     assert pair_gain(0.0, 0.1, 0.1, 0.1) is None  # never measured alone
+
+
+def test_a_running_job_is_never_moved_just_to_be_packed() -> None:
+    # a and b ran a slice each; c waits. The round robin lets c in and b out: b is never moved
+    # onto a's GPU to be packed there (a migration just to pack).
+    pol = GandivaPolicy(quantum=2.0)
+    a = job("a", arrival=0.0, slots=(("x", 0),), run_started=10.0, last_ran=5.0)
+    b = job("b", arrival=0.0, slots=(("y", 0),), run_started=0.0)
+    c = job("c", arrival=1.0)
+    nodes = [Node("x", 1), Node("y", 1)]
+    d = pol.schedule(11.0, nodes, [a, b, c], lambda p, q: 0.0)  # no pair gains
+    assert d.placements == {"a": (("x", 0),), "c": (("y", 0),)}
+    assert [(x.kind, x.job_id) for x in plan_actions([a, b, c], d)] == [("suspend", "b"), ("start", "c")]
+    d = pol.schedule(11.0, nodes, [a, b, c], lambda p, q: None)  # unmeasured pairs: explored where b already is
+    assert d.placements["b"] == d.placements["c"] == (("y", 0),)
+    assert [(x.kind, x.job_id) for x in plan_actions([a, b, c], d)] == [("start", "c")]

@@ -326,8 +326,10 @@ class GandivaPolicy(Policy):
             shared: set[str] = set()
             for w in sorted(waiting, key=lambda j: (-prio(j), j.last_ran if j.last_ran is not None else j.arrival)):
                 for h in hosts:
-                    if h.job_id in shared or h.gpus != w.gpus:
+                    if h.job_id in shared or h.gpus != w.gpus or w.job_id == h.job_id:
                         continue
+                    if w.running and tuple(w.slots) != tuple(placed[h.job_id]):
+                        continue  # never move a running job just to pack it: it is time-sliced out instead
                     gain = pair_speed(h, w)
                     if (gain is None and self.explore_packing) or (gain is not None and gain >= self.pack_threshold):
                         placed[w.job_id] = placed[h.job_id]

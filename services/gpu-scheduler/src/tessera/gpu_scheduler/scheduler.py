@@ -352,7 +352,10 @@ class GpuScheduler:
             j = self.jobs[act.job_id]
             if act.job_id in busy or act.job_id in decision.stop:
                 continue
-            if act.kind == "suspend" or (act.kind == "migrate" and j.target_node_id):
+            if act.kind in ("suspend", "migrate"):
+                # a migration is a suspend whose restart happens on the target node (from the checkpoint)
+                if act.kind == "migrate" and not j.target_node_id:
+                    j.target_node_id = act.slots[0][0]
                 if await self._send(j.node_id, {"op": "suspend", "job_id": j.job_id}):
                     j.phase = "suspending"
                     await self._save(j)
