@@ -19,6 +19,8 @@ OUT=${1:-deploy/wheelhouse}
 CACHE=${TESSERA_CACHE_DIR:-/var/cache/tessera}/wheelhouse
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+PY=$(command -v "$PY")
+case $PY in /*) ;; *) PY=$PWD/$PY ;; esac
 
 # Must match the images' Python (Debian's python3 in the base image) in major.minor;
 # TESSERA_IMAGE_PYTHON_FULL (e.g. 3.11.2) names its exact release (compose_build.sh sets it).
@@ -34,10 +36,19 @@ PKGS=(libs/api libs/common libs/sdk services/control-store services/object-store
       services/compiler services/gpu-scheduler services/serving)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Tessera's own wheels, from the working tree.
+# Pip builds from a clean copy of the sources: nothing is written into the tree, and no
+# stale build/ or egg-info of the tree gets into a wheel.
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+tar --exclude=build --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache -cf - "${PKGS[@]}" \
+  | tar -C "$src" -xf -
+SRC_PKGS=("${PKGS[@]/#/$src/}")
+
+# Tessera's own wheels. Fixed timestamps: the same code gives the same bytes, so the
+# service images' COPY layer (and everything after it) stays cached.
 rm -rf "$OUT/tessera" && mkdir -p "$OUT/tessera"
-"$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index --wheel-dir "$OUT/tessera" "${PKGS[@]}" \
-  2> >(grep -v "is neither a file nor a directory" >&2)
+SOURCE_DATE_EPOCH=315532800 "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index \
+  --wheel-dir "$OUT/tessera" "${SRC_PKGS[@]}" 2> >(grep -v "is neither a file nor a directory" >&2)
 echo "compose_wheelhouse: $(ls "$OUT/tessera" | wc -l) Tessera wheels in $OUT/tessera"
 # Nothing to do when the packages' metadata, this script and the target Python are unchanged.
 key=$(cat "${PKGS[@]/%//pyproject.toml}" "$0" <(echo "${TESSERA_IMAGE_PYTHON_FULL:-} ${TESSERA_TORCH_INDEX:-}") | sha256sum | cut -c1-16)
@@ -52,7 +63,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 extra=()
 [ -z "${TESSERA_TORCH_INDEX:-}" ] || extra=(--extra-index-url "$TESSERA_TORCH_INDEX")
 "$PY" -m pip wheel -q --no-build-isolation --wheel-dir "$CACHE" --find-links "$CACHE" "${extra[@]}" \
-  setuptools wheel "${PKGS[@]}" 2> >(grep -v "is neither a file nor a directory" >&2)
+  setuptools wheel "${SRC_PKGS[@]}" 2> >(grep -v "is neither a file nor a directory" >&2)
 
 # The resolved set: what `pip install --dry-run` picks for the packages, from the cache only.
 # The host's Python may differ from the image's in its patch release (markers such as
@@ -60,11 +71,11 @@ extra=()
 # added, built into the cache, and the set is resolved again.
 IMAGE_PY=${TESSERA_IMAGE_PYTHON_FULL:-}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" "$src"' EXIT
 : >"$work/extra.txt"
 for round in 1 2 3; do
   "$PY" -m pip install -q --dry-run --ignore-installed --no-index --find-links "$CACHE" --report "$work/report.json" \
-    setuptools wheel "${PKGS[@]}" -r "$work/extra.txt" 2> >(grep -v "is neither a file nor a directory" >&2)
+    setuptools wheel "${SRC_PKGS[@]}" -r "$work/extra.txt" 2> >(grep -v "is neither a file nor a directory" >&2)
   rc=0
   "$PY" - "$work/report.json" "$IMAGE_PY" "$work/extra.txt" <<'PY' || rc=$?
 import json, sys
