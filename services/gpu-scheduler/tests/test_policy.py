@@ -145,3 +145,14 @@ def test_a_running_job_is_never_moved_just_to_be_packed() -> None:
     d = pol.schedule(11.0, nodes, [a, b, c], lambda p, q: None)  # unmeasured pairs: explored where b already is
     assert d.placements["b"] == d.placements["c"] == (("y", 0),)
     assert [(x.kind, x.job_id) for x in plan_actions([a, b, c], d)] == [("start", "c")]
+
+
+def test_a_suspended_job_waits_for_its_own_node() -> None:
+    # s waits suspended on node x (its process is there); node y has a free GPU, x has none
+    pol = GandivaPolicy(quantum=2.0, explore_packing=False)
+    r = job("r", arrival=0.0, slots=(("x", 0),), run_started=10.0)
+    s = job("s", arrival=0.0, last_ran=1.0, home="x")
+    y = job("y", arrival=5.0, slots=(("y", 0),), run_started=0.0)
+    d = pol.schedule(11.0, [Node("x", 1), Node("y", 1)], [r, s, y])
+    assert "s" not in d.placements or nodes_of(d.placements["s"]) == {"x"}
+    assert all(x.kind != "start" or nodes_of(x.slots) == {"x"} for x in plan_actions([r, s, y], d) if x.job_id == "s")

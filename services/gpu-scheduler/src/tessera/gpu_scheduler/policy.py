@@ -171,7 +171,12 @@ class Policy:
                 out[j.job_id] = cur
                 self._take(cur, free)
         for j in sorted((j for j in run if j.job_id not in out), key=lambda j: -j.gpus):
-            slots = self._fit(j.gpus, free, prefer=j.target or j.home)
+            if j.home and not j.target and j.home in free:
+                # a suspended job waits for a GPU of its own node (where its process is) rather than
+                # moving: time slices rotate per node; moves are for migrations
+                slots = self._fit(j.gpus, {j.home: free[j.home]}, spread=False)
+            else:
+                slots = self._fit(j.gpus, free, prefer=j.target or j.home)
             if slots is None:
                 continue
             out[j.job_id] = slots
@@ -330,6 +335,8 @@ class GandivaPolicy(Policy):
                         continue
                     if w.running and tuple(w.slots) != tuple(placed[h.job_id]):
                         continue  # never move a running job just to pack it: it is time-sliced out instead
+                    if w.home and nodes_of(placed[h.job_id]) != {w.home}:
+                        continue  # nor a suspended one away from the node where it waits
                     gain = pair_speed(h, w)
                     if (gain is None and self.explore_packing) or (gain is not None and gain >= self.pack_threshold):
                         placed[w.job_id] = placed[h.job_id]

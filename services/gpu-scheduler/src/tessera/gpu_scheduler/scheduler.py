@@ -285,8 +285,9 @@ class GpuScheduler:
             else:
                 await self._finish(j, S.JOB_STATE_FAILED, rep.get("message") or f"exited with code {rc}", rc)
             return
-        if j.phase == "starting" and state == "running":
-            j.phase = ""
+        if j.phase == "starting" and state == "running" and rep["step"] > j.checkpoint_step:
+            j.phase = ""  # it reached its first mini-batch boundary: its time slice starts now
+            j.run_started_at = self.clock()
             changed = True
         if j.phase == "suspending" and state == "suspended":
             j.phase, j.state = "", S.JOB_STATE_SUSPENDED
@@ -298,6 +299,7 @@ class GpuScheduler:
             return
         if j.phase == "resuming" and state == "running":
             j.phase = ""
+            j.run_started_at = self.clock()
             changed = True
         now = self.clock()
         if j.spec.time_limit_s and j.state == S.JOB_STATE_RUNNING and j.started_at and \
@@ -314,15 +316,20 @@ class GpuScheduler:
         for j in self.list_jobs():
             if j.state in TERMINAL:
                 continue
-            running = j.state == S.JOB_STATE_RUNNING
+            # a job letting go of its GPUs is off them for the policy (its slots stay busy until it has let go);
+            # one still starting or resuming is at the very beginning of its time slice
+            leaving = j.phase in ("suspending", "stopping")
+            running = j.state == S.JOB_STATE_RUNNING and not leaving
+            run_started = self.clock() if j.phase in ("starting", "resuming") else j.run_started_at
+            last_ran = self.clock() if leaving else (j.last_ran_at or None)
             acc = j.metrics.get("accuracy")
             views.append(JobView(
                 j.job_id, j.spec.gpus, j.submitted_at, priority=j.spec.priority, group=j.spec.group_id,
                 app=j.spec.entry_point or j.spec.image, elastic=False,
                 slots=tuple((j.node_id, int(s)) for s in j.gpu_slots) if running else (),
-                run_started=j.run_started_at, last_ran=j.last_ran_at or None, attained=j.attained_gpu_s,
+                run_started=run_started, last_ran=last_ran, attained=j.attained_gpu_s,
                 accuracy=acc, held=j.held, target=j.target_node_id,
-                home=j.node_id if j.state == S.JOB_STATE_SUSPENDED else ""))
+                home=j.node_id if j.state == S.JOB_STATE_SUSPENDED or leaving else ""))
         return nodes, views
 
     async def tick(self) -> None:
