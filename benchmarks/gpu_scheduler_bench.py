@@ -58,11 +58,13 @@ def suspend_resume(repeat: int) -> dict[str, float]:
         loads.append(t2 - t1)
         fresh.append(t3 - t2)
     size = path.stat().st_size
-    path.unlink()
+    import shutil
+
+    shutil.rmtree(job.ckpt_dir, ignore_errors=True)
     # the peer: torch.save / torch.load of the same state to the same ramdisk
     ts, tl = [], []
     for _ in range(repeat):
-        p = d / "tessera-gpu-bench" / "peer.pt"
+        p = d / "tessera-gpu-bench-peer.pt"
         t0 = time.perf_counter()
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, p)
         t1 = time.perf_counter()

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -305,6 +306,7 @@ class NodeAgent:
                 await asyncio.wait_for(pr.wait(), 5.0)
             except TimeoutError:
                 pr.kill()
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # node-local checkpoints: copies live in the object store
 
 
 async def _docker_unavailable() -> str:
