@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     task_scheduler_max_workers: int = Field(64, gt=0, description="task-scheduler: worker processes per node (besides actors)")
     task_scheduler_prestart_workers: int = Field(-1, ge=-1, description="task-scheduler: workers started up front; -1: one per CPU")
     task_scheduler_queue_per_cpu: float = Field(4.0, gt=0, description="task-scheduler: queued tasks per CPU before spilling")
+    task_scheduler_flush_s: float = Field(0.05, ge=0, description="task-scheduler: how long small results and lineage gather before they are written")
     task_scheduler_unschedulable_s: float = Field(30.0, ge=0, description="task-scheduler: how long a task no node can run waits for one")
 
     # --- launcher ------------------------------------------------------------------
