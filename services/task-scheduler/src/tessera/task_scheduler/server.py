@@ -29,7 +29,7 @@ from tessera.task_scheduler import resources as res
 from tessera.task_scheduler.agent import NodeAgent, error_result
 from tessera.task_scheduler.frames import pack, read_frame
 from tessera.task_scheduler.placement import NodeView
-from tessera.task_scheduler.scheduler import GlobalScheduler
+from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, GlobalScheduler, node_subject
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,7 @@ SERVICE = "tessera.task_scheduler.v1.TaskSchedulerService"
 K = pb.TaskKind
 E = pb.ErrorKind
 LOAD_INTERVAL_S = 0.1
-SPILL_SUBJECT = "tessera.sched.spill"
-LOAD_SUBJECT = "tessera.sched.load"
-GLOBAL_QUEUE = "task-scheduler-global"
 ACTOR_STATES = {"ALIVE": cpb.ACTOR_STATE_ALIVE, "RESTARTING": cpb.ACTOR_STATE_RESTARTING, "DEAD": cpb.ACTOR_STATE_DEAD}
-
-
-def node_subject(node_id: bytes, what: str) -> str:
-    return f"tessera.sched.node.{node_id.hex()}.{what}"
 
 
 def node_resources(settings: Settings) -> dict[str, float]:
