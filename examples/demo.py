@@ -106,9 +106,9 @@ def run_demo() -> int:
     step("tasks and actors: ES on CartPole", "task-scheduler", run_tasks,
          lambda o: f"return {o['score']:.0f} after {o['iterations']} iterations, 100 tasks in {o['tasks_s'] * 1e3:.0f} ms")
     step("compile a CNN, run it on the service", "compiler", lambda: _step("compiler_demo", "compiler"),
-         lambda o: "matches torch")
+         lambda o: "ran; figures above")
     step("two training jobs time-sliced on one GPU slot", "gpu-scheduler", lambda: _step("gpu_demo", "gpu"),
-         lambda o: "both progressed")
+         lambda o: "ran; job states above")
     step("register and query pipelines", "serving", lambda: _step("serving_demo", "serving"),
          lambda o: f"equals scikit-learn: {o.get('matches_sklearn')}" if isinstance(o, dict) else "answered")
     shutdown_tracing()
