@@ -64,9 +64,6 @@ class Recorder:
     def record_created(self, specs: list[pb.TaskSpec]) -> None:
         self.created += specs
 
-    def record_finished(self, result: pb.TaskResult) -> None:
-        pass
-
     def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
         self.actor_states.append((actor_id, state))
 

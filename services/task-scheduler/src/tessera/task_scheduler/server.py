@@ -97,7 +97,6 @@ class Node:
                                unschedulable_after_s=settings.task_scheduler_unschedulable_s,
                                max_workers=settings.task_scheduler_max_workers)
         self.sessions: dict[str, Any] = {}  # session id -> put(result)
-        self.session_names: dict[str, str] = {}
         self.next_session = 0
         self.worker_writers: dict[bytes, asyncio.StreamWriter] = {}
         self.procs: dict[bytes, asyncio.subprocess.Process] = {}
@@ -122,13 +121,11 @@ class Node:
         self.next_session += 1
         sid = f"s{self.next_session}"
         self.sessions[sid] = put
-        self.session_names[sid] = name
         return sid
 
     def close_session(self, sid: str) -> None:
         if self.sessions.pop(sid, None) is not None:
             self.agent.owner_gone(sid)
-        self.session_names.pop(sid, None)
 
     def welcome(self, sid: str) -> pb.Welcome:
         return pb.Welcome(node_id=self.node_id, session=sid, object_store_address=self.object_store_address,
@@ -314,9 +311,6 @@ class Node:
     def record_created(self, specs: list[pb.TaskSpec]) -> None:
         for spec in specs:
             self._recorded[spec.task_id] = spec
-
-    def record_finished(self, result: pb.TaskResult) -> None:  # (recorded when results reach their owner)
-        pass
 
     def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
         req = cpb.UpdateActorRequest(actor_id=actor_id, state=ACTOR_STATES[state], node_id=self.node_id,
