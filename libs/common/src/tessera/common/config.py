@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The six services, by their canonical (dashed) names.
@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     )
     control_store_address: str = Field("127.0.0.1:50051", description="host:port of the control store's gRPC API")
 
+    # --- credentials (a *_file setting, when set, wins over its value setting) ------
+    auth_token: SecretStr = Field(SecretStr(""), description="shared token every gRPC call must carry as 'authorization: Bearer <token>'; empty: no authentication")
+    auth_token_file: Path | None = Field(None, description="file holding auth_token (wins over auth_token when both are set)")
+    nats_user: str = Field("", description="NATS user name (with nats_password); empty: the user of nats_url, if any")
+    nats_password: SecretStr = Field(SecretStr(""), description="NATS password")
+    nats_password_file: Path | None = Field(None, description="file holding nats_password (wins over nats_password)")
+    redis_password: SecretStr = Field(SecretStr(""), description="control-store: Redis password (requirepass) of every shard")
+    redis_password_file: Path | None = Field(None, description="file holding redis_password (wins over redis_password)")
+
     # --- this process's gRPC server ----------------------------------------------
     grpc_host: str = Field("127.0.0.1", description="interface the gRPC server binds (0.0.0.0 in containers)")
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
@@ -53,6 +62,7 @@ class Settings(BaseSettings):
 
     # --- calls ---------------------------------------------------------------------
     rpc_timeout_s: float = Field(10.0, gt=0, description="deadline given to any gRPC call that sets none")
+    grpc_max_message_bytes: int = Field(64 * 1024**2, ge=1024, description="largest gRPC message a server or channel sends or accepts; bigger ones get RESOURCE_EXHAUSTED")
     nats_request_timeout_s: float = Field(5.0, gt=0, description="deadline of a NATS request")
 
     # --- liveness ------------------------------------------------------------------

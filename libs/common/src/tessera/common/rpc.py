@@ -7,6 +7,12 @@ Server side: :func:`create_server` builds a ``grpc.aio`` server with OpenTelemet
 Client side: :func:`aio_channel` / :func:`channel` give channels whose calls always
 carry a deadline (the default when the caller sets none), are traced, and are
 retried on UNAVAILABLE only for the idempotent methods named.
+
+Authentication (:mod:`tessera.common.auth`): with a token configured, servers
+refuse calls without it (health and reflection stay open) and every channel made
+here sends it. Message sizes are bounded on both sides (``grpc_max_message_bytes``):
+a bigger message fails with RESOURCE_EXHAUSTED. :func:`downstream_timeout` passes
+a handler's remaining deadline on to the calls it makes.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ from opentelemetry.instrumentation.grpc import (
     grpcext,
 )
 
-from tessera.common import errors
+from tessera.common import auth, errors
+from tessera.common.config import Settings
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
-#: Largest message either side accepts (batched writes can be large).
+#: Largest message either side accepts by default (batched writes can be large); ``grpc_max_message_bytes``.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _CODES: dict[str, grpc.StatusCode] = {c.name: c for c in grpc.StatusCode}
@@ -146,17 +153,29 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_re
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-def create_server(*, traced: bool = True) -> grpc.aio.Server:
-    """A grpc.aio server with tracing and error mapping installed."""
+def create_server(
+    *, traced: bool = True, token: str | None = None, max_message_bytes: int | None = None,
+    settings: Settings | None = None,
+) -> grpc.aio.Server:
+    """A grpc.aio server with authentication (when a token is set), tracing and error mapping installed.
+
+    ``token`` and ``max_message_bytes`` default to the settings (``auth_token``/``auth_token_file``,
+    ``grpc_max_message_bytes``); an empty token turns authentication off.
+    """
+    s = settings or Settings()
+    token = auth.server_token(s) if token is None else token
+    limit = max_message_bytes or s.grpc_max_message_bytes
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if token:
+        interceptors.append(auth.ServerAuth(token))
     if traced:
         interceptors.append(aio_server_interceptor(filter_=_untraced()))
     interceptors.append(_ErrorMapping())
     return grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
             # accept the clients' keepalive pings (every 30 s, also on idle streams such as
             # sessions and watches) instead of answering them with GOAWAY "too_many_pings"
@@ -191,10 +210,31 @@ def service_config(service: str, idempotent_methods: Iterable[str]) -> str:
     return json.dumps(cfg)
 
 
-def _options(service: str | None, idempotent: Iterable[str]) -> list[tuple[str, Any]]:
+def downstream_timeout(context: grpc.aio.ServicerContext, default: float, *, floor: float = 0.01) -> float:
+    """The deadline for a call a handler makes: ``default``, cut to what remains of the handler's own.
+
+    A caller that gave up is not kept waiting on work done for it downstream. Never
+    below ``floor`` (the downstream call then fails at once with DEADLINE_EXCEEDED).
+    """
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default
+    return max(floor, min(default, remaining))
+
+
+def _client_token(token: str | None) -> str:
+    return auth.client_token() if token is None else token
+
+
+def _max_bytes(max_message_bytes: int | None) -> int:
+    return max_message_bytes or Settings().grpc_max_message_bytes
+
+
+def _options(service: str | None, idempotent: Iterable[str], max_message_bytes: int | None = None) -> list[tuple[str, Any]]:
+    limit = _max_bytes(max_message_bytes)
     opts: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
     ]
@@ -240,12 +280,21 @@ def aio_channel(
     service: str | None = None,
     idempotent_methods: Sequence[str] = (),
     default_timeout: float = 10.0,
+    token: str | None = None,
+    max_message_bytes: int | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel: default deadline, tracing, retries for ``idempotent_methods`` of ``service``."""
+    """An asyncio channel: default deadline, tracing, retries for ``idempotent_methods`` of ``service``.
+
+    Calls carry ``token`` (default: :func:`tessera.common.auth.client_token`; empty: none).
+    """
+    key = _client_token(token)
+    interceptors: list[Any] = [*aio_client_interceptors(), _AioDefaultDeadline(default_timeout)]
+    if key:
+        interceptors = [*auth.aio_client_auth(key), *interceptors]
     return grpc.aio.insecure_channel(
         target,
-        options=_options(service, idempotent_methods),
-        interceptors=[*aio_client_interceptors(), _AioDefaultDeadline(default_timeout)],
+        options=_options(service, idempotent_methods, max_message_bytes),
+        interceptors=interceptors,
     )
 
 
@@ -256,13 +305,16 @@ def trace_metadata() -> list[tuple[str, str]]:
     return list(carrier.items())
 
 
-def stream_channel(target: str) -> grpc.Channel:
+def stream_channel(target: str, *, token: str | None = None, max_message_bytes: int | None = None) -> grpc.Channel:
     """A blocking channel for long-lived streams that the caller cancels (no default deadline).
 
     The OpenTelemetry client interceptor hides a stream's ``cancel()``, so streams
-    carry trace context through :func:`trace_metadata` instead.
+    carry trace context through :func:`trace_metadata` instead. Calls carry the token
+    as :func:`aio_channel`'s do (that interceptor keeps ``cancel()``).
     """
-    return grpc.insecure_channel(target, options=_options(None, ()))
+    ch = grpc.insecure_channel(target, options=_options(None, (), max_message_bytes))
+    key = _client_token(token)
+    return grpc.intercept_channel(ch, auth.ClientAuth(key)) if key else ch
 
 
 def channel(
@@ -271,10 +323,15 @@ def channel(
     service: str | None = None,
     idempotent_methods: Sequence[str] = (),
     default_timeout: float = 10.0,
+    token: str | None = None,
+    max_message_bytes: int | None = None,
 ) -> grpc.Channel:
     """A blocking channel with the same guarantees as :func:`aio_channel`."""
-    ch = grpc.insecure_channel(target, options=_options(service, idempotent_methods))
+    ch = grpc.insecure_channel(target, options=_options(service, idempotent_methods, max_message_bytes))
     traced = grpcext.intercept_channel(ch, client_interceptor())
+    key = _client_token(token)
+    if key:
+        return grpc.intercept_channel(traced, _DefaultDeadline(default_timeout), auth.ClientAuth(key))
     return grpc.intercept_channel(traced, _DefaultDeadline(default_timeout))
 
 
