@@ -156,3 +156,25 @@ def test_a_suspended_job_waits_for_its_own_node() -> None:
     d = pol.schedule(11.0, [Node("x", 1), Node("y", 1)], [r, s, y])
     assert "s" not in d.placements or nodes_of(d.placements["s"]) == {"x"}
     assert all(x.kind != "start" or nodes_of(x.slots) == {"x"} for x in plan_actions([r, s, y], d) if x.job_id == "s")
+
+
+def test_grow_across_whole_free_nodes_keeps_locality() -> None:
+    # an 8-GPU job on nodes a and b grows onto the free nodes c and d (4 x 4 GPUs), never onto a partial node
+    nodes = [Node(n, 4) for n in "abcd"]
+    big = job("big", 8, elastic=True, slots=tuple((n, g) for n in "ab" for g in range(4)))
+    d = GandivaPolicy(grow_factor=2.0).schedule(1.0, nodes, [big])
+    assert len(d.placements["big"]) == 16 and nodes_of(d.placements["big"]) == set("abcd")
+    assert plan_actions([big], d)[0].kind == "migrate"  # over new nodes: a checkpoint-restart, not an in-place resize
+    # with two GPUs of d taken, it grows to 14 GPUs: 15 would need a fifth node
+    small = job("small", 2, slots=(("d", 0), ("d", 1)))
+    d = GandivaPolicy(grow_factor=2.0).schedule(1.0, nodes, [big, small])
+    assert len(d.placements["big"]) == 14 and nodes_of(d.placements["big"]) == set("abcd")
+    assert d.placements["small"] == small.slots
+    # a job on one node grows within it only, even when whole nodes are free
+    one = job("one", 2, elastic=True, slots=(("a", 0), ("a", 1)))
+    assert nodes_of(GandivaPolicy().schedule(1.0, nodes, [one]).placements["one"]) == {"a"}
+    # a job that is not elastic never grows
+    fixed = job("fixed", 2, slots=(("a", 0), ("a", 1)))
+    assert GandivaPolicy().schedule(1.0, nodes, [fixed]).placements["fixed"] == fixed.slots
+    with pytest.raises(ValueError, match="grow_factor"):
+        GandivaPolicy(grow_factor=0.5)

@@ -86,3 +86,15 @@ def test_cli_simulate_json_and_errors(capsys: pytest.CaptureFixture[str], tmp_pa
     trace.write_text(SMALL + "z,1,cifar10,x,1\n")
     assert handler(ap.parse_args(["gpu", "simulate", "--trace", str(trace), "--gpus", "4"])) == 1
     assert "is not an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trace", ["workload-1.csv", "workload-2.csv"])
+def test_gandiva_beats_las_and_fifo_on_the_pollux_traces(trace: str) -> None:
+    """On 64 GPUs (4 per node): average JCT gandiva < LAS < FIFO, and utilization >= 1.2 x FIFO's."""
+    jobs = read_trace(TRACES / trace)
+    res = {p: simulate(jobs, make_policy(p), gpus=64, gpus_per_node=4) for p in ("fifo", "las", "gandiva")}
+    assert res["gandiva"].avg_jct_h < res["las"].avg_jct_h < res["fifo"].avg_jct_h
+    assert res["gandiva"].utilization >= 1.2 * res["fifo"].utilization
+    # the useful work is the same whatever the policy: utilization ratios are makespan ratios
+    ratio = res["gandiva"].utilization / res["fifo"].utilization
+    assert ratio == pytest.approx(res["fifo"].makespan_h / res["gandiva"].makespan_h, rel=1e-6)

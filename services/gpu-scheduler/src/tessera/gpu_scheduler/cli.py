@@ -18,7 +18,10 @@ EXIT_OK, EXIT_FAIL = 0, 1
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Callable[[argparse.Namespace], int]:
     gpu = sub.add_parser("gpu", help="GPU jobs: submit, list, kill; simulate policies over a trace")
     gsub = gpu.add_subparsers(dest="gpu_command", required=True)
-    sim = gsub.add_parser("simulate", help="replay a trace CSV through one or more policies")
+    from tessera.gpu_scheduler.simulator import METRICS
+
+    sim = gsub.add_parser("simulate", help="replay a trace CSV through one or more policies", epilog=METRICS,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     sim.add_argument("--trace", required=True, help="CSV: name,time,application,num_replicas,batch_size")
     sim.add_argument("--policy", default="all", help="gandiva, fifo, las, a comma-separated list, or all")
     sim.add_argument("--gpus", type=int, required=True, help="GPUs in the simulated cluster")

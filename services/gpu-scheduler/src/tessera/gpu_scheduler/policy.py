@@ -20,8 +20,9 @@ Gandiva (Xiao et al., OSDI 2018), as implemented here:
   together run faster than one alone; a pair measured slower is unpacked;
 - migration: when a job can only be placed across nodes although a
   re-arrangement would give every job its locality, running jobs are moved;
-- grow-shrink: with nothing waiting, an elastic job grows up to twice its GPUs
-  within its node, and shrinks back as soon as anything waits;
+- grow-shrink: with nothing waiting, an elastic job grows up to four times its GPUs
+  (within its node; a job over several nodes also onto free nodes, never over more
+  nodes than the GPUs need), and shrinks back as soon as anything waits;
 - early feedback for multi-jobs (a hyper-parameter search sharing a group id):
   jobs whose reported accuracy trails the group's best are deprioritized, and
   optionally stopped.
@@ -252,19 +253,24 @@ class GandivaPolicy(Policy):
         explore_packing: pack a pair that nobody has measured yet, to measure it.
         feedback_margin: a group job whose accuracy is below ``best * (1 - margin)`` is deprioritized.
         stop_below: if set, one whose accuracy is below ``best * stop_below`` is stopped.
-        grow: let elastic jobs grow within their node while nothing waits.
+        grow: let elastic jobs grow while nothing waits.
+        grow_factor: how many times its GPUs an elastic job may grow to.
     """
 
     name = "gandiva"
 
     def __init__(self, *, quantum: float = 60.0, pack_threshold: float = 1.1, explore_packing: bool = True,
-                 feedback_margin: float = 0.1, stop_below: float | None = None, grow: bool = True) -> None:
+                 feedback_margin: float = 0.1, stop_below: float | None = None, grow: bool = True,
+                 grow_factor: float = 4.0) -> None:
         super().__init__(quantum=quantum)
         self.pack_threshold = pack_threshold
         self.explore_packing = explore_packing
         self.feedback_margin = feedback_margin
         self.stop_below = stop_below
         self.grow = grow
+        if grow_factor < 1:
+            raise ValueError("grow_factor must be >= 1")
+        self.grow_factor = grow_factor
 
     def _feedback(self, jobs: Sequence[JobView]) -> tuple[set[str], dict[str, str]]:
         demoted: set[str] = set()
@@ -347,24 +353,38 @@ class GandivaPolicy(Policy):
         return Decision(placements=placed, stop=stop)
 
     def _grow(self, placed: dict[str, Placement], jobs: dict[str, JobView], nodes: Sequence[Node]) -> None:
-        """Nothing waits: elastic single-node jobs take free GPUs of their node, up to twice their ask."""
+        """Nothing waits: elastic jobs take free GPUs, up to ``grow_factor`` times their ask, without losing locality.
+
+        A job first keeps the GPUs it already grew into (no resize back and forth), then takes
+        free GPUs of its own nodes; a job over several nodes also takes those of the emptiest other
+        nodes, up to the largest count that still spans no more nodes than that many GPUs need. A
+        job on one node stays on it (it learns its new GPUs at a mini-batch boundary, no restart).
+        Oldest jobs grow first.
+        """
         busy = {s for slots in placed.values() for s in slots}
         for jid in sorted(placed, key=lambda k: (jobs[k].arrival, k)):
             j = jobs[jid]
-            node_ids = nodes_of(placed[jid])
-            if not j.elastic or len(node_ids) != 1:
+            cur = placed[jid]
+            if not j.elastic or len(nodes_of(cur)) > min_nodes(len(cur), nodes):
                 continue
-            node = next(iter(node_ids))
-            total = next(n.gpus for n in nodes if n.node_id == node)
-            free = [(node, g) for g in range(total) if (node, g) not in busy]
-            want = min(2 * j.gpus, j.gpus + len(free)) - j.gpus
-            if want <= 0:
+            want = int(self.grow_factor * j.gpus) - len(cur)
+            free = {n.node_id: [g for g in range(n.gpus) if (n.node_id, g) not in busy] for n in nodes}
+            if want <= 0 or not any(free.values()):
                 continue
-            # Keep slots it already grew into, when still free.
-            extra_kept = [s for s in j.slots[j.gpus:] if s in free][:want]
-            extra = extra_kept + [s for s in free if s not in extra_kept][: want - len(extra_kept)]
-            placed[jid] = placed[jid] + tuple(extra)
-            busy.update(extra)
+            mine = nodes_of(cur)
+            kept = [s for s in j.slots[j.gpus:] if s not in busy and s not in cur]
+            own = [(n, g) for n in sorted(mine) for g in free[n]]
+            others = [(n, g) for n in sorted(set(free) - mine, key=lambda n: (-len(free[n]), n)) for g in free[n]
+                      ] if len(mine) > 1 else []
+            order = list(dict.fromkeys(kept + own + others))
+            best: Placement = ()
+            for k in range(1, min(want, len(order)) + 1):
+                grown = cur + tuple(order[:k])
+                if len(nodes_of(grown)) <= min_nodes(len(grown), nodes):
+                    best = grown
+            if best:
+                placed[jid] = best
+                busy.update(best)
 
 
 def make_policy(name: str, **kwargs: object) -> Policy:

@@ -21,6 +21,20 @@ from tessera.gpu_scheduler import profiles
 from tessera.gpu_scheduler.policy import JobView, Node, Policy, nodes_of, plan_actions
 from tessera.gpu_scheduler.trace import TraceJob
 
+METRICS = """\
+metrics (times from the first arrival; JCT = finish - arrival):
+  utilization   useful GPU compute / (GPUs x makespan). Useful compute of a job is what the progress it
+                made would use alone, local, on the GPUs it asked for: progress x GPUs asked x the
+                application's profiled utilization (profiles.py). Packing counts by the progress both jobs
+                make; GPUs a grown job holds beyond its ask count only by the speed-up they give; a job
+                restoring (suspend/resume, migration) or slowed by a spread placement counts only what it
+                gets done. The numerator is the same for every policy: the ratio of two policies'
+                utilizations is the inverse ratio of their makespans.
+  allocation    GPU-time held by jobs / (GPUs x makespan); allocation_while_waiting: the same over the
+                time some job waits.
+  queueing      first start - arrival; time to first feedback: per group, arrival of its first job to
+                the first accuracy report of its last."""
+
 FEEDBACK_EVERY = 0.05  # a job reports accuracy every 5% of its work (an epoch-like evaluation)
 EPS = 1e-9
 
@@ -208,9 +222,10 @@ def simulate(trace: Sequence[TraceJob], policy: Policy, *, gpus: int, gpus_per_n
             run_dt = max(0.0, nxt - start)
             before = j.progress()
             j.remaining -= rate * run_dt
-            # compute used: the job's GPU share (its profiled utilization) times its speed, per GPU it holds
-            grow = (len(v.slots) / v.gpus) ** profiles.GROW_EXPONENT if len(v.slots) > v.gpus else 1.0
-            gpu_area += len(v.slots) * profiles.profile(j.app).util * (rate / grow) * run_dt
+            # useful compute: what the progress made would use alone on the GPUs asked for (their profiled
+            # utilization). Packing counts by the progress both jobs make; GPUs a grown job holds beyond its
+            # ask count only by the speed-up they give, and a stalled or slowed (spread) job by what it gets done.
+            gpu_area += v.gpus * profiles.profile(j.app).util * rate * run_dt
             after = 1.0 if j.remaining <= j.work * 1e-9 else j.progress()
             while j.next_feedback <= after + EPS and j.next_feedback <= 1.0:
                 when = start + (j.next_feedback - before) * j.work / rate if rate > 0 else nxt
