@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tessera.common.telemetry import ENV_TRACEPARENT, ENV_TRACESTATE, traceparent_env
 
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # tessera.gpu._job.EXIT_STOPPED
+JOB_SERVICE_NAME = "gpu-job"  # the service.name of a job's spans
 
 Upload = Callable[[Path], Awaitable[bytes]]
 Fetch = Callable[[bytes, Path], Awaitable[None]]
@@ -40,21 +42,33 @@ class GpuInfo:
     names: list[str] = field(default_factory=list)
 
 
+def _name(raw: object) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)  # older NVML bindings give bytes
+
+
 def discover_gpus(virtual: int) -> GpuInfo:
-    """The node's GPUs through NVML when there are any, else ``virtual`` slots."""
+    """The node's GPUs through NVML (the optional ``nvidia-ml-py``) when there are any, else ``virtual`` slots.
+
+    No library, no driver, or no device: ``virtual`` slots, and the reason is logged.
+    """
     try:
         import pynvml
-
+    except ImportError:
+        log.info("no NVML bindings (pip install nvidia-ml-py): %d virtual GPU slot(s)", virtual)
+        return GpuInfo(virtual, "virtual", [f"virtual-{i}" for i in range(virtual)])
+    try:
         pynvml.nvmlInit()
         try:
-            n = pynvml.nvmlDeviceGetCount()
-            names = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(n)]
+            n = int(pynvml.nvmlDeviceGetCount())
+            names = [_name(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(n)]
         finally:
             pynvml.nvmlShutdown()
-        if n:
-            return GpuInfo(n, "nvml", names)
-    except Exception:  # no driver, no library: virtual slots
-        pass
+    except Exception as e:  # e.g. NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded
+        log.info("NVML unusable (%s): %d virtual GPU slot(s)", e, virtual)
+        return GpuInfo(virtual, "virtual", [f"virtual-{i}" for i in range(virtual)])
+    if n:
+        return GpuInfo(n, "nvml", names)
+    log.info("NVML finds no GPU: %d virtual GPU slot(s)", virtual)
     return GpuInfo(virtual, "virtual", [f"virtual-{i}" for i in range(virtual)])
 
 
@@ -150,6 +164,11 @@ class NodeAgent:
                    TESSERA_GPU_ENTRY=str(spec.get("entry_point", "")), TESSERA_GPU_ARGS=json.dumps(list(spec.get("args", []))))
         if self.control_store_address:
             env["TESSERA_ADDRESS"] = self.control_store_address
+        # the job continues the trace of the command that starts it, under its own service name
+        env.pop(ENV_TRACEPARENT, None)
+        env.pop(ENV_TRACESTATE, None)
+        env.update(traceparent_env())
+        env["OTEL_SERVICE_NAME"] = str((spec.get("env") or {}).get("OTEL_SERVICE_NAME") or JOB_SERVICE_NAME)
         if self.gpus.kind == "nvml":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))
         env.pop("TESSERA_GPU_RESTORE", None)
