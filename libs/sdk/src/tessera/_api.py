@@ -23,7 +23,7 @@ from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.client._discovery import find_cluster
-from tessera.common import ids, rpc
+from tessera.common import auth, ids, rpc
 from tessera.common.config import Settings
 from tessera.common.registry import control_store_stub
 from tessera.exceptions import TesseraSDKError
@@ -126,7 +126,9 @@ class GrpcSession:
                 and os.environ.get("TESSERA_SESSION_TRANSPORT", "") != "grpc":
             try:
                 conn = SocketConnection(self.welcome.socket, timeout=5.0)
-                conn.send(hello)
+                # the socket has no metadata: the token (when one is set) travels in the hello
+                conn.send(pb.ClientFrame(hello=pb.Hello(job_id=self.core.job_id, name=self.name,
+                                                        token=auth.client_token())))
                 welcome = conn.recv().welcome
             except OSError as e:
                 log.info("staying on gRPC: the agent's socket is not reachable (%s)", e)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
-from tessera.common import ids
+from tessera.common import ids, rpc
 from tessera.common.serialization import deserialize
 from tessera.exceptions import (
     ActorDiedError,
@@ -440,7 +440,7 @@ class Core:
         for node in nodes:
             try:
                 addr = stub.GetNode(cpb.GetNodeRequest(node_id=node), timeout=5.0).node.object_store_address
-                with grpc.insecure_channel(addr) as ch:
+                with rpc.stream_channel(addr) as ch:  # carries the token when one is set
                     present = opb_grpc.ObjectStoreServiceStub(ch).ContainsObjects(
                         opb.ContainsObjectsRequest(object_ids=[oid]), timeout=5.0).present
                 if present and present[0]:

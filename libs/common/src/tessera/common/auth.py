@@ -113,6 +113,11 @@ def check(metadata: Iterable[tuple[str, Any]] | None, token: str) -> str | None:
     return None
 
 
+def matches(given: str, token: str) -> bool:
+    """Whether ``given`` is ``token`` (compared in constant time)."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 def is_open(method: str) -> bool:
     """Whether ``method`` (``/package.Service/Method``) is served without the token."""
     return method.startswith(OPEN_PREFIXES)

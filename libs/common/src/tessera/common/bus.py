@@ -54,6 +54,16 @@ def subject(*tokens: str) -> str:
     return ".".join(check_token(t) for t in tokens)
 
 
+def redact(url: str) -> str:
+    """``url`` without the password it may carry (``nats://user:***@host:port``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}" if ":" in userinfo else f"{scheme}://***@{hostpart}"
+
+
 def _attrs(subj: str, op: str, size: int, queue: str | None = None) -> dict[str, Any]:
     a: dict[str, Any] = {
         "messaging.system": "nats",
@@ -90,21 +100,25 @@ class Bus:
         connect_timeout: float = 2.0,
         retry_for: float = 0.0,
         request_timeout: float = 5.0,
+        user: str = "",
+        password: str = "",
     ) -> Bus:
         """Connect, reconnecting forever once connected.
 
         Args:
-            url: NATS URL, e.g. ``nats://127.0.0.1:4222``.
+            url: NATS URL, e.g. ``nats://127.0.0.1:4222`` (``nats://user:password@host:port`` also works).
             name: connection name shown by the server (the service name).
             connect_timeout: seconds per connection attempt.
             retry_for: keep retrying the first connection this long (0: one attempt).
             request_timeout: default deadline of :meth:`request`.
+            user, password: NATS user credentials (settings ``nats_user``, ``nats_password``).
 
         Raises:
             UnavailableError: no server answered in time.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + retry_for
+        credentials: dict[str, Any] = {"user": user, "password": password} if user else {}
         delay = 0.1
         while True:
             try:
@@ -126,6 +140,7 @@ class Bus:
                         error_cb=_on_error,
                         disconnected_cb=on_disconnect,
                         reconnected_cb=_on_reconnect,
+                        **credentials,
                     ),
                     timeout=max(connect_timeout, deadline - loop.time()),
                 )
@@ -136,7 +151,7 @@ class Bus:
                 except Exception as close_error:  # never connected: nothing to close
                     log.debug("closing a failed NATS connection: %r", close_error)
                 if loop.time() + delay > deadline:
-                    raise errors.UnavailableError(f"cannot connect to NATS at {url}: {e!r}") from e
+                    raise errors.UnavailableError(f"cannot connect to NATS at {redact(url)}: {e!r}") from e
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 

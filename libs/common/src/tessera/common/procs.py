@@ -65,17 +65,25 @@ def wait_port(host: str, port: int, *, timeout: float, proc: subprocess.Popen[by
     raise DeadlineExceededError(f"nothing listened on {host}:{port} within {timeout:g}s")
 
 
-def nats_command(port: int, store_dir: Path, *, host: str = "127.0.0.1", monitor_port: int | None = None) -> list[str]:
+def nats_command(port: int, store_dir: Path, *, host: str = "127.0.0.1", monitor_port: int | None = None,
+                 config: Path | None = None) -> list[str]:
+    """nats-server with JetStream; ``config``: a configuration file (e.g. its authorization block)."""
     cmd = [find_binary("nats-server"), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
+    if config is not None:
+        cmd += ["-c", str(config)]
     if monitor_port:
         cmd += ["-m", str(monitor_port)]
     return cmd
 
 
-def redis_command(port: int, data_dir: Path, *, host: str = "127.0.0.1") -> list[str]:
-    """redis-server with AOF (fsync every second) and no RDB snapshots."""
+def redis_command(port: int, data_dir: Path, *, host: str = "127.0.0.1", config: Path | None = None) -> list[str]:
+    """redis-server with AOF (fsync every second) and no RDB snapshots.
+
+    ``config``: a configuration file read first (e.g. ``requirepass``, kept off the command line that ``ps`` shows).
+    """
     return [
-        find_binary("redis-server"), "--port", str(port), "--bind", host, "--dir", str(data_dir),
+        find_binary("redis-server"), *([str(config)] if config is not None else []),
+        "--port", str(port), "--bind", host, "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
         "--protected-mode", "no", "--logfile", "",
     ]

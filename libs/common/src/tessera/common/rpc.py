@@ -11,15 +11,21 @@ retried on UNAVAILABLE only for the idempotent methods named.
 Authentication (:mod:`tessera.common.auth`): with a token configured, servers
 refuse calls without it (health and reflection stay open) and every channel made
 here sends it. Message sizes are bounded on both sides (``grpc_max_message_bytes``):
-a bigger message fails with RESOURCE_EXHAUSTED. :func:`downstream_timeout` passes
-a handler's remaining deadline on to the calls it makes.
+a bigger message fails with RESOURCE_EXHAUSTED.
+
+Deadlines propagate: while a unary handler runs, the calls it makes through these
+channels (directly, in tasks it starts, or in ``asyncio.to_thread``) get no more
+time than the handler has left (:func:`inherited_deadline`); :func:`downstream_timeout`
+does the same explicitly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -68,6 +74,33 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
 
 
+class _Deadline:
+    """The deadline of the handler running in this context; inactive once it returned."""
+
+    __slots__ = ("at", "active")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.active = True
+
+
+_handler_deadline: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar("tessera_handler_deadline",
+                                                                                      default=None)
+
+
+def inherited_deadline() -> float | None:
+    """Seconds left to the unary handler this code runs for, or None (no handler, or one without a deadline)."""
+    d = _handler_deadline.get()
+    if d is None or not d.active:
+        return None
+    return d.at - time.monotonic()
+
+
+def _capped(timeout: float) -> float:
+    left = inherited_deadline()
+    return timeout if left is None else max(0.001, min(timeout, left))
+
+
 class _ErrorMapping(grpc.aio.ServerInterceptor):
     """Turns domain errors into their status codes and anything else into INTERNAL."""
 
@@ -84,12 +117,19 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                remaining = context.time_remaining()
+                deadline = _Deadline(time.monotonic() + remaining) if remaining is not None else None
+                token = _handler_deadline.set(deadline)
                 try:
                     return await inner_uu(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
                     await _abort_for(e, context, method)
+                finally:
+                    if deadline is not None:
+                        deadline.active = False  # tasks it started and that outlive it are not bound by it
+                    _handler_deadline.reset(token)
 
             return grpc.unary_unary_rpc_method_handler(
                 uu, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -248,8 +288,9 @@ class _AioDefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
         self.timeout = timeout
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        if details.timeout is None:
-            details = details._replace(timeout=self.timeout)
+        timeout = _capped(self.timeout if details.timeout is None else details.timeout)
+        if timeout != details.timeout:
+            details = details._replace(timeout=timeout)
         return await continuation(details, request)
 
 
@@ -258,8 +299,9 @@ class _DefaultDeadline(grpc.UnaryUnaryClientInterceptor):
         self.timeout = timeout
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        if details.timeout is None:
-            details = _SyncCallDetails(details.method, self.timeout, details.metadata, details.credentials,
+        timeout = _capped(self.timeout if details.timeout is None else details.timeout)
+        if timeout != details.timeout:
+            details = _SyncCallDetails(details.method, timeout, details.metadata, details.credentials,
                                        getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
         return continuation(details, request)
 

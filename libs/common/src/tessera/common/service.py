@@ -26,7 +26,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera.common import rpc, telemetry
+from tessera.common import auth, rpc, telemetry
 from tessera.common.bus import Bus
 from tessera.common.config import Settings
 from tessera.common.registry import Registration, control_store_aio_stub, grpc_registration, instance_record
@@ -43,7 +43,7 @@ class ServiceApp:
     def __init__(self, name: str, settings: Settings) -> None:
         self.name = name
         self.settings = settings
-        self.server = rpc.create_server()
+        self.server = rpc.create_server(settings=settings)  # with auth when a token is configured
         self.health = health.aio.HealthServicer()
         self.bus: Bus | None = None
         self.port = 0
@@ -118,9 +118,11 @@ class ServiceApp:
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
 
         registration: Registration | None = None
+        nats_user, nats_password = auth.nats_credentials(s)
         try:
             self.bus = await self._until_stopped(
-                Bus.connect(s.nats_url, name=self.name, retry_for=3600.0, request_timeout=s.nats_request_timeout_s)
+                Bus.connect(s.nats_url, name=self.name, retry_for=3600.0, request_timeout=s.nats_request_timeout_s,
+                            user=nats_user, password=nats_password)
             )
             if self.bus is None:
                 return

@@ -1,6 +1,6 @@
 """``tessera`` — bring a cluster up and look after it.
 
-    tessera up [--redis-shards N] [--timeout S]   start everything; return once all six services are SERVING
+    tessera up [--redis-shards N] [--timeout S] [--auth]   start everything; return once all six services are SERVING
     tessera status [--json]                       what runs where, and its health
     tessera logs SERVICE [-n N] [-f]              a process's log (a service, nats, redis-0, supervisor)
     tessera down [--timeout S]                    stop everything gracefully; leave no process behind
@@ -21,7 +21,7 @@ from pathlib import Path
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
 from tessera.common import ids, procs
 from tessera.common.config import Settings
-from tessera.common.rpc import health_status
+from tessera.common.rpc import health_status, stream_channel
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
 
@@ -86,7 +86,7 @@ def _agent_detail(p: Proc) -> dict[str, object]:
     from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as tpb_grpc
 
     try:
-        with grpc.insecure_channel(p.address) as ch:
+        with stream_channel(p.address) as ch:
             s = tpb_grpc.TaskSchedulerServiceStub(ch).GetStatus(tpb.GetStatusRequest(), timeout=2.0)
     except grpc.RpcError:
         return {}
@@ -111,7 +111,7 @@ def _detail(p: Proc, health: str) -> dict[str, object]:
     from tessera.api.object_store.v1 import object_store_pb2_grpc as opb_grpc
 
     try:
-        with grpc.insecure_channel(p.address) as ch:
+        with stream_channel(p.address) as ch:
             s = opb_grpc.ObjectStoreServiceStub(ch).GetStats(opb.GetStatsRequest(), timeout=2.0)
     except grpc.RpcError:
         return {}
@@ -164,6 +164,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["TESSERA_GPUS_PER_NODE"] = str(args.gpus_per_node)  # the supervisor and its children inherit it
     cluster = _plan(run, settings, args.redis_shards or settings.redis_shards, args.nodes,
                     args.gpus_per_node or settings.gpus_per_node)
+    run.remove_secrets()
+    if args.auth:  # a fresh token and passwords; services get their files' paths (see the supervisor)
+        run.generate_secrets()
+        cluster.auth = True
     run.write(cluster)
     sup = subprocess.Popen([sys.executable, "-m", "tessera._launcher.supervisor", str(run.path)],
                            stdin=subprocess.DEVNULL, stdout=open(run.log("supervisor"), "ab"),
@@ -208,7 +212,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"running": True, "healthy": healthy, "run_dir": str(run.path), "supervisor_pid": sup,
                           "control_store_address": cluster.control_store_address, "nats_url": cluster.nats_url,
-                          "redis_urls": cluster.redis_urls, "processes": rows}, indent=2))
+                          "redis_urls": cluster.redis_urls, "auth": cluster.auth, "processes": rows}, indent=2))
     else:
         print(_table(rows))
     return EXIT_OK if healthy else EXIT_UNHEALTHY
@@ -254,6 +258,7 @@ def _down(run: RunDir, *, timeout: float) -> bool:
     for p in leftovers:
         kill(p)
     run.clear()
+    run.remove_secrets()
     return bool(pid or leftovers)
 
 
@@ -296,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gpus-per-node", type=int, default=0,
                     help="virtual GPU slots per node (where NVML finds none); runs a gpu-scheduler node agent per node")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
+    up.add_argument("--auth", action="store_true",
+                    help="require credentials: a random gRPC token and NATS/Redis passwords in <run_dir>/secrets")
     st = sub.add_parser("status", help="processes, addresses and health")
     st.add_argument("--json", action="store_true")
     lg = sub.add_parser("logs", help="print a process's log")

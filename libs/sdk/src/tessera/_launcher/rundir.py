@@ -3,18 +3,27 @@
 ``cluster.json`` holds the plan (addresses and ports, chosen by ``up``) and the
 live state kept by the supervisor (pids, restarts, last exit). It is written
 atomically; the SDK reads ``control_store_address`` from it.
+
+With ``tessera up --auth``, ``secrets/`` (mode 0700) holds the gRPC token and the
+NATS and Redis passwords, one per file (mode 0600), and the generated NATS and
+Redis configuration files that carry the passwords. Services get the files' paths
+(``TESSERA_*_FILE``), never the secrets themselves; clients on this machine read
+the token from there (:func:`tessera.common.auth.client_token`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tessera.client._discovery import CLUSTER_FILE
+from tessera.common import auth
 from tessera.common.config import SERVICES
 
 
@@ -46,6 +55,7 @@ class Cluster:
     procs: list[Proc] = field(default_factory=list)
     supervisor_pid: int = 0
     started: float = 0.0
+    auth: bool = False  # started with --auth: credentials in <run_dir>/secrets
 
     @property
     def services(self) -> dict[str, dict[str, Any]]:
@@ -82,6 +92,7 @@ class RunDir:
         self.pid_file = path / "supervisor.pid"
         self.logs = path / "logs"
         self.data = path / "data"
+        self.secrets = path / auth.SECRETS_DIR
 
     def prepare(self) -> None:
         for d in (self.path, self.logs, self.data):
@@ -112,6 +123,41 @@ class RunDir:
     def clear(self) -> None:
         for f in (self.cluster_file, self.pid_file):
             f.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ secrets (tessera up --auth)
+
+    def write_secret(self, name: str, text: str) -> Path:
+        """Write ``text`` to ``secrets/name``, readable by this user only (created 0600, never wider).
+
+        A file that already holds ``text`` is left as it is (a process may be reading it).
+        """
+        self.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.secrets, 0o700)
+        path = self.secrets / name
+        try:
+            if path.read_text() == text:
+                return path
+        except OSError:
+            pass
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+
+    def generate_secrets(self) -> None:
+        """A fresh random token and NATS and Redis passwords."""
+        for name in (auth.TOKEN_FILE, auth.NATS_PASSWORD_FILE, auth.REDIS_PASSWORD_FILE):
+            self.write_secret(name, secrets.token_urlsafe(32) + "\n")
+
+    def secret_file(self, name: str) -> Path:
+        return self.secrets / name
+
+    def read_secret(self, name: str) -> str:
+        return (self.secrets / name).read_text().strip()
+
+    def remove_secrets(self) -> None:
+        shutil.rmtree(self.secrets, ignore_errors=True)
 
 
 def alive(pid: int) -> bool:

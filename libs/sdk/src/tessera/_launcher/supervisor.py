@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
-from tessera.common import procs
+from tessera.common import auth, procs
 
 log = logging.getLogger("tessera.supervisor")
 
@@ -62,11 +62,11 @@ class Supervisor:
         if p.kind == "nats":
             d = self.run.data / "nats"
             d.mkdir(parents=True, exist_ok=True)
-            return procs.nats_command(p.port, d), None
+            return procs.nats_command(p.port, d, config=self._nats_config()), None
         if p.kind == "redis":
             d = self.run.data / p.name
             d.mkdir(parents=True, exist_ok=True)
-            return procs.redis_command(p.port, d), None
+            return procs.redis_command(p.port, d, config=self._redis_config()), None
         env = dict(os.environ)
         env.update(
             TESSERA_NATS_URL=self.cluster.nats_url,
@@ -78,10 +78,33 @@ class Supervisor:
             OTEL_SERVICE_NAME=p.service or p.name,
         )
         env.pop("TESSERA_ADVERTISE_HOST", None)
+        if self.cluster.auth:  # paths of the secrets, never the secrets (a child's environment is readable)
+            for k in ("TESSERA_AUTH_TOKEN", "TESSERA_NATS_PASSWORD", "TESSERA_REDIS_PASSWORD"):
+                env.pop(k, None)
+            env.update(TESSERA_AUTH_TOKEN_FILE=str(self.run.secret_file(auth.TOKEN_FILE)))
+            if any(q.kind == "nats" for q in self.cluster.procs):
+                env.update(TESSERA_NATS_USER=auth.NATS_USER,
+                           TESSERA_NATS_PASSWORD_FILE=str(self.run.secret_file(auth.NATS_PASSWORD_FILE)))
+            if any(q.kind == "redis" for q in self.cluster.procs):
+                env.update(TESSERA_REDIS_PASSWORD_FILE=str(self.run.secret_file(auth.REDIS_PASSWORD_FILE)))
         if p.node_id:
             env["TESSERA_NODE_ID"] = p.node_id
             env["TESSERA_OBJECT_STORE_SPILL_DIR"] = str(self.run.data / "spill")
         return [sys.executable, "-m", module_of(p.service or p.name)], env
+
+    def _nats_config(self) -> Path | None:
+        """With --auth: a configuration file (0600) whose authorization block admits only Tessera's user."""
+        if not self.cluster.auth:
+            return None
+        password = self.run.read_secret(auth.NATS_PASSWORD_FILE)
+        text = f'authorization {{\n  users = [\n    {{ user: "{auth.NATS_USER}", password: "{password}" }}\n  ]\n}}\n'
+        return self.run.write_secret("nats.conf", text)
+
+    def _redis_config(self) -> Path | None:
+        """With --auth: a configuration file (0600) with ``requirepass``, read before the command-line options."""
+        if not self.cluster.auth:
+            return None
+        return self.run.write_secret("redis.conf", f"requirepass {self.run.read_secret(auth.REDIS_PASSWORD_FILE)}\n")
 
     def start(self, p: Proc) -> None:
         cmd, env = self.command(p)

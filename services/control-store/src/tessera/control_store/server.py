@@ -8,6 +8,7 @@ from nats.aio.msg import Msg
 
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
+from tessera.common import auth
 from tessera.common.config import Settings
 from tessera.common.registry import CONTROL_STORE_SERVICE, Registration, instance_record
 from tessera.common.service import ServiceApp
@@ -21,7 +22,7 @@ NAME = "control-store"
 
 def build(settings: Settings) -> ServiceApp:
     app = ServiceApp(NAME, settings)
-    db = ShardedRedis(settings.redis_urls)
+    db = ShardedRedis(settings.redis_urls, password=auth.redis_password(settings))
 
     async def publish(subject: str, data: bytes) -> None:
         assert app.bus is not None

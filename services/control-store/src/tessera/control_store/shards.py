@@ -54,14 +54,16 @@ class ShardedRedis:
     same id, so one record always lives on one shard.
     """
 
-    def __init__(self, urls: Sequence[str], *, socket_timeout: float = 5.0) -> None:
+    def __init__(self, urls: Sequence[str], *, socket_timeout: float = 5.0, password: str = "") -> None:
         if not urls:
             raise ValueError("at least one Redis URL is required")
         self.urls = list(urls)
         self.clients: list[aioredis.Redis] = []
         for u in urls:
+            extra = {"password": password} if password else {}  # else a password in the URL, if any
             pool = aioredis.ConnectionPool.from_url(u, socket_timeout=socket_timeout,
-                                                    socket_connect_timeout=socket_timeout, health_check_interval=30)
+                                                    socket_connect_timeout=socket_timeout, health_check_interval=30,
+                                                    **extra)
             pool.connection_class = _hiredis_packing(pool.connection_class)
             self.clients.append(aioredis.Redis.from_pool(pool))
         self.n = len(self.clients)

@@ -15,7 +15,7 @@ import grpc.aio
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
-from tessera.common import ids, rpc
+from tessera.common import auth, ids, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tessera.common.registry import control_store_aio_stub
@@ -102,7 +102,10 @@ class Peers:
     def _pull(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         """PullObject at ``address``, its chunks read raw (see wire.py): one copy into the arena."""
         if address not in self._pulls:
-            ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", rpc.MAX_MESSAGE_BYTES)])
+            token = auth.server_token(self.settings)  # this cluster's token, when it has one
+            ch = grpc.aio.insecure_channel(address, options=[
+                ("grpc.max_receive_message_length", self.settings.grpc_max_message_bytes)],
+                interceptors=auth.aio_client_auth(token) if token else None)
             self._channels.append(ch)
             self._pulls[address] = ch.unary_stream(f"/{SERVICE}/PullObject",
                                                    request_serializer=pb.PullObjectRequest.SerializeToString)

@@ -242,8 +242,11 @@ class _Request:
 class Scheduler:
     """One scheduler for every pipeline of the replica (see module doc)."""
 
-    def __init__(self, engine: Engine, *, workers: int = 2, max_batch: int = 64, inline_rows: int = 4) -> None:
+    def __init__(self, engine: Engine, *, workers: int = 2, max_batch: int = 64, inline_rows: int = 4,
+                 max_queued: int = 65536) -> None:
         self.engine = engine
+        self.max_queued = max_queued  # records waiting for an executor; more are refused (back-pressure)
+        self.queued = 0
         self.inline_rows = inline_rows  # batches this small run on the event loop (no thread handoff)
         self.workers = workers
         self.max_batch = max_batch
@@ -271,6 +274,7 @@ class Scheduler:
             if not r.future.done():
                 r.future.cancel()
         self._queue.clear()
+        self.queued = 0
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     async def submit(self, name: str, records: Sequence[Any]) -> list[Prediction]:
@@ -279,7 +283,12 @@ class Scheduler:
 
     async def submit_checked(self, reg: Registered, cols: dict[str, list[Any]], n: int) -> list[Prediction]:
         assert self._wake is not None, "scheduler not started"
+        if self.queued + n > self.max_queued:
+            raise ResourceExhaustedError(
+                f"the serving queue is full: {self.queued} records wait, {n} more would pass the limit of "
+                f"{self.max_queued} (serving_max_queued_records); retry later or on another replica")
         fut: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
+        self.queued += n
         self._queue.append(_Request(reg, cols, n, time.monotonic() + reg.budget_ms / 1000.0, fut))
         self._wake.set()
         return await fut
@@ -319,6 +328,7 @@ class Scheduler:
             self._queue.sort(key=lambda r: r.deadline)
             while self._queue and (not batch or total + self._queue[0].n <= self.max_batch):
                 r = self._queue.pop(0)
+                self.queued -= r.n
                 batch.append(r)
                 total += r.n
             asyncio.get_running_loop().create_task(self._run(batch))

@@ -47,7 +47,8 @@ def build(settings: Settings) -> ServiceApp:
     channel, stub = control_store_aio_stub(settings)
     cluster = ClusterStore(stub, timeout=settings.rpc_timeout_s)
     engine = Engine(max_records=settings.serving_max_records, max_text_chars=settings.serving_max_text_chars)
-    scheduler = Scheduler(engine, workers=settings.serving_workers, max_batch=settings.serving_max_batch)
+    scheduler = Scheduler(engine, workers=settings.serving_workers, max_batch=settings.serving_max_batch,
+                          max_queued=settings.serving_max_queued_records)
     replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
                       default_budget_ms=settings.serving_latency_budget_ms)
     http = HttpFrontEnd(replica.predict, cluster.pipeline_names)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
-from tessera.common import ids, rpc
+from tessera.common import auth, ids, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
 from tessera.common.registry import control_store_aio_stub
@@ -102,6 +102,8 @@ class Node:
         self.procs: dict[bytes, asyncio.subprocess.Process] = {}
         self.proc_actor: dict[bytes, bytes] = {}
         self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
+        # an abstract socket has no file permissions: with a token set, a peer's hello must carry it
+        self._token = auth.server_token(settings)
         self.object_store_address = ""
         self.cs: Any = None
         self._out_results: dict[bytes, list[pb.TaskResult]] = {}
@@ -219,6 +221,9 @@ class Node:
         sid = ""
         try:
             hello = pb.ClientFrame.FromString(await read_frame(reader)).hello
+            if self._token and not auth.matches(hello.token, self._token):
+                log.warning("refused a socket session whose hello lacks this cluster's token")
+                return
             sink = _SocketSink(writer)
             if hello.worker:
                 wid = hello.worker_id

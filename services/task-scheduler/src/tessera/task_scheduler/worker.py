@@ -25,7 +25,7 @@ from tessera._core import Core
 from tessera._objects import ObjectRef
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
-from tessera.common import ids
+from tessera.common import auth, ids
 from tessera.common.config import Settings
 from tessera.common.serialization import deserialize, serialize
 from tessera.task_scheduler.frames import FrameError, SocketConnection
@@ -163,7 +163,8 @@ def main() -> None:
     worker_id = bytes.fromhex(os.environ["TESSERA_WORKER_ID"])
     actor_id = bytes.fromhex(os.environ.get("TESSERA_WORKER_ACTOR", ""))
     conn = SocketConnection(os.environ["TESSERA_WORKER_SOCKET"])
-    conn.send(pb.ClientFrame(hello=pb.Hello(worker=True, worker_id=worker_id, name=actor_id.hex())))
+    conn.send(pb.ClientFrame(hello=pb.Hello(worker=True, worker_id=worker_id, name=actor_id.hex(),
+                                            token=auth.client_token(settings))))
     welcome = conn.recv().welcome
     w = Worker(conn, settings, worker_id, actor_id)
     w.core.node_id = welcome.node_id

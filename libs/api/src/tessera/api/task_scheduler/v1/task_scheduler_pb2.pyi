@@ -344,12 +344,15 @@ class Hello(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.bytes
     name: _builtins.str
     """driver name, for humans"""
     worker: _builtins.bool
     """a worker's own session (nested submissions)"""
     worker_id: _builtins.bytes
+    token: _builtins.str
+    """the cluster's token, on the agent's Unix socket when authentication is on"""
     def __init__(
         self,
         *,
@@ -357,10 +360,11 @@ class Hello(_message.Message):
         name: _builtins.str = ...,
         worker: _builtins.bool = ...,
         worker_id: _builtins.bytes = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "name", b"name", "worker", b"worker", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "name", b"name", "token", b"token", "worker", b"worker", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
