@@ -6,6 +6,11 @@ carries ``service.name`` (``OTEL_SERVICE_NAME`` wins when set) and
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set, the protocol
 Jaeger speaks on 4317. ``shutdown_tracing()`` flushes; call it on exit so the last
 spans are not lost.
+
+A process started on behalf of a traced request (a GPU job) continues that trace
+through its environment: the starter puts :func:`traceparent_env` into the child's
+environment (``TRACEPARENT``/``TRACESTATE``, the W3C headers as variables) and the
+child runs under :func:`context_from_env`.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -79,6 +86,34 @@ def current_trace_id() -> str:
     """Hex trace id of the active span, or '' when there is none."""
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+ENV_TRACEPARENT, ENV_TRACESTATE = "TRACEPARENT", "TRACESTATE"
+
+
+def traceparent_env() -> dict[str, str]:
+    """The active trace context as environment variables (empty when no span is active)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    out = {}
+    if carrier.get("traceparent"):
+        out[ENV_TRACEPARENT] = carrier["traceparent"]
+        if carrier.get("tracestate"):
+            out[ENV_TRACESTATE] = carrier["tracestate"]
+    return out
+
+
+def context_from_env(env: Mapping[str, str] | None = None) -> Context | None:
+    """The trace context that ``TRACEPARENT``/``TRACESTATE`` in ``env`` (default: this process's) name,
+    or None when there is none."""
+    e = os.environ if env is None else env
+    if not e.get(ENV_TRACEPARENT):
+        return None
+    carrier = {"traceparent": e[ENV_TRACEPARENT]}
+    if e.get(ENV_TRACESTATE):
+        carrier["tracestate"] = e[ENV_TRACESTATE]
+    ctx = propagate.extract(carrier)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
 class _TraceIdFilter(logging.Filter):

@@ -36,6 +36,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def otel_name(p: Proc) -> str:
+    """The ``service.name`` of a process's spans: its service, except a gpu-scheduler run as a node's agent."""
+    if p.service == "gpu-scheduler" and p.node_id:
+        return "gpu-agent"
+    return p.service or p.name
+
+
 def _describe(rc: int) -> str:
     if rc < 0:
         try:
@@ -75,7 +82,7 @@ class Supervisor:
             TESSERA_GRPC_HOST="127.0.0.1",
             TESSERA_GRPC_PORT=str(p.port),
             TESSERA_INSTANCE_ID=f"{p.name}-{p.port}",
-            OTEL_SERVICE_NAME=p.service or p.name,
+            OTEL_SERVICE_NAME=otel_name(p),
         )
         env.pop("TESSERA_ADVERTISE_HOST", None)
         if self.cluster.auth:  # paths of the secrets, never the secrets (a child's environment is readable)

@@ -20,6 +20,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,8 @@ class Job:
         if word == "stop":
             self.report("stopped", path=str(path))
             sys.stdout.flush()
+            for hook in _exit_hooks:
+                hook()
             os._exit(EXIT_STOPPED)
         t1 = time.perf_counter()
         self._offload(device)
@@ -242,6 +245,12 @@ class Job:
 
 
 _current: Job | None = None
+_exit_hooks: list[Callable[[], None]] = []
+
+
+def on_exit(hook: Callable[[], None]) -> None:
+    """Run ``hook`` before the process leaves through a stop at a boundary (``os._exit`` skips ``finally``)."""
+    _exit_hooks.append(hook)
 
 
 def init(model: Any = None, optimizer: Any = None, *, extra: dict[str, Any] | None = None,

@@ -8,6 +8,10 @@ With ``TESSERA_GPU_WARM=1`` the runner starts ahead of any job: it imports torch
 then waits for one JSON line on stdin, ``{"env": {...}}``, the job's environment, and runs it.
 A node agent keeps one such runner ready, so that a job started or migrated onto the node does
 not pay for the interpreter and torch imports (seconds) on its critical path.
+
+With ``TRACEPARENT`` in the job's environment (the node agent passes the trace of the
+request that started the job) the function runs under a span of that trace, so the
+job's own calls (object store, control store) join it; the spans are flushed on exit.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tessera.common.telemetry import context_from_env, setup_tracing, shutdown_tracing
+from tessera.gpu import _job
 
 
 def load_entry(entry: str) -> Callable[..., Any]:
@@ -28,6 +36,7 @@ def load_entry(entry: str) -> Callable[..., Any]:
         raise ValueError(f"entry point {entry!r} must be MODULE:FUNCTION or FILE.py:FUNCTION")
     if mod_name.endswith(".py"):
         path = Path(mod_name)
+        sys.path.insert(0, str(path.resolve().parent))  # as `python FILE.py`: its folder's modules import
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")
@@ -75,6 +84,10 @@ def _wait_for_job() -> bool:
     return True
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     _die_with_agent()
     if os.environ.get("TESSERA_GPU_WARM") == "1" and not _wait_for_job():
@@ -82,7 +95,29 @@ def main() -> int:
     entry = os.environ.get("TESSERA_GPU_ENTRY", "")
     args = json.loads(os.environ.get("TESSERA_GPU_ARGS", "[]"))
     fn = load_entry(entry)
-    fn(*args)
+    parent = context_from_env()
+    if parent is None:
+        fn(*args)
+        return 0
+    from opentelemetry import trace
+
+    setup_tracing("gpu-job")
+    span = trace.get_tracer("tessera.gpu").start_span(
+        f"gpu job {entry.rsplit(':', 1)[-1]}", context=parent,
+        attributes={"tessera.gpu.job_id": os.environ.get("TESSERA_GPU_JOB_ID", ""), "tessera.gpu.entry_point": entry})
+
+    def end() -> None:
+        if span.is_recording():
+            span.end()
+            shutdown_tracing()
+
+    _job.on_exit(end)  # a job stopped at a boundary leaves through os._exit
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a killed job still ends (and exports) its span
+    try:
+        with trace.use_span(span, end_on_exit=False, record_exception=True, set_status_on_exception=True):
+            fn(*args)
+    finally:
+        end()
     return 0
 
 

@@ -25,10 +25,12 @@ from typing import Any
 
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tessera.common.telemetry import ENV_TRACEPARENT, ENV_TRACESTATE, traceparent_env
+from tessera.common.telemetry import ENV_TRACEPARENT, ENV_TRACESTATE, traceparent_env
 
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # tessera.gpu._job.EXIT_STOPPED
+JOB_SERVICE_NAME = "gpu-job"  # the service.name of a job's spans
 JOB_SERVICE_NAME = "gpu-job"  # the service.name of a job's spans
 
 Upload = Callable[[Path], Awaitable[bytes]]
@@ -164,6 +166,11 @@ class NodeAgent:
                    TESSERA_GPU_ENTRY=str(spec.get("entry_point", "")), TESSERA_GPU_ARGS=json.dumps(list(spec.get("args", []))))
         if self.control_store_address:
             env["TESSERA_ADDRESS"] = self.control_store_address
+        # the job continues the trace of the command that starts it, under its own service name
+        env.pop(ENV_TRACEPARENT, None)
+        env.pop(ENV_TRACESTATE, None)
+        env.update(traceparent_env())
+        env["OTEL_SERVICE_NAME"] = str((spec.get("env") or {}).get("OTEL_SERVICE_NAME") or JOB_SERVICE_NAME)
         # the job continues the trace of the command that starts it, under its own service name
         env.pop(ENV_TRACEPARENT, None)
         env.pop(ENV_TRACESTATE, None)

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry import context as otel_context
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
@@ -25,6 +26,7 @@ from tessera.common import errors
 from tessera.common.config import Settings
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.common.telemetry import context_from_env
 from tessera.gpu_scheduler.agent import NodeAgent, discover_gpus
 from tessera.gpu_scheduler.policy import make_policy
 from tessera.gpu_scheduler.scheduler import GpuScheduler
@@ -80,9 +82,19 @@ def build_scheduler(settings: Settings) -> ServiceApp:
     lock = asyncio.Lock()
     tasks: list[asyncio.Task[None]] = []
 
+    def job_trace(job_id: str) -> Any:
+        """The trace the job was submitted in (its commands and events continue it), or None."""
+        j = sched.jobs.get(job_id)
+        return context_from_env(j.spec.env) if j is not None else None
+
     async def send(node: str, cmd: dict[str, Any]) -> dict[str, Any]:
         assert app.bus is not None
-        msg = await app.bus.request(agent_subject(node), json.dumps(cmd).encode(), timeout=min(timeout, 10.0))
+        token = otel_context.attach(ctx) if (ctx := job_trace(str(cmd.get("job_id", "")))) is not None else None
+        try:
+            msg = await app.bus.request(agent_subject(node), json.dumps(cmd).encode(), timeout=min(timeout, 10.0))
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         reply = json.loads(msg.data)
         if not reply.get("ok"):
             raise errors.FailedPreconditionError(str(reply.get("error")))
@@ -90,7 +102,13 @@ def build_scheduler(settings: Settings) -> ServiceApp:
 
     async def emit(state: str, job: pb.JobInfo) -> None:
         if app.bus is not None:
-            await app.bus.publish(f"tessera.gpu.events.job.{state}", job.SerializeToString())
+            ctx = context_from_env(job.spec.env)
+            token = otel_context.attach(ctx) if ctx is not None else None
+            try:
+                await app.bus.publish(f"tessera.gpu.events.job.{state}", job.SerializeToString())
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
 
     policy = make_policy(settings.gpu_scheduler_policy, quantum=settings.gpu_scheduler_quantum_s,
                          **({"explore_packing": settings.gpu_scheduler_packing} if settings.gpu_scheduler_policy == "gandiva" else {}))

@@ -8,6 +8,7 @@ from typing import Any
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2_grpc as pb_grpc
 from tessera.common.errors import InvalidArgumentError
+from tessera.common.telemetry import traceparent_env
 from tessera.gpu_scheduler.scheduler import GpuScheduler
 
 
@@ -28,6 +29,8 @@ class GpuSchedulerServicer(pb_grpc.GpuSchedulerServiceServicer):
             await self.sched.load()
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:  # noqa: N802
+        # the job's record keeps the trace of its submission: its starts, time slices and process continue it
+        request.spec.env.update(traceparent_env())
         async with self.lock:
             await self._ready()
             return pb.SubmitJobResponse(job_id=(await self.sched.submit(request.spec)).job_id)
