@@ -15,7 +15,8 @@ IDEMPOTENT = ("GetJob", "ListJobs", "GetCluster")
 def job_to_dict(j: pb.JobInfo) -> dict[str, Any]:
     return {"job_id": j.job_id, "name": j.spec.name, "state": pb.JobState.Name(j.state).removeprefix("JOB_STATE_"),
             "gpus": j.spec.gpus, "node_id": j.node_id, "gpu_slots": list(j.gpu_slots), "step": j.step,
-            "checkpoint_step": j.checkpoint_step, "minibatch_s": j.minibatch_s, "metrics": dict(j.metrics),
+            "checkpoint_step": j.checkpoint_step, "checkpoint_object_id": j.checkpoint_object_id.hex(),
+            "minibatch_s": j.minibatch_s, "metrics": dict(j.metrics),
             "suspensions": j.suspensions, "migrations": j.migrations, "requeues": j.requeues, "held": j.held,
             "packed_with": j.packed_with, "message": j.message, "exit_code": j.exit_code}
 
@@ -76,6 +77,26 @@ class GpuClient:
 
     def migrate(self, job_id: str, *, node_id: str = "") -> pb.JobInfo:
         return self._stub.MigrateJob(pb.MigrateJobRequest(job_id=job_id, node_id=node_id), timeout=self.timeout).job
+
+    def checkpoint(self, job_id: str, *, timeout: float = 60.0) -> dict[str, Any]:
+        """The state of the job's last checkpoint in the object store: ``step``, ``models`` and ``optimizers``
+        (their ``state_dict``), ``extra``, ``metrics``.
+
+        Raises:
+            LookupError: the job has no checkpoint in the object store yet.
+        """
+        from tessera._objects import ObjectRef, ObjectStoreClient, local_object_store_address
+        from tessera.gpu import _ckpt
+
+        j = self.status(job_id)
+        if not j.checkpoint_object_id:
+            raise LookupError(f"job {job_id} has no checkpoint in the object store yet")
+        with ObjectStoreClient(local_object_store_address()) as store:
+            data = store.get(ObjectRef(j.checkpoint_object_id), timeout=timeout)
+            # a copy: the view of shared memory dies with the client
+            state: dict[str, Any] = _ckpt.load_bytes(bytearray(memoryview(data).cast("B")))
+            del data
+        return state
 
     def cluster(self) -> pb.GetClusterResponse:
         return self._stub.GetCluster(pb.GetClusterRequest(), timeout=self.timeout)
