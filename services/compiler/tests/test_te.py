@@ -8,7 +8,7 @@ import pytest
 from tessera.compiler import te
 from tessera.compiler.backends.c import CBackend
 from tessera.compiler.codegen import Arg, Call, Program
-from tessera.compiler.lower import For, lower
+from tessera.compiler.lower import For, IfThen, MicroKernel, lower
 from tessera.compiler.schedule import Schedule, ScheduleError
 
 
@@ -47,6 +47,50 @@ def test_register_blocked_matmul_schedule(cache_dir: str, shape: tuple[int, int,
     s[cl].vectorize(tj)
     x, y = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
     np.testing.assert_allclose(build_and_run(s, [a, b], c, [x, y], cache_dir), x @ y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(48, 64, 40), (13, 37, 19)])
+def test_tensorized_tile_is_one_micro_kernel_with_plain_loops_for_cut_tiles(cache_dir: str, shape: tuple[int, int, int]) -> None:
+    m, n, k = shape
+    a, b, c = matmul(m, n, k)
+    s = Schedule([c])
+    cl = s.cache_write(c)
+    i, j = s[c].axis
+    io, jo, ii, ji = s[c].tile(i, j, 6, 16)
+    s[c].parallel(s[c].fuse(io, jo))
+    s[cl].compute_at(s[c], s[c].leaves[0])
+    ti, tj = s[cl].axis
+    (kk,) = s[cl].reduce_axis
+    ko, ki = s[cl].split(kk, 4)
+    s[cl].reorder(ko, ki, ti, tj)
+    s[cl].tensorize(ko)
+    f = lower(s, [a, b], [c])
+    stmts = _walk(f.body)
+    (mk,) = [x for x in stmts if isinstance(x, MicroKernel)]
+    assert (mk.rows, mk.cols, mk.a_row, mk.init) == (6, 16, k, True)
+    assert mk.loops == [(-(-k // 4), 4, 4 * n), (4, 1, n)]  # (extent, A stride, B stride) of ko, ki
+    cut = any(isinstance(x, IfThen) and x.orelse is not None for x in stmts)
+    assert cut == (m % 6 != 0 or n % 16 != 0 or k % 4 != 0)  # whole tiles only take the micro-kernel
+    src = CBackend().render(Program([Call(f, [Arg("input", 0), Arg("input", 1), Arg("output", 0)], "k")], 2, 1))
+    assert "ukr_6x16_" in src and "vector_size" in src
+    x, y = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
+    np.testing.assert_allclose(build_and_run(s, [a, b], c, [x, y], cache_dir), x @ y, rtol=1e-4, atol=1e-5)
+
+
+def test_tensorize_falls_back_to_loops_for_other_bodies(cache_dir: str) -> None:
+    x = te.placeholder((8, 32), "X")
+    r = te.reduce_axis(32, "r")
+    sq = te.compute((8, 16), lambda i, j: te.sum_(x[i, r] * x[i, r] + j * 0.0, r), "S")  # not a product of two loads
+    s = Schedule([sq])
+    s[sq].reorder(s[sq].reduce_axis[0], *s[sq].axis)
+    s[sq].tensorize(s[sq].reduce_axis[0])
+    with pytest.raises(ScheduleError, match="not a reduction"):
+        s[sq].tensorize(s[sq].axis[0])
+    f = lower(s, [x], [sq])
+    assert not any(isinstance(st, MicroKernel) for st in _walk(f.body))
+    arr = np.random.rand(8, 32).astype(np.float32)
+    want = np.repeat((arr * arr).sum(1, keepdims=True), 16, 1)
+    np.testing.assert_allclose(build_and_run(s, [x], sq, [arr], cache_dir), want, rtol=1e-4, atol=1e-5)
 
 
 def test_split_fuse_reorder_inline(cache_dir: str) -> None:
@@ -97,8 +141,8 @@ def test_schedule_errors() -> None:
 
 def _walk(s: object) -> list[object]:
     out = [s]
-    for attr in ("body",):
-        if hasattr(s, attr):
+    for attr in ("body", "orelse"):
+        if getattr(s, attr, None) is not None:
             out += _walk(getattr(s, attr))
     for x in getattr(s, "stmts", []):
         out += _walk(x)

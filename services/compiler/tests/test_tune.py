@@ -33,10 +33,10 @@ def test_search_space_features_and_model_guided_search(tmp_path: Path) -> None:
     torch.manual_seed(0)
     g, i = fused_node(Lin(), torch.randn(48, 96))
     node = g.nodes[i]
-    assert set(space(node)) == {"mm_rows", "mm_cols", "mm_kunroll"}
+    assert set(space(node)) == {"mm_rows", "mm_cols", "mm_kunroll", "mm_ukernel", "mm_pack", "mm_order"}
     tuner = Tuner(node, cache_dir=str(tmp_path), seed=0)
-    f1 = tuner.feature({"mm_rows": 1, "mm_cols": 8, "mm_kunroll": 1})
-    f2 = tuner.feature({"mm_rows": 6, "mm_cols": 16, "mm_kunroll": 4})
+    f1 = tuner.feature({"mm_rows": 1, "mm_cols": 8, "mm_kunroll": 1, "mm_ukernel": 0, "mm_pack": 0, "mm_order": 0})
+    f2 = tuner.feature({"mm_rows": 6, "mm_cols": 16, "mm_kunroll": 4, "mm_ukernel": 1, "mm_pack": 1, "mm_order": 1})
     assert len(f1) == len(f2) and f1 != f2  # features of the lowered loop programs differ
     seen: list[tuple[int, int, float]] = []
     res = tuner.tune(5, strategy="model", top_k=2, progress=lambda d, t, b: seen.append((d, t, b)))

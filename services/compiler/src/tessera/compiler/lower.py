@@ -72,6 +72,31 @@ class Allocate(Stmt):
 class IfThen(Stmt):
     cond: Expr
     body: Stmt
+    orelse: Stmt | None = None
+
+
+@dataclass(eq=False)
+class MicroKernel(Stmt):
+    """A register-blocked tile of a sum of products, for a backend to emit as one unit:
+
+        for each (l0, l1, ...) of ``loops`` (extent, stride in A, stride in B), outermost first:
+            C[r * cols + c] += A[a_index + r * a_row + sum(l * a_stride)] * B[b_index + c + sum(l * b_stride)]
+
+    for r < rows, c < cols, with C a local tile (zeroed first when ``init``). B is contiguous along c,
+    so the columns are whole vector registers, and the rows x cols accumulators stay in registers
+    for the whole reduction.
+    """
+
+    rows: int
+    cols: int
+    loops: list[tuple[int, int, int]]
+    a_buf: Buffer
+    a_index: Expr
+    a_row: int
+    b_buf: Buffer
+    b_index: Expr
+    c_buf: Buffer
+    init: bool
 
 
 @dataclass
@@ -236,17 +261,37 @@ class _Lowering:
                 kind = "serial"
             return For(a.var, a.extent, kind, body)
 
-        def build(pos: int, emitted_any: bool, did_init: bool) -> Stmt:
+        def tensorized(pos: int, emitted_any: bool, did_init: bool) -> Stmt | None:
+            """The micro-kernel for the loops from ``pos`` in, with plain loops for the tiles it cannot take."""
+            assert red is not None
+            inner = st.leaves[pos:]
+            mk = self.micro_kernel(inner, value, buf, out_index, init=not did_init)
+            if mk is None:
+                return None
+            plain = build(pos, emitted_any, did_init, plain=True)
+            if not guards:
+                return mk
+            at_max = {a.var: te.Const(a.extent - 1, "int64") for a in inner}
+            full = guards[0]
+            for g in guards[1:]:
+                full = full & g
+            return IfThen(te.simplify(te.substitute(full, at_max)), mk, plain)
+
+        def build(pos: int, emitted_any: bool, did_init: bool, plain: bool = False) -> Stmt:
             if pos == len(st.leaves):
                 return core
+            if not plain and red is not None and st.tensorized is st.leaves[pos] and red.combiner == "sum":
+                mk = tensorized(pos, emitted_any, did_init or pos != first_red)
+                if mk is not None:
+                    return mk
             if red is not None and pos == first_red and not did_init:
                 data_after = [a for a in st.leaves[pos:] if a.kind == "data"]
                 init_nest = init
                 for a in reversed(data_after):
                     init_nest = loop(a, init_nest, False)
-                return Seq([init_nest, build(pos, emitted_any, True)])
+                return Seq([init_nest, build(pos, emitted_any, True, plain)])
             a = st.leaves[pos]
-            inner = build(pos + 1, emitted_any or a.extent > 1, did_init)
+            inner = build(pos + 1, emitted_any or a.extent > 1, did_init, plain)
             here = [self.attached_stage(c, st) for c in self.attached.get(id(a), [])]
             if here:
                 inner = Seq([*here, inner])
@@ -257,6 +302,38 @@ class _Lowering:
             return loop(a, inner, not emitted_any)
 
         return build(0, False, False)
+
+    def micro_kernel(self, inner: list[IterVar], value: Expr, c_buf: Buffer, c_index: Expr, init: bool) -> MicroKernel | None:
+        """``value`` (a product of two loads) accumulated into ``c_buf`` over the ``inner`` loops as one
+        :class:`MicroKernel`, or None when the loops or the indices do not have its shape."""
+        loops = [a for a in inner if a.extent > 1]
+        reds = [a for a in loops if a.kind == "reduce"]
+        data = [a for a in loops if a.kind == "data"]
+        if not reds or not 1 <= len(data) <= 2 or loops != reds + data or c_buf.scope != "local":
+            return None
+        if not (isinstance(value, te.BinOp) and value.op == "*" and isinstance(value.a, BufLoad) and isinstance(value.b, BufLoad)):
+            return None
+        row, col = (data[0], data[1]) if len(data) == 2 else (None, data[0])
+        try:
+            sc = _strides_of(c_index, loops)
+            sa = _strides_of(value.a.index, loops)
+            sb = _strides_of(value.b.index, loops)
+        except _NotLinear:
+            return None
+        if sa[col] == 1 and sb[col] == 0:
+            sa, sb = sb, sa
+            a, b = value.b, value.a
+        else:
+            a, b = value.a, value.b
+        rows = row.extent if row is not None else 1
+        if sc[col] != 1 or (row is not None and sc[row] != col.extent) or any(sc[r] for r in reds) or _eval(c_index, {}) != 0:
+            return None
+        if sa[col] != 0 or sb[col] != 1 or (row is not None and sb[row] != 0):
+            return None
+        zero = {x.var: te.Const(0, "int64") for x in inner}
+        return MicroKernel(rows, col.extent, [(r.extent, sa[r], sb[r]) for r in reds], a.buf,
+                           te.simplify(te.substitute(a.index, zero)), sa[row] if row is not None else 0, b.buf,
+                           te.simplify(te.substitute(b.index, zero)), c_buf, init)
 
     def attached_stage(self, st: Stage, consumer: Stage) -> Stmt:
         assert isinstance(st.attach, tuple)
@@ -278,6 +355,44 @@ class _Lowering:
                                              for a in consumer.tensor.axes[:len(st.tensor.axes)]]
         body = [self.stage(st, parallel_ok=True) for st in self.sch.stages if st.attach == "root"]
         return LoweredFunc(self.name, self.params, Seq(body), self.workspace)
+
+
+class _NotLinear(Exception):
+    pass
+
+
+def _eval(e: Expr, env: dict[int, int]) -> int:
+    """An index expression's value with the variables in ``env`` (by id) set and every other variable 0."""
+    if isinstance(e, te.Const):
+        return int(e.value)
+    if isinstance(e, Var):
+        return env.get(id(e), 0)
+    if isinstance(e, te.BinOp):
+        a, b = _eval(e.a, env), _eval(e.b, env)
+        ops = {"+": a + b, "-": a - b, "*": a * b, "<": int(a < b), "<=": int(a <= b), ">": int(a > b),
+               ">=": int(a >= b), "==": int(a == b), "&&": int(bool(a and b)), "||": int(bool(a or b))}
+        if e.op in ops:
+            return ops[e.op]
+        if e.op in ("//", "%") and b > 0 and a >= 0:
+            return a // b if e.op == "//" else a % b
+    if isinstance(e, te.Select):
+        return _eval(e.then, env) if _eval(e.cond, env) else _eval(e.other, env)
+    raise _NotLinear(str(e))
+
+
+def _strides_of(index: Expr, loops: Sequence[IterVar]) -> dict[IterVar, int]:
+    """The stride of ``index`` along each loop; raises _NotLinear unless it is affine in them over their ranges."""
+    base = _eval(index, {})
+    out: dict[IterVar, int] = {}
+    for a in loops:
+        s = _eval(index, {id(a.var): 1}) - base
+        if _eval(index, {id(a.var): a.extent - 1}) - base != s * (a.extent - 1):
+            raise _NotLinear(a.name)
+        out[a] = s
+    top = {id(a.var): a.extent - 1 for a in loops}
+    if _eval(index, top) - base != sum(s * (a.extent - 1) for a, s in out.items()):
+        raise _NotLinear("mixed")
+    return out
 
 
 def lower(sch: Schedule, inputs: Sequence[Tensor], outputs: Sequence[Tensor], name: str = "kernel") -> LoweredFunc:

@@ -51,6 +51,7 @@ class Stage:
         self.attach: str | tuple[Stage, IterVar] = "root"  # "root", "inline" or (consumer stage, axis)
         self.scope = "global"
         self.region: list[int] = []  # extents of the region computed per attach point (compute_at)
+        self.tensorized: IterVar | None = None  # loops from this one inward run as one micro-kernel
 
     def __repr__(self) -> str:
         return f"Stage({self.tensor.name}, leaves={[a.name for a in self.leaves]}, attach={self.attach_name})"
@@ -129,6 +130,15 @@ class Stage:
     def unroll(self, ax: IterVar) -> None:
         self._leaf_index(ax)
         self.ann[ax] = "unroll"
+
+    def tensorize(self, ax: IterVar) -> None:
+        """Run the loops from ``ax`` inward as one register-blocked micro-kernel: they must be the
+        reduction loops then the tile's rows and (vector) columns of a sum of products; lowering
+        falls back to plain loops for tiles cut by the extents and for bodies of another shape."""
+        self._leaf_index(ax)
+        if ax.kind != "reduce":
+            raise ScheduleError(f"tensorize: {ax.name} is not a reduction loop")
+        self.tensorized = ax
 
     # ---------------------------------------------------------------- placement
 
@@ -234,7 +244,7 @@ class Schedule:
             raise ScheduleError("cache_write: call it before scheduling the stage")
         body = t.body
         assert body is not None
-        cached = Tensor(f"{t.name}_{scope}", t.shape, t.dtype, t.axes, body)
+        cached = Tensor(f"{t.name}_{scope}", t.shape, t.dtype, t.axes, body, t.tag)
         new_axes = tuple(IterVar(Var(f"{a.name}_c"), a.extent) for a in t.axes)
         t.axes = new_axes
         t.body = cached[tuple(a.var for a in new_axes)]
@@ -249,7 +259,8 @@ class Schedule:
     def describe(self) -> str:
         lines = []
         for st in self.stages:
-            loops = ", ".join(f"{a.name}:{a.extent}{'/' + st.ann[a] if a in st.ann else ''}" for a in st.leaves)
+            loops = ", ".join(f"{a.name}:{a.extent}{'/' + st.ann[a] if a in st.ann else ''}"
+                              f"{'/tensorize' if a is st.tensorized else ''}" for a in st.leaves)
             lines.append(f"{st.tensor.name} @{st.attach_name} [{st.scope}] ({loops})")
         return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tessera.compiler import te
 from tessera.compiler.schedule import Schedule, Stage
 from tessera.compiler.target import vector_lanes
 from tessera.compiler.te import Tensor
@@ -28,11 +29,14 @@ def choose(n: int, prefs: Sequence[int]) -> int:
 
 def schedule_group(out: Tensor, knobs: dict[str, Any] | None = None) -> Schedule:
     knobs = knobs or {}
+    mm = next((t for t in te.post_order([out]) if t.tag == "matmul"), None)
+    if mm is not None and mm.shape == out.shape and knobs.get("mm_pack", _pack_default(mm)):
+        _pack_b(mm, int(knobs.get("mm_cols") or _mm_cols(mm.shape[-1])))
     s = Schedule([out])
     for st in s.stages:
         if st.tensor is out:
             continue
-        if st.tensor.tag == "pad":
+        if st.tensor.tag in ("pad", "pack"):
             _injective(st)
         elif not st.tensor.reduce_axes:
             st.compute_inline()
@@ -107,15 +111,52 @@ def _rows(ost: Stage, reds: list[Stage], lead: int, size: int) -> None:
             r.vectorize(data[-1])
 
 
+def _mm_cols(n: int) -> int:
+    lanes = vector_lanes()
+    return choose(n, [2 * lanes, lanes, 3 * lanes, 4 * lanes]) if n >= lanes else n
+
+
+def _pack_default(mm: Tensor) -> int:
+    """Pack B when enough row tiles reuse each panel to pay for the copy."""
+    return int(mm.shape[-2] >= 64 and mm.shape[-1] >= vector_lanes())
+
+
+def _pack_b(mm: Tensor, nr: int) -> None:
+    """Read B of ``mm`` (``A[.., i, k] * B[.., k, j]``) from panels ``Bp[.., j // nr, k, j % nr]``, packed by a
+    stage of its own (zeros past N): the columns of a register tile are one contiguous run per k."""
+    red = mm.body
+    assert isinstance(red, te.Reduce) and isinstance(red.body, te.BinOp)
+    bl = red.body.b
+    if not isinstance(bl, te.Load):
+        return
+    b = bl.tensor
+    *bshape, kdim, n = b.shape
+    nb = len(bshape)
+
+    def f(*idx: te.Expr) -> te.Expr:
+        *bi, jo, k, ji = idx
+        j = jo * nr + ji
+        v = b[(*bi, k, j)]
+        return v if n % nr == 0 else te.select(j < n, b[(*bi, k, te.call_int_min(j, n - 1))], 0.0)
+    bp = te.compute((*bshape, -(-n // nr), kdim, nr), f, f"{mm.name}_bpack", tag="pack")
+    *bi, k, j = bl.indices
+    new = te.Load(bp, (*bi[:nb], j // nr, k, j % nr))
+    mm.body = te.Reduce(red.combiner, te.BinOp("*", red.body.a, new), red.axes)
+
+
 def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
     *batch, i, j = ost.axis
     m, n = i.extent, j.extent
-    lanes = vector_lanes()
+    ukernel = bool(knobs.get("mm_ukernel", 1))
     # a register tile of rows x (2 vectors): 12 accumulators of the 16 (AVX2) or 32 (AVX-512) registers
-    mi = knobs.get("mm_rows") or choose(m, [6, 4, 8, 5, 3, 7, 2, 1])
-    nj = knobs.get("mm_cols") or (choose(n, [2 * lanes, lanes, 3 * lanes, 4 * lanes]) if n >= lanes else n)
+    mi = knobs.get("mm_rows") or choose(m, [6, 4, 5, 3, 2, 1] if ukernel else [6, 4, 8, 5, 3, 7, 2, 1])
+    nj = knobs.get("mm_cols") or _mm_cols(n)
     io, jo, ii, ji = ost.tile(i, j, mi, nj)
-    outer = ost.fuse(*batch, io, jo)
+    if knobs.get("mm_order", _pack_default(acc.tensor)):  # column panels outside: one panel of B stays in cache for every row tile
+        ost.reorder(jo, io)
+        outer = ost.fuse(*batch, jo, io)
+    else:
+        outer = ost.fuse(*batch, io, jo)
     if te_prod(ost.tensor.shape) * acc.tensor.reduce_axes[0].extent >= 65536:
         ost.parallel(outer)
     ost.vectorize(ji)
@@ -129,9 +170,12 @@ def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
         acc.reorder(ko, ki, ti, tj)
         acc.unroll(ki)
     else:
+        ko = k
         acc.reorder(k, ti, tj)
     acc.unroll(ti)
     acc.vectorize(tj)
+    if ukernel and tj.extent % 4 == 0:
+        acc.tensorize(ko)
 
 
 def _conv_nchwc(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
@@ -149,12 +193,16 @@ def _conv_nchwc(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> N
     rco, ry, rx, rci = acc.reduce_axis
     if knobs.get("conv_order") == 1:  # the window outside the input-channel blocks
         acc.reorder(ry, rx, rco, rci, tq, tk)
+        first = ry
     else:
         acc.reorder(rco, ry, rx, rci, tq, tk)
+        first = rco
     cu = int(knobs.get("conv_ci_unroll") or 1)
     if cu > 1 and rci.extent % cu == 0:
         _, ci_in = acc.split(rci, cu)
         acc.unroll(ci_in)
     acc.unroll(tq)
     acc.vectorize(tk)
+    if knobs.get("conv_ukernel", 1) and tk.extent % 4 == 0:  # the whole reduction on accumulators in registers
+        acc.tensorize(first)
 

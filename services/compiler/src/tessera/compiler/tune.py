@@ -31,7 +31,7 @@ import numpy as np
 from tessera.compiler.backends.c import CBackend
 from tessera.compiler.codegen import Arg, Call, Program, _flops, kernel_for
 from tessera.compiler.ir import Graph, Node, Op
-from tessera.compiler.lower import Allocate, For, LoweredFunc, Seq, Stmt, Store
+from tessera.compiler.lower import Allocate, For, IfThen, LoweredFunc, MicroKernel, Seq, Stmt, Store
 from tessera.compiler.target import vector_lanes
 
 Knobs = dict[str, int]
@@ -95,33 +95,43 @@ def space(node: Node) -> dict[str, list[int]]:
     if anchor_of(node) == "matmul":
         n = node.shape[-1]
         cols = sorted({c for c in (lanes, 2 * lanes, 3 * lanes, 4 * lanes) if c <= max(n, lanes)})
-        return {"mm_rows": [1, 2, 3, 4, 5, 6, 7, 8], "mm_cols": cols, "mm_kunroll": [1, 2, 4, 8]}
+        return {"mm_rows": [1, 2, 3, 4, 5, 6, 7, 8], "mm_cols": cols, "mm_kunroll": [1, 2, 4, 8], "mm_ukernel": [0, 1],
+                "mm_pack": [0, 1], "mm_order": [0, 1]}
     conv = next(x for x in body.nodes if x.op is Op.CONV2D_NCHWC)
     q = conv.shape[3]
-    return {"conv_cols": sorted({c for c in range(1, 17) if c <= q}), "conv_order": [0, 1], "conv_ci_unroll": [1, 2, 4]}
+    return {"conv_cols": sorted({c for c in range(1, 17) if c <= q}), "conv_order": [0, 1], "conv_ci_unroll": [1, 2, 4],
+            "conv_ukernel": [0, 1]}
 
 
 # ---------------------------------------------------------------------------- features of the loop program
 
 
-def _walk(s: Stmt, depth: int, out: list[tuple[For, int]], allocs: list[int]) -> None:
+def _walk(s: Stmt, depth: int, out: list[tuple[For, int]], allocs: list[int], mks: list[MicroKernel]) -> None:
     if isinstance(s, Seq):
         for x in s.stmts:
-            _walk(x, depth, out, allocs)
+            _walk(x, depth, out, allocs, mks)
+    elif isinstance(s, MicroKernel):
+        mks.append(s)
+    elif isinstance(s, IfThen):  # a micro-kernel's tiles and the plain loops for the others: features of the first
+        _walk(s.body, depth, out, allocs, mks)
     elif isinstance(s, For):
         out.append((s, depth))
-        _walk(s.body, depth + 1, out, allocs)
+        _walk(s.body, depth + 1, out, allocs, mks)
     elif isinstance(s, Allocate):
         allocs.append(s.buf.size)
-        _walk(s.body, depth, out, allocs)
-    elif hasattr(s, "body"):
-        _walk(s.body, depth, out, allocs)  # type: ignore[attr-defined]
+        _walk(s.body, depth, out, allocs, mks)
 
 
 def features(f: LoweredFunc, knobs: Knobs, flops: float) -> list[float]:
     loops: list[tuple[For, int]] = []
     allocs: list[int] = []
-    _walk(f.body, 0, loops, allocs)
+    mks: list[MicroKernel] = []
+    _walk(f.body, 0, loops, allocs, mks)
+    mk = mks[0] if mks else None
+    lanes = vector_lanes()
+    # a micro-kernel: accumulator registers, reduction length per call, A reuse per B vector, B reuse per A value
+    mk_feats = [float(mk.rows * -(-mk.cols // lanes)), math.log2(1 + math.prod(e for e, _, _ in mk.loops)), float(mk.rows),
+                float(mk.cols / lanes), float(mk.a_row == 1 or any(sa == 1 for _, sa, _ in mk.loops))] if mk else [0.0] * 5
     by = {k: [lp.extent for lp, _ in loops if lp.kind == k] for k in ("parallel", "vectorize", "unroll", "serial")}
     innermost = [lp.extent for lp, d in loops if not isinstance(lp.body, For)]
     stores = sum(1 for lp, _ in loops if isinstance(lp.body, Store))
@@ -131,6 +141,7 @@ def features(f: LoweredFunc, knobs: Knobs, flops: float) -> list[float]:
         float(sum(by["vectorize"]) % vector_lanes() != 0), math.log2(1 + math.prod(by["unroll"] or [1])),
         float(len(by["unroll"])), math.log2(1 + max(allocs, default=0)), float(max(allocs, default=0) / vector_lanes()),
         math.log2(1 + (min(innermost) if innermost else 1)), float(stores), float(len(by["serial"])),
+        math.log2(1 + f.workspace), float(len(mks)), *mk_feats,
         *[float(v) for _, v in sorted(knobs.items())],
     ]
 
