@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import tessera
 from tessera.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from tessera.common.config import SERVICES
-from tessera.common.rpc import health_status
+from tessera.common.rpc import authorized, health_status
 
 pytestmark = [pytest.mark.compose, pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -114,7 +114,7 @@ def test_scaled_serving_replicas_share_the_requests(target: Target, poll: Callab
     # One client, round robin over every replica: the calls land on all of them.
     target_uri = "ipv4:" + ",".join(addresses)
     with grpc.insecure_channel(target_uri, options=[("grpc.lb_policy_name", "round_robin")]) as ch:
-        stub = serving_pb2_grpc.ServingServiceStub(ch)
+        stub = serving_pb2_grpc.ServingServiceStub(authorized(ch))  # the stack's token (compose: its secret)
         for call in SERVING_CALLS:
             answered = [call(stub) for _ in range(4 * len(replicas))]
             assert set(answered) == {r.instance_id for r in replicas}, (call.__name__, answered)

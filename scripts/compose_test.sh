@@ -72,6 +72,8 @@ trap on_exit EXIT
 scripts/compose_up.sh --scale serving=2
 phase "stack up"
 
+# the tests' clients (SDK, CLI, raw channels) send the stack's token
+TESSERA_AUTH_TOKEN_FILE=$PWD/${TESSERA_SECRETS_DIR#./}/auth_token \
 TESSERA_E2E_STACK=compose TESSERA_E2E_ENGINE=$ENGINE \
 TESSERA_E2E_CONTROL_STORE=$HOST_BIND_ADDRESS:$CONTROL_STORE_PORT \
 TESSERA_E2E_JAEGER_URL=http://$HOST_BIND_ADDRESS:$JAEGER_UI_PORT \

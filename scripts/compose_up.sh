@@ -3,7 +3,8 @@
 #
 #   scripts/compose_up.sh [--scale SERVICE=N]     # e.g. --scale serving=2
 #
-# Images must be built (scripts/compose_build.sh). podman-compose ignores
+# Images must be built (scripts/compose_build.sh). The credentials (token, NATS and Redis
+# passwords) are generated first when missing (scripts/compose_secrets.sh). podman-compose ignores
 # `condition: service_healthy`, so the services start in dependency order:
 # nats, redis (and jaeger) → control-store → the other five, and each step waits for
 # readiness through the health protocols (scripts/compose_wait.py: grpc.health.v1 for
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
 done
 
 t0=$SECONDS
+scripts/compose_secrets.sh
 for infra in nats redis; do
   var=$(echo "${infra}_IMAGE" | tr '[:lower:]' '[:upper:]')
   if ! have_image "${!var}"; then

@@ -61,6 +61,16 @@ def containers(project: str = PROJECT) -> list[Container]:
     return out
 
 
+def redis_password() -> str:
+    """The stack's Redis password (scripts/compose_secrets.sh), or '' when there is none."""
+    path = os.path.join(os.environ.get("TESSERA_SECRETS_DIR", "./deploy/secrets"), "redis_password")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def ready(c: Container) -> bool:
     if c.state != "running" or not c.ip:
         return False
@@ -71,8 +81,14 @@ def ready(c: Container) -> bool:
                 return bool(r.status == 200)
         if c.service == "redis":
             with socket.create_connection((c.ip, int(os.environ.get("REDIS_PORT", "6379"))), timeout=2) as s:
+                f = s.makefile("rb")
+                password = redis_password()
+                if password:  # requirepass (scripts/compose_secrets.sh): AUTH first
+                    s.sendall(b"AUTH " + password.encode() + b"\r\n")
+                    if not f.readline().startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return f.readline().startswith(b"+PONG")
         if c.service == "jaeger":
             url = f"http://{c.ip}:{os.environ.get('JAEGER_HEALTH_PORT', '13133')}/status"
             with urllib.request.urlopen(url, timeout=2) as r:

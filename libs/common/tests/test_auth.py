@@ -233,3 +233,14 @@ def test_check_compares_the_whole_token() -> None:
     assert auth.check([("authorization", f"Bearer {TOKEN[:-1]}")], TOKEN) == "invalid bearer token"
     assert auth.check([("x-other", "1")], TOKEN) is not None
     assert auth.is_open("/grpc.health.v1.Health/Check") and not auth.is_open(f"/{SERVICE}/Echo")
+
+
+async def test_a_hand_made_channel_is_authorized_by_the_helper(guarded: Guarded) -> None:
+    def blocking() -> None:
+        with grpc.insecure_channel(guarded.address, options=[("grpc.lb_policy_name", "round_robin")]) as raw:
+            with pytest.raises(grpc.RpcError) as ei:
+                _echo_call(raw)(b"bare", timeout=5)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            assert _echo_call(rpc.authorized(raw, token=TOKEN))(b"hand", timeout=5) == b"echo:hand"
+
+    await asyncio.to_thread(blocking)

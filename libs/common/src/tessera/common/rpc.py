@@ -359,6 +359,13 @@ def stream_channel(target: str, *, token: str | None = None, max_message_bytes: 
     return grpc.intercept_channel(ch, auth.ClientAuth(key)) if key else ch
 
 
+def authorized(ch: grpc.Channel, *, token: str | None = None) -> grpc.Channel:
+    """``ch`` (a blocking channel made by hand, e.g. with its own load-balancing options) sending the
+    token on every call, as the helpers here do; ``ch`` itself when no token is configured."""
+    key = _client_token(token)
+    return grpc.intercept_channel(ch, auth.ClientAuth(key)) if key else ch
+
+
 def channel(
     target: str,
     *,
