@@ -24,6 +24,7 @@ from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
 from tessera.common.serialization import deserialize
+from tessera.common.telemetry import current_traceparent
 from tessera.exceptions import (
     ActorDiedError,
     GetTimeoutError,
@@ -142,6 +143,7 @@ class Core:
         spec.job_id = self.job_id
         if self.current_task:
             spec.parent_task_id = self.current_task
+        spec.traceparent = current_traceparent()  # a task submitted under a span runs in its trace
         tid = spec.task_id
         returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
         with self.cond:

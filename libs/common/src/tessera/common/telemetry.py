@@ -82,6 +82,12 @@ def shutdown_tracing() -> None:
         _provider = None
 
 
+def flush_tracing(timeout_millis: int = 2000) -> None:
+    """Export the spans ended so far now (a process that may be killed at any time: a worker)."""
+    if _provider is not None:
+        _provider.force_flush(timeout_millis=timeout_millis)
+
+
 def current_trace_id() -> str:
     """Hex trace id of the active span, or '' when there is none."""
     ctx = trace.get_current_span().get_span_context()
@@ -101,6 +107,20 @@ def traceparent_env() -> dict[str, str]:
         if carrier.get("tracestate"):
             out[ENV_TRACESTATE] = carrier["tracestate"]
     return out
+
+
+def current_traceparent() -> str:
+    """The W3C ``traceparent`` of the active span, or '' when there is none (cheap when untraced)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def context_from_traceparent(traceparent: str) -> Context | None:
+    """The trace context a ``traceparent`` names, or None when it is empty or invalid."""
+    return context_from_env({ENV_TRACEPARENT: traceparent}) if traceparent else None
 
 
 def context_from_env(env: Mapping[str, str] | None = None) -> Context | None:

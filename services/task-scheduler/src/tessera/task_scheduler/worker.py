@@ -14,11 +14,14 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
 import cloudpickle
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from tessera import _api
 from tessera._core import Core
@@ -28,11 +31,15 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import auth, ids
 from tessera.common.config import Settings
 from tessera.common.serialization import deserialize, serialize
+from tessera.common.telemetry import context_from_traceparent, flush_tracing, setup_tracing, shutdown_tracing
 from tessera.task_scheduler.frames import FrameError, SocketConnection
 
 log = logging.getLogger("tessera.worker")
+_tracer = trace.get_tracer("tessera.task_scheduler.worker")
 K = pb.TaskKind
 E = pb.ErrorKind
+#: How long a retried task waits for its earlier attempt's half-written return value to be aborted.
+STORE_RETRY_S = 30.0
 
 
 class Worker:
@@ -91,6 +98,17 @@ class Worker:
         return args, kwargs
 
     def run(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        parent = context_from_traceparent(spec.traceparent)
+        if parent is None:
+            return self._run(spec)
+        try:
+            with _tracer.start_as_current_span(f"task {spec.name}", context=parent, kind=SpanKind.CONSUMER,
+                                               attributes={"tessera.task.id": spec.task_id.hex()}):
+                return self._run(spec)
+        finally:
+            flush_tracing()  # an actor's worker dies when the actor is killed: its spans leave now
+
+    def _run(self, spec: pb.TaskSpec) -> pb.TaskResult:
         self.core.job_id = spec.job_id
         self.core.current_task = spec.task_id
         try:
@@ -126,7 +144,22 @@ class Worker:
         ser = serialize(value)
         if ser.size <= self.settings.object_store_inline_threshold:
             return pb.ReturnValue(object_id=oid, value=ser.to_bytes(), size=ser.size)
-        _api.object_client().put_serialized(oid, ser, owner=spec.owner)
+        store = _api.object_client()
+        deadline = time.monotonic() + STORE_RETRY_S
+        while True:
+            try:
+                store.put_serialized(oid, ser, owner=spec.owner)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                    raise
+            # an earlier attempt of this task, whose worker died, stored it (done) or was writing it when it
+            # died (aborted once the store notices the dead session): then this attempt writes it again
+            if store.contains([oid])[0]:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"return value {oid.hex()} is still being written by an earlier attempt")
+            time.sleep(0.1)
         return pb.ReturnValue(object_id=oid, stored=True, size=ser.size)
 
     def failure(self, spec: pb.TaskSpec, e: Exception) -> pb.TaskResult:
@@ -170,10 +203,12 @@ def main() -> None:
     w.core.node_id = welcome.node_id
     _api.attach_worker(w.core, object_store_address=welcome.object_store_address,
                        control_store_address=settings.control_store_address)
+    setup_tracing("task-scheduler")  # tasks submitted under a span run in its trace
     try:
         w.serve()
     finally:
         conn.close()
+        shutdown_tracing()
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown: the agent is waiting for nothing more
 

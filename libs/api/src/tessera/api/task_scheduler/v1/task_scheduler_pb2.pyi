@@ -161,6 +161,7 @@ class TaskSpec(_message.Message):
     CALLER_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     DETACHED_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
     job_id: _builtins.bytes
@@ -195,6 +196,8 @@ class TaskSpec(_message.Message):
     """actor methods: position in the caller's order"""
     detached: _builtins.bool
     """actor creations: outlives its owner (otherwise it dies when the owner's session ends)"""
+    traceparent: _builtins.str
+    """W3C trace context of the span that submitted it ("": untraced); the worker runs it in that trace"""
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arg]: ...
     @_builtins.property
@@ -225,10 +228,11 @@ class TaskSpec(_message.Message):
         caller: _builtins.bytes = ...,
         seq: _builtins.int = ...,
         detached: _builtins.bool = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
