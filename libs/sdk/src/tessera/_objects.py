@@ -25,6 +25,8 @@ from typing import Any, overload
 
 import grpc
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
@@ -105,6 +107,8 @@ class ObjectStoreClient:
         self._owned: OrderedDict[bytes, bytes] = OrderedDict()
         self._owned_bytes = 0
         self._pending: list[pb.InlineObject] = []
+        # the trace of the first traced put waiting in _pending: the batch that carries it is sent in that trace
+        self._pending_ctx: otel_context.Context | None = None
         self._inflight = 0
         self._cond = threading.Condition()
         self._flusher: threading.Thread | None = None
@@ -180,6 +184,7 @@ class ObjectStoreClient:
             self._own(oid, data)
             with self._cond:
                 self._pending.append(pb.InlineObject(object_id=oid, data=data, owner=owner))
+                self._note_trace()
                 self._cond.notify()
             if self._flusher is None:
                 self._start_flusher()
@@ -194,6 +199,7 @@ class ObjectStoreClient:
         """Queue an already serialized small object (at most the inline threshold) for the next batch."""
         with self._cond:
             self._pending.append(pb.InlineObject(object_id=oid, data=data, owner=owner))
+            self._note_trace()
             self._cond.notify()
         if self._flusher is None:
             self._start_flusher()
@@ -211,6 +217,11 @@ class ObjectStoreClient:
                 _, old = self._owned.popitem(last=False)
                 self._owned_bytes -= len(old)
 
+    def _note_trace(self) -> None:
+        """Remember the caller's trace for the next batch (the first traced put wins). Caller holds _cond."""
+        if self._pending_ctx is None and trace.get_current_span().get_span_context().is_valid:
+            self._pending_ctx = otel_context.get_current()
+
     def _start_flusher(self) -> None:
         with self._cond:
             if self._flusher is None:
@@ -225,7 +236,9 @@ class ObjectStoreClient:
                 if not self._pending and self._closing:
                     return
                 batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+                ctx, self._pending_ctx = self._pending_ctx, None
                 self._inflight += 1
+            token = otel_context.attach(ctx) if ctx is not None else None
             try:
                 resp = self._retrying(lambda batch=batch: self._stub.PutObjects(
                     pb.PutObjectsRequest(session_id=self.session_id, objects=batch)))
@@ -235,6 +248,8 @@ class ObjectStoreClient:
                 log.warning("could not store %d small objects: %s", len(batch), e)
                 self._flush_error = e
             finally:
+                if token is not None:
+                    otel_context.detach(token)
                 with self._cond:
                     self._inflight -= 1
                     self._cond.notify_all()
@@ -366,6 +381,10 @@ class ObjectStoreClient:
                 data = self._owned.pop(oid, None)
                 self._owned_bytes -= len(data) if data is not None else 0
         return int(self._stub.DeleteObjects(pb.DeleteObjectsRequest(object_ids=ids_)).deleted)
+
+    def contains(self, object_ids: Sequence[bytes]) -> list[bool]:
+        """Whether each object is in this store and readable (sealed, in memory or spilled)."""
+        return list(self._stub.ContainsObjects(pb.ContainsObjectsRequest(object_ids=list(object_ids))).present)
 
     def stats(self) -> pb.GetStatsResponse:
         return self._stub.GetStats(pb.GetStatsRequest())
