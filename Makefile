@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all lint typecheck protos check-protos compose-config bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
+.PHONY: install demo test test-all chaos soak lint typecheck protos check-protos compose-config bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test: install check-protos
 
 test-all: install
 	$(PY) -m pytest -q -m ''
+
+# kill -9 each process of a loaded two-node cluster in turn (TESSERA_CHAOS_REPORT: where the JSON report goes).
+chaos: install
+	$(PY) -m pytest -q -s -m chaos e2e-tests/test_chaos.py
+
+# a bounded run at benchmark throughput, sampling every service's RSS (TESSERA_SOAK_S seconds, default 180).
+soak: install
+	$(PY) -m pytest -q -s -m soak e2e-tests/test_soak.py
 
 lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts

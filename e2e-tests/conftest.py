@@ -180,3 +180,80 @@ def procs_alive(pid: int) -> bool:
 @pytest.fixture
 def poll() -> Callable[..., Any]:
     return poll_until
+
+
+class Cluster:
+    """A cluster brought up by `tessera up` in its own run directory: the CLI, its plan and its processes."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+
+    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def info(self) -> dict[str, Any]:
+        return dict(json.loads((self.run_dir / "cluster.json").read_text()))
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.cli("status", "--json", timeout=60).stdout))
+
+    def proc(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.status()["processes"] if p["name"] == name)
+
+    def pid(self, name: str) -> int:
+        """The pid the supervisor last recorded for ``name`` (0 while it is down), without health probes."""
+        return int(next(p["pid"] for p in self.info()["procs"] if p["name"] == name))
+
+    def node_ids(self) -> list[str]:
+        return list(dict.fromkeys(p["node_id"] for p in self.info()["procs"] if p.get("node_id")))
+
+    def pids(self) -> list[int]:
+        info = self.info()
+        return [info["supervisor_pid"], *(p["pid"] for p in info["procs"] if p["pid"])]
+
+    def kill(self, name: str) -> int:
+        pid = self.pid(name)
+        os.kill(pid, 9)
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 60.0) -> float:
+        """Wait until ``name`` runs again under a new pid and answers (SERVING, or UP for NATS/Redis); returns when."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.proc(name)
+            if p["pid"] not in (0, old_pid) and p["health"] in ("SERVING", "UP"):
+                return time.monotonic()
+            time.sleep(0.2)
+        raise AssertionError(f"{name} did not come back within {timeout:g}s")
+
+
+def clean_env(run_dir: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without TESSERA_*/OTEL_* settings, pointed at ``run_dir``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Cluster]]:
+    """``launch(name, *up_args, **env)`` brings a cluster up; every one it started goes down after the module."""
+    started: list[tuple[Cluster, list[int]]] = []
+
+    def up(name: str, *args: str, timeout: float = 150, **env: str) -> Cluster:
+        run_dir = tmp_path_factory.mktemp(name)
+        c = Cluster(run_dir, clean_env(run_dir, **env))
+        r = c.cli("up", *args, "--timeout", str(timeout), timeout=timeout + 30)
+        assert r.returncode == 0, f"tessera up failed:\n{r.stdout}\n{r.stderr}"
+        started.append((c, c.pids()))
+        return c
+
+    try:
+        yield up
+    finally:
+        for c, pids in started:
+            c.cli("down", timeout=90)
+            for pid in pids:
+                if procs_alive(pid):
+                    os.kill(pid, 9)
