@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
 from tessera.common import ids, procs
+from tessera.common.bus import redact
 from tessera.common.config import Settings
 from tessera.common.rpc import health_status, stream_channel
 
@@ -211,8 +212,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     healthy = all(r["health"] in ("SERVING", "UP") for r in rows)
     if args.json:
         print(json.dumps({"running": True, "healthy": healthy, "run_dir": str(run.path), "supervisor_pid": sup,
-                          "control_store_address": cluster.control_store_address, "nats_url": cluster.nats_url,
-                          "redis_urls": cluster.redis_urls, "auth": cluster.auth, "processes": rows}, indent=2))
+                          "control_store_address": cluster.control_store_address, "nats_url": redact(cluster.nats_url),
+                          "redis_urls": [redact(u) for u in cluster.redis_urls], "auth": cluster.auth,
+                          "processes": rows}, indent=2))
     else:
         print(_table(rows))
     return EXIT_OK if healthy else EXIT_UNHEALTHY

@@ -86,13 +86,14 @@ class Supervisor:
         )
         env.pop("TESSERA_ADVERTISE_HOST", None)
         if self.cluster.auth:  # paths of the secrets, never the secrets (a child's environment is readable)
-            for k in ("TESSERA_AUTH_TOKEN", "TESSERA_NATS_PASSWORD", "TESSERA_REDIS_PASSWORD"):
-                env.pop(k, None)
+            env.pop("TESSERA_AUTH_TOKEN", None)
             env.update(TESSERA_AUTH_TOKEN_FILE=str(self.run.secret_file(auth.TOKEN_FILE)))
-            if any(q.kind == "nats" for q in self.cluster.procs):
+            if any(q.kind == "nats" for q in self.cluster.procs):  # ours; a given NATS keeps the given credentials
+                env.pop("TESSERA_NATS_PASSWORD", None)
                 env.update(TESSERA_NATS_USER=auth.NATS_USER,
                            TESSERA_NATS_PASSWORD_FILE=str(self.run.secret_file(auth.NATS_PASSWORD_FILE)))
             if any(q.kind == "redis" for q in self.cluster.procs):
+                env.pop("TESSERA_REDIS_PASSWORD", None)
                 env.update(TESSERA_REDIS_PASSWORD_FILE=str(self.run.secret_file(auth.REDIS_PASSWORD_FILE)))
         if p.node_id:
             env["TESSERA_NODE_ID"] = p.node_id
