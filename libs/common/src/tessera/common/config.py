@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     nats_password_file: Path | None = Field(None, description="file holding nats_password (wins over nats_password)")
     redis_password: SecretStr = Field(SecretStr(""), description="control-store: Redis password (requirepass) of every shard")
     redis_password_file: Path | None = Field(None, description="file holding redis_password (wins over redis_password)")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain) of this process's gRPC server; with tls_key_file, the server speaks only TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_ca_file: Path | None = Field(None, description="PEM CA certificates; when set, every gRPC client connects with TLS and verifies the server against them")
+    tls_server_name: str = Field("", description="name the servers' certificates carry, when it differs from the host of the address dialled")
 
     # --- this process's gRPC server ----------------------------------------------
     grpc_host: str = Field("127.0.0.1", description="interface the gRPC server binds (0.0.0.0 in containers)")

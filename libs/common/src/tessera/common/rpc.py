@@ -193,6 +193,57 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_re
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
+def server_credentials(settings: Settings | None = None) -> grpc.ServerCredentials | None:
+    """TLS credentials of this process's server (``tls_cert_file`` + ``tls_key_file``), or None (plain TCP)."""
+    s = settings or Settings()
+    if s.tls_cert_file is None and s.tls_key_file is None:
+        return None
+    if s.tls_cert_file is None or s.tls_key_file is None:
+        raise errors.FailedPreconditionError("TLS needs both tls_cert_file and tls_key_file")
+    try:
+        pair = (s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes())
+    except OSError as e:
+        raise errors.FailedPreconditionError(f"cannot read the TLS certificate or key: {e}") from None
+    return grpc.ssl_server_credentials([pair])
+
+
+def add_port(server: grpc.aio.Server, address: str, settings: Settings | None = None) -> int:
+    """Listen on ``address`` (``host:port``), with TLS when it is configured; returns the port."""
+    creds = server_credentials(settings)
+    return server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+
+
+def _tls(options: list[tuple[str, Any]]) -> grpc.ChannelCredentials | None:
+    """Client TLS credentials when ``tls_ca_file`` is set (adding the server-name override to ``options``)."""
+    s = Settings()
+    if s.tls_ca_file is None:
+        return None
+    try:
+        roots = s.tls_ca_file.read_bytes()
+    except OSError as e:
+        raise errors.FailedPreconditionError(f"cannot read tls_ca_file {s.tls_ca_file}: {e.strerror or e}") from None
+    if s.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", s.tls_server_name))
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def raw_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A blocking channel with TLS when configured, nothing else (no token, deadline or tracing)."""
+    opts = list(options)
+    creds = _tls(opts)
+    return grpc.secure_channel(target, creds, options=opts) if creds is not None else grpc.insecure_channel(target, opts)
+
+
+def raw_aio_channel(target: str, options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] | None = None,
+                    ) -> grpc.aio.Channel:
+    """An asyncio channel with TLS when configured and the ``interceptors`` given, nothing else."""
+    opts = list(options)
+    creds = _tls(opts)
+    if creds is not None:
+        return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+
+
 def create_server(
     *, traced: bool = True, token: str | None = None, max_message_bytes: int | None = None,
     settings: Settings | None = None,
@@ -333,11 +384,7 @@ def aio_channel(
     interceptors: list[Any] = [*aio_client_interceptors(), _AioDefaultDeadline(default_timeout)]
     if key:
         interceptors = [*auth.aio_client_auth(key), *interceptors]
-    return grpc.aio.insecure_channel(
-        target,
-        options=_options(service, idempotent_methods, max_message_bytes),
-        interceptors=interceptors,
-    )
+    return raw_aio_channel(target, _options(service, idempotent_methods, max_message_bytes), interceptors)
 
 
 def trace_metadata() -> list[tuple[str, str]]:
@@ -354,7 +401,7 @@ def stream_channel(target: str, *, token: str | None = None, max_message_bytes: 
     carry trace context through :func:`trace_metadata` instead. Calls carry the token
     as :func:`aio_channel`'s do (that interceptor keeps ``cancel()``).
     """
-    ch = grpc.insecure_channel(target, options=_options(None, (), max_message_bytes))
+    ch = raw_channel(target, _options(None, (), max_message_bytes))
     key = _client_token(token)
     return grpc.intercept_channel(ch, auth.ClientAuth(key)) if key else ch
 
@@ -376,7 +423,7 @@ def channel(
     max_message_bytes: int | None = None,
 ) -> grpc.Channel:
     """A blocking channel with the same guarantees as :func:`aio_channel`."""
-    ch = grpc.insecure_channel(target, options=_options(service, idempotent_methods, max_message_bytes))
+    ch = raw_channel(target, _options(service, idempotent_methods, max_message_bytes))
     traced = grpcext.intercept_channel(ch, client_interceptor())
     key = _client_token(token)
     if key:
@@ -391,7 +438,7 @@ def health_status(address: str, *, service: str = "", timeout: float = 1.0) -> s
     """``grpc.health.v1`` status of ``service`` at ``address``: SERVING, NOT_SERVING, ... or UNREACHABLE."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with raw_channel(address) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:

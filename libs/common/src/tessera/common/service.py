@@ -110,7 +110,7 @@ class ServiceApp:
         reflection.enable_server_reflection(names, self.server)
         for n in ["", *self._service_names]:
             await self.health.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        self.port = rpc.add_port(self.server, f"{s.grpc_host}:{s.grpc_port}", s)  # TLS when configured
         # Bound to every interface and told no name (a scaled container replica): advertise the hostname.
         wildcard = s.grpc_host in ("0.0.0.0", "::", "[::]")
         self.address = f"{s.advertise_host or (socket.gethostname() if wildcard else s.grpc_host)}:{self.port}"

@@ -103,9 +103,8 @@ class Peers:
         """PullObject at ``address``, its chunks read raw (see wire.py): one copy into the arena."""
         if address not in self._pulls:
             token = auth.server_token(self.settings)  # this cluster's token, when it has one
-            ch = grpc.aio.insecure_channel(address, options=[
-                ("grpc.max_receive_message_length", self.settings.grpc_max_message_bytes)],
-                interceptors=auth.aio_client_auth(token) if token else None)
+            ch = rpc.raw_aio_channel(address, [("grpc.max_receive_message_length", self.settings.grpc_max_message_bytes)],
+                                     interceptors=auth.aio_client_auth(token) if token else None)
             self._channels.append(ch)
             self._pulls[address] = ch.unary_stream(f"/{SERVICE}/PullObject",
                                                    request_serializer=pb.PullObjectRequest.SerializeToString)
