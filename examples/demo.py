@@ -54,7 +54,7 @@ SWEEP = ("0.003", "0.01", "0.03")  # learning rates: three jobs on two GPU slots
 @dataclass(frozen=True)
 class Plan:
     episodes: int = 25  # per rollout actor (four actors)
-    steps: int = 300  # mini-batches per training job
+    steps: int = 200  # mini-batches per training job
     checkpoint_every: int = 50
     step_sleep_s: float = 0.02  # a heavier model's mini-batch time, so that time slices show
     text_pipelines: int = 50
