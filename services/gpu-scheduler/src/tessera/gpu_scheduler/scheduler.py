@@ -240,6 +240,35 @@ class GpuScheduler:
         j.last_ran_at = self.clock()
         await self._save(j, event=True)
 
+    async def _adopt_or_stop_strays(self) -> None:
+        """Jobs an agent runs where their records do not place them: an agent judged silent too soon (a
+        loaded host) comes back with its jobs still running, after they were requeued. A requeued job not
+        placed again is adopted where it runs (no work lost, no second copy); any other stray is stopped."""
+        for node, a in self.agents.items():
+            if not self._alive(a):
+                continue
+            for jid, rep in a.report["jobs"].items():
+                j = self.jobs.get(jid)
+                if rep["state"] == "exited" or (j is not None and j.node_id == node):
+                    continue
+                slots = [int(s) for s in rep.get("slots", [])]
+                taken = any(o.node_id == node and set(o.gpu_slots) & set(slots) for o in self.jobs.values()
+                            if o.job_id != jid and o.state in (S.JOB_STATE_RUNNING, S.JOB_STATE_SUSPENDED))
+                if j is not None and j.state == S.JOB_STATE_QUEUED and not j.node_id and rep["state"] == "running" \
+                        and slots and not taken and int(rep["step"]) >= j.checkpoint_step:
+                    log.warning("job %s still runs on node %s (step %d): adopted there", jid, node[:8], rep["step"])
+                    j.state, j.node_id, j.phase = S.JOB_STATE_RUNNING, node, ""
+                    j.incarnation = str(a.report["incarnation"])
+                    j.step = int(rep["step"])
+                    del j.gpu_slots[:]
+                    j.gpu_slots.extend(slots)
+                    j.run_started_at = self.clock()
+                    await self._save(j, event=True)
+                else:
+                    log.warning("job %s runs on node %s, which its record does not name: stopping that copy",
+                                jid, node[:8])
+                    await self._send(node, {"op": "kill", "job_id": jid})
+
     async def _reconcile(self, j: pb.JobInfo) -> None:
         """Fold the agent's report of ``j`` into its record."""
         if not j.node_id or j.state not in (S.JOB_STATE_RUNNING, S.JOB_STATE_SUSPENDED):
@@ -340,6 +369,7 @@ class GpuScheduler:
         now = self.clock()
         self._last_tick = now
         await self._read_agents()
+        await self._adopt_or_stop_strays()
         for j in list(self.jobs.values()):
             if j.state == S.JOB_STATE_RUNNING and prev is not None:
                 j.attained_gpu_s += j.spec.gpus * (now - prev)

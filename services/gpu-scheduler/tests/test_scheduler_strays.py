@@ -1,0 +1,114 @@
+"""The live scheduler when an agent it judged dead comes back with its job still running."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
+from tessera.gpu_scheduler.policy import make_policy
+from tessera.gpu_scheduler.scheduler import GpuScheduler
+
+S = pb.JobState
+
+
+class DictKV:
+    def __init__(self) -> None:
+        self.d: dict[str, bytes] = {}
+
+    async def put(self, key: str, value: bytes) -> None:
+        self.d[key] = value
+
+    async def get(self, key: str) -> bytes | None:
+        return self.d.get(key)
+
+    async def keys(self) -> list[str]:
+        return list(self.d)
+
+    async def delete(self, key: str) -> None:
+        self.d.pop(key, None)
+
+
+class Cluster:
+    """A scheduler, with agents that are plain reports in their KV and commands recorded as sent."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.jobs, self.agents = DictKV(), DictKV()
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.sched = GpuScheduler(self.jobs, self.agents, self.send, self.emit, make_policy("fifo"),
+                                  agent_timeout_s=3.0, clock=lambda: self.now)
+
+    async def send(self, node: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append((node, cmd))
+        if cmd["op"] == "start":
+            old = self.reports[node]["jobs"].get(cmd["job_id"])
+            if old is not None and old["state"] != "exited":  # as the real agent refuses
+                raise RuntimeError(f"job {cmd['job_id']} already runs on node {node}")
+            self.reports[node]["jobs"][cmd["job_id"]] = {
+                "state": "running", "rc": None, "step": 0, "minibatch_s": 0.0, "metrics": {}, "ckpt_oid": "",
+                "ckpt_step": 0, "slots": cmd["slots"], "suspend_s": 0.0, "resume_s": 0.0, "message": ""}
+        return {"ok": True, "incarnation": "inc-" + node}
+
+    async def emit(self, _state: str, _job: pb.JobInfo) -> None:
+        return None
+
+    async def beat(self, node: str) -> None:
+        r = self.reports.setdefault(node, {"node_id": node, "gpus": 1, "incarnation": "inc-" + node, "seq": 0,
+                                           "jobs": {}})
+        r["seq"] += 1
+        await self.agents.put(node, json.dumps(r).encode())
+
+
+async def test_a_requeued_job_still_running_on_a_slow_agent_is_adopted_not_started_twice() -> None:
+    c = Cluster()
+    await c.beat("a")
+    await c.beat("b")
+    await c.sched.tick()
+    j = await c.sched.submit(pb.JobSpec(entry_point="m:f", gpus=1))
+    await c.sched.tick()
+    node = c.sched.get(j.job_id).node_id
+    other = "b" if node == "a" else "a"
+    assert c.sched.get(j.job_id).state == S.JOB_STATE_RUNNING
+    c.reports[node]["jobs"][j.job_id]["step"] = 40
+    await c.beat(node)
+    await c.sched.tick()
+    # the agent is silent longer than the timeout (a loaded host), while the other beats: the job is requeued
+    # and, with the other node's GPU free, placed there at once
+    c.now += 5.0
+    await c.beat(other)
+    starts_before = sum(1 for _, cmd in c.sent if cmd["op"] == "start")
+    await c.sched.tick()
+    info = c.sched.get(j.job_id)
+    assert info.requeues == 1
+    if sum(1 for _, cmd in c.sent if cmd["op"] == "start") > starts_before:
+        # placed on the other node: the copy still running on the slow one is stopped when it reports again
+        assert info.node_id == other
+        c.reports[node]["jobs"][j.job_id]["step"] = 55
+        await c.beat(node)
+        await c.sched.tick()
+        assert (node, {"op": "kill", "job_id": j.job_id}) in c.sent
+        assert c.sched.get(j.job_id).node_id == other
+
+
+async def test_a_requeued_job_is_adopted_where_it_still_runs_when_no_other_gpu_is_free() -> None:
+    c = Cluster()
+    await c.beat("a")
+    await c.sched.tick()
+    j = await c.sched.submit(pb.JobSpec(entry_point="m:f", gpus=1))
+    await c.sched.tick()
+    assert c.sched.get(j.job_id).node_id == "a"
+    c.reports["a"]["jobs"][j.job_id].update(step=30, ckpt_step=20, ckpt_oid="ab" * 20)
+    await c.beat("a")
+    await c.sched.tick()
+    c.now += 5.0  # silent too long: requeued from step 20; its only node is not alive, so it waits
+    await c.sched.tick()
+    assert c.sched.get(j.job_id).state == S.JOB_STATE_QUEUED
+    c.reports["a"]["jobs"][j.job_id]["step"] = 60
+    await c.beat("a")  # back, still running the job
+    await c.sched.tick()
+    info = c.sched.get(j.job_id)
+    assert info.state == S.JOB_STATE_RUNNING and info.node_id == "a" and info.step == 60
+    assert [cmd for _, cmd in c.sent if cmd["op"] == "start"] == [c.sent[0][1]]  # started once, never again
+    assert not [cmd for _, cmd in c.sent if cmd["op"] == "kill"]
