@@ -197,7 +197,8 @@ class ControlStore:
         rec = pb.JobInfo()
         rec.CopyFrom(job)
         if rec.state not in (pb.JOB_STATE_UNSPECIFIED, pb.JOB_STATE_RUNNING):
-            raise InvalidArgumentError(f"a new job must be RUNNING, got {pb.JobState.Name(rec.state)}")
+            name = pb.JobState.Name(rec.state) if rec.state in pb.JobState.values() else rec.state
+            raise InvalidArgumentError(f"a new job must be RUNNING, got {name}")
         rec.state = pb.JOB_STATE_RUNNING
         rec.start_ms = rec.start_ms or self.clock()
         await self.jobs.create_many([rec.job_id], [rec.SerializeToString()])

@@ -1,0 +1,492 @@
+"""Fuzzing every public gRPC method of a whole stack (`tessera up --nodes 1 --gpus-per-node 1`).
+
+Methods come from the generated descriptors (:func:`fuzzing.methods`); each gets generic requests and
+nearly valid ones built from real objects made first (a job, a function, a task, objects, an actor,
+a KV key, a session, a compiled artifact, a GPU job, a serving pipeline). For every call:
+
+* the status is one the API documents (never UNKNOWN, INTERNAL or UNAVAILABLE), and every call
+  has a deadline (DEADLINE_EXCEEDED only for the calls that wait by design);
+* a rejected call changes nothing: the Redis shards (every key but the heartbeat-refreshed ones)
+  and the object store's and serving replica's counters are the same before and after it;
+* no process of the stack dies or restarts.
+
+Then random bytes go to every live NATS subject the services decode, and the stack must still
+serve a real request. The number of requests per method goes to a JSON report
+(``TESSERA_FUZZ_REPORT``, default ``<pytest tmp>/fuzz-report.json``) and a table at the end.
+
+The default run draws a few dozen requests per method; ``-m fuzz_long`` draws far more.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
+
+from tessera.api.compiler.v1 import compiler_pb2 as comp_pb
+from tessera.api.control_store.v1 import control_store_pb2 as cs_pb
+from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as gpu_pb
+from tessera.api.object_store.v1 import object_store_pb2 as os_pb
+from tessera.api.serving.v1 import serving_pb2 as sv_pb
+from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as ts_pb
+from tessera.common.rpc import MAX_MESSAGE_BYTES, health_status
+
+
+def _load_strategies() -> Any:
+    """fuzzing.py beside this file (test modules are imported by path, not as a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzzing", Path(__file__).with_name("fuzzing.py"))
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.setdefault("fuzzing", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzzing = _load_strategies()
+Method, World = fuzzing.Method, fuzzing.World
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+BIN = Path(sys.executable).parent
+EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "40"))
+LONG_EXAMPLES = int(os.environ.get("TESSERA_FUZZ_LONG_EXAMPLES", "2000"))
+UNARY_TIMEOUT_S = 20.0
+BLOCKING_TIMEOUT_S = 1.5
+#: Keys rewritten by heartbeats and reports on their own: only their presence is compared.
+VOLATILE = (b"instance:", b"node:", b"kv:gpu-agents:", b"kv:gpu-jobs:", b"kv-index:gpu-")
+#: Processes that write to the control store after they reply (a rejected call is compared once that is done).
+ASYNC_WRITERS = {"object-store", "task-scheduler", "compiler"}
+#: Methods that remove what others use: fuzzed last.
+DESTRUCTIVE = {"DeleteObjects", "DeregisterInstance", "KvDelete", "Unregister", "KillJob", "AbortObject",
+               "UpdateActor", "UpdateJobState"}
+METHODS = sorted(fuzzing.methods(), key=lambda m: (m.desc.name in DESTRUCTIVE, m.full_name))
+
+
+# ---------------------------------------------------------------------- the stack
+
+
+@dataclass
+class FuzzStack:
+    run_dir: Path
+    env: dict[str, str]
+    channels: dict[str, grpc.Channel] = field(default_factory=dict)
+    counts: dict[str, collections.Counter[str]] = field(default_factory=lambda: collections.defaultdict(collections.Counter))
+    last: dict[str, str] = field(default_factory=dict)  # method -> code of its last call
+    material: Any = None  # future of _material()
+    _redis: list[Any] = field(default_factory=list)
+
+    def cli(self, *args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def cluster(self) -> dict[str, Any]:
+        return dict(json.loads((self.run_dir / "cluster.json").read_text()))
+
+    def proc(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.cluster()["procs"] if p["name"] == name)
+
+    def channel(self, process: str) -> grpc.Channel:
+        if process not in self.channels:
+            self.channels[process] = grpc.insecure_channel(self.proc(process)["address"], options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        return self.channels[process]
+
+    def redis(self) -> list[Any]:
+        if not self._redis:
+            import redis
+
+            self._redis = [redis.Redis.from_url(u) for u in self.cluster()["redis_urls"]]
+        return self._redis
+
+    def liveness(self) -> dict[str, tuple[int, int]]:
+        """pid and restart count of every process, as the supervisor records them."""
+        return {p["name"]: (p["pid"], p["restarts"]) for p in self.cluster()["procs"]}
+
+
+@pytest.fixture(scope="module")
+def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStack]:
+    run_dir = tmp_path_factory.mktemp("fuzzrun")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_HEARTBEAT_INTERVAL_S="0.5")
+    s = FuzzStack(run_dir, env)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    s.material = pool.submit(_material)
+    up = s.cli("up", "--nodes", "1", "--gpus-per-node", "1", "--timeout", "180")
+    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
+    status = json.loads(s.cli("status", "--json", timeout=60).stdout)
+    assert status["healthy"], status
+    pids = [s.cluster()["supervisor_pid"], *(p["pid"] for p in s.cluster()["procs"] if p["pid"])]
+    try:
+        yield s
+        after = json.loads(s.cli("status", "--json", timeout=60).stdout)
+        bad = [(p["name"], p["health"], p["restarts"], p["last_exit"]) for p in after["processes"]
+               if p["restarts"] or p["health"] not in ("UP", "SERVING")]
+        assert after["healthy"] and not bad, f"after fuzzing: {bad}"
+    finally:
+        for c in s.channels.values():
+            c.close()
+        s.cli("down", timeout=90)
+        pool.shutdown(wait=True)
+        from tessera._launcher.rundir import alive
+
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, 9)
+
+
+# ---------------------------------------------------------------------- real objects
+
+
+def _call(s: FuzzStack, process: str, method: str, request: Any, timeout: float = 60.0) -> Any:
+    m = next(x for x in METHODS if x.process == process and x.desc.name == method)
+    return s.channel(process).unary_unary(m.path, request_serializer=m.request_class.SerializeToString,
+                                          response_deserializer=m.response_class.FromString)(request, timeout=timeout)
+
+
+class _Session:
+    """An object-store session held open (in a thread) while the fuzzer runs."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        call = channel.unary_stream("/tessera.object_store.v1.ObjectStoreService/OpenSession",
+                                    request_serializer=os_pb.OpenSessionRequest.SerializeToString,
+                                    response_deserializer=os_pb.OpenSessionResponse.FromString)
+        self.it = call(os_pb.OpenSessionRequest(client_name="fuzz"))
+        self.first = next(self.it)
+        self.id = self.first.session_id
+
+    def close(self) -> None:
+        self.it.cancel()
+
+
+def _model_bytes() -> bytes:
+    import torch
+
+    from tessera.compiler.frontend import from_torch
+    from tessera.compiler.serialize import dump_graph
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    return dump_graph(from_torch(model, [torch.randn(2, 4)]))
+
+
+def _material() -> tuple[bytes, Any]:
+    """What the seeds need that takes long to import (torch, scikit-learn): made while the stack starts."""
+    return _model_bytes(), _serving_seed()
+
+
+def _compile_seed(s: FuzzStack, graph: bytes) -> tuple[bytes, str]:
+    info = _call(s, "compiler", "Compile", comp_pb.CompileRequest(model=graph, format=comp_pb.MODEL_FORMAT_TESSERA_GRAPH,
+                                                                  wait=True), timeout=300).artifact
+    assert info.state == comp_pb.ARTIFACT_STATE_READY, info
+    return graph, info.artifact_id
+
+
+def _serving_seed() -> Any:
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from tessera.serving.client import to_ir
+
+    docs = ["good food", "great staff", "awful room", "bad view", "tasty food", "rude staff"]
+    return to_ir(make_pipeline(CountVectorizer(), LogisticRegression()).fit(docs, [1, 1, 0, 0, 1, 0]))
+
+
+@pytest.fixture(scope="module")
+def world(fstack: FuzzStack) -> Iterator[World]:
+    s = fstack
+    w = World()
+    cluster = s.cluster()
+    node_id = bytes.fromhex(s.proc("object-store")["node_id"])
+    job_id, task_id, actor_id, other_node = os.urandom(4), os.urandom(16), os.urandom(16), os.urandom(16)
+    code = b"fuzz: not a real function"
+    fid = hashlib.sha256(code).digest()
+    lineage_oid = task_id + (1).to_bytes(4, "big")
+
+    # control store
+    _call(s, "control-store", "CreateJob", cs_pb.CreateJobRequest(job=cs_pb.JobInfo(job_id=job_id, entrypoint="fuzz")))
+    _call(s, "control-store", "ExportFunction", cs_pb.ExportFunctionRequest(job_id=job_id, name="fuzz.f", code=code))
+    spec = cs_pb.TaskSpec(task_id=task_id, job_id=job_id, function_id=fid, function_name="fuzz.f", num_returns=1,
+                          resources={"CPU": 1.0})
+    _call(s, "control-store", "CreateTasks", cs_pb.CreateTasksRequest(specs=[spec]))
+    _call(s, "control-store", "AddObjectLocations", cs_pb.AddObjectLocationsRequest(
+        locations=[cs_pb.ObjectLocation(object_id=lineage_oid, node_id=node_id, size=5, owner="fuzz")]))
+    actor = cs_pb.ActorInfo(actor_id=actor_id, job_id=job_id, name="fuzz-actor", namespace="fuzz",
+                            class_function_id=fid, max_restarts=2)
+    _call(s, "control-store", "CreateActor", cs_pb.CreateActorRequest(actor=actor))
+    _call(s, "control-store", "KvPut", cs_pb.KvPutRequest(namespace="fuzz", key=b"key", value=b"value", overwrite=True))
+    instances = _call(s, "control-store", "ListInstances", cs_pb.ListInstancesRequest()).instances
+
+    # object store: a session, a sealed object and one being written
+    session = _Session(s.channel("object-store"))
+    put_oid, open_oid = os.urandom(20), os.urandom(20)
+    _call(s, "object-store", "PutObject", os_pb.PutObjectRequest(session_id=session.id, object_id=put_oid,
+                                                                 data=b"hello fuzz", owner="fuzz", pin=True))
+    _call(s, "object-store", "CreateObject", os_pb.CreateObjectRequest(session_id=session.id, object_id=open_oid,
+                                                                       size=4096, owner="fuzz"))
+
+    # compiler, GPU scheduler, serving
+    graph, pipe = s.material.result(timeout=600)
+    model, artifact = _compile_seed(s, graph)
+    gpu_spec = gpu_pb.JobSpec(name="fuzz-train", entry_point="tessera.gpu_scheduler.examples:train",
+                              args=["100000", "0", "", "0.05"], gpus=1)
+    gpu_job = _call(s, "gpu-scheduler", "SubmitJob", gpu_pb.SubmitJobRequest(spec=gpu_spec)).job_id
+    failing_spec = gpu_pb.JobSpec(name="fuzz-fail", entry_point="tessera_fuzz_absent:main", gpus=1, time_limit_s=5)
+    tensors = [sv_pb.Tensor(hash=h, dtype=a.dtype.str, shape=list(a.shape), data=a.tobytes()) for h, a in pipe.params.items()]
+    _call(s, "serving", "UploadParameters", sv_pb.UploadParametersRequest(tensors=tensors))
+    pipeline = sv_pb.PipelineSpec(name="fuzz-pipe", graph_json=pipe.graph.to_json())
+    _call(s, "serving", "Register", sv_pb.RegisterRequest(pipeline=pipeline, replace=True))
+    record = sv_pb.Record(fields={"text": sv_pb.Value(text="good food")})
+
+    gpu_node = next(p["node_id"] for p in cluster["procs"] if p["name"].startswith("gpu-agent"))
+    for name, values in {
+        "node_id": [node_id, gpu_node, other_node], "requester_node_id": [node_id],
+        "job_id": [job_id, gpu_job], "task_id": [task_id], "parent_task_id": [task_id],
+        "object_id": [put_oid, open_oid, lineage_oid], "arg_object_id": [lineage_oid], "actor_id": [actor_id],
+        "function_id": [fid], "class_function_id": [fid], "expected_function_id": [fid],
+        "session_id": [session.id], "artifact_id": [artifact], "namespace": ["fuzz", "default"],
+        "name": ["fuzz-actor", "fuzz-pipe"], "pipeline": ["fuzz-pipe"], "key": [b"key"], "prefix": [b"k"],
+        "hash": list(pipe.params), "service": sorted({i.service for i in instances}),
+        "instance_id": [i.instance_id for i in instances], "table": ["kv", "tasks", "objects"],
+        "entry_point": ["tessera_fuzz_absent:main"], "model": [model],
+    }.items():
+        w.add(name, *values)
+
+    P = "tessera."
+    cs, ob, ts, co, gp, sv = (P + "control_store.v1.ControlStoreService/", P + "object_store.v1.ObjectStoreService/",
+                              P + "task_scheduler.v1.TaskSchedulerService/", P + "compiler.v1.CompilerService/",
+                              P + "gpu_scheduler.v1.GpuSchedulerService/", P + "serving.v1.ServingService/")
+    loc = cs_pb.ObjectLocation(object_id=lineage_oid, node_id=node_id, size=5, owner="fuzz")
+    w.seeds = {
+        cs + "RegisterNode": [cs_pb.RegisterNodeRequest(node=cs_pb.NodeInfo(
+            node_id=other_node, address="127.0.0.1:1", resources_total={"CPU": 1.0}, labels={"fuzz": "1"}))],
+        cs + "NodeHeartbeat": [cs_pb.NodeHeartbeatRequest(node_id=other_node, resources_available={"CPU": 1.0})],
+        cs + "GetNode": [cs_pb.GetNodeRequest(node_id=node_id)],
+        cs + "ListNodes": [cs_pb.ListNodesRequest(state=cs_pb.NODE_STATE_ALIVE)],
+        cs + "CreateJob": [cs_pb.CreateJobRequest(job=cs_pb.JobInfo(job_id=os.urandom(4), entrypoint="fuzz"))],
+        cs + "GetJob": [cs_pb.GetJobRequest(job_id=job_id)],
+        cs + "UpdateJobState": [cs_pb.UpdateJobStateRequest(job_id=job_id, state=cs_pb.JOB_STATE_RUNNING, message="m")],
+        cs + "ExportFunction": [cs_pb.ExportFunctionRequest(job_id=job_id, name="fuzz.g", code=b"other code",
+                                                            expected_function_id=hashlib.sha256(b"other code").digest())],
+        cs + "GetFunction": [cs_pb.GetFunctionRequest(function_id=fid)],
+        cs + "CreateTasks": [cs_pb.CreateTasksRequest(specs=[cs_pb.TaskSpec(
+            task_id=os.urandom(16), job_id=job_id, function_id=fid, num_returns=1, arg_object_ids=[lineage_oid],
+            parent_task_id=task_id)], state=cs_pb.TASK_STATE_PENDING, replace=True, node_id=node_id)],
+        cs + "GetTasks": [cs_pb.GetTasksRequest(task_ids=[task_id])],
+        cs + "UpdateTaskStates": [cs_pb.UpdateTaskStatesRequest(updates=[cs_pb.TaskStateUpdate(
+            task_id=task_id, state=cs_pb.TASK_STATE_SCHEDULED, node_id=node_id)])],
+        cs + "GetLineage": [cs_pb.GetLineageRequest(object_id=lineage_oid, max_depth=3)],
+        cs + "AddObjectLocations": [cs_pb.AddObjectLocationsRequest(locations=[loc])],
+        cs + "RemoveObjectLocations": [cs_pb.RemoveObjectLocationsRequest(locations=[loc])],
+        cs + "GetObjects": [cs_pb.GetObjectsRequest(object_ids=[lineage_oid, put_oid])],
+        cs + "DeleteObjects": [cs_pb.DeleteObjectsRequest(object_ids=[os.urandom(20)])],
+        cs + "CreateActor": [cs_pb.CreateActorRequest(actor=cs_pb.ActorInfo(
+            actor_id=os.urandom(16), job_id=job_id, name="fuzz-actor-2", namespace="fuzz", class_function_id=fid))],
+        cs + "GetActor": [cs_pb.GetActorRequest(actor_id=actor_id), cs_pb.GetActorRequest(name="fuzz-actor", namespace="fuzz")],
+        cs + "ListActors": [cs_pb.ListActorsRequest(state=cs_pb.ACTOR_STATE_PENDING)],
+        cs + "UpdateActor": [cs_pb.UpdateActorRequest(actor_id=actor_id, state=cs_pb.ACTOR_STATE_ALIVE, node_id=node_id,
+                                                      address="127.0.0.1:2")],
+        cs + "KvPut": [cs_pb.KvPutRequest(namespace="fuzz", key=b"key", value=b"v2", overwrite=True)],
+        cs + "KvGet": [cs_pb.KvGetRequest(namespace="fuzz", key=b"key")],
+        cs + "KvDelete": [cs_pb.KvDeleteRequest(namespace="fuzz", key=b"other")],
+        cs + "KvList": [cs_pb.KvListRequest(namespace="fuzz", prefix=b"k")],
+        cs + "RegisterInstance": [cs_pb.RegisterInstanceRequest(instance=cs_pb.ServiceInstance(
+            service="fuzz", instance_id="fuzz-1", address="127.0.0.1:3", pid=1), ttl_s=5)],
+        cs + "DeregisterInstance": [cs_pb.DeregisterInstanceRequest(service="fuzz", instance_id="fuzz-1")],
+        cs + "ListInstances": [cs_pb.ListInstancesRequest(service="control-store")],
+        cs + "Watch": [cs_pb.WatchRequest(table="kv", namespace="fuzz"), cs_pb.WatchRequest(table="tasks")],
+        ob + "OpenSession": [os_pb.OpenSessionRequest(client_name="fuzz")],
+        ob + "PutObject": [os_pb.PutObjectRequest(session_id=session.id, object_id=os.urandom(20), data=b"x", owner="fuzz")],
+        ob + "PutObjects": [os_pb.PutObjectsRequest(session_id=session.id, objects=[
+            os_pb.InlineObject(object_id=os.urandom(20), data=b"y", owner="fuzz")])],
+        ob + "CreateObject": [os_pb.CreateObjectRequest(session_id=session.id, object_id=os.urandom(20), size=128)],
+        ob + "SealObject": [os_pb.SealObjectRequest(session_id=session.id, object_id=open_oid)],
+        ob + "AbortObject": [os_pb.AbortObjectRequest(session_id=session.id, object_id=open_oid)],
+        ob + "GetObjects": [os_pb.GetObjectsRequest(session_id=session.id, object_ids=[put_oid], timeout_ms=100)],
+        ob + "ReleaseObjects": [os_pb.ReleaseObjectsRequest(session_id=session.id, object_ids=[put_oid])],
+        ob + "DeleteObjects": [os_pb.DeleteObjectsRequest(object_ids=[os.urandom(20)])],
+        ob + "ContainsObjects": [os_pb.ContainsObjectsRequest(object_ids=[put_oid, open_oid])],
+        ob + "PullObject": [os_pb.PullObjectRequest(object_id=put_oid, requester_node_id=other_node, chunk_size=4)],
+        ts + "Session": [[ts_pb.ClientFrame(hello=ts_pb.Hello(job_id=job_id, name="fuzz")),
+                          ts_pb.ClientFrame(submit=[ts_pb.TaskSpec(
+                              task_id=os.urandom(16), job_id=job_id, kind=ts_pb.TASK_KIND_NORMAL, function_id=fid,
+                              name="fuzz.f", num_returns=1, resources={"CPU": 1.0},
+                              args=[ts_pb.Arg(value=b"\x00"), ts_pb.Arg(object_id=put_oid)])]),
+                          ts_pb.ClientFrame(cancel=[task_id], kill_actor=[actor_id])]],
+        co + "Compile": [comp_pb.CompileRequest(model=model, format=comp_pb.MODEL_FORMAT_TESSERA_GRAPH, target="c")],
+        co + "Run": [comp_pb.RunRequest(artifact_id=artifact, inputs=[comp_pb.Tensor(
+            shape=[2, 4], dtype="float32", data=bytes(32))])],
+        co + "GetArtifact": [comp_pb.GetArtifactRequest(artifact_id=artifact, include_bundle=True)],
+        gp + "SubmitJob": [gpu_pb.SubmitJobRequest(spec=failing_spec)],
+        gp + "GetJob": [gpu_pb.GetJobRequest(job_id=gpu_job)],
+        gp + "ListJobs": [gpu_pb.ListJobsRequest(group_id="")],
+        gp + "KillJob": [gpu_pb.KillJobRequest(job_id=gpu_job)],
+        gp + "SuspendJob": [gpu_pb.SuspendJobRequest(job_id=gpu_job)],
+        gp + "ResumeJob": [gpu_pb.ResumeJobRequest(job_id=gpu_job)],
+        gp + "MigrateJob": [gpu_pb.MigrateJobRequest(job_id=gpu_job, node_id=gpu_node)],
+        sv + "FindMissingParameters": [sv_pb.FindMissingParametersRequest(hashes=list(pipe.params))],
+        sv + "UploadParameters": [sv_pb.UploadParametersRequest(tensors=tensors[:1])],
+        sv + "Register": [sv_pb.RegisterRequest(pipeline=sv_pb.PipelineSpec(
+            name="fuzz-pipe-2", graph_json=pipe.graph.to_json(), latency_budget_ms=1.0), replace=True)],
+        sv + "Unregister": [sv_pb.UnregisterRequest(name="fuzz-pipe-2")],
+        sv + "Predict": [sv_pb.PredictRequest(pipeline="fuzz-pipe", records=[record])],
+        sv + "PredictBatch": [sv_pb.PredictBatchRequest(requests=[sv_pb.PredictRequest(pipeline="fuzz-pipe",
+                                                                                        records=[record])])],
+    }
+    try:
+        yield w
+    finally:
+        session.close()
+
+
+# ---------------------------------------------------------------------- state
+
+
+def snapshot(s: FuzzStack, method: Method) -> dict[str, Any]:
+    """What a rejected call must leave as it was: a digest of every Redis key's value (only the
+    presence of the keys that heartbeats rewrite), and the object store's and serving's counters.
+
+    Object records are left out for the services that do not write them: the running GPU job's
+    checkpoints come and go on their own."""
+    state: dict[str, Any] = {}
+    skip = () if method.process in ("control-store", "object-store") else (b"object:", b"object-locations:")
+    for i, r in enumerate(s.redis()):
+        keys = sorted(k for k in r.scan_iter(count=10_000) if not k.startswith(skip))
+        stable = [k for k in keys if not k.startswith(VOLATILE)]
+        digests = r.execute_command("DEBUG", "DIGEST-VALUE", *stable) if stable else []
+        state.update({f"redis-{i}:{k!r}": d for k, d in zip(stable, digests, strict=True)})
+        state.update({f"redis-{i}:{k!r}": "present" for k in keys if k.startswith(VOLATILE)})
+    if method.process == "object-store":
+        st_ = _call(s, "object-store", "GetStats", os_pb.GetStatsRequest(), timeout=10)
+        state["object-store"] = (st_.objects, st_.used, st_.pinned, st_.spilled_objects)
+    if method.process == "serving":
+        st_ = _call(s, "serving", "GetStats", sv_pb.GetStatsRequest(), timeout=10)
+        state["serving"] = (st_.pipelines, st_.param_arrays, st_.param_bytes)
+    return state
+
+
+def settled(s: FuzzStack, method: Method) -> dict[str, Any]:
+    """A snapshot once the asynchronous writes of earlier accepted calls are done (two equal in a row)."""
+    last = snapshot(s, method)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = snapshot(s, method)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _short(request: Any) -> str:
+    text = str(request)
+    return text if len(text) < 600 else text[:600] + f"... ({len(text)} chars)"
+
+
+def check(s: FuzzStack, method: Method, request: Any) -> None:
+    size = sum(m.ByteSize() for m in request) if isinstance(request, list) else request.ByteSize()
+    assume(size < MAX_MESSAGE_BYTES // 2)
+    # the object store records locations, the node agent lineage and the compiler its builds after replying
+    after_ok = s.last.get(method.full_name) == "OK" and method.process in ASYNC_WRITERS
+    before = settled(s, method) if after_ok else snapshot(s, method)
+    timeout = BLOCKING_TIMEOUT_S if method.blocking else UNARY_TIMEOUT_S
+    started = time.monotonic()
+    out = fuzzing.invoke(s.channel(method.process), method, request, timeout=timeout)
+    s.counts[method.full_name][out.code.name] += 1
+    s.last[method.full_name] = out.code.name
+    assert out.code in fuzzing.allowed_codes(method), (
+        f"{method}: {out.code.name} ({out.details}) after {time.monotonic() - started:.2f}s for\n{_short(request)}")
+    if out.code not in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED):
+        changed = _diff(before, snapshot(s, method))
+        assert not changed, f"{method}: rejected with {out.code.name} ({out.details}) but changed {changed}\n{_short(request)}"
+
+
+#: Requests that once broke a service, kept as explicit examples (method name -> requests).
+REGRESSIONS: dict[str, list[Any]] = {
+    # an unknown enum value was named in the error message: INTERNAL (ValueError) instead of INVALID_ARGUMENT
+    "tessera.control_store.v1.ControlStoreService/CreateJob": [
+        cs_pb.CreateJobRequest(job=cs_pb.JobInfo(job_id=b"\xcf3\xb5\xe1", state=-(2**31), entrypoint="fuzz"))],  # type: ignore[arg-type]
+}
+
+
+def fuzz(s: FuzzStack, w: World, method: Method, examples: int) -> None:
+    before = s.liveness()
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink])
+    @given(request=fuzzing.requests(method, w))
+    def run(request: Any) -> None:
+        check(s, method, request)
+
+    for reg in REGRESSIONS.get(method.full_name, []):
+        run = example(request=reg)(run)
+    run()
+    after = s.liveness()
+    assert after == before, f"{method}: processes died or restarted: {before} -> {after}"
+    health = health_status(s.proc(method.process)["address"], timeout=5.0)
+    assert health == "SERVING", f"{method}: {method.process} is {health} after fuzzing"
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_every_method_has_nearly_valid_requests(world: World) -> None:
+    """A method whose request has fields needs real examples, or the fuzzer stops at the first check."""
+    missing = fuzzing.missing_seeds(world.seeds, METHODS)
+    assert not missing, f"no nearly valid requests for {missing}: add seeds to the world fixture"
+    unknown = set(world.seeds) - {m.full_name for m in METHODS}
+    assert not unknown, f"seeds for methods that do not exist: {unknown}"
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_fuzz(fstack: FuzzStack, world: World, method: Method) -> None:
+    fuzz(fstack, world, method, EXAMPLES)
+
+
+@pytest.mark.fuzz_long
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_fuzz_long(fstack: FuzzStack, world: World, method: Method) -> None:
+    fuzz(fstack, world, method, LONG_EXAMPLES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    yield
+    s: FuzzStack | None = getattr(request.module, "_stack_for_report", None)
+    if s is None:
+        return
+    path = Path(os.environ.get("TESSERA_FUZZ_REPORT") or tmp_path_factory.getbasetemp() / "fuzz-report.json")
+    rows = {name: {"requests": sum(c.values()), "codes": dict(sorted(c.items()))} for name, c in sorted(s.counts.items())}
+    path.write_text(json.dumps({"methods": rows, "total": sum(r["requests"] for r in rows.values())}, indent=2))
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line("")
+        tr.write_line(f"fuzzed requests per method (report: {path})")
+        for name, row in rows.items():
+            codes = ", ".join(f"{k} {v}" for k, v in row["codes"].items())
+            tr.write_line(f"  {name.split('.v1.')[-1]:<55} {row['requests']:>6}  {codes}")
+        tr.write_line(f"  {'total':<55} {sum(r['requests'] for r in rows.values()):>6}")
+
+
+@pytest.fixture(autouse=True)
+def _remember_stack(request: pytest.FixtureRequest) -> None:
+    if "fstack" in request.fixturenames:
+        request.module._stack_for_report = request.getfixturevalue("fstack")
