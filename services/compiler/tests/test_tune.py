@@ -12,7 +12,16 @@ from tessera.compiler.api import compile as compile_module
 from tessera.compiler.frontend import from_torch
 from tessera.compiler.ir import Op
 from tessera.compiler.passes import run_passes
-from tessera.compiler.tune import FileTuningLog, Tuner, anchor_of, features, logged_knobs, space, workload_key
+from tessera.compiler.tune import (
+    FileTuningLog,
+    Tuner,
+    anchor_of,
+    features,
+    logged_knobs,
+    merge_record,
+    space,
+    workload_key,
+)
 
 
 class Lin(nn.Module):
@@ -72,3 +81,36 @@ def test_logged_schedules_are_used_by_later_compiles(tmp_path: Path) -> None:
     assert again.stats["tuned_kernels"] == 1 and logged_knobs(g, log) == {i: rec["knobs"]}
     np.testing.assert_allclose(again(x.numpy()), other(x).detach().numpy(), rtol=1e-4, atol=1e-5)
     assert features  # the feature extractor is the model's input (covered above)
+
+
+def test_tuning_resumes_from_the_log(tmp_path: Path) -> None:
+    """Each trial is logged as it is measured; a later tuning with a larger budget measures only the rest."""
+    torch.manual_seed(0)
+    model, x = Lin().eval(), torch.randn(48, 96)
+    log = FileTuningLog(tmp_path / "tuning.json")
+    g, i = fused_node(model, x)
+    key = workload_key(g.nodes[i])
+    seen: list[tuple[int, int]] = []
+    compile_module(model, [x], cache_dir=str(tmp_path), tuning_log=log, tune_trials=3,
+                   tune_progress=lambda _l, d, t, _b: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    first = log.get(key)
+    assert first is not None and first["trials"] == 3
+    seen.clear()
+    compile_module(model, [x], cache_dir=str(tmp_path), tuning_log=log, tune_trials=3,
+                   tune_progress=lambda _l, d, t, _b: seen.append((d, t)))
+    assert seen == [(3, 3)]  # nothing left to measure
+    seen.clear()
+    compile_module(model, [x], cache_dir=str(tmp_path), tuning_log=log, tune_trials=5,
+                   tune_progress=lambda _l, d, t, _b: seen.append((d, t)))
+    assert seen == [(4, 5), (5, 5)]
+    again = log.get(key)
+    assert again is not None and again["trials"] == 5 and again["gflops"] >= first["gflops"]
+
+
+def test_log_records_keep_the_best_schedule_and_the_most_trials() -> None:
+    old = {"knobs": {"a": 1}, "gflops": 10.0, "trials": 4}
+    assert merge_record(None, old) == old
+    assert merge_record(old, {"knobs": {"a": 2}, "gflops": 5.0, "trials": 4}) is None
+    assert merge_record(old, {"knobs": {"a": 2}, "gflops": 5.0, "trials": 6}) == {**old, "trials": 6}
+    assert merge_record(old, {"knobs": {"a": 3}, "gflops": 12.0, "trials": 2}) == {"knobs": {"a": 3}, "gflops": 12.0, "trials": 4}

@@ -23,6 +23,7 @@ from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.compiler.jobs import Compiler
 from tessera.compiler.servicer import CompilerServicer
+from tessera.compiler.tune import merge_record
 
 NAME = "compiler"
 SERVICE = "tessera.compiler.v1.CompilerService"
@@ -120,9 +121,9 @@ class ControlStoreTuningLog:
             raise
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        old = self.get(key)
-        if old is None or record["gflops"] > old["gflops"]:
-            self.client.kv_put(self.NAMESPACE, key.encode(), json.dumps(record).encode(), timeout=5.0)
+        merged = merge_record(self.get(key), record)
+        if merged is not None:
+            self.client.kv_put(self.NAMESPACE, key.encode(), json.dumps(merged).encode(), timeout=5.0)
 
 
 def build(settings: Settings) -> ServiceApp:

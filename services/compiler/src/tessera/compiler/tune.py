@@ -16,7 +16,6 @@ attributes) and target, so other models and other replicas reuse them; compiles 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import random
@@ -60,13 +59,25 @@ class FileTuningLog:
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         doc = self._load()
-        old = doc.get(key)
-        if old is None or record["gflops"] > old["gflops"]:
-            doc[key] = record
+        merged = merge_record(doc.get(key), record)
+        if merged is not None:
+            doc[key] = merged
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(self.path)
+
+
+def merge_record(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """What a log keeps for a workload: the faster schedule, with the most trials either record counts
+    (so a resumed tuning goes on where it stopped); None when ``old`` stays as it is."""
+    if old is None:
+        return new
+    trials = max(int(old.get("trials", 0)), int(new.get("trials", 0)))
+    best = new if new["gflops"] > old["gflops"] else old
+    if best is old and trials == int(old.get("trials", 0)):
+        return None
+    return {**best, "trials": trials}
 
 
 def anchor_of(node: Node) -> str | None:
@@ -235,16 +246,22 @@ class Tuner:
         j = min(len(vals) - 1, max(0, i + self.rand.choice([-2, -1, 1, 2])))
         return {**k, n: vals[j]}
 
-    def tune(self, trials: int, *, strategy: str = "model", top_k: int = 4, progress: Progress | None = None) -> TuneResult:
+    def tune(self, trials: int, *, strategy: str = "model", top_k: int = 4, progress: Progress | None = None,
+             seed: list[Knobs] | None = None, on_trial: Callable[[Measurement, int], None] | None = None) -> TuneResult:
+        """Measure ``trials`` candidates (``seed`` first: a logged best to resume from); ``on_trial`` sees each."""
         total = math.prod(len(v) for v in self.space.values())
         trials = min(trials, total)
         measured: dict[tuple[int, ...], Measurement] = {}
         history: list[float] = []
         order: list[Measurement] = []
         model: Any = None
+        pending = [k for k in (seed or []) if set(k) == set(self.names) and all(k[n] in self.space[n] for n in self.names)]
+        batch: list[Knobs]
         while len(measured) < trials:
-            if strategy == "random" or model is None:
-                batch: list[Knobs] = []
+            if pending:
+                batch, pending = pending[:1], pending[1:]
+            elif strategy == "random" or model is None:
+                batch = []
                 while len(batch) < min(top_k, trials - len(measured)):
                     k = self.random_knobs()
                     if self._t(k) not in measured and all(self._t(k) != self._t(b) for b in batch):
@@ -256,6 +273,8 @@ class Tuner:
                 measured[self._t(k)] = m
                 order.append(m)
                 history.append(max(x.gflops for x in order))
+                if on_trial:
+                    on_trial(m, len(measured))
                 if progress:
                     progress(len(measured), trials, history[-1])
             if strategy == "model" and len(measured) >= 4:
@@ -272,7 +291,7 @@ class Tuner:
         ranks = np.argsort(np.argsort(g))
         y = (ranks * 8 // max(1, len(g))).astype(int)
         model = lightgbm.LGBMRanker(objective="lambdarank", n_estimators=60, learning_rate=0.15, num_leaves=8,
-                                    min_child_samples=1, min_data_in_bin=1, verbose=-1)
+                                    min_child_samples=1, min_data_in_bin=1, n_jobs=1, verbose=-1)
         model.fit(x, y, group=[len(ms)])
         return model
 
@@ -323,13 +342,23 @@ def tune_graph(graph: Graph, trials: int, log: TuningLog, *, cache_dir: str | No
         n = max(2, int(trials * weights[key] / total))
         node = graph.nodes[idx[0]]
         label = str(node.attrs["label"])
+        rec = log.get(key)
+        done = int(rec.get("trials", 0)) if rec else 0  # resumed: trials an earlier (maybe cancelled) run measured
+        if done >= n:
+            if progress is not None and rec is not None:
+                progress(label, n, n, float(rec["gflops"]))
+            continue
         step: Progress | None = None
         if progress is not None:
-            def step(d: int, t: int, b: float, label: str = label,
+            def step(d: int, t: int, b: float, label: str = label, done: int = done,
                      report: Callable[[str, int, int, float], None] = progress) -> None:
-                report(label, d, t, b)
-        res = Tuner(node, cache_dir=cache_dir, target=target).tune(n, progress=step)
-        log.put(key, {"knobs": res.best.knobs, "gflops": res.best.gflops, "trials": len(res.trials), "label": label})
+                report(label, done + d, done + t, b)
+
+        def logged(m: Measurement, count: int, key: str = key, label: str = label, done: int = done) -> None:
+            # every trial goes to the log at once: a cancelled tuning keeps what it measured
+            log.put(key, {"knobs": m.knobs, "gflops": m.gflops, "trials": done + count, "label": label})
+        seed = [{k: int(v) for k, v in rec["knobs"].items()}] if rec else []
+        Tuner(node, cache_dir=cache_dir, target=target).tune(n - done, progress=step, seed=seed, on_trial=logged)
     return logged_knobs(graph, log, target)
 
 
@@ -342,5 +371,3 @@ def logged_knobs(graph: Graph, log: TuningLog, target: str = "c") -> dict[int, K
             out[i] = {k: int(v) for k, v in rec["knobs"].items()}
     return out
 
-
-_ = itertools
