@@ -54,6 +54,10 @@ class Probe:
         table: dict[str, bytes] = {}
         return table["missing"]
 
+    async def downstream(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as ch:  # nobody listens there
+            return bytes(await ch.unary_unary(f"/{SERVICE}/Echo")(b"", timeout=5))
+
     async def explicit_abort(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "go away")
         raise AssertionError("unreachable")
@@ -86,6 +90,7 @@ def _handler(probe: Probe) -> grpc.GenericRpcHandler:
         "Boom": uu(probe.boom),
         "KeyError": uu(probe.key_error),
         "Abort": uu(probe.explicit_abort),
+        "Downstream": uu(probe.downstream),
         "Block": uu(probe.block),
         "Flaky": uu(probe.flaky),
         "FlakyWrite": uu(probe.flaky),
@@ -158,6 +163,14 @@ async def test_unexpected_error_becomes_internal(served: Served, method: str, te
             await _uu(ch, method)(b"")
     assert e.value.code() == grpc.StatusCode.INTERNAL
     assert e.value.details() == f"internal error in /{SERVICE}/{method}: {text}"
+
+
+async def test_a_dependency_unavailable_is_unavailable_not_internal(served: Served) -> None:
+    async with rpc.aio_channel(served.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _uu(ch, "Downstream")(b"", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert e.value.details().startswith(f"a dependency of /{SERVICE}/Downstream is unavailable: ")
 
 
 async def test_explicit_abort_is_kept(served: Served) -> None:
