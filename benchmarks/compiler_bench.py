@@ -1,12 +1,15 @@
 """Tessera's compiler beside torch eager, torch.compile (inductor, with and without freezing) and
 numpy/OpenBLAS, in one run on this CPU.
 
-    .venv/bin/python benchmarks/compiler_bench.py [--quick] [--no-inductor] [--only SUBSTR] [--json PATH] [--plot PATH]
+    .venv/bin/python benchmarks/compiler_bench.py [--quick] [--no-inductor] [--peers inductor,inductor_freezing]
+        [--only SUBSTR] [--json PATH] [--plot PATH]
 
 Workloads: matmul 256-2048; the distinct conv2d layers of ResNet-18 (batch 1); an elementwise
 chain of 6 ops (1 and 8 x 64 x 56 x 56); softmax 128x1024; layer norm 128x768; ResNet-18 at batch
-1 and 8; one BERT-base encoder layer (seq 128). Every figure is a median of repeated calls after
-warm-up; the compilers' build times are reported apart. Output: a table (times, GFLOP/s, the ratio
+1 and 8; one BERT-base encoder layer (seq 128). The peers of a workload are timed in rounds, one call
+of each per round in a rotating order, after warm-up: each time is a median over the rounds and each
+ratio the median of the per-round ratios, so a loaded host slows every peer alike. The compilers'
+build times are reported apart. Output: a table (times, GFLOP/s, the ratio
 of each peer's time to Tessera's: above 1 means Tessera is faster), JSON, and a roofline plot.
 """
 
@@ -44,6 +47,26 @@ def median_time(fn: Callable[[], Any], *, min_runs: int = 5, budget_s: float = 2
         fn()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, budget_s: float = 2.0, min_rounds: int = 5,
+                max_rounds: int = 200, warmup: int = 2) -> dict[str, list[float]]:
+    """Time every function once per round, the order rotating each round, so that each peer is measured under
+    the same load as the others; returns each one's times, round by round."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    keys = list(fns)
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    t_end = time.perf_counter() + budget_s
+    r = 0
+    while r < min_rounds or (time.perf_counter() < t_end and r < max_rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            out[k].append(time.perf_counter() - t0)
+        r += 1
+    return out
 
 
 class Fn(nn.Module):
@@ -150,6 +173,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "compiler.json"))
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "compiler_roofline.png"))
+    ap.add_argument("--peers", default="inductor,inductor_freezing", help="torch.compile variants to run (comma separated)")
     ap.add_argument("--cache-dir", default=None, help="Tessera's compile cache (default: a fresh one per run)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -178,30 +202,40 @@ def main() -> int:
         res["correct"] = bool(np.allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5 * scale))
         ins = [np.ascontiguousarray(x.numpy()) for x in inputs]
         outs = [np.empty(s, np.float32) for s in cm.program.output_shapes]
-        res["tessera_s"] = median_time(lambda cm=cm, ins=ins, outs=outs: cm.run(ins, outs), budget_s=budget)
+        fns: dict[str, Callable[[], Any]] = {"tessera": lambda cm=cm, ins=ins, outs=outs: cm.run(ins, outs)}
 
         def eager(model: nn.Module = model, inputs: list[torch.Tensor] = inputs) -> Any:
             with torch.no_grad():
                 return model(*inputs)
-        res["eager_s"] = median_time(eager, budget_s=budget)
+        fns["eager"] = eager
         if not args.no_inductor:
             for key, frz in (("inductor", False), ("inductor_freezing", True)):
+                if key not in args.peers.split(","):
+                    continue
                 try:
                     call, build = inductor(model, inputs, frz)
-                    res[f"{key}_s"] = median_time(call, budget_s=budget)
+                    fns[key] = call
                     res[f"{key}_build_s"] = build
                 except Exception as e:  # report, keep going
                     res[f"{key}_error"] = repr(e)[:200]
         if "numpy" in w:
-            res["numpy_s"] = median_time(w["numpy"], budget_s=budget)
+            fns["numpy"] = w["numpy"]
+        times = interleaved(fns, budget_s=budget * len(fns))
+        for key, ts in times.items():
+            res[f"{key}_s"] = float(np.median(ts))
+            if key != "tessera":  # per round, the peer beside the Tessera call next to it: robust to a loaded host
+                res[f"{key}_ratio"] = float(np.median(np.array(ts) / np.array(times["tessera"])))
+        res["rounds"] = len(times["tessera"])
+        res["loadavg"] = os.getloadavg()[0]
         rows.append(res)
         t = res["tessera_s"]
 
         def cell(k: str, res: dict[str, Any] = res) -> str:
             return f"{res[k] * 1e3:9.3f}m" if k in res else f"{'-':>10}"
 
-        def ratio(k: str, res: dict[str, Any] = res, t: float = t) -> str:
-            return f"{res[k] / t:.2f}" if k in res else "-"
+        def ratio(k: str, res: dict[str, Any] = res) -> str:
+            k = k.removesuffix("_s") + "_ratio"
+            return f"{res[k]:.2f}" if k in res else "-"
         print(f"{w['name']:<34} {cell('tessera_s')} {cell('eager_s')} {cell('inductor_s')} {cell('inductor_freezing_s')} "
               f"{cell('numpy_s')}  {w['flops'] / t / 1e9:8.1f}  {ratio('eager_s')}/{ratio('inductor_s')}/"
               f"{ratio('inductor_freezing_s')}/{ratio('numpy_s')}{'' if res['correct'] else '  WRONG'}", flush=True)
@@ -210,7 +244,7 @@ def main() -> int:
            "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2))
-    print(f"times in ms (m); ratios = peer time / Tessera time (> 1: Tessera faster). JSON: {args.json}")
+    print(f"times in ms (m); ratios = median over rounds of peer time / Tessera time in the same round (> 1: Tessera faster). JSON: {args.json}")
     plot(rows, bw, args.plot)
     return 0 if all(r["correct"] for r in rows) else 1
 

@@ -1,11 +1,12 @@
 """Auto-tuning: best GFLOP/s against measured trials, cost model (simulated annealing over LightGBM
 ranking) versus random search, for matmul 1024^3 and three ResNet-18 convolutions.
 
-    .venv/bin/python benchmarks/compiler_tune_bench.py [--trials 32] [--only SUBSTR] [--json PATH] [--plot PATH]
+    .venv/bin/python benchmarks/compiler_tune_bench.py [--trials 32] [--rounds 15] [--only SUBSTR] [--json PATH] [--plot PATH]
 
 For each workload both strategies start from scratch with the same seed; the figure of merit is the
 number of trials each needs to reach 95% of the best throughput either found. Also reports the tuned
-matmul beside numpy/OpenBLAS measured in the same run.
+matmul beside numpy/OpenBLAS and beside the same template without micro-kernel and packing, the three
+called in alternation (one call each per round, rotating order) so that a loaded host slows them alike.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from tessera.compiler.frontend import from_torch  # noqa: E402
 from tessera.compiler.ir import Op  # noqa: E402
 from tessera.compiler.passes import run_passes  # noqa: E402
-from tessera.compiler.tune import Tuner, anchor_of  # noqa: E402
+from tessera.compiler.tune import Tuner, anchor_of, kernel_module  # noqa: E402
 
 
 class MatMul(nn.Module):
@@ -49,6 +50,31 @@ def workloads() -> list[tuple[str, Any]]:
     return out
 
 
+def beside_numpy(node: Any, knobs: dict[str, int], cache: str, rounds: int) -> dict[str, float]:
+    """The tuned 1024^3 kernel, OpenBLAS and the template without micro-kernel or packing, called in alternation (one
+    call of each per round, the order rotating): a loaded host slows the three alike."""
+    mod = kernel_module(node, knobs, cache_dir=cache)
+    plain = kernel_module(node, {"mm_ukernel": 0, "mm_pack": 0, "mm_order": 0}, cache_dir=cache)
+    a, b = np.random.rand(1024, 1024).astype(np.float32), np.random.rand(1024, 1024).astype(np.float32)
+    out = np.empty((1024, 1024), np.float32)
+    mod.run([a, b], [out])
+    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
+    fns = {"tuned": lambda: mod.run([a, b], [out]), "numpy": lambda: a @ b, "plain": lambda: plain.run([a, b], [out])}
+    keys = list(fns)
+    ts: dict[str, list[float]] = {k: [] for k in keys}
+    for f in fns.values():
+        f()
+    for r in range(rounds):
+        for k in keys[r % 3:] + keys[:r % 3]:
+            t = time.perf_counter()
+            fns[k]()
+            ts[k].append(time.perf_counter() - t)
+    gf = {k: 2 * 1024 ** 3 / float(np.median(v)) / 1e9 for k, v in ts.items()}
+    return {"numpy_gflops": gf["numpy"], "tuned_gflops_interleaved": gf["tuned"], "no_microkernel_gflops_interleaved": gf["plain"],
+            "tuned_over_numpy": float(np.median(np.array(ts["numpy"]) / np.array(ts["tuned"]))),
+            "tuned_over_no_microkernel": float(np.median(np.array(ts["plain"]) / np.array(ts["tuned"])))}
+
+
 def trials_to(history: list[float], target: float) -> int | None:
     return next((i + 1 for i, b in enumerate(history) if b >= target), None)
 
@@ -57,6 +83,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=32)
     ap.add_argument("--only", default="")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the tuned matmul beside numpy")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "compiler_tune.json"))
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "compiler_tune.png"))
     args = ap.parse_args()
@@ -79,14 +106,12 @@ def main() -> int:
         print(f"{name:<28} trials to 95% of {best:.1f} GFLOP/s: model {row['model']['trials_to_95pct']}, "
               f"random {row['random']['trials_to_95pct']}", flush=True)
         if name.startswith("matmul"):
-            a, b = np.random.rand(1024, 1024).astype(np.float32), np.random.rand(1024, 1024).astype(np.float32)
-            ts = []
-            for _ in range(10):
-                t = time.perf_counter()
-                a @ b
-                ts.append(time.perf_counter() - t)
-            row["numpy_gflops"] = 2 * 1024 ** 3 / float(np.median(ts)) / 1e9
-            print(f"{name:<28} numpy/OpenBLAS {row['numpy_gflops']:.1f} GFLOP/s; tuned/numpy = {best / row['numpy_gflops']:.2f}")
+            knobs = max((row["model"], row["random"]), key=lambda r: r["best_gflops"])["best_knobs"]
+            row.update(beside_numpy(node, knobs, cache, args.rounds))
+            print(f"{name:<28} interleaved, {args.rounds} rounds: tuned {row['tuned_gflops_interleaved']:.1f}, numpy/OpenBLAS "
+                  f"{row['numpy_gflops']:.1f}, same template without micro-kernel/packing {row['no_microkernel_gflops_interleaved']:.1f}"
+                  f" GFLOP/s; tuned/numpy = {row['tuned_over_numpy']:.2f} (median of per-round ratios), tuned/plain = "
+                  f"{row['tuned_over_no_microkernel']:.2f}", flush=True)
         rows.append(row)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"loadavg": os.getloadavg(), "rows": rows}, indent=1))

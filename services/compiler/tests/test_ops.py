@@ -102,6 +102,17 @@ def test_linear_matmul_bmm(check: Any) -> None:
     check(Fn(lambda m, a, b: torch.bmm(a, b), nn.Identity()), [r(4, 8, 16), r(4, 16, 64)])
 
 
+def test_micro_kernels_and_packed_panels(check: Any) -> None:
+    """Whole register tiles run as micro-kernels (cut tiles as plain loops); B is packed into panels for tall products."""
+    cm = check(Fn(lambda m, x: torch.relu(m.mods[0](x)), nn.Conv2d(32, 32, 3, 1, 1)), [r(1, 32, 15, 14)])
+    assert "ukr_" in cm.source
+    cm = check(Fn(lambda m, x: m.mods[0](x), nn.Linear(96, 70)), [r(67, 96)])
+    assert "ukr_" in cm.source and "bpack" in cm.source
+    cm = check(Fn(lambda m, a, b: torch.matmul(a, b), nn.Identity()), [r(2, 3, 80, 17), r(3, 17, 40)])  # broadcast batch
+    assert "bpack" in cm.source
+    check(Fn(lambda m, a, b: torch.bmm(a, b), nn.Identity()), [r(2, 64, 24), r(2, 24, 48)])
+
+
 def test_softmax_layernorm(check: Any) -> None:
     ln = nn.LayerNorm(24)
     check(Fn(lambda m, x: torch.softmax(x, -1) + m.mods[0](x), ln), [r(3, 5, 24)])

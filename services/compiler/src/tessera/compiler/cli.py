@@ -145,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
         spin.done()
         print(f"tessera compile: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        spin.done()
+        if args.tune:  # every measured trial is in the log already
+            print("tessera compile: tuning cancelled; the trials measured so far are logged, and the same command "
+                  "resumes from them", file=sys.stderr)
+        return 130
     spin.done()
     print("fused graph:")
     print(cm.graph.format())

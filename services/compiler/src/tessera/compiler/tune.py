@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tessera.compiler.backends.c import CBackend
+from tessera.compiler.backends.c import CBackend, CModule
 from tessera.compiler.codegen import Arg, Call, Program, _flops, kernel_for
 from tessera.compiler.ir import Graph, Node, Op
 from tessera.compiler.lower import Allocate, For, IfThen, LoweredFunc, MicroKernel, Seq, Stmt, Store
@@ -168,17 +168,23 @@ class Measurement:
     spread: float  # (p75 - p25) / median
 
 
-def measure(node: Node, knobs: Knobs, *, cache_dir: str | None, repeat: int = 7, rng: np.random.Generator | None = None) -> Measurement:
-    """Build one kernel with ``knobs`` and time it on random inputs (median; rerun once if the spread is high)."""
-    rng = rng or np.random.default_rng(0)
+def kernel_module(node: Node, knobs: Knobs, *, cache_dir: str | None) -> CModule:
+    """One fused node's kernel with ``knobs``, built and loaded on its own (its inputs, then its output)."""
     f = kernel_for(node, "k", knobs)
-    body: Graph = node.attrs["body"]
-    shapes = [body.nodes[i].shape for i in body.inputs]
-    prog = Program([Call(f, [Arg("input", i) for i in range(len(shapes))] + [Arg("output", 0)], "k")], len(shapes), 1,
+    n_in = len(node.attrs["body"].inputs)
+    prog = Program([Call(f, [Arg("input", i) for i in range(n_in)] + [Arg("output", 0)], "k")], n_in, 1,
                    arena_size=f.workspace + 16, workspace_offset=0)
     be = CBackend()
     path, _ = be.build(be.render(prog), cache_dir)
-    mod = be.load(path, prog)
+    return be.load(path, prog)
+
+
+def measure(node: Node, knobs: Knobs, *, cache_dir: str | None, repeat: int = 7, rng: np.random.Generator | None = None) -> Measurement:
+    """Build one kernel with ``knobs`` and time it on random inputs (median; rerun once if the spread is high)."""
+    rng = rng or np.random.default_rng(0)
+    mod = kernel_module(node, knobs, cache_dir=cache_dir)
+    body: Graph = node.attrs["body"]
+    shapes = [body.nodes[i].shape for i in body.inputs]
     ins = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     outs = [np.empty(node.shape, np.float32)]
     flops = _flops(body)
