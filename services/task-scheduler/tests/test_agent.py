@@ -203,6 +203,18 @@ def test_actor_calls_queue_in_order_and_fail_after_death(agent: Any) -> None:
     assert (aid, "DEAD") in p.actor_states
 
 
+def test_calls_waiting_for_an_actor_this_restarted_agent_no_longer_hosts_fail_at_once(agent: Any) -> None:
+    a, p = agent
+    aid = os.urandom(16)
+    calls = [pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", name="A.m", num_returns=1,
+                         actor_id=aid, owner_node_id=HERE, owner="s1", seq=i) for i in range(2)]
+    a.submit(calls, local=True)  # resubmitted by their driver after this agent restarted
+    assert not p.delivered
+    a.actor_located(aid, a.node_id)  # its record still names this node
+    assert [(r.task_id, r.error.kind) for _, r in p.delivered] == [(c.task_id, E.ERROR_KIND_ACTOR_DIED) for c in calls]
+    assert "node agent restarted" in p.delivered[0][1].error.message
+
+
 def test_cancel_a_queued_task(agent: Any) -> None:
     a, p = agent
     specs = [task() for _ in range(3)]

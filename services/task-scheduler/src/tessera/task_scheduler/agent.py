@@ -411,15 +411,14 @@ class NodeAgent:
 
     def actor_located(self, actor_id: bytes, node_id: bytes, *, dead: str = "") -> None:
         """Where an actor lives (from the control store), or that it is dead."""
+        if not dead and node_id == self.node_id and actor_id not in self.actors:
+            # The record says here, but this agent does not host it (restarted): the actor is gone.
+            dead = "its node agent restarted"
         calls = self.actor_waiting.pop(actor_id, [])
         if dead:
             self.dead_actors[actor_id] = dead
             for c in calls:
                 self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {dead}"))
-            return
-        if node_id == self.node_id and actor_id not in self.actors:
-            # The record says here, but this agent does not host it (restarted): the actor is gone.
-            self.actor_located(actor_id, b"", dead="its node agent restarted")
             return
         self.actor_nodes[actor_id] = node_id
         for c in calls:
