@@ -38,8 +38,9 @@ log = logging.getLogger("tessera.worker")
 _tracer = trace.get_tracer("tessera.task_scheduler.worker")
 K = pb.TaskKind
 E = pb.ErrorKind
-#: How long a retried task waits for its earlier attempt's half-written return value to be aborted.
-STORE_RETRY_S = 30.0
+#: How long storing a large return value waits for the node's object store to come back (restarting), or
+#: for an earlier attempt's half-written copy of it to be aborted.
+STORE_RETRY_S = 60.0
 
 
 class Worker:
@@ -151,7 +152,11 @@ class Worker:
                 store.put_serialized(oid, ser, owner=spec.owner)
                 break
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                code = e.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    time.sleep(0.2)  # the node's store is restarting: the value goes in once it is back
+                    continue
+                if code != grpc.StatusCode.ALREADY_EXISTS:
                     raise
             # an earlier attempt of this task, whose worker died, stored it (done) or was writing it when it
             # died (aborted once the store notices the dead session): then this attempt writes it again
