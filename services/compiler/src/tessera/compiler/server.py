@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 from typing import Any
 
 import grpc
@@ -31,6 +32,8 @@ STREAM = "COMPILER_JOBS"
 SUBJECT = "tessera.compiler.jobs"
 DURABLE = "compiler"
 NAMESPACE = "compiler_artifacts"
+#: How long a compile job waits, still held, for the control store or object store to come back.
+DEPENDENCY_WAIT_S = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,23 @@ def build(settings: Settings) -> ServiceApp:
     async def handle(msg: Msg) -> None:
         job = pb.CompileJob.FromString(msg.data)
         attempt = int(msg.metadata.num_delivered or 1)
-        await compiler.run_job(job, attempt, msg.in_progress)
+        # The control store or the object store restarting is no reason to spend one of the job's few
+        # deliveries (each redelivery follows the last within seconds): keep the job, and wait for them.
+        deadline = time.monotonic() + DEPENDENCY_WAIT_S
+        delay = 0.5
+        while True:
+            try:
+                await compiler.run_job(job, attempt, msg.in_progress)
+                return
+            except (grpc.RpcError, UnavailableError) as e:
+                code = getattr(e, "code", lambda: grpc.StatusCode.UNAVAILABLE)()
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: a service it needs is unavailable (%s); trying again in %.1fs",
+                            job.artifact_id, e, delay)
+            await msg.in_progress()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def start() -> None:
         assert app.bus is not None
