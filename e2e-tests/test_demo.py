@@ -32,6 +32,8 @@ Span = Any  # conftest.Span: service, name, trace_id, span_id, parent_span_id
 EDGES = [
     (SDK, "control-store", "/tessera.control_store.v1.ControlStoreService/"),
     (SDK, "task-scheduler", "/tessera.task_scheduler.v1.TaskSchedulerService/Session"),
+    (SDK, "task-scheduler", "task "),  # a task runs in its submitter's trace (TaskSpec.traceparent)
+    ("task-scheduler", "object-store", "/tessera.object_store.v1.ObjectStoreService/"),  # arguments and results
     (SDK, "object-store", "/tessera.object_store.v1.ObjectStoreService/"),
     (SDK, "gpu-scheduler", "/tessera.gpu_scheduler.v1.GpuSchedulerService/SubmitJob"),
     ("gpu-scheduler", "gpu-agent", "process tessera.gpu.agent."),  # over NATS: request to the node agent

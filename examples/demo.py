@@ -138,10 +138,11 @@ def run_demo(plan: Plan = FULL, log: Callable[[str], None] = lambda line: print(
     print(f"\n   trace id: {trace_id}")
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if endpoint:
-        print(f"   spans exported to {endpoint}; in Jaeger (docker-compose up): http://localhost:16686/trace/{trace_id}")
+        print(f"   spans exported to {endpoint}; in Jaeger: http://localhost:16686/trace/{trace_id}")
     else:
-        print("   no spans exported: run Jaeger (OTLP on :4317, UI on :16686) and start the stack and the demo with\n"
-              "   OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317, then open http://localhost:16686/trace/<trace id>")
+        print("   no spans exported: start Jaeger (docker run -d -p 4317:4317 -p 16686:16686 jaegertracing/jaeger),\n"
+              "   then run the demo (and `tessera up`) with OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 and open\n"
+              "   http://localhost:16686/trace/<trace id>")
     return 0
 
 
