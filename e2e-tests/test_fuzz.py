@@ -19,6 +19,7 @@ The default run draws a few dozen requests per method; ``-m fuzz_long`` draws fa
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import hashlib
@@ -26,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -490,3 +492,138 @@ def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def _remember_stack(request: pytest.FixtureRequest) -> None:
     if "fstack" in request.fixturenames:
         request.module._stack_for_report = request.getfixturevalue("fstack")
+
+
+# ---------------------------------------------------------------------- NATS
+
+
+def nats_subjects(s: FuzzStack) -> dict[str, Any]:
+    """Every subject a service of the stack decodes, with what it expects there (a message type, or "json")."""
+    from tessera.compiler.server import SUBJECT as COMPILE_JOBS
+    from tessera.gpu_scheduler.server import agent_subject
+    from tessera.serving.cluster import PIPELINES
+    from tessera.serving.server import PREDICT_SUBJECT
+    from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, node_subject
+
+    node = bytes.fromhex(s.proc("task-scheduler")["node_id"])
+    gpu_node = next(p["node_id"] for p in s.cluster()["procs"] if p["name"].startswith("gpu-agent"))
+    subjects: dict[str, Any] = {
+        SPILL_SUBJECT: ts_pb.TaskBatch, LOAD_SUBJECT: ts_pb.NodeLoad,
+        node_subject(node, "tasks"): ts_pb.TaskBatch, node_subject(node, "results"): ts_pb.ResultBatch,
+        node_subject(node, "control"): ts_pb.Control, node_subject(node, "assigned"): ts_pb.TaskBatch,
+        "tessera.events.objects.sealed": cs_pb.ChangeEvent,
+        f"tessera.events.kv.{PIPELINES}.created": cs_pb.ChangeEvent,
+        f"tessera.events.kv.{PIPELINES}.updated": cs_pb.ChangeEvent,
+        f"tessera.events.kv.{PIPELINES}.deleted": cs_pb.ChangeEvent,
+        "tessera.events.kv.fuzz.created": cs_pb.ChangeEvent,  # what the control store's Watch streams relay
+        "tessera.events.tasks.updated": cs_pb.ChangeEvent,
+        PREDICT_SUBJECT: "json", agent_subject(gpu_node): "json",
+        COMPILE_JOBS: comp_pb.CompileJob,  # JetStream: published with an ack
+    }
+    return subjects
+
+
+def _json_values() -> Any:
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20))
+    anything = st.recursive(leaf, lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(max_size=8), x, max_size=3),
+                            max_leaves=8)
+    # commands the GPU node agent takes (never "start": that would launch a process) and predict requests
+    command = st.fixed_dictionaries({"op": st.sampled_from(["suspend", "resume", "stop", "checkpoint", "kill", "forget",
+                                                            "nope", 3])}, optional={"job_id": anything})
+    predict = st.fixed_dictionaries({"pipeline": st.one_of(st.just("fuzz-pipe"), anything)},
+                                    optional={"records": anything})
+    return st.one_of(anything, command, predict).map(lambda v: json.dumps(v).encode())
+
+
+def _payloads(kind: Any, w: World) -> Any:
+    from hypothesis import strategies as st
+
+    raw = st.one_of(st.binary(max_size=256), st.sampled_from([b"", b"\x00", b"{", b"\xff" * 64, b"null", b"[]"]))
+    if kind == "json":
+        return st.one_of(raw, _json_values())
+    return st.one_of(raw, fuzzing.message_values(kind.DESCRIPTOR, w, small=True).map(lambda m: m.SerializeToString()))
+
+
+def test_nats_random_bytes(fstack: FuzzStack, world: World) -> None:
+    """Random bytes and fuzzed messages on every subject the services decode; then the stack still
+    serves: no process restarted, every service SERVING, a Watch opened before still delivers, and a
+    real prediction, compile, task session and KV round trip succeed."""
+    from hypothesis import given
+
+    s = fstack
+    before = s.liveness()
+    subjects = nats_subjects(s)
+    url = s.cluster()["nats_url"]
+    watch = s.channel("control-store").unary_stream(
+        "/tessera.control_store.v1.ControlStoreService/Watch", request_serializer=cs_pb.WatchRequest.SerializeToString,
+        response_deserializer=cs_pb.WatchResponse.FromString)(cs_pb.WatchRequest(table="kv", namespace="fuzz"), timeout=600)
+    events: list[Any] = []
+    errors: list[grpc.RpcError] = []
+
+    def read_watch() -> None:
+        try:
+            for ev in watch:
+                events.append(ev)
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=read_watch, daemon=True)
+    reader.start()
+    loop = asyncio.new_event_loop()
+    import nats
+
+    nc = loop.run_until_complete(nats.connect(url))
+    js = nc.jetstream()
+    published: collections.Counter[str] = collections.Counter()
+    try:
+        def flood(subject: str, kind: Any) -> None:
+            @settings(max_examples=max(EXAMPLES, 20), deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+            @given(data=_payloads(kind, world))
+            def publish(data: bytes) -> None:
+                if subject.startswith("tessera.compiler."):
+                    loop.run_until_complete(js.publish(subject, data, timeout=10))
+                else:
+                    loop.run_until_complete(nc.publish(subject, data, reply="_INBOX.fuzz.ignored"))
+                published[subject] += 1
+
+            publish()
+
+        for subject, kind in subjects.items():
+            flood(subject, kind)
+        loop.run_until_complete(nc.flush(timeout=10))
+        time.sleep(2.0)  # let the services work through it
+        s.counts["nats"] = collections.Counter({subj: n for subj, n in published.items()})
+
+        assert s.liveness() == before, f"processes died or restarted: {before} -> {s.liveness()}"
+        for p in s.cluster()["procs"]:
+            if p["kind"] == "service":
+                assert health_status(p["address"], timeout=5.0) == "SERVING", p["name"]
+        # the Watch opened before the flood still delivers
+        n = len(events)
+        _call(s, "control-store", "KvPut", cs_pb.KvPutRequest(namespace="fuzz", key=b"after-nats", value=b"1",
+                                                             overwrite=True))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not errors and not any(
+                c.key == b"after-nats" for e in events[n:] for c in e.event.changes):
+            time.sleep(0.05)
+        assert not errors, f"the Watch stream ended: {errors[0].code()} {errors[0].details()}"  # type: ignore[attr-defined]
+        assert any(c.key == b"after-nats" for e in events[n:] for c in e.event.changes), "the Watch missed a real event"
+        # real requests of every kind of work
+        record = sv_pb.Record(fields={"text": sv_pb.Value(text="good food")})
+        preds = _call(s, "serving", "Predict", sv_pb.PredictRequest(pipeline="fuzz-pipe", records=[record])).predictions
+        assert len(preds) == 1
+        seed = world.seeds["tessera.compiler.v1.CompilerService/Run"][0]
+        out = _call(s, "compiler", "Run", seed).outputs
+        assert [list(o.shape) for o in out] == [[2, 3]]
+        hello = world.seeds["tessera.task_scheduler.v1.TaskSchedulerService/Session"][0][0]
+        m = next(x for x in METHODS if x.desc.name == "Session")
+        got = fuzzing.invoke(s.channel("task-scheduler"), m, [hello], timeout=10, max_responses=1, linger_s=5)
+        assert got.responses and got.responses[0].HasField("welcome"), got
+        assert _call(s, "control-store", "KvGet", cs_pb.KvGetRequest(namespace="fuzz", key=b"after-nats")).value == b"1"
+    finally:
+        watch.cancel()
+        loop.run_until_complete(nc.close())
+        loop.close()

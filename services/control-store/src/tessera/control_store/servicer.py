@@ -8,10 +8,12 @@ what is valid.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
@@ -19,6 +21,8 @@ from tessera.common.errors import InvalidArgumentError, ResourceExhaustedError
 from tessera.control_store import events
 from tessera.control_store.store import ControlStore, check_name
 from tessera.control_store.wire import fields
+
+log = logging.getLogger(__name__)
 
 #: subscribe(subject, on_message) -> unsubscribe; wired to NATS by server.py.
 Subscribe = Callable[[str, Callable[[bytes], Awaitable[None]]], Awaitable[Callable[[], Awaitable[None]]]]
@@ -160,11 +164,16 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
             if request.table != "kv":
                 raise InvalidArgumentError("namespace applies to the kv table only")
             check_name(request.namespace, "namespace")
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        queue: asyncio.Queue[pb.ChangeEvent | None] = asyncio.Queue()
 
         async def on_message(data: bytes) -> None:
+            try:  # anyone on NATS can publish on these subjects: what is not an event is not relayed
+                event = pb.ChangeEvent.FromString(data)
+            except DecodeError:
+                log.warning("dropped %d bytes on the %s watch that are not a ChangeEvent", len(data), request.table)
+                return
             if queue.qsize() < WATCH_QUEUE:
-                queue.put_nowait(data)
+                queue.put_nowait(event)
             elif queue.qsize() == WATCH_QUEUE:  # too slow a client: end its stream rather than grow without bound
                 queue.put_nowait(None)
 
@@ -172,9 +181,9 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
         try:
             await context.send_initial_metadata(())  # tells the client the subscription is in place
             while True:
-                data = await queue.get()
-                if data is None:
+                event = await queue.get()
+                if event is None:
                     raise ResourceExhaustedError("watch fell too far behind; re-read and watch again")
-                yield pb.WatchResponse(event=pb.ChangeEvent.FromString(data))
+                yield pb.WatchResponse(event=event)
         finally:
             await unsubscribe()
