@@ -79,17 +79,50 @@ def gpu_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 os.kill(pid, 9)
 
 
-@pytest.fixture
-def client(gpu_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuClient]:
-    monkeypatch.setenv("TESSERA_RUN_DIR", str(gpu_stack.run_dir))
+@pytest.fixture(scope="module")
+def elastic_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One node with two virtual GPUs; early feedback stops a group's job below half the group's best."""
+    run_dir = tmp_path_factory.mktemp("gpuelastic")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
+               TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20), TESSERA_OBJECT_STORE_PREFAULT="false",
+               TESSERA_GPU_SCHEDULER_QUANTUM_S="2", TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="10",
+               TESSERA_GPU_SCHEDULER_FEEDBACK_STOP_BELOW="0.5")
+    s = Stack(run_dir, env)
+    up = s.cli("up", "--nodes", "1", "--gpus-per-node", "2", "--timeout", "120")
+    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
+    pids = s.pids()
+    try:
+        yield s
+    finally:
+        subprocess.run([str(BIN / "tessera"), "down"], env=env, capture_output=True, timeout=60)
+        from tessera._launcher.rundir import alive
+
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, 9)
+
+
+def _client_of(stack: Stack, nodes: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuClient]:
+    monkeypatch.setenv("TESSERA_RUN_DIR", str(stack.run_dir))
     monkeypatch.delenv("TESSERA_ADDRESS", raising=False)
     c = poll_until(lambda: _try_client(), timeout=30, what="gpu-scheduler registered")
-    poll_until(lambda: len([n for n in c.cluster().nodes if n.alive]) == 2, timeout=30, what="two node agents")
+    poll_until(lambda: len([n for n in c.cluster().nodes if n.alive]) == nodes, timeout=30, what=f"{nodes} node agent(s)")
     yield c
     for j in c.list():
         if j.state in (1, 2, 3):
             c.kill(j.job_id)
     c.close()
+
+
+@pytest.fixture
+def client(gpu_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuClient]:
+    yield from _client_of(gpu_stack, 2, monkeypatch)
+
+
+@pytest.fixture
+def elastic_client(elastic_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuClient]:
+    yield from _client_of(elastic_stack, 1, monkeypatch)
 
 
 def _try_client() -> GpuClient | None:
@@ -184,15 +217,83 @@ def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack
 
 
 def test_container_job_without_an_engine_fails_with_the_reason(client: GpuClient) -> None:
-    try:
-        import docker
+    from tessera.gpu_scheduler.executors import docker_unavailable
 
-        docker.from_env(timeout=2).ping()
-        pytest.skip("a Docker engine is reachable here; the container executor is not implemented yet")
-    except ImportError:
-        pass
-    except Exception:  # the SDK is there but no engine answers
-        pass
+    why = docker_unavailable()
+    if why is None:
+        pytest.skip("a Docker engine is reachable here: test_container_jobs_run_under_docker runs instead")
     jid = client.submit(image="python:3.11-slim", args=["python", "-c", "print(1)"])
     poll_until(lambda: _state(client, jid) == "FAILED", timeout=30, what="container job refused")
-    assert "Docker" in client.status(jid).message
+    assert why.split(":")[0] in client.status(jid).message
+
+
+def test_container_jobs_run_under_docker(client: GpuClient) -> None:
+    from tessera.gpu_scheduler.executors import docker_unavailable
+
+    why = docker_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    # the job's environment reaches into the container: its id, the cluster's address, the instruction/report pipes
+    check = ("import os, stat, sys; e = os.environ; "
+             "sys.exit(0 if e['TESSERA_GPU_JOB_ID'] and e['TESSERA_ADDRESS'] and "
+             "stat.S_ISFIFO(os.stat(e['TESSERA_GPU_CTL_PATH']).st_mode) and "
+             "stat.S_ISFIFO(os.stat(e['TESSERA_GPU_REPORT_PATH']).st_mode) else 4)")
+    ok = client.submit(image="python:3.11-slim", args=["python", "-c", check])
+    bad = client.submit(image="python:3.11-slim", args=["python", "-c", "raise SystemExit(3)"])
+    poll_until(lambda: {_state(client, ok), _state(client, bad)} <= {"SUCCEEDED", "FAILED"}, timeout=300,
+               what="container jobs finished")
+    assert _state(client, ok) == "SUCCEEDED", client.status(ok).message
+    assert _state(client, bad) == "FAILED" and client.status(bad).exit_code == 3
+
+
+def _gpus_seen(c: GpuClient, jid: str) -> float:
+    return float(c.status(jid).metrics.get("gpus", 0.0))
+
+
+@pytest.mark.timeout(900)  # a stack of its own, and jobs that start one after the other
+def test_an_elastic_job_grows_when_idle_and_shrinks_when_another_waits(elastic_client: GpuClient, tmp_path: Path) -> None:
+    c = elastic_client
+    ref = _reference(tmp_path, 400, 11)
+    out = tmp_path / "out.pt"
+    first = c.submit(entry_point=ENTRY, args=["100000", "12", "", "0.01"], name="first")
+    poll_until(lambda: c.status(first).step > 0, timeout=240, what="first job running")
+    big = c.submit(entry_point=ENTRY, args=["400", "11", str(out), "0.005"], elastic=True, name="elastic")
+    poll_until(lambda: c.status(big).step > 0 and _gpus_seen(c, big) == 1.0, timeout=240, what="elastic job on one GPU")
+    c.kill(first)
+    # alone on the node now: it grows onto the freed GPU in place, and learns it at a mini-batch boundary
+    poll_until(lambda: len(c.status(big).gpu_slots) == 2 and _gpus_seen(c, big) == 2.0, timeout=120, what="grown to 2 GPUs")
+    assert c.status(big).resizes == 1
+    other = c.submit(entry_point=ENTRY, args=["100000", "13", "", "0.01"], name="other")
+    # another job waits: the elastic one gives its second GPU back (no suspension), and the other runs beside it
+    poll_until(lambda: _gpus_seen(c, big) == 1.0 and c.status(other).step > 0, timeout=240, what="shrunk, other running")
+    info = c.status(big)
+    assert len(info.gpu_slots) == 1 and info.resizes == 2 and info.suspensions == 0
+    assert set(info.gpu_slots).isdisjoint(c.status(other).gpu_slots)
+    c.kill(other)
+    poll_until(lambda: _state(c, big) in ("SUCCEEDED", "FAILED"), timeout=240, what="elastic job finished")
+    assert _state(c, big) == "SUCCEEDED", c.status(big).message
+    assert _same(ref, torch.load(out))  # growing and shrinking changed nothing in what it computed
+
+
+@pytest.mark.timeout(900)
+def test_early_feedback_stops_and_deprioritizes_poor_group_members(elastic_client: GpuClient) -> None:
+    c = elastic_client
+    args = ["100000", "0", "", "0.02", "0"]
+    good = c.submit(entry_point=ENTRY, args=[*args, "0.9"], group="hp", name="good")
+    awful = c.submit(entry_point=ENTRY, args=[*args, "0.3"], group="hp", name="awful")
+    # both report their accuracy; the one below half the group's best is stopped
+    poll_until(lambda: _state(c, awful) == "KILLED", timeout=240, what="the poor trial stopped")
+    assert "early feedback" in c.status(awful).message
+    mid = c.submit(entry_point=ENTRY, args=[*args, "0.7"], group="hp", name="mid")
+    poll_until(lambda: c.status(mid).step > 0 and "accuracy" in c.status(mid).metrics, timeout=240, what="mid reported")
+    # an unrelated job arrives: three jobs, two GPUs. mid trails the best by more than 10%: it waits while
+    # the others keep running, time slice after time slice
+    other = c.submit(entry_point=ENTRY, args=args, name="other")
+    poll_until(lambda: _state(c, mid) in ("SUSPENDED", "QUEUED") and c.status(other).step > 0, timeout=240,
+               what="mid off its GPU, other running")
+    held = c.status(mid).step
+    g0, o0 = c.status(good).step, c.status(other).step
+    time.sleep(6.0)  # three quanta
+    assert c.status(mid).step == held and _state(c, mid) in ("SUSPENDED", "QUEUED")
+    assert c.status(good).step > g0 and c.status(other).step > o0
+    assert _state(c, good) == "RUNNING"

@@ -72,3 +72,102 @@ def test_the_real_nvml_library_where_installed() -> None:
     finally:
         pynvml.nvmlShutdown()
     assert (g.kind, g.count) == (("nvml", n) if n else ("virtual", 2))
+
+
+def test_docker_unavailable_gives_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.gpu_scheduler.executors import docker_unavailable
+
+    monkeypatch.setitem(sys.modules, "docker", None)
+    assert docker_unavailable() == "container jobs need the docker SDK (pip install docker) and a Docker engine"
+    fake = types.ModuleType("docker")
+
+    class NoEngine:
+        def ping(self) -> None:
+            raise ConnectionError("Cannot connect to the Docker daemon at unix:///var/run/docker.sock")
+
+        def close(self) -> None:
+            pass
+
+    fake.from_env = lambda timeout: NoEngine()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "docker", fake)
+    assert docker_unavailable() == "no Docker engine reachable: Cannot connect to the Docker daemon at unix:///var/run/docker.sock"
+
+
+async def test_docker_executor_runs_the_image_with_the_job_channel(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """What the Docker executor asks of the engine, and the job channel it sets up (engine stood in for)."""
+    import asyncio
+    import json
+    import os
+    import threading
+
+    from tessera.gpu_scheduler.executors import DockerExecutor
+
+    types_mod = types.ModuleType("docker.types")
+
+    class DeviceRequest:
+        def __init__(self, *, device_ids: list[str], capabilities: list[list[str]]) -> None:
+            self.device_ids, self.capabilities = device_ids, capabilities
+
+    types_mod.DeviceRequest = DeviceRequest  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "docker.types", types_mod)
+    done = threading.Event()
+    runs: list[tuple[Any, ...]] = []
+
+    class Container:
+        id = "c0ffee" * 4
+
+        def __init__(self, env: dict[str, str]) -> None:
+            self.env = env
+
+        def logs(self, **kw: Any) -> Any:
+            yield b"hello from the container\n"
+
+        def wait(self) -> dict[str, int]:
+            # the "job": reads one instruction from its pipe, reports it back, exits 0
+            with open(self.env["TESSERA_GPU_CTL_PATH"]) as ctl:
+                word = ctl.readline().strip()
+            fd = os.open(self.env["TESSERA_GPU_REPORT_PATH"], os.O_WRONLY)
+            os.write(fd, (json.dumps({"event": "progress", "echo": word}) + "\n").encode())
+            os.close(fd)
+            done.wait(10)
+            return {"StatusCode": 0}
+
+        def remove(self, force: bool) -> None:
+            pass
+
+    class Containers:
+        def run(self, image: str, command: Any, **kw: Any) -> Container:
+            runs.append((image, command, kw))
+            return Container(kw["environment"])
+
+    class Client:
+        containers = Containers()
+
+        def close(self) -> None:
+            pass
+
+    ex = DockerExecutor(Client())
+    env = {"TESSERA_GPU_JOB_ID": "j1", "TESSERA_ADDRESS": "127.0.0.1:7000", "HOME": "/root", "PATH": "/usr/bin",
+           "TRACEPARENT": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    run = await ex.launch("j1", "img:1", ["python", "train.py"], env, slots=[2, 3], real_gpus=True, work_dir=tmp_path,
+                          mounts=[tmp_path / "ckpt"], log_path=tmp_path / "logs" / "j1.log")
+    image, command, kw = runs[0]
+    assert (image, command, kw["network_mode"]) == ("img:1", ["python", "train.py"], "host")
+    assert [(r.device_ids, r.capabilities) for r in kw["device_requests"]] == [(["2", "3"], [["gpu"]])]
+    cenv = kw["environment"]
+    assert "HOME" not in cenv and "PATH" not in cenv  # the host's own environment stays on the host
+    assert cenv["TESSERA_GPU_JOB_ID"] == "j1" and cenv["TESSERA_ADDRESS"] == "127.0.0.1:7000" and "TRACEPARENT" in cenv
+    assert {str(tmp_path / "ckpt"), cenv["TESSERA_GPU_CTL_PATH"].rsplit("/", 1)[0]} <= set(kw["volumes"])
+    run.send("suspend")
+    waiter = asyncio.create_task(run.wait())
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(run.report_fd, "rb", 0))
+    line = await asyncio.wait_for(reader.readline(), 10)
+    assert json.loads(line) == {"event": "progress", "echo": "suspend"}
+    done.set()
+    assert await asyncio.wait_for(waiter, 10) == 0 and run.returncode == 0
+    assert await asyncio.wait_for(reader.readline(), 10) == b""  # the report pipe ends with the container
+    transport.close()
+    assert not (tmp_path / "jobs" / "j1").exists()
+    assert (tmp_path / "logs" / "j1.log").read_bytes() == b"hello from the container\n"

@@ -97,3 +97,34 @@ def test_in_place_checkpoints_reuse_files_and_restore_into_live_tensors(tmp_path
     job.restore_in_place(p3)
     assert model.weight is weight and torch.equal(model.weight, saved["weight"])  # same memory, old values
     assert _ckpt.load_into(p3, {"other": torch.zeros(3)}) is None  # shapes differ: the caller loads afresh
+
+
+def test_named_pipe_channel_and_resize_at_a_boundary(tmp_path: Path) -> None:
+    """The channel a container job uses (two named pipes, no stdin), and grow-shrink seen by the job."""
+    ctl, report = tmp_path / "ctl", tmp_path / "report"
+    os.mkfifo(ctl)
+    os.mkfifo(report)
+    ctl_fd = os.open(ctl, os.O_RDWR)  # as the agent: held open, so the job's reader never sees an end
+    rep_fd = os.open(report, os.O_RDWR)
+    env = dict(os.environ, TESSERA_GPU_JOB_ID="c1", TESSERA_GPU_CKPT_DIR=str(tmp_path), TESSERA_GPU_SLOTS="0",
+               TESSERA_GPU_CTL_PATH=str(ctl), TESSERA_GPU_REPORT_PATH=str(report),
+               TESSERA_GPU_ENTRY="tessera.gpu_scheduler.examples:train", TESSERA_GPU_ARGS=json.dumps(["100000", "1", "", "0.01"]))
+    env.pop("TESSERA_GPU_REPORT_FD", None)
+    p = subprocess.Popen([sys.executable, "-m", "tessera.gpu._runner"], env=env, stdin=subprocess.DEVNULL)
+    try:
+        events = _events(rep_fd)
+        first = next(e for e in events if e["event"] == "progress")
+        assert first["metrics"]["gpus"] == 1.0
+        os.write(ctl_fd, b"resize 0,1,3\n")
+        ev = next(e for e in events if e["event"] == "resized")
+        assert ev["slots"] == [0, 1, 3] and ev["gpus"] == 3 and ev["previous"] == 1
+        assert next(e for e in events if e["event"] == "progress")["metrics"]["gpus"] == 3.0  # the loop sees it
+        os.write(ctl_fd, b"resize nope\nresize 2\n")  # a bad instruction is refused, the next one taken
+        assert next(e for e in events if e["event"] == "resized")["slots"] == [2]
+        os.write(ctl_fd, b"stop\n")
+        assert next(e for e in events if e["event"] == "suspended")["path"].startswith(str(tmp_path))
+        assert p.wait(60) == EXIT_STOPPED
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(ctl_fd)

@@ -1,13 +1,17 @@
 """The training-loop hook: mini-batch boundaries, suspend/resume, checkpoints, metrics.
 
-A job run by a gpu-scheduler node agent gets its instructions on standard input
-(one word a line: ``suspend``, ``resume``, ``stop``, ``checkpoint``) and reports on the
-file descriptor ``TESSERA_GPU_REPORT_FD`` (one JSON object a line). Instructions are
+A job run by a gpu-scheduler node agent gets its instructions on standard input, or
+in a container on the named pipe ``TESSERA_GPU_CTL_PATH`` (one a line: ``suspend``,
+``resume``, ``stop``, ``checkpoint``, ``resize SLOTS``), and reports on the file
+descriptor ``TESSERA_GPU_REPORT_FD``, or the named pipe ``TESSERA_GPU_REPORT_PATH``
+(one JSON object a line). Instructions are
 acted on only at a mini-batch boundary (:meth:`Job.step`), where the state is
 consistent: on ``suspend`` the model, optimizer, step and RNG state are written to the
 node-local checkpoint folder (a ramdisk), the GPU memory is freed, and the job waits;
 on ``resume`` it restores from that checkpoint and goes on; on ``stop`` (a migration, or
-a requeue) it exits with :data:`EXIT_STOPPED` and the agent hands the checkpoint on.
+a requeue) it exits with :data:`EXIT_STOPPED` and the agent hands the checkpoint on;
+on ``resize 0,1,2,3`` (grow-shrink) :attr:`Job.slots` and :attr:`Job.gpus` change there,
+and the training loop adapts (e.g. its data-parallel width) from the next mini-batch.
 
 Outside an agent the same code runs standalone: :meth:`Job.step` only counts.
 """
@@ -77,6 +81,10 @@ class Job:
         self.suspend_s: list[float] = []  # checkpoint + free, per suspend
         self.resume_s: list[float] = []  # restore, per resume
         self._report_fd = int(e["TESSERA_GPU_REPORT_FD"]) if e.get("TESSERA_GPU_REPORT_FD") else -1
+        if self._report_fd < 0 and e.get("TESSERA_GPU_REPORT_PATH"):
+            self._report_fd = os.open(e["TESSERA_GPU_REPORT_PATH"], os.O_WRONLY)
+        self._ctl_path = e.get("TESSERA_GPU_CTL_PATH", "")
+        self.resizes = 0  # times the job's GPUs changed (grow-shrink)
         self._cmd = threading.Condition()
         self._pending: list[str] = []
         self._last_boundary = time.perf_counter()
@@ -86,17 +94,30 @@ class Job:
             threading.Thread(target=self._read_commands, name="tessera-gpu-ctl", daemon=True).start()
 
     # ------------------------------------------------------------------ control channel
+    @property
+    def gpus(self) -> int:
+        """GPUs the job holds now (it changes at a boundary when the scheduler grows or shrinks the job)."""
+        return max(1, len(self.slots))
+
     def _read_commands(self) -> None:
-        for line in sys.stdin:
+        src = open(self._ctl_path) if self._ctl_path else sys.stdin  # noqa: SIM115
+        for line in src:
             word = line.strip()
             if word:
-                self.command(word)
+                try:
+                    self.command(word)
+                except ValueError as e:
+                    print(f"tessera.gpu: {e}", file=sys.stderr)
         self.command("stop")  # the agent went away: checkpoint and stop at the next boundary
 
     def command(self, word: str) -> None:
-        """Queue an instruction (``suspend``, ``resume``, ``stop``, ``checkpoint``); acted on at the next boundary."""
-        if word not in ("suspend", "resume", "stop", "checkpoint"):
+        """Queue an instruction (``suspend``, ``resume``, ``stop``, ``checkpoint``, ``resize 0,1``); acted on at
+        the next boundary."""
+        verb, _, arg = word.partition(" ")
+        if verb not in ("suspend", "resume", "stop", "checkpoint", "resize"):
             raise ValueError(f"unknown instruction {word!r}")
+        if verb == "resize" and not (arg and all(s.strip().isdigit() for s in arg.split(","))):
+            raise ValueError(f"resize needs GPU slots, e.g. 'resize 0,1', got {word!r}")
         with self._cmd:
             self._pending.append(word)
             self._cmd.notify_all()
@@ -212,8 +233,16 @@ class Job:
                 self.report("checkpoint", path=str(path), minibatch_s=self._mb_ema, metrics=self.metrics)
             elif word in ("suspend", "stop"):
                 self._suspend(stop=word == "stop")
+            elif word.startswith("resize "):
+                self._resize(word.partition(" ")[2])
         self._last_boundary = time.perf_counter()
         return self.step_count
+
+    def _resize(self, arg: str) -> None:
+        before = self.gpus
+        self.slots = [s.strip() for s in arg.split(",") if s.strip()]
+        self.resizes += 1
+        self.report("resized", slots=[int(s) for s in self.slots], gpus=self.gpus, previous=before)
 
     def _suspend(self, *, stop: bool) -> None:
         t0 = time.perf_counter()
@@ -224,7 +253,9 @@ class Job:
         self.report("suspended", path=str(path), save_s=self.suspend_s[-1], metrics=self.metrics,
                     minibatch_s=self._mb_ema)
         word = "stop" if stop else self._wait()
-        while word == "suspend" or word == "checkpoint":
+        while word in ("suspend", "checkpoint") or word.startswith("resize "):
+            if word.startswith("resize "):
+                self._resize(word.partition(" ")[2])
             word = self._wait()
         if word == "stop":
             self.report("stopped", path=str(path))

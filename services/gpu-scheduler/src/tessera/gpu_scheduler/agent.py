@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,12 +24,11 @@ from typing import Any
 
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tessera.common.telemetry import ENV_TRACEPARENT, ENV_TRACESTATE, traceparent_env
-from tessera.common.telemetry import ENV_TRACEPARENT, ENV_TRACESTATE, traceparent_env
+from tessera.gpu_scheduler.executors import DockerExecutor, Execution, docker_unavailable, spawn_process
 
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # tessera.gpu._job.EXIT_STOPPED
-JOB_SERVICE_NAME = "gpu-job"  # the service.name of a job's spans
 JOB_SERVICE_NAME = "gpu-job"  # the service.name of a job's spans
 
 Upload = Callable[[Path], Awaitable[bytes]]
@@ -78,7 +76,7 @@ def discover_gpus(virtual: int) -> GpuInfo:
 class _Proc:
     job_id: str
     slots: list[int]
-    proc: asyncio.subprocess.Process | None = None
+    run: Execution | None = None
     state: str = "starting"  # starting | running | suspended | exited
     rc: int | None = None
     step: int = 0
@@ -101,8 +99,7 @@ class _Proc:
 
 @dataclass
 class _Warm:
-    proc: asyncio.subprocess.Process
-    report_fd: int
+    run: Execution
     log_path: Path
 
 
@@ -119,6 +116,7 @@ class NodeAgent:
         self.prewarm = prewarm
         self._warm: _Warm | None = None
         self._warming: asyncio.Task[None] | None = None
+        self._docker: DockerExecutor | None = None
         self.upload = upload
         self.fetch = fetch
         self.control_store_address = control_store_address
@@ -141,6 +139,8 @@ class NodeAgent:
         elif op in ("suspend", "resume", "stop", "checkpoint"):
             self.instruct(job_id, op)
             log.info("job %s: %s", job_id, op)
+        elif op == "resize":
+            self.resize(job_id, list(cmd.get("slots", [])))
         elif op == "kill":
             await self.kill(job_id)
         elif op == "forget":
@@ -171,13 +171,10 @@ class NodeAgent:
         env.pop(ENV_TRACESTATE, None)
         env.update(traceparent_env())
         env["OTEL_SERVICE_NAME"] = str((spec.get("env") or {}).get("OTEL_SERVICE_NAME") or JOB_SERVICE_NAME)
-        # the job continues the trace of the command that starts it, under its own service name
-        env.pop(ENV_TRACEPARENT, None)
-        env.pop(ENV_TRACESTATE, None)
-        env.update(traceparent_env())
-        env["OTEL_SERVICE_NAME"] = str((spec.get("env") or {}).get("OTEL_SERVICE_NAME") or JOB_SERVICE_NAME)
         if self.gpus.kind == "nvml":
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))
+            # an elastic job sees every GPU of its node and uses those of its slots (they change as it grows/shrinks)
+            visible = range(self.gpus.count) if spec.get("elastic") else slots
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
         env.pop("TESSERA_GPU_RESTORE", None)
         try:
             if checkpoint_oid:
@@ -190,42 +187,39 @@ class NodeAgent:
                 env["TESSERA_GPU_RESTORE"] = str(path)
                 p.ckpt_oid = checkpoint_oid
             if spec.get("image"):
-                raise FailedPreconditionError(await _docker_unavailable())
-            warm, self._warm = self._warm, None
-            if warm is not None and warm.proc.returncode is None:
-                # a runner that already imported torch: hand it the job's environment
-                delta = {k: v for k, v in env.items() if os.environ.get(k) != v}
-                assert warm.proc.stdin is not None
-                warm.proc.stdin.write((json.dumps({"env": delta}) + "\n").encode())
-                warm.log_path.rename(self.log_dir / f"{job_id}.log")
-                p.proc, r = warm.proc, warm.report_fd
-                log.info("job %s handed to a ready runner", job_id)
+                p.run = await self._container(job_id, spec, env, slots)
             else:
-                p.proc, r = await self._spawn(env, self.log_dir / f"{job_id}.log")
-            self._schedule_prewarm()
+                warm, self._warm = self._warm, None
+                if warm is not None and warm.run.returncode is None:
+                    # a runner that already imported torch: hand it the job's environment
+                    delta = {k: v for k, v in env.items() if os.environ.get(k) != v}
+                    warm.run.send(json.dumps({"env": delta}))
+                    warm.log_path.rename(self.log_dir / f"{job_id}.log")
+                    p.run = warm.run
+                    log.info("job %s handed to a ready runner", job_id)
+                else:
+                    p.run = await spawn_process(env, self.log_dir / f"{job_id}.log")
+                self._schedule_prewarm()
         except Exception as e:
             p.state, p.rc, p.message = "exited", 1, f"could not start: {e}"
             log.warning("job %s could not start: %s", job_id, e)
             return
         p.state = "running"
-        p.tasks = [asyncio.create_task(self._read_reports(p, r)), asyncio.create_task(self._wait(p))]
-        log.info("job %s started on slots %s (pid %d)", job_id, slots, p.proc.pid)
+        p.tasks = [asyncio.create_task(self._read_reports(p, p.run.report_fd)), asyncio.create_task(self._wait(p))]
+        log.info("job %s started on slots %s (%s)", job_id, slots, p.run.ident)
 
-    async def _spawn(self, env: dict[str, str], log_path: Path) -> tuple[asyncio.subprocess.Process, int]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        r, w = os.pipe()
-        try:
-            with open(log_path, "ab") as logf:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tessera.gpu._runner", stdin=asyncio.subprocess.PIPE, stdout=logf,
-                    stderr=asyncio.subprocess.STDOUT, pass_fds=(w,),
-                    env={**env, "TESSERA_GPU_REPORT_FD": str(w), "TESSERA_GPU_AGENT_PID": str(os.getpid())})
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
-        return proc, r
+    async def _container(self, job_id: str, spec: dict[str, Any], env: dict[str, str], slots: list[int]) -> Execution:
+        """The Docker executor: the job's image and command, where a Docker engine answers."""
+        docker = self._docker
+        if docker is None:
+            why = await asyncio.to_thread(docker_unavailable)
+            if why is not None:
+                raise FailedPreconditionError(why)
+            docker = self._docker = await asyncio.to_thread(DockerExecutor)
+        assert docker is not None
+        return await docker.launch(job_id, str(spec["image"]), [str(a) for a in spec.get("args", [])], env,
+                                         slots=slots, real_gpus=self.gpus.kind == "nvml", work_dir=self.work_dir,
+                                         mounts=[self.ckpt_dir], log_path=self.log_dir / f"{job_id}.log")
 
     def _schedule_prewarm(self) -> None:
         if self.prewarm and self._warm is None and (self._warming is None or self._warming.done()):
@@ -237,8 +231,7 @@ class NodeAgent:
         if self._warm is not None:
             return
         path = self.log_dir / f"warm-{uuid.uuid4().hex[:8]}.log"
-        proc, r = await self._spawn({**os.environ, "TESSERA_GPU_WARM": "1"}, path)
-        self._warm = _Warm(proc, r, path)
+        self._warm = _Warm(await spawn_process({**os.environ, "TESSERA_GPU_WARM": "1"}, path), path)
 
     def start_prewarm(self) -> None:
         """Start the first ready runner (called once the agent is up)."""
@@ -267,6 +260,9 @@ class NodeAgent:
             p.metrics = {k: float(v) for k, v in ev["metrics"].items()}
         if kind == "restored":
             log.info("job %s restored from its checkpoint in %.3fs", p.job_id, float(ev.get("load_s", 0.0)))
+        if kind == "resized":
+            p.slots = [int(s) for s in ev.get("slots", p.slots)]
+            log.info("job %s now on slots %s", p.job_id, p.slots)
         if kind == "resumed":
             p.state = "running"
             p.resume_s = float(ev.get("load_s", 0.0))
@@ -286,8 +282,8 @@ class NodeAgent:
                     log.warning("job %s: checkpoint upload failed: %s", p.job_id, e)
 
     async def _wait(self, p: _Proc) -> None:
-        assert p.proc is not None
-        rc = await p.proc.wait()
+        assert p.run is not None
+        rc = await p.run.wait()
         await asyncio.sleep(0.05)  # let the last reports in
         for t in p.tasks:
             if t is not asyncio.current_task() and not t.done():
@@ -300,17 +296,24 @@ class NodeAgent:
 
     def instruct(self, job_id: str, word: str) -> None:
         p = self.jobs.get(job_id)
-        if p is None or p.proc is None or p.state == "exited":
+        if p is None or p.run is None or p.state == "exited":
             raise NotFoundError(f"job {job_id} does not run on node {self.node_id[:8]}")
-        assert p.proc.stdin is not None
-        p.proc.stdin.write(f"{word}\n".encode())
+        p.run.send(word)
+
+    def resize(self, job_id: str, slots: list[int]) -> None:
+        """Grow or shrink a running job to ``slots`` of this node; it takes them at its next mini-batch boundary."""
+        if not slots or any(not isinstance(s, int) or s < 0 or s >= self.gpus.count for s in slots) \
+                or len(set(slots)) != len(slots):
+            raise InvalidArgumentError(f"slots {slots} are not distinct GPUs of this node's {self.gpus.count}")
+        self.instruct(job_id, "resize " + ",".join(map(str, slots)))
+        log.info("job %s: resize to slots %s", job_id, slots)
 
     async def kill(self, job_id: str) -> None:
         p = self.jobs.get(job_id)
         if p is None:
             return
-        if p.proc is not None and p.proc.returncode is None:
-            p.proc.terminate()
+        if p.run is not None:
+            p.run.terminate()
 
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
@@ -320,29 +323,19 @@ class NodeAgent:
     async def close(self) -> None:
         if self._warming is not None:
             self._warming.cancel()
-        procs = [p.proc for p in self.jobs.values() if p.proc is not None and p.proc.returncode is None]
+        runs = [p.run for p in self.jobs.values() if p.run is not None and p.run.returncode is None]
         if self._warm is not None:
-            procs.append(self._warm.proc)
-            os.close(self._warm.report_fd)
+            runs.append(self._warm.run)
+            os.close(self._warm.run.report_fd)
             self._warm.log_path.unlink(missing_ok=True)
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
+        for run in runs:
+            run.terminate()
+        for run in runs:
             try:
-                await asyncio.wait_for(pr.wait(), 5.0)
+                await asyncio.wait_for(run.wait(), 5.0)
             except TimeoutError:
-                pr.kill()
+                run.kill()
+        if self._docker is not None:
+            self._docker.close()
         shutil.rmtree(self.work_dir, ignore_errors=True)  # node-local checkpoints: copies live in the object store
 
-
-async def _docker_unavailable() -> str:
-    """Why a container job cannot run here (the Docker executor needs a reachable engine)."""
-    try:
-        import docker
-    except ImportError:
-        return "container jobs need the docker SDK (pip install docker) and a Docker engine"
-    try:
-        docker.from_env(timeout=2).ping()
-    except Exception as e:
-        return f"no Docker engine reachable: {e}"
-    return "container jobs are not supported by this node agent yet"

@@ -1,9 +1,12 @@
 """Small training jobs for the demo, the tests and the benchmark (torch on CPU).
 
-``train(steps, seed, out, sleep_s, checkpoint_every)``: a seeded MLP trained with SGD +
-momentum on batches drawn from torch's RNG, through the :mod:`tessera.gpu` hook; the
+``train(steps, seed, out, sleep_s, checkpoint_every, accuracy)``: a seeded MLP trained with
+SGD + momentum on batches drawn from torch's RNG, through the :mod:`tessera.gpu` hook; the
 final weights go to ``out`` (so runs can be compared bit for bit), and the step its last
-process began at to ``out + ".start"``.
+process began at to ``out + ".start"``. Each mini-batch reports its loss and the GPUs the job
+holds (``gpus``: it changes when the scheduler grows or shrinks an elastic job), and, if
+``accuracy`` is given, that validation accuracy (a hyper-parameter trial of known quality,
+for early feedback).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ def tiny_model(seed: int) -> tuple[Any, Any]:
     return model, opt
 
 
-def train(steps: str = "200", seed: str = "0", out: str = "", sleep_s: str = "0", checkpoint_every: str = "0") -> None:
+def train(steps: str = "200", seed: str = "0", out: str = "", sleep_s: str = "0", checkpoint_every: str = "0",
+          accuracy: str = "") -> None:
     import torch
 
     from tessera import gpu
@@ -39,7 +43,7 @@ def train(steps: str = "200", seed: str = "0", out: str = "", sleep_s: str = "0"
         opt.step()
         if float(sleep_s):
             time.sleep(float(sleep_s))
-        job.step(loss=loss.item())
+        job.step(loss=loss.item(), gpus=job.gpus, **({"accuracy": float(accuracy)} if accuracy else {}))
     acc = float((model(torch.randn(64, 32)).argmax(1) == torch.randint(0, 10, (64,))).float().mean())
     job.finish(accuracy=acc)
     if out:

@@ -326,6 +326,13 @@ class GpuScheduler:
             j.suspensions += 1
             await self._save(j, event=True)
             return
+        if j.phase == "resizing" and [int(s) for s in rep.get("slots", [])] != list(j.gpu_slots):
+            j.phase = ""  # the job took its new GPUs at a mini-batch boundary
+            del j.gpu_slots[:]
+            j.gpu_slots.extend(int(s) for s in rep["slots"])
+            j.resizes += 1
+            await self._save(j, event=True)
+            return
         if j.phase == "resuming" and state == "running":
             j.phase = ""
             j.run_started_at = self.clock()
@@ -354,7 +361,7 @@ class GpuScheduler:
             acc = j.metrics.get("accuracy")
             views.append(JobView(
                 j.job_id, j.spec.gpus, j.submitted_at, priority=j.spec.priority, group=j.spec.group_id,
-                app=j.spec.entry_point or j.spec.image, elastic=False,
+                app=j.spec.entry_point or j.spec.image, elastic=j.spec.elastic,
                 slots=tuple((j.node_id, int(s)) for s in j.gpu_slots) if running else (),
                 run_started=run_started, last_ran=last_ran, attained=j.attained_gpu_s,
                 accuracy=acc, held=j.held, target=j.target_node_id,
@@ -398,6 +405,19 @@ class GpuScheduler:
                     await self._save(j)
             elif act.kind == "start":
                 await self._start(j, act.slots, occupied, decision.placements)
+            elif act.kind == "resize":
+                await self._resize(j, act.slots, occupied)
+
+    async def _resize(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...], occupied: dict[tuple[str, int], str]) -> None:
+        """Grow or shrink ``j`` on its node (grow-shrink); its slots change when the job has taken the new ones."""
+        if any(occupied.get(s, j.job_id) != j.job_id for s in slots):
+            return  # a GPU it grows onto is still being let go: next tick
+        gpu_ids = [g for _, g in slots]
+        if await self._send(j.node_id, {"op": "resize", "job_id": j.job_id, "slots": gpu_ids}):
+            j.phase = "resizing"
+            for s in slots:
+                occupied[s] = j.job_id  # until the job reports, its old and new slots are both held
+            await self._save(j)
 
     # ------------------------------------------------------------------ packing introspection
     def _pair_speed(self, a: JobView, b: JobView) -> float | None:
@@ -450,7 +470,7 @@ class GpuScheduler:
         else:
             cmd = {"op": "start", "job_id": j.job_id, "slots": gpu_ids, "checkpoint_oid": j.checkpoint_object_id.hex(),
                    "spec": {"entry_point": j.spec.entry_point, "image": j.spec.image, "args": list(j.spec.args),
-                            "env": dict(j.spec.env)}}
+                            "env": dict(j.spec.env), "elastic": j.spec.elastic}}
             if not await self._send(node, cmd):
                 return
             a = self.agents.get(node)

@@ -110,8 +110,10 @@ def build_scheduler(settings: Settings) -> ServiceApp:
                 if token is not None:
                     otel_context.detach(token)
 
+    gandiva = {"explore_packing": settings.gpu_scheduler_packing,
+               "stop_below": settings.gpu_scheduler_feedback_stop_below or None}
     policy = make_policy(settings.gpu_scheduler_policy, quantum=settings.gpu_scheduler_quantum_s,
-                         **({"explore_packing": settings.gpu_scheduler_packing} if settings.gpu_scheduler_policy == "gandiva" else {}))
+                         **(gandiva if settings.gpu_scheduler_policy == "gandiva" else {}))
     sched = GpuScheduler(ControlStoreKV(stub, JOBS_NS, timeout), ControlStoreKV(stub, AGENTS_NS, timeout), send, emit, policy,
                          agent_timeout_s=settings.gpu_scheduler_agent_timeout_s)
     descriptor_add = pb_grpc.add_GpuSchedulerServiceServicer_to_server

@@ -178,6 +178,7 @@ class JobInfo(_message.Message):
     RUN_STARTED_AT_FIELD_NUMBER: _builtins.int
     LAST_RAN_AT_FIELD_NUMBER: _builtins.int
     SOLO_MINIBATCH_S_FIELD_NUMBER: _builtins.int
+    RESIZES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     node_id: _builtins.str
@@ -214,6 +215,8 @@ class JobInfo(_message.Message):
     last_ran_at: _builtins.float
     solo_minibatch_s: _builtins.float
     """mini-batch time measured while alone on its GPUs"""
+    resizes: _builtins.int
+    """times grow-shrink changed its GPUs"""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -252,10 +255,11 @@ class JobInfo(_message.Message):
         run_started_at: _builtins.float = ...,
         last_ran_at: _builtins.float = ...,
         solo_minibatch_s: _builtins.float = ...,
+        resizes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attained_gpu_s", b"attained_gpu_s", "checkpoint_object_id", b"checkpoint_object_id", "checkpoint_step", b"checkpoint_step", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_slots", b"gpu_slots", "held", b"held", "incarnation", b"incarnation", "job_id", b"job_id", "last_ran_at", b"last_ran_at", "message", b"message", "metrics", b"metrics", "migrations", b"migrations", "minibatch_s", b"minibatch_s", "node_id", b"node_id", "packed_with", b"packed_with", "phase", b"phase", "requeues", b"requeues", "run_started_at", b"run_started_at", "solo_minibatch_s", b"solo_minibatch_s", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step", b"step", "submitted_at", b"submitted_at", "suspensions", b"suspensions", "target_node_id", b"target_node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attained_gpu_s", b"attained_gpu_s", "checkpoint_object_id", b"checkpoint_object_id", "checkpoint_step", b"checkpoint_step", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_slots", b"gpu_slots", "held", b"held", "incarnation", b"incarnation", "job_id", b"job_id", "last_ran_at", b"last_ran_at", "message", b"message", "metrics", b"metrics", "migrations", b"migrations", "minibatch_s", b"minibatch_s", "node_id", b"node_id", "packed_with", b"packed_with", "phase", b"phase", "requeues", b"requeues", "resizes", b"resizes", "run_started_at", b"run_started_at", "solo_minibatch_s", b"solo_minibatch_s", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step", b"step", "submitted_at", b"submitted_at", "suspensions", b"suspensions", "target_node_id", b"target_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
