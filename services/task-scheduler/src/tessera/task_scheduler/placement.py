@@ -42,6 +42,20 @@ class NodeView:
         return (self.queued + 1) * task_s / slots
 
 
+def view_of(node_id: bytes, *, incarnation: str, total: Mapping[str, float], available: Mapping[str, float],
+            queued: int, running: int, leaving: bool) -> NodeView | None:
+    """A node's load report as a view; None for a report that cannot be one (an id that is not 16
+    bytes, an amount that is negative or not finite): anyone on NATS can publish reports."""
+    if len(node_id) != 16:
+        return None
+    try:
+        have, free = res.check_request(total, what="total"), res.check_request(available, what="available")
+    except ValueError:
+        return None
+    return NodeView(node_id, incarnation=incarnation, total=have, available=free, queued=queued, running=running,
+                    leaving=leaving)
+
+
 def choose_node(req: Mapping[str, float], nodes: Iterable[NodeView], *, arg_bytes: Mapping[bytes, Mapping[bytes, int]] | None = None,
                 task_s: float = DEFAULT_TASK_S, bandwidth: float = DEFAULT_BANDWIDTH) -> NodeView | None:
     """The node with the smallest estimated wait that can ever run ``req``; None if none can.

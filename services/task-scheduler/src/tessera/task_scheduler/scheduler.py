@@ -19,7 +19,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common.config import Settings
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
-from tessera.task_scheduler.placement import NodeView, choose_node
+from tessera.task_scheduler.placement import NodeView, choose_node, view_of
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,12 @@ class GlobalScheduler:
         if load.leaving:
             self.nodes.pop(load.node_id, None)
             return
-        self.nodes[load.node_id] = NodeView(load.node_id, incarnation=load.incarnation,
-                                            total=dict(load.resources_total), available=dict(load.resources_available),
-                                            queued=load.queued, running=load.running)
+        view = view_of(load.node_id, incarnation=load.incarnation, total=load.resources_total,
+                       available=load.resources_available, queued=load.queued, running=load.running, leaving=False)
+        if view is None:
+            log.warning("dropped a load report that is not one (node id %s)", load.node_id.hex()[:32])
+            return
+        self.nodes[load.node_id] = view
         if self.parked:
             parked, self.parked = self.parked, []
             for spec, origin, _ in parked:

@@ -25,10 +25,10 @@ from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.task_scheduler import placement
 from tessera.task_scheduler import resources as res
 from tessera.task_scheduler.agent import NodeAgent, error_result
 from tessera.task_scheduler.frames import pack, read_frame
-from tessera.task_scheduler.placement import NodeView
 from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, GlobalScheduler, node_subject
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
 
@@ -387,8 +387,7 @@ class Node:
     # ------------------------------------------------------------------ NATS
 
     async def _on_tasks(self, msg: Any) -> None:
-        batch = pb.TaskBatch.FromString(msg.data)
-        self.agent.submit(batch.tasks, local=False)
+        self.agent.submit(remote_tasks(pb.TaskBatch.FromString(msg.data)), local=False)
 
     async def _on_results(self, msg: Any) -> None:
         batch = pb.ResultBatch.FromString(msg.data)
@@ -406,7 +405,9 @@ class Node:
         self.agent.assigned([t.task_id for t in batch.tasks], batch.from_node_id)
 
     async def _on_load(self, msg: Any) -> None:
-        self.agent.peer_load(view_of(pb.NodeLoad.FromString(msg.data)))
+        view = view_of(pb.NodeLoad.FromString(msg.data))
+        if view is not None:
+            self.agent.peer_load(view)
 
     async def _on_sealed(self, msg: Any) -> None:
         if not self.agent.by_object:
@@ -529,10 +530,23 @@ def lineage_record(s: pb.TaskSpec) -> cpb.TaskSpec:
                         max_retries=max(0, s.max_retries), parent_task_id=s.parent_task_id)
 
 
-def view_of(load: pb.NodeLoad) -> NodeView:
-    return NodeView(load.node_id, incarnation=load.incarnation, total=dict(load.resources_total),
-                    available=dict(load.resources_available), queued=load.queued, running=load.running,
-                    leaving=load.leaving)
+def view_of(load: pb.NodeLoad) -> placement.NodeView | None:
+    return placement.view_of(load.node_id, incarnation=load.incarnation, total=load.resources_total,
+                             available=load.resources_available, queued=load.queued, running=load.running,
+                             leaving=load.leaving)
+
+
+def remote_tasks(batch: pb.TaskBatch) -> list[pb.TaskSpec]:
+    """The tasks of a batch sent over NATS that are well formed; the others are dropped (logged)."""
+    good = []
+    for spec in batch.tasks:
+        try:
+            validate(spec)
+        except InvalidArgumentError as e:
+            log.warning("dropped a task sent to this node over NATS: %s", e)
+            continue
+        good.append(spec)
+    return good
 
 
 def build(settings: Settings) -> ServiceApp:
