@@ -34,6 +34,7 @@ from tessera.compiler.tune import TuningLog
 log = logging.getLogger(__name__)
 
 TARGETS = ("c",)
+MAX_TUNING_BUDGET_S = 24 * 3600.0  # longer is a mistake (an inf or NaN budget once broke the job on the stream)
 SECONDS_PER_TRIAL = 1.5  # a tuning budget in seconds buys about this many measured trials (build + timing)
 DTYPES = {"float32": np.float32, "int64": np.int64}
 
@@ -136,8 +137,9 @@ class Compiler:
         target = req.target or "c"
         if target not in TARGETS:
             raise InvalidArgumentError(f"unknown target {target!r}: this build has {list(TARGETS)}")
-        if req.tuning_budget_s < 0:
-            raise InvalidArgumentError("tuning_budget_s must be >= 0")
+        if not 0 <= req.tuning_budget_s <= MAX_TUNING_BUDGET_S:  # NaN fails both
+            raise InvalidArgumentError(f"tuning_budget_s must be between 0 and {MAX_TUNING_BUDGET_S:g}, "
+                                       f"got {req.tuning_budget_s}")
         graph = await asyncio.to_thread(parse_model, req.format, req.model, list(req.inputs))
         aid = artifact_id(graph, target)
         existing = await self.info(aid)
@@ -168,7 +170,8 @@ class Compiler:
         t0 = time.perf_counter()
         try:
             graph = await asyncio.to_thread(parse_model, job.format, model, list(job.inputs))
-            trials = int(job.tuning_budget_s / SECONDS_PER_TRIAL)
+            budget = job.tuning_budget_s if 0 <= job.tuning_budget_s <= MAX_TUNING_BUDGET_S else 0.0  # a forged job's
+            trials = int(budget / SECONDS_PER_TRIAL)
             build = asyncio.create_task(asyncio.to_thread(compile_graph, graph, target=job.target, cache_dir=self.cache_dir,
                                                           tuning_log=self.tuning_log, tune_trials=trials))
             while not build.done():  # keep the job ours while gcc runs
