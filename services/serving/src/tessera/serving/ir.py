@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +201,7 @@ def check_tensor(h: str, dtype: str, shape: list[int], data: bytes | memoryview)
         raise InvalidArgumentError(f"parameter {h}: dtype {dtype!r} not allowed (one of {ALLOWED_DTYPES})")
     if any(s < 0 for s in shape):
         raise InvalidArgumentError(f"parameter {h}: negative shape {shape}")
-    n = int(np.prod(shape)) if shape else 1
+    n = math.prod(shape)  # Python integers: np.prod wraps around (2**62 * 4 elements made 0)
     if n * np.dtype(dtype).itemsize != len(data):
         raise InvalidArgumentError(f"parameter {h}: {len(data)} bytes do not make a {dtype} array of shape {shape}")
     arr = np.frombuffer(data, dtype=dtype).reshape(shape)
