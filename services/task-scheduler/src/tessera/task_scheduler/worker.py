@@ -38,8 +38,8 @@ log = logging.getLogger("tessera.worker")
 _tracer = trace.get_tracer("tessera.task_scheduler.worker")
 K = pb.TaskKind
 E = pb.ErrorKind
-#: How long storing a large return value waits for the node's object store to come back (restarting), or
-#: for an earlier attempt's half-written copy of it to be aborted.
+#: How long a task waits for the control store (its function's code) or the node's object store (its large
+#: return value) to come back from a restart, or for an earlier attempt's half-written return value to be aborted.
 STORE_RETRY_S = 60.0
 
 
@@ -76,12 +76,18 @@ class Worker:
         fn = self.functions.get(function_id)
         if fn is None:
             stub = _api.control_store()
-            try:
-                info = stub.GetFunction(cpb.GetFunctionRequest(function_id=function_id), timeout=30.0).function
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                    raise LookupError(f"function {function_id.hex()} is not exported in this cluster") from None
-                raise
+            deadline = time.monotonic() + STORE_RETRY_S
+            while True:
+                try:
+                    info = stub.GetFunction(cpb.GetFunctionRequest(function_id=function_id), timeout=30.0).function
+                    break
+                except grpc.RpcError as e:
+                    code = e.code()  # type: ignore[attr-defined]
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        raise LookupError(f"function {function_id.hex()} is not exported in this cluster") from None
+                    if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.5)  # the control store is restarting: the task waits for it rather than failing
             fn = self.functions[function_id] = cloudpickle.loads(info.code)
         return fn
 
