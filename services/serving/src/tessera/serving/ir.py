@@ -125,7 +125,7 @@ class Graph:
                           dict(n.get("attrs", {})), {str(k): str(v) for k, v in n.get("params", {}).items()})
                      for n in d["nodes"]]
             g = cls(inputs, nodes, str(d["output"]), str(d.get("source", "")))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # a node not an object, too deep
             raise InvalidArgumentError(f"malformed pipeline graph: {type(e).__name__}: {e}") from None
         g.check()
         return g
@@ -162,7 +162,7 @@ class Graph:
                 if not isinstance(flds, list) or not flds:
                     raise InvalidArgumentError(f"node {n.id!r} ({n.op}) names no input field")
                 for fname in flds:
-                    if fname not in names:
+                    if not isinstance(fname, str) or fname not in names:
                         raise InvalidArgumentError(f"node {n.id!r} reads unknown input field {fname!r}")
             seen.add(n.id)
         if self.output not in seen:
