@@ -44,6 +44,17 @@ def agent_subject(node_id: str) -> str:
     return f"tessera.gpu.agent.{node_id}.cmd"
 
 
+def decode_message(data: bytes, what: str) -> dict[str, Any]:
+    """A command or reply on NATS: a JSON object, or InvalidArgumentError saying why not."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise errors.InvalidArgumentError(f"{what} is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise errors.InvalidArgumentError(f"{what} must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 class ControlStoreKV:
     """One KV namespace of the control store (the only home of the scheduler's state)."""
 
@@ -95,7 +106,10 @@ def build_scheduler(settings: Settings) -> ServiceApp:
         finally:
             if token is not None:
                 otel_context.detach(token)
-        reply = json.loads(msg.data)
+        try:
+            reply = decode_message(msg.data, f"the reply of node {node}")
+        except errors.InvalidArgumentError as e:
+            raise errors.FailedPreconditionError(str(e)) from None
         if not reply.get("ok"):
             raise errors.FailedPreconditionError(str(reply.get("error")))
         return dict(reply)
@@ -201,7 +215,7 @@ def build_agent(settings: Settings) -> ServiceApp:
     async def on_cmd(msg: Any) -> None:
         assert app.bus is not None
         try:
-            reply = await agent.handle(json.loads(msg.data))
+            reply = await agent.handle(decode_message(msg.data, "an agent command"))
         except errors.TesseraError as e:
             reply = {"ok": False, "error": str(e), "code": e.code}
         except Exception as e:
