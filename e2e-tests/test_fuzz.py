@@ -561,6 +561,9 @@ def test_nats_random_bytes(fstack: FuzzStack, world: World) -> None:
     from hypothesis import given
 
     s = fstack
+    seed = world.seeds["tessera.serving.v1.ServingService/Register"][0]  # the fuzzed Unregister may have removed it
+    _call(s, "serving", "Register", sv_pb.RegisterRequest(
+        pipeline=sv_pb.PipelineSpec(name="fuzz-pipe", graph_json=seed.pipeline.graph_json), replace=True))
     before = s.liveness()
     subjects = nats_subjects(s)
     url = s.cluster()["nats_url"]
@@ -623,8 +626,7 @@ def test_nats_random_bytes(fstack: FuzzStack, world: World) -> None:
         record = sv_pb.Record(fields={"text": sv_pb.Value(text="good food")})
         preds = _call(s, "serving", "Predict", sv_pb.PredictRequest(pipeline="fuzz-pipe", records=[record])).predictions
         assert len(preds) == 1
-        seed = world.seeds["tessera.compiler.v1.CompilerService/Run"][0]
-        out = _call(s, "compiler", "Run", seed).outputs
+        out = _call(s, "compiler", "Run", world.seeds["tessera.compiler.v1.CompilerService/Run"][0]).outputs
         assert [list(o.shape) for o in out] == [[2, 3]]
         hello = world.seeds["tessera.task_scheduler.v1.TaskSchedulerService/Session"][0][0]
         m = next(x for x in METHODS if x.desc.name == "Session")
