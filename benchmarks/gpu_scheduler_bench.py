@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "services" / "gpu-scheduler" / "traces"
@@ -82,6 +83,70 @@ def suspend_resume(repeat: int) -> dict[str, float]:
             "torch_save_load_ms": 1e3 * (statistics.median(ts) + statistics.median(tl))}
 
 
+def restart(repeat: int) -> dict[str, float]:
+    """A migrated job's restart on its new node, from the checkpoint to "restored" (model built, optimizer
+    made, state loaded): in a ready runner (torch and the first optimizer's lazy imports already paid) vs
+    in a freshly started process (the peer), both measured here."""
+    import asyncio
+
+    import torch
+
+    from tessera.gpu._job import Job
+    from tessera.gpu_scheduler.examples import resnet18_like
+    from tessera.gpu_scheduler.executors import spawn_process
+
+    d = Path(tempfile.mkdtemp(prefix="tessera-gpu-restart-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    torch.manual_seed(0)
+    model = resnet18_like(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    job = Job(model=model, optimizer=opt, env={"TESSERA_GPU_JOB_ID": "r", "TESSERA_GPU_CKPT_DIR": str(d)})
+    ckpt = job.checkpoint()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACEPARENT", "TRACESTATE"))}
+    job_env = {"TESSERA_GPU_JOB_ID": "r", "TESSERA_GPU_CKPT_DIR": str(d), "TESSERA_GPU_RESTORE": str(ckpt),
+               "TESSERA_GPU_ENTRY": "tessera.gpu_scheduler.examples:train_resnet", "TESSERA_GPU_ARGS": json.dumps(["0"])}
+
+    async def until(reader: asyncio.StreamReader, event: str) -> None:
+        while line := await reader.readline():
+            if json.loads(line)["event"] == event:
+                return
+        raise RuntimeError(f"the job process ended before {event!r}; see {d / 'r.log'}")
+
+    async def reports(run: Any) -> tuple[asyncio.StreamReader, Any]:
+        reader = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(run.report_fd, "rb", 0))
+        return reader, transport
+
+    async def ready_runner() -> float:
+        run = await spawn_process({**env, "TESSERA_GPU_WARM": "1"}, d / "r.log")
+        reader, transport = await reports(run)
+        await until(reader, "ready")
+        t0 = time.perf_counter()
+        run.send(json.dumps({"env": job_env}))
+        await until(reader, "restored")
+        dt = time.perf_counter() - t0
+        await run.wait()
+        transport.close()
+        return dt
+
+    async def fresh() -> float:
+        t0 = time.perf_counter()
+        run = await spawn_process({**env, **job_env}, d / "r.log")
+        reader, transport = await reports(run)
+        await until(reader, "restored")
+        dt = time.perf_counter() - t0
+        await run.wait()
+        transport.close()
+        return dt
+
+    warm = [asyncio.run(ready_runner()) for _ in range(repeat)]
+    cold = [asyncio.run(fresh()) for _ in range(repeat)]
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+    return {"ready_runner_s": statistics.median(warm), "fresh_process_s": statistics.median(cold)}
+
+
 def _train_proc(steps: int, seed: int, threads: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TESSERA_GPU_ENTRY="tessera.gpu_scheduler.examples:train",
                TESSERA_GPU_ARGS=json.dumps([str(steps), str(seed)]))
@@ -130,6 +195,8 @@ def migration(repeat: int) -> dict[str, float]:
     from tessera.gpu import GpuClient
 
     times: list[float] = []
+    off: list[float] = []  # MigrateJob -> the job is off the source (checkpointed, uploaded, exited)
+    placed: list[float] = []  # -> started on the target (the checkpoint fetched there next)
     try:
         with GpuClient() as c:
             deadline = time.monotonic() + 60
@@ -144,16 +211,25 @@ def migration(repeat: int) -> dict[str, float]:
                 node, step = info.node_id, info.step
                 t0 = time.perf_counter()
                 c.migrate(jid)
+                t_off = t_placed = 0.0
                 while True:
                     info = c.status(jid)
+                    now = time.perf_counter() - t0
+                    if not t_off and info.node_id != node:
+                        t_off = now
+                    if not t_placed and info.node_id not in ("", node):
+                        t_placed = now
                     if info.node_id not in ("", node) and info.state == 2 and info.step > info.checkpoint_step >= step:
                         break
                     time.sleep(0.01)
                 times.append(time.perf_counter() - t0)
+                off.append(t_off)
+                placed.append(t_placed)
             c.kill(jid)
     finally:
         subprocess.run([tessera, "down"], env=env, capture_output=True)
-    return {"migration_s_median": statistics.median(times), "migration_s_min": min(times)}
+    return {"migration_s_median": statistics.median(times), "migration_s_min": min(times),
+            "off_source_s_median": statistics.median(off), "started_on_target_s_median": statistics.median(placed)}
 
 
 def main() -> None:
@@ -167,13 +243,19 @@ def main() -> None:
           f" suspend {sr['suspend_ms']:.1f} ms + resume {sr['resume_ms']:.1f} ms = {sr['suspend_resume_ms']:.1f} ms"
           f" (torch.save + torch.load of the same state: {sr['torch_save_load_ms']:.1f} ms); "
           f"restoring it into a freshly built model and optimizer, as a migrated process does: {sr['fresh_load_ms']:.1f} ms")
+    rs = restart(args.repeat)
+    print(f"restart of a migrated ResNet-18-sized job, checkpoint to restored: in the node's ready runner "
+          f"{rs['ready_runner_s']:.2f} s, in a fresh process {rs['fresh_process_s']:.2f} s "
+          f"(x{rs['fresh_process_s'] / rs['ready_runner_s']:.1f})")
     pk = packing(args.steps)
     print(f"packing two tiny jobs on one slot: alone {pk['alone_steps_s']:.0f} steps/s, packed combined "
           f"{pk['packed_combined_steps_s']:.0f} steps/s (gain x{pk['packing_gain']:.2f})")
     if args.live:
         mg = migration(args.repeat)
         print(f"migration of a ResNet-18-sized job between two node agents: median {mg['migration_s_median']:.2f} s, "
-              f"best {mg['migration_s_min']:.2f} s (MigrateJob call to first mini-batch on the other node)")
+              f"best {mg['migration_s_min']:.2f} s (MigrateJob call to first mini-batch on the other node); "
+              f"off the source after {mg['off_source_s_median']:.2f} s, started on the target after "
+              f"{mg['started_on_target_s_median']:.2f} s (medians)")
     for r in simulate():
         print(f"{r['trace']} {r['policy']:8s} avg JCT {r['avg_jct_h']:.2f} h, median {r['median_jct_h']:.2f}, p95 "
               f"{r['p95_jct_h']:.2f}, makespan {r['makespan_h']:.1f} h, utilization {r['utilization']:.3f}, "

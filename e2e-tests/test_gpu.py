@@ -193,7 +193,7 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
     poll_until(lambda: _state(client, jid) in ("SUCCEEDED", "FAILED"), timeout=120, what="finished")
     info = client.status(jid)
     assert _state(client, jid) == "SUCCEEDED", info.message
-    assert info.migrations >= 1 and info.suspensions >= 2
+    assert info.migrations >= 1 and info.suspensions >= 1  # the admin suspend; a migration is a stop, not a suspend
     assert int(Path(f"{out}.start").read_text()) > held_at  # the process on the new node began from the checkpoint
     assert _same(ref, torch.load(out))
 

@@ -68,12 +68,33 @@ def _die_with_agent() -> None:
         os._exit(1)
 
 
-def _wait_for_job() -> bool:
+def _warm_up() -> None:
+    """Pay, ahead of any job, for what a training job's first steps import lazily: torch, the SDK, the
+    modules the first optimizer pulls in (torch._dynamo and its dependencies: hundreds of modules,
+    seconds) and the autograd engine; and the tracing exporter a job with a trace context sets up."""
+    import tessera.gpu  # noqa: F401
+
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         pass
-    import tessera.gpu  # noqa: F401
+    else:
+        w = torch.zeros(4, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        (w * 2.0).sum().backward()
+        opt.step()
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _wait_for_job() -> bool:
+    _warm_up()
+    fd = int(os.environ.get("TESSERA_GPU_REPORT_FD", "-1") or -1)
+    if fd >= 0:  # the runner is ready: its agent may hand it a job
+        os.write(fd, (json.dumps({"event": "ready", "pid": os.getpid()}) + "\n").encode())
 
     line = sys.stdin.readline()
     if not line.strip():

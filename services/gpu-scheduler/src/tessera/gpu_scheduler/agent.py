@@ -88,6 +88,7 @@ class _Proc:
     suspend_s: float = 0.0
     resume_s: float = 0.0
     message: str = ""
+    progressed: bool = False  # a mini-batch done since this process started
     started: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -225,9 +226,14 @@ class NodeAgent:
         if self.prewarm and self._warm is None and (self._warming is None or self._warming.done()):
             self._warming = asyncio.create_task(self._prewarm())
 
-    async def _prewarm(self, delay: float = 1.0) -> None:
-        """Keep one runner ready (after ``delay``, so that it does not slow a job that just started)."""
+    async def _prewarm(self, delay: float = 1.0, settle_s: float = 30.0) -> None:
+        """Keep one runner ready: after ``delay``, and once every job started here did its first mini-batch
+        (at most ``settle_s``), so that importing torch does not slow a job's restore and first steps."""
         await asyncio.sleep(delay)
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline and any(
+                not p.progressed and p.state in ("starting", "running") for p in self.jobs.values()):
+            await asyncio.sleep(0.2)
         if self._warm is not None:
             return
         path = self.log_dir / f"warm-{uuid.uuid4().hex[:8]}.log"
@@ -253,6 +259,8 @@ class NodeAgent:
 
     async def _on_report(self, p: _Proc, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
+        if kind in ("progress", "checkpoint", "finished"):
+            p.progressed = True
         p.step = int(ev.get("step", p.step))
         if "minibatch_s" in ev:
             p.minibatch_s = float(ev["minibatch_s"])

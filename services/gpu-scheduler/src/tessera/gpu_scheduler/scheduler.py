@@ -396,12 +396,18 @@ class GpuScheduler:
             j = self.jobs[act.job_id]
             if act.job_id in busy or act.job_id in decision.stop:
                 continue
-            if act.kind in ("suspend", "migrate"):
-                # a migration is a suspend whose restart happens on the target node (from the checkpoint)
-                if act.kind == "migrate" and not j.target_node_id:
-                    j.target_node_id = act.slots[0][0]
+            if act.kind == "suspend":
                 if await self._send(j.node_id, {"op": "suspend", "job_id": j.job_id}):
                     j.phase = "suspending"
+                    await self._save(j)
+            elif act.kind == "migrate":
+                # a migration is a stop (checkpoint at the next boundary, upload, exit) whose restart happens
+                # on the target node from that checkpoint: one instruction, no suspended wait in between
+                if not j.target_node_id:
+                    j.target_node_id = act.slots[0][0]
+                if await self._send(j.node_id, {"op": "stop", "job_id": j.job_id}):
+                    j.phase = "stopping"
+                    j.migrations += 1
                     await self._save(j)
             elif act.kind == "start":
                 await self._start(j, act.slots, occupied, decision.placements)
