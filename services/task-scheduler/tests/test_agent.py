@@ -215,6 +215,16 @@ def test_calls_waiting_for_an_actor_this_restarted_agent_no_longer_hosts_fail_at
     assert "node agent restarted" in p.delivered[0][1].error.message
 
 
+def test_the_cache_of_known_objects_is_bounded_by_count_too(agent: Any) -> None:
+    from tessera.task_scheduler.agent import CACHE_BYTES, ENTRY_BYTES
+
+    a, _ = agent
+    for i in range(CACHE_BYTES // ENTRY_BYTES + 5000):  # results stored in the object store: no value kept
+        a._remember(i.to_bytes(20, "big"), b"")
+    assert len(a.objects) <= CACHE_BYTES // ENTRY_BYTES
+    assert 0 < a.object_bytes <= CACHE_BYTES
+
+
 def test_cancel_a_queued_task(agent: Any) -> None:
     a, p = agent
     specs = [task() for _ in range(3)]

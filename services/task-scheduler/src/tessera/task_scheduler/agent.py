@@ -25,6 +25,9 @@ K = pb.TaskKind
 E = pb.ErrorKind
 #: Inline values kept for arguments of later tasks on this node.
 CACHE_BYTES = 32 * 2**20
+#: What one remembered object costs beyond its value (the key, the bytes object, the dict's entry): without
+#: it, objects with empty or tiny values (stored results, None) were nearly free and the cache grew forever.
+ENTRY_BYTES = 200
 #: Scanned past a head-of-line task that does not fit.
 LOOKAHEAD = 64
 
@@ -221,14 +224,14 @@ class NodeAgent:
     def _remember(self, oid: bytes, data: bytes) -> None:
         old = self.objects.pop(oid, None)
         if old is not None:
-            self.object_bytes -= len(old)
+            self.object_bytes -= len(old) + ENTRY_BYTES
         if old and not data:
             data = old
         self.objects[oid] = data
-        self.object_bytes += len(data)
+        self.object_bytes += len(data) + ENTRY_BYTES
         while self.object_bytes > CACHE_BYTES and self.objects:
             _, d = self.objects.popitem(last=False)
-            self.object_bytes -= len(d)
+            self.object_bytes -= len(d) + ENTRY_BYTES
 
     # ------------------------------------------------------------------ dispatch
 
