@@ -147,3 +147,12 @@ def _walk(s: object) -> list[object]:
     for x in getattr(s, "stmts", []):
         out += _walk(x)
     return out
+
+
+def test_a_loaded_kernel_library_leaves_the_process_floating_point_state_alone(tmp_path: object) -> None:
+    """Kernels are compiled with -ffast-math, but linked without it: no flush-to-zero for the process that loads them."""
+    x = te.placeholder((4,), "X")
+    y = te.compute((4,), lambda i: x[i] * 2.0, "Y")
+    arr = np.ones(4, np.float32)
+    np.testing.assert_allclose(build_and_run(Schedule([y]), [x], y, [arr], str(tmp_path)), arr * 2)
+    assert np.float32(1e-40) * np.float32(1.0) != 0  # a subnormal survives

@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     from tessera.compiler.codegen import Program
 
 # -ffast-math whole (finite math included) so that glibc's vector expf/tanhf (libmvec) are used;
-# the code never needs infinities: max reductions start from -FLT_MAX.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-shared", "-std=gnu11"]
+# the code never needs infinities: max reductions start from -FLT_MAX. The link is a separate step
+# without it: gcc links crtfastmath.o into anything linked with -ffast-math, and that sets
+# flush-to-zero / denormals-are-zero for the whole process that loads the library.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=gnu11"]
+LDFLAGS = ["-shared", "-fopenmp"]
 _CTYPE = {"float32": "float", "int64": "int64_t", "bool": "int"}
 
 
@@ -283,7 +286,7 @@ class CBackend:
         """Compile with gcc into ``<cache>/<sha256 of source and flags>.so`` (reused when present)."""
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256((" ".join(CFLAGS) + "\n" + source).encode()).hexdigest()[:32]
+        key = hashlib.sha256((" ".join(CFLAGS + LDFLAGS) + "\n" + source).encode()).hexdigest()[:32]
         lib = cache / f"{key}.so"
         if lib.exists():
             return str(lib), True
@@ -291,7 +294,10 @@ class CBackend:
             src = Path(tmp) / "kernels.c"
             src.write_text(source)
             out = Path(tmp) / "kernels.so"
-            r = subprocess.run(["gcc", *CFLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+            obj = Path(tmp) / "kernels.o"
+            r = subprocess.run(["gcc", *CFLAGS, "-c", "-o", str(obj), str(src)], capture_output=True, text=True)
+            if r.returncode == 0:
+                r = subprocess.run(["gcc", *LDFLAGS, "-o", str(out), str(obj), "-lm"], capture_output=True, text=True)
             if r.returncode != 0:
                 raise FailedPreconditionError(f"gcc failed: {r.stderr[-2000:]}")
             (cache / f"{key}.c").write_text(source)
