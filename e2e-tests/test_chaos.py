@@ -472,9 +472,6 @@ def test_kill(chaos: Chaos, target: str) -> None:
     assert not result["gpu_violations"], result["gpu_violations"]
 
 
-@pytest.mark.xfail(strict=True, reason="objects a service put (serving's parameters, compiler artifacts, GPU "
-                   "checkpoints) live only in one node's object store memory and have no lineage: that store's "
-                   "restart loses them")
 def test_service_objects_survive_their_store_restart(chaos: Chaos) -> None:
     """Kill the object store holding serving's parameters, then serving: predictions must come back."""
     from tessera.api.control_store.v1 import control_store_pb2 as cpb
@@ -482,8 +479,8 @@ def test_service_objects_survive_their_store_restart(chaos: Chaos) -> None:
 
     with Client() as c:
         oids = [c.kv_get("serving-params", k) for k in c.kv_list("serving-params")]
-    assert oids, "serving stored no parameters"
-    objs = tessera.control_store().GetObjects(cpb.GetObjectsRequest(object_ids=oids), timeout=10.0).objects
+        assert oids, "serving stored no parameters"
+        objs = c.stub.GetObjects(cpb.GetObjectsRequest(object_ids=oids), timeout=10.0).objects
     nodes = {n for o in objs for n in o.locations}
     stores = [p["name"] for p in chaos.cluster.info()["procs"]
               if p.get("service") == "object-store" and bytes.fromhex(p["node_id"]) in nodes]

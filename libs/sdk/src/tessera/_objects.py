@@ -95,8 +95,11 @@ def _map_error(e: grpc.RpcError) -> Exception:
 class ObjectStoreClient:
     """A session with one node's object store (on this machine: the arena is mapped)."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0, name: str = "") -> None:
+    def __init__(self, address: str, *, timeout: float = 30.0, name: str = "", durable: bool = False) -> None:
+        """``durable``: every object this client puts is also kept on the node's disk, so it outlives a crash
+        of the store (what services keep there: parameters, artifacts, checkpoints)."""
         self.address = address
+        self.durable = durable
         self.timeout = timeout
         self.name = name or f"pid-{os.getpid()}"
         self._channel = rpc.channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
@@ -241,7 +244,7 @@ class ObjectStoreClient:
             token = otel_context.attach(ctx) if ctx is not None else None
             try:
                 resp = self._retrying(lambda batch=batch: self._stub.PutObjects(
-                    pb.PutObjectsRequest(session_id=self.session_id, objects=batch)))
+                    pb.PutObjectsRequest(session_id=self.session_id, objects=batch, durable=self.durable)))
                 if resp.failed_object_ids:
                     raise RuntimeError(f"{len(resp.failed_object_ids)} small objects were not stored: {resp.errors[0]}")
             except Exception as e:  # surfaced on the next put/get/flush
@@ -269,7 +272,8 @@ class ObjectStoreClient:
     def _put(self, oid: bytes, ser: Any, owner: str) -> None:
         sid = self.session_id
         if ser.size <= self.inline_threshold:
-            self._stub.PutObject(pb.PutObjectRequest(session_id=sid, object_id=oid, data=ser.to_bytes(), owner=owner))
+            self._stub.PutObject(pb.PutObjectRequest(session_id=sid, object_id=oid, data=ser.to_bytes(), owner=owner,
+                                                     durable=self.durable))
             return
         req = pb.CreateObjectRequest(session_id=sid, object_id=oid, size=ser.size, owner=owner)
         off = self._stub.CreateObject(req).arena_offset
@@ -278,7 +282,7 @@ class ObjectStoreClient:
         except BaseException:
             self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
             raise
-        self._stub.SealObject(pb.SealObjectRequest(session_id=sid, object_id=oid))
+        self._stub.SealObject(pb.SealObjectRequest(session_id=sid, object_id=oid, durable=self.durable))
 
     # ------------------------------------------------------------------ get
 

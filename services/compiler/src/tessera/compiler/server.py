@@ -85,7 +85,7 @@ class ObjectStoreBlobs:
                 from tessera._objects import ObjectStoreClient
 
                 addr = await self._address()
-                self._client = await asyncio.to_thread(ObjectStoreClient, addr, name="compiler")
+                self._client = await asyncio.to_thread(ObjectStoreClient, addr, name="compiler", durable=True)
             return self._client
 
     async def put(self, data: bytes) -> bytes:

@@ -171,7 +171,8 @@ def build_agent(settings: Settings) -> ServiceApp:
                 raise errors.UnavailableError(f"node {node_id[:8]} has no object store")
             from tessera._objects import ObjectStoreClient
 
-            store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address, name=f"gpu-agent-{node_id[:8]}")
+            store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address,
+                                                     name=f"gpu-agent-{node_id[:8]}", durable=True)
         return store["client"]
 
     async def upload(path: Path) -> bytes:

@@ -63,6 +63,7 @@ class ObjectEntry:
     last_access: float = 0.0
     spill_path: Path | None = None
     creator: str | None = None  # the session writing a created object, if known
+    durable: bool = False  # its file in the spill directory is kept while it is in the arena too
 
     @property
     def pin_count(self) -> int:
@@ -85,7 +86,11 @@ class ObjectManager:
     temporary name and renamed when complete, so files named like an object id
     (40 hex digits) are whole objects: those left by an earlier run of this node
     are adopted at start as spilled objects (they survive a crash of the store);
-    half-written ones are removed.
+    half-written ones are removed. A *durable* object (sealed with ``durable=True``)
+    has that file written at its seal and kept while it is in the arena as well, so
+    it survives a crash of the store even when it never had to be spilled; adopted
+    objects stay durable. Durable files count in ``durable_bytes``, not against the
+    spill capacity.
     """
 
     def __init__(self, arena: Arena, *, spill_dir: Path, spill_capacity: int,
@@ -114,6 +119,7 @@ class ObjectManager:
         self._created_bytes = 0
         self._spilled_bytes = 0
         self._spilled_objects = 0
+        self._durable_bytes = 0
         self.evictions = 0
         self.spills = 0
         self.restores = 0
@@ -130,10 +136,10 @@ class ObjectManager:
             path.unlink(missing_ok=True)
             return
         oid = bytes.fromhex(path.name)
-        e = ObjectEntry(oid, size, SPILLED, None, "", last_access=self.clock(), spill_path=path)
+        e = ObjectEntry(oid, size, SPILLED, None, "", last_access=self.clock(), spill_path=path, durable=True)
         self._objects[oid] = e
-        self._spilled_bytes += size
         self._spilled_objects += 1
+        self._durable_bytes += size
 
     # ================================================================= writes
 
@@ -160,7 +166,8 @@ class ObjectManager:
             self._session_creates.setdefault(session, {})[object_id] = None
         return offset
 
-    def put_inline(self, object_id: bytes, data: bytes | bytearray | memoryview, owner: str) -> ObjectEntry:
+    def put_inline(self, object_id: bytes, data: bytes | bytearray | memoryview, owner: str, *,
+                   durable: bool = False) -> ObjectEntry:
         """Create, copy ``data`` in and seal: a whole small object in one call."""
         mv = memoryview(data)
         if mv.ndim != 1 or mv.format != "B":
@@ -171,16 +178,21 @@ class ObjectManager:
         try:
             with self.arena.view(e.offset, e.size) as dst:
                 dst[:] = mv
+            return self.seal(object_id, durable=durable)
         except BaseException:
             self.abort(object_id)
             raise
-        return self.seal(object_id)
 
-    def seal(self, object_id: bytes) -> ObjectEntry:
-        """Make a created object immutable and readable."""
+    def seal(self, object_id: bytes, *, durable: bool = False) -> ObjectEntry:
+        """Make a created object immutable and readable; ``durable``: also write it to disk first."""
         e = self._get(object_id)
         if e.state != CREATED:
             raise FailedPreconditionError(f"object {object_id.hex()} is already sealed")
+        if durable:
+            assert e.offset is not None
+            e.spill_path = self._write_file(e.object_id, e.offset, e.size, what="keep")
+            e.durable = True
+            self._durable_bytes += e.size
         e.state = SEALED
         e.last_access = self.clock()
         self._created_bytes -= e.size
@@ -216,8 +228,7 @@ class ObjectManager:
             assert e.offset is not None
             self.alloc.free(e.offset, e.size)
             del self._lru[object_id]
-        else:
-            self._drop_spill_file(e)
+        self._drop_spill_file(e)
         del self._objects[object_id]
         self._emit("deleted", e)
         return True
@@ -305,7 +316,7 @@ class ObjectManager:
     def close(self) -> None:
         """Remove every spill file (the table lives in memory only; the files mean nothing without it)."""
         for e in list(self._objects.values()):
-            if e.state == SPILLED and e.spill_path is not None:
+            if e.state == SPILLED and e.spill_path is not None and not e.durable:
                 e.spill_path.unlink(missing_ok=True)
 
     # ======================================================== memory management
@@ -346,8 +357,8 @@ class ObjectManager:
         other: dict[bytes, bool] = {}
         plan: list[tuple[ObjectEntry, bool]] = []
         for oid, e in self._lru.items():
-            evict = other[oid] = self.has_other_copy(oid)
-            if not evict:
+            evict = other[oid] = not e.durable and self.has_other_copy(oid)  # a durable one keeps its file
+            if not evict and not e.durable:  # a durable one is on disk already: spilling it costs nothing
                 if e.size > spill_left:
                     continue
                 spill_left -= e.size
@@ -402,8 +413,8 @@ class ObjectManager:
         cost = []
         for e in objs:
             if e.object_id not in other:
-                other[e.object_id] = self.has_other_copy(e.object_id)
-            cost.append(0 if other[e.object_id] else e.size)
+                other[e.object_id] = not e.durable and self.has_other_copy(e.object_id)
+            cost.append(0 if other[e.object_id] or e.durable else e.size)
         best: tuple[int, int, int] | None = None  # (cost, lo, hi)
         lo = hi = run = 0
         for b in sorted({seg_start, *offs, *ends}):
@@ -431,13 +442,13 @@ class ObjectManager:
         self.evictions += 1
         self._emit("evicted", e)
 
-    def _spill(self, e: ObjectEntry) -> None:
-        assert e.offset is not None
-        path = self.spill_dir / e.object_id.hex()
+    def _write_file(self, object_id: bytes, offset: int, size: int, *, what: str) -> Path:
+        """Write an object's bytes to its file in the spill directory (whole, or not at all)."""
+        path = self.spill_dir / object_id.hex()
         partial = path.with_name(path.name + _PARTIAL)
         try:
-            with self.arena.view(e.offset, e.size) as src, open(partial, "wb", buffering=0) as f:
-                for i in range(0, e.size, _IO_CHUNK):
+            with self.arena.view(offset, size) as src, open(partial, "wb", buffering=0) as f:
+                for i in range(0, size, _IO_CHUNK):
                     chunk = src[i:i + _IO_CHUNK]
                     done = 0
                     while done < len(chunk):
@@ -446,11 +457,19 @@ class ObjectManager:
         except OSError as err:
             partial.unlink(missing_ok=True)
             raise ResourceExhaustedError(
-                f"cannot spill object {e.object_id.hex()} of {e.size} bytes to {path}: {err}") from err
+                f"cannot {what} object {object_id.hex()} of {size} bytes to {path}: {err}") from err
+        return path
+
+    def _spill(self, e: ObjectEntry) -> None:
+        assert e.offset is not None
+        if e.durable:  # its file is there already
+            path = e.spill_path
+        else:
+            path = self._write_file(e.object_id, e.offset, e.size, what="spill")
+            self._spilled_bytes += e.size
         self.alloc.free(e.offset, e.size)
         del self._lru[e.object_id]
         e.state, e.offset, e.spill_path = SPILLED, None, path
-        self._spilled_bytes += e.size
         self._spilled_objects += 1
         self.spills += 1
         self._emit("spilled", e)
@@ -476,7 +495,10 @@ class ObjectManager:
             self._emit("lost", e)
             raise NotFoundError(f"object {e.object_id.hex()} is lost: its spill file {path} could not be "
                                 f"read ({err})") from err
-        self._drop_spill_file(e)
+        if e.durable:  # the file stays: it is what survives a crash
+            self._spilled_objects -= 1
+        else:
+            self._drop_spill_file(e)
         e.state, e.offset = SEALED, offset  # the caller pins it at once (not a candidate in between)
         self.restores += 1
         self._emit("restored", e)
@@ -512,14 +534,20 @@ class ObjectManager:
                 del self._session_creates[e.creator]
 
     def _drop_spill_file(self, e: ObjectEntry) -> None:
+        """Remove the object's file (if any) and its share of the spill counters."""
         if e.spill_path is not None:
             try:
                 os.unlink(e.spill_path)
             except FileNotFoundError:
                 pass
             e.spill_path = None
-        self._spilled_bytes -= e.size
-        self._spilled_objects -= 1
+        if e.durable:
+            self._durable_bytes -= e.size
+            e.durable = False
+        elif e.state == SPILLED:
+            self._spilled_bytes -= e.size
+        if e.state == SPILLED:
+            self._spilled_objects -= 1
 
     def _emit(self, kind: str, e: ObjectEntry) -> None:
         try:
@@ -529,18 +557,21 @@ class ObjectManager:
 
     def _verify(self) -> dict[str, Any]:
         """Check the table's invariants (O(objects)); raises AssertionError on the first broken one."""
-        used = pinned = created = spilled = nspilled = 0
+        used = pinned = created = spilled = nspilled = durable = 0
         blocks = []
         for oid, e in self._objects.items():
             assert oid == e.object_id
             assert all(c > 0 for c in e.pins.values()), e
+            if e.durable:
+                assert e.spill_path is not None and e.spill_path.stat().st_size == e.size, e
+                durable += e.size
             if e.state == SPILLED:
                 assert e.offset is None and e.spill_path is not None and not e.pins, e
                 assert e.spill_path.stat().st_size == e.size, e
-                spilled += e.size
+                spilled += 0 if e.durable else e.size
                 nspilled += 1
             else:
-                assert e.offset is not None and e.spill_path is None, e
+                assert e.offset is not None and (e.spill_path is None) == (not e.durable), e
                 blocks.append((e.offset, self.alloc.round(e.size)))
                 used += self.alloc.round(e.size)
                 if e.state == CREATED:
@@ -556,8 +587,8 @@ class ObjectManager:
         for (a, n), (b, _) in zip(blocks, blocks[1:], strict=False):
             assert a + n <= b, "two objects overlap in the arena"
         assert used == self.alloc.used_bytes, (used, self.alloc.used_bytes)
-        assert (pinned, created, spilled, nspilled) == (
-            self._pinned_bytes, self._created_bytes, self._spilled_bytes, self._spilled_objects)
+        assert (pinned, created, spilled, nspilled, durable) == (
+            self._pinned_bytes, self._created_bytes, self._spilled_bytes, self._spilled_objects, self._durable_bytes)
         for session, oids in self._session_pins.items():
             for oid in oids:
                 assert session in self._objects[oid].pins

@@ -163,9 +163,10 @@ class NodeObjectStore:
 
     # ------------------------------------------------------------------ writes
 
-    def put_inline(self, object_id: bytes, data: bytes, owner: str, session: str, pin: bool) -> None:
+    def put_inline(self, object_id: bytes, data: bytes, owner: str, session: str, pin: bool, *,
+                   durable: bool = False) -> None:
         ids.check_id("object_id", object_id)
-        self.manager.put_inline(object_id, data, owner)
+        self.manager.put_inline(object_id, data, owner, durable=durable)
         if pin:
             self.manager.pin(object_id, session)
 
@@ -174,9 +175,9 @@ class NodeObjectStore:
         ids.check_id("object_id", object_id)
         return self.manager.create(object_id, size, owner, session=session)
 
-    def seal(self, object_id: bytes, session: str, pin: bool) -> None:
+    def seal(self, object_id: bytes, session: str, pin: bool, *, durable: bool = False) -> None:
         ids.check_id("object_id", object_id)
-        self.manager.seal(object_id)
+        self.manager.seal(object_id, durable=durable)
         if pin:
             self.manager.pin(object_id, session)
 

@@ -48,7 +48,7 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
 
     async def PutObject(self, request: pb.PutObjectRequest, context: Ctx) -> pb.PutObjectResponse:
         sid = self._session(request.session_id) if request.pin else request.session_id
-        self.node.put_inline(request.object_id, request.data, request.owner, sid, request.pin)
+        self.node.put_inline(request.object_id, request.data, request.owner, sid, request.pin, durable=request.durable)
         return pb.PutObjectResponse()
 
     async def PutObjects(self, request: pb.PutObjectsRequest, context: Ctx) -> pb.PutObjectsResponse:
@@ -58,7 +58,7 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         failed, errors = [], []
         for o in request.objects:
             try:
-                self.node.put_inline(o.object_id, o.data, o.owner, request.session_id, False)
+                self.node.put_inline(o.object_id, o.data, o.owner, request.session_id, False, durable=request.durable)
             except TesseraError as e:
                 failed.append(o.object_id)
                 errors.append(f"{e.code}: {e}")
@@ -70,7 +70,7 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
 
     async def SealObject(self, request: pb.SealObjectRequest, context: Ctx) -> pb.SealObjectResponse:
         sid = self._session(request.session_id)
-        self.node.seal(request.object_id, sid, request.pin)
+        self.node.seal(request.object_id, sid, request.pin, durable=request.durable)
         return pb.SealObjectResponse()
 
     async def AbortObject(self, request: pb.AbortObjectRequest, context: Ctx) -> pb.AbortObjectResponse:

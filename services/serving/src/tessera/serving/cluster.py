@@ -74,7 +74,7 @@ class ClusterStore:
                 from tessera._objects import ObjectStoreClient
 
                 addr = insts[0].address
-                self._objects = await asyncio.to_thread(ObjectStoreClient, addr, name="serving")
+                self._objects = await asyncio.to_thread(ObjectStoreClient, addr, name="serving", durable=True)
                 log.info("parameters in the object store at %s", addr)
             return self._objects
 

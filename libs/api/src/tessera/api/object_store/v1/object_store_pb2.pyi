@@ -145,12 +145,15 @@ class PutObjectRequest(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     object_id: _builtins.bytes
     data: _builtins.bytes
     owner: _builtins.str
     pin: _builtins.bool
     """keep pinned for the session (e.g. a live ObjectRef)"""
+    durable: _builtins.bool
+    """Also keep a copy on the node's disk: the object survives a crash and restart of the store."""
     def __init__(
         self,
         *,
@@ -159,10 +162,11 @@ class PutObjectRequest(_message.Message):
         data: _builtins.bytes = ...,
         owner: _builtins.str = ...,
         pin: _builtins.bool = ...,
+        durable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "object_id", b"object_id", "owner", b"owner", "pin", b"pin", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "durable", b"durable", "object_id", b"object_id", "owner", b"owner", "pin", b"pin", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,7 +218,10 @@ class PutObjectsRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     OBJECTS_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    durable: _builtins.bool
+    """as in PutObjectRequest, for every object of the batch"""
     @_builtins.property
     def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___InlineObject]: ...
     def __init__(
@@ -222,10 +229,11 @@ class PutObjectsRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         objects: _abc.Iterable[Global___InlineObject] | None = ...,
+        durable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["objects", b"objects", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "objects", b"objects", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,19 +319,23 @@ class SealObjectRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     OBJECT_ID_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     object_id: _builtins.bytes
     pin: _builtins.bool
+    durable: _builtins.bool
+    """as in PutObjectRequest"""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         object_id: _builtins.bytes = ...,
         pin: _builtins.bool = ...,
+        durable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["object_id", b"object_id", "pin", b"pin", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "object_id", b"object_id", "pin", b"pin", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
