@@ -112,3 +112,17 @@ async def test_a_requeued_job_is_adopted_where_it_still_runs_when_no_other_gpu_i
     assert info.state == S.JOB_STATE_RUNNING and info.node_id == "a" and info.step == 60
     assert [cmd for _, cmd in c.sent if cmd["op"] == "start"] == [c.sent[0][1]]  # started once, never again
     assert not [cmd for _, cmd in c.sent if cmd["op"] == "kill"]
+
+
+async def test_a_bad_time_limit_is_refused_and_changes_nothing() -> None:
+    import pytest
+
+    from tessera.common.errors import InvalidArgumentError
+
+    c = Cluster()
+    await c.beat("a")
+    await c.sched.tick()
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(InvalidArgumentError, match="time_limit_s"):
+            await c.sched.submit(pb.JobSpec(entry_point="m:f", gpus=1, time_limit_s=bad))
+    assert not c.jobs.d and not c.sched.jobs

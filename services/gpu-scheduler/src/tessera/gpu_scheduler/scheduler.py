@@ -12,6 +12,7 @@ that is not in the store: a restarted one reads the records and goes on.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -118,8 +119,8 @@ class GpuScheduler:
             mod, sep, fn = spec.entry_point.rpartition(":")
             if not sep or not mod or not fn.isidentifier():
                 raise InvalidArgumentError(f"entry point {spec.entry_point!r} must be {ENTRY_HELP}")
-        if spec.time_limit_s < 0:
-            raise InvalidArgumentError("time_limit_s must be >= 0")
+        if not math.isfinite(spec.time_limit_s) or spec.time_limit_s < 0:  # NaN passes a "< 0" check
+            raise InvalidArgumentError(f"time_limit_s must be a finite number >= 0 (0: none), got {spec.time_limit_s}")
         _, total = self.capacity()
         if spec.gpus > total:
             raise InvalidArgumentError(f"job asks for {spec.gpus} GPUs; the cluster has {total}")
