@@ -132,6 +132,19 @@ def test_spilled_tasks_are_placed_again_when_their_node_restarts(agent: Any) -> 
     assert [s.task_id for s in p.spilled] == [big.task_id, big.task_id]
 
 
+def test_tasks_placed_elsewhere_are_placed_again_after_a_bus_outage(agent: Any) -> None:
+    a, p = agent
+    a.peer_load(NodeView(THERE, incarnation="one", total={"CPU": 4}, available={"CPU": 4}))
+    placed, unplaced = task(cpus=4), task(cpus=4)
+    a.submit([placed, unplaced], local=True)
+    a.assigned([placed.task_id], THERE)
+    a.messages_lost()  # the task sent to THERE, or its result, may be gone: both go out again
+    assert [s.task_id for s in p.spilled] == [placed.task_id, unplaced.task_id, placed.task_id, unplaced.task_id]
+    assert a.spilled[placed.task_id][1] == b""  # waiting for the global scheduler to place it again
+    a.remote_results([pb.TaskResult(task_id=placed.task_id)])  # the first result settles it
+    assert placed.task_id not in a.spilled
+
+
 def test_unschedulable_task_waits_then_fails(agent: Any) -> None:
     a, p = agent
     t = task(GPU=1)

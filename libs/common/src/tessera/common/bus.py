@@ -90,6 +90,23 @@ class Bus:
         self.request_timeout = request_timeout
         self._js: JetStreamContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reconnected: list[Callable[[], Any]] = []
+
+    def on_reconnect(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` (a function, or a coroutine function) each time the connection comes back
+        (subscriptions are in place again by then). Core NATS messages sent around an outage may be lost:
+        this is where a service sends again what it is still waiting on."""
+        self._reconnected.append(callback)
+
+    async def _reconnected_cb(self) -> None:
+        log.info("NATS reconnected")
+        for cb in list(self._reconnected):
+            try:
+                r = cb()
+                if asyncio.iscoroutine(r):
+                    await r
+            except Exception:
+                log.exception("a NATS reconnect handler failed")
 
     @classmethod
     async def connect(
@@ -123,6 +140,11 @@ class Bus:
         while True:
             try:
                 nc = NatsClient()
+                holder: list[Bus] = []
+
+                async def on_reconnect(holder: list[Bus] = holder) -> None:
+                    if holder:
+                        await holder[0]._reconnected_cb()
 
                 async def on_disconnect(nc: NatsClient = nc) -> None:
                     if not nc.is_closed:  # a deliberate close is no disconnect
@@ -139,12 +161,14 @@ class Bus:
                         reconnect_time_wait=0.5,  # type: ignore[arg-type]
                         error_cb=_on_error,
                         disconnected_cb=on_disconnect,
-                        reconnected_cb=_on_reconnect,
+                        reconnected_cb=on_reconnect,
                         **credentials,
                     ),
                     timeout=max(connect_timeout, deadline - loop.time()),
                 )
-                return cls(nc, request_timeout=request_timeout)
+                bus = cls(nc, request_timeout=request_timeout)
+                holder.append(bus)
+                return bus
             except (TimeoutError, OSError, nats.errors.Error) as e:
                 try:
                     await nc.close()  # stop its reconnect loop
@@ -339,6 +363,3 @@ async def _traced_delivery(msg: Msg, handler: Handler, *, queue: str | None) -> 
 async def _on_error(e: Exception) -> None:
     log.warning("NATS error: %r", e)
 
-
-async def _on_reconnect() -> None:
-    log.info("NATS reconnected")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -587,17 +587,26 @@ class NodeAgent:
                 self._route(spec, local=True)
 
     def _node_lost(self, node_id: bytes, why: str) -> None:
-        for tid, (spec, node, _) in list(self.spilled.items()):
-            if node == node_id:
-                del self.spilled[tid]
-                log.warning("task %s was placed on node %s, and %s: placing it again", spec.name, node_id.hex()[:8], why)
-                retry = pb.TaskSpec()
-                retry.CopyFrom(spec)
-                self._route(retry, local=True)
+        self._place_again(lambda node: node == node_id, f"placed on node {node_id.hex()[:8]}, and {why}")
         for aid, node in list(self.actor_nodes.items()):
             if node == node_id:
                 del self.actor_nodes[aid]
         self.pump()
+
+    def messages_lost(self) -> None:
+        """The bus was down: a task sent to another node, or its result coming back, may be lost on the way.
+        Every task placed elsewhere is placed again (it may then run twice: its owner takes the first result)."""
+        self._place_again(lambda node: True, "sent elsewhere while the bus went down")
+        self.pump()
+
+    def _place_again(self, which: Callable[[bytes], bool], why: str) -> None:
+        for tid, (spec, node, _) in list(self.spilled.items()):
+            if which(node):
+                del self.spilled[tid]
+                log.warning("task %s was %s: placing it again", spec.name, why)
+                retry = pb.TaskSpec()
+                retry.CopyFrom(spec)
+                self._route(retry, local=True)
 
     def tick(self, now: float, *, peer_timeout_s: float, spill_ack_s: float = 5.0) -> None:
         """Periodic: forget silent peers, re-spill unassigned work, fail what no node can ever run."""

@@ -386,6 +386,10 @@ class Node:
 
     # ------------------------------------------------------------------ NATS
 
+    async def _bus_back(self) -> None:
+        await asyncio.sleep(1.0)  # the other nodes' connections (and subscriptions) come back too
+        self.agent.messages_lost()
+
     async def _on_tasks(self, msg: Any) -> None:
         self.agent.submit(remote_tasks(pb.TaskBatch.FromString(msg.data)), local=False)
 
@@ -459,6 +463,7 @@ class Node:
         await bus.subscribe(node_subject(self.node_id, "assigned"), self._on_assigned)
         await bus.subscribe(LOAD_SUBJECT, self._on_load)
         await bus.subscribe("tessera.events.objects.sealed", self._on_sealed)
+        bus.on_reconnect(self._bus_back)
         self._tasks.append(asyncio.create_task(self._writer(), name="lineage-writer"))
         self._tasks.append(asyncio.create_task(self._reporter(), name="load-reporter"))
         n = self.settings.task_scheduler_prestart_workers
