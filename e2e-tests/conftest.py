@@ -213,6 +213,13 @@ class Cluster:
         info = self.info()
         return [info["supervisor_pid"], *(p["pid"] for p in info["procs"] if p["pid"])]
 
+    def point_here(self) -> pytest.MonkeyPatch:
+        """Point this process's SDK (``tessera.init()``) at the cluster; ``.undo()`` puts the environment back."""
+        env = pytest.MonkeyPatch()
+        env.setenv("TESSERA_RUN_DIR", str(self.run_dir))
+        env.delenv("TESSERA_ADDRESS", raising=False)
+        return env
+
     def kill(self, name: str) -> int:
         pid = self.pid(name)
         os.kill(pid, 9)

@@ -311,9 +311,7 @@ def chaos(launch: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) 
     cluster = launch("chaos", "--nodes", "2", "--gpus-per-node", "1", timeout=180,
                      TESSERA_NUM_CPUS="2", TESSERA_OBJECT_STORE_MEMORY=str(96 * 2**20),
                      TESSERA_OBJECT_STORE_PREFAULT="false")
-    saved = {k: os.environ.get(k) for k in ("TESSERA_RUN_DIR", "TESSERA_ADDRESS")}
-    os.environ["TESSERA_RUN_DIR"] = str(cluster.run_dir)
-    os.environ.pop("TESSERA_ADDRESS", None)
+    env = cluster.point_here()
     tessera.init(name="chaos")
     load = Load()
     clients: list[Any] = []
@@ -342,11 +340,7 @@ def chaos(launch: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) 
         for c in clients:
             c.close()
         tessera.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
         if "state" in locals():
             _report(state)
 

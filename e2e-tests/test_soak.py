@@ -64,9 +64,7 @@ def rss_mib(pid: int) -> float | None:
 def test_soak_memory_stays_bounded(launch: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> None:
     cluster = launch("soak", TESSERA_NUM_CPUS="2", TESSERA_OBJECT_STORE_MEMORY=str(256 * 2**20))
     procs = {p["name"]: int(p["pid"]) for p in cluster.status()["processes"] if p["pid"]}
-    saved = {k: os.environ.get(k) for k in ("TESSERA_RUN_DIR", "TESSERA_ADDRESS")}
-    os.environ["TESSERA_RUN_DIR"] = str(cluster.run_dir)
-    os.environ.pop("TESSERA_ADDRESS", None)
+    env = cluster.point_here()
     tessera.init(name="soak")
     counts = {"tasks": 0, "actor_calls": 0, "puts": 0}
     samples: list[dict[str, Any]] = []
@@ -104,11 +102,7 @@ def test_soak_memory_stays_bounded(launch: Callable[..., Any], tmp_path_factory:
         t.join(180)
     finally:
         tessera.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
     elapsed = time.monotonic() - t0
     after = {p["name"]: int(p["pid"]) for p in cluster.status()["processes"] if p["pid"]}
 
