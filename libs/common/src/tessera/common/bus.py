@@ -140,11 +140,7 @@ class Bus:
         while True:
             try:
                 nc = NatsClient()
-                holder: list[Bus] = []
-
-                async def on_reconnect(holder: list[Bus] = holder) -> None:
-                    if holder:
-                        await holder[0]._reconnected_cb()
+                bus = cls(nc, request_timeout=request_timeout)
 
                 async def on_disconnect(nc: NatsClient = nc) -> None:
                     if not nc.is_closed:  # a deliberate close is no disconnect
@@ -161,13 +157,11 @@ class Bus:
                         reconnect_time_wait=0.5,  # type: ignore[arg-type]
                         error_cb=_on_error,
                         disconnected_cb=on_disconnect,
-                        reconnected_cb=on_reconnect,
+                        reconnected_cb=bus._reconnected_cb,
                         **credentials,
                     ),
                     timeout=max(connect_timeout, deadline - loop.time()),
                 )
-                bus = cls(nc, request_timeout=request_timeout)
-                holder.append(bus)
                 return bus
             except (TimeoutError, OSError, nats.errors.Error) as e:
                 try:
