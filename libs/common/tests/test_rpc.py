@@ -47,6 +47,9 @@ class Probe:
         cls = next(c for c in _all_errors() if c.__name__ == request.decode())
         raise cls(f"{cls.__name__} says no")
 
+    async def long(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise errors.InvalidArgumentError(f"name {'s' * 70_000!r} is too long")
+
     async def boom(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("kaput")
 
@@ -87,6 +90,7 @@ def _handler(probe: Probe) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Echo": uu(probe.echo),
         "Raise": uu(probe.raise_domain),
+        "Long": uu(probe.long),
         "Boom": uu(probe.boom),
         "KeyError": uu(probe.key_error),
         "Abort": uu(probe.explicit_abort),
@@ -142,6 +146,17 @@ async def test_domain_error_becomes_its_status(served: Served, cls: type[errors.
     assert e.value.code() == getattr(grpc.StatusCode, cls.code)
     assert e.value.code() != grpc.StatusCode.UNKNOWN
     assert e.value.details() == f"{cls.__name__} says no"
+
+
+async def test_a_huge_message_keeps_its_status(served: Served) -> None:
+    """A message quoting a huge input is cut short: whole, it would overflow gRPC's trailer limit."""
+    async with rpc.aio_channel(served.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _uu(ch, "Long")(b"")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("name 'sss")
+    assert e.value.details().endswith("(70019 characters in all)")
+    assert len(e.value.details()) < errors.MAX_DETAILS_CHARS + 40
 
 
 def test_status_code_of_each_error() -> None:

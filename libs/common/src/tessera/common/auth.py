@@ -27,7 +27,7 @@ import grpc.aio
 from pydantic import SecretStr
 
 from tessera.common.config import Settings
-from tessera.common.errors import FailedPreconditionError
+from tessera.common.errors import FailedPreconditionError, bounded
 
 #: Metadata key of the token (gRPC metadata keys are lowercase).
 HEADER = "authorization"
@@ -150,7 +150,7 @@ class ServerAuth(grpc.aio.ServerInterceptor):
             return handler
 
         async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, bounded(f"{method}: {why}"))
 
         kinds = {
             (False, False): grpc.unary_unary_rpc_method_handler,

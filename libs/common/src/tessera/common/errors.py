@@ -70,3 +70,15 @@ class DataLossError(TesseraError):
 
 class NoRespondersError(UnavailableError):
     """A NATS request found nobody subscribed to its subject."""
+
+
+#: The longest status message sent back. gRPC refuses trailers over 16 KiB, so a message that quotes a
+#: huge bad input whole would reach the caller as RESOURCE_EXHAUSTED instead of its own status.
+MAX_DETAILS_CHARS = 2000
+
+
+def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """``details`` cut to ``limit`` characters, saying how long it was."""
+    if len(details) <= limit:
+        return details
+    return f"{details[:limit]}... ({len(details)} characters in all)"

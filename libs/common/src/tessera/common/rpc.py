@@ -73,14 +73,14 @@ _TRANSIENT = (grpc.StatusCode.UNAVAILABLE,)
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, errors.TesseraError):
-        await context.abort(status_code(exc), str(exc))
+        await context.abort(status_code(exc), errors.bounded(str(exc)))
     if isinstance(exc, grpc.RpcError) and exc.code() in _TRANSIENT:  # type: ignore[attr-defined]
         # a service this one calls is down or restarting: the caller may retry, as with this service down
         log.warning("%s: a dependency is unavailable: %s", method, exc.details())  # type: ignore[attr-defined]
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"a dependency of {method} is unavailable: "
-                                                         f"{exc.details()}")  # type: ignore[attr-defined]
+        await context.abort(grpc.StatusCode.UNAVAILABLE, errors.bounded(
+            f"a dependency of {method} is unavailable: {exc.details()}"))  # type: ignore[attr-defined]
     log.exception("unexpected error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+    await context.abort(grpc.StatusCode.INTERNAL, errors.bounded(f"internal error in {method}: {type(exc).__name__}: {exc}"))
 
 
 class _Deadline:
