@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -35,3 +36,11 @@ def spans(_tracing: Spans) -> Iterator[Spans]:
     _tracing.finished()
     _tracing.exporter.clear()
     yield _tracing
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TESSERA_* setting of the calling shell reaches the test."""
+    for k in list(os.environ):
+        if k.startswith("TESSERA_"):
+            monkeypatch.delenv(k)

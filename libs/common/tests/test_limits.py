@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,14 +11,9 @@ import pytest
 from tessera.common import rpc
 from tessera.common.config import Settings
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 SERVICE = "test.v1.Limits"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("TESSERA_"):
-            monkeypatch.delenv(k)
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

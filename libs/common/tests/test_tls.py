@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -19,7 +18,8 @@ from tessera.common import errors, rpc
 SERVICE = "test.v1.Tls"
 TOKEN = "tls-test-token"
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+              pytest.mark.usefixtures("clean_env")]
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -38,13 +38,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "1", "-extfile", "ext", cwd=d)
     return d
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("TESSERA_"):
-            monkeypatch.delenv(k)
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
