@@ -380,14 +380,15 @@ class Outcome:
 
 
 def invoke(channel: grpc.Channel, method: Method, request: Any, *, timeout: float,
-           max_responses: int = 3, linger_s: float = 0.3) -> Outcome:
-    """Call ``method`` with ``request`` (a list of messages when client-streaming), under ``timeout``.
+           max_responses: int = 3, linger_s: float = 0.3, raw: bool = False) -> Outcome:
+    """Call ``method`` with ``request`` (a list of messages when client-streaming), under ``timeout``;
+    with ``raw``, the request is bytes sent as they are.
 
     A server stream is read for at most ``max_responses`` messages or ``linger_s`` after the last
     request was sent (streams such as Watch and OpenSession never end on their own); then the
     client cancels it, which is not an error of the service.
     """
-    ser = method.request_class.SerializeToString
+    ser = method.request_class.SerializeToString if not raw else None
     de = method.response_class.FromString
     try:
         if not method.streaming:

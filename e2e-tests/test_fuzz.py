@@ -464,6 +464,24 @@ def test_every_method_has_nearly_valid_requests(world: World) -> None:
     assert not unknown, f"seeds for methods that do not exist: {unknown}"
 
 
+#: Bytes no protobuf message parses from (field 31 with the unused wire type 7).
+UNPARSABLE = b"\xff\xff\xff\xff"
+
+
+def test_requests_that_do_not_parse(fstack: FuzzStack) -> None:
+    """Bytes that are no message at all are the caller's error (INVALID_ARGUMENT), for every method,
+    and nobody dies of them."""
+    before = fstack.liveness()
+    wrong = {}
+    for method in METHODS:
+        request = [UNPARSABLE] if method.desc.client_streaming else UNPARSABLE
+        out = fuzzing.invoke(fstack.channel(method.process), method, request, timeout=UNARY_TIMEOUT_S, raw=True)
+        if out.code != grpc.StatusCode.INVALID_ARGUMENT or "not a valid message" not in out.details:
+            wrong[method.full_name] = f"{out.code.name}: {out.details}"
+    assert not wrong, wrong
+    assert fstack.liveness() == before
+
+
 @pytest.mark.parametrize("method", METHODS, ids=str)
 def test_fuzz(fstack: FuzzStack, world: World, method: Method) -> None:
     fuzz(fstack, world, method, EXAMPLES)

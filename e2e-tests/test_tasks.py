@@ -230,6 +230,14 @@ def test_bad_input(cluster: Cluster) -> None:
         result = next(call).results[0]
         assert result.error.kind == pb.ERROR_KIND_INVALID and "task_id must be 16 bytes" in result.error.message
         call.cancel()
+        # a frame that is not a message at all ends the session with INVALID_ARGUMENT (no silent hang)
+        raw = ch.stream_stream("/tessera.task_scheduler.v1.TaskSchedulerService/Session",
+                               response_deserializer=pb.ServerFrame.FromString)
+        call = raw(iter([pb.ClientFrame(hello=pb.Hello(job_id=b"abcd")).SerializeToString(), b"\xff\xff\xff\xff"]),
+                   timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in e.value.details()
     assert tessera.get(add.remote(3, 3)) == 6
 
 

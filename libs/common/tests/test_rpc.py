@@ -76,6 +76,15 @@ class Probe:
             raise errors.UnavailableError(f"not yet ({n})")
         return f"ok after {n}".encode()
 
+    async def parsed_stream(self, request: health_pb2.HealthCheckRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        yield request.service.encode()
+
+    async def parsed_bidi(self, requests: AsyncIterator[health_pb2.HealthCheckRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for r in requests:
+            yield r.service.encode()
+
     async def stream(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         yield b"first"
         if request == b"domain":
@@ -99,6 +108,10 @@ def _handler(probe: Probe) -> grpc.GenericRpcHandler:
         "Flaky": uu(probe.flaky),
         "FlakyWrite": uu(probe.flaky),
         "Stream": grpc.unary_stream_rpc_method_handler(probe.stream),
+        "ParsedStream": grpc.unary_stream_rpc_method_handler(
+            probe.parsed_stream, request_deserializer=health_pb2.HealthCheckRequest.FromString),
+        "ParsedBidi": grpc.stream_stream_rpc_method_handler(
+            probe.parsed_bidi, request_deserializer=health_pb2.HealthCheckRequest.FromString),
     })
 
 
@@ -157,6 +170,30 @@ async def test_a_huge_message_keeps_its_status(served: Served) -> None:
     assert e.value.details().startswith("name 'sss")
     assert e.value.details().endswith("(70019 characters in all)")
     assert len(e.value.details()) < errors.MAX_DETAILS_CHARS + 40
+
+
+GARBAGE = b"\xff\xff\xff\xff"  # field 31, wire type 7: no protobuf message parses from it
+
+
+async def test_a_request_that_does_not_parse_is_invalid_argument(served: Served) -> None:
+    """gRPC's own deserialization would answer INTERNAL, as if the server were broken."""
+    async with rpc.aio_channel(served.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await ch.unary_unary("/grpc.health.v1.Health/Check")(GARBAGE)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("/grpc.health.v1.Health/Check: the request is not a valid message")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in ch.unary_stream(f"/{SERVICE}/ParsedStream")(GARBAGE):
+                pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = health_pb2.HealthCheckRequest(service="x").SerializeToString()
+        assert [m async for m in ch.unary_stream(f"/{SERVICE}/ParsedStream")(ok)] == [b"x"]
+        got: list[bytes] = []
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for m in ch.stream_stream(f"/{SERVICE}/ParsedBidi")(iter([ok, GARBAGE, ok])):
+                got.append(m)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert got == [b"x"]  # what came before the bad message was served
 
 
 def test_status_code_of_each_error() -> None:

@@ -110,6 +110,21 @@ def _capped(timeout: float) -> float:
     return timeout if left is None else max(0.001, min(timeout, left))
 
 
+def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    """The request parser of a handler: a request that does not parse is the caller's error
+    (INVALID_ARGUMENT), where gRPC's own deserialization would answer INTERNAL."""
+    if deserializer is None:
+        return lambda raw: raw
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, others their own
+            raise errors.InvalidArgumentError(f"{method}: the request is not a valid message "
+                                              f"({type(e).__name__}: {e})") from None
+    return parse
+
+
 class _ErrorMapping(grpc.aio.ServerInterceptor):
     """Turns domain errors into their status codes and anything else into INTERNAL."""
 
@@ -122,15 +137,16 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
+        parse = _parser(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
-            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def uu(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
                 remaining = context.time_remaining()
                 deadline = _Deadline(time.monotonic() + remaining) if remaining is not None else None
                 token = _handler_deadline.set(deadline)
                 try:
-                    return await inner_uu(request, context)
+                    return await inner_uu(parse(raw), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
@@ -140,39 +156,37 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
                         deadline.active = False  # tasks it started and that outlive it are not bound by it
                     _handler_deadline.reset(token)
 
-            return grpc.unary_unary_rpc_method_handler(
-                uu, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(uu, response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
-            async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def us(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    async for item in inner_us(request, context):
+                    async for item in inner_us(parse(raw), context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
                     await _abort_for(e, context, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                us, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(us, response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
+            async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+                async for raw in requests:
+                    yield parse(raw)
+
             async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    async for item in inner_ss(requests, context):
+                    async for item in inner_ss(parsed(requests), context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
                     await _abort_for(e, context, method)
 
-            return grpc.stream_stream_rpc_method_handler(
-                ss, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-            )
+            return grpc.stream_stream_rpc_method_handler(ss, response_serializer=handler.response_serializer)
         return handler
 
 

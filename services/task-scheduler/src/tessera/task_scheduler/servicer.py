@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
-from tessera.common.errors import InvalidArgumentError
+from tessera.common.errors import InvalidArgumentError, TesseraError
 
 if TYPE_CHECKING:
     from tessera.task_scheduler.server import Node
@@ -32,18 +32,23 @@ class TaskSchedulerServicer:
             raise InvalidArgumentError(f"hello.job_id must be 4 bytes, got {len(first.hello.job_id)}")
         out: asyncio.Queue[pb.TaskResult | None] = asyncio.Queue()
         session = self.node.open_session(out.put_nowait, first.hello.name)
-        reader = asyncio.create_task(self._read(it, session))
+        failed: list[TesseraError] = []
+        reader = asyncio.create_task(self._read(it, session, failed, out))
         try:
             yield pb.ServerFrame(welcome=self.node.welcome(session))
             while True:
                 r = await out.get()
                 if r is None:
+                    if failed:  # a frame the client sent was not a valid message: the session ends with its status
+                        raise failed[0]
                     return
                 batch = [r]
                 while not out.empty() and len(batch) < 4096:
                     nxt = out.get_nowait()
                     if nxt is None:
                         yield pb.ServerFrame(results=batch)
+                        if failed:
+                            raise failed[0]
                         return
                     batch.append(nxt)
                 yield pb.ServerFrame(results=batch)
@@ -51,12 +56,16 @@ class TaskSchedulerServicer:
             reader.cancel()
             self.node.close_session(session)
 
-    async def _read(self, it: AsyncIterator[pb.ClientFrame], session: str) -> None:
+    async def _read(self, it: AsyncIterator[pb.ClientFrame], session: str, failed: list[TesseraError],
+                    out: asyncio.Queue[pb.TaskResult | None]) -> None:
         try:
             async for frame in it:
                 self.node.client_frame(session, frame)
         except asyncio.CancelledError:
             raise
+        except TesseraError as e:
+            failed.append(e)
+            out.put_nowait(None)
         except Exception as e:  # the client went away
             log.debug("session %s ended: %s", session, e)
 
