@@ -125,6 +125,18 @@ def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callabl
     return parse
 
 
+async def _mapped(start: Callable[[], AsyncIterator[Any]], context: grpc.aio.ServicerContext,
+                  method: str) -> AsyncIterator[Any]:
+    """The responses of a server-streaming handler, its errors turned into statuses."""
+    try:
+        async for item in start():
+            yield item
+    except (grpc.aio.AbortError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        await _abort_for(e, context, method)
+
+
 class _ErrorMapping(grpc.aio.ServerInterceptor):
     """Turns domain errors into their status codes and anything else into INTERNAL."""
 
@@ -161,13 +173,8 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def us(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for item in inner_us(parse(raw), context):
-                        yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as e:
-                    await _abort_for(e, context, method)
+                async for item in _mapped(lambda: inner_us(parse(raw), context), context, method):
+                    yield item
 
             return grpc.unary_stream_rpc_method_handler(us, response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
@@ -178,13 +185,8 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
                     yield parse(raw)
 
             async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for item in inner_ss(parsed(requests), context):
-                        yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as e:
-                    await _abort_for(e, context, method)
+                async for item in _mapped(lambda: inner_ss(parsed(requests), context), context, method):
+                    yield item
 
             return grpc.stream_stream_rpc_method_handler(ss, response_serializer=handler.response_serializer)
         return handler
