@@ -3,20 +3,53 @@
 ``import tessera`` is the SDK. Each service lives in ``tessera.<service>`` in a
 distribution of its own; the ``__path__`` below lets all of them share this one
 package, in regular and editable installs alike.
+
+The SDK's names are loaded on first use (PEP 562), so a process that imports
+only ``tessera.common`` or a service (every service process does) does not pay
+for the client, the object store client and numpy.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
 from pkgutil import extend_path
+from typing import TYPE_CHECKING, Any
 
 __path__ = extend_path(__path__, __name__)
 
-from tessera import exceptions  # noqa: E402
-from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait  # noqa: E402
-from tessera._objects import ObjectRef, ObjectStoreClient  # noqa: E402
-from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote  # noqa: E402
-from tessera.client import Client, ClusterNotFoundError, Event, connect  # noqa: E402
+if TYPE_CHECKING:
+    from tessera import exceptions
+    from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait
+    from tessera._objects import ObjectRef, ObjectStoreClient
+    from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
+    from tessera.client import Client, ClusterNotFoundError, Event, connect
 
 __version__ = "0.1.0"
+
+#: Where each public name lives.
+_LAZY = {
+    "exceptions": "tessera.exceptions",
+    **dict.fromkeys(["cancel", "get", "get_actor", "init", "is_initialized", "kill", "put", "shutdown", "wait"],
+                    "tessera._api"),
+    **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera._objects"),
+    **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "remote"], "tessera._remote"),
+    **dict.fromkeys(["Client", "ClusterNotFoundError", "Event", "connect"], "tessera.client"),
+}
 
 __all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
            "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
            "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'tessera' has no attribute {name!r}")
+    module = import_module(where)
+    value = module if name == "exceptions" else getattr(module, name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
