@@ -49,7 +49,7 @@ def _workload() -> Any:
 
 
 def _tree(pids: list[int]) -> list[int]:
-    """``pids`` and all their descendants."""
+    """``pids`` and all their descendants, each once (a service is both listed and the supervisor's child)."""
     children: dict[int, list[int]] = {}
     for p in os.listdir("/proc"):
         if p.isdigit():
@@ -58,12 +58,14 @@ def _tree(pids: list[int]) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(p))
-    out, todo = [], list(pids)
+    out: dict[int, None] = {}
+    todo = list(pids)
     while todo:
         p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
+        if p not in out:
+            out[p] = None
+            todo += children.get(p, [])
+    return list(out)
 
 
 def tessera_side(n: int, work: Any) -> dict[str, Any]:

@@ -35,6 +35,26 @@ def pss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (not ``pid`` itself), each once."""
+    children: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p))
+    out: dict[int, None] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out[p] = None
+            todo += children.get(p, [])
+    return list(out)
+
+
 def mapped_pss_mib(pids: list[int], marker: str) -> float:
     """PSS in MiB of the mappings of ``pids`` whose path contains ``marker`` (e.g. a shared-memory arena)."""
     total = 0
@@ -153,17 +173,7 @@ def main() -> None:
     assert ray.get(first.remote()) == 1
     cold = time.perf_counter() - t
     time.sleep(3)  # idle
-    me = os.getpid()
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit() or int(p) == me:
-            continue
-        try:
-            cmd = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"ray" in cmd and b"ray_tasks.py" not in cmd:
-            pids.append(int(p))
+    pids = descendants(os.getpid())  # ray.init started them; another run's Ray on this machine is not ours
     idle = pss_mib(pids)
     res = run(ray, 2000 if args.quick else 10000)
     res.update(cold_start_s=cold, idle_memory_mib=idle, idle_processes=len(pids),
