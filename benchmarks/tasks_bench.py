@@ -92,7 +92,7 @@ def tessera_side(n: int, work: Any) -> dict[str, Any]:
         cluster = json.loads((run_dir / "cluster.json").read_text())
         pids = _tree([cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])])
         idle = work.pss_mib(pids)
-        arena = work.mapped_pss_mib(pids, ".arena")  # the object store's shared memory, touched up front
+        arena = work.mapped_pss_mib(pids, ".arena")  # the object store's shared memory (pages touched so far)
         res = work.run(tessera, n)
         res.update(cold_start_s=cold, idle_memory_mib=idle, idle_processes=len(pids),
                    idle_memory_without_arena_mib=idle - arena, arena_mib=arena)
@@ -125,7 +125,7 @@ ROWS = [
     ("wait(num_returns=1) loop over 1k (tasks/s)", ("wait_loop_1k_tasks_per_s",), True),
     ("cold start to first result (s)", ("cold_start_s",), False),
     ("idle memory of the stack (MiB PSS)", ("idle_memory_mib",), False),
-    ("  ... without the prefaulted object arena", ("idle_memory_without_arena_mib",), False),
+    ("  ... without the object arena's pages", ("idle_memory_without_arena_mib",), False),
 ]
 
 

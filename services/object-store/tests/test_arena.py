@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tessera.common.errors import InvalidArgumentError
+from tessera.common.errors import InvalidArgumentError, ResourceExhaustedError
 from tessera.object_store.arena import Arena
 
 SHM = Path("/dev/shm")
@@ -101,3 +101,20 @@ def test_close_with_live_views(shm_path: Path) -> None:
     del v
     a.close()  # idempotent
 
+
+
+def test_without_reserve_pages_come_on_first_write(shm_path: Path) -> None:
+    if not shm_path.is_relative_to(SHM):
+        pytest.skip("no tmpfs at /dev/shm")
+    size = 4 << 20
+    with Arena(shm_path, size, reserve=False) as a:
+        assert os.stat(shm_path).st_blocks * 512 < size  # nothing taken yet
+        a.view(0, 4)[:] = b"page"
+        assert 0 < os.stat(shm_path).st_blocks * 512 < size
+
+
+def test_without_reserve_a_file_system_too_small_is_resource_exhausted(shm_path: Path) -> None:
+    free = os.statvfs(shm_path.parent).f_bavail * os.statvfs(shm_path.parent).f_frsize
+    with pytest.raises(ResourceExhaustedError, match="no room"):
+        Arena(shm_path, free + (1 << 40), reserve=False)
+    assert not shm_path.exists()

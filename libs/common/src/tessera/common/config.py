@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # --- object store ---------------------------------------------------------------
     object_store_memory: int = Field(512 * 1024**2, gt=0, description="object-store: bytes of shared memory per node")
     object_store_arena_dir: Path = Field(Path("/dev/shm"), description="object-store: where the shared-memory file lives")
-    object_store_prefault: bool = Field(True, description="object-store: touch every arena page at start (fast first puts)")
+    object_store_prefault: bool = Field(False, description="object-store: allocate and touch every arena page at start (fast first puts, memory held from the start); off: pages are taken on first write")
     object_store_spill_dir: Path | None = Field(None, description="object-store: spill directory (a folder per node id inside); default <run_dir>/spill")
     object_store_spill_capacity: int = Field(16 * 1024**3, ge=0, description="object-store: bytes of disk for spilled objects")
     object_store_inline_threshold: int = Field(100 * 1024, ge=0, description="objects up to this size travel inline in gRPC")

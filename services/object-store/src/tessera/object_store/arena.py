@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from tessera.common.errors import InvalidArgumentError, ResourceExhaustedError
 
 #: Default directory of arena files: tmpfs, so the arena is memory, not disk.
@@ -29,7 +27,9 @@ class Arena:
 
     With ``reserve`` the file's memory is allocated at once (``posix_fallocate``),
     so a tmpfs too small for the arena fails here with ResourceExhaustedError and
-    not later with SIGBUS when a write reaches a page tmpfs cannot supply.
+    not later with SIGBUS when a write reaches a page tmpfs cannot supply. Without
+    it pages are taken on first write (as Ray's object store does); a file system
+    with less free space than ``size`` still fails here.
 
     :meth:`attach` maps an existing arena (a client's view). Views returned by
     :meth:`view` must be dropped (or released) before :meth:`close` can unmap.
@@ -52,6 +52,8 @@ class Arena:
             os.ftruncate(fd, size)
             if reserve:
                 _reserve(fd, size, path)
+            else:
+                _check_room(fd, size, path)
             self._map(path, fd, size, writable=True)
         except BaseException:
             os.close(fd)
@@ -117,6 +119,8 @@ class Arena:
         return "touch"
 
     def _touch(self) -> None:
+        import numpy as np  # only on kernels without MADV_POPULATE_WRITE
+
         pages = np.frombuffer(self._buf, dtype=np.uint8)[::mmap.PAGESIZE]
         try:
             pages |= 0  # a read and a write of each page's first byte: a write fault per page
@@ -151,6 +155,13 @@ class Arena:
     def __repr__(self) -> str:
         mode = "rw" if self.writable else "ro"
         return f"Arena({str(self.path)!r}, size={self.size}, {mode}{', closed' if self._mm is None else ''})"
+
+
+def _check_room(fd: int, size: int, path: Path) -> None:
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < size:
+        raise ResourceExhaustedError(f"no room for an arena of {size} bytes at {path}: the file system has "
+                                     f"{st.f_bavail * st.f_frsize} bytes free")
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:

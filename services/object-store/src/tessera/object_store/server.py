@@ -149,7 +149,7 @@ def build(settings: Settings) -> ServiceApp:
     arena_path = settings.object_store_arena_dir / f"tessera-{node_id.hex()}.arena"
     spill_dir = (settings.object_store_spill_dir or settings.run_dir / "spill") / node_id.hex()
     spill_dir.mkdir(parents=True, exist_ok=True)
-    arena = Arena(arena_path, settings.object_store_memory)
+    arena = Arena(arena_path, settings.object_store_memory, reserve=settings.object_store_prefault)
     directory = ClusterDirectory(app, node_id)
     peers = Peers(settings, node_id)
     holder: dict[str, NodeObjectStore] = {}  # the manager reports to the node store made from it
