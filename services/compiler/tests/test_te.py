@@ -68,7 +68,7 @@ def test_tensorized_tile_is_one_micro_kernel_with_plain_loops_for_cut_tiles(cach
     stmts = _walk(f.body)
     (mk,) = [x for x in stmts if isinstance(x, MicroKernel)]
     assert (mk.rows, mk.cols, mk.a_row, mk.init) == (6, 16, k, True)
-    assert mk.loops == [(-(-k // 4), 4, 4 * n), (4, 1, n)]  # (extent, A stride, B stride) of ko, ki
+    assert mk.loops == [(-(-k // 4) * 4, 1, n)]  # (extent, A stride, B stride): ko and ki run contiguously, one loop
     cut = any(isinstance(x, IfThen) and x.orelse is not None for x in stmts)
     assert cut == (m % 6 != 0 or n % 16 != 0 or k % 4 != 0)  # whole tiles only take the micro-kernel
     src = CBackend().render(Program([Call(f, [Arg("input", 0), Arg("input", 1), Arg("output", 0)], "k")], 2, 1))
@@ -156,3 +156,42 @@ def test_a_loaded_kernel_library_leaves_the_process_floating_point_state_alone(t
     arr = np.ones(4, np.float32)
     np.testing.assert_allclose(build_and_run(Schedule([y]), [x], y, [arr], str(tmp_path)), arr * 2)
     assert np.float32(1e-40) * np.float32(1.0) != 0  # a subnormal survives
+
+
+def test_micro_kernel_loops_collapse_where_a_and_b_run_contiguously() -> None:
+    from tessera.compiler.lower import _collapse
+
+    # NCHWc 3x3 stride 1, 64 channels: (channel blocks, window rows, window columns, channels in the block)
+    assert _collapse([(4, 16 * 58 * 58, 9 * 256), (3, 16 * 58, 3 * 256), (3, 16, 256), (16, 1, 16)]) == \
+        [(4, 16 * 58 * 58, 9 * 256), (3, 16 * 58, 3 * 256), (48, 1, 16)]
+    # stride 2: the window column steps 2 blocks in A, so it stays a loop of its own
+    assert _collapse([(3, 32, 256), (16, 1, 16)]) == [(3, 32, 256), (16, 1, 16)]
+
+
+@pytest.mark.parametrize("rows", [4, 6, 7])
+def test_wide_register_tiles_stream_b_instead_of_spilling_an_accumulator(cache_dir: str, rows: int) -> None:
+    """A tile of rows x 2 vectors needs rows*2 accumulators + 2 B vectors + 1 broadcast; past the register
+    file (7 rows with 16 AVX2 registers), the second B vector is read per row as an FMA memory operand."""
+    from tessera.compiler.backends.c import _held_b_vectors
+    from tessera.compiler.target import vector_lanes
+
+    w = vector_lanes()
+    m, n, k = 3 * rows, 2 * w, 24
+    assert _held_b_vectors(7, 2, 8) == 1 and _held_b_vectors(6, 2, 8) == 2 and _held_b_vectors(14, 2, 16) == 2 and _held_b_vectors(15, 2, 16) == 1
+    a, b, c = matmul(m, n, k)
+    s = Schedule([c])
+    cl = s.cache_write(c)
+    i, j = s[c].axis
+    io, jo, ii, ji = s[c].tile(i, j, rows, n)
+    s[c].parallel(s[c].fuse(io, jo))
+    s[cl].compute_at(s[c], s[c].leaves[0])
+    ti, tj = s[cl].axis
+    (kk,) = s[cl].reduce_axis
+    s[cl].reorder(kk, ti, tj)
+    s[cl].tensorize(kk)
+    f = lower(s, [a, b], [c])
+    src = CBackend().render(Program([Call(f, [Arg("input", 0), Arg("input", 1), Arg("output", 0)], "k")], 2, 1))
+    streamed = f"(*(const tsr_v{w}u *)(bp + {w}))" in src
+    assert streamed == (2 * rows + 3 > (32 if w >= 16 else 16))
+    x, y = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
+    np.testing.assert_allclose(build_and_run(s, [a, b], c, [x, y], cache_dir), x @ y, rtol=1e-4, atol=1e-5)

@@ -126,6 +126,14 @@ def _vector_width(cols: int) -> int:
     return next(w for w in (vector_lanes(), 8, 4, 1) if cols % w == 0)
 
 
+def _held_b_vectors(rows: int, nv: int, w: int) -> int:
+    """How many of a tile's B vectors stay in registers for all its rows: all of them when the
+    accumulators, the B vectors and one broadcast A value fit the register file; otherwise only
+    as many as fit, and the others are FMA memory operands (read once per row)."""
+    regs = 32 if w >= 16 else 16
+    return nv if rows * nv + nv + 1 <= regs or w == 1 else max(0, min(nv, regs - rows * nv - 1))
+
+
 def micro_kernel_name(mk: MicroKernel) -> str:
     sig = repr((mk.rows, mk.cols, mk.loops, mk.a_row, mk.init, _vector_width(mk.cols)))
     return f"ukr_{mk.rows}x{mk.cols}_{hashlib.sha256(sig.encode()).hexdigest()[:10]}"
@@ -154,12 +162,18 @@ def micro_kernel(mk: MicroKernel) -> str:
     boff = " + ".join(f"l{d} * {sb}" for d, (_, _, sb) in enumerate(mk.loops) if sb) or "0"
     lines.append(f"{ind}const float *ap = a + {aoff};")
     lines.append(f"{ind}const float *bp = b + {boff};")
-    for v in range(nv):
+    held = _held_b_vectors(mk.rows, nv, w)
+    for v in range(held):
         lines.append(f"{ind}const {vt} b{v} = *(const {vu} *)(bp + {v * w});")
     for r in range(mk.rows):
         lines.append(f"{ind}const float a{r} = ap[{r * mk.a_row}];")
+        if held < nv and r:
+            # the compiler may not reuse the B vectors loaded for the row above: each is read again,
+            # straight into the FMA (an L1 hit), instead of spilling an accumulator to the stack
+            lines.append(f'{ind}__asm__("" : "+r"(bp));')
         for v in range(nv):
-            lines.append(f"{ind}{acc[r][v]} += a{r} * b{v};")
+            bv = f"b{v}" if v < held else f"(*(const {vu} *)(bp + {v * w}))"
+            lines.append(f"{ind}{acc[r][v]} += a{r} * {bv};")
     for _ in mk.loops:
         ind = ind[:-2]
         lines.append(f"{ind}}}")
