@@ -69,9 +69,33 @@ def test_status_and_down_when_nothing_runs(tmp_path: Path) -> None:
     (["--nodes", "0"], "--nodes must be between 1 and 16"),
     (["--nodes", "17"], "--nodes must be between 1 and 16"),
     (["--redis-shards", "65"], "--redis-shards must be between 1 and 64"),
+    (["--services", "object-store,task-scheduler"], "--services: the services must include control-store"),
+    (["--services", "control-store,ray"], "--services: unknown service 'ray'"),
 ])
 def test_up_rejects_bad_arguments_and_starts_nothing(tmp_path: Path, args: list[str], message: str) -> None:
     env = dict(os.environ, TESSERA_RUN_DIR=str(tmp_path))
     out = _cli(env, "up", *args)
     assert out.returncode == 2 and message in out.stderr
     assert not (tmp_path / "cluster.json").exists()
+
+
+def test_up_with_a_subset_of_services_runs_tasks(tmp_path: Path) -> None:
+    """``--services`` starts only the services named (here those of tasks and actors); tasks run on them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(tmp_path), TESSERA_NUM_CPUS="1")
+    up = _cli(env, "up", "--services", "task-scheduler,control-store,object-store")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = json.loads(_cli(env, "status", "--json").stdout)
+        services = [p["name"] for p in status["processes"] if p["kind"] == "service"]
+        assert services == ["control-store", "object-store", "task-scheduler"]  # in the usual order, nothing else
+        assert status["healthy"]
+        code = ("import tessera\ntessera.init(name='subset')\n@tessera.remote\ndef inc(x):\n    return x + 1\n"
+                "print(tessera.get(inc.remote(41)))\ntessera.shutdown()")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.split() == ["42"], out.stdout + out.stderr
+        with tessera.connect(status["control_store_address"]) as c:
+            assert {i.service for i in c.instances()} == {"control-store", "object-store", "task-scheduler"}
+    finally:
+        down = _cli(env, "down")
+    assert down.returncode == 0 and "Tessera is down" in down.stdout

@@ -29,6 +29,13 @@ from pydantic import SecretStr
 from tessera.common.config import Settings
 from tessera.common.errors import FailedPreconditionError, bounded
 
+# Where ``tessera up --auth`` keeps its secrets (in the run directory), and the NATS user it creates.
+from tessera.common.names import NATS_PASSWORD_FILE as NATS_PASSWORD_FILE
+from tessera.common.names import NATS_USER as NATS_USER
+from tessera.common.names import REDIS_PASSWORD_FILE as REDIS_PASSWORD_FILE
+from tessera.common.names import SECRETS_DIR as SECRETS_DIR
+from tessera.common.names import TOKEN_FILE as TOKEN_FILE
+
 #: Metadata key of the token (gRPC metadata keys are lowercase).
 HEADER = "authorization"
 SCHEME = "Bearer "
@@ -40,13 +47,6 @@ OPEN_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-#: Where ``tessera up --auth`` keeps its secrets, inside the run directory (mode 0700, files 0600).
-SECRETS_DIR = "secrets"
-TOKEN_FILE = "auth_token"
-NATS_PASSWORD_FILE = "nats_password"
-REDIS_PASSWORD_FILE = "redis_password"
-#: The NATS user ``tessera up --auth`` creates.
-NATS_USER = "tessera"
 
 
 def read_secret(value: SecretStr | str, file: Path | None, *, what: str) -> str:

@@ -15,15 +15,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-#: The six services, by their canonical (dashed) names.
-SERVICES: tuple[str, ...] = (
-    "control-store",
-    "object-store",
-    "task-scheduler",
-    "compiler",
-    "gpu-scheduler",
-    "serving",
-)
+from tessera.common.names import SERVICES as SERVICES  # the six services, by their canonical (dashed) names
 
 
 def default_run_dir() -> Path:

@@ -1,6 +1,7 @@
 """``tessera`` — bring a cluster up and look after it.
 
     tessera up [--redis-shards N] [--timeout S] [--auth]   start everything; return once all six services are SERVING
+    tessera up --services control-store,object-store,task-scheduler   only these services (tasks and actors)
     tessera status [--json]                       what runs where, and its health
     tessera logs SERVICE [-n N] [-f]              a process's log (a service, nats, redis-0, supervisor)
     tessera down [--timeout S]                    stop everything gracefully; leave no process behind
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
@@ -29,9 +31,24 @@ EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
 
 #: Services that run once per node; the others run once per cluster.
 PER_NODE = ("object-store", "task-scheduler")
+#: What ``tessera up --services`` must include, whatever else it names: the others register with it.
+REQUIRED = ("control-store",)
 
 
-def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gpus_per_node: int = 0) -> Cluster:
+def parse_services(text: str) -> tuple[str, ...]:
+    """``--services``: comma-separated names of SERVICES, in SERVICES' order; ValueError on an unknown or missing one."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(SERVICES))
+    if unknown:
+        raise ValueError(f"unknown service {', '.join(map(repr, unknown))}; known: {', '.join(SERVICES)}")
+    missing = [n for n in REQUIRED if n not in names]
+    if missing:
+        raise ValueError(f"the services must include {', '.join(missing)}")
+    return tuple(n for n in SERVICES if n in names)
+
+
+def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gpus_per_node: int = 0,
+          services: Sequence[str] = SERVICES) -> Cluster:
     env = os.environ
     ps: list[Proc] = []
     if env.get("TESSERA_NATS_URL"):
@@ -49,7 +66,7 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
             ps.append(Proc(f"redis-{i}", "redis", port, address=f"127.0.0.1:{port}"))
             redis_urls.append(f"redis://127.0.0.1:{port}/0")
     node_ids = [ids.new_id("node_id").hex() for _ in range(nodes)]
-    for name in SERVICES:
+    for name in services:
         if name in PER_NODE:
             for i, node in enumerate(node_ids):
                 port = procs.free_port()
@@ -58,7 +75,7 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
         else:
             port = procs.free_port()
             ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}"))
-    if gpus_per_node:  # a gpu-scheduler node agent per node (the gpu-scheduler run with the node's id)
+    if gpus_per_node and "gpu-scheduler" in services:  # a node agent per node (the gpu-scheduler with the node's id)
         for i, node in enumerate(node_ids):
             port = procs.free_port()
             ps.append(Proc(f"gpu-agent-{i}", "service", port, service="gpu-scheduler", node_id=node,
@@ -164,7 +181,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if args.gpus_per_node:
         os.environ["TESSERA_GPUS_PER_NODE"] = str(args.gpus_per_node)  # the supervisor and its children inherit it
     cluster = _plan(run, settings, args.redis_shards or settings.redis_shards, args.nodes,
-                    args.gpus_per_node or settings.gpus_per_node)
+                    args.gpus_per_node or settings.gpus_per_node, args.services)
     run.remove_secrets()
     if args.auth:  # a fresh token and passwords; services get their files' paths (see the supervisor)
         run.generate_secrets()
@@ -177,15 +194,18 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     deadline = time.monotonic() + args.timeout
     services = [p for p in cluster.procs if p.kind == "service"]
     pending = {p.name for p in services}
-    while pending and time.monotonic() < deadline:
-        if sup.poll() is not None:
-            print(f"the supervisor exited ({sup.returncode}):\n{_tail(run.log('supervisor'), 20)}", file=sys.stderr)
-            return EXIT_FAIL
-        for p in services:
-            if p.name in pending and health_status(p.address, timeout=0.5) == "SERVING":
-                pending.discard(p.name)
-        if pending:
-            time.sleep(0.2)
+    with ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="health") as pool:
+        while pending and time.monotonic() < deadline:
+            if sup.poll() is not None:
+                print(f"the supervisor exited ({sup.returncode}):\n{_tail(run.log('supervisor'), 20)}", file=sys.stderr)
+                return EXIT_FAIL
+            waiting = [p for p in services if p.name in pending]  # asked all at once: one slow reply delays no other
+            for p, health in zip(waiting, pool.map(lambda q: health_status(q.address, timeout=0.5), waiting),
+                                 strict=True):
+                if health == "SERVING":
+                    pending.discard(p.name)
+            if pending:
+                time.sleep(0.1)
     if pending:
         print(f"not SERVING within {args.timeout:g}s: {', '.join(sorted(pending))}", file=sys.stderr)
         for name in sorted(pending):
@@ -303,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gpus-per-node", type=int, default=0,
                     help="virtual GPU slots per node (where NVML finds none); runs a gpu-scheduler node agent per node")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
+    up.add_argument("--services", default=",".join(SERVICES),
+                    help="comma-separated services to run (default all six; control-store is required), e.g. "
+                         "control-store,object-store,task-scheduler for tasks and actors alone")
     up.add_argument("--auth", action="store_true",
                     help="require credentials: a random gRPC token and NATS/Redis passwords in <run_dir>/secrets")
     st = sub.add_parser("status", help="processes, addresses and health")
@@ -323,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--nodes must be between 1 and 16")
     if args.command == "up" and not 0 <= args.gpus_per_node <= 64:
         ap.error("--gpus-per-node must be between 0 and 64")
+    if args.command == "up":
+        try:
+            args.services = parse_services(args.services)
+        except ValueError as e:
+            ap.error(f"--services: {e}")
     try:
         settings = Settings()
     except Exception as e:

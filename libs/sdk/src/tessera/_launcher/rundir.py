@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tessera.client._discovery import CLUSTER_FILE
-from tessera.common import auth
-from tessera.common.config import SERVICES
+from tessera.common import names  # not auth.py: the supervisor imports neither gRPC nor pydantic
+from tessera.common.names import CLUSTER_FILE, SERVICES
 
 
 def module_of(service: str) -> str:
@@ -92,7 +91,7 @@ class RunDir:
         self.pid_file = path / "supervisor.pid"
         self.logs = path / "logs"
         self.data = path / "data"
-        self.secrets = path / auth.SECRETS_DIR
+        self.secrets = path / names.SECRETS_DIR
 
     def prepare(self) -> None:
         for d in (self.path, self.logs, self.data):
@@ -147,7 +146,7 @@ class RunDir:
 
     def generate_secrets(self) -> None:
         """A fresh random token and NATS and Redis passwords."""
-        for name in (auth.TOKEN_FILE, auth.NATS_PASSWORD_FILE, auth.REDIS_PASSWORD_FILE):
+        for name in (names.TOKEN_FILE, names.NATS_PASSWORD_FILE, names.REDIS_PASSWORD_FILE):
             self.write_secret(name, secrets.token_urlsafe(32) + "\n")
 
     def secret_file(self, name: str) -> Path:

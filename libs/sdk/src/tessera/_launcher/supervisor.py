@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
-from tessera.common import auth, procs
+from tessera.common import names, procs  # not auth.py: the supervisor imports neither gRPC nor pydantic
 
 log = logging.getLogger("tessera.supervisor")
 
@@ -87,14 +87,14 @@ class Supervisor:
         env.pop("TESSERA_ADVERTISE_HOST", None)
         if self.cluster.auth:  # paths of the secrets, never the secrets (a child's environment is readable)
             env.pop("TESSERA_AUTH_TOKEN", None)
-            env.update(TESSERA_AUTH_TOKEN_FILE=str(self.run.secret_file(auth.TOKEN_FILE)))
+            env.update(TESSERA_AUTH_TOKEN_FILE=str(self.run.secret_file(names.TOKEN_FILE)))
             if any(q.kind == "nats" for q in self.cluster.procs):  # ours; a given NATS keeps the given credentials
                 env.pop("TESSERA_NATS_PASSWORD", None)
-                env.update(TESSERA_NATS_USER=auth.NATS_USER,
-                           TESSERA_NATS_PASSWORD_FILE=str(self.run.secret_file(auth.NATS_PASSWORD_FILE)))
+                env.update(TESSERA_NATS_USER=names.NATS_USER,
+                           TESSERA_NATS_PASSWORD_FILE=str(self.run.secret_file(names.NATS_PASSWORD_FILE)))
             if any(q.kind == "redis" for q in self.cluster.procs):
                 env.pop("TESSERA_REDIS_PASSWORD", None)
-                env.update(TESSERA_REDIS_PASSWORD_FILE=str(self.run.secret_file(auth.REDIS_PASSWORD_FILE)))
+                env.update(TESSERA_REDIS_PASSWORD_FILE=str(self.run.secret_file(names.REDIS_PASSWORD_FILE)))
         if p.node_id:
             env["TESSERA_NODE_ID"] = p.node_id
             env["TESSERA_OBJECT_STORE_SPILL_DIR"] = str(self.run.data / "spill")
@@ -104,15 +104,15 @@ class Supervisor:
         """With --auth: a configuration file (0600) whose authorization block admits only Tessera's user."""
         if not self.cluster.auth:
             return None
-        password = self.run.read_secret(auth.NATS_PASSWORD_FILE)
-        text = f'authorization {{\n  users = [\n    {{ user: "{auth.NATS_USER}", password: "{password}" }}\n  ]\n}}\n'
+        password = self.run.read_secret(names.NATS_PASSWORD_FILE)
+        text = f'authorization {{\n  users = [\n    {{ user: "{names.NATS_USER}", password: "{password}" }}\n  ]\n}}\n'
         return self.run.write_secret("nats.conf", text)
 
     def _redis_config(self) -> Path | None:
         """With --auth: a configuration file (0600) with ``requirepass``, read before the command-line options."""
         if not self.cluster.auth:
             return None
-        return self.run.write_secret("redis.conf", f"requirepass {self.run.read_secret(auth.REDIS_PASSWORD_FILE)}\n")
+        return self.run.write_secret("redis.conf", f"requirepass {self.run.read_secret(names.REDIS_PASSWORD_FILE)}\n")
 
     def start(self, p: Proc) -> None:
         cmd, env = self.command(p)

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.common.config import Settings
-
-CLUSTER_FILE = "cluster.json"
+from tessera.common.names import CLUSTER_FILE as CLUSTER_FILE
 
 
 class ClusterNotFoundError(ConnectionError):

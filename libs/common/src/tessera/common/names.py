@@ -1,0 +1,28 @@
+"""Names shared by the launcher, the services and the clients, in a module that imports nothing.
+
+The supervisor that ``tessera up`` leaves running needs only these and
+:mod:`tessera.common.procs`, so it stays a small process.
+"""
+
+from __future__ import annotations
+
+#: The six services, by their canonical (dashed) names.
+SERVICES: tuple[str, ...] = (
+    "control-store",
+    "object-store",
+    "task-scheduler",
+    "compiler",
+    "gpu-scheduler",
+    "serving",
+)
+
+#: The file in the run directory where ``tessera up`` writes what it started and where.
+CLUSTER_FILE = "cluster.json"
+
+#: Where ``tessera up --auth`` keeps its secrets, inside the run directory (mode 0700, files 0600).
+SECRETS_DIR = "secrets"
+TOKEN_FILE = "auth_token"
+NATS_PASSWORD_FILE = "nats_password"
+REDIS_PASSWORD_FILE = "redis_password"
+#: The NATS user ``tessera up --auth`` creates.
+NATS_USER = "tessera"
