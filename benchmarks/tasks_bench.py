@@ -5,7 +5,10 @@
 Tessera: ``tessera up`` (one node, 2 CPUs) in a temporary run directory; cold
 start is ``tessera up`` plus ``tessera.init()`` to the first task's result. Idle
 memory is the proportional set size (PSS) of every process of the stack (NATS,
-Redis, the six services, the node agent's workers) after a few idle seconds.
+Redis, the supervisor, the six services, the node agent's workers), each counted
+once, after a few idle seconds. The last two rows measure cold start and idle
+memory again on ``tessera up --services control-store,object-store,task-scheduler``
+(only what tasks and actors need); the rows above are the full stack.
 Ray: benchmarks/peers/ray_tasks.py with Ray's own venv (.venv-ray), run after
 Tessera is down; ``ray.init(num_cpus=2)`` to the first result, and the PSS of
 every Ray process. Both run the same workload (``run`` in that file).
@@ -51,30 +54,36 @@ def _workload() -> Any:
 def _tree(pids: list[int]) -> list[int]:
     """``pids`` and all their descendants, each once (a service is both listed and the supervisor's child)."""
     children: dict[int, list[int]] = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+                ppid = int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(p))
+            children.setdefault(ppid, []).append(int(name))
     out: dict[int, None] = {}
     todo = list(pids)
     while todo:
-        p = todo.pop()
-        if p not in out:
-            out[p] = None
-            todo += children.get(p, [])
+        pid = todo.pop()
+        if pid not in out:
+            out[pid] = None
+            todo += children.get(pid, [])
     return list(out)
 
 
-def tessera_side(n: int, work: Any) -> dict[str, Any]:
+#: ``tessera up --services`` of the second, smaller stack measured: only what tasks and actors need.
+TASK_SERVICES = "control-store,object-store,task-scheduler"
+
+
+def tessera_side(n: int, work: Any, services: str | None = None) -> dict[str, Any]:
+    """Cold start, idle memory and (with ``n``) the workload on ``tessera up`` (``--services services`` if given)."""
     run_dir = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
     env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_NUM_CPUS="2")
     os.environ.update(TESSERA_RUN_DIR=str(run_dir))
     t = time.perf_counter()
-    up = subprocess.run([str(BIN / "tessera"), "up"], env=env, capture_output=True, text=True, timeout=300)
+    up = subprocess.run([str(BIN / "tessera"), "up", *(["--services", services] if services else [])], env=env,
+                        capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         raise SystemExit(f"tessera up failed:\n{up.stdout}\n{up.stderr}")
     import tessera
@@ -93,7 +102,7 @@ def tessera_side(n: int, work: Any) -> dict[str, Any]:
         pids = _tree([cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])])
         idle = work.pss_mib(pids)
         arena = work.mapped_pss_mib(pids, ".arena")  # the object store's shared memory (pages touched so far)
-        res = work.run(tessera, n)
+        res = work.run(tessera, n) if n else {}
         res.update(cold_start_s=cold, idle_memory_mib=idle, idle_processes=len(pids),
                    idle_memory_without_arena_mib=idle - arena, arena_mib=arena)
         return res
@@ -126,6 +135,8 @@ ROWS = [
     ("cold start to first result (s)", ("cold_start_s",), False),
     ("idle memory of the stack (MiB PSS)", ("idle_memory_mib",), False),
     ("  ... without the object arena's pages", ("idle_memory_without_arena_mib",), False),
+    ("cold start, task services only (s)", ("task_services", "cold_start_s"), False),
+    ("idle memory, task services only (MiB PSS)", ("task_services", "idle_memory_mib"), False),
 ]
 
 
@@ -146,13 +157,14 @@ def main() -> None:
     work = _workload()
     n = 2000 if args.quick else 10000
     ours = tessera_side(n, work)
+    ours["task_services"] = tessera_side(0, work, TASK_SERVICES)
     theirs = None if args.no_ray else ray_side(args.quick)
     print(f"{'row':48} {'Tessera':>10} {'Ray 2.60':>10} {'ratio':>7}  better")
     rows = []
     for label, path, higher in ROWS:
         a, b = _get(ours, path), _get(theirs, path)
-        if path == ("idle_memory_without_arena_mib",):
-            b = _get(theirs, ("idle_memory_mib",))  # Ray's object store is not touched up front
+        if path[0] in ("idle_memory_without_arena_mib", "task_services"):
+            b = _get(theirs, path[-1:])  # Ray's object store is not touched up front; Ray starts what it starts
         ratio = a / b if a is not None and b else None
         rows.append({"row": label, "tessera": a, "ray": b, "ratio": ratio, "higher_is_better": higher})
         fa = f"{a:10.2f}" if a is not None else f"{'-':>10}"

@@ -38,13 +38,13 @@ def pss_mib(pids: list[int]) -> float:
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (not ``pid`` itself), each once."""
     children: dict[int, list[int]] = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+                ppid = int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(p))
+            children.setdefault(ppid, []).append(int(name))
     out: dict[int, None] = {}
     todo = list(children.get(pid, []))
     while todo:
