@@ -163,8 +163,10 @@ def main() -> None:
     rows = []
     for label, path, higher in ROWS:
         a, b = _get(ours, path), _get(theirs, path)
-        if path[0] in ("idle_memory_without_arena_mib", "task_services"):
-            b = _get(theirs, path[-1:])  # Ray's object store is not touched up front; Ray starts what it starts
+        if path == ("idle_memory_without_arena_mib",):
+            b = _get(theirs, ("idle_memory_mib",))  # Ray's object store is not touched up front
+        elif path[0] == "task_services":
+            b = _get(theirs, path[1:])  # Ray starts what it starts
         ratio = a / b if a is not None and b else None
         rows.append({"row": label, "tessera": a, "ray": b, "ratio": ratio, "higher_is_better": higher})
         fa = f"{a:10.2f}" if a is not None else f"{'-':>10}"
