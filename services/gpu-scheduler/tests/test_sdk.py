@@ -128,3 +128,43 @@ def test_named_pipe_channel_and_resize_at_a_boundary(tmp_path: Path) -> None:
         if p.poll() is None:
             p.kill()
         os.close(ctl_fd)
+
+
+def test_a_migration_target_started_ahead_waits_for_the_checkpoint_and_ends_identical(tmp_path: Path) -> None:
+    from tessera.gpu_scheduler.examples import train
+
+    ref = tmp_path / "ref.pt"
+    train("60", "7", str(ref))
+    out = tmp_path / "out.pt"
+    src, r1 = _spawn(tmp_path / "src", out, steps=60, sleep_s=0.01)
+    # the target starts while the source runs: it builds its model, then waits, making no progress
+    dst, r2 = _spawn(tmp_path / "dst", out, steps=60, extra_env={"TESSERA_GPU_AWAIT_RESTORE": "1"})
+    dst_events = _events(r2)
+    assert next(dst_events)["event"] == "waiting"
+    src_events = _events(r1)
+    assert src.stdin is not None and dst.stdin is not None
+    next(e for e in src_events if e["event"] == "progress" and e["step"] >= 5)
+    src.stdin.write(b"stop\n")
+    src.stdin.flush()
+    ev = next(e for e in src_events if e["event"] == "suspended")
+    assert src.wait(60) == EXIT_STOPPED
+    assert dst.poll() is None  # still waiting: nothing came while the source checkpointed
+    dst.stdin.write(f"restore {ev['path']}\n".encode())
+    dst.stdin.flush()
+    evs = list(dst_events)
+    assert dst.wait(60) == 0
+    assert evs[0]["event"] == "restored" and evs[0]["step"] == ev["step"]
+    assert int(Path(f"{out}.start").read_text()) == ev["step"]
+    a, b = torch.load(ref), torch.load(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_waiting_migration_target_that_is_stopped_ends_without_training(tmp_path: Path) -> None:
+    p, r = _spawn(tmp_path, tmp_path / "out.pt", steps=60, extra_env={"TESSERA_GPU_AWAIT_RESTORE": "1"})
+    events = _events(r)
+    assert next(events)["event"] == "waiting"
+    assert p.stdin is not None
+    p.stdin.write(b"resize 1\nstop\n")
+    p.stdin.flush()
+    assert [e["event"] for e in events] == ["stopped"]
+    assert p.wait(60) == EXIT_STOPPED and not (tmp_path / "out.pt").exists()

@@ -13,6 +13,11 @@ a requeue) it exits with :data:`EXIT_STOPPED` and the agent hands the checkpoint
 on ``resize 0,1,2,3`` (grow-shrink) :attr:`Job.slots` and :attr:`Job.gpus` change there,
 and the training loop adapts (e.g. its data-parallel width) from the next mini-batch.
 
+A migration's target starts before the source has stopped (``TESSERA_GPU_AWAIT_RESTORE=1``):
+the job builds its model and optimizer, then waits in :meth:`Job.restore` (or, if it never
+calls it, at its first boundary) for ``restore PATH`` (``restore`` alone: nothing to restore),
+sent once the source's checkpoint is in the object store; ``stop`` there ends it.
+
 Outside an agent the same code runs standalone: :meth:`Job.step` only counts.
 """
 
@@ -84,6 +89,8 @@ class Job:
         if self._report_fd < 0 and e.get("TESSERA_GPU_REPORT_PATH"):
             self._report_fd = os.open(e["TESSERA_GPU_REPORT_PATH"], os.O_WRONLY)
         self._ctl_path = e.get("TESSERA_GPU_CTL_PATH", "")
+        # a migration's target: the checkpoint to restore comes later, as an instruction
+        self.awaiting_restore = e.get("TESSERA_GPU_AWAIT_RESTORE") == "1" and self._report_fd >= 0
         self.resizes = 0  # times the job's GPUs changed (grow-shrink)
         self._cmd = threading.Condition()
         self._pending: list[str] = []
@@ -114,7 +121,7 @@ class Job:
         """Queue an instruction (``suspend``, ``resume``, ``stop``, ``checkpoint``, ``resize 0,1``); acted on at
         the next boundary."""
         verb, _, arg = word.partition(" ")
-        if verb not in ("suspend", "resume", "stop", "checkpoint", "resize"):
+        if verb not in ("suspend", "resume", "stop", "checkpoint", "resize", "restore"):
             raise ValueError(f"unknown instruction {word!r}")
         if verb == "resize" and not (arg and all(s.strip().isdigit() for s in arg.split(","))):
             raise ValueError(f"resize needs GPU slots, e.g. 'resize 0,1', got {word!r}")
@@ -125,6 +132,23 @@ class Job:
     def _take(self) -> str | None:
         with self._cmd:
             return self._pending.pop(0) if self._pending else None
+
+    def _await_restore(self) -> None:
+        """A migration's target, built and ready: wait for the checkpoint to restore (or a stop). Other
+        instructions that come meanwhile stay queued for the boundaries that follow."""
+        self.report("waiting")
+        with self._cmd:
+            while True:
+                word = next((w for w in self._pending if w == "stop" or w.split(" ", 1)[0] == "restore"), None)
+                if word is not None:
+                    self._pending.remove(word)
+                    break
+                self._cmd.wait()
+        self.awaiting_restore = False
+        if word == "stop":  # the migration was called off before it handed over: nothing of this process to keep
+            self.report("stopped", path="")
+            self._exit(EXIT_STOPPED)
+        self.restore_path = word.partition(" ")[2]
 
     def _wait(self) -> str:
         with self._cmd:
@@ -178,6 +202,8 @@ class Job:
 
     def restore(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (``path``, else the one the agent handed over); returns the step to go on from."""
+        if self.awaiting_restore and path is None:
+            self._await_restore()
         src = path or self.restore_path
         if not src:
             return self.step_count
@@ -216,6 +242,8 @@ class Job:
 
         Returns the number of mini-batches done.
         """
+        if self.awaiting_restore:  # a migration's target that does not restore: it starts once the source stopped
+            self._await_restore()
         now = time.perf_counter()
         dt = now - self._last_boundary
         self._mb_ema = dt if self._mb_ema == 0 else 0.8 * self._mb_ema + 0.2 * dt
@@ -259,18 +287,24 @@ class Job:
             word = self._wait()
         if word == "stop":
             self.report("stopped", path=str(path))
-            sys.stdout.flush()
-            for hook in _exit_hooks:
-                hook()
-            os._exit(EXIT_STOPPED)
+            self._exit(EXIT_STOPPED)
         t1 = time.perf_counter()
         self._offload(device)
         self.restore_in_place(path)
         self.resume_s.append(time.perf_counter() - t1)
         self.report("resumed", load_s=self.resume_s[-1])
 
+    @staticmethod
+    def _exit(code: int) -> None:
+        sys.stdout.flush()
+        for hook in _exit_hooks:
+            hook()
+        os._exit(code)
+
     def finish(self, **metrics: float) -> None:
         """The job is done: report the final metrics."""
+        if self.awaiting_restore:
+            self._await_restore()
         self.metrics.update({k: float(v) for k, v in metrics.items()})
         self.report("finished", metrics=self.metrics, minibatch_s=self._mb_ema)
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # tessera.gpu._job.EXIT_STOPPED
 JOB_SERVICE_NAME = "gpu-job"  # the service.name of a job's spans
+TRANSFER_TIMEOUT_S = 120.0  # the most a checkpoint's upload or fetch may take
 
 Upload = Callable[[Path], Awaitable[bytes]]
 Fetch = Callable[[bytes, Path], Awaitable[None]]
@@ -77,7 +78,7 @@ class _Proc:
     job_id: str
     slots: list[int]
     run: Execution | None = None
-    state: str = "starting"  # starting | running | suspended | exited
+    state: str = "starting"  # starting | waiting (for its checkpoint) | running | suspended | exited
     rc: int | None = None
     step: int = 0
     minibatch_s: float = 0.0
@@ -89,8 +90,10 @@ class _Proc:
     resume_s: float = 0.0
     message: str = ""
     progressed: bool = False  # a mini-batch done since this process started
+    uploading: bool = False  # a checkpoint's upload is under way
     started: float = field(default_factory=time.time)
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # its report reader and exit waiter
+    side: list[asyncio.Task[Any]] = field(default_factory=list)  # a checkpoint handed over, a kill's escalation
 
     def view(self) -> dict[str, Any]:
         return {"state": self.state, "rc": self.rc, "step": self.step, "minibatch_s": self.minibatch_s,
@@ -136,9 +139,13 @@ class NodeAgent:
         op = cmd.get("op")
         job_id = str(cmd.get("job_id", ""))
         if op == "start":
-            await self.start(job_id, cmd.get("spec", {}), list(cmd.get("slots", [])), str(cmd.get("checkpoint_oid", "")))
+            await self.start(job_id, cmd.get("spec", {}), list(cmd.get("slots", [])), str(cmd.get("checkpoint_oid", "")),
+                             await_checkpoint=bool(cmd.get("await_checkpoint")))
+        elif op == "restore":
+            self.restore(job_id, str(cmd.get("checkpoint_oid", "")))
         elif op in ("suspend", "resume", "stop", "checkpoint"):
             self.instruct(job_id, op)
+            self._mark(job_id, op)
             log.info("job %s: %s", job_id, op)
         elif op == "resize":
             self.resize(job_id, list(cmd.get("slots", [])))
@@ -150,7 +157,15 @@ class NodeAgent:
             raise InvalidArgumentError(f"unknown agent op {op!r}")
         return {"ok": True, "incarnation": self.incarnation}
 
-    async def start(self, job_id: str, spec: dict[str, Any], slots: list[int], checkpoint_oid: str) -> None:
+    async def start(self, job_id: str, spec: dict[str, Any], slots: list[int], checkpoint_oid: str, *,
+                    await_checkpoint: bool = False) -> None:
+        """Start ``job_id`` on ``slots``, restored from ``checkpoint_oid`` if given.
+
+        ``await_checkpoint`` (a migration's target, started while the source still runs): the job process
+        starts now, builds its model and waits in ``job.restore()`` until :meth:`restore` hands it the
+        checkpoint the source is about to write, so that its start-up overlaps the source's checkpoint.
+        """
+        self._mark(job_id, "start")
         old = self.jobs.get(job_id)
         if old is not None and old.state != "exited":
             raise FailedPreconditionError(f"job {job_id} already runs on node {self.node_id[:8]}")
@@ -177,14 +192,18 @@ class NodeAgent:
             visible = range(self.gpus.count) if spec.get("elastic") else slots
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
         env.pop("TESSERA_GPU_RESTORE", None)
+        env.pop("TESSERA_GPU_AWAIT_RESTORE", None)
+        if await_checkpoint:
+            env["TESSERA_GPU_AWAIT_RESTORE"] = "1"
         try:
             if checkpoint_oid:
                 if self.fetch is None:
                     raise FailedPreconditionError("this node has no object store to fetch checkpoints from")
                 path = self.ckpt_dir / f"{job_id}-restore.ckpt"
                 t0 = time.perf_counter()
-                await self.fetch(bytes.fromhex(checkpoint_oid), path)
+                await asyncio.wait_for(self.fetch(bytes.fromhex(checkpoint_oid), path), TRANSFER_TIMEOUT_S)
                 log.info("job %s: checkpoint %s fetched in %.3fs", job_id, checkpoint_oid[:12], time.perf_counter() - t0)
+                self._mark(job_id, "fetched")
                 env["TESSERA_GPU_RESTORE"] = str(path)
                 p.ckpt_oid = checkpoint_oid
             if spec.get("image"):
@@ -205,7 +224,8 @@ class NodeAgent:
             p.state, p.rc, p.message = "exited", 1, f"could not start: {e}"
             log.warning("job %s could not start: %s", job_id, e)
             return
-        p.state = "running"
+        self._mark(job_id, "process")
+        p.state = "waiting" if await_checkpoint else "running"
         p.tasks = [asyncio.create_task(self._read_reports(p, p.run.report_fd)), asyncio.create_task(self._wait(p))]
         log.info("job %s started on slots %s (%s)", job_id, slots, p.run.ident)
 
@@ -221,6 +241,46 @@ class NodeAgent:
         return await docker.launch(job_id, str(spec["image"]), [str(a) for a in spec.get("args", [])], env,
                                          slots=slots, real_gpus=self.gpus.kind == "nvml", work_dir=self.work_dir,
                                          mounts=[self.ckpt_dir], log_path=self.log_dir / f"{job_id}.log")
+
+    def restore(self, job_id: str, checkpoint_oid: str) -> None:
+        """Hand a job started with ``await_checkpoint`` its checkpoint (``""``: none, it starts from scratch).
+
+        The fetch runs in the background (the command is answered at once); a job whose checkpoint cannot be
+        fetched is ended, with the reason as its message.
+        """
+        p = self.jobs.get(job_id)
+        if p is None or p.run is None or p.state == "exited":
+            raise NotFoundError(f"job {job_id} does not run on node {self.node_id[:8]}")
+        if p.state != "waiting":
+            raise FailedPreconditionError(f"job {job_id} is {p.state}, not waiting for a checkpoint")
+        if checkpoint_oid and self.fetch is None:
+            raise FailedPreconditionError("this node has no object store to fetch checkpoints from")
+        p.state = "running"
+        p.side.append(asyncio.create_task(self._hand_checkpoint(p, checkpoint_oid)))
+
+    async def _hand_checkpoint(self, p: _Proc, checkpoint_oid: str) -> None:
+        assert p.run is not None
+        path = ""
+        if checkpoint_oid:
+            assert self.fetch is not None
+            dest = self.ckpt_dir / f"{p.job_id}-restore.ckpt"
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(self.fetch(bytes.fromhex(checkpoint_oid), dest), TRANSFER_TIMEOUT_S)
+            except Exception as e:
+                p.message = f"could not fetch checkpoint {checkpoint_oid[:12]}: {e or type(e).__name__}"
+                log.warning("job %s: %s", p.job_id, p.message)
+                p.run.terminate()
+                return
+            log.info("job %s: checkpoint %s fetched in %.3fs", p.job_id, checkpoint_oid[:12], time.perf_counter() - t0)
+            self._mark(p.job_id, "fetched")
+            path, p.ckpt_oid = str(dest), checkpoint_oid
+        if p.run.returncode is None:
+            p.run.send(f"restore {path}".rstrip())
+
+    def _mark(self, job_id: str, event: str, t: float | None = None) -> None:
+        """One timestamp of a job's start or stop (the benchmark's breakdown of a migration reads them)."""
+        log.info("job %s timeline %s %.6f", job_id, event, time.time() if t is None else t)
 
     def _schedule_prewarm(self) -> None:
         if self.prewarm and self._warm is None and (self._warming is None or self._warming.done()):
@@ -259,8 +319,13 @@ class NodeAgent:
 
     async def _on_report(self, p: _Proc, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
+        t = float(ev.get("t", 0.0)) or None
         if kind in ("progress", "checkpoint", "finished"):
+            if not p.progressed:
+                self._mark(p.job_id, "first_step", t)
             p.progressed = True
+        if kind == "waiting":
+            self._mark(p.job_id, "waiting", t)
         p.step = int(ev.get("step", p.step))
         if "minibatch_s" in ev:
             p.minibatch_s = float(ev["minibatch_s"])
@@ -268,6 +333,9 @@ class NodeAgent:
             p.metrics = {k: float(v) for k, v in ev["metrics"].items()}
         if kind == "restored":
             log.info("job %s restored from its checkpoint in %.3fs", p.job_id, float(ev.get("load_s", 0.0)))
+            if t is not None:
+                self._mark(p.job_id, "restore_begin", t - float(ev.get("load_s", 0.0)))
+                self._mark(p.job_id, "restored", t)
         if kind == "resized":
             p.slots = [int(s) for s in ev.get("slots", p.slots)]
             log.info("job %s now on slots %s", p.job_id, p.slots)
@@ -277,29 +345,45 @@ class NodeAgent:
         if kind == "suspended":  # its GPUs are free now; the checkpoint's upload follows (ckpt_step tells when)
             p.state = "suspended"
             p.suspend_s = float(ev.get("save_s", 0.0))
+            if t is not None:
+                self._mark(p.job_id, "checkpoint_begin", t - p.suspend_s)
+                self._mark(p.job_id, "checkpointed", t)
         if kind in ("suspended", "checkpoint") and ev.get("path"):
             p.ckpt_path = str(ev["path"])
             if self.upload is not None:
+                p.uploading = True
                 try:
                     t0 = time.perf_counter()
-                    oid = await self.upload(Path(ev["path"]))
+                    oid = await asyncio.wait_for(self.upload(Path(ev["path"])), TRANSFER_TIMEOUT_S)
                     log.info("job %s: %s checkpoint of step %s uploaded in %.3fs", p.job_id, kind, ev.get("step"),
                              time.perf_counter() - t0)
                     p.ckpt_oid, p.ckpt_step = oid.hex(), int(ev.get("step", 0))
+                    if kind == "suspended":
+                        self._mark(p.job_id, "uploaded")
                 except Exception as e:  # the job goes on; its previous checkpoint stands
-                    log.warning("job %s: checkpoint upload failed: %s", p.job_id, e)
+                    log.warning("job %s: checkpoint upload failed: %s", p.job_id, e or type(e).__name__)
+                finally:
+                    p.uploading = False
 
     async def _wait(self, p: _Proc) -> None:
         assert p.run is not None
         rc = await p.run.wait()
-        await asyncio.sleep(0.05)  # let the last reports in
+        # the exit counts once its last reports are in, and the upload of the checkpoint a stopped job wrote
+        # has landed (or failed): the scheduler restarts a stopped job from the checkpoint its exit reports
         for t in p.tasks:
-            if t is not asyncio.current_task() and not t.done():
+            deadline = time.monotonic() + 2.0  # a child of the job holding the report pipe: no end-of-file
+            while t is not asyncio.current_task() and not t.done():
                 try:
-                    await asyncio.wait_for(asyncio.shield(t), 2.0)
-                except (TimeoutError, asyncio.CancelledError):
-                    t.cancel()
+                    await asyncio.wait_for(asyncio.shield(t), 0.1)
+                except TimeoutError:
+                    if time.monotonic() > deadline and not p.uploading:
+                        t.cancel()
+                except asyncio.CancelledError:
+                    break
+        for t in p.side:
+            t.cancel()
         p.rc, p.state = rc, "exited"
+        self._mark(p.job_id, "exited")
         log.info("job %s exited with %d", p.job_id, rc)
 
     def instruct(self, job_id: str, word: str) -> None:
@@ -316,12 +400,22 @@ class NodeAgent:
         self.instruct(job_id, "resize " + ",".join(map(str, slots)))
         log.info("job %s: resize to slots %s", job_id, slots)
 
-    async def kill(self, job_id: str) -> None:
+    async def kill(self, job_id: str, grace_s: float = 10.0) -> None:
+        """End a job: SIGTERM, and SIGKILL if it is still there after ``grace_s`` (its GPUs count as taken
+        until its process has exited)."""
         p = self.jobs.get(job_id)
-        if p is None:
+        if p is None or p.run is None or p.run.returncode is not None:
             return
-        if p.run is not None:
-            p.run.terminate()
+        p.run.terminate()
+        run = p.run
+
+        async def escalate() -> None:
+            await asyncio.sleep(grace_s)
+            if run.returncode is None:
+                log.warning("job %s did not end within %gs of SIGTERM: killed", job_id, grace_s)
+                run.kill()
+
+        p.side.append(asyncio.create_task(escalate()))
 
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)

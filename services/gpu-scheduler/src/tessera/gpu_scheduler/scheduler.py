@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 EXIT_STOPPED = 75
 S = pb.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_KILLED)
+LEAVING = ("suspending", "stopping", "migrating")  # phases of a job letting go of its GPUs
+HOLDING = ("starting", "waiting", "running")  # states of a job process (agents' reports) that hold its GPUs
 ENTRY_HELP = "MODULE:FUNCTION or path/to/file.py:FUNCTION"
 
 
@@ -81,6 +83,8 @@ class GpuScheduler:
         self.jobs: dict[str, pb.JobInfo] = {}
         self.pair_gains: dict[frozenset[str], float] = {}  # introspection: measured packing gains
         self.agents: dict[str, AgentState] = {}
+        # migrations' targets started ahead, until their agents report them: job -> (node, GPUs)
+        self._prestarted: dict[str, tuple[str, list[int]]] = {}
         self.loaded = False
 
     # ------------------------------------------------------------------ records
@@ -252,6 +256,8 @@ class GpuScheduler:
                 j = self.jobs.get(jid)
                 if rep["state"] == "exited" or (j is not None and j.node_id == node):
                     continue
+                if j is not None and j.phase == "migrating" and j.target_node_id == node:
+                    continue  # the target of its migration, started ahead, waiting for the checkpoint
                 slots = [int(s) for s in rep.get("slots", [])]
                 taken = any(o.node_id == node and set(o.gpu_slots) & set(slots) for o in self.jobs.values()
                             if o.job_id != jid and o.state in (S.JOB_STATE_RUNNING, S.JOB_STATE_SUSPENDED))
@@ -306,7 +312,9 @@ class GpuScheduler:
             await self._send(j.node_id, {"op": "forget", "job_id": j.job_id})
             if rc == 0:
                 await self._finish(j, S.JOB_STATE_SUCCEEDED, "finished", rc)
-            elif rc == EXIT_STOPPED and j.phase in ("stopping", "suspending"):
+            elif rc == EXIT_STOPPED and j.phase == "migrating" and await self._hand_over(j):
+                return
+            elif rc == EXIT_STOPPED and j.phase in ("stopping", "suspending", "migrating"):
                 await self._unpack(j)
                 j.state, j.phase, j.node_id, j.incarnation = S.JOB_STATE_QUEUED, "", "", ""
                 del j.gpu_slots[:]
@@ -355,7 +363,7 @@ class GpuScheduler:
                 continue
             # a job letting go of its GPUs is off them for the policy (its slots stay busy until it has let go);
             # one still starting or resuming is at the very beginning of its time slice
-            leaving = j.phase in ("suspending", "stopping")
+            leaving = j.phase in LEAVING
             running = j.state == S.JOB_STATE_RUNNING and not leaving
             run_started = self.clock() if j.phase in ("starting", "resuming") else j.run_started_at
             last_ran = self.clock() if leaving else (j.last_ran_at or None)
@@ -390,9 +398,22 @@ class GpuScheduler:
         self._measure_pairs()
         occupied: dict[tuple[str, int], str] = {}
         for j in self.jobs.values():
-            if j.state == S.JOB_STATE_RUNNING or j.phase in ("suspending", "stopping"):
+            if j.state == S.JOB_STATE_RUNNING or j.phase in LEAVING:
                 for s in j.gpu_slots:
                     occupied[(j.node_id, int(s))] = j.job_id
+        # GPUs stay taken until the process that held them has exited: a killed or stray job's, and those a
+        # migration's target holds while it waits for its checkpoint
+        for node, a in self.agents.items():
+            if self._alive(a):
+                for jid, rep in a.report["jobs"].items():
+                    if rep["state"] in HOLDING:
+                        for s in rep.get("slots", []):
+                            occupied.setdefault((node, int(s)), jid)
+        for jid in [k for k, o in self.jobs.items() if k in self._prestarted and o.phase != "migrating"]:
+            del self._prestarted[jid]
+        for jid, (node, gpu_ids) in self._prestarted.items():
+            for g in gpu_ids:
+                occupied.setdefault((node, g), jid)
         for act in plan_actions(views, decision):
             j = self.jobs[act.job_id]
             if act.job_id in busy or act.job_id in decision.stop:
@@ -402,18 +423,68 @@ class GpuScheduler:
                     j.phase = "suspending"
                     await self._save(j)
             elif act.kind == "migrate":
-                # a migration is a stop (checkpoint at the next boundary, upload, exit) whose restart happens
-                # on the target node from that checkpoint: one instruction, no suspended wait in between
-                if not j.target_node_id:
-                    j.target_node_id = act.slots[0][0]
-                if await self._send(j.node_id, {"op": "stop", "job_id": j.job_id}):
-                    j.phase = "stopping"
-                    j.migrations += 1
-                    await self._save(j)
+                await self._migrate(j, act.slots, occupied)
             elif act.kind == "start":
                 await self._start(j, act.slots, occupied, decision.placements)
             elif act.kind == "resize":
                 await self._resize(j, act.slots, occupied)
+
+    async def _migrate(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...],
+                       occupied: dict[tuple[str, int], str]) -> None:
+        """A migration: a stop on the source (checkpoint at the next boundary, upload, exit) and a restart on the
+        target from that checkpoint. Where the target's GPUs are free, the target process starts now, beside the
+        stop: it starts up (process, imports, model) while the source checkpoints, and waits for the checkpoint
+        (:meth:`_hand_over`). Otherwise it starts once the source has exited."""
+        target = slots[0][0]
+        if not j.target_node_id:
+            j.target_node_id = target
+        ahead = False
+        a = self.agents.get(target)
+        gpu_ids = [g for _, g in slots]
+        if j.target_node_id == target and all(n == target for n, _ in slots) and a is not None and self._alive(a) \
+                and all(occupied.get(s, j.job_id) == j.job_id for s in slots) and not j.spec.image:
+            ahead = await self._send(target, {**self._start_cmd(j, gpu_ids, ""), "await_checkpoint": True})
+        if not await self._send(j.node_id, {"op": "stop", "job_id": j.job_id}):
+            if ahead:
+                await self._send(target, {"op": "kill", "job_id": j.job_id})
+            return
+        j.phase = "migrating" if ahead else "stopping"
+        j.migrations += 1
+        if ahead:
+            self._prestarted[j.job_id] = (target, gpu_ids)
+            for s in slots:
+                occupied[s] = j.job_id
+        log.info("job %s: migration to node %s decided%s", j.job_id, target[:8], " (target started ahead)" if ahead else "")
+        await self._save(j)
+
+    async def _hand_over(self, j: pb.JobInfo) -> bool:
+        """The source of a migration has stopped: hand its checkpoint to the target process waiting for it.
+        False (nothing changed) when the target cannot take it; the job is then started afresh."""
+        node = j.target_node_id
+        self._prestarted.pop(j.job_id, None)
+        a = self.agents.get(node)
+        rep = a.report["jobs"].get(j.job_id) if a is not None and self._alive(a) else None
+        if rep is None or rep["state"] != "waiting" or not await self._send(
+                node, {"op": "restore", "job_id": j.job_id, "checkpoint_oid": j.checkpoint_object_id.hex()}):
+            log.warning("job %s: the target of its migration cannot take the checkpoint; started again", j.job_id)
+            if rep is not None and rep["state"] != "exited":
+                await self._send(node, {"op": "kill", "job_id": j.job_id})
+            return False
+        assert a is not None
+        await self._unpack(j)
+        j.node_id, j.target_node_id, j.phase = node, "", "starting"
+        j.incarnation = str(a.report["incarnation"])
+        del j.gpu_slots[:]
+        j.gpu_slots.extend(int(s) for s in rep["slots"])
+        j.step = j.checkpoint_step
+        j.run_started_at = self.clock()
+        await self._save(j, event=True)
+        return True
+
+    def _start_cmd(self, j: pb.JobInfo, gpu_ids: list[int], checkpoint_oid: str) -> dict[str, Any]:
+        return {"op": "start", "job_id": j.job_id, "slots": gpu_ids, "checkpoint_oid": checkpoint_oid,
+                "spec": {"entry_point": j.spec.entry_point, "image": j.spec.image, "args": list(j.spec.args),
+                         "env": dict(j.spec.env), "elastic": j.spec.elastic}}
 
     async def _resize(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...], occupied: dict[tuple[str, int], str]) -> None:
         """Grow or shrink ``j`` on its node (grow-shrink); its slots change when the job has taken the new ones."""
@@ -456,7 +527,7 @@ class GpuScheduler:
         node = slots[0][0]
         partners = {occupied[s] for s in slots if occupied.get(s, j.job_id) != j.job_id}
         packing = bool(partners) and placements is not None and all(
-            tuple(placements.get(p, ())) == tuple(slots) and self.jobs[p].state == S.JOB_STATE_RUNNING
+            p in self.jobs and tuple(placements.get(p, ())) == tuple(slots) and self.jobs[p].state == S.JOB_STATE_RUNNING
             and not self.jobs[p].phase for p in partners)
         if partners and not packing:
             return  # the previous holder has not let go yet: next tick
@@ -475,10 +546,7 @@ class GpuScheduler:
                 await self._save(j)
             return
         else:
-            cmd = {"op": "start", "job_id": j.job_id, "slots": gpu_ids, "checkpoint_oid": j.checkpoint_object_id.hex(),
-                   "spec": {"entry_point": j.spec.entry_point, "image": j.spec.image, "args": list(j.spec.args),
-                            "env": dict(j.spec.env), "elastic": j.spec.elastic}}
-            if not await self._send(node, cmd):
+            if not await self._send(node, self._start_cmd(j, gpu_ids, j.checkpoint_object_id.hex())):
                 return
             a = self.agents.get(node)
             j.incarnation = str(a.report["incarnation"]) if a else ""
