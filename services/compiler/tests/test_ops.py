@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -107,7 +108,7 @@ def test_micro_kernels_and_packed_panels(check: Any) -> None:
     cm = check(Fn(lambda m, x: torch.relu(m.mods[0](x)), nn.Conv2d(32, 32, 3, 1, 1)), [r(1, 32, 15, 14)])
     assert "ukr_" in cm.source
     cm = check(Fn(lambda m, x: m.mods[0](x), nn.Linear(96, 70)), [r(67, 96)])
-    assert "ukr_" in cm.source and "bpack" in cm.source
+    assert "ukr_" in cm.source and "bpack" not in cm.source  # a constant B: its panels are packed at build time
     cm = check(Fn(lambda m, a, b: torch.matmul(a, b), nn.Identity()), [r(2, 3, 80, 17), r(3, 17, 40)])  # broadcast batch
     assert "bpack" in cm.source
     check(Fn(lambda m, a, b: torch.bmm(a, b), nn.Identity()), [r(2, 64, 24), r(2, 24, 48)])
@@ -152,3 +153,29 @@ def test_torch_tensors_in_and_out(cache_dir: str) -> None:
     y = cm(x)
     assert isinstance(y, torch.Tensor)
     torch.testing.assert_close(y, torch.relu(x) * 3.0)
+
+
+def test_constant_weights_are_packed_once_at_build_time(check: Any) -> None:
+    """A linear layer's weight panels are laid out once in the weights blob; calls read them and pack nothing."""
+    from tessera.compiler.templates import pack_panels
+
+    lin = nn.Linear(200, 90)
+    cm = check(Fn(lambda m, x: torch.relu(m.mods[0](x)), lin), [r(70, 200)])
+    (call,) = cm.program.calls
+    ((pos, nr),) = call.func.prepacked.items()
+    assert "bpack" not in cm.source and "_bpack" not in str(call.func.body)
+    panels = pack_panels(lin.weight.detach().numpy().T.copy(), nr)
+    assert panels.shape == (-(-90 // nr), 200, nr) and not panels[-1, :, 90 % nr or nr:].any()
+    off = call.args[pos].index
+    assert call.args[pos].kind == "const"
+    np.testing.assert_array_equal(cm.program.weights[off:off + panels.size], panels.ravel())
+    before = cm.program.weights.copy()
+    for _ in range(2):  # the same packed buffer serves every call, unchanged
+        x = r(70, 200)
+        with torch.no_grad():
+            np.testing.assert_allclose(cm(x.numpy()), torch.relu(lin(x)).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(cm.program.weights, before)
+    assert cm.module.weights is cm.program.weights  # type: ignore[attr-defined]
+    # a B that is not a constant is still packed by the kernel, on every call
+    cm = check(Fn(lambda m, a, b: a @ b, nn.Identity()), [r(70, 200), r(200, 90)])
+    assert "bpack" in cm.source and not cm.program.calls[0].func.prepacked

@@ -4,6 +4,7 @@ weights blob). Backends render programs; nothing here is specific to C."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from tessera.compiler import te, topi
 from tessera.compiler.ir import Graph, Node, Op
 from tessera.compiler.lower import LoweredFunc, lower
 from tessera.compiler.te import Tensor
-from tessera.compiler.templates import schedule_group
+from tessera.compiler.templates import pack_panels, schedule_group
 
 
 @dataclass
@@ -59,8 +60,9 @@ def _flops(body: Graph) -> float:
     return total
 
 
-def kernel_for(node: Node, name: str, knobs: dict[str, Any] | None = None) -> LoweredFunc:
-    """Tensor expressions for a FUSED node's body, its default schedule, lowered."""
+def kernel_for(node: Node, name: str, knobs: dict[str, Any] | None = None, consts: Collection[int] = ()) -> LoweredFunc:
+    """Tensor expressions for a FUSED node's body, its default schedule, lowered. ``consts``: positions of
+    the inputs that are constants (the kernel may take one re-laid, as ``LoweredFunc.prepacked`` says)."""
     body: Graph = node.attrs["body"]
     tensors: dict[int, Tensor] = {}
     params: list[Tensor] = []
@@ -72,38 +74,49 @@ def kernel_for(node: Node, name: str, knobs: dict[str, Any] | None = None) -> Lo
             t = topi.compute_node(n, [tensors[j] for j in n.inputs], f"{name}_{i}")
         tensors[i] = t
     out = tensors[body.outputs[0]]
-    sch = schedule_group(out, knobs)
-    return lower(sch, params, [out], name)
+    sch = schedule_group(out, knobs, {params[i].uid for i in consts if i < len(params)})
+    prepacked: dict[int, int] = {}
+    for i, t in enumerate(params):
+        if t.uid in sch.prepacked:
+            params[i], prepacked[i] = sch.prepacked[t.uid]
+    f = lower(sch, params, [out], name)
+    f.prepacked = prepacked
+    return f
 
 
 def build_program(graph: Graph, knobs: dict[int, dict[str, Any]] | None = None) -> Program:
     """One call per FUSED node, in order, with arguments placed by the memory plan."""
     storage = graph.meta["storage"]
-    consts: dict[str, int] = {}
+    consts: dict[tuple[str, int], int] = {}
     blobs: list[np.ndarray] = []
     woff = 0
 
-    def arg(j: int) -> Arg:
+    def arg(j: int, panels: int = 0) -> Arg:
+        """Where node ``j``'s value lives; a constant taken as B panels ``panels`` wide is packed here, once."""
         nonlocal woff
         kind, where = storage[j]
         if kind == "const":
-            if where not in consts:
-                a = np.ascontiguousarray(graph.consts[where], dtype=np.float32).ravel()
-                consts[where] = woff
+            key = (where, panels)
+            if key not in consts:
+                a = np.ascontiguousarray(graph.consts[where], dtype=np.float32)
+                a = (pack_panels(a, panels) if panels else a).ravel()
+                consts[key] = woff
                 blobs.append(a)
                 pad = -a.size % 16
                 if pad:
                     blobs.append(np.zeros(pad, np.float32))
                 woff += a.size + pad
-            return Arg("const", consts[where])
+            return Arg("const", consts[key])
         return Arg(kind, int(where))
 
     calls: list[Call] = []
     for i, n in enumerate(graph.nodes):
         if n.op is not Op.FUSED:
             continue
-        f = kernel_for(n, f"k{len(calls)}", (knobs or {}).get(i))
-        calls.append(Call(f, [*(arg(j) for j in n.inputs), arg(i)], n.attrs["label"], _flops(n.attrs["body"]), i))
+        const_in = [p for p, j in enumerate(n.inputs) if storage[j][0] == "const"]
+        f = kernel_for(n, f"k{len(calls)}", (knobs or {}).get(i), const_in)
+        args = [arg(j, f.prepacked.get(p, 0)) for p, j in enumerate(n.inputs)]
+        calls.append(Call(f, [*args, arg(i)], n.attrs["label"], _flops(n.attrs["body"]), i))
     arena = int(graph.meta["arena_size"])
     ws = max((c.func.workspace for c in calls), default=0)
     weights = np.concatenate(blobs) if blobs else np.zeros(16, np.float32)

@@ -106,6 +106,7 @@ class LoweredFunc:
     body: Stmt
     workspace: int = 0  # float32 elements of scratch the kernel needs
     stats: dict[str, float] = field(default_factory=dict)
+    prepacked: dict[int, int] = field(default_factory=dict)  # input position -> panel width: that constant comes as B panels
 
 
 def _strides(shape: Sequence[int]) -> list[int]:

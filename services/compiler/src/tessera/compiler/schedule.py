@@ -226,6 +226,9 @@ class Schedule:
         self.outputs = list(outputs)
         self.stages: list[Stage] = [Stage(t) for t in te.post_order(self.outputs) if not t.is_placeholder]
         self._by_tensor: dict[int, Stage] = {s.tensor.uid: s for s in self.stages}
+        # placeholder uid -> (the placeholder read in its place, panel width): a constant input whose
+        # B panels the kernel reads ready-made, packed once when the program's weights are laid out
+        self.prepacked: dict[int, tuple[Tensor, int]] = {}
 
     def __getitem__(self, t: Tensor) -> Stage:
         try:

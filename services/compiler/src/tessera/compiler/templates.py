@@ -8,8 +8,10 @@ loop for everything injective.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
+
+import numpy as np
 
 from tessera.compiler import te
 from tessera.compiler.schedule import Schedule, Stage
@@ -27,12 +29,20 @@ def choose(n: int, prefs: Sequence[int]) -> int:
     return min(n, max(p for p in prefs if p <= max(n, 1)) if any(p <= n for p in prefs) else n)
 
 
-def schedule_group(out: Tensor, knobs: dict[str, Any] | None = None) -> Schedule:
+def schedule_group(out: Tensor, knobs: dict[str, Any] | None = None, consts: Collection[int] = ()) -> Schedule:
+    """The default schedule of a fused group (``knobs`` override its choices). ``consts``: uids of the
+    placeholders bound to constants; a matmul whose B is one of them reads panels packed once, at build
+    time, instead of packing them on every call (``Schedule.prepacked``)."""
     knobs = knobs or {}
     mm = next((t for t in te.post_order([out]) if t.tag == "matmul"), None)
+    prepacked: dict[int, tuple[Tensor, int]] = {}
     if mm is not None and mm.shape == out.shape and knobs.get("mm_pack", _pack_default(mm)):
-        _pack_b(mm, int(knobs.get("mm_cols") or _mm_cols(mm.shape[-1])))
+        nr = int(knobs.get("mm_cols") or _mm_cols(mm.shape[-1]))
+        b = _pack_b(mm, nr, _readers(out), consts)
+        if b is not None:
+            prepacked[b[0].uid] = (b[1], nr)
     s = Schedule([out])
+    s.prepacked = prepacked
     for st in s.stages:
         if st.tensor is out:
             continue
@@ -121,17 +131,51 @@ def _pack_default(mm: Tensor) -> int:
     return int(mm.shape[-2] >= 64 and mm.shape[-1] >= vector_lanes())
 
 
-def _pack_b(mm: Tensor, nr: int) -> None:
-    """Read B of ``mm`` (``A[.., i, k] * B[.., k, j]``) from panels ``Bp[.., j // nr, k, j % nr]``, packed by a
-    stage of its own (zeros past N): the columns of a register tile are one contiguous run per k."""
+def pack_panels(b: np.ndarray, nr: int) -> np.ndarray:
+    """``B[.., k, n]`` as the panels ``Bp[.., n // nr, k, n % nr]`` (zeros past N) that :func:`_pack_b` reads."""
+    *bshape, kdim, n = b.shape
+    cols = -(-n // nr) * nr
+    padded = np.zeros((*bshape, kdim, cols), np.float32)
+    padded[..., :n] = b
+    return np.ascontiguousarray(padded.reshape(*bshape, kdim, cols // nr, nr).swapaxes(-3, -2))
+
+
+def _readers(out: Tensor) -> dict[int, int]:
+    """How many of the group's tensors read each tensor (uid -> count)."""
+    readers: dict[int, int] = {}
+    for t in te.post_order([out]):
+        if t.body is None:
+            continue
+        seen: set[int] = set()
+        stack: list[te.Expr] = [t.body]
+        while stack:
+            e = stack.pop()
+            if isinstance(e, te.Load) and e.tensor.uid not in seen:
+                seen.add(e.tensor.uid)
+                readers[e.tensor.uid] = readers.get(e.tensor.uid, 0) + 1
+            stack.extend(te.children(e))
+    return readers
+
+
+def _pack_b(mm: Tensor, nr: int, readers: dict[int, int] | None = None,
+            consts: Collection[int] = ()) -> tuple[Tensor, Tensor] | None:
+    """Read B of ``mm`` (``A[.., i, k] * B[.., k, j]``) from panels ``Bp[.., j // nr, k, j % nr]`` (zeros past
+    N): the columns of a register tile are one contiguous run per k. A B that is a constant placeholder
+    (in ``consts``) read by ``mm`` only becomes a placeholder of its panels, packed once at build time
+    (returns (B, its panels)); any other B is packed by a stage of its own, on every call."""
     red = mm.body
     assert isinstance(red, te.Reduce) and isinstance(red.body, te.BinOp)
     bl = red.body.b
     if not isinstance(bl, te.Load):
-        return
+        return None
     b = bl.tensor
     *bshape, kdim, n = b.shape
     nb = len(bshape)
+    *bi, k, j = bl.indices
+    if b.is_placeholder and b.uid in consts and (readers or {}).get(b.uid, 0) == 1:
+        panels = te.placeholder((*bshape, -(-n // nr), kdim, nr), f"{b.name}_panels")
+        mm.body = te.Reduce(red.combiner, te.BinOp("*", red.body.a, te.Load(panels, (*bi[:nb], j // nr, k, j % nr))), red.axes)
+        return b, panels
 
     def f(*idx: te.Expr) -> te.Expr:
         *bi, jo, k, ji = idx
@@ -139,9 +183,9 @@ def _pack_b(mm: Tensor, nr: int) -> None:
         v = b[(*bi, k, j)]
         return v if n % nr == 0 else te.select(j < n, b[(*bi, k, te.call_int_min(j, n - 1))], 0.0)
     bp = te.compute((*bshape, -(-n // nr), kdim, nr), f, f"{mm.name}_bpack", tag="pack")
-    *bi, k, j = bl.indices
     new = te.Load(bp, (*bi[:nb], j // nr, k, j % nr))
     mm.body = te.Reduce(red.combiner, te.BinOp("*", red.body.a, new), red.axes)
+    return None
 
 
 def _matmul(s: Schedule, ost: Stage, acc: Stage, knobs: dict[str, Any]) -> None:
