@@ -9,23 +9,22 @@ The compose tests (e2e-tests/test_compose.py, marker ``compose``) run in both mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from stacks import Cluster, running
 
-BIN = Path(sys.executable).parent
 # "up" (default): `tessera up` per test module; "compose": the running compose stack.
 STACK_MODE = os.environ.get("TESSERA_E2E_STACK", "up")
 
@@ -75,27 +74,6 @@ def otlp() -> Iterator[OtlpReceiver]:
     receiver.endpoint = f"http://127.0.0.1:{port}"
     yield receiver
     server.stop(0)
-
-
-@dataclass
-class Stack:
-    run_dir: Path
-    env: dict[str, str]
-
-    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def status(self) -> dict[str, Any]:
-        out = self.cli("status", "--json", timeout=30)
-        return json.loads(out.stdout)
-
-    def proc(self, name: str) -> dict[str, Any]:
-        return next(p for p in self.status()["processes"] if p["name"] == name)
-
-    def pids(self) -> list[int]:
-        cluster = json.loads((self.run_dir / "cluster.json").read_text())
-        return [cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])]
 
 
 def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
@@ -148,33 +126,12 @@ class ComposeStack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Stack | ComposeStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Cluster | ComposeStack]:
     if STACK_MODE == "compose":  # already running: started and stopped by scripts/compose_test.sh
         yield ComposeStack.from_env()
         return
-    run_dir = tmp_path_factory.mktemp("run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
-               OTEL_BSP_SCHEDULE_DELAY="200", TESSERA_HEARTBEAT_INTERVAL_S="0.5")
-    s = Stack(run_dir, env)
-    up = s.cli("up", "--timeout", "120")
-    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
-    pids = s.pids()
-    try:
-        yield s
-    finally:
-        s.cli("down", timeout=60)
-        for pid in pids:
-            if procs_alive(pid):
-                os.kill(pid, 9)
-
-
-def procs_alive(pid: int) -> bool:
-    from tessera._launcher.rundir import alive
-
-    return alive(pid)
-
-
+    with running(tmp_path_factory, "run", otlp_endpoint=otlp.endpoint, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture
@@ -182,85 +139,12 @@ def poll() -> Callable[..., Any]:
     return poll_until
 
 
-class Cluster:
-    """A cluster brought up by `tessera up` in its own run directory: the CLI, its plan and its processes."""
-
-    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
-        self.run_dir = run_dir
-        self.env = env
-
-    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def info(self) -> dict[str, Any]:
-        return dict(json.loads((self.run_dir / "cluster.json").read_text()))
-
-    def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.cli("status", "--json", timeout=60).stdout))
-
-    def proc(self, name: str) -> dict[str, Any]:
-        return next(p for p in self.status()["processes"] if p["name"] == name)
-
-    def pid(self, name: str) -> int:
-        """The pid the supervisor last recorded for ``name`` (0 while it is down), without health probes."""
-        return int(next(p["pid"] for p in self.info()["procs"] if p["name"] == name))
-
-    def node_ids(self) -> list[str]:
-        return list(dict.fromkeys(p["node_id"] for p in self.info()["procs"] if p.get("node_id")))
-
-    def pids(self) -> list[int]:
-        info = self.info()
-        return [info["supervisor_pid"], *(p["pid"] for p in info["procs"] if p["pid"])]
-
-    def point_here(self) -> pytest.MonkeyPatch:
-        """Point this process's SDK (``tessera.init()``) at the cluster; ``.undo()`` puts the environment back."""
-        env = pytest.MonkeyPatch()
-        env.setenv("TESSERA_RUN_DIR", str(self.run_dir))
-        env.delenv("TESSERA_ADDRESS", raising=False)
-        return env
-
-    def kill(self, name: str) -> int:
-        pid = self.pid(name)
-        os.kill(pid, 9)
-        return pid
-
-    def wait_restarted(self, name: str, old_pid: int, timeout: float = 60.0) -> float:
-        """Wait until ``name`` runs again under a new pid and answers (SERVING, or UP for NATS/Redis); returns when."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            p = self.proc(name)
-            if p["pid"] not in (0, old_pid) and p["health"] in ("SERVING", "UP"):
-                return time.monotonic()
-            time.sleep(0.2)
-        raise AssertionError(f"{name} did not come back within {timeout:g}s")
-
-
-def clean_env(run_dir: Path, **extra: str) -> dict[str, str]:
-    """This process's environment without TESSERA_*/OTEL_* settings, pointed at ``run_dir``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5", **extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Cluster]]:
     """``launch(name, *up_args, **env)`` brings a cluster up; every one it started goes down after the module."""
-    started: list[tuple[Cluster, list[int]]] = []
+    with contextlib.ExitStack() as started:
 
-    def up(name: str, *args: str, timeout: float = 150, **env: str) -> Cluster:
-        run_dir = tmp_path_factory.mktemp(name)
-        c = Cluster(run_dir, clean_env(run_dir, **env))
-        r = c.cli("up", *args, "--timeout", str(timeout), timeout=timeout + 30)
-        assert r.returncode == 0, f"tessera up failed:\n{r.stdout}\n{r.stderr}"
-        started.append((c, c.pids()))
-        return c
+        def up(name: str, *args: str, timeout: float = 150, **env: str) -> Cluster:
+            return started.enter_context(running(tmp_path_factory, name, *args, timeout=timeout, **env))
 
-    try:
         yield up
-    finally:
-        for c, pids in started:
-            c.cli("down", timeout=90)
-            for pid in pids:
-                if procs_alive(pid):
-                    os.kill(pid, 9)

@@ -7,23 +7,20 @@ pipelines); ``-m slow`` runs the full demo.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from stacks import BIN, Cluster, running
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-BIN = Path(sys.executable).parent
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 SDK = "tessera-demo"
 Span = Any  # conftest.Span: service, name, trace_id, span_id, parent_span_id
@@ -48,42 +45,14 @@ EDGES = [
 ]
 
 
-@dataclass
-class Stack:
-    run_dir: Path
-    env: dict[str, str]
-
-    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def pids(self) -> list[int]:
-        cluster = json.loads((self.run_dir / "cluster.json").read_text())
-        return [cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])]
-
-
 @pytest.fixture(scope="module")
-def gpu_stack(tmp_path_factory: pytest.TempPathFactory, otlp: Any) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint, OTEL_BSP_SCHEDULE_DELAY="200",
-               TESSERA_HEARTBEAT_INTERVAL_S="0.5", TESSERA_GPU_SCHEDULER_QUANTUM_S="2")
-    s = Stack(run_dir, env)
-    up = s.cli("up", "--nodes", "2", "--gpus-per-node", "1", "--timeout", "180", timeout=240)
-    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
-    pids = s.pids()
-    try:
-        yield s
-    finally:
-        s.cli("down", timeout=60)
-        from tessera._launcher.rundir import alive
-
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, 9)
+def gpu_stack(tmp_path_factory: pytest.TempPathFactory, otlp: Any) -> Iterator[Cluster]:
+    with running(tmp_path_factory, "run", "--nodes", "2", "--gpus-per-node", "1", timeout=180,
+                 otlp_endpoint=otlp.endpoint, TESSERA_GPU_SCHEDULER_QUANTUM_S="2") as c:
+        yield c
 
 
-def run_demo(stack: Stack, *args: str) -> tuple[str, str]:
+def run_demo(stack: Cluster, *args: str) -> tuple[str, str]:
     """Run the demo; returns its output and the trace id it printed."""
     out = subprocess.run([str(BIN / "python"), str(DEMO), *args], env=stack.env, capture_output=True, text=True,
                          timeout=480)
@@ -133,13 +102,13 @@ def check_story(otlp: Any, poll_until: Callable[..., Any], stdout: str, trace_id
     assert not any("grpc.health" in s.name for s in otlp.spans), "health checks are not traced"
 
 
-def test_demo_story_is_one_connected_trace(gpu_stack: Stack, otlp: Any, poll: Callable[..., Any]) -> None:
+def test_demo_story_is_one_connected_trace(gpu_stack: Cluster, otlp: Any, poll: Callable[..., Any]) -> None:
     stdout, trace_id = run_demo(gpu_stack, "--small")
     check_story(otlp, poll, stdout, trace_id)
 
 
 @pytest.mark.slow
-def test_full_demo_is_one_connected_trace(gpu_stack: Stack, otlp: Any, poll: Callable[..., Any]) -> None:
+def test_full_demo_is_one_connected_trace(gpu_stack: Cluster, otlp: Any, poll: Callable[..., Any]) -> None:
     stdout, trace_id = run_demo(gpu_stack)
     check_story(otlp, poll, stdout, trace_id)
 

@@ -25,17 +25,16 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fuzzing
 import grpc
 import pytest
+import stacks
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 
 from tessera.api.compiler.v1 import compiler_pb2 as comp_pb
@@ -46,24 +45,10 @@ from tessera.api.serving.v1 import serving_pb2 as sv_pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as ts_pb
 from tessera.common.rpc import MAX_MESSAGE_BYTES, health_status
 
-
-def _load_strategies() -> Any:
-    """fuzzing.py beside this file (test modules are imported by path, not as a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fuzzing", Path(__file__).with_name("fuzzing.py"))
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.setdefault("fuzzing", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzzing = _load_strategies()
 Method, World = fuzzing.Method, fuzzing.World
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-BIN = Path(sys.executable).parent
 EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "30"))
 LONG_EXAMPLES = int(os.environ.get("TESSERA_FUZZ_LONG_EXAMPLES", "2000"))
 UNARY_TIMEOUT_S = 20.0
@@ -81,28 +66,18 @@ METHODS = sorted(fuzzing.methods(), key=lambda m: (m.desc.name in DESTRUCTIVE, m
 # ---------------------------------------------------------------------- the stack
 
 
-@dataclass
-class FuzzStack:
-    run_dir: Path
-    env: dict[str, str]
-    channels: dict[str, grpc.Channel] = field(default_factory=dict)
-    counts: dict[str, collections.Counter[str]] = field(default_factory=lambda: collections.defaultdict(collections.Counter))
-    last: dict[str, str] = field(default_factory=dict)  # method -> code of its last call
-    material: Any = None  # future of _material()
-    _redis: list[Any] = field(default_factory=list)
-
-    def cli(self, *args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def cluster(self) -> dict[str, Any]:
-        return dict(json.loads((self.run_dir / "cluster.json").read_text()))
-
-    def proc(self, name: str) -> dict[str, Any]:
-        return next(p for p in self.cluster()["procs"] if p["name"] == name)
+class FuzzStack(stacks.Cluster):
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        super().__init__(run_dir, env)
+        self.channels: dict[str, grpc.Channel] = {}
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.last: dict[str, str] = {}  # method -> code of its last call
+        self.material: Any = None  # future of _material()
+        self._redis: list[Any] = []
 
     def channel(self, process: str) -> grpc.Channel:
         if process not in self.channels:
-            self.channels[process] = grpc.insecure_channel(self.proc(process)["address"], options=[
+            self.channels[process] = grpc.insecure_channel(self.record(process)["address"], options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         return self.channels[process]
@@ -111,43 +86,34 @@ class FuzzStack:
         if not self._redis:
             import redis
 
-            self._redis = [redis.Redis.from_url(u) for u in self.cluster()["redis_urls"]]
+            self._redis = [redis.Redis.from_url(u) for u in self.info()["redis_urls"]]
         return self._redis
 
     def liveness(self) -> dict[str, tuple[int, int]]:
         """pid and restart count of every process, as the supervisor records them."""
-        return {p["name"]: (p["pid"], p["restarts"]) for p in self.cluster()["procs"]}
+        return {p["name"]: (p["pid"], p["restarts"]) for p in self.info()["procs"]}
 
 
 @pytest.fixture(scope="module")
 def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStack]:
-    run_dir = tmp_path_factory.mktemp("fuzzrun")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_HEARTBEAT_INTERVAL_S="0.5")
-    s = FuzzStack(run_dir, env)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    s.material = pool.submit(_material)
-    up = s.cli("up", "--nodes", "1", "--gpus-per-node", "1", "--timeout", "180")
-    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
-    status = json.loads(s.cli("status", "--json", timeout=60).stdout)
-    assert status["healthy"], status
-    pids = [s.cluster()["supervisor_pid"], *(p["pid"] for p in s.cluster()["procs"] if p["pid"])]
+    material = pool.submit(_material)
     try:
-        yield s
-        after = json.loads(s.cli("status", "--json", timeout=60).stdout)
-        bad = [(p["name"], p["health"], p["restarts"], p["last_exit"]) for p in after["processes"]
-               if p["restarts"] or p["health"] not in ("UP", "SERVING")]
-        assert after["healthy"] and not bad, f"after fuzzing: {bad}"
+        with stacks.running(tmp_path_factory, "fuzzrun", "--nodes", "1", "--gpus-per-node", "1", cls=FuzzStack,
+                            timeout=180) as s:
+            s.material = material
+            assert s.status()["healthy"], s.status()
+            try:
+                yield s
+                after = s.status()
+                bad = [(p["name"], p["health"], p["restarts"], p["last_exit"]) for p in after["processes"]
+                       if p["restarts"] or p["health"] not in ("UP", "SERVING")]
+                assert after["healthy"] and not bad, f"after fuzzing: {bad}"
+            finally:
+                for c in s.channels.values():
+                    c.close()
     finally:
-        for c in s.channels.values():
-            c.close()
-        s.cli("down", timeout=90)
         pool.shutdown(wait=True)
-        from tessera._launcher.rundir import alive
-
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, 9)
 
 
 # ---------------------------------------------------------------------- real objects
@@ -212,8 +178,8 @@ def _serving_seed() -> Any:
 def world(fstack: FuzzStack) -> Iterator[World]:
     s = fstack
     w = World()
-    cluster = s.cluster()
-    node_id = bytes.fromhex(s.proc("object-store")["node_id"])
+    cluster = s.info()
+    node_id = bytes.fromhex(s.record("object-store")["node_id"])
     job_id, task_id, actor_id, other_node = os.urandom(4), os.urandom(16), os.urandom(16), os.urandom(16)
     code = b"fuzz: not a real function"
     fid = hashlib.sha256(code).digest()
@@ -449,7 +415,7 @@ def fuzz(s: FuzzStack, w: World, method: Method, examples: int) -> None:
     run()
     after = s.liveness()
     assert after == before, f"{method}: processes died or restarted: {before} -> {after}"
-    health = health_status(s.proc(method.process)["address"], timeout=5.0)
+    health = health_status(s.record(method.process)["address"], timeout=5.0)
     assert health == "SERVING", f"{method}: {method.process} is {health} after fuzzing"
 
 
@@ -532,8 +498,8 @@ def nats_subjects(s: FuzzStack) -> dict[str, Any]:
     from tessera.serving.server import PREDICT_SUBJECT
     from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, node_subject
 
-    node = bytes.fromhex(s.proc("task-scheduler")["node_id"])
-    gpu_node = next(p["node_id"] for p in s.cluster()["procs"] if p["name"].startswith("gpu-agent"))
+    node = bytes.fromhex(s.record("task-scheduler")["node_id"])
+    gpu_node = next(p["node_id"] for p in s.info()["procs"] if p["name"].startswith("gpu-agent"))
     subjects: dict[str, Any] = {
         SPILL_SUBJECT: ts_pb.TaskBatch, LOAD_SUBJECT: ts_pb.NodeLoad,
         node_subject(node, "tasks"): ts_pb.TaskBatch, node_subject(node, "results"): ts_pb.ResultBatch,
@@ -585,7 +551,7 @@ def test_nats_random_bytes(fstack: FuzzStack, world: World) -> None:
         pipeline=sv_pb.PipelineSpec(name="fuzz-pipe", graph_json=seed.pipeline.graph_json), replace=True))
     before = s.liveness()
     subjects = nats_subjects(s)
-    url = s.cluster()["nats_url"]
+    url = s.info()["nats_url"]
     watch = s.channel("control-store").unary_stream(
         "/tessera.control_store.v1.ControlStoreService/Watch", request_serializer=cs_pb.WatchRequest.SerializeToString,
         response_deserializer=cs_pb.WatchResponse.FromString)(cs_pb.WatchRequest(table="kv", namespace="fuzz"), timeout=600)
@@ -628,7 +594,7 @@ def test_nats_random_bytes(fstack: FuzzStack, world: World) -> None:
         s.counts["nats"] = collections.Counter({subj: n for subj, n in published.items()})
 
         assert s.liveness() == before, f"processes died or restarted: {before} -> {s.liveness()}"
-        for p in s.cluster()["procs"]:
+        for p in s.info()["procs"]:
             if p["kind"] == "service":
                 assert health_status(p["address"], timeout=5.0) == "SERVING", p["name"]
         # the Watch opened before the flood still delivers

@@ -6,15 +6,14 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
+import stacks
 
 import tessera
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
@@ -24,45 +23,21 @@ from tessera.exceptions import GetTimeoutError, ObjectStoreFullError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-BIN = Path(sys.executable).parent
 MiB = 2**20
 CAPACITY = 48 * MiB
 
 
-class Cluster:
-    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
-        self.run_dir = run_dir
-        self.env = env
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=150)
-
-    def info(self) -> dict:
-        return json.loads((self.run_dir / "cluster.json").read_text())
-
-    def proc(self, name: str) -> dict:
-        return next(p for p in json.loads(self.cli("status", "--json").stdout)["processes"] if p["name"] == name)
-
-    def address(self, name: str) -> str:
-        return self.info()["services"][name]["address"]
-
+class Cluster(stacks.Cluster):
     def client(self, name: str = "object-store") -> tessera.ObjectStoreClient:
         return tessera.ObjectStoreClient(self.address(name))
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    run_dir = tmp_path_factory.mktemp("objects")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_OBJECT_STORE_MEMORY=str(CAPACITY),
-               TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(256 * MiB), TESSERA_HEARTBEAT_INTERVAL_S="0.5")
-    c = Cluster(run_dir, env)
-    up = c.cli("up", "--nodes", "2")
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with stacks.running(tmp_path_factory, "objects", "--nodes", "2", cls=Cluster,
+                        TESSERA_OBJECT_STORE_MEMORY=str(CAPACITY),
+                        TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(256 * MiB)) as c:
         yield c
-    finally:
-        c.cli("down")
 
 
 def test_zero_copy_read_only_views(cluster: Cluster) -> None:

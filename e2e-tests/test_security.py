@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import redis
+from stacks import Cluster, running
 
 from tessera.api.serving.v1 import serving_pb2 as spb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as tpb
@@ -32,22 +31,12 @@ from tessera.common.config import SERVICES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
-BIN = Path(sys.executable).parent
 #: serving's queue holds this many records at most on this stack
 QUEUED_RECORDS = 64
 
 
-class Secured:
-    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
-        self.run_dir = run_dir
-        self.env = env
-
-    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def info(self) -> dict[str, Any]:
-        return dict(json.loads((self.run_dir / "cluster.json").read_text()))
+class Secured(Cluster):
+    """A stack brought up with ``tessera up --auth``: its secrets are in the run directory."""
 
     def secret(self, name: str) -> str:
         return (self.run_dir / auth.SECRETS_DIR / name).read_text().strip()
@@ -55,30 +44,12 @@ class Secured:
     def secrets(self) -> list[str]:
         return [self.secret(n) for n in (auth.TOKEN_FILE, auth.NATS_PASSWORD_FILE, auth.REDIS_PASSWORD_FILE)]
 
-    def address(self, name: str) -> str:
-        return str(next(p["address"] for p in self.info()["procs"] if p["name"] == name))
-
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    run_dir = tmp_path_factory.mktemp("secured")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
-               TESSERA_SERVING_MAX_QUEUED_RECORDS=str(QUEUED_RECORDS))
-    s = Secured(run_dir, env)
-    up = s.cli("up", "--auth", "--timeout", "150", timeout=200)
-    assert up.returncode == 0, f"tessera up --auth failed:\n{up.stdout}\n{up.stderr}"
-    info = s.info()
-    pids = [info["supervisor_pid"], *(p["pid"] for p in info["procs"] if p["pid"])]
-    try:
+    with running(tmp_path_factory, "secured", "--auth", cls=Secured,
+                 TESSERA_SERVING_MAX_QUEUED_RECORDS=str(QUEUED_RECORDS)) as s:
         yield s
-    finally:
-        s.cli("down", timeout=60)
-        from tessera._launcher.rundir import alive
-
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, 9)
 
 
 SDK_SCRIPT = """

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import stacks
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.naive_bayes import MultinomialNB
@@ -38,21 +39,13 @@ from tessera.serving.sklearn_import import UnsupportedEstimatorError, import_skl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-BIN = Path(sys.executable).parent
 WORDS = "good great awful bad food slow quick friendly rude cheap tasty bland staff room view noisy quiet".split()
 
 
-class Cluster:
+class Cluster(stacks.Cluster):
     def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
-        self.run_dir = run_dir
-        self.env = env
+        super().__init__(run_dir, env)
         self.extra: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=150)
-
-    def info(self) -> dict:
-        return json.loads((self.run_dir / "cluster.json").read_text())
 
     def start_replica(self, name: str) -> str:
         """One more serving replica (a process of its own) against the same NATS and control store."""
@@ -70,28 +63,25 @@ class Cluster:
             time.sleep(0.2)
         return address
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    run_dir = tmp_path_factory.mktemp("serving")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_OBJECT_STORE_MEMORY=str(256 * 2**20),
-               TESSERA_HEARTBEAT_INTERVAL_S="0.5", OTEL_TRACES_SAMPLER="always_off")
-    c = Cluster(run_dir, env)
-    up = c.cli("up")
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
-        yield c
-    finally:
-        for _, p in c.extra:
+    def stop_replicas(self) -> None:
+        for _, p in self.extra:
             if p.poll() is None:
                 p.terminate()
-        for _, p in c.extra:
+        for _, p in self.extra:
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        c.cli("down")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with stacks.running(tmp_path_factory, "serving", cls=Cluster, TESSERA_OBJECT_STORE_MEMORY=str(256 * 2**20),
+                        OTEL_TRACES_SAMPLER="always_off") as c:
+        try:
+            yield c
+        finally:
+            c.stop_replicas()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import cloudpickle
 import grpc
 import numpy as np
 import pytest
+import stacks
 
 import tessera
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
@@ -35,70 +35,27 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 # Test modules are not importable by the workers: ship this one's functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-BIN = Path(sys.executable).parent
 UNSCHEDULABLE_S = 25
 
 
-class Cluster:
-    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
-        self.run_dir = run_dir
-        self.env = env
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=150)
-
-    def info(self) -> dict[str, Any]:
-        return json.loads((self.run_dir / "cluster.json").read_text())
-
-    def proc(self, name: str) -> dict[str, Any]:
-        return next(p for p in json.loads(self.cli("status", "--json").stdout)["processes"] if p["name"] == name)
-
-    def node_ids(self) -> list[str]:
-        return list(dict.fromkeys(p["node_id"] for p in self.info()["procs"] if p.get("node_id")))
-
+class Cluster(stacks.Cluster):
     def agent_status(self, name: str = "task-scheduler") -> pb.GetStatusResponse:
-        with grpc.insecure_channel(self.info()["services"][name]["address"]) as ch:
+        with grpc.insecure_channel(self.address(name)) as ch:
             return pb_grpc.TaskSchedulerServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=5.0)
-
-    def kill(self, name: str) -> int:
-        pid = self.proc(name)["pid"]
-        os.kill(pid, signal.SIGKILL)
-        return int(pid)
-
-    def wait_restarted(self, name: str, old_pid: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            p = self.proc(name)
-            if p["pid"] != old_pid and p["health"] == "SERVING":
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{name} did not come back within {timeout:g}s")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    run_dir = tmp_path_factory.mktemp("tasks")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_NUM_CPUS="2", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
-               TESSERA_TASK_SCHEDULER_UNSCHEDULABLE_S=str(UNSCHEDULABLE_S),
-               TESSERA_OBJECT_STORE_MEMORY=str(128 * 2**20))
-    c = Cluster(run_dir, env)
-    up = c.cli("up", "--nodes", "2")
-    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
-    old = {k: os.environ.get(k) for k in ("TESSERA_RUN_DIR", "TESSERA_ADDRESS")}
-    os.environ["TESSERA_RUN_DIR"] = str(run_dir)
-    os.environ.pop("TESSERA_ADDRESS", None)
-    tessera.init(name="e2e-tasks")
-    try:
-        yield c
-    finally:
-        tessera.shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        c.cli("down")
+    with stacks.running(tmp_path_factory, "tasks", "--nodes", "2", cls=Cluster, TESSERA_NUM_CPUS="2",
+                        TESSERA_TASK_SCHEDULER_UNSCHEDULABLE_S=str(UNSCHEDULABLE_S),
+                        TESSERA_OBJECT_STORE_MEMORY=str(128 * 2**20)) as c:
+        env = c.point_here()
+        tessera.init(name="e2e-tasks")
+        try:
+            yield c
+        finally:
+            tessera.shutdown()
+            env.undo()
 
 
 # ---------------------------------------------------------------------- remote functions
