@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 Hook = Callable[[], Awaitable[None]]
 RegistrationFactory = Callable[[str], Awaitable[Registration]]
 
+#: Retries of a call to the control store while it starts (the services of ``tessera up`` start together):
+#: the first after RETRY_FIRST_S, each 1.5 times later, none more than RETRY_MAX_S apart, so a service
+#: notices the control store soon after it comes up.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 0.5
+
+
+def next_retry(delay: float) -> float:
+    """The wait after ``delay`` between retries (see RETRY_FIRST_S)."""
+    return min(delay * 1.5, RETRY_MAX_S)
+
 
 class ServiceApp:
     """Wiring shared by every service: one per process."""
@@ -76,13 +87,15 @@ class ServiceApp:
         self._stop.set()
 
     async def _default_registration(self, address: str) -> Registration:
+        if self._cs_channel is not None:  # an earlier try's: one channel at a time
+            await self._cs_channel.close()
         self._cs_channel, stub = control_store_aio_stub(self.settings)
         reg = grpc_registration(instance_record(self.name, self.settings, address), self.settings, stub)
         return reg
 
     async def _start_registration(self) -> Registration:
         factory = self._registration_factory or self._default_registration
-        delay = 0.1
+        delay = RETRY_FIRST_S
         while True:  # the control store may still be starting: retry until told to stop
             try:
                 reg = await factory(self.address)
@@ -94,7 +107,7 @@ class ServiceApp:
                 why = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
                 log.info("waiting for the control store at %s: %s", self.settings.control_store_address, why)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = next_retry(delay)
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`)."""

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
 from tessera.common import ids, procs
-from tessera.common.bus import redact
 from tessera.common.config import Settings
 from tessera.common.rpc import health_status, stream_channel
 
@@ -139,15 +138,18 @@ def _detail(p: Proc, health: str) -> dict[str, object]:
                       f"{s.objects} objects"}
 
 
+def _row(p: Proc) -> dict[str, object]:
+    health = _health(p)
+    row: dict[str, object] = {"name": p.name, "kind": p.kind, "pid": p.pid, "address": p.address,
+                              "health": health, "restarts": p.restarts, "last_exit": p.last_exit, "detail": ""}
+    row.update(_detail(p, health))
+    return row
+
+
 def _rows(cluster: Cluster) -> list[dict[str, object]]:
-    rows = []
-    for p in cluster.procs:
-        health = _health(p)
-        row: dict[str, object] = {"name": p.name, "kind": p.kind, "pid": p.pid, "address": p.address,
-                                  "health": health, "restarts": p.restarts, "last_exit": p.last_exit, "detail": ""}
-        row.update(_detail(p, health))
-        rows.append(row)
-    return rows
+    """A row per process, all asked at once."""
+    with ThreadPoolExecutor(max_workers=max(1, len(cluster.procs)), thread_name_prefix="status") as pool:
+        return list(pool.map(_row, cluster.procs))
 
 
 def _table(rows: Sequence[dict[str, object]]) -> str:
@@ -228,6 +230,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"Tessera is not running (run directory {run.path})")
         return EXIT_NOT_RUNNING
+    from tessera.common.bus import redact  # NATS's client, only here: `tessera up` does without it
+
     rows = _rows(cluster)
     healthy = all(r["health"] in ("SERVING", "UP") for r in rows)
     if args.json:
@@ -296,6 +300,8 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 #: Entry-point group through which a service distribution adds a subcommand (``tessera compile``,
 #: ``tessera gpu ...``): ``register(subparsers) -> handler``, where ``handler(args) -> exit code``.
 PLUGIN_GROUP = "tessera.cli"
+#: The launcher's own subcommands (a plugin cannot replace them).
+BUILTIN = ("up", "status", "logs", "down")
 
 
 def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -303,7 +309,7 @@ def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
 
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
-        if ep.name in handlers or ep.name in ("up", "status", "logs", "down"):
+        if ep.name in handlers or ep.name in BUILTIN:
             continue
         try:
             register = ep.load()
@@ -336,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("-f", "--follow", action="store_true")
     dn = sub.add_parser("down", help="stop everything")
     dn.add_argument("--timeout", type=float, default=30.0)
-    plugins = _plugins(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    # A service's subcommand is loaded (imported) only when it may be the one asked for.
+    plugins = {} if argv[:1] and argv[0] in BUILTIN else _plugins(sub)
     args = ap.parse_args(argv)
     if args.command in plugins:
         return int(plugins[args.command](args) or 0)

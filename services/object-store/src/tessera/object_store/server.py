@@ -19,7 +19,7 @@ from tessera.common import auth, ids, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tessera.common.registry import control_store_aio_stub
-from tessera.common.service import ServiceApp
+from tessera.common.service import RETRY_FIRST_S, ServiceApp, next_retry
 from tessera.object_store.arena import Arena
 from tessera.object_store.manager import ObjectManager
 from tessera.object_store.node import Chunk, NodeObjectStore
@@ -168,7 +168,7 @@ def build(settings: Settings) -> ServiceApp:
         info = cpb.NodeInfo(node_id=node_id, address=app.address, object_store_address=app.address,
                             resources_total={"object_store_memory": float(settings.object_store_memory)},
                             labels={"hostname": socket.gethostname(), "pid": str(os.getpid())})
-        delay = 0.1
+        delay = RETRY_FIRST_S
         while True:
             try:
                 await directory.stub.RegisterNode(cpb.RegisterNodeRequest(node=info))
@@ -176,7 +176,7 @@ def build(settings: Settings) -> ServiceApp:
             except grpc.aio.AioRpcError as e:
                 log.info("registering node %s: %s", node_id.hex(), e.details())
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+                delay = next_retry(delay)
         log.info("node %s registered (object store at %s)", node_id.hex(), app.address)
         while True:
             await asyncio.sleep(settings.heartbeat_interval_s)
