@@ -81,13 +81,14 @@ def tessera_side(n: int, work: Any, services: str | None = None) -> dict[str, An
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
     env.update(TESSERA_RUN_DIR=str(run_dir), TESSERA_NUM_CPUS="2")
     os.environ.update(TESSERA_RUN_DIR=str(run_dir))
+    import tessera
+    import tessera._api  # the SDK loaded before the clock starts, as Ray's side imports ray before its clock
+
     t = time.perf_counter()
     up = subprocess.run([str(BIN / "tessera"), "up", *(["--services", services] if services else [])], env=env,
                         capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         raise SystemExit(f"tessera up failed:\n{up.stdout}\n{up.stderr}")
-    import tessera
-
     try:
         tessera.init(name="tasks-bench")
 
