@@ -31,6 +31,7 @@ from tessera.task_scheduler.agent import NodeAgent, error_result
 from tessera.task_scheduler.frames import pack, read_frame
 from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, GlobalScheduler, node_subject
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
+from tessera.task_scheduler.zygote import ForkedProcess, Zygote
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class Node:
         self.sessions: dict[str, Any] = {}  # session id -> put(result)
         self.next_session = 0
         self.worker_writers: dict[bytes, asyncio.StreamWriter] = {}
-        self.procs: dict[bytes, asyncio.subprocess.Process] = {}
+        self.procs: dict[bytes, asyncio.subprocess.Process | ForkedProcess] = {}
+        self.zygote = Zygote()  # workers are forked from it; started with the first worker
         self.proc_actor: dict[bytes, bytes] = {}
         self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
         # an abstract socket has no file permissions: with a token set, a peer's hello must carry it
@@ -169,16 +171,34 @@ class Node:
         self._tasks.append(asyncio.create_task(self._spawn(wid, actor_id)))
         return wid
 
-    async def _spawn(self, wid: bytes, actor_id: bytes) -> None:
+    def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
-        env.update(TESSERA_WORKER_SOCKET="@" + self.socket_path[1:], TESSERA_WORKER_ID=wid.hex(),
-                   TESSERA_WORKER_ACTOR=actor_id.hex(), TESSERA_NODE_ID=self.node_id.hex(),
-                   TESSERA_CONTROL_STORE_ADDRESS=self.settings.control_store_address)
+        env.update(TESSERA_NODE_ID=self.node_id.hex(), TESSERA_CONTROL_STORE_ADDRESS=self.settings.control_store_address)
         env.pop("OTEL_SERVICE_NAME", None)
+        return env
+
+    async def _new_worker(self, wid: bytes, actor_id: bytes) -> asyncio.subprocess.Process | ForkedProcess:
+        """A worker process: forked from the template (started on first use), else a fresh interpreter."""
+        # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
+        own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
+               "TESSERA_WORKER_ACTOR": actor_id.hex()}
+        if self.zygote.proc is None:
+            try:
+                await self.zygote.start(self._worker_env())
+            except (OSError, ValueError) as e:
+                log.warning("could not start the worker template (workers start as new processes): %s", e)
+        if self.zygote.alive:
+            try:
+                return await self.zygote.fork(own)
+            except OSError as e:
+                log.warning("forking a worker failed (it starts as a new process): %s", e)
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tessera.task_scheduler.worker", env={**self._worker_env(), **own},
+            stdin=asyncio.subprocess.DEVNULL)
+
+    async def _spawn(self, wid: bytes, actor_id: bytes) -> None:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tessera.task_scheduler.worker", env=env, stdin=asyncio.subprocess.DEVNULL)
+            proc = await self._new_worker(wid, actor_id)
         except (OSError, ValueError) as e:
             log.error("could not start a worker: %s", e)
             self._worker_gone(wid, actor_id, f"could not start: {e}")
@@ -502,6 +522,7 @@ class Node:
                 await asyncio.wait_for(proc.wait(), 3.0)
             except TimeoutError:
                 proc.kill()
+        await self.zygote.close()
         for t in self._tasks:
             t.cancel()
         if self._server is not None:
