@@ -177,16 +177,19 @@ class Node:
         env.pop("OTEL_SERVICE_NAME", None)
         return env
 
-    async def _new_worker(self, wid: bytes, actor_id: bytes) -> asyncio.subprocess.Process | ForkedProcess:
-        """A worker process: forked from the template (started on first use), else a fresh interpreter."""
-        # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
-        own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
-               "TESSERA_WORKER_ACTOR": actor_id.hex()}
+    async def _start_zygote(self) -> None:
         if self.zygote.proc is None:
             try:
                 await self.zygote.start(self._worker_env())
             except (OSError, ValueError) as e:
                 log.warning("could not start the worker template (workers start as new processes): %s", e)
+
+    async def _new_worker(self, wid: bytes, actor_id: bytes) -> asyncio.subprocess.Process | ForkedProcess:
+        """A worker process: forked from the template (started on first use), else a fresh interpreter."""
+        # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
+        own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
+               "TESSERA_WORKER_ACTOR": actor_id.hex()}
+        await self._start_zygote()
         if self.zygote.alive:
             try:
                 return await self.zygote.fork(own)
@@ -473,6 +476,7 @@ class Node:
         bus = self.app.bus
         assert bus is not None
         self._loop = asyncio.get_running_loop()
+        await self._start_zygote()  # its imports overlap the wait for this node's object store
         ch, self.cs = control_store_aio_stub(self.settings)
         self._cs_channel = ch
         self.object_store_address = await self._find_object_store()
