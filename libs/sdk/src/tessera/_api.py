@@ -24,7 +24,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.client._discovery import find_cluster
 from tessera.common import auth, ids, rpc
-from tessera.common.config import Settings
+from tessera.common.config import current_settings
 from tessera.common.registry import control_store_stub
 from tessera.exceptions import TesseraSDKError
 
@@ -285,7 +285,7 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
         w = session.welcome
         st = _State(core=core, control_store_address=cluster.control_store_address,
                     object_store_address=w.object_store_address or _objects.local_object_store_address(address),
-                    inline_threshold=Settings().object_store_inline_threshold,
+                    inline_threshold=current_settings().object_store_inline_threshold,
                     cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
         _state = st
         _objects.escape_hook = core.escape
@@ -303,7 +303,7 @@ def attach_worker(core: Core, *, object_store_address: str, control_store_addres
     with _state_lock:
         _state = _State(core=core, control_store_address=control_store_address,
                         object_store_address=object_store_address,
-                        inline_threshold=Settings().object_store_inline_threshold, cluster_key=control_store_address)
+                        inline_threshold=current_settings().object_store_inline_threshold, cluster_key=control_store_address)
         _objects.escape_hook = core.escape
 
 

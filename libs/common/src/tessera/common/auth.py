@@ -26,7 +26,7 @@ import grpc
 import grpc.aio
 from pydantic import SecretStr
 
-from tessera.common.config import Settings
+from tessera.common.config import Settings, current_settings
 from tessera.common.errors import FailedPreconditionError, bounded
 
 # Where ``tessera up --auth`` keeps its secrets (in the run directory), and the NATS user it creates.
@@ -65,13 +65,13 @@ def read_secret(value: SecretStr | str, file: Path | None, *, what: str) -> str:
 
 def server_token(settings: Settings | None = None) -> str:
     """The token a server requires: configured explicitly (empty: no authentication)."""
-    s = settings or Settings()
+    s = settings or current_settings()
     return read_secret(s.auth_token, s.auth_token_file, what="auth token")
 
 
 def client_token(settings: Settings | None = None) -> str:
     """The token a client sends: configured explicitly, else the one in the run directory, else empty."""
-    s = settings or Settings()
+    s = settings or current_settings()
     token = server_token(s)
     if token:
         return token
@@ -84,13 +84,13 @@ def client_token(settings: Settings | None = None) -> str:
 
 def nats_credentials(settings: Settings | None = None) -> tuple[str, str]:
     """``(user, password)`` for NATS; empty strings when none are configured."""
-    s = settings or Settings()
+    s = settings or current_settings()
     return s.nats_user, read_secret(s.nats_password, s.nats_password_file, what="NATS password")
 
 
 def redis_password(settings: Settings | None = None) -> str:
     """The Redis password of every shard; empty when none is configured."""
-    s = settings or Settings()
+    s = settings or current_settings()
     return read_secret(s.redis_password, s.redis_password_file, what="Redis password")
 
 

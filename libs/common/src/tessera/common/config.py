@@ -147,6 +147,22 @@ class Settings(BaseSettings):
         return self.instance_id or f"{os.uname().nodename}-{os.getpid()}"
 
 
+_current: tuple[tuple[tuple[str, str], ...], Settings] | None = None
+
+
+def current_settings() -> Settings:
+    """``Settings()`` of the environment as it is now, built again only when a ``TESSERA_*`` variable (or
+    ``HOME``) changed: building one costs milliseconds, and clients need it for every channel they open."""
+    global _current
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("TESSERA_") or k == "HOME"))
+    cached = _current
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    s = Settings()  # type: ignore[call-arg]  # every field has a default (mypy reads the Field() calls without pydantic)
+    _current = (key, s)
+    return s
+
+
 def otel_service_name(default: str) -> str:
     """``OTEL_SERVICE_NAME`` if set (the standard variable), else ``default``."""
     return os.environ.get("OTEL_SERVICE_NAME") or default

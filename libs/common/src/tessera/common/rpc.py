@@ -41,7 +41,7 @@ from opentelemetry.instrumentation.grpc import (
 )
 
 from tessera.common import auth, errors
-from tessera.common.config import Settings
+from tessera.common.config import Settings, current_settings
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_re
 
 def server_credentials(settings: Settings | None = None) -> grpc.ServerCredentials | None:
     """TLS credentials of this process's server (``tls_cert_file`` + ``tls_key_file``), or None (plain TCP)."""
-    s = settings or Settings()
+    s = settings or current_settings()
     if s.tls_cert_file is None and s.tls_key_file is None:
         return None
     if s.tls_cert_file is None or s.tls_key_file is None:
@@ -240,7 +240,7 @@ def add_port(server: grpc.aio.Server, address: str, settings: Settings | None = 
 
 def _tls(options: list[tuple[str, Any]]) -> grpc.ChannelCredentials | None:
     """Client TLS credentials when ``tls_ca_file`` is set (adding the server-name override to ``options``)."""
-    s = Settings()
+    s = current_settings()
     if s.tls_ca_file is None:
         return None
     try:
@@ -278,7 +278,7 @@ def create_server(
     ``token`` and ``max_message_bytes`` default to the settings (``auth_token``/``auth_token_file``,
     ``grpc_max_message_bytes``); an empty token turns authentication off.
     """
-    s = settings or Settings()
+    s = settings or current_settings()
     token = auth.server_token(s) if token is None else token
     limit = max_message_bytes or s.grpc_max_message_bytes
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -343,7 +343,7 @@ def _client_token(token: str | None) -> str:
 
 
 def _max_bytes(max_message_bytes: int | None) -> int:
-    return max_message_bytes or Settings().grpc_max_message_bytes
+    return max_message_bytes or current_settings().grpc_max_message_bytes
 
 
 def _options(service: str | None, idempotent: Iterable[str], max_message_bytes: int | None = None) -> list[tuple[str, Any]]:

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tessera.common.config import Settings
+from tessera.common.config import current_settings
 from tessera.common.names import CLUSTER_FILE as CLUSTER_FILE
 
 
@@ -40,7 +40,7 @@ def find_cluster(address: str | None = None) -> ClusterInfo:
     address = address or os.environ.get("TESSERA_ADDRESS")
     if address:
         return ClusterInfo(control_store_address=address)
-    path = Settings().run_dir / CLUSTER_FILE
+    path = current_settings().run_dir / CLUSTER_FILE
     if not path.exists():
         raise ClusterNotFoundError(
             f"no Tessera cluster found: start one with `tessera up`, or set TESSERA_ADDRESS (looked in {path})")
