@@ -195,3 +195,19 @@ def test_wide_register_tiles_stream_b_instead_of_spilling_an_accumulator(cache_d
     assert streamed == (2 * rows + 3 > (32 if w >= 16 else 16))
     x, y = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
     np.testing.assert_allclose(build_and_run(s, [a, b], c, [x, y], cache_dir), x @ y, rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_loops_are_handed_out_in_chunks(cache_dir: str) -> None:
+    """About 32 chunks per parallel loop, taken by whichever thread is free (not two static halves)."""
+    from tessera.compiler.backends.c import PARALLEL_CHUNKS, _chunk
+
+    assert (_chunk(1), _chunk(32), _chunk(33), _chunk(52900)) == (1, 1, 2, 1654)
+    assert all(-(-e // _chunk(e)) <= PARALLEL_CHUNKS for e in (1, 7, 100, 224, 4096, 52900))
+    a, b, c = matmul(64, 64, 8)
+    s = Schedule([c])
+    s[c].parallel(s[c].axis[0])
+    f = lower(s, [a, b], [c])
+    src = CBackend().render(Program([Call(f, [Arg("input", 0), Arg("input", 1), Arg("output", 0)], "k")], 2, 1))
+    assert "#pragma omp parallel for schedule(dynamic, 2)" in src and "schedule(static)" not in src
+    x, y = np.random.rand(64, 8).astype(np.float32), np.random.rand(8, 64).astype(np.float32)
+    np.testing.assert_allclose(build_and_run(s, [a, b], c, [x, y], cache_dir), x @ y, rtol=1e-4, atol=1e-5)

@@ -84,11 +84,22 @@ def stmt(s: Stmt, ind: str = "  ") -> list[str]:
         decl = f"{ind}{_CTYPE[s.buf.dtype]} {s.buf.name}[{s.buf.size}] __attribute__((aligned(64)));"
         return [f"{ind}{{", decl, *stmt(s.body, ind + "  "), f"{ind}}}"]
     if isinstance(s, For):
-        pragma = {"parallel": "#pragma omp parallel for schedule(static)", "vectorize": "#pragma omp simd",
+        pragma = {"parallel": f"#pragma omp parallel for schedule(dynamic, {_chunk(s.extent)})", "vectorize": "#pragma omp simd",
                   "unroll": f"#pragma GCC unroll {min(s.extent, 64)}"}.get(s.kind)
         head = f"{ind}for (long {s.var.name} = 0; {s.var.name} < {s.extent}; ++{s.var.name}) {{"
         return [*([ind + pragma] if pragma else []), head, *stmt(s.body, ind + "  "), f"{ind}}}"]
     raise TypeError(f"cannot render {type(s).__name__} in C")
+
+
+PARALLEL_CHUNKS = 32
+
+
+def _chunk(extent: int) -> int:
+    """Iterations per chunk of a parallel loop: about ``PARALLEL_CHUNKS`` chunks taken by whichever thread is
+    free, so that a thread the OS takes off its core for a while (a shared host) does not hold the others at
+    the loop's end barrier as it would with equal static halves; a chunk is large enough for the atomic
+    that hands it out not to count."""
+    return max(1, -(-extent // PARALLEL_CHUNKS))
 
 
 def kernel(f: LoweredFunc) -> str:
