@@ -6,9 +6,13 @@
 3. the simulator on both Pollux traces (64 GPUs, 4 per node): gandiva vs LAS vs FIFO;
 4. with --live: migration of a ResNet-18-sized job between the node agents of a
    `tessera up --nodes 2 --gpus-per-node 1` stack (started and stopped by the benchmark): from the
-   MigrateJob call to the job's first mini-batch on the other node.
+   MigrateJob call to the job's first mini-batch on the other node, with the target process started
+   while the source checkpoints vs. once it has exited (the peer, a second stack in the same run), and
+   the median time of each step (the scheduler's and agents' timeline log lines): decided, stop,
+   checkpoint written, uploaded, source exited; target start command, process, waiting (model built),
+   checkpoint fetched, restore begun and done, first mini-batch.
 
-    .venv/bin/python benchmarks/gpu_scheduler_bench.py [--repeat 5] [--live]
+    .venv/bin/python benchmarks/gpu_scheduler_bench.py [--repeat 5] [--live] [--only suspend migration ...]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -182,21 +187,45 @@ def simulate() -> list[dict[str, object]]:
     return out
 
 
-def migration(repeat: int) -> dict[str, float]:
+TIMELINE = re.compile(r"job (\w+) timeline (\w+) ([0-9.]+)")
+SOURCE_EVENTS = ("decided", "stop", "checkpoint_begin", "checkpointed", "uploaded", "exited")
+TARGET_EVENTS = ("start", "process", "waiting", "fetched", "restore_begin", "restored", "first_step")
+
+
+def _timeline(run_dir: Path, jid: str, t0: float, t1: float) -> dict[str, float]:
+    """The migration's timestamps (scheduler and node agents' timeline log lines) between t0 and t1, relative to t0:
+    the source's ``stop`` to ``exited`` as ``src.*``, the target's ``start`` to ``first_step`` as ``dst.*``."""
+    out: dict[str, float] = {}
+    for log_file in sorted((run_dir / "logs").glob("gpu-*.log")):
+        marks = [(ev, float(t)) for j, ev, t in TIMELINE.findall(log_file.read_text(errors="replace"))
+                 if j == jid and t0 <= float(t) <= t1]
+        events = {ev for ev, _ in marks}
+        role = "src" if "stop" in events or "decided" in events else "dst" if "start" in events else ""
+        for ev, t in marks:
+            if role and f"{role}.{ev}" not in out:
+                out[f"{role}.{ev}"] = t - t0
+    return out
+
+
+def migration(repeat: int, *, ahead: bool = True, deadline_s: float = 120.0) -> dict[str, Any]:
+    """Migrations of a ResNet-18-sized job between the two node agents of a fresh stack: the MigrateJob call to
+    the job's first mini-batch on the other node, seen through GetJob. ``ahead``: the scheduler starts the target
+    process while the source checkpoints (TESSERA_GPU_SCHEDULER_MIGRATE_AHEAD); else only once the source exited."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
     run_dir = Path(tempfile.mkdtemp(prefix="tessera-gpu-bench-"))
     env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_OBJECT_STORE_MEMORY=str(512 * 2**20),
-               TESSERA_GPU_SCHEDULER_TICK_S="0.05")
+               TESSERA_GPU_SCHEDULER_TICK_S="0.05", TESSERA_GPU_SCHEDULER_MIGRATE_AHEAD=str(ahead).lower())
     tessera = str(Path(sys.executable).parent / "tessera")
     up = subprocess.run([tessera, "up", "--nodes", "2", "--gpus-per-node", "1"], env=env, capture_output=True, text=True)
     if up.returncode:
         raise SystemExit(f"tessera up failed: {up.stderr}")
+    old_run_dir = os.environ.get("TESSERA_RUN_DIR")
     os.environ["TESSERA_RUN_DIR"] = str(run_dir)
     from tessera.gpu import GpuClient
 
     times: list[float] = []
-    off: list[float] = []  # MigrateJob -> the job is off the source (checkpointed, uploaded, exited)
-    placed: list[float] = []  # -> started on the target (the checkpoint fetched there next)
+    marks: list[dict[str, float]] = []
+    lost = 0  # migrations whose job went on from an older checkpoint than the stop's
     try:
         with GpuClient() as c:
             deadline = time.monotonic() + 60
@@ -209,27 +238,30 @@ def migration(repeat: int) -> dict[str, float]:
                 time.sleep(2.0)  # let the destination's ready runner come up
                 info = c.status(jid)
                 node, step = info.node_id, info.step
-                t0 = time.perf_counter()
+                w0, t0 = time.time(), time.perf_counter()
                 c.migrate(jid)
-                t_off = t_placed = 0.0
                 while True:
                     info = c.status(jid)
-                    now = time.perf_counter() - t0
-                    if not t_off and info.node_id != node:
-                        t_off = now
-                    if not t_placed and info.node_id not in ("", node):
-                        t_placed = now
-                    if info.node_id not in ("", node) and info.state == 2 and info.step > info.checkpoint_step >= step:
+                    if info.node_id not in ("", node) and info.state == 2 and info.step > info.checkpoint_step:
                         break
+                    if time.perf_counter() - t0 > deadline_s:
+                        raise SystemExit(f"migration not done after {deadline_s:g}s: {info}; logs in {run_dir}")
                     time.sleep(0.01)
                 times.append(time.perf_counter() - t0)
-                off.append(t_off)
-                placed.append(t_placed)
+                lost += info.checkpoint_step < step
+                time.sleep(0.5)  # the last timeline lines reach the logs
+                marks.append(_timeline(run_dir, jid, w0, time.time()))
             c.kill(jid)
     finally:
         subprocess.run([tessera, "down"], env=env, capture_output=True)
-    return {"migration_s_median": statistics.median(times), "migration_s_min": min(times),
-            "off_source_s_median": statistics.median(off), "started_on_target_s_median": statistics.median(placed)}
+        if old_run_dir is None:
+            os.environ.pop("TESSERA_RUN_DIR", None)
+        else:
+            os.environ["TESSERA_RUN_DIR"] = old_run_dir
+    keys = [f"src.{e}" for e in SOURCE_EVENTS] + [f"dst.{e}" for e in TARGET_EVENTS]
+    phases = {k: statistics.median(m[k] for m in marks if k in m) for k in keys if any(k in m for m in marks)}
+    return {"migration_s_median": statistics.median(times), "migration_s_min": min(times), "lost_checkpoints": lost,
+            "phases": phases}
 
 
 def main() -> None:
@@ -237,30 +269,42 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--live", action="store_true", help="also time migrations between two node agents")
+    ap.add_argument("--only", nargs="+", choices=("suspend", "restart", "packing", "migration", "simulate"),
+                    help="run only these parts (migration implies --live)")
     args = ap.parse_args()
-    sr = suspend_resume(args.repeat)
-    print(f"suspend/resume, ResNet-18-sized ({sr['params_m']:.1f}M params, checkpoint {sr['checkpoint_mb']:.0f} MiB incl. momentum):"
-          f" suspend {sr['suspend_ms']:.1f} ms + resume {sr['resume_ms']:.1f} ms = {sr['suspend_resume_ms']:.1f} ms"
-          f" (torch.save + torch.load of the same state: {sr['torch_save_load_ms']:.1f} ms); "
-          f"restoring it into a freshly built model and optimizer, as a migrated process does: {sr['fresh_load_ms']:.1f} ms")
-    rs = restart(args.repeat)
-    print(f"restart of a migrated ResNet-18-sized job, checkpoint to restored: in the node's ready runner "
-          f"{rs['ready_runner_s']:.2f} s, in a fresh process {rs['fresh_process_s']:.2f} s "
-          f"(x{rs['fresh_process_s'] / rs['ready_runner_s']:.1f})")
-    pk = packing(args.steps)
-    print(f"packing two tiny jobs on one slot: alone {pk['alone_steps_s']:.0f} steps/s, packed combined "
-          f"{pk['packed_combined_steps_s']:.0f} steps/s (gain x{pk['packing_gain']:.2f})")
-    if args.live:
-        mg = migration(args.repeat)
-        print(f"migration of a ResNet-18-sized job between two node agents: median {mg['migration_s_median']:.2f} s, "
-              f"best {mg['migration_s_min']:.2f} s (MigrateJob call to first mini-batch on the other node); "
-              f"off the source after {mg['off_source_s_median']:.2f} s, started on the target after "
-              f"{mg['started_on_target_s_median']:.2f} s (medians)")
-    for r in simulate():
-        print(f"{r['trace']} {r['policy']:8s} avg JCT {r['avg_jct_h']:.2f} h, median {r['median_jct_h']:.2f}, p95 "
-              f"{r['p95_jct_h']:.2f}, makespan {r['makespan_h']:.1f} h, utilization {r['utilization']:.3f}, "
-              f"allocation while jobs wait {r['allocation_while_waiting']:.3f}, queueing {r['avg_queueing_delay_h']:.2f} h, "
-              f"time to first feedback {r['avg_time_to_first_feedback_h']:.2f} h")
+    parts = set(args.only or ("suspend", "restart", "packing", "simulate", *(("migration",) if args.live else ())))
+    if "suspend" in parts:
+        sr = suspend_resume(args.repeat)
+        print(f"suspend/resume, ResNet-18-sized ({sr['params_m']:.1f}M params, checkpoint {sr['checkpoint_mb']:.0f} MiB incl. momentum):"
+              f" suspend {sr['suspend_ms']:.1f} ms + resume {sr['resume_ms']:.1f} ms = {sr['suspend_resume_ms']:.1f} ms"
+              f" (torch.save + torch.load of the same state: {sr['torch_save_load_ms']:.1f} ms); "
+              f"restoring it into a freshly built model and optimizer, as a migrated process does: {sr['fresh_load_ms']:.1f} ms")
+    if "restart" in parts:
+        rs = restart(args.repeat)
+        print(f"restart of a migrated ResNet-18-sized job, checkpoint to restored: in the node's ready runner "
+              f"{rs['ready_runner_s']:.2f} s, in a fresh process {rs['fresh_process_s']:.2f} s "
+              f"(x{rs['fresh_process_s'] / rs['ready_runner_s']:.1f})")
+    if "packing" in parts:
+        pk = packing(args.steps)
+        print(f"packing two tiny jobs on one slot: alone {pk['alone_steps_s']:.0f} steps/s, packed combined "
+              f"{pk['packed_combined_steps_s']:.0f} steps/s (gain x{pk['packing_gain']:.2f})")
+    if "migration" in parts:
+        # the peer, measured in the same run: the target started only once the source has exited
+        for ahead in (True, False):
+            mg = migration(args.repeat, ahead=ahead)
+            how = "target started ahead, waiting for the checkpoint" if ahead else "target started after the source exited"
+            print(f"migration of a ResNet-18-sized job between two node agents ({how}): median "
+                  f"{mg['migration_s_median']:.2f} s, best {mg['migration_s_min']:.2f} s (MigrateJob call to first "
+                  f"mini-batch on the other node, seen through GetJob); {mg['lost_checkpoints']} restarted from an "
+                  f"older checkpoint than the stop's")
+            print("  medians after the call, s: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                               sorted(mg["phases"].items(), key=lambda kv: kv[1])))
+    if "simulate" in parts:
+        for r in simulate():
+            print(f"{r['trace']} {r['policy']:8s} avg JCT {r['avg_jct_h']:.2f} h, median {r['median_jct_h']:.2f}, p95 "
+                  f"{r['p95_jct_h']:.2f}, makespan {r['makespan_h']:.1f} h, utilization {r['utilization']:.3f}, "
+                  f"allocation while jobs wait {r['allocation_while_waiting']:.3f}, queueing {r['avg_queueing_delay_h']:.2f} h, "
+                  f"time to first feedback {r['avg_time_to_first_feedback_h']:.2f} h")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,18 @@ def test_time_slicing_three_jobs_on_two_slots_all_progress_then_packing_is_tried
     assert all(_state(client, j) == "KILLED" for j in ids)
 
 
-def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, tmp_path: Path) -> None:
+def _timeline(stack: Stack, jid: str) -> dict[str, list[tuple[str, float]]]:
+    """The timeline log lines of ``jid`` in each gpu-scheduler process's log: {log name: [(event, time)]}."""
+    import re
+
+    out: dict[str, list[tuple[str, float]]] = {}
+    for f in sorted((stack.run_dir / "logs").glob("gpu-*.log")):
+        out[f.stem] = [(ev, float(t)) for j, ev, t in re.findall(r"job (\w+) timeline (\w+) ([0-9.]+)", f.read_text())
+                       if j == jid]
+    return out
+
+
+def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:
     ref = _reference(tmp_path, 150, 3)
     out = tmp_path / "out.pt"
     jid = client.submit(entry_point=ENTRY, args=["150", "3", str(out), "0.01"])
@@ -196,6 +207,12 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
     assert info.migrations >= 1 and info.suspensions >= 1  # the admin suspend; a migration is a stop, not a suspend
     assert int(Path(f"{out}.start").read_text()) > held_at  # the process on the new node began from the checkpoint
     assert _same(ref, torch.load(out))
+    # the target process was started while the source still ran, and waited for the checkpoint
+    marks = _timeline(gpu_stack, jid)
+    src = next(v for v in marks.values() if any(ev == "stop" for ev, _ in v))
+    dst = next(v for v in marks.values() if v is not src and any(ev == "waiting" for ev, _ in v))
+    stopped = max(t for ev, t in src if ev == "exited")
+    assert max(t for ev, t in dst if ev == "process") < stopped < max(t for ev, t in dst if ev == "restored")
 
 
 def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:

@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     gpu_scheduler_agent_timeout_s: float = Field(5.0, gt=0, description="gpu-scheduler: a node agent silent this long is dead; its jobs are requeued")
     gpu_scheduler_packing: bool = Field(False, description="gpu-scheduler: pack jobs on shared GPUs when introspection shows a gain")
     gpu_scheduler_prewarm: bool = Field(True, description="gpu-scheduler: a node agent keeps one job runner with torch imported, ready")
+    gpu_scheduler_migrate_ahead: bool = Field(True, description="gpu-scheduler: a migration starts its target process (on free "
+                                              "GPUs) while the source checkpoints; it waits for the checkpoint (false: after the source exits)")
     gpu_scheduler_feedback_stop_below: float = Field(
         0.0, ge=0, le=1, description="gpu-scheduler: early feedback stops a group's job whose reported accuracy is below "
         "this fraction of the group's best (0: never stop; jobs trailing the best by 10% are deprioritized anyway)")

@@ -72,13 +72,14 @@ def state_name(s: int) -> str:
 
 class GpuScheduler:
     def __init__(self, jobs: KV, agents: KV, send: Send, emit: Emit, policy: Policy, *,
-                 agent_timeout_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 agent_timeout_s: float = 5.0, migrate_ahead: bool = True, clock: Callable[[], float] = time.time) -> None:
         self.jobs_kv = jobs
         self.agents_kv = agents
         self.send = send
         self.emit = emit
         self.policy = policy
         self.agent_timeout_s = agent_timeout_s
+        self.migrate_ahead = migrate_ahead
         self.clock = clock
         self.jobs: dict[str, pb.JobInfo] = {}
         self.pair_gains: dict[frozenset[str], float] = {}  # introspection: measured packing gains
@@ -435,13 +436,14 @@ class GpuScheduler:
         target from that checkpoint. Where the target's GPUs are free, the target process starts now, beside the
         stop: it starts up (process, imports, model) while the source checkpoints, and waits for the checkpoint
         (:meth:`_hand_over`). Otherwise it starts once the source has exited."""
+        decided = time.time()
         target = slots[0][0]
         if not j.target_node_id:
             j.target_node_id = target
         ahead = False
         a = self.agents.get(target)
         gpu_ids = [g for _, g in slots]
-        if j.target_node_id == target and all(n == target for n, _ in slots) and a is not None and self._alive(a) \
+        if self.migrate_ahead and j.target_node_id == target and all(n == target for n, _ in slots) and a is not None and self._alive(a) \
                 and all(occupied.get(s, j.job_id) == j.job_id for s in slots) and not j.spec.image:
             ahead = await self._send(target, {**self._start_cmd(j, gpu_ids, ""), "await_checkpoint": True})
         if not await self._send(j.node_id, {"op": "stop", "job_id": j.job_id}):
@@ -455,6 +457,7 @@ class GpuScheduler:
             for s in slots:
                 occupied[s] = j.job_id
         log.info("job %s: migration to node %s decided%s", j.job_id, target[:8], " (target started ahead)" if ahead else "")
+        log.info("job %s timeline decided %.6f", j.job_id, decided)
         await self._save(j)
 
     async def _hand_over(self, j: pb.JobInfo) -> bool:

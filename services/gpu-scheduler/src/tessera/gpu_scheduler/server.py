@@ -129,7 +129,8 @@ def build_scheduler(settings: Settings) -> ServiceApp:
     policy = make_policy(settings.gpu_scheduler_policy, quantum=settings.gpu_scheduler_quantum_s,
                          **(gandiva if settings.gpu_scheduler_policy == "gandiva" else {}))
     sched = GpuScheduler(ControlStoreKV(stub, JOBS_NS, timeout), ControlStoreKV(stub, AGENTS_NS, timeout), send, emit, policy,
-                         agent_timeout_s=settings.gpu_scheduler_agent_timeout_s)
+                         agent_timeout_s=settings.gpu_scheduler_agent_timeout_s,
+                         migrate_ahead=settings.gpu_scheduler_migrate_ahead)
     descriptor_add = pb_grpc.add_GpuSchedulerServiceServicer_to_server
     app.add_servicer(descriptor_add, GpuSchedulerServicer(sched, lock, policy.name), SERVICE)
 
