@@ -171,3 +171,32 @@ async def test_docker_executor_runs_the_image_with_the_job_channel(monkeypatch: 
     transport.close()
     assert not (tmp_path / "jobs" / "j1").exists()
     assert (tmp_path / "logs" / "j1.log").read_bytes() == b"hello from the container\n"
+
+
+async def test_a_job_started_to_await_its_checkpoint_waits_until_handed_one(tmp_path: Any) -> None:
+    """The target of a migration, through a real agent and job process: it waits (no progress) until restore."""
+    import asyncio
+
+    pytest.importorskip("torch")
+    from tessera.common.errors import FailedPreconditionError, NotFoundError
+    from tessera.gpu_scheduler.agent import GpuInfo, NodeAgent
+
+    agent = NodeAgent("n" * 32, GpuInfo(1, "virtual", ["virtual-0"]), work_dir=tmp_path / "w")
+    out = tmp_path / "out.pt"
+    try:
+        await agent.start("j1", {"entry_point": "tessera.gpu_scheduler.examples:train", "args": ["20", "1", str(out)]},
+                          [0], "", await_checkpoint=True)
+        assert agent.snapshot()["jobs"]["j1"]["state"] == "waiting"
+        with pytest.raises(NotFoundError):
+            agent.restore("nope", "")
+        await asyncio.sleep(8.0)  # time enough to import, build and train 20 tiny steps, were it not waiting
+        assert agent.snapshot()["jobs"]["j1"]["step"] == 0 and not out.exists()
+        agent.changed.clear()
+        agent.restore("j1", "")  # no checkpoint: it starts from scratch
+        with pytest.raises(FailedPreconditionError):
+            agent.restore("j1", "")  # handed once
+        await asyncio.wait_for(agent.changed.wait(), 120)  # its exit is reported at once
+        view = agent.snapshot()["jobs"]["j1"]
+        assert (view["state"], view["rc"], view["step"]) == ("exited", 0, 20) and out.exists()
+    finally:
+        await agent.close()

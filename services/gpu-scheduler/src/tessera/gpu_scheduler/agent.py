@@ -114,6 +114,9 @@ class NodeAgent:
         self.node_id = node_id
         self.gpus = gpus
         self.incarnation = uuid.uuid4().hex[:12]
+        # set when a job's state changes in a way the scheduler waits for (an exit, a suspension, an uploaded
+        # checkpoint): the report goes out at once instead of at the next beat
+        self.changed = asyncio.Event()
         self.work_dir = work_dir
         self.ckpt_dir = work_dir / "ckpt"
         self.log_dir = log_dir or work_dir / "logs"
@@ -344,6 +347,7 @@ class NodeAgent:
             p.resume_s = float(ev.get("load_s", 0.0))
         if kind == "suspended":  # its GPUs are free now; the checkpoint's upload follows (ckpt_step tells when)
             p.state = "suspended"
+            self.changed.set()
             p.suspend_s = float(ev.get("save_s", 0.0))
             if t is not None:
                 self._mark(p.job_id, "checkpoint_begin", t - p.suspend_s)
@@ -358,6 +362,7 @@ class NodeAgent:
                     log.info("job %s: %s checkpoint of step %s uploaded in %.3fs", p.job_id, kind, ev.get("step"),
                              time.perf_counter() - t0)
                     p.ckpt_oid, p.ckpt_step = oid.hex(), int(ev.get("step", 0))
+                    self.changed.set()
                     if kind == "suspended":
                         self._mark(p.job_id, "uploaded")
                 except Exception as e:  # the job goes on; its previous checkpoint stands
@@ -383,6 +388,7 @@ class NodeAgent:
         for t in p.side:
             t.cancel()
         p.rc, p.state = rc, "exited"
+        self.changed.set()
         self._mark(p.job_id, "exited")
         log.info("job %s exited with %d", p.job_id, rc)
 

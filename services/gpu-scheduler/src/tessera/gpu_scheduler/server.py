@@ -165,15 +165,18 @@ def build_agent(settings: Settings) -> ServiceApp:
     store: dict[str, Any] = {}
     tasks: list[asyncio.Task[None]] = []
 
-    async def store_client() -> Any:
-        if "client" not in store:
-            node = (await stub.GetNode(cpb.GetNodeRequest(node_id=bytes.fromhex(node_id)), timeout=timeout)).node
-            if not node.object_store_address:
-                raise errors.UnavailableError(f"node {node_id[:8]} has no object store")
-            from tessera._objects import ObjectStoreClient
+    store_lock = asyncio.Lock()  # one client, whoever asks first
 
-            store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address,
-                                                     name=f"gpu-agent-{node_id[:8]}", durable=True)
+    async def store_client() -> Any:
+        async with store_lock:
+            if "client" not in store:
+                node = (await stub.GetNode(cpb.GetNodeRequest(node_id=bytes.fromhex(node_id)), timeout=timeout)).node
+                if not node.object_store_address:
+                    raise errors.UnavailableError(f"node {node_id[:8]} has no object store")
+                from tessera._objects import ObjectStoreClient
+
+                store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address,
+                                                         name=f"gpu-agent-{node_id[:8]}", durable=True)
         return store["client"]
 
     async def upload(path: Path) -> bytes:
@@ -227,16 +230,27 @@ def build_agent(settings: Settings) -> ServiceApp:
 
     async def beat() -> None:
         while True:
+            agent.changed.clear()
             try:
                 await kv.put(node_id, json.dumps(agent.snapshot()).encode())
             except grpc.aio.AioRpcError as e:
                 log.warning("agent report failed: %s", e.details())
-            await asyncio.sleep(settings.gpu_scheduler_tick_s)
+            try:  # every tick, or at once when a job exited, was suspended or uploaded a checkpoint
+                await asyncio.wait_for(agent.changed.wait(), settings.gpu_scheduler_tick_s)
+            except TimeoutError:
+                pass
+
+    async def connect_store() -> None:
+        try:  # ahead of the first checkpoint's upload or fetch, which would pay for it
+            await store_client()
+        except Exception as e:
+            log.info("object store client not ready yet (%s): made at the first checkpoint", e)
 
     async def start() -> None:
         assert app.bus is not None
         await app.bus.subscribe(agent_subject(node_id), on_cmd)
         tasks.append(asyncio.create_task(beat(), name="gpu-agent-report"))
+        tasks.append(asyncio.create_task(connect_store(), name="gpu-agent-store"))
         agent.start_prewarm()
         log.info("gpu agent of node %s: %d %s GPU(s)", node_id[:8], gpus.count, gpus.kind)
 
