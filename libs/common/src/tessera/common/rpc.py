@@ -355,9 +355,9 @@ def _options(service: str | None, idempotent: Iterable[str], max_message_bytes: 
         ("grpc.keepalive_time_ms", 30_000),
         # A peer that is not up yet (services start together) or restarting is tried again after 0.1 s, then
         # less and less often, at least every 2 s: gRPC's defaults (1 s, then up to 120 s) left a service
-        # waiting a second or more after the control store came up.
+        # waiting a second or more after the control store came up. (Not grpc.min_reconnect_backoff_ms: it
+        # is also the time a connection attempt gets, 20 s by default, and a busy peer needs it.)
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if service:
