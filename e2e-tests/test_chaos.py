@@ -378,7 +378,10 @@ def _kill(state: Chaos, target: str) -> tuple[str, int]:
     c = state.cluster
     if target == "worker":
         agent = psutil.Process(c.pid("task-scheduler"))
-        workers = [w for w in agent.children() if w.is_running()]
+        # workers are forked from the agent's worker template (its children), or are its own children when
+        # started as fresh interpreters; the template itself is not a worker
+        workers = [w for w in agent.children(recursive=True) if w.is_running()
+                   and (w.ppid() != agent.pid or "task_scheduler.worker" in " ".join(w.cmdline()))]
         assert workers, "node 0's agent has no worker processes"
         victim = max(workers, key=lambda w: sum(w.cpu_times()[:2]))  # a busy one
         victim.send_signal(signal.SIGKILL)
