@@ -235,7 +235,9 @@ def migration(repeat: int, *, ahead: bool = True, deadline_s: float = 120.0) -> 
             while c.status(jid).step < 3:
                 time.sleep(0.05)
             for _ in range(repeat):
-                time.sleep(2.0)  # let the destination's ready runner come up
+                # let the destination's ready runner come up (it imports torch once the node's jobs made their first
+                # mini-batch: seconds on a loaded host); without one, the target's start-up is a fresh process's
+                time.sleep(8.0)
                 info = c.status(jid)
                 node, step = info.node_id, info.step
                 w0, t0 = time.time(), time.perf_counter()
@@ -261,7 +263,7 @@ def migration(repeat: int, *, ahead: bool = True, deadline_s: float = 120.0) -> 
     keys = [f"src.{e}" for e in SOURCE_EVENTS] + [f"dst.{e}" for e in TARGET_EVENTS]
     phases = {k: statistics.median(m[k] for m in marks if k in m) for k in keys if any(k in m for m in marks)}
     return {"migration_s_median": statistics.median(times), "migration_s_min": min(times), "lost_checkpoints": lost,
-            "phases": phases}
+            "phases": phases, "times": sorted(times)}
 
 
 def main() -> None:
@@ -296,7 +298,7 @@ def main() -> None:
             print(f"migration of a ResNet-18-sized job between two node agents ({how}): median "
                   f"{mg['migration_s_median']:.2f} s, best {mg['migration_s_min']:.2f} s (MigrateJob call to first "
                   f"mini-batch on the other node, seen through GetJob); {mg['lost_checkpoints']} restarted from an "
-                  f"older checkpoint than the stop's")
+                  f"older checkpoint than the stop's; all: {' '.join(f'{t:.2f}' for t in mg['times'])}")
             print("  medians after the call, s: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                sorted(mg["phases"].items(), key=lambda kv: kv[1])))
     if "simulate" in parts:
