@@ -3,7 +3,11 @@
     .venv/bin/python benchmarks/tasks_bench.py [--quick] [--json PATH] [--no-ray]
 
 Tessera: ``tessera up`` (one node, 2 CPUs) in a temporary run directory; cold
-start is ``tessera up`` plus ``tessera.init()`` to the first task's result. Idle
+start is ``tessera up`` plus ``tessera.init()`` to the first task's result. The
+row below it is the CPU time (user and system) every process spent on that cold
+start: the driver, ``tessera up`` and the whole stack (Ray: the driver and every
+process its ``ray.init`` started). It depends little on other load of the
+machine, which can stretch the wall-clock time several times over. Idle
 memory is the proportional set size (PSS) of every process of the stack (NATS,
 Redis, the supervisor, the six services, the node agent's workers), each counted
 once, after a few idle seconds. The last two rows measure cold start and idle
@@ -24,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -85,6 +90,7 @@ def tessera_side(n: int, work: Any, services: str | None = None) -> dict[str, An
     import tessera._api  # the SDK loaded before the clock starts, as Ray's side imports ray before its clock
 
     t = time.perf_counter()
+    cpu0, cli0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     up = subprocess.run([str(BIN / "tessera"), "up", *(["--services", services] if services else [])], env=env,
                         capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
@@ -98,13 +104,17 @@ def tessera_side(n: int, work: Any, services: str | None = None) -> dict[str, An
 
         assert tessera.get(first.remote()) == 1
         cold = time.perf_counter() - t
+        cluster = json.loads((run_dir / "cluster.json").read_text())
+        cli = resource.getrusage(resource.RUSAGE_CHILDREN)  # `tessera up` (the supervisor it left is in the stack)
+        cold_cpu = (time.process_time() - cpu0 + cli.ru_utime - cli0.ru_utime + cli.ru_stime - cli0.ru_stime
+                    + work.cpu_s(_tree([cluster["supervisor_pid"]])))
         time.sleep(3)
         cluster = json.loads((run_dir / "cluster.json").read_text())
         pids = _tree([cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])])
         idle = work.pss_mib(pids)
         arena = work.mapped_pss_mib(pids, ".arena")  # the object store's shared memory (pages touched so far)
         res = work.run(tessera, n) if n else {}
-        res.update(cold_start_s=cold, idle_memory_mib=idle, idle_processes=len(pids),
+        res.update(cold_start_s=cold, cold_start_cpu_s=cold_cpu, idle_memory_mib=idle, idle_processes=len(pids),
                    idle_memory_without_arena_mib=idle - arena, arena_mib=arena)
         return res
     finally:
@@ -134,9 +144,11 @@ ROWS = [
     ("nested 10x100 (tasks/s)", ("nested_10x100_tasks_per_s",), True),
     ("wait(num_returns=1) loop over 1k (tasks/s)", ("wait_loop_1k_tasks_per_s",), True),
     ("cold start to first result (s)", ("cold_start_s",), False),
+    ("  ... CPU time it took, all processes (s)", ("cold_start_cpu_s",), False),
     ("idle memory of the stack (MiB PSS)", ("idle_memory_mib",), False),
     ("  ... without the object arena's pages", ("idle_memory_without_arena_mib",), False),
     ("cold start, task services only (s)", ("task_services", "cold_start_s"), False),
+    ("  ... CPU time it took, all processes (s)", ("task_services", "cold_start_cpu_s"), False),
     ("idle memory, task services only (MiB PSS)", ("task_services", "idle_memory_mib"), False),
 ]
 
