@@ -99,3 +99,40 @@ def test_up_with_a_subset_of_services_runs_tasks(tmp_path: Path) -> None:
     finally:
         down = _cli(env, "down")
     assert down.returncode == 0 and "Tessera is down" in down.stdout
+
+
+def test_a_cluster_brought_up_again_keeps_its_nodes_and_durable_objects(tmp_path: Path) -> None:
+    """`down` then `up` in the same run directory: the control store comes back from its AOF, so the
+    nodes keep their ids and each object store takes back its durable objects, which every reference
+    kept in the control store (compiled artifacts, serving parameters, checkpoints) names."""
+    import numpy as np
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+    env.update(TESSERA_RUN_DIR=str(tmp_path))
+    args = ("up", "--nodes", "2", "--services", "control-store,object-store")
+
+    def plan() -> dict[str, dict[str, str]]:
+        procs = json.loads((tmp_path / "cluster.json").read_text())["procs"]
+        return {p["name"]: p for p in procs if p["name"].startswith("object-store")}
+
+    value = np.arange(100_000, dtype=np.float32)
+    up = _cli(env, *args)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        first = plan()
+        with tessera.ObjectStoreClient(first["object-store-1"]["address"], durable=True) as c:
+            ref = c.put(value)
+    finally:
+        down = _cli(env, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    up = _cli(env, *args, "--nodes", "3")  # a third node is new; the first two are the same nodes again
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        again = plan()
+        assert [again[n]["node_id"] for n in first] == [first[n]["node_id"] for n in first]
+        assert again["object-store-2"]["node_id"] not in {p["node_id"] for p in first.values()}
+        with tessera.ObjectStoreClient(again["object-store"]["address"]) as c:  # pulled from node 1's disk copy
+            np.testing.assert_array_equal(c.get(ref, timeout=30), value)
+    finally:
+        down = _cli(env, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
