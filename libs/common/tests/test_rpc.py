@@ -50,6 +50,9 @@ class Probe:
     async def long(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise errors.InvalidArgumentError(f"name {'s' * 70_000!r} is too long")
 
+    async def timed_out(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise TimeoutError("object 52e9 not available within 30s")
+
     async def boom(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("kaput")
 
@@ -101,6 +104,7 @@ def _handler(probe: Probe) -> grpc.GenericRpcHandler:
         "Raise": uu(probe.raise_domain),
         "Long": uu(probe.long),
         "Boom": uu(probe.boom),
+        "TimedOut": uu(probe.timed_out),
         "KeyError": uu(probe.key_error),
         "Abort": uu(probe.explicit_abort),
         "Downstream": uu(probe.downstream),
@@ -223,6 +227,14 @@ async def test_a_dependency_unavailable_is_unavailable_not_internal(served: Serv
             await _uu(ch, "Downstream")(b"", timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert e.value.details().startswith(f"a dependency of /{SERVICE}/Downstream is unavailable: ")
+
+
+async def test_a_timeout_waiting_for_a_dependency_is_unavailable_not_internal(served: Served) -> None:
+    async with rpc.aio_channel(served.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _uu(ch, "TimedOut")(b"")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "timed out waiting for a dependency: TimeoutError: object 52e9 not available" in e.value.details()
 
 
 async def test_explicit_abort_is_kept(served: Served) -> None:

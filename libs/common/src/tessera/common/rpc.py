@@ -79,6 +79,10 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
         log.warning("%s: a dependency is unavailable: %s", method, exc.details())  # type: ignore[attr-defined]
         await context.abort(grpc.StatusCode.UNAVAILABLE, errors.bounded(
             f"a dependency of {method} is unavailable: {exc.details()}"))  # type: ignore[attr-defined]
+    if isinstance(exc, TimeoutError):  # something this handler waited for (an object, a peer) did not come in time
+        log.warning("%s: timed out waiting: %s", method, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, errors.bounded(
+            f"{method} timed out waiting for a dependency: {type(exc).__name__}: {exc}"))
     log.exception("unexpected error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, errors.bounded(f"internal error in {method}: {type(exc).__name__}: {exc}"))
 
