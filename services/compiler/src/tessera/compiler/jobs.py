@@ -220,8 +220,21 @@ class Compiler:
         if include_bundle:
             if info.state != pb.ARTIFACT_STATE_READY:
                 raise FailedPreconditionError(f"artifact {aid} is {pb.ArtifactState.Name(info.state)}, not READY")
-            bundle = await self.blobs.get(info.object_id)
+            bundle = await self._bundle(info)
         return info, bundle
+
+    async def _bundle(self, info: pb.ArtifactInfo) -> bytes:
+        """The compiled bundle of a READY artifact. One that cannot be had (its object store lost it) turns
+        the artifact FAILED, so that compiling the model again builds it anew instead of finding it READY."""
+        try:
+            return await self.blobs.get(info.object_id)
+        except TimeoutError as e:
+            lost = pb.ArtifactInfo()
+            lost.CopyFrom(info)
+            lost.state, lost.error = pb.ARTIFACT_STATE_FAILED, f"its compiled bundle is lost ({e}); compile it again"
+            await self.meta.put(info.artifact_id, lost.SerializeToString())
+            log.warning("artifact %s: bundle %s lost: %s", info.artifact_id, info.object_id.hex(), e)
+            raise FailedPreconditionError(f"artifact {info.artifact_id}: {lost.error}") from None
 
     async def _model(self, aid: str) -> tuple[pb.ArtifactInfo, CompiledModel]:
         async with self._load_lock:
@@ -231,7 +244,7 @@ class Compiler:
             if info.state != pb.ARTIFACT_STATE_READY:
                 raise FailedPreconditionError(f"artifact {aid} is {pb.ArtifactState.Name(info.state)}, not READY")
             if aid not in self._loaded:
-                bundle = await self.blobs.get(info.object_id)
+                bundle = await self._bundle(info)
                 self._loaded[aid] = await asyncio.to_thread(load_artifact, bundle, self.cache_dir)
                 while len(self._loaded) > self._loaded_max:
                     self._loaded.popitem(last=False)

@@ -23,7 +23,7 @@ import numpy as np
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.serving.v1 import serving_pb2 as pb
-from tessera.common.errors import NotFoundError, UnavailableError
+from tessera.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,15 @@ class ClusterStore:
         from tessera._objects import ObjectRef
 
         refs = [ObjectRef(o) for o in oids if o is not None]
-        values = await asyncio.to_thread(client.get, refs, timeout=30.0)
+        try:
+            values = await asyncio.to_thread(client.get, refs, timeout=30.0)
+        except TimeoutError as e:  # the objects are gone (a node that never came back): forget them, so the
+            # next registration finds them missing and uploads them again instead of waiting for them forever
+            await asyncio.gather(*(self.stub.KvDelete(cpb.KvDeleteRequest(namespace=PARAMS, key=h.encode()),
+                                                      timeout=self.timeout) for h in hashes))
+            log.warning("parameters %s... could not be read (%s): forgotten", ", ".join(hashes[:3]), e)
+            raise FailedPreconditionError(f"parameters could not be read from the object store ({e}); they are "
+                                          "forgotten: register the pipeline again to upload them") from None
         return dict(zip(hashes, values, strict=True))
 
     async def close(self) -> None:
