@@ -64,7 +64,7 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
             port = procs.free_port()
             ps.append(Proc(f"redis-{i}", "redis", port, address=f"127.0.0.1:{port}"))
             redis_urls.append(f"redis://127.0.0.1:{port}/0")
-    node_ids = run.node_ids(nodes, lambda: ids.new_id("node_id").hex())
+    node_ids = [ids.new_id("node_id").hex() for _ in range(nodes)]
     for name in services:
         if name in PER_NODE:
             for i, node in enumerate(node_ids):

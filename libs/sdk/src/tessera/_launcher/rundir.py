@@ -18,16 +18,12 @@ import os
 import secrets
 import shutil
 import signal
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tessera.common import names  # not auth.py: the supervisor imports neither gRPC nor pydantic
 from tessera.common.names import CLUSTER_FILE, SERVICES
-
-#: The node ids of this run directory, kept across `tessera down` and `up` (in data/).
-NODES_FILE = "nodes.json"
 
 
 def module_of(service: str) -> str:
@@ -122,23 +118,6 @@ class RunDir:
         except (FileNotFoundError, ValueError):
             return 0
         return pid if alive(pid) else 0
-
-    def node_ids(self, n: int, new: Callable[[], str]) -> list[str]:
-        """The ids of nodes 0..n-1: the same on every ``up`` in this run directory (``data/nodes.json``),
-        ``new()`` for nodes it never had. The control store keeps its state across ``down`` and ``up``
-        (Redis AOF), and each object store takes back the durable objects of its node (spill folder),
-        so a node keeps its identity as if its processes had only restarted."""
-        path = self.data / NODES_FILE
-        try:
-            known = [str(x) for x in json.loads(path.read_text())]
-        except (FileNotFoundError, ValueError, TypeError):
-            known = []
-        out = known[:n] + [new() for _ in range(n - len(known))]
-        if len(out) > len(known):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out))
-            os.replace(tmp, path)
-        return out
 
     def clear(self) -> None:
         for f in (self.cluster_file, self.pid_file):
