@@ -42,7 +42,7 @@ class Blobs:
         self.objects[oid] = data
         return oid
 
-    async def get(self, object_id: bytes) -> bytes:
+    async def get(self, object_id: bytes, timeout: float = 30.0) -> bytes:
         if object_id not in self.objects:
             raise NotFoundError(f"no object {object_id.hex()}")
         return self.objects[object_id]

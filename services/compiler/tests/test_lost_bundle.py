@@ -31,7 +31,7 @@ class LostBlobs:
     async def put(self, data: bytes) -> bytes:
         raise AssertionError("nothing is stored")
 
-    async def get(self, object_id: bytes) -> bytes:
+    async def get(self, object_id: bytes, timeout: float = 30.0) -> bytes:
         raise TimeoutError(f"object {object_id.hex()} not available within 30s")
 
 

@@ -48,8 +48,11 @@ class MetadataStore(Protocol):
 class BlobStore(Protocol):
     async def put(self, data: bytes) -> bytes: ...
 
-    async def get(self, object_id: bytes) -> bytes: ...
+    async def get(self, object_id: bytes, timeout: float = 30.0) -> bytes: ...
 
+
+#: How long a Compile that finds its artifact READY waits for the artifact's bundle before building anew.
+CACHE_CHECK_S = 5.0
 
 Enqueue = Callable[[bytes, str], Awaitable[None]]  # (job bytes, dedupe id)
 Heartbeat = Callable[[], Awaitable[None]]
@@ -143,6 +146,11 @@ class Compiler:
         graph = await asyncio.to_thread(parse_model, req.format, req.model, list(req.inputs))
         aid = artifact_id(graph, target)
         existing = await self.info(aid)
+        if existing is not None and existing.state == pb.ARTIFACT_STATE_READY and aid not in self._loaded:
+            try:  # READY in the control store, but its bundle may have been lost with a node since
+                await self._model(aid, timeout=CACHE_CHECK_S)
+            except FailedPreconditionError:
+                existing = await self.info(aid)  # now FAILED: built again below
         if existing is not None and existing.state != pb.ARTIFACT_STATE_FAILED:
             return existing, True
         model_oid = await self.blobs.put(req.model)
@@ -223,11 +231,11 @@ class Compiler:
             bundle = await self._bundle(info)
         return info, bundle
 
-    async def _bundle(self, info: pb.ArtifactInfo) -> bytes:
+    async def _bundle(self, info: pb.ArtifactInfo, timeout: float = 30.0) -> bytes:
         """The compiled bundle of a READY artifact. One that cannot be had (its object store lost it) turns
         the artifact FAILED, so that compiling the model again builds it anew instead of finding it READY."""
         try:
-            return await self.blobs.get(info.object_id)
+            return await self.blobs.get(info.object_id, timeout=timeout)
         except TimeoutError as e:
             lost = pb.ArtifactInfo()
             lost.CopyFrom(info)
@@ -236,7 +244,7 @@ class Compiler:
             log.warning("artifact %s: bundle %s lost: %s", info.artifact_id, info.object_id.hex(), e)
             raise FailedPreconditionError(f"artifact {info.artifact_id}: {lost.error}") from None
 
-    async def _model(self, aid: str) -> tuple[pb.ArtifactInfo, CompiledModel]:
+    async def _model(self, aid: str, timeout: float = 30.0) -> tuple[pb.ArtifactInfo, CompiledModel]:
         async with self._load_lock:
             info = await self.info(aid)
             if info is None:
@@ -244,7 +252,7 @@ class Compiler:
             if info.state != pb.ARTIFACT_STATE_READY:
                 raise FailedPreconditionError(f"artifact {aid} is {pb.ArtifactState.Name(info.state)}, not READY")
             if aid not in self._loaded:
-                bundle = await self._bundle(info)
+                bundle = await self._bundle(info, timeout)
                 self._loaded[aid] = await asyncio.to_thread(load_artifact, bundle, self.cache_dir)
                 while len(self._loaded) > self._loaded_max:
                     self._loaded.popitem(last=False)

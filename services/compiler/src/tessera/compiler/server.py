@@ -94,11 +94,11 @@ class ObjectStoreBlobs:
         await asyncio.to_thread(c.flush)
         return bytes(ref.id)
 
-    async def get(self, object_id: bytes) -> bytes:
+    async def get(self, object_id: bytes, timeout: float = 30.0) -> bytes:
         from tessera._objects import ObjectRef
 
         c = await self._get_client()
-        value = await asyncio.to_thread(c.get, ObjectRef(object_id), timeout=30.0)
+        value = await asyncio.to_thread(c.get, ObjectRef(object_id), timeout=timeout)
         return bytes(value)
 
     def close(self) -> None:
