@@ -24,10 +24,13 @@ from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.serving.v1 import serving_pb2 as pb
 from tessera.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from tessera.common.ids import OBJECT_ID_LEN
 
 log = logging.getLogger(__name__)
 
 PIPELINES = "serving-pipelines"
+#: How long a parameter array the registry names but this node lacks may take to arrive before it counts as lost.
+CHECK_S = 5.0
 PARAMS = "serving-params"
 
 
@@ -89,7 +92,35 @@ class ClusterStore:
 
     async def missing(self, hashes: list[str]) -> list[str]:
         found = await asyncio.gather(*(self.object_id(h) for h in hashes))
-        return [h for h, oid in zip(hashes, found, strict=True) if oid is None]
+        known = {h: oid for h, oid in zip(hashes, found, strict=True) if oid is not None}
+        lost = await self._unreadable(known) if known else []
+        return [h for h in hashes if h not in known or h in lost]
+
+    async def _unreadable(self, known: dict[str, bytes]) -> list[str]:
+        """The parameters the registry names but no object store can give (lost with a node that is gone,
+        e.g. after the cluster was brought up again): forgotten, so that they are uploaded again."""
+        client = await self._client()
+        malformed = [h for h, oid in known.items() if len(oid) != OBJECT_ID_LEN]  # not written by a replica
+        valid = {h: oid for h, oid in known.items() if h not in malformed}
+        here = await asyncio.to_thread(client.contains, list(valid.values())) if valid else []
+        elsewhere = [h for h, present in zip(valid, here, strict=True) if not present]
+        if not elsewhere:
+            return await self._forget(malformed)
+        from tessera._objects import ObjectRef
+
+        try:  # held by another node: pulled here now, which loading them needs anyway
+            await asyncio.to_thread(client.get, [ObjectRef(valid[h]) for h in elsewhere], timeout=CHECK_S)
+            return await self._forget(malformed)
+        except TimeoutError:
+            return await self._forget(malformed + elsewhere)
+
+    async def _forget(self, hashes: list[str]) -> list[str]:
+        if hashes:
+            await asyncio.gather(*(self.stub.KvDelete(cpb.KvDeleteRequest(namespace=PARAMS, key=h.encode()),
+                                                      timeout=self.timeout) for h in hashes))
+            log.warning("%d parameter arrays named in the registry could not be read: forgotten, to be uploaded "
+                        "again", len(hashes))
+        return hashes
 
     async def store_params(self, arrays: dict[str, np.ndarray]) -> int:
         """Put the arrays the cluster lacks into the object store; returns how many were new."""
