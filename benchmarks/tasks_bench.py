@@ -56,23 +56,11 @@ def _workload() -> Any:
     return mod
 
 
-def _tree(pids: list[int]) -> list[int]:
+def _tree(work: Any, pids: list[int]) -> list[int]:
     """``pids`` and all their descendants, each once (a service is both listed and the supervisor's child)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                ppid = int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    out: dict[int, None] = {}
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out[pid] = None
-            todo += children.get(pid, [])
+    out = dict.fromkeys(pids)
+    for pid in pids:
+        out.update(dict.fromkeys(work.descendants(pid)))
     return list(out)
 
 
@@ -107,10 +95,10 @@ def tessera_side(n: int, work: Any, services: str | None = None) -> dict[str, An
         cluster = json.loads((run_dir / "cluster.json").read_text())
         cli = resource.getrusage(resource.RUSAGE_CHILDREN)  # `tessera up` (the supervisor it left is in the stack)
         cold_cpu = (time.process_time() - cpu0 + cli.ru_utime - cli0.ru_utime + cli.ru_stime - cli0.ru_stime
-                    + work.cpu_s(_tree([cluster["supervisor_pid"]])))
+                    + work.cpu_s(_tree(work, [cluster["supervisor_pid"]])))
         time.sleep(3)
         cluster = json.loads((run_dir / "cluster.json").read_text())
-        pids = _tree([cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])])
+        pids = _tree(work, [cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])])
         idle = work.pss_mib(pids)
         arena = work.mapped_pss_mib(pids, ".arena")  # the object store's shared memory (pages touched so far)
         res = work.run(tessera, n) if n else {}

@@ -14,23 +14,13 @@ import asyncio
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ports import Meta
 
 from tessera.api.compiler.v1 import compiler_pb2 as pb
 from tessera.common.errors import InvalidArgumentError, NotFoundError
 from tessera.compiler.jobs import MAX_TUNING_BUDGET_S, Compiler
 
 MODEL = b"the bytes of a model"  # not a graph: a job for it must end FAILED, not raise
-
-
-class Meta:
-    def __init__(self) -> None:
-        self.records: dict[str, bytes] = {}
-
-    async def get(self, artifact_id: str) -> bytes | None:
-        return self.records.get(artifact_id)
-
-    async def put(self, artifact_id: str, value: bytes) -> None:
-        self.records[artifact_id] = value
 
 
 class Blobs:

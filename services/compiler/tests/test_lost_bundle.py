@@ -6,23 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ports import Meta
 
 from tessera.api.compiler.v1 import compiler_pb2 as pb
 from tessera.common.errors import FailedPreconditionError
 from tessera.compiler.jobs import Compiler
 
 LOST = b"l" * 20
-
-
-class Meta:
-    def __init__(self) -> None:
-        self.records: dict[str, bytes] = {}
-
-    async def get(self, artifact_id: str) -> bytes | None:
-        return self.records.get(artifact_id)
-
-    async def put(self, artifact_id: str, value: bytes) -> None:
-        self.records[artifact_id] = value
 
 
 class LostBlobs:
