@@ -94,7 +94,7 @@ def train(dataset_id: str, steps: str = "300", lr: str = "0.01", seed: str = "0"
     import torch
 
     from tessera import gpu
-    from tessera._objects import local_object_store_address
+    from tessera.client.objects import local_object_store_address
 
     with tessera.ObjectStoreClient(local_object_store_address()) as store:
         data = store.get(tessera.ObjectRef(bytes.fromhex(dataset_id)), timeout=60)

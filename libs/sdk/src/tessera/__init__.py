@@ -20,7 +20,7 @@ __path__ = extend_path(__path__, __name__)
 if TYPE_CHECKING:
     from tessera import exceptions
     from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait
-    from tessera._objects import ObjectRef, ObjectStoreClient
+    from tessera.client.objects import ObjectRef, ObjectStoreClient
     from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
     from tessera.client import Client, ClusterNotFoundError, Event, connect
 
@@ -31,7 +31,7 @@ _LAZY = {
     "exceptions": "tessera.exceptions",
     **dict.fromkeys(["cancel", "get", "get_actor", "init", "is_initialized", "kill", "put", "shutdown", "wait"],
                     "tessera._api"),
-    **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera._objects"),
+    **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera.client.objects"),
     **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "remote"], "tessera._remote"),
     **dict.fromkeys(["Client", "ClusterNotFoundError", "Event", "connect"], "tessera.client"),
 }

@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 
-from tessera import _objects
+from tessera.client import objects as _objects
 from tessera._core import Core
 from tessera._framing import SocketConnection
-from tessera._objects import ObjectRef, ObjectStoreClient
+from tessera.client.objects import ObjectRef, ObjectStoreClient
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb

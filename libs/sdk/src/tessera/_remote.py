@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 
 from tessera import _api
-from tessera._objects import ObjectRef
+from tessera.client.objects import ObjectRef
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids

@@ -85,7 +85,7 @@ class GpuClient:
         Raises:
             LookupError: the job has no checkpoint in the object store yet.
         """
-        from tessera._objects import ObjectRef, ObjectStoreClient, local_object_store_address
+        from tessera.client.objects import ObjectRef, ObjectStoreClient, local_object_store_address
         from tessera.gpu import _ckpt
 
         j = self.status(job_id)

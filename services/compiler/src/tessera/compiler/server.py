@@ -82,7 +82,7 @@ class ObjectStoreBlobs:
     async def _get_client(self) -> Any:
         async with self._lock:
             if self._client is None:
-                from tessera._objects import ObjectStoreClient
+                from tessera.client.objects import ObjectStoreClient
 
                 addr = await self._address()
                 self._client = await asyncio.to_thread(ObjectStoreClient, addr, name="compiler", durable=True)
@@ -95,7 +95,7 @@ class ObjectStoreBlobs:
         return bytes(ref.id)
 
     async def get(self, object_id: bytes, timeout: float = 30.0) -> bytes:
-        from tessera._objects import ObjectRef
+        from tessera.client.objects import ObjectRef
 
         c = await self._get_client()
         value = await asyncio.to_thread(c.get, ObjectRef(object_id), timeout=timeout)

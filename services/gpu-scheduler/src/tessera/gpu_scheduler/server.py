@@ -173,7 +173,7 @@ def build_agent(settings: Settings) -> ServiceApp:
                 node = (await stub.GetNode(cpb.GetNodeRequest(node_id=bytes.fromhex(node_id)), timeout=timeout)).node
                 if not node.object_store_address:
                     raise errors.UnavailableError(f"node {node_id[:8]} has no object store")
-                from tessera._objects import ObjectStoreClient
+                from tessera.client.objects import ObjectStoreClient
 
                 store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address,
                                                          name=f"gpu-agent-{node_id[:8]}", durable=True)
@@ -197,7 +197,7 @@ def build_agent(settings: Settings) -> ServiceApp:
         return await asyncio.to_thread(put)
 
     async def fetch(oid: bytes, path: Path) -> None:
-        from tessera._objects import ObjectRef
+        from tessera.client.objects import ObjectRef
 
         client = await store_client()
 

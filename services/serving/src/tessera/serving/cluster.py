@@ -74,7 +74,7 @@ class ClusterStore:
                 insts = [i for i in resp.instances if i.hostname == here] or list(resp.instances)
                 if not insts:
                     raise UnavailableError("no object store is registered in the cluster")
-                from tessera._objects import ObjectStoreClient
+                from tessera.client.objects import ObjectStoreClient
 
                 addr = insts[0].address
                 self._objects = await asyncio.to_thread(ObjectStoreClient, addr, name="serving", durable=True)
@@ -106,7 +106,7 @@ class ClusterStore:
         elsewhere = [h for h, present in zip(valid, here, strict=True) if not present]
         if not elsewhere:
             return await self._forget(malformed)
-        from tessera._objects import ObjectRef
+        from tessera.client.objects import ObjectRef
 
         try:  # held by another node: pulled here now, which loading them needs anyway
             await asyncio.to_thread(client.get, [ObjectRef(valid[h]) for h in elsewhere], timeout=CHECK_S)
@@ -151,7 +151,7 @@ class ClusterStore:
         if lost:
             raise NotFoundError(f"parameters missing from the cluster: {', '.join(lost[:5])}")
         client = await self._client()
-        from tessera._objects import ObjectRef
+        from tessera.client.objects import ObjectRef
 
         refs = [ObjectRef(o) for o in oids if o is not None]
         try:

@@ -1,4 +1,4 @@
-"""Objects: ``tessera.put`` / ``tessera.get`` over the node's object store.
+"""Objects: the public object-store client (`tessera.put` / `tessera.get` and services alike) over the node's object store.
 
 Large values are written straight into the node's shared-memory arena and read
 back in place: numpy arrays returned by ``get`` are read-only views of shared
