@@ -10,9 +10,10 @@ import tessera.client
 
 EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
                     "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
-                    "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
-EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectLostError", "ObjectStoreFullError", "TaskCancelledError",
-                       "TaskError", "TaskUnschedulableError", "TesseraSDKError", "WorkerCrashedError"]
+                    "internal", "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
+                       "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
+                       "WorkerCrashedError"]
 EXPECTED_CLIENT = ["Client", "ClusterInfo", "ClusterNotFoundError", "Event", "connect", "find_cluster"]
 
 #: Every distribution contributes one subpackage of the shared ``tessera`` namespace.

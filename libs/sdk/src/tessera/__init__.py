@@ -18,17 +18,18 @@ from typing import TYPE_CHECKING, Any
 __path__ = extend_path(__path__, __name__)
 
 if TYPE_CHECKING:
-    from tessera import exceptions
+    from tessera import exceptions, internal
     from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait
-    from tessera.client.objects import ObjectRef, ObjectStoreClient
     from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
     from tessera.client import Client, ClusterNotFoundError, Event, connect
+    from tessera.client.objects import ObjectRef, ObjectStoreClient
 
 __version__ = "0.1.0"
 
 #: Where each public name lives.
 _LAZY = {
     "exceptions": "tessera.exceptions",
+    "internal": "tessera.internal",
     **dict.fromkeys(["cancel", "get", "get_actor", "init", "is_initialized", "kill", "put", "shutdown", "wait"],
                     "tessera._api"),
     **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera.client.objects"),
@@ -38,7 +39,7 @@ _LAZY = {
 
 __all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
            "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
-           "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+           "internal", "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
 
 
 def __getattr__(name: str) -> Any:
@@ -46,7 +47,7 @@ def __getattr__(name: str) -> Any:
     if where is None:
         raise AttributeError(f"module 'tessera' has no attribute {name!r}")
     module = import_module(where)
-    value = module if name == "exceptions" else getattr(module, name)
+    value = module if name in ("exceptions", "internal") else getattr(module, name)
     globals()[name] = value  # once loaded, a plain attribute
     return value
 

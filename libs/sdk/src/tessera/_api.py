@@ -14,15 +14,15 @@ from typing import Any
 
 import grpc
 
-from tessera.client import objects as _objects
 from tessera._core import Core
 from tessera._framing import SocketConnection
-from tessera.client.objects import ObjectRef, ObjectStoreClient
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
+from tessera.client import objects as _objects
 from tessera.client._discovery import find_cluster
+from tessera.client.objects import ObjectRef, ObjectStoreClient
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
 from tessera.common.registry import control_store_stub
@@ -289,6 +289,8 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
                     cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
         _state = st
         _objects.escape_hook = core.escape
+        _objects.counter = core.refs
+        core.start_refs()
 
 
 def _entrypoint() -> str:
@@ -305,6 +307,8 @@ def attach_worker(core: Core, *, object_store_address: str, control_store_addres
                         object_store_address=object_store_address,
                         inline_threshold=current_settings().object_store_inline_threshold, cluster_key=control_store_address)
         _objects.escape_hook = core.escape
+        _objects.counter = core.refs
+        core.start_refs()
 
 
 def is_initialized() -> bool:
@@ -314,11 +318,18 @@ def is_initialized() -> bool:
 def shutdown() -> None:
     """Disconnect this driver (its unfinished tasks are abandoned)."""
     global _state
+    st = _state
+    if st is not None and st.session is not None:  # a driver: what it owns goes with it
+        try:
+            st.core.release_all(f"owner died: the driver of job {st.core.job_id.hex()} exited")
+        except Exception as e:
+            log.warning("could not free this driver's objects: %s", e)
     with _state_lock:
         st, _state = _state, None
     if st is None:
         return
     _objects.escape_hook = None
+    _objects.counter = None
     st.core.close()
     if st._objects is not None:
         try:
@@ -391,7 +402,10 @@ def put(value: Any) -> ObjectRef:
     st = _state
     if st is None:
         return _objects.put(value)
-    return st.objects().put(value)
+    st.core.flush_frees(records=False)  # what was dropped makes room first
+    oid = ids.new_id("object_id")
+    st.core.refs.own_put(oid)
+    return st.objects().put(value, object_id=oid)
 
 
 def cancel(ref: ObjectRef, *, force: bool = False) -> None:
@@ -435,3 +449,11 @@ def get_actor(name: str, *, namespace: str = "") -> Any:
 
 def _check_id(oid: bytes) -> bytes:
     return ids.check_id("object_id", oid)
+
+
+def free(refs: ObjectRef | Sequence[ObjectRef]) -> None:
+    """Free objects now, every copy (``tessera.internal.free``, Ray's ``ray.internal.free``): a later get of one,
+    anywhere, fails with ObjectFreedError. Freeing twice does nothing."""
+    items, _ = _as_list(refs, "tessera.internal.free")
+    if items:
+        state().core.free_now([r.id for r in items])

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tessera._refcount import FreeBatch, RefCounter
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
@@ -28,6 +29,7 @@ from tessera.common.telemetry import current_traceparent
 from tessera.exceptions import (
     ActorDiedError,
     GetTimeoutError,
+    ObjectFreedError,
     ObjectLostError,
     TaskCancelledError,
     TaskError,
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 E = pb.ErrorKind
 #: How long a get of a stored object waits before checking whether it was lost.
 LOST_CHECK_S = 1.0
+#: How often the owner counts dropped refs and frees what nothing references.
+REFS_EVERY_S = 0.02
 FOREVER_S = 365 * 24 * 3600.0
 
 
@@ -133,11 +137,18 @@ class Core:
         self._rebuilding: dict[bytes, float] = {}
         self.escaped: set[bytes] = set()  # refs serialized elsewhere before their value arrived
         self.stored: set[bytes] = set()  # small values this owner put in the object store
+        self.refs = RefCounter(track_borrows=worker)
+        self._unsent: list[FreeBatch] = []  # frees the object store did not take yet (restarting)
+        self._free_lock = threading.Lock()
+        self._refs_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, spec: pb.TaskSpec) -> list[bytes]:
-        """Send ``spec`` (now, or once the tasks it depends on have finished); its return ids."""
+    def submit(self, spec: pb.TaskSpec, nested: Sequence[bytes] = ()) -> list[bytes]:
+        """Send ``spec`` (now, or once the tasks it depends on have finished); its return ids.
+
+        ``nested``: refs serialized inside its argument values (the task holds them until it ends).
+        """
         if self.closed:
             raise TesseraSDKError("tessera is shut down: call tessera.init() first")
         spec.job_id = self.job_id
@@ -146,6 +157,9 @@ class Core:
         spec.traceparent = current_traceparent()  # a task submitted under a span runs in its trace
         tid = spec.task_id
         returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
+        self.refs.own_task(tid, returns, [a.object_id for a in spec.args if a.WhichOneof("kind") == "object_id"],
+                           nested)
+        self.flush_frees(records=False)
         with self.cond:
             state = self._resolve(spec) if spec.args else "ready"
             if state == "held":
@@ -192,7 +206,10 @@ class Core:
 
     def _fail_locally(self, spec: pb.TaskSpec, err: pb.TaskError, name: str) -> None:
         for i in range(spec.num_returns):
-            self.results[ids.object_id(spec.task_id, i + 1)] = _Result("e", error=err, name=name)
+            oid = ids.object_id(spec.task_id, i + 1)
+            if self.refs.freed_reason(oid) is None:
+                self.results[oid] = _Result("e", error=err, name=name)
+        self.refs.task_ended(spec.task_id)
         self.cond.notify_all()
 
     def _send(self, frame: pb.ClientFrame) -> None:
@@ -212,16 +229,27 @@ class Core:
         """Results from the agent (called by the transport's reader thread)."""
         released: list[pb.TaskSpec] = []
         promote: list[tuple[bytes, bytes]] = []
+        late: list[bytes] = []  # stored after their refs were all dropped: free them again
+        refs = self.refs
         with self.cond:
             for r in results:
                 spec = self.pending.pop(r.task_id, None)
                 name = spec.name if spec is not None else ""
+                refs.task_ended(r.task_id, r.borrowed_object_ids)
                 if r.HasField("error"):
                     n = spec.num_returns if spec is not None else max(1, len(r.returns))
                     for i in range(n):
-                        self.results[ids.object_id(r.task_id, i + 1)] = _Result("e", error=r.error, name=name)
+                        oid = ids.object_id(r.task_id, i + 1)
+                        if refs.freed_reason(oid) is None:
+                            self.results[oid] = _Result("e", error=r.error, name=name)
                     continue
                 for v in r.returns:
+                    if refs.freed_reason(v.object_id) is not None:
+                        if v.stored:
+                            late.append(v.object_id)
+                        continue
+                    if v.stored:
+                        refs.stored(v.object_id)
                     self.results[v.object_id] = _Result("s", name=name) if v.stored else _Result("v", v.value)
                     if v.object_id in self.escaped and not v.stored:
                         self.escaped.discard(v.object_id)
@@ -242,6 +270,9 @@ class Core:
             client = self._objects()
             for oid, data in promote:
                 client.put_inline(oid, data)
+        if late:
+            with self._free_lock:
+                self._unsent.append(FreeBatch(stored=late))
 
     def escape(self, oid: bytes) -> None:
         """A ref to ``oid`` is leaving this process: small values live only here, so store them for others.
@@ -249,6 +280,7 @@ class Core:
         Values too large to travel inline are in the object store already; results not
         back yet are stored when they arrive.
         """
+        self.refs.escaped(oid)
         with self.cond:
             r = self.results.get(oid)
             if r is None:
@@ -259,6 +291,7 @@ class Core:
                 return
             self.stored.add(oid)
             data = r.data
+        self.refs.stored(oid)
         self._objects().put_inline(oid, data)
 
     def _known(self, oid: bytes) -> bool:
@@ -276,6 +309,9 @@ class Core:
 
     def _get_one(self, ref: ObjectRefLike, deadline: float, timeout: float | None) -> Any:
         oid = ref.id
+        why = self.refs.freed_reason(oid)
+        if why is not None:
+            raise ObjectFreedError(f"object {oid.hex()} was freed ({why}): it cannot be read")
         with self.cond:
             r = self.results.get(oid)
             if r is None and self._known(oid):
@@ -456,6 +492,74 @@ class Core:
             stub.RemoveObjectLocations(cpb.RemoveObjectLocationsRequest(
                 locations=[cpb.ObjectLocation(object_id=oid, node_id=n) for n in gone]), timeout=10.0)
         return False
+
+    # ------------------------------------------------------------------ reference counting
+
+    def start_refs(self) -> None:
+        """Count dropped refs and free what nothing references, every REFS_EVERY_S, in the background."""
+        if self._refs_thread is None:
+            self._refs_thread = threading.Thread(target=self._refs_loop, name="tessera-refs", daemon=True)
+            self._refs_thread.start()
+
+    def _refs_loop(self) -> None:
+        while not self.closed:
+            time.sleep(REFS_EVERY_S)
+            try:
+                self.flush_frees(records=True)
+            except Exception as e:  # the store may be restarting: the frees wait in _unsent
+                log.debug("could not free objects yet: %s", e)
+
+    def flush_frees(self, *, records: bool = True) -> None:
+        """Free what the refs dropped so far leave unreferenced (synchronously: the next put finds room)."""
+        batch = self.refs.process(records=records)
+        with self._free_lock:
+            if batch:
+                self._drop_results(batch)
+                self._unsent.append(batch)
+            if not self._unsent:
+                return
+            todo, self._unsent = self._unsent, []
+            try:
+                self._send_frees(todo)
+            except BaseException:
+                self._unsent[:0] = todo
+                raise
+
+    def _drop_results(self, batch: FreeBatch) -> None:
+        with self.cond:
+            for oid in (*batch.local, *batch.stored, *batch.shared):
+                self.results.pop(oid, None)
+                self.stored.discard(oid)
+                self.escaped.discard(oid)
+
+    def _send_frees(self, todo: list[FreeBatch]) -> None:
+        stored = [o for b in todo for o in b.stored]
+        shared = [o for b in todo for o in b.shared]
+        tasks = [t for b in todo for t in b.task_ids]
+        if not (stored or shared or tasks):
+            return
+        client = self._objects()
+        reason = next((b.reason for b in todo if b.shared), "")
+        if shared:
+            client.free(shared, task_ids=tasks, remember=True, reason=reason)
+            tasks = []
+        if stored or tasks:
+            client.free(stored, task_ids=tasks)
+
+    def free_now(self, oids: Sequence[bytes]) -> None:
+        """``tessera.internal.free``: every copy goes now; gets of these objects fail with ObjectFreedError."""
+        batch = self.refs.free_now(oids)
+        with self._free_lock:
+            self._drop_results(batch)
+            self._send_frees([batch])
+
+    def release_all(self, reason: str) -> None:
+        """The owner exits: what it owns goes with it (borrowers' gets fail with OwnerDiedError)."""
+        batch = self.refs.release_all(reason)
+        with self._free_lock:
+            todo, self._unsent = [*self._unsent, batch], []
+            self._drop_results(batch)
+            self._send_frees(todo)
 
     # ------------------------------------------------------------------ life
 

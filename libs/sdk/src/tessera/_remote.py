@@ -13,9 +13,9 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 
 from tessera import _api
-from tessera.client.objects import ObjectRef
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.client.objects import ObjectRef
 from tessera.common import ids
 from tessera.common.errors import InvalidArgumentError
 from tessera.common.serialization import serialize
@@ -109,26 +109,31 @@ def _ship_local_module(obj: Any) -> None:
 _by_value: set[str] = set()
 
 
-def _args(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[pb.Arg]:
+def _args(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[pb.Arg], list[bytes]]:
+    """The task's arguments, and the refs serialized inside their values (the task holds them while it runs)."""
     st = _api.state()
     limit = st.inline_threshold
     out: list[pb.Arg] = []
     items: list[tuple[str, Any]] = [("", a) for a in args] + list(kwargs.items())
-    for i, (kw, v) in enumerate(items):
-        if isinstance(v, ObjectRef):
-            out.append(pb.Arg(object_id=v.id, keyword=kw))
-            continue
-        try:
-            ser = serialize(v)
-        except InvalidArgumentError as e:
-            which = f"argument {kw!r}" if kw else f"argument {i}"
-            raise TypeError(f"{which} of {name} cannot be serialized: {e}") from None
-        if ser.size <= limit:
-            out.append(pb.Arg(value=ser.to_bytes(), keyword=kw))
-        else:  # large: through the object store, read in place by the worker
-            ref = st.objects().put_serialized(ids.new_id("object_id"), ser)
-            out.append(pb.Arg(object_id=ref.id, keyword=kw))
-    return out
+    refs = st.core.refs
+    with refs.capture() as nested:
+        for i, (kw, v) in enumerate(items):
+            if isinstance(v, ObjectRef):
+                out.append(pb.Arg(object_id=v.id, keyword=kw))
+                continue
+            try:
+                ser = serialize(v)
+            except InvalidArgumentError as e:
+                which = f"argument {kw!r}" if kw else f"argument {i}"
+                raise TypeError(f"{which} of {name} cannot be serialized: {e}") from None
+            if ser.size <= limit:
+                out.append(pb.Arg(value=ser.to_bytes(), keyword=kw))
+            else:  # large: through the object store, read in place by the worker (freed when the task ends)
+                oid = ids.new_id("object_id")
+                refs.own_put(oid)
+                st.objects().put_serialized(oid, ser)
+                out.append(pb.Arg(object_id=oid, keyword=kw))
+    return out, nested
 
 
 def _refs(returns: list[bytes], num_returns: int) -> Any:
@@ -177,9 +182,11 @@ class RemoteFunction(Generic[T]):
         spec = pb.TaskSpec()
         spec.CopyFrom(t)
         spec.task_id = os.urandom(ids.TASK_ID_LEN)
+        nested: list[bytes] = []
         if args or kwargs:
-            spec.args.extend(_args(t.name, args, kwargs))
-        return _refs(st.core.submit(spec), t.num_returns)
+            a, nested = _args(t.name, args, kwargs)
+            spec.args.extend(a)
+        return _refs(st.core.submit(spec, nested), t.num_returns)
 
 
 class ActorClass:
@@ -223,12 +230,13 @@ class ActorClass:
                 raise ValueError(f"an actor named {name!r} already exists (namespace {namespace!r})") from None
             raise
         cname = f"{self._exported.name}.__init__"
+        spec_args, nested = _args(cname, args, kwargs)
         spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_CREATE, function_id=fid,
-                           name=cname, args=_args(cname, args, kwargs), num_returns=1,
+                           name=cname, args=spec_args, num_returns=1,
                            resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
                            actor_name=name, namespace=namespace, max_retries=0,
                            detached=o.get("lifetime") == "detached")
-        ready = st.core.submit(spec)
+        ready = st.core.submit(spec, nested)
         h = ActorHandle(actor_id, methods, self._exported.name)
         h._ready = ObjectRef(ready[0])
         return h
@@ -284,10 +292,11 @@ class ActorMethod:
         h = self._handle
         num_returns = int(self._options.get("num_returns", 1))
         name = f"{h._class_name}.{self._name}"
+        spec_args, nested = _args(name, args, kwargs)
         spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_METHOD, name=name,
-                           method=self._name, args=_args(name, args, kwargs), num_returns=num_returns,
+                           method=self._name, args=spec_args, num_returns=num_returns,
                            actor_id=h._actor_id, caller=h._caller, seq=h._next_seq())
-        return _refs(st.core.submit(spec), num_returns)
+        return _refs(st.core.submit(spec, nested), num_returns)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor method {self._name} cannot be called directly: use .{self._name}.remote(...)")

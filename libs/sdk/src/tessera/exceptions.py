@@ -19,6 +19,14 @@ class ObjectLostError(TesseraSDKError):
     """No copy of the object is left anywhere."""
 
 
+class ObjectFreedError(ObjectLostError):
+    """The object was freed (``tessera.internal.free``, or its last reference went): it cannot be read."""
+
+
+class OwnerDiedError(ObjectFreedError):
+    """The process that owned the object exited or died, and the object went with it."""
+
+
 class TaskError(TesseraSDKError):
     """A task raised. ``get`` raises an instance that is also of the original exception's type where possible.
 
@@ -56,5 +64,6 @@ class TaskUnschedulableError(TesseraSDKError):
     """No node in the cluster has the resources the task asks for."""
 
 
-__all__ = ["ActorDiedError", "GetTimeoutError", "ObjectLostError", "ObjectStoreFullError", "TaskCancelledError",
-           "TaskError", "TaskUnschedulableError", "TesseraSDKError", "WorkerCrashedError"]
+__all__ = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
+           "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
+           "WorkerCrashedError"]

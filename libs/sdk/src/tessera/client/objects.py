@@ -21,7 +21,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import grpc
 import numpy as np
@@ -35,7 +35,10 @@ from tessera.client._discovery import find_cluster
 from tessera.common import ids, rpc
 from tessera.common.registry import control_store_stub
 from tessera.common.serialization import deserialize, serialize
-from tessera.exceptions import GetTimeoutError, ObjectStoreFullError
+from tessera.exceptions import GetTimeoutError, ObjectFreedError, ObjectStoreFullError, OwnerDiedError
+
+if TYPE_CHECKING:
+    from tessera._refcount import RefCounter
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,31 @@ SERVICE = "tessera.object_store.v1.ObjectStoreService"
 OWNED_CACHE_BYTES = 64 * 2**20
 #: Small puts sent per PutObjects call.
 BATCH_MAX = 1024
+#: Ids per FreeObjects call.
+FREE_BATCH = 5000
 IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 FOREVER_S = 365 * 24 * 3600.0
 
 
 class ObjectRef:
-    """A reference to an immutable object in the cluster (20-byte id)."""
+    """A reference to an immutable object in the cluster (20-byte id).
 
-    __slots__ = ("_id",)
+    Its owner counts live refs (``counter``, set by ``tessera.init`` and in workers): once none is left
+    anywhere, the object is freed, every copy on every node.
+    """
+
+    __slots__ = ("_id", "_c")
 
     def __init__(self, object_id: bytes) -> None:
         self._id = ids.check_id("object_id", bytes(object_id))
+        c = self._c = counter
+        if c is not None:
+            c.born(self._id)
+
+    def __del__(self) -> None:
+        c = self._c
+        if c is not None:
+            c.died(self._id)
 
     @property
     def id(self) -> bytes:
@@ -81,12 +98,23 @@ class ObjectRef:
 
 #: Called with an object id whenever an ObjectRef is serialized (set by the task API's owner).
 escape_hook: Callable[[bytes], None] | None = None
+#: This process's reference counts (set by ``tessera.init`` and in workers; None: refs are not counted).
+counter: RefCounter | None = None
+
+
+def freed_error(message: str) -> Exception:
+    """ObjectFreedError, or OwnerDiedError when the object went with its owner."""
+    if "(owner died" in message:
+        return OwnerDiedError(message)
+    return ObjectFreedError(message)
 
 
 def _map_error(e: grpc.RpcError) -> Exception:
     code = e.code()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return GetTimeoutError(e.details())  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.NOT_FOUND and " was freed (" in (e.details() or ""):  # type: ignore[attr-defined]
+        return freed_error(e.details())  # type: ignore[attr-defined]
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ObjectStoreFullError(e.details())  # type: ignore[attr-defined]
     return e
@@ -385,6 +413,30 @@ class ObjectStoreClient:
                 data = self._owned.pop(oid, None)
                 self._owned_bytes -= len(data) if data is not None else 0
         return int(self._stub.DeleteObjects(pb.DeleteObjectsRequest(object_ids=ids_)).deleted)
+
+    def free(self, object_ids: Sequence[bytes], *, task_ids: Sequence[bytes] = (), remember: bool = False,
+             reason: str = "") -> int:
+        """Reference counting: drop every copy of these objects (a viewed one once its views go) and their
+        records, with the lineage records in ``task_ids``; ``remember``: refs may exist elsewhere, their gets
+        fail at once. Pins this client dropped are released first. Returns the copies dropped here now."""
+        with self._lock:
+            for oid in object_ids:
+                data = self._owned.pop(oid, None)
+                self._owned_bytes -= len(data) if data is not None else 0
+            releases, self._releases = self._releases, []
+        total = 0
+        for i in range(0, max(len(object_ids), len(task_ids), 1), FREE_BATCH):
+            req = pb.FreeObjectsRequest(session_id=self.session_id, release_object_ids=releases if i == 0 else (),
+                                        object_ids=object_ids[i:i + FREE_BATCH], task_ids=task_ids[i:i + FREE_BATCH],
+                                        remember=remember, reason=reason)
+            try:
+                total += int(self._stub.FreeObjects(req).freed)
+            except grpc.RpcError as e:
+                if i == 0:
+                    self._releases_back(releases)
+                if not self._session_lost(e):
+                    raise _map_error(e) from None
+        return total
 
     def contains(self, object_ids: Sequence[bytes]) -> list[bool]:
         """Whether each object is in this store and readable (sealed, in memory or spilled)."""

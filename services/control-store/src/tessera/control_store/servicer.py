@@ -113,6 +113,10 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
     async def DeleteObjects(self, request: pb.DeleteObjectsRequest, context: Ctx) -> pb.DeleteObjectsResponse:
         return pb.DeleteObjectsResponse(deleted=await self.store.delete_objects(request.object_ids))
 
+    async def FreeObjects(self, request: pb.FreeObjectsRequest, context: Ctx) -> pb.FreeObjectsResponse:
+        return pb.FreeObjectsResponse(freed=await self.store.free_objects(request.object_ids, request.task_ids,
+                                                                          request.reason, remember=request.remember))
+
     # actors
     async def CreateActor(self, request: pb.CreateActorRequest, context: Ctx) -> pb.CreateActorResponse:
         return pb.CreateActorResponse(actor=await self.store.create_actor(request.actor))

@@ -33,6 +33,9 @@ MAX_BATCH = 10_000
 MAX_KV_KEY = 1024
 MAX_KV_VALUE = 4 * 1024 * 1024  # bulk bytes belong in the object store
 MAX_CODE = 16 * 1024 * 1024
+#: How long a freed object's id is remembered (so a late get fails at once instead of waiting for it).
+FREED_TTL_S = 3600
+MAX_REASON = 512
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
 _INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
@@ -481,8 +484,13 @@ class ControlStore:
         await self.events.emit("objects", _UPDATED, [(o.object_id, o.SerializeToString()) for o in changed])
         return [o.object_id for o in changed if not o.locations]
 
+    @staticmethod
+    def _freed_key(oid: bytes) -> bytes:
+        return b"object-freed:" + oid.hex().encode()
+
     async def get_objects(self, object_ids: Sequence[bytes]) -> list[pb.ObjectInfo]:
-        """Known objects among ``object_ids``, in request order; unknown ones are omitted."""
+        """Known objects among ``object_ids``, in request order; unknown ones are omitted. An object freed
+        within the last ``FREED_TTL_S`` comes back with no locations and ``freed_reason`` set."""
         _batch(object_ids, "GetObjects")
         for o in object_ids:
             idc.check_id("object_id", o)
@@ -494,16 +502,59 @@ class ControlStore:
                 info, where = self._okeys(object_ids[p])
                 pipe.hget(info, "r")
                 pipe.smembers(where)
+                pipe.get(self._freed_key(object_ids[p]))
             res = await pipe.execute()
             for j, p in enumerate(pos):
-                raw, where = res[2 * j], res[2 * j + 1]
+                raw, where, freed = res[3 * j], res[3 * j + 1], res[3 * j + 2]
                 if raw is not None:
                     rec = pb.ObjectInfo.FromString(raw)
                     rec.locations.extend(sorted(where))
                     out[p] = rec
+                elif freed is not None:
+                    oid = object_ids[p]
+                    out[p] = pb.ObjectInfo(object_id=oid, producer_task_id=idc.producer_task_id(oid),
+                                           freed_reason=freed.decode(errors="replace") or "freed")
 
         await guard(asyncio.gather(*(run(s, p) for s, p in self.db.group(object_ids).items())))
         return [o for o in out if o is not None]
+
+    async def free_objects(self, object_ids: Sequence[bytes], task_ids: Sequence[bytes] = (),
+                           reason: str = "", *, remember: bool = False) -> int:
+        """Reference counting: drop the records of objects nothing references (and of the lineage only they
+        needed), announce them on ``tessera.events.objects.deleted`` so every node drops its copies, and with
+        ``remember`` keep their ids as freed for ``FREED_TTL_S`` (refs to them may live elsewhere: a get then
+        fails at once). Owners remember only what left their process, so Redis stays flat under churn.
+        Freeing twice changes nothing."""
+        if not object_ids and not task_ids:
+            raise InvalidArgumentError("FreeObjects: give object_ids or task_ids")
+        if object_ids:
+            _batch(object_ids, "FreeObjects")
+        if task_ids:
+            _batch(task_ids, "FreeObjects")
+        for o in object_ids:
+            idc.check_id("object_id", o)
+        for t in task_ids:
+            idc.check_id("task_id", t)
+        if len(reason) > MAX_REASON:
+            raise InvalidArgumentError(f"reason is {len(reason)} characters; at most {MAX_REASON}")
+        why = (reason or "freed").encode()
+        n = 0
+
+        async def run(shard: int, pos: list[int]) -> int:
+            pipe = self.db.clients[shard].pipeline(transaction=False)
+            for p in pos:
+                pipe.delete(*self._okeys(object_ids[p]))
+                if remember:
+                    pipe.set(self._freed_key(object_ids[p]), why, ex=FREED_TTL_S)
+            res = await pipe.execute()
+            return sum(1 for r in res[0::2 if remember else 1] if r)
+
+        if object_ids:
+            n = sum(await guard(asyncio.gather(*(run(s, p) for s, p in self.db.group(object_ids).items()))))
+            await self.events.emit("objects", _DELETED, [(o, b"") for o in object_ids])
+        if task_ids:
+            await self.tasks.delete_many(list(task_ids))
+        return n
 
     async def delete_objects(self, object_ids: Sequence[bytes]) -> int:
         _batch(object_ids, "DeleteObjects")

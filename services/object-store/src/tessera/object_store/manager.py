@@ -64,6 +64,7 @@ class ObjectEntry:
     spill_path: Path | None = None
     creator: str | None = None  # the session writing a created object, if known
     durable: bool = False  # its file in the spill directory is kept while it is in the arena too
+    doomed: bool = False  # freed while pinned or being written: deleted once unpinned (sealed)
 
     @property
     def pin_count(self) -> int:
@@ -199,6 +200,8 @@ class ObjectManager:
         self._forget_creator(e)
         self._lru[object_id] = e
         self._emit("sealed", e)
+        if e.doomed:  # freed while it was being written: nothing can read it
+            self.delete(object_id)
         return e
 
     def abort(self, object_id: bytes) -> None:
@@ -232,6 +235,18 @@ class ObjectManager:
         del self._objects[object_id]
         self._emit("deleted", e)
         return True
+
+    def free(self, object_id: bytes) -> bool:
+        """Reference counting freed the object: drop it now, or once its last pin is released (once sealed,
+        if being written). True if it was dropped now. Unknown objects and repeated frees change nothing."""
+        idc.check_id("object_id", object_id)
+        e = self._objects.get(object_id)
+        if e is None:
+            return False
+        if e.pins or e.state == CREATED:
+            e.doomed = True
+            return False
+        return self.delete(object_id)
 
     # ================================================================== reads
 
@@ -516,6 +531,8 @@ class ObjectManager:
         self._pinned_bytes -= e.size
         e.last_access = self.clock()
         self._lru[e.object_id] = e
+        if e.doomed:  # freed while viewed: its last view is gone
+            self.delete(e.object_id)
 
     def _forget_pin(self, session: str, object_id: bytes) -> None:
         oids = self._session_pins.get(session)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,6 +77,9 @@ class Directory(Protocol):
 Fetch = Callable[[str, bytes], AsyncIterator[Chunk]]
 
 POLL_S = 0.05
+#: How many freed ids a node remembers, so a copy that arrives after its free (a late pull, a task's return
+#: stored after its owner dropped it) is dropped at once.
+FREED_MEMORY = 100_000
 FLUSH_S = 0.005  # let a burst of seals share one location report
 FLUSH_MAX = 512
 
@@ -96,6 +100,8 @@ class NodeObjectStore:
         self._outbox: list[tuple[str, bytes, int, str]] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._freed: OrderedDict[bytes, str] = OrderedDict()  # object id -> why it was freed (bounded)
+        self.frees = 0
 
     # ------------------------------------------------------------------ events from memory management
 
@@ -161,6 +167,41 @@ class NodeObjectStore:
                 self._outbox[:0] = batch
                 raise
 
+    # ------------------------------------------------------------------ reference counting
+
+    def free(self, object_ids: list[bytes], reason: str = "") -> int:
+        """Drop this node's copies of freed objects (a pinned one once its last view goes) and remember the
+        ids, so a copy that arrives later is dropped too and a get fails at once. Returns copies dropped now."""
+        for oid in object_ids:
+            ids.check_id("object_id", oid)
+        n = 0
+        for oid in object_ids:
+            self._freed[oid] = reason or "freed"
+            self._freed.move_to_end(oid)
+            pull = self._pulling.pop(oid, None)
+            if pull is not None:
+                pull.cancel()
+            n += self.manager.free(oid)
+            ev = self._sealed.pop(oid, None)
+            if ev is not None:  # wake its waiters: they find it freed
+                ev.set()
+        while len(self._freed) > FREED_MEMORY:
+            self._freed.popitem(last=False)
+        self.frees += n
+        return n
+
+    def freed_reason(self, object_id: bytes) -> str | None:
+        return self._freed.get(object_id)
+
+    def _check_not_freed(self, object_id: bytes) -> None:
+        why = self._freed.get(object_id)
+        if why is not None:
+            raise NotFoundError(freed_message(object_id, why))
+
+    def _drop_if_freed(self, object_id: bytes) -> None:
+        if object_id in self._freed:
+            self.manager.free(object_id)
+
     # ------------------------------------------------------------------ writes
 
     def put_inline(self, object_id: bytes, data: bytes, owner: str, session: str, pin: bool, *,
@@ -169,6 +210,7 @@ class NodeObjectStore:
         self.manager.put_inline(object_id, data, owner, durable=durable)
         if pin:
             self.manager.pin(object_id, session)
+        self._drop_if_freed(object_id)
 
     def create(self, object_id: bytes, size: int, owner: str, session: str) -> int:
         """Allocate; if ``session`` ends before the seal, the object is aborted."""
@@ -180,6 +222,7 @@ class NodeObjectStore:
         self.manager.seal(object_id, durable=durable)
         if pin:
             self.manager.pin(object_id, session)
+        self._drop_if_freed(object_id)
 
     # ------------------------------------------------------------------ reads
 
@@ -226,8 +269,9 @@ class NodeObjectStore:
     async def _await_local(self, oid: bytes, deadline: float) -> None:
         while True:
             e = self.manager.get_entry(oid)
-            if e is not None and e.state in ("sealed", "spilled"):
+            if e is not None and e.state in ("sealed", "spilled") and not e.doomed:
                 return
+            self._check_not_freed(oid)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(oid.hex())
@@ -304,6 +348,7 @@ class NodeObjectStore:
                 raise DataLossError(f"{oid.hex()} from {address}: got {written} bytes, expected "
                                     f"{entry.size if entry else '?'}")
             self.manager.seal(oid)
+            self._drop_if_freed(oid)
             return True
         except BaseException:
             if offset is not None and self.manager.get_entry(oid) is not None:
@@ -331,3 +376,8 @@ class NodeObjectStore:
                 yield Chunk(e.size, off, view, crc32c(view), e.owner)
         finally:
             self.manager.release(oid, session)
+
+
+def freed_message(object_id: bytes, reason: str) -> str:
+    """The NOT_FOUND message of a get of a freed object (clients tell freed from owner-died by it)."""
+    return f"object {object_id.hex()} was freed ({reason or 'freed'})"

@@ -22,13 +22,15 @@ from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import RETRY_FIRST_S, ServiceApp, next_retry
 from tessera.object_store.arena import Arena
 from tessera.object_store.manager import ObjectManager
-from tessera.object_store.node import Chunk, NodeObjectStore
+from tessera.object_store.node import Chunk, NodeObjectStore, freed_message
 from tessera.object_store.servicer import ObjectStoreServicer
 from tessera.object_store.wire import decode_chunk
 
 NAME = "object-store"
 SERVICE = "tessera.object_store.v1.ObjectStoreService"
 IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
+#: Ids per FreeObjects call to the control store (its batch limit is 10,000).
+BATCH = 5000
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class ClusterDirectory:
         objs = (await self.stub.GetObjects(cpb.GetObjectsRequest(object_ids=[object_id]))).objects
         if not objs:
             return False, []
+        if objs[0].freed_reason:
+            raise NotFoundError(freed_message(object_id, objs[0].freed_reason))
         addrs = [await self._address(n) for n in objs[0].locations if n != self.node_id]
         return True, [a for a in addrs if a]
 
@@ -80,6 +84,13 @@ class ClusterDirectory:
             return []
         locs = [cpb.ObjectLocation(object_id=object_id, node_id=node)]
         return list((await self.stub.RemoveObjectLocations(cpb.RemoveObjectLocationsRequest(locations=locs))).lost_object_ids)
+
+    async def free(self, object_ids: list[bytes], task_ids: list[bytes], reason: str, remember: bool) -> None:
+        """The cluster forgets freed objects (and the lineage only they needed); every node drops its copies."""
+        for i in range(0, max(len(object_ids), len(task_ids)), BATCH):
+            await self.stub.FreeObjects(cpb.FreeObjectsRequest(object_ids=object_ids[i:i + BATCH],
+                                                               task_ids=task_ids[i:i + BATCH], reason=reason,
+                                                               remember=remember))
 
     async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None:
         if self.app.bus is None:
@@ -161,7 +172,8 @@ def build(settings: Settings) -> ServiceApp:
                                             chunk_bytes=settings.object_store_chunk_bytes)
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject"]),
-                     ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=settings.object_store_memory), SERVICE)
+                     ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=settings.object_store_memory,
+                                         forget=directory.free), SERVICE)
     tasks: list[asyncio.Task[None]] = []
 
     async def register_node() -> None:
@@ -187,10 +199,23 @@ def build(settings: Settings) -> ServiceApp:
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.details())
 
+    async def on_freed(data: bytes) -> None:
+        """Objects freed anywhere in the cluster (their records deleted): drop the copies held here."""
+        try:
+            ev = cpb.ChangeEvent.FromString(data)
+        except Exception:
+            log.warning("ignoring a malformed objects.deleted event")
+            return
+        oids = [c.key for c in ev.changes if len(c.key) == ids.OBJECT_ID_LEN]
+        if oids:
+            node.free(oids)
+
     async def start() -> None:
         if settings.object_store_prefault:
             await asyncio.to_thread(arena.prefault)
         node.start()
+        if app.bus is not None:
+            await app.bus.subscribe("tessera.events.objects.deleted", on_freed)
         tasks.append(asyncio.create_task(register_node(), name="node-registration"))
 
     async def stop() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc.aio
@@ -12,19 +12,24 @@ import grpc.aio
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
-from tessera.common.errors import FailedPreconditionError, TesseraError
+from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, TesseraError
 from tessera.object_store.node import NodeObjectStore
 from tessera.object_store.wire import encode_chunk
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
+#: forget(object_ids, task_ids, reason, remember): the cluster drops the records of freed objects (the control store).
+Forget: TypeAlias = Callable[[list[bytes], list[bytes], str, bool], Awaitable[None]]
 #: Longest a GetObjects waits when neither the request nor the deadline bounds it.
 MAX_WAIT_S = 3600.0
+MAX_REASON = 512
 
 
 class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
-    def __init__(self, node: NodeObjectStore, *, arena_path: str, arena_size: int) -> None:
+    def __init__(self, node: NodeObjectStore, *, arena_path: str, arena_size: int,
+                 forget: Forget | None = None) -> None:
         self.node = node
+        self.forget = forget
         self.arena_path = arena_path
         self.arena_size = arena_size
         self.sessions: set[str] = set()
@@ -108,6 +113,24 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
             ids.check_id("object_id", oid)
         n = sum(1 for oid in request.object_ids if self.node.manager.delete(oid))
         return pb.DeleteObjectsResponse(deleted=n)
+
+    async def FreeObjects(self, request: pb.FreeObjectsRequest, context: Ctx) -> pb.FreeObjectsResponse:
+        for oid in (*request.release_object_ids, *request.object_ids):
+            ids.check_id("object_id", oid)
+        for tid in request.task_ids:
+            ids.check_id("task_id", tid)
+        if not request.object_ids and not request.task_ids:
+            raise InvalidArgumentError("FreeObjects: give object_ids or task_ids")
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgumentError(f"reason is {len(request.reason)} characters; at most {MAX_REASON}")
+        if request.release_object_ids:
+            sid = self._session(request.session_id)
+            for oid in request.release_object_ids:
+                self.node.manager.release(oid, sid)
+        n = self.node.free(list(request.object_ids), request.reason) if request.object_ids else 0
+        if self.forget is not None:
+            await self.forget(list(request.object_ids), list(request.task_ids), request.reason, request.remember)
+        return pb.FreeObjectsResponse(freed=n)
 
     async def ContainsObjects(self, request: pb.ContainsObjectsRequest, context: Ctx) -> pb.ContainsObjectsResponse:
         for oid in request.object_ids:

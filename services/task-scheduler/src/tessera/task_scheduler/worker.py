@@ -25,9 +25,9 @@ from opentelemetry.trace import SpanKind
 
 from tessera import _api
 from tessera._core import Core
-from tessera.client.objects import ObjectRef
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids
 from tessera.common.config import Settings
 from tessera.common.serialization import deserialize, serialize
@@ -194,6 +194,8 @@ class Worker:
             if spec is None:
                 return
             result = self.run(spec)
+            # refs it still holds (an actor's state) or passed on: their owners keep those objects
+            result.borrowed_object_ids.extend(self.core.refs.borrowed_report())
             try:
                 self.conn.send(pb.ClientFrame(done=[result]))
             except OSError:

@@ -494,12 +494,15 @@ class ObjectInfo(_message.Message):
     LOCATIONS_FIELD_NUMBER: _builtins.int
     PRODUCER_TASK_ID_FIELD_NUMBER: _builtins.int
     CREATED_MS_FIELD_NUMBER: _builtins.int
+    FREED_REASON_FIELD_NUMBER: _builtins.int
     object_id: _builtins.bytes
     """20 bytes: producing task id + 4-byte return index"""
     size: _builtins.int
     owner: _builtins.str
     producer_task_id: _builtins.bytes
     created_ms: _builtins.int
+    freed_reason: _builtins.str
+    """a freed object (no record left, no locations): why it was freed"""
     @_builtins.property
     def locations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """node ids holding a copy"""
@@ -513,10 +516,11 @@ class ObjectInfo(_message.Message):
         locations: _abc.Iterable[_builtins.bytes] | None = ...,
         producer_task_id: _builtins.bytes = ...,
         created_ms: _builtins.int = ...,
+        freed_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ms", b"created_ms", "locations", b"locations", "object_id", b"object_id", "owner", b"owner", "producer_task_id", b"producer_task_id", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ms", b"created_ms", "freed_reason", b"freed_reason", "locations", b"locations", "object_id", b"object_id", "owner", b"owner", "producer_task_id", b"producer_task_id", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1508,6 +1512,62 @@ class DeleteObjectsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteObjectsResponse: _TypeAlias = DeleteObjectsResponse  # noqa: Y015
+
+@_typing.final
+class FreeObjectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_IDS_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """why, as a get of one of them reports it: "freed" (the default) or "owner died: ..." """
+    remember: _builtins.bool
+    """remember the ids as freed for a while (refs to them may still exist elsewhere): a later get fails at once"""
+    @_builtins.property
+    def object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """their records and copies go; their ids are remembered as freed"""
+
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """lineage records no live object needs any more"""
+
+    def __init__(
+        self,
+        *,
+        object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        task_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        reason: _builtins.str = ...,
+        remember: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object_ids", b"object_ids", "reason", b"reason", "remember", b"remember", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeObjectsRequest: _TypeAlias = FreeObjectsRequest  # noqa: Y015
+
+@_typing.final
+class FreeObjectsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_FIELD_NUMBER: _builtins.int
+    freed: _builtins.int
+    """object records removed"""
+    def __init__(
+        self,
+        *,
+        freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeObjectsResponse: _TypeAlias = FreeObjectsResponse  # noqa: Y015
 
 @_typing.final
 class CreateActorRequest(_message.Message):

@@ -126,6 +126,11 @@ class ControlStoreServiceStub:
                 request_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.DeleteObjectsRequest.SerializeToString,
                 response_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.DeleteObjectsResponse.FromString,
                 _registered_method=True)
+        self.FreeObjects = channel.unary_unary(
+                '/tessera.control_store.v1.ControlStoreService/FreeObjects',
+                request_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.FreeObjectsRequest.SerializeToString,
+                response_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.FreeObjectsResponse.FromString,
+                _registered_method=True)
         self.CreateActor = channel.unary_unary(
                 '/tessera.control_store.v1.ControlStoreService/CreateActor',
                 request_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.CreateActorRequest.SerializeToString,
@@ -306,6 +311,14 @@ class ControlStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreeObjects(self, request, context):
+        """Reference counting: an owner frees objects nothing references any more (every copy, their records, the
+        lineage they alone needed). Freed ids are remembered for a while, so a late get fails at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateActor(self, request, context):
         """Actors
         """
@@ -474,6 +487,11 @@ def add_ControlStoreServiceServicer_to_server(servicer, server):
                     servicer.DeleteObjects,
                     request_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.DeleteObjectsRequest.FromString,
                     response_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.DeleteObjectsResponse.SerializeToString,
+            ),
+            'FreeObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreeObjects,
+                    request_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.FreeObjectsRequest.FromString,
+                    response_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.FreeObjectsResponse.SerializeToString,
             ),
             'CreateActor': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateActor,
@@ -1024,6 +1042,33 @@ class ControlStoreService:
             '/tessera.control_store.v1.ControlStoreService/DeleteObjects',
             tessera_dot_control__store_dot_v1_dot_control__store__pb2.DeleteObjectsRequest.SerializeToString,
             tessera_dot_control__store_dot_v1_dot_control__store__pb2.DeleteObjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreeObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.control_store.v1.ControlStoreService/FreeObjects',
+            tessera_dot_control__store_dot_v1_dot_control__store__pb2.FreeObjectsRequest.SerializeToString,
+            tessera_dot_control__store_dot_v1_dot_control__store__pb2.FreeObjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

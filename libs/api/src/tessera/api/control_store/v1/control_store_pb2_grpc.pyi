@@ -61,6 +61,10 @@ class ControlStoreServiceStub:
     RemoveObjectLocations: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.RemoveObjectLocationsRequest, _control_store_pb2.RemoveObjectLocationsResponse]
     GetObjects: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.GetObjectsRequest, _control_store_pb2.GetObjectsResponse]
     DeleteObjects: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.DeleteObjectsRequest, _control_store_pb2.DeleteObjectsResponse]
+    FreeObjects: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.FreeObjectsRequest, _control_store_pb2.FreeObjectsResponse]
+    """Reference counting: an owner frees objects nothing references any more (every copy, their records, the
+    lineage they alone needed). Freed ids are remembered for a while, so a late get fails at once.
+    """
     CreateActor: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.CreateActorRequest, _control_store_pb2.CreateActorResponse]
     """Actors"""
     GetActor: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.GetActorRequest, _control_store_pb2.GetActorResponse]
@@ -106,6 +110,10 @@ class ControlStoreServiceAsyncStub(ControlStoreServiceStub):
     RemoveObjectLocations: _aio.UnaryUnaryMultiCallable[_control_store_pb2.RemoveObjectLocationsRequest, _control_store_pb2.RemoveObjectLocationsResponse]  # type: ignore[assignment]
     GetObjects: _aio.UnaryUnaryMultiCallable[_control_store_pb2.GetObjectsRequest, _control_store_pb2.GetObjectsResponse]  # type: ignore[assignment]
     DeleteObjects: _aio.UnaryUnaryMultiCallable[_control_store_pb2.DeleteObjectsRequest, _control_store_pb2.DeleteObjectsResponse]  # type: ignore[assignment]
+    FreeObjects: _aio.UnaryUnaryMultiCallable[_control_store_pb2.FreeObjectsRequest, _control_store_pb2.FreeObjectsResponse]  # type: ignore[assignment]
+    """Reference counting: an owner frees objects nothing references any more (every copy, their records, the
+    lineage they alone needed). Freed ids are remembered for a while, so a late get fails at once.
+    """
     CreateActor: _aio.UnaryUnaryMultiCallable[_control_store_pb2.CreateActorRequest, _control_store_pb2.CreateActorResponse]  # type: ignore[assignment]
     """Actors"""
     GetActor: _aio.UnaryUnaryMultiCallable[_control_store_pb2.GetActorRequest, _control_store_pb2.GetActorResponse]  # type: ignore[assignment]
@@ -256,6 +264,16 @@ class ControlStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _control_store_pb2.DeleteObjectsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_store_pb2.DeleteObjectsResponse, _abc.Awaitable[_control_store_pb2.DeleteObjectsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FreeObjects(
+        self,
+        request: _control_store_pb2.FreeObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_store_pb2.FreeObjectsResponse, _abc.Awaitable[_control_store_pb2.FreeObjectsResponse]]:
+        """Reference counting: an owner frees objects nothing references any more (every copy, their records, the
+        lineage they alone needed). Freed ids are remembered for a while, so a late get fails at once.
+        """
 
     @_abc_1.abstractmethod
     def CreateActor(

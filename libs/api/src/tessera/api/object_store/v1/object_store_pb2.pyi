@@ -524,6 +524,68 @@ class DeleteObjectsResponse(_message.Message):
 Global___DeleteObjectsResponse: _TypeAlias = DeleteObjectsResponse  # noqa: Y015
 
 @_typing.final
+class FreeObjectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RELEASE_OBJECT_IDS_FIELD_NUMBER: _builtins.int
+    OBJECT_IDS_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """releases of this session's views ride along (applied first)"""
+    reason: _builtins.str
+    """"freed" by default; "owner died: ..." when an owner's objects go with it"""
+    remember: _builtins.bool
+    """the cluster remembers the ids as freed for a while (refs may exist elsewhere)"""
+    @_builtins.property
+    def release_object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """lineage records to drop with them"""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        release_object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        task_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        reason: _builtins.str = ...,
+        remember: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object_ids", b"object_ids", "reason", b"reason", "release_object_ids", b"release_object_ids", "remember", b"remember", "session_id", b"session_id", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeObjectsRequest: _TypeAlias = FreeObjectsRequest  # noqa: Y015
+
+@_typing.final
+class FreeObjectsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_FIELD_NUMBER: _builtins.int
+    freed: _builtins.int
+    """copies dropped on this node now (pinned ones go later)"""
+    def __init__(
+        self,
+        *,
+        freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeObjectsResponse: _TypeAlias = FreeObjectsResponse  # noqa: Y015
+
+@_typing.final
 class ContainsObjectsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -79,6 +79,11 @@ class ObjectStoreServiceStub:
                 request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.DeleteObjectsRequest.SerializeToString,
                 response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.DeleteObjectsResponse.FromString,
                 _registered_method=True)
+        self.FreeObjects = channel.unary_unary(
+                '/tessera.object_store.v1.ObjectStoreService/FreeObjects',
+                request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.FreeObjectsRequest.SerializeToString,
+                response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.FreeObjectsResponse.FromString,
+                _registered_method=True)
         self.ContainsObjects = channel.unary_unary(
                 '/tessera.object_store.v1.ObjectStoreService/ContainsObjects',
                 request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.ContainsObjectsRequest.SerializeToString,
@@ -159,6 +164,14 @@ class ObjectStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreeObjects(self, request, context):
+        """An owner frees objects (reference counting): this node's copies go now (a pinned one when its last view
+        is released), then the control store drops their records and tells every other node to drop its copies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContainsObjects(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -225,6 +238,11 @@ def add_ObjectStoreServiceServicer_to_server(servicer, server):
                     servicer.DeleteObjects,
                     request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.DeleteObjectsRequest.FromString,
                     response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.DeleteObjectsResponse.SerializeToString,
+            ),
+            'FreeObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreeObjects,
+                    request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.FreeObjectsRequest.FromString,
+                    response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.FreeObjectsResponse.SerializeToString,
             ),
             'ContainsObjects': grpc.unary_unary_rpc_method_handler(
                     servicer.ContainsObjects,
@@ -485,6 +503,33 @@ class ObjectStoreService:
             '/tessera.object_store.v1.ObjectStoreService/DeleteObjects',
             tessera_dot_object__store_dot_v1_dot_object__store__pb2.DeleteObjectsRequest.SerializeToString,
             tessera_dot_object__store_dot_v1_dot_object__store__pb2.DeleteObjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreeObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.object_store.v1.ObjectStoreService/FreeObjects',
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.FreeObjectsRequest.SerializeToString,
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.FreeObjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

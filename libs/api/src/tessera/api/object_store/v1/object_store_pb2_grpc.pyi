@@ -52,6 +52,10 @@ class ObjectStoreServiceStub:
     """Wait until sealed (here or pulled from another node) and pin for the session."""
     ReleaseObjects: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.ReleaseObjectsRequest, _object_store_pb2.ReleaseObjectsResponse]
     DeleteObjects: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.DeleteObjectsRequest, _object_store_pb2.DeleteObjectsResponse]
+    FreeObjects: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.FreeObjectsRequest, _object_store_pb2.FreeObjectsResponse]
+    """An owner frees objects (reference counting): this node's copies go now (a pinned one when its last view
+    is released), then the control store drops their records and tells every other node to drop its copies.
+    """
     ContainsObjects: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.ContainsObjectsRequest, _object_store_pb2.ContainsObjectsResponse]
     PullObject: _grpc.UnaryStreamMultiCallable[_object_store_pb2.PullObjectRequest, _object_store_pb2.PullObjectResponse]
     """Node to node: the bytes of a sealed object, in chunks."""
@@ -76,6 +80,10 @@ class ObjectStoreServiceAsyncStub(ObjectStoreServiceStub):
     """Wait until sealed (here or pulled from another node) and pin for the session."""
     ReleaseObjects: _aio.UnaryUnaryMultiCallable[_object_store_pb2.ReleaseObjectsRequest, _object_store_pb2.ReleaseObjectsResponse]  # type: ignore[assignment]
     DeleteObjects: _aio.UnaryUnaryMultiCallable[_object_store_pb2.DeleteObjectsRequest, _object_store_pb2.DeleteObjectsResponse]  # type: ignore[assignment]
+    FreeObjects: _aio.UnaryUnaryMultiCallable[_object_store_pb2.FreeObjectsRequest, _object_store_pb2.FreeObjectsResponse]  # type: ignore[assignment]
+    """An owner frees objects (reference counting): this node's copies go now (a pinned one when its last view
+    is released), then the control store drops their records and tells every other node to drop its copies.
+    """
     ContainsObjects: _aio.UnaryUnaryMultiCallable[_object_store_pb2.ContainsObjectsRequest, _object_store_pb2.ContainsObjectsResponse]  # type: ignore[assignment]
     PullObject: _aio.UnaryStreamMultiCallable[_object_store_pb2.PullObjectRequest, _object_store_pb2.PullObjectResponse]  # type: ignore[assignment]
     """Node to node: the bytes of a sealed object, in chunks."""
@@ -151,6 +159,16 @@ class ObjectStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _object_store_pb2.DeleteObjectsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_object_store_pb2.DeleteObjectsResponse, _abc.Awaitable[_object_store_pb2.DeleteObjectsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FreeObjects(
+        self,
+        request: _object_store_pb2.FreeObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_object_store_pb2.FreeObjectsResponse, _abc.Awaitable[_object_store_pb2.FreeObjectsResponse]]:
+        """An owner frees objects (reference counting): this node's copies go now (a pinned one when its last view
+        is released), then the control store drops their records and tells every other node to drop its copies.
+        """
 
     @_abc_1.abstractmethod
     def ContainsObjects(

@@ -311,6 +311,7 @@ class TaskResult(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    BORROWED_OBJECT_IDS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     node_id: _builtins.bytes
     """where it ran"""
@@ -322,6 +323,12 @@ class TaskResult(_message.Message):
     def error(self) -> Global___TaskError:
         """set: the task failed; returns are empty"""
 
+    @_builtins.property
+    def borrowed_object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """refs this task's worker still holds (kept in an actor's state, a global) or passed on (nested in a return
+        value, a put, a task it submitted): their owner keeps them (reference counting)
+        """
+
     def __init__(
         self,
         *,
@@ -331,10 +338,11 @@ class TaskResult(_message.Message):
         node_id: _builtins.bytes = ...,
         owner: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        borrowed_object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "node_id", b"node_id", "owner", b"owner", "returns", b"returns", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "borrowed_object_ids", b"borrowed_object_ids", "error", b"error", "node_id", b"node_id", "owner", b"owner", "returns", b"returns", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,235 @@
+"""Objects live as long as something references them, and no longer (reference counting, on `tessera up`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import stacks
+
+import tessera
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
+from tessera.common import ids
+from tessera.exceptions import ObjectFreedError, OwnerDiedError, TaskError
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+MiB = 2**20
+CAPACITY = 256 * MiB
+
+
+class Cluster(stacks.Cluster):
+    def stats(self) -> Any:
+        with tessera.ObjectStoreClient(self.address("object-store")) as c:
+            return c.stats()
+
+    def control_store(self) -> tuple[grpc.Channel, cpb_grpc.ControlStoreServiceStub]:
+        ch = grpc.insecure_channel(self.address("control-store"))
+        return ch, cpb_grpc.ControlStoreServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with stacks.running(tmp_path_factory, "refcount", "--services", "control-store,object-store,task-scheduler",
+                        cls=Cluster, TESSERA_NUM_CPUS="2", TESSERA_OBJECT_STORE_MEMORY=str(CAPACITY),
+                        TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(4096 * MiB)) as c:
+        env = c.point_here()
+        tessera.init(name="e2e-refcount")
+        try:
+            yield c
+        finally:
+            tessera.shutdown()
+            env.undo()
+
+
+def settle(cluster: Cluster, objects: int, timeout: float = 10.0) -> Any:
+    """The store's stats once it holds at most ``objects`` objects (frees are sent within milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = cluster.stats()
+        if s.objects <= objects or time.monotonic() > deadline:
+            return s
+        time.sleep(0.05)
+
+
+@tessera.remote
+def block(n: int, value: float) -> np.ndarray:
+    return np.full(n, value, dtype=np.uint8)
+
+
+@tessera.remote
+def total(xs: list[Any]) -> float:
+    return float(sum(float(np.asarray(tessera.get(x)).sum()) for x in xs))
+
+
+@tessera.remote
+def wrap_put(n: int) -> list[tessera.ObjectRef]:
+    return [tessera.put(np.full(n, 3, dtype=np.uint8))]
+
+
+@tessera.remote
+class Keeper:
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def keep(self, xs: list[Any]) -> int:
+        self.kept.extend(xs)
+        return len(self.kept)
+
+    def read(self) -> float:
+        return float(sum(float(np.asarray(tessera.get(x)).sum()) for x in self.kept))
+
+
+def test_puts_dropped_in_a_loop_never_spill(cluster: Cluster) -> None:
+    before = cluster.stats()
+    a = np.ones(64 * MiB, dtype=np.uint8)
+    for _ in range(200):
+        ref = tessera.put(a)
+        del ref
+    s = settle(cluster, 0)
+    assert s.spills == before.spills, "dropped objects were spilled instead of freed"
+    assert s.objects == 0 and s.used == 0, (s.objects, s.used)
+
+
+def test_large_task_results_read_then_dropped_never_spill(cluster: Cluster) -> None:
+    before = cluster.stats()
+    peak = 0
+    for i in range(200):
+        x = tessera.get(block.remote(32 * MiB, i % 250))
+        assert x[0] == i % 250
+        del x
+        if i % 20 == 0:
+            peak = max(peak, cluster.stats().objects)
+    s = settle(cluster, 0)
+    assert s.spills == before.spills, "task results were spilled instead of freed"
+    assert s.objects == 0, s.objects
+    assert peak <= 2, f"the store held {peak} results at once"
+
+
+def test_a_ref_inside_a_list_argument_outlives_the_drivers_del(cluster: Cluster) -> None:
+    ref = tessera.put(np.full(MiB, 2, dtype=np.uint8))
+    out = total.remote([ref])
+    del ref  # the task still holds it
+    assert tessera.get(out, timeout=60) == 2.0 * MiB
+
+
+def test_a_ref_returned_nested_in_a_result_survives(cluster: Cluster) -> None:
+    (inner,) = tessera.get(wrap_put.remote(MiB), timeout=60)
+    time.sleep(0.5)  # the worker's own refs are long gone
+    assert float(tessera.get(inner, timeout=30).sum()) == 3.0 * MiB
+
+
+def test_a_ref_kept_in_an_actors_state_survives(cluster: Cluster) -> None:
+    k = Keeper.remote()
+    ref = tessera.put(np.full(MiB, 5, dtype=np.uint8))
+    assert tessera.get(k.keep.remote([ref]), timeout=60) == 1
+    del ref
+    time.sleep(0.5)
+    assert tessera.get(k.read.remote(), timeout=60) == 5.0 * MiB
+    tessera.kill(k)
+
+
+def test_free_is_at_once_everywhere_and_twice_is_nothing(cluster: Cluster) -> None:
+    ref = tessera.put(np.full(2 * MiB, 1, dtype=np.uint8))
+    k = Keeper.remote()
+    assert tessera.get(k.keep.remote([ref]), timeout=60) == 1
+    tessera.internal.free(ref)
+    tessera.internal.free([ref])  # a double free does nothing
+    t0 = time.monotonic()
+    with pytest.raises(ObjectFreedError):
+        tessera.get(ref, timeout=30)
+    with pytest.raises(TaskError) as e:  # the borrower's get fails too, at once, not after its timeout
+        tessera.get(k.read.remote(), timeout=60)
+    assert isinstance(e.value.cause, ObjectFreedError), e.value
+    assert time.monotonic() - t0 < 10
+    tessera.kill(k)
+    with pytest.raises(TypeError):
+        tessera.internal.free("not a ref")  # type: ignore[arg-type]
+
+
+def test_owner_death_fails_borrowers_with_owner_died(cluster: Cluster, tmp_path: Any) -> None:
+    name = f"keeper-{os.urandom(4).hex()}"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np, tessera
+        from test_refcount import Keeper
+        tessera.init(name="owner")
+        k = Keeper.options(name={name!r}, lifetime="detached").remote()
+        ref = tessera.put(np.full(2**20, 7, dtype=np.uint8))
+        assert tessera.get(k.keep.remote([ref]), timeout=60) == 1
+        assert tessera.get(k.read.remote(), timeout=60) == 7.0 * 2**20
+        tessera.shutdown()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=120)
+    k = tessera.get_actor(name)
+    with pytest.raises(TaskError) as e:
+        tessera.get(k.read.remote(), timeout=60)
+    assert isinstance(e.value.cause, OwnerDiedError), e.value
+    tessera.kill(k)
+
+
+def test_records_are_collected_with_their_objects(cluster: Cluster) -> None:
+    refs = [block.remote(200 * 1024, 1) for _ in range(20)]  # stored results: object records too
+    tessera.get(refs, timeout=60)
+    oids = [r.id for r in refs]
+    tids = [ids.producer_task_id(o) for o in oids]
+    ch, cs = cluster.control_store()
+
+    def recorded() -> int:
+        n = 0
+        for t in tids:
+            try:
+                n += len(cs.GetTasks(cpb.GetTasksRequest(task_ids=[t]), timeout=5).tasks)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        return n
+
+    with ch:
+        deadline = time.monotonic() + 10
+        while recorded() < len(tids):
+            assert time.monotonic() < deadline, "the tasks were not recorded"
+            time.sleep(0.1)
+        assert len(cs.GetObjects(cpb.GetObjectsRequest(object_ids=oids), timeout=5).objects) == len(oids)
+        del refs
+        deadline = time.monotonic() + 30  # task records go a few seconds after their objects
+        while True:
+            tasks = recorded()
+            objs = [o for o in cs.GetObjects(cpb.GetObjectsRequest(object_ids=oids), timeout=5).objects
+                    if not o.freed_reason]
+            if not tasks and not objs:
+                break
+            assert time.monotonic() < deadline, f"{tasks} task and {len(objs)} object records left"
+            time.sleep(0.2)
+
+
+def test_driver_tables_stay_flat_over_many_tasks(cluster: Cluster) -> None:
+    @tessera.remote
+    def noop(i: int) -> int:
+        return i
+
+    def run(n: int) -> None:
+        for i in range(0, n, 1000):
+            assert tessera.get([noop.remote(j) for j in range(i, i + 1000)], timeout=120)[-1] == i + 999
+
+    refs = tessera._api.state().core.refs
+    run(2000)
+    time.sleep(0.1)
+    run(18000)
+    core = tessera._api.state().core
+    core.flush_frees()
+    s = refs.stats()
+    assert s["refs"] < 50 and len(core.results) < 50, (s, len(core.results))
+    assert s["tasks"] < 20000, s  # records wait a few seconds; then they go
+    time.sleep(6)
+    core.flush_frees()
+    assert refs.stats()["tasks"] < 100, refs.stats()
