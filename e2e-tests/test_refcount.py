@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -233,3 +234,35 @@ def test_driver_tables_stay_flat_over_many_tasks(cluster: Cluster) -> None:
     time.sleep(6)
     core.flush_frees()
     assert refs.stats()["tasks"] < 100, refs.stats()
+
+
+def test_memory_lists_objects_by_owner(cluster: Cluster) -> None:
+    keep = tessera.put(np.zeros(3 * MiB, dtype=np.uint8))
+    k = Keeper.remote()
+    assert tessera.get(k.keep.remote([keep]), timeout=60) == 1
+    tessera._api.state().core.publish_refs(force=True)
+    deadline = time.monotonic() + 30
+    while True:  # the actor's worker publishes its table within a few seconds
+        r = cluster.cli("memory", "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        mine = [o for o in report["objects"] if o["object_id"] == keep.hex()]
+        if len(mine) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    owner = [o for o in mine if o["owned"]]
+    assert len(owner) == 1 and owner[0]["size"] >= 3 * MiB and "local" in owner[0]["reference"], mine
+    assert "borrowed" in owner[0]["reference"], owner  # the actor keeps it
+    assert owner[0]["nodes"] == cluster.node_ids()[:1], owner
+    assert any(not o["owned"] and o["refs"] >= 1 for o in mine), mine  # the actor's own table
+    assert report["nodes"] and report["nodes"][0]["objects"] >= 1
+    text = cluster.cli("memory")
+    assert text.returncode == 0 and keep.hex() in text.stdout and "object stores" in text.stdout
+    tessera.kill(k)
+
+
+def test_memory_with_a_wrong_address_says_so(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    r = cluster.cli("memory", "--address", "127.0.0.1:1", timeout=60)
+    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr, r
+    assert time.monotonic() - t0 < 40

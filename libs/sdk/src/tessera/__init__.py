@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 __path__ = extend_path(__path__, __name__)
 
 if TYPE_CHECKING:
-    from tessera import exceptions, internal
+    import tessera.internal as internal
+    from tessera import exceptions
     from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait
     from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
     from tessera.client import Client, ClusterNotFoundError, Event, connect

@@ -322,6 +322,7 @@ def shutdown() -> None:
     if st is not None and st.session is not None:  # a driver: what it owns goes with it
         try:
             st.core.release_all(f"owner died: the driver of job {st.core.job_id.hex()} exited")
+            st.core.unpublish_refs()
         except Exception as e:
             log.warning("could not free this driver's objects: %s", e)
     with _state_lock:

@@ -11,9 +11,11 @@ store as lineage).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +47,14 @@ E = pb.ErrorKind
 LOST_CHECK_S = 1.0
 #: How often the owner counts dropped refs and frees what nothing references.
 REFS_EVERY_S = 0.02
+#: How often a process publishes its reference table (for ``tessera memory``) when it changed; at least every
+#: REFS_HEARTBEAT_S, so a table older than a few of those belongs to a process that is gone.
+REFS_PUBLISH_S = 2.0
+REFS_HEARTBEAT_S = 10.0
+#: The control store's key-value namespace of the reference tables, one key per process.
+REFS_NAMESPACE = "refs"
+#: Rows of one process's published table (the rest are counted).
+REFS_ROWS = 2000
 FOREVER_S = 365 * 24 * 3600.0
 
 
@@ -141,6 +151,8 @@ class Core:
         self._unsent: list[FreeBatch] = []  # frees the object store did not take yet (restarting)
         self._free_lock = threading.Lock()
         self._refs_thread: threading.Thread | None = None
+        self.refs_key = f"{socket.gethostname()}:{os.getpid()}".encode()
+        self._published: tuple[float, int] = (0.0, 0)  # when, and a digest of what
 
     # ------------------------------------------------------------------ submit
 
@@ -502,12 +514,39 @@ class Core:
             self._refs_thread.start()
 
     def _refs_loop(self) -> None:
+        last = time.monotonic()
         while not self.closed:
             time.sleep(REFS_EVERY_S)
             try:
                 self.flush_frees(records=True)
             except Exception as e:  # the store may be restarting: the frees wait in _unsent
                 log.debug("could not free objects yet: %s", e)
+            if time.monotonic() - last >= REFS_PUBLISH_S:
+                last = time.monotonic()
+                try:
+                    self.publish_refs()
+                except Exception as e:
+                    log.debug("could not publish the reference table: %s", e)
+
+    def publish_refs(self, *, force: bool = False) -> None:
+        """Put this process's reference table in the control store (``tessera memory`` reads them all)."""
+        rows = self.refs.table()
+        digest = hash(tuple((r["object_id"], r["refs"], r["reference"]) for r in rows))
+        now = time.time()
+        when, last = self._published
+        if not force and digest == last and now - when < REFS_HEARTBEAT_S:
+            return
+        if not rows and not last and not force:
+            return  # nothing held, nothing published before
+        doc = {"process": self.refs_key.decode(), "job_id": self.job_id.hex(), "worker": self.worker,
+               "time": now, "rows": rows[:REFS_ROWS], "more": max(0, len(rows) - REFS_ROWS)}
+        self._cs().KvPut(cpb.KvPutRequest(namespace=REFS_NAMESPACE, key=self.refs_key, overwrite=True,
+                                          value=json.dumps(doc).encode()), timeout=5.0)
+        self._published = (now, digest)
+
+    def unpublish_refs(self) -> None:
+        if self._published[0]:
+            self._cs().KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=self.refs_key), timeout=5.0)
 
     def flush_frees(self, *, records: bool = True) -> None:
         """Free what the refs dropped so far leave unreferenced (synchronously: the next put finds room)."""
