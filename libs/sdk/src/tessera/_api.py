@@ -26,6 +26,7 @@ from tessera.client.objects import ObjectRef, ObjectStoreClient
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
 from tessera.common.registry import control_store_stub
+from tessera.common.serialization import serialize
 from tessera.exceptions import TesseraSDKError
 
 log = logging.getLogger(__name__)
@@ -403,10 +404,13 @@ def put(value: Any) -> ObjectRef:
     st = _state
     if st is None:
         return _objects.put(value)
-    st.core.flush_frees(records=False)  # what was dropped makes room first
+    ser = serialize(value)
+    big = ser.size > st.inline_threshold
+    if big:
+        st.core.flush_frees(records=False, urgent_only=True)  # what was dropped makes room first
     oid = ids.new_id("object_id")
-    st.core.refs.own_put(oid)
-    return st.objects().put(value, object_id=oid)
+    st.core.refs.own_put(oid, big=big)
+    return st.objects().put_serialized(oid, ser)
 
 
 def cancel(ref: ObjectRef, *, force: bool = False) -> None:

@@ -171,7 +171,7 @@ class Core:
         returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
         self.refs.own_task(tid, returns, [a.object_id for a in spec.args if a.WhichOneof("kind") == "object_id"],
                            nested)
-        self.flush_frees(records=False)
+        self.flush_frees(records=False, urgent_only=True)
         with self.cond:
             state = self._resolve(spec) if spec.args else "ready"
             if state == "held":
@@ -261,7 +261,7 @@ class Core:
                             late.append(v.object_id)
                         continue
                     if v.stored:
-                        refs.stored(v.object_id)
+                        refs.stored(v.object_id, big=True)
                     self.results[v.object_id] = _Result("s", name=name) if v.stored else _Result("v", v.value)
                     if v.object_id in self.escaped and not v.stored:
                         self.escaped.discard(v.object_id)
@@ -548,14 +548,16 @@ class Core:
         if self._published[0]:
             self._cs().KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=self.refs_key), timeout=5.0)
 
-    def flush_frees(self, *, records: bool = True) -> None:
-        """Free what the refs dropped so far leave unreferenced (synchronously: the next put finds room)."""
+    def flush_frees(self, *, records: bool = True, urgent_only: bool = False) -> None:
+        """Free what the refs dropped so far leave unreferenced. ``urgent_only`` (before a put or a submission):
+        send now only if arena space is freed, so the next object finds room; small frees wait for the
+        background thread's next batch."""
         batch = self.refs.process(records=records)
         with self._free_lock:
             if batch:
                 self._drop_results(batch)
                 self._unsent.append(batch)
-            if not self._unsent:
+            if not self._unsent or (urgent_only and not any(b.big for b in self._unsent)):
                 return
             todo, self._unsent = self._unsent, []
             try:

@@ -42,6 +42,7 @@ FREED = "freed"
 class _Owned:
     task_id: bytes | None  # the task of mine that makes it; None: put
     stored: bool = False  # may have copies in object stores (else it lives only in this process)
+    big: bool = False  # stored in an arena (not inline): freeing it makes room for the next put
     submitted: int = 0  # pending tasks of mine that take it as an argument
     lineage: int = 0  # kept records of my tasks that take it as an argument
     escaped: bool = False  # a ref left this process in a way it cannot follow: kept until the owner exits
@@ -65,6 +66,7 @@ class FreeBatch:
     local: list[bytes] = field(default_factory=list)  # held only in this process (inline values): drop them
     task_ids: list[bytes] = field(default_factory=list)
     reason: str = FREED
+    big: bool = False  # frees arena space: send it before the next put or submission
 
     def __bool__(self) -> bool:
         return bool(self.stored or self.shared or self.local or self.task_ids)
@@ -120,10 +122,10 @@ class RefCounter:
 
     # ------------------------------------------------------------------ ownership
 
-    def own_put(self, oid: bytes) -> None:
-        """This process put ``oid`` (its ref is made next)."""
+    def own_put(self, oid: bytes, *, big: bool = True) -> None:
+        """This process put ``oid`` (its ref is made next); ``big``: into the arena, not inline."""
         with self._lock:
-            self._owned[oid] = _Owned(None, stored=True)
+            self._owned[oid] = _Owned(None, stored=True, big=big)
 
     def own_task(self, task_id: bytes, returns: list[bytes], args: Iterable[bytes], nested: Iterable[bytes]) -> None:
         """This process submitted a task: it owns the returns; the task holds its owned arguments until it ends."""
@@ -139,12 +141,13 @@ class RefCounter:
             for r in returns:
                 owned[r] = _Owned(task_id)
 
-    def stored(self, oid: bytes) -> None:
+    def stored(self, oid: bytes, *, big: bool = False) -> None:
         """An owned value went to the object store (a large return, a small one another process may read)."""
         with self._lock:
             o = self._owned.get(oid)
             if o is not None:
                 o.stored = True
+                o.big = o.big or big
 
     def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = ()) -> None:
         """One of my tasks finished (or failed): its worker may still hold ``borrowed``; its holds are released."""
@@ -254,6 +257,7 @@ class RefCounter:
 
     def _free(self, oid: bytes, o: _Owned, batch: FreeBatch, *, force_shared: bool) -> None:
         o.freed = True
+        batch.big = batch.big or o.big
         if o.escaped or force_shared:
             batch.shared.append(oid)
         elif o.stored:
