@@ -48,6 +48,26 @@ def test_starts_redis_directly(tmp_path):
         f.write(f"{proc.pid}\\n")
 """
 
+LEAKS_A_DAEMON = """
+import os
+import shlex
+import subprocess
+from tessera.common import procs
+from tessera.testing import track
+
+
+def test_records_a_server_that_is_not_its_child(tmp_path):
+    # as `tessera up` does: the server is left to init, so only its recorded pid leads to it
+    port = procs.free_port()
+    cmd = shlex.join(procs.redis_command(port, tmp_path))
+    pid = int(subprocess.run(["sh", "-c", f"{cmd} >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                             timeout=10).stdout)
+    procs.wait_port("127.0.0.1", port, timeout=20)
+    track(pid)
+    with open(os.environ["PIDS_FILE"], "a") as f:
+        f.write(f"{pid}\\n")
+"""
+
 LEAKS_NOTHING = """
 import os
 import pytest
@@ -112,8 +132,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("source,binary", [(LEAKS_THROUGH_THE_HELPER, "nats-server"),
-                                           (LEAKS_AN_UNTRACKED_CHILD, "redis-server")],
-                         ids=["tracked", "untracked-child"])
+                                           (LEAKS_AN_UNTRACKED_CHILD, "redis-server"),
+                                           (LEAKS_A_DAEMON, "redis-server")],
+                         ids=["tracked", "untracked-child", "tracked-by-pid"])
 def test_a_leaked_server_fails_the_session_and_is_killed(tmp_path: Path, source: str, binary: str) -> None:
     out, pids = _pytest(tmp_path, source)
     text = out.stdout + out.stderr

@@ -13,6 +13,7 @@ still running fails the session: each is named with its command line, then kille
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,9 @@ from tessera.testing import _leaks
 from tessera.testing._servers import NatsServer, RedisServer, nats_server, redis_server
 
 _LEAKS = pytest.StashKey[list[str]]()
+#: How long a server still running at the end may take to exit before it counts as leaked: the last
+#: fixture's SIGKILL (e.g. after `tessera down`) is delivered, but the process may not be gone yet.
+SETTLE_S = 2.0
 
 
 @pytest.hookimpl(trylast=True)
@@ -29,6 +33,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session if a server outlived it, after killing it: a leaked server holds its port and
     memory until someone notices, and the next run may talk to it instead of its own."""
     leaked = _leaks.TRACKER.leaked()
+    deadline = time.monotonic() + SETTLE_S
+    while leaked and time.monotonic() < deadline:  # a process killed a moment ago may not have exited yet
+        time.sleep(0.1)
+        leaked = [p for p in leaked if _leaks.running(p)]
     if not leaked:
         return
     _leaks.kill(leaked)
