@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tessera.testing import track
+
 BIN = Path(sys.executable).parent
 
 
@@ -77,6 +79,20 @@ class Cluster:
         info = self.info()
         return [info["supervisor_pid"], *(p["pid"] for p in info["procs"] if p["pid"])]
 
+    def recorded_pids(self) -> list[int]:
+        """:meth:`pids`, or none while the launcher has written no readable plan (e.g. ``up`` failed early)."""
+        try:
+            return self.pids()
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def track(self) -> list[int]:
+        """Record the stack's processes for the session's leak check (tessera.testing); returns their pids."""
+        pids = self.recorded_pids()
+        for pid in pids:
+            track(pid)
+        return pids
+
     def point_here(self) -> pytest.MonkeyPatch:
         """Point this process's SDK (``tessera.init()``) at the cluster; ``.undo()`` puts the environment back."""
         env = pytest.MonkeyPatch()
@@ -100,7 +116,9 @@ class Cluster:
         raise AssertionError(f"{name} did not come back within {timeout:g}s")
 
     def down(self, pids: list[int]) -> None:
-        """`tessera down`, then kill -9 whatever of ``pids`` is still alive."""
+        """`tessera down`, then kill -9 whatever of ``pids``, or of the processes the plan names now
+        (restarted since), is still alive."""
+        pids = list(dict.fromkeys([*pids, *self.track()]))
         try:
             self.cli("down", timeout=90)
         finally:
@@ -119,10 +137,11 @@ def running(tmp_path_factory: pytest.TempPathFactory, name: str, *up_args: str, 
     down (and its processes killed if need be) on leaving."""
     run_dir = tmp_path_factory.mktemp(name)
     c = cls(run_dir, clean_env(run_dir, otlp_endpoint=otlp_endpoint, **env))
-    r = c.cli("up", *up_args, "--timeout", str(int(timeout)), timeout=timeout + 60)
-    assert r.returncode == 0, f"tessera up {' '.join(up_args)} failed:\n{r.stdout}\n{r.stderr}"
-    pids = c.pids()
-    try:
+    pids: list[int] = []
+    try:  # a failed or timed-out `up` may have started some processes: they are taken down too
+        r = c.cli("up", *up_args, "--timeout", str(int(timeout)), timeout=timeout + 60)
+        pids = c.track()
+        assert r.returncode == 0, f"tessera up {' '.join(up_args)} failed:\n{r.stdout}\n{r.stderr}"
         yield c
     finally:
         c.down(pids)

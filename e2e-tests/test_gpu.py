@@ -9,39 +9,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import stacks
 
 torch = pytest.importorskip("torch")
 
 from tessera.gpu import GpuClient  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-BIN = Path(sys.executable).parent
 
 
-@dataclass
-class Stack:
-    run_dir: Path
-    env: dict[str, str]
-
-    def cli(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tessera"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.cli("status", "--json", timeout=30).stdout))
-
-    def pids(self) -> list[int]:
-        cluster = json.loads((self.run_dir / "cluster.json").read_text())
-        return [cluster["supervisor_pid"], *(p["pid"] for p in cluster["procs"] if p["pid"])]
+class Stack(stacks.Cluster):
+    """A stack brought up with virtual GPUs (``--gpus-per-node``)."""
 
 
 def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
@@ -56,51 +41,26 @@ def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.
 ENTRY = "tessera.gpu_scheduler.examples:train"
 
 
+#: what both GPU stacks share: a small object store, 2 s quanta
+GPU_ENV = dict(TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20), TESSERA_OBJECT_STORE_PREFAULT="false",
+               TESSERA_GPU_SCHEDULER_QUANTUM_S="2")
+
+
 @pytest.fixture(scope="module")
 def gpu_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("gpurun")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
-               TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20), TESSERA_OBJECT_STORE_PREFAULT="false",
-               TESSERA_GPU_SCHEDULER_QUANTUM_S="2", TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="3",
-               TESSERA_GPU_SCHEDULER_PACKING="true")
-    s = Stack(run_dir, env)
-    up = s.cli("up", "--nodes", "2", "--gpus-per-node", "1", "--timeout", "120")
-    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
-    pids = s.pids()
-    try:
+    with stacks.running(tmp_path_factory, "gpurun", "--nodes", "2", "--gpus-per-node", "1", cls=Stack, timeout=120,
+                        **GPU_ENV, TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="3",
+                        TESSERA_GPU_SCHEDULER_PACKING="true") as s:
         yield s
-    finally:
-        subprocess.run([str(BIN / "tessera"), "down"], env=env, capture_output=True, timeout=60)
-        from tessera._launcher.rundir import alive
-
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, 9)
 
 
 @pytest.fixture(scope="module")
 def elastic_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One node with two virtual GPUs; early feedback stops a group's job below half the group's best."""
-    run_dir = tmp_path_factory.mktemp("gpuelastic")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_EXPORTER="none", TESSERA_HEARTBEAT_INTERVAL_S="0.5",
-               TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20), TESSERA_OBJECT_STORE_PREFAULT="false",
-               TESSERA_GPU_SCHEDULER_QUANTUM_S="2", TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="10",
-               TESSERA_GPU_SCHEDULER_FEEDBACK_STOP_BELOW="0.5")
-    s = Stack(run_dir, env)
-    up = s.cli("up", "--nodes", "1", "--gpus-per-node", "2", "--timeout", "120")
-    assert up.returncode == 0, f"tessera up failed:\n{up.stdout}\n{up.stderr}"
-    pids = s.pids()
-    try:
+    with stacks.running(tmp_path_factory, "gpuelastic", "--nodes", "1", "--gpus-per-node", "2", cls=Stack,
+                        timeout=120, **GPU_ENV, TESSERA_GPU_SCHEDULER_AGENT_TIMEOUT_S="10",
+                        TESSERA_GPU_SCHEDULER_FEEDBACK_STOP_BELOW="0.5") as s:
         yield s
-    finally:
-        subprocess.run([str(BIN / "tessera"), "down"], env=env, capture_output=True, timeout=60)
-        from tessera._launcher.rundir import alive
-
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, 9)
 
 
 def _client_of(stack: Stack, nodes: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuClient]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import stacks
 
 import tessera
 from tessera.common.config import SERVICES
@@ -20,7 +21,10 @@ BIN = Path(sys.executable).parent
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "tessera"), *args], env=env, capture_output=True, text=True, timeout=150)
+    out = subprocess.run([str(BIN / "tessera"), *args], env=env, capture_output=True, text=True, timeout=150)
+    if args[:1] == ("up",):  # the session's leak check fails the run if `down` leaves any of them behind
+        stacks.Cluster(Path(env["TESSERA_RUN_DIR"]), env).track()
+    return out
 
 
 def test_up_uses_given_nats_and_starts_two_redis_shards(tmp_path: Path, nats_url: str) -> None:

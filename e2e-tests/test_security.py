@@ -14,6 +14,8 @@ import json
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -266,3 +268,51 @@ def test_a_full_serving_queue_answers_resource_exhausted(secured: Secured, monke
             predict(spb.PredictRequest(pipeline="bounded", records=records * 2))
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert len(predict(spb.PredictRequest(pipeline="bounded", records=records)).predictions) == 40  # still serving
+
+
+def _http(url: str, *, body: dict[str, object] | None = None, token: str | None = None) -> tuple[int, dict[str, str],
+                                                                                                 bytes]:
+    """(status, headers, body) of one HTTP request to serving's front end, error statuses included."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_serving_http_requires_the_token(secured: Secured, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from tessera.serving import Client
+
+    token = secured.secret(auth.TOKEN_FILE)
+    monkeypatch.setenv("TESSERA_AUTH_TOKEN_FILE", str(secured.run_dir / auth.SECRETS_DIR / auth.TOKEN_FILE))
+    docs = ["good food", "bad food", "great staff", "rude staff"] * 5
+    pipe = make_pipeline(CountVectorizer(), LogisticRegression()).fit(docs, ["pos", "neg"] * 10)
+    with Client(secured.address("serving")) as c:
+        c.register("guarded", pipe, replace=True)
+        http = c.stats().http_address
+    predict = f"http://{http}/v1/pipelines/guarded:predict"
+    listing = f"http://{http}/v1/pipelines"
+    records = {"records": ["good food", "rude staff"]}
+    for url, body in ((predict, records), (listing, None)):
+        for given in (None, "not-the-token", token + "x"):
+            status, headers, data = _http(url, body=body, token=given)
+            assert status == 401, (url, given is None, status, data)
+            assert headers.get("WWW-Authenticate", "").startswith("Bearer"), headers
+            assert json.loads(data)["error"]["code"] == "UNAUTHENTICATED", data
+            assert token not in data.decode()
+    status, _, data = _http(predict, body=records, token=token)
+    assert status == 200, data
+    assert [p["label"] for p in json.loads(data)["predictions"]] == ["pos", "neg"]
+    status, _, data = _http(listing, token=token)
+    assert status == 200 and "guarded" in json.loads(data)["pipelines"], data
+    status, _, data = _http(f"http://{http}/healthz")  # the liveness probe stays open
+    assert (status, data) == (200, b"ok")

@@ -36,6 +36,7 @@ from tessera.common import procs
 from tessera.common.rpc import health_status
 from tessera.serving import Client
 from tessera.serving.sklearn_import import UnsupportedEstimatorError, import_sklearn
+from tessera.testing import track
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -54,6 +55,7 @@ class Cluster(stacks.Cluster):
         env = dict(self.env, TESSERA_NATS_URL=info["nats_url"], TESSERA_CONTROL_STORE_ADDRESS=info["control_store_address"],
                    TESSERA_GRPC_PORT=str(port), TESSERA_INSTANCE_ID=name, OTEL_TRACES_SAMPLER="always_off")
         proc = procs.start([sys.executable, "-m", "tessera.serving"], log_path=self.run_dir / f"{name}.log", env=env)
+        track(proc)
         address = f"127.0.0.1:{port}"
         self.extra.append((address, proc))
         deadline = time.monotonic() + 60

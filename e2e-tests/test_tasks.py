@@ -22,6 +22,7 @@ import tessera
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.common import ids
+from tessera.common.procs import stop as stop_process
 from tessera.exceptions import (
     ActorDiedError,
     GetTimeoutError,
@@ -395,7 +396,7 @@ def test_gpu_task_waits_for_a_gpu_node(cluster: Cluster) -> None:
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(timeout=30)
+            stop_process(p, timeout=30)  # SIGKILL if SIGTERM is not enough: nothing outlives the test
     with pytest.raises(TaskUnschedulableError, match="tpu=1"):
         tessera.get(never, timeout=UNSCHEDULABLE_S + 30)
     assert time.monotonic() - t >= UNSCHEDULABLE_S - 1

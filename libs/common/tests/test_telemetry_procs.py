@@ -91,7 +91,14 @@ def test_start_and_stop_a_server(tmp_path) -> None:  # type: ignore[no-untyped-d
 def test_stop_kills_what_ignores_sigterm() -> None:
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
-    t0 = time.monotonic()
-    assert procs.stop(proc, timeout=0.3) == -9
-    assert time.monotonic() - t0 < 5
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        t0 = time.monotonic()
+        assert procs.stop(proc, timeout=0.3) == -9
+        assert time.monotonic() - t0 < 5
+    finally:  # it ignores SIGTERM: never leave it behind, whatever failed above
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -18,7 +18,7 @@ import tessera
 from tessera.client import Client, ClusterNotFoundError, Event
 from tessera.common import procs
 from tessera.common.rpc import health_status
-from tessera.testing import NatsServer, redis_server
+from tessera.testing import NatsServer, redis_server, track
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def address(nats_srv: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
                    TESSERA_CONTROL_STORE_ADDRESS=f"127.0.0.1:{port}", TESSERA_INSTANCE_ID="cs-sdk",
                    TESSERA_SHUTDOWN_GRACE_S="1", OTEL_TRACES_SAMPLER="always_off")
         proc = procs.start([sys.executable, "-m", "tessera.control_store"], log_path=logs / "cs.log", env=env)
+        track(proc)
         addr = f"127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 30

@@ -28,7 +28,7 @@ from tessera.common.rpc import health_status
 from tessera.compiler.client import CompilerClient, tensor
 from tessera.compiler.frontend import from_torch
 from tessera.compiler.serialize import dump_graph
-from tessera.testing import nats_server, redis_server
+from tessera.testing import nats_server, redis_server, track
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Cluster:
         log = self.log_dir / f"{name}.log"
         p = procs.start([sys.executable, "-m", module], log_path=log,
                         env={**self.base_env, "TESSERA_GRPC_PORT": str(port), "TESSERA_INSTANCE_ID": name, **env})
+        track(p)
         proc = Proc(name, f"127.0.0.1:{port}", p, log, self.base_env["TESSERA_CONTROL_STORE_ADDRESS"])
         self.procs.append(proc)
         deadline = time.monotonic() + 60
@@ -82,6 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             port_env = {"TESSERA_GRPC_PORT": str(cs_port)}
             p = procs.start([sys.executable, "-m", "tessera.control_store"], log_path=tmp / "control-store.log",
                             env={**env, **port_env, "TESSERA_INSTANCE_ID": "cs"})
+            track(p)
             c.procs.append(Proc("control-store", f"127.0.0.1:{cs_port}", p, tmp / "control-store.log"))
             deadline = time.monotonic() + 60
             while health_status(f"127.0.0.1:{cs_port}", timeout=0.5) != "SERVING":

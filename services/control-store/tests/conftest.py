@@ -21,7 +21,7 @@ from tessera.common.registry import control_store_stub
 from tessera.common.rpc import health_status
 from tessera.control_store.shards import ShardedRedis
 from tessera.control_store.store import ControlStore
-from tessera.testing import NatsServer, RedisServer, redis_server
+from tessera.testing import NatsServer, RedisServer, redis_server, track
 
 # ---------------------------------------------------------------------- the domain
 
@@ -189,6 +189,7 @@ class Launcher:
         log_path = self.log_dir / f"{instance_id}-{port}.log"
         proc = procs.start([sys.executable, "-m", "tessera.control_store"], log_path=log_path,
                            env={**_env(self.nats_url, self.redis_urls, port, instance_id), **env})
+        track(proc)
         cs = ControlStoreProcess(f"127.0.0.1:{port}", instance_id, proc, log_path)
         self.started.append(cs)
         if wait:

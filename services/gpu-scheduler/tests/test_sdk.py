@@ -53,28 +53,37 @@ def test_suspended_and_resumed_job_ends_with_identical_weights(tmp_path: Path) -
     train("60", "7", str(ref))  # uninterrupted, in this process (standalone: the hook only counts)
     # the same run, suspended at a boundary, then stopped, then resumed from the checkpoint in a new process
     out = tmp_path / "out.pt"
-    p, r = _spawn(tmp_path, out, steps=60, sleep_s=0.01)
-    events = _events(r)
-    assert p.stdin is not None
-    for ev in events:
-        if ev["event"] == "progress" and ev["step"] >= 5:
-            p.stdin.write(b"suspend\n")
-            p.stdin.flush()
-            break
-    ev = next(e for e in events if e["event"] == "suspended")
-    step = ev["step"]
-    p.stdin.write(b"resume\n")  # in-process resume
-    p.stdin.flush()
-    assert next(e for e in events if e["event"] in ("resumed", "finished"))["event"] == "resumed"
-    p.stdin.write(b"stop\n")  # now a stop (as for a migration): checkpoint at the next boundary and exit
-    p.stdin.flush()
-    ev = next(e for e in events if e["event"] == "suspended")
-    assert ev["step"] >= step
-    assert p.wait(60) == EXIT_STOPPED
-    p2, r2 = _spawn(tmp_path, out, steps=60, extra_env={"TESSERA_GPU_RESTORE": ev["path"]})
-    evs2 = list(_events(r2))
-    assert p2.wait(60) == 0
-    assert evs2[0]["event"] == "restored" and evs2[0]["step"] == ev["step"]
+    spawned: list[subprocess.Popen[bytes]] = []
+    try:
+        p, r = _spawn(tmp_path, out, steps=60, sleep_s=0.01)
+        spawned.append(p)
+        events = _events(r)
+        assert p.stdin is not None
+        for ev in events:
+            if ev["event"] == "progress" and ev["step"] >= 5:
+                p.stdin.write(b"suspend\n")
+                p.stdin.flush()
+                break
+        ev = next(e for e in events if e["event"] == "suspended")
+        step = ev["step"]
+        p.stdin.write(b"resume\n")  # in-process resume
+        p.stdin.flush()
+        assert next(e for e in events if e["event"] in ("resumed", "finished"))["event"] == "resumed"
+        p.stdin.write(b"stop\n")  # now a stop (as for a migration): checkpoint at the next boundary and exit
+        p.stdin.flush()
+        ev = next(e for e in events if e["event"] == "suspended")
+        assert ev["step"] >= step
+        assert p.wait(60) == EXIT_STOPPED
+        p2, r2 = _spawn(tmp_path, out, steps=60, extra_env={"TESSERA_GPU_RESTORE": ev["path"]})
+        spawned.append(p2)
+        evs2 = list(_events(r2))
+        assert p2.wait(60) == 0
+        assert evs2[0]["event"] == "restored" and evs2[0]["step"] == ev["step"]
+    finally:  # a failed step leaves no job process behind
+        for proc in spawned:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     a, b = torch.load(ref), torch.load(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -97,16 +97,21 @@ def redis_password(settings: Settings | None = None) -> str:
 # ---------------------------------------------------------------------- checking
 
 
-def check(metadata: Iterable[tuple[str, Any]] | None, token: str) -> str | None:
-    """None if ``metadata`` carries ``token``, else why not (a message that never contains a token)."""
+def check(metadata: Iterable[tuple[str, Any]] | None, token: str, *, carrier: str = "metadata") -> str | None:
+    """None if ``metadata`` carries ``token``, else why not (a message that never contains a token).
+
+    ``metadata``: gRPC metadata, or HTTP headers with lowercased names (the HTTP front end checks its
+    requests here too, so both front ends accept and refuse the same things); ``carrier`` names which,
+    in the message.
+    """
     values = [v for k, v in (metadata or ()) if k == HEADER]
     if not values:
-        return f"missing '{HEADER}' metadata: this server requires '{HEADER}: {SCHEME}<token>'"
+        return f"missing '{HEADER}' {carrier}: this server requires '{HEADER}: {SCHEME}<token>'"
     value = values[0]
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if not value.startswith(SCHEME):
-        return f"'{HEADER}' metadata must use the {SCHEME.strip()} scheme"
+        return f"'{HEADER}' {carrier} must use the {SCHEME.strip()} scheme"
     given = value[len(SCHEME):].strip().encode()
     if not hmac.compare_digest(given, token.encode()):
         return "invalid bearer token"

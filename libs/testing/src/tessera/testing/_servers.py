@@ -8,6 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tessera.common import procs
+from tessera.testing._leaks import track
+
+
+def _start(cmd: list[str], log_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start a server, recorded for the session's leak check, and wait for its port (stopped if it never opens)."""
+    proc = procs.start(cmd, log_path=log_path)
+    track(proc)
+    try:
+        procs.wait_port("127.0.0.1", port, timeout=20, proc=proc)
+    except BaseException:
+        procs.stop(proc)
+        raise
+    return proc
 
 
 @dataclass
@@ -19,6 +32,17 @@ class NatsServer:
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Start again on the same port and store directory (streams are kept); the fixture stops this one."""
+        if self.proc.poll() is None:
+            procs.stop(self.proc)
+        self.proc = _start(procs.nats_command(self.port, self.store_dir), self.store_dir / "nats.log", self.port)
 
 
 @dataclass
@@ -40,8 +64,7 @@ class RedisServer:
         """Start again on the same port and data directory (AOF is replayed)."""
         if self.proc.poll() is None:
             procs.stop(self.proc)
-        self.proc = procs.start(procs.redis_command(self.port, self.data_dir), log_path=self.data_dir / "redis.log")
-        procs.wait_port("127.0.0.1", self.port, timeout=20, proc=self.proc)
+        self.proc = _start(procs.redis_command(self.port, self.data_dir), self.data_dir / "redis.log", self.port)
 
 
 @contextlib.contextmanager
@@ -50,12 +73,11 @@ def nats_server(store_dir: Path | None = None) -> Iterator[NatsServer]:
     with contextlib.ExitStack() as stack:
         d = store_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-nats-")))
         port = procs.free_port()
-        proc = procs.start(procs.nats_command(port, d), log_path=d / "nats.log")
+        server = NatsServer(port, d, _start(procs.nats_command(port, d), d / "nats.log", port))
         try:
-            procs.wait_port("127.0.0.1", port, timeout=20, proc=proc)
-            yield NatsServer(port, d, proc)
+            yield server
         finally:
-            procs.stop(proc)
+            procs.stop(server.proc)  # the one running now: a test may have restarted it
 
 
 @contextlib.contextmanager
@@ -64,10 +86,8 @@ def redis_server(data_dir: Path | None = None) -> Iterator[RedisServer]:
     with contextlib.ExitStack() as stack:
         d = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-redis-")))
         port = procs.free_port()
-        proc = procs.start(procs.redis_command(port, d), log_path=d / "redis.log")
-        server = RedisServer(port, d, proc)
+        server = RedisServer(port, d, _start(procs.redis_command(port, d), d / "redis.log", port))
         try:
-            procs.wait_port("127.0.0.1", port, timeout=20, proc=proc)
             yield server
         finally:
-            procs.stop(server.proc)
+            procs.stop(server.proc)  # the one running now: a test may have restarted it

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.serving.v1 import serving_pb2 as pb
-from tessera.common import rpc
+from tessera.common import auth, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, TesseraError
 from tessera.common.registry import control_store_aio_stub
@@ -51,7 +51,8 @@ def build(settings: Settings) -> ServiceApp:
                           max_queued=settings.serving_max_queued_records)
     replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
                       default_budget_ms=settings.serving_latency_budget_ms)
-    http = HttpFrontEnd(replica.predict, cluster.pipeline_names)
+    # the HTTP front end requires the same token as the gRPC server (none when authentication is off)
+    http = HttpFrontEnd(replica.predict, cluster.pipeline_names, token=auth.server_token(settings))
     servicer = ServingServicer(replica)
     descriptor = pb.DESCRIPTOR.services_by_name["ServingService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor), servicer, SERVICE)
