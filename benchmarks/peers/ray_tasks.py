@@ -105,7 +105,17 @@ def make(api: Any) -> dict[str, Any]:
             self.n += 1
             return self.n
 
-    return {"noop": noop, "parent": parent, "Actor": Actor}
+    @api.remote
+    def produce(nbytes: int, value: int) -> Any:
+        import numpy as np
+
+        return np.full(nbytes, value, dtype=np.uint8)
+
+    @api.remote
+    def consume(a: Any) -> int:
+        return int(a[::4096].sum())  # touches every page's first byte: the argument is really read
+
+    return {"noop": noop, "parent": parent, "Actor": Actor, "produce": produce, "consume": consume}
 
 
 def _pcts(xs: list[float]) -> dict[str, float]:
@@ -166,6 +176,44 @@ def run(api: Any, n: int) -> dict[str, Any]:
         done += len(ready)
     assert done == m
     out["wait_loop_1k_tasks_per_s"] = m / (time.perf_counter() - t)
+    out.update(objects(api, f, quick=n < 10000))
+    return out
+
+
+def objects(api: Any, f: dict[str, Any], *, quick: bool) -> dict[str, Any]:
+    """Objects that live and die: a task reading a 100 MB argument another task produced; puts and task
+    results dropped in a loop (without freeing, the store fills, then spills)."""
+    import numpy as np
+
+    produce, consume = f["produce"], f["consume"]
+    out: dict[str, Any] = {}
+    lat = []
+    for _ in range(5):
+        r = produce.remote(100 * 2**20, 1)
+        api.wait([r], num_returns=1)
+        t = time.perf_counter()
+        assert api.get(consume.remote(r)) == (100 * 2**20) // 4096
+        lat.append(time.perf_counter() - t)
+        del r
+    out["task_reads_100mb_arg"] = _pcts(lat)
+    loops = 50 if quick else 200
+    a = np.ones(64 * 2**20, dtype=np.uint8)
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(loops):
+        t = time.perf_counter()
+        ref = api.put(a)
+        del ref
+        times.append(time.perf_counter() - t)
+    out["puts_64mib_dropped"] = {"total_s": time.perf_counter() - t0, "loops": loops,
+                                 "first_tenth_ms": 1e3 * sum(times[: loops // 10]) / (loops // 10),
+                                 "last_tenth_ms": 1e3 * sum(times[-(loops // 10):]) / (loops // 10)}
+    t0 = time.perf_counter()
+    for i in range(loops):
+        x = api.get(produce.remote(32 * 2**20, i % 250))
+        assert x[0] == i % 250
+        del x
+    out["tasks_32mib_read_dropped_s"] = time.perf_counter() - t0
     return out
 
 
