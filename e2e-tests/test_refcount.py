@@ -136,7 +136,12 @@ def test_a_ref_kept_in_an_actors_state_survives(cluster: Cluster) -> None:
     del ref
     time.sleep(0.5)
     assert tessera.get(k.read.remote(), timeout=60) == 5.0 * MiB
-    tessera.kill(k)
+    before = cluster.stats().objects
+    tessera.kill(k)  # the ref dies with the actor's state: the object goes
+    deadline = time.monotonic() + 30
+    while cluster.stats().objects >= before:
+        assert time.monotonic() < deadline, "the object outlived the actor that kept it"
+        time.sleep(0.2)
 
 
 def test_free_is_at_once_everywhere_and_twice_is_nothing(cluster: Cluster) -> None:

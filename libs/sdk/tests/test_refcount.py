@@ -179,3 +179,20 @@ def test_a_worker_reports_what_it_still_holds_or_passed_on(clock: Clock) -> None
     assert sorted(c.borrowed_report()) == sorted([kept, passed])
     assert c.borrowed_report() == [], "reported once"
     assert c.freed_reason(mine) is None
+
+
+def test_refs_kept_in_an_actors_state_go_when_the_actor_dies(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    o = oid()
+    c.own_put(o)
+    c.born(o)
+    actor = os.urandom(ids.ACTOR_ID_LEN)
+    tid, (r,) = task()
+    c.own_task(tid, [r], [], [o])
+    c.task_ended(tid, borrowed=[o], actor_id=actor)
+    c.died(o)
+    assert not c.process(), "the actor keeps it"
+    assert c.borrowing_actors() == [actor]
+    c.actor_died(actor)
+    assert c.process().stored == [o], "no ref is left anywhere"
+    assert c.borrowing_actors() == []

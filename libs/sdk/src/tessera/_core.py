@@ -247,7 +247,7 @@ class Core:
             for r in results:
                 spec = self.pending.pop(r.task_id, None)
                 name = spec.name if spec is not None else ""
-                refs.task_ended(r.task_id, r.borrowed_object_ids)
+                refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"")
                 if r.HasField("error"):
                     n = spec.num_returns if spec is not None else max(1, len(r.returns))
                     for i in range(n):
@@ -525,8 +525,22 @@ class Core:
                 last = time.monotonic()
                 try:
                     self.publish_refs()
+                    self._check_borrowing_actors()
                 except Exception as e:
-                    log.debug("could not publish the reference table: %s", e)
+                    log.debug("could not publish the reference table or look up actors: %s", e)
+
+    def _check_borrowing_actors(self) -> None:
+        """Refs kept in a dead actor's state went with it: release them."""
+        import grpc
+
+        stub = self._cs()
+        for a in self.refs.borrowing_actors()[:100]:
+            try:
+                dead = stub.GetActor(cpb.GetActorRequest(actor_id=a), timeout=5.0).actor.state == cpb.ACTOR_STATE_DEAD
+            except grpc.RpcError as e:
+                dead = e.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+            if dead:
+                self.refs.actor_died(a)
 
     def publish_refs(self, *, force: bool = False) -> None:
         """Put this process's reference table in the control store (``tessera memory`` reads them all)."""

@@ -47,6 +47,7 @@ class _Owned:
     lineage: int = 0  # kept records of my tasks that take it as an argument
     escaped: bool = False  # a ref left this process in a way it cannot follow: kept until the owner exits
     freed: bool = False
+    actors: set[bytes] | None = None  # actors that keep a ref in their state: kept until each is dead
 
 
 @dataclass(slots=True)
@@ -83,6 +84,7 @@ class RefCounter:
         self._owned: dict[bytes, _Owned] = {}
         self._tasks: dict[bytes, _Task] = {}
         self._due: deque[tuple[float, bytes]] = deque()  # (when, task id): its record may be droppable then
+        self._actors: dict[bytes, set[bytes]] = {}  # actor id -> owned objects it keeps a ref to
         self._freed: OrderedDict[bytes, str] = OrderedDict()
         self._zero: list[bytes] = []  # owned ids whose local count reached zero, to check
         self._capture = threading.local()
@@ -149,12 +151,20 @@ class RefCounter:
                 o.stored = True
                 o.big = o.big or big
 
-    def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = ()) -> None:
-        """One of my tasks finished (or failed): its worker may still hold ``borrowed``; its holds are released."""
+    def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = (), *, actor_id: bytes = b"") -> None:
+        """One of my tasks finished (or failed): its worker may still hold ``borrowed`` (an actor's worker: until
+        the actor dies, see :meth:`actor_died`); its holds are released."""
         with self._lock:
             for oid in borrowed:
                 o = self._owned.get(oid)
-                if o is not None:
+                if o is None:
+                    continue
+                if actor_id:
+                    if o.actors is None:
+                        o.actors = set()
+                    o.actors.add(actor_id)
+                    self._actors.setdefault(actor_id, set()).add(oid)
+                else:
                     o.escaped = True
             t = self._tasks.get(task_id)
             if t is None or t.ended:
@@ -167,6 +177,22 @@ class RefCounter:
                     o.submitted -= 1
                     self._zero.append(a)
             t.holds = []
+
+    def borrowing_actors(self) -> list[bytes]:
+        """Actors that keep refs to objects this process owns (whose death releases them)."""
+        with self._lock:
+            return list(self._actors)
+
+    def actor_died(self, actor_id: bytes) -> None:
+        """The actor is dead: the refs its state kept are gone with it."""
+        with self._lock:
+            for oid in self._actors.pop(actor_id, ()):
+                o = self._owned.get(oid)
+                if o is not None and o.actors is not None:
+                    o.actors.discard(actor_id)
+                    if not o.actors:
+                        o.actors = None
+                        self._zero.append(oid)
 
     def owns(self, oid: bytes) -> bool:
         with self._lock:
@@ -248,7 +274,8 @@ class RefCounter:
             zero, self._zero = self._zero, []
             for oid in zero:
                 o = self._owned.get(oid)
-                if o is None or o.freed or o.escaped or o.submitted > 0 or self._local.get(oid, 0) > 0:
+                if (o is None or o.freed or o.escaped or o.actors or o.submitted > 0
+                        or self._local.get(oid, 0) > 0):
                     continue
                 self._free(oid, o, batch, force_shared=False)
             if records:
@@ -258,7 +285,10 @@ class RefCounter:
     def _free(self, oid: bytes, o: _Owned, batch: FreeBatch, *, force_shared: bool) -> None:
         o.freed = True
         batch.big = batch.big or o.big
-        if o.escaped or force_shared:
+        if o.actors:
+            for a in o.actors:
+                self._actors.get(a, set()).discard(oid)
+        if o.escaped or o.actors or force_shared:
             batch.shared.append(oid)
         elif o.stored:
             batch.stored.append(oid)
@@ -341,7 +371,7 @@ class RefCounter:
                     kinds.append("local")
                 if o.submitted:
                     kinds.append("argument")
-                if o.escaped:
+                if o.escaped or o.actors:
                     kinds.append("borrowed")
                 out.append({"object_id": oid.hex(), "owned": True, "refs": self._local.get(oid, 0),
                             "reference": ",".join(kinds) or "lineage", "stored": o.stored})
