@@ -184,6 +184,35 @@ def test_owner_death_fails_borrowers_with_owner_died(cluster: Cluster, tmp_path:
     tessera.kill(k)
 
 
+def test_an_owner_that_dies_without_shutting_down_takes_its_objects_along(cluster: Cluster, tmp_path: Any) -> None:
+    name = f"keeper-{os.urandom(4).hex()}"
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        import numpy as np, tessera
+        from test_refcount import Keeper
+        tessera.init(name="crashing-owner")
+        k = Keeper.options(name={name!r}, lifetime="detached").remote()
+        ref = tessera.put(np.full(2**20, 9, dtype=np.uint8))
+        assert tessera.get(k.keep.remote([ref]), timeout=60) == 1
+        time.sleep(3)  # it has run a while (its reference table is published)
+        os._exit(0)  # no shutdown: nothing is freed by the driver itself
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=120)
+    k = tessera.get_actor(name)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            tessera.get(k.read.remote(), timeout=60)
+        except TaskError as e:
+            assert isinstance(e.cause, OwnerDiedError), e
+            break
+        assert time.monotonic() < deadline, "the dead driver's object was never freed"
+        time.sleep(1)
+    tessera.kill(k)
+
+
 def test_records_are_collected_with_their_objects(cluster: Cluster) -> None:
     refs = [block.remote(200 * 1024, 1) for _ in range(20)]  # stored results: object records too
     tessera.get(refs, timeout=60)

@@ -117,7 +117,8 @@ class GrpcSession:
             raise ConnectionError(f"no task scheduler answered at {self.address} within {timeout:g}s") from None
         self.outbox = queue.SimpleQueue()
         stub = pb_grpc.TaskSchedulerServiceStub(self.channel)
-        hello = pb.ClientFrame(hello=pb.Hello(job_id=self.core.job_id, name=self.name))
+        hello = pb.ClientFrame(hello=pb.Hello(job_id=self.core.job_id, name=self.name,
+                                              refs_key=self.core.refs_key.decode()))
         self._call = stub.Session(self._frames(hello, self.outbox), metadata=rpc.trace_metadata())
         first = next(self._call)
         self.welcome = first.welcome
@@ -129,7 +130,8 @@ class GrpcSession:
                 conn = SocketConnection(self.welcome.socket, timeout=5.0)
                 # the socket has no metadata: the token (when one is set) travels in the hello
                 conn.send(pb.ClientFrame(hello=pb.Hello(job_id=self.core.job_id, name=self.name,
-                                                        token=auth.client_token())))
+                                                        token=auth.client_token(),
+                                                        refs_key=self.core.refs_key.decode())))
                 welcome = conn.recv().welcome
             except OSError as e:
                 log.info("staying on gRPC: the agent's socket is not reachable (%s)", e)

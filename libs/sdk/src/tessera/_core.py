@@ -26,6 +26,7 @@ from tessera._refcount import FreeBatch, RefCounter
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
+from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE
 from tessera.common.serialization import deserialize
 from tessera.common.telemetry import current_traceparent
 from tessera.exceptions import (
@@ -47,12 +48,9 @@ E = pb.ErrorKind
 LOST_CHECK_S = 1.0
 #: How often the owner counts dropped refs and frees what nothing references.
 REFS_EVERY_S = 0.02
-#: How often a process publishes its reference table (for ``tessera memory``) when it changed; at least every
-#: REFS_HEARTBEAT_S, so a table older than a few of those belongs to a process that is gone.
+#: How often a process publishes its reference table (for ``tessera memory``, and so that what a driver that
+#: died owned can be freed) when it changed; at least every REFS_HEARTBEAT_S (tessera.common.names).
 REFS_PUBLISH_S = 2.0
-REFS_HEARTBEAT_S = 10.0
-#: The control store's key-value namespace of the reference tables, one key per process.
-REFS_NAMESPACE = "refs"
 #: Rows of one process's published table (the rest are counted).
 REFS_ROWS = 2000
 FOREVER_S = 365 * 24 * 3600.0

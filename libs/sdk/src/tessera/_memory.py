@@ -14,9 +14,6 @@ import sys
 import time
 from typing import Any
 
-#: A table not refreshed for this long belongs to a process that is gone.
-STALE_S = 35.0
-
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}MiB"
@@ -25,12 +22,12 @@ def _mib(n: float) -> str:
 def collect(address: str | None) -> dict[str, Any]:
     import grpc
 
-    from tessera._core import REFS_NAMESPACE
     from tessera.api.control_store.v1 import control_store_pb2 as cpb
     from tessera.api.object_store.v1 import object_store_pb2 as opb
     from tessera.api.object_store.v1 import object_store_pb2_grpc as opb_grpc
     from tessera.client._discovery import find_cluster
     from tessera.common import rpc
+    from tessera.common.names import REFS_NAMESPACE, REFS_STALE_S
     from tessera.common.registry import control_store_stub
 
     cluster = find_cluster(address)
@@ -44,7 +41,7 @@ def collect(address: str | None) -> dict[str, Any]:
                 doc = json.loads(cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=k), timeout=10.0).value)
             except grpc.RpcError:
                 continue  # gone meanwhile
-            if now - float(doc.get("time", 0)) <= STALE_S:
+            if now - float(doc.get("time", 0)) <= REFS_STALE_S:
                 owners.append(doc)
         oids = list(dict.fromkeys(bytes.fromhex(r["object_id"]) for o in owners for r in o["rows"]))
         infos: dict[bytes, Any] = {}

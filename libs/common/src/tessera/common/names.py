@@ -26,3 +26,11 @@ NATS_PASSWORD_FILE = "nats_password"
 REDIS_PASSWORD_FILE = "redis_password"
 #: The NATS user ``tessera up --auth`` creates.
 NATS_USER = "tessera"
+
+#: The control store's key-value namespace where every driver and worker publishes its reference table
+#: (JSON: process, job_id, worker, time, rows of object_id/owned/refs/reference/stored, more), one key per
+#: process ("<hostname>:<pid>"), refreshed when it changes and at least every REFS_HEARTBEAT_S.
+REFS_NAMESPACE = "refs"
+REFS_HEARTBEAT_S = 10.0
+#: A table older than this belongs to a process that is gone.
+REFS_STALE_S = 35.0

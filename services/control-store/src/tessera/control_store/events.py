@@ -6,7 +6,7 @@ the table after subscribing):
 ==========================================  =========================================
 ``tessera.events.<table>.created``          records created (tables below)
 ``tessera.events.<table>.updated``          records changed
-``tessera.events.<table>.deleted``          records removed (value empty)
+``tessera.events.<table>.deleted``          records removed (value empty; a freed object: why)
 ``tessera.events.nodes.dead``               a node missed heartbeats for node_timeout_s
 ``tessera.events.objects.<copy event>``     sealed, evicted, spilled, restored, lost: sent by
                                             the object store of the node concerned

@@ -551,7 +551,7 @@ class ControlStore:
 
         if object_ids:
             n = sum(await guard(asyncio.gather(*(run(s, p) for s, p in self.db.group(object_ids).items()))))
-            await self.events.emit("objects", _DELETED, [(o, b"") for o in object_ids])
+            await self.events.emit("objects", _DELETED, [(o, why) for o in object_ids])  # the value: why
         if task_ids:
             await self.tasks.delete_many(list(task_ids))
         return n

@@ -176,7 +176,7 @@ class NodeObjectStore:
             ids.check_id("object_id", oid)
         n = 0
         for oid in object_ids:
-            self._freed[oid] = reason or "freed"
+            self._freed[oid] = self._freed.get(oid) or reason or "freed"  # the first word on it stays
             self._freed.move_to_end(oid)
             pull = self._pulling.pop(oid, None)
             if pull is not None:

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -199,16 +200,19 @@ def build(settings: Settings) -> ServiceApp:
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.details())
 
-    async def on_freed(data: bytes) -> None:
+    async def on_freed(msg: Any) -> None:
         """Objects freed anywhere in the cluster (their records deleted): drop the copies held here."""
         try:
-            ev = cpb.ChangeEvent.FromString(data)
+            ev = cpb.ChangeEvent.FromString(msg.data)
         except Exception:
             log.warning("ignoring a malformed objects.deleted event")
             return
-        oids = [c.key for c in ev.changes if len(c.key) == ids.OBJECT_ID_LEN]
-        if oids:
-            node.free(oids)
+        by_reason: dict[str, list[bytes]] = {}  # a freed object's event carries why it was freed
+        for c in ev.changes:
+            if len(c.key) == ids.OBJECT_ID_LEN:
+                by_reason.setdefault(c.value.decode(errors="replace"), []).append(c.key)
+        for reason, oids in by_reason.items():
+            node.free(oids, reason)
 
     async def start() -> None:
         if settings.object_store_prefault:

@@ -18,11 +18,15 @@ import sys
 import time
 from typing import Any
 
+import grpc
+import grpc.aio
+
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import auth, ids, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
+from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.task_scheduler import placement
@@ -109,6 +113,8 @@ class Node:
         self.object_store_address = ""
         self.cs: Any = None
         self._out_results: dict[bytes, list[pb.TaskResult]] = {}
+        self._refs_keys: dict[str, str] = {}  # driver session -> key of its reference table
+        self._reaping: set[str] = set()
         self._out_spill: list[pb.TaskSpec] = []
         self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
         self._recorded: dict[bytes, pb.TaskSpec] = {}  # submitted here, not finished: lineage to write
@@ -121,15 +127,56 @@ class Node:
 
     # ------------------------------------------------------------------ sessions
 
-    def open_session(self, put: Any, name: str) -> str:
+    def open_session(self, put: Any, name: str, *, refs_key: str = "") -> str:
         self.next_session += 1
         sid = f"s{self.next_session}"
         self.sessions[sid] = put
+        if refs_key:
+            self._refs_keys[sid] = refs_key[:256]
         return sid
 
     def close_session(self, sid: str) -> None:
         if self.sessions.pop(sid, None) is not None:
             self.agent.owner_gone(sid)
+        key = self._refs_keys.pop(sid, "")
+        if key and key not in self._reaping and self._loop is not None:
+            self._reaping.add(key)
+            self._tasks.append(self._loop.create_task(self._reap_owner(key), name="owner-reaper"))
+
+    async def _reap_owner(self, key: str) -> None:
+        """A driver's session ended. A driver that shut down freed what it owned and removed its reference
+        table; one that died did neither: once it is surely gone (its process is gone, on this host, or its
+        table went stale), free what its table says it owned, so its borrowers get OwnerDiedError."""
+        try:
+            host, _, pid = key.rpartition(":")
+            deadline = time.monotonic() + REFS_STALE_S + REFS_HEARTBEAT_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                if any(k == key for k in self._refs_keys.values()):
+                    return  # it opened another session: alive
+                try:
+                    raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=key.encode()),
+                                               timeout=10.0)).value
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        return  # shut down cleanly (or never owned anything)
+                    continue
+                doc = json.loads(raw)
+                gone = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+                if not gone and time.time() - float(doc.get("time", 0)) < REFS_STALE_S:
+                    continue
+                owned = [bytes.fromhex(r["object_id"]) for r in doc.get("rows", []) if r.get("owned")]
+                reason = f"owner died: the driver {key} ended without shutting down"
+                for i in range(0, len(owned), 5000):
+                    await self.cs.FreeObjects(cpb.FreeObjectsRequest(object_ids=owned[i:i + 5000], remember=True,
+                                                                     reason=reason), timeout=30.0)
+                await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=key.encode()), timeout=10.0)
+                log.warning("driver %s is gone: freed the %d object(s) it owned", key, len(owned))
+                return
+        except Exception as e:
+            log.warning("could not free what driver %s owned: %s", key, e)
+        finally:
+            self._reaping.discard(key)
 
     def welcome(self, sid: str) -> pb.Welcome:
         return pb.Welcome(node_id=self.node_id, session=sid, object_store_address=self.object_store_address,
@@ -255,7 +302,7 @@ class Node:
             else:
                 if len(hello.job_id) != ids.JOB_ID_LEN:
                     return
-                sid = self.open_session(sink.put, hello.name)
+                sid = self.open_session(sink.put, hello.name, refs_key=hello.refs_key)
             writer.write(pack(pb.ServerFrame(welcome=self.welcome(sid))))
             if wid:
                 self.agent.worker_ready(wid, actor_id=bytes.fromhex(hello.name) if hello.name else b"")
@@ -598,3 +645,13 @@ def build(settings: Settings) -> ServiceApp:
 
 async def serve(settings: Settings | None = None) -> None:
     await build(settings or Settings()).run()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -31,7 +31,7 @@ class TaskSchedulerServicer:
         if len(first.hello.job_id) != 4:
             raise InvalidArgumentError(f"hello.job_id must be 4 bytes, got {len(first.hello.job_id)}")
         out: asyncio.Queue[pb.TaskResult | None] = asyncio.Queue()
-        session = self.node.open_session(out.put_nowait, first.hello.name)
+        session = self.node.open_session(out.put_nowait, first.hello.name, refs_key=first.hello.refs_key)
         failed: list[TesseraError] = []
         reader = asyncio.create_task(self._read(it, session, failed, out))
         try:

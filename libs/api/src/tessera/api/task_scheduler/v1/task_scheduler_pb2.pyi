@@ -357,6 +357,7 @@ class Hello(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    REFS_KEY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.bytes
     name: _builtins.str
     """driver name, for humans"""
@@ -365,6 +366,10 @@ class Hello(_message.Message):
     worker_id: _builtins.bytes
     token: _builtins.str
     """the cluster's token, on the agent's Unix socket when authentication is on"""
+    refs_key: _builtins.str
+    """a driver: the key of its reference table in the control store (key-value namespace "refs"); when its
+    session ends and the driver is gone, the agent frees what it owned (its borrowers get OwnerDiedError)
+    """
     def __init__(
         self,
         *,
@@ -373,10 +378,11 @@ class Hello(_message.Message):
         worker: _builtins.bool = ...,
         worker_id: _builtins.bytes = ...,
         token: _builtins.str = ...,
+        refs_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "name", b"name", "token", b"token", "worker", b"worker", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "name", b"name", "refs_key", b"refs_key", "token", b"token", "worker", b"worker", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
