@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     node_id: str = Field("", description="hex id of this node (16 bytes); default: derived from host and gRPC port")
 
     # --- object store ---------------------------------------------------------------
-    object_store_memory: int = Field(512 * 1024**2, gt=0, description="object-store: bytes of shared memory per node")
+    object_store_memory: int = Field(0, ge=0, description="object-store: bytes of shared memory per node; 0: 30% of the "
+                                     "node's memory (its cgroup limit in a container), capped by the free space of "
+                                     "object_store_arena_dir (see tessera.common.sizing)")
     object_store_arena_dir: Path = Field(Path("/dev/shm"), description="object-store: where the shared-memory file lives")
     object_store_prefault: bool = Field(False, description="object-store: allocate and touch every arena page at start (fast first puts, memory held from the start); off: pages are taken on first write")
     object_store_spill_dir: Path | None = Field(None, description="object-store: spill directory (a folder per node id inside); default <run_dir>/spill")

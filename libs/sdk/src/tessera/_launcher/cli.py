@@ -23,7 +23,9 @@ from pathlib import Path
 from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kill
 from tessera.common import ids, procs
 from tessera.common.config import Settings
+from tessera.common.errors import InvalidArgumentError
 from tessera.common.rpc import health_status, stream_channel
+from tessera.common.sizing import StoreSize, human, object_store_size
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
 
@@ -46,8 +48,17 @@ def parse_services(text: str) -> tuple[str, ...]:
     return tuple(n for n in SERVICES if n in names)
 
 
+def store_size(settings: Settings, nodes: int) -> StoreSize:
+    """The arena capacity of each of ``nodes`` object stores on this machine: TESSERA_OBJECT_STORE_MEMORY,
+    else Ray's default split between them (they share one machine's memory and /dev/shm).
+
+    Raises InvalidArgumentError (the message says why) when the requested size cannot fit.
+    """
+    return object_store_size(settings.object_store_memory, settings.object_store_arena_dir, share=nodes)
+
+
 def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gpus_per_node: int = 0,
-          services: Sequence[str] = SERVICES) -> Cluster:
+          services: Sequence[str] = SERVICES, object_store_memory: int = 0) -> Cluster:
     env = os.environ
     ps: list[Proc] = []
     if env.get("TESSERA_NATS_URL"):
@@ -70,7 +81,8 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
             for i, node in enumerate(node_ids):
                 port = procs.free_port()
                 ps.append(Proc(name if i == 0 else f"{name}-{i}", "service", port, service=name, node_id=node,
-                               address=f"127.0.0.1:{port}"))
+                               address=f"127.0.0.1:{port}",
+                               object_store_memory=object_store_memory if name == "object-store" else 0))
         else:
             port = procs.free_port()
             ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}"))
@@ -92,7 +104,7 @@ def _health(p: Proc) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f}MiB" if n < 2**30 else f"{n / 2**30:.1f}GiB"
+    return human(n)
 
 
 def _agent_detail(p: Proc) -> dict[str, object]:
@@ -134,7 +146,8 @@ def _detail(p: Proc, health: str) -> dict[str, object]:
         return {}
     return {"node": p.node_id[:8], "used": s.used, "capacity": s.capacity, "spilled": s.spilled_bytes,
             "objects": s.objects,
-            "detail": f"node {p.node_id[:8]} {_mib(s.used)}/{_mib(s.capacity)} used, {_mib(s.spilled_bytes)} spilled, "
+            "detail": f"node {p.node_id[:8]} {_mib(s.used)}/{_mib(s.capacity)} used "
+                      f"({100 * s.used / max(1, s.capacity):.0f}% of capacity), {_mib(s.spilled_bytes)} spilled, "
                       f"{s.objects} objects"}
 
 
@@ -178,12 +191,20 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if cluster:
             print(_table(_rows(cluster)))
         return EXIT_OK
+    size = None
+    if "object-store" in args.services:
+        try:
+            size = store_size(settings, args.nodes)
+        except InvalidArgumentError as e:  # refused before anything starts
+            print(f"cannot start the object store: {e}", file=sys.stderr)
+            return EXIT_FAIL
     run.prepare()
     run.clear()
     if args.gpus_per_node:
         os.environ["TESSERA_GPUS_PER_NODE"] = str(args.gpus_per_node)  # the supervisor and its children inherit it
     cluster = _plan(run, settings, args.redis_shards or settings.redis_shards, args.nodes,
-                    args.gpus_per_node or settings.gpus_per_node, args.services)
+                    args.gpus_per_node or settings.gpus_per_node, args.services,
+                    object_store_memory=size.capacity if size else 0)
     run.remove_secrets()
     if args.auth:  # a fresh token and passwords; services get their files' paths (see the supervisor)
         run.generate_secrets()
@@ -216,6 +237,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAIL
     cluster = run.read() or cluster
     print(_table(_rows(cluster)))
+    if size is not None:
+        print()
+        for p in cluster.procs:
+            if p.service == "object-store":
+                print(f"object store capacity of node {p.node_id[:8]}: {size.describe()}")
     print(f"\nTessera is up: control store at {cluster.control_store_address}; `tessera down` stops it.")
     return EXIT_OK
 

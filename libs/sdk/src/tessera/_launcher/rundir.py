@@ -43,6 +43,7 @@ class Proc:
     restarts: int = 0
     last_exit: str = ""
     address: str = ""
+    object_store_memory: int = 0  # bytes of the arena tessera up chose (object-store); 0: the store's default
 
 
 @dataclass

@@ -98,6 +98,8 @@ class Supervisor:
         if p.node_id:
             env["TESSERA_NODE_ID"] = p.node_id
             env["TESSERA_OBJECT_STORE_SPILL_DIR"] = str(self.run.data / "spill")
+        if p.object_store_memory:  # the capacity tessera up chose for this node (and printed)
+            env["TESSERA_OBJECT_STORE_MEMORY"] = str(p.object_store_memory)
         return [sys.executable, "-m", module_of(p.service or p.name)], env
 
     def _nats_config(self) -> Path | None:

@@ -166,10 +166,12 @@ class ObjectStoreClient:
         self.node_id = hello.node_id
         self.inline_threshold = hello.inline_threshold
         fd = os.open(hello.arena_path, os.O_RDWR)
-        populate = getattr(mmap, "MAP_POPULATE", 0)  # map the (pre-faulted) pages now, not on first touch
+        # Mapped lazily: a page enters this process's page table when a put writes it or a get
+        # reads it. Populating the whole arena here (MAP_POPULATE) made opening a client, and so
+        # the first put, cost a page fault per page of a store that may be tens of GiB.
         try:
-            self._wmap = mmap.mmap(fd, hello.arena_size, flags=mmap.MAP_SHARED | populate)
-            self._rmap = mmap.mmap(fd, hello.arena_size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+            self._wmap = mmap.mmap(fd, hello.arena_size, flags=mmap.MAP_SHARED)
+            self._rmap = mmap.mmap(fd, hello.arena_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         self._arena = np.frombuffer(self._rmap, dtype=np.uint8)

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import RETRY_FIRST_S, ServiceApp, next_retry
+from tessera.common.sizing import StoreSize, object_store_size
 from tessera.object_store.arena import Arena
 from tessera.object_store.manager import ObjectManager
 from tessera.object_store.node import Chunk, NodeObjectStore, freed_message
@@ -155,13 +157,30 @@ def node_id_of(settings: Settings) -> bytes:
     return ids.new_id("node_id")
 
 
+def store_size(settings: Settings, arena_path: Path) -> StoreSize:
+    """The arena's capacity: TESSERA_OBJECT_STORE_MEMORY, else Ray's default (see tessera.common.sizing).
+
+    A stale arena of this node (a store that crashed) still holds its pages until it is
+    replaced: they count as free, since :class:`Arena` removes the file before making its own.
+    Raises InvalidArgumentError when the requested size cannot fit: the store refuses to start.
+    """
+    try:
+        stale = arena_path.stat().st_blocks * 512
+    except FileNotFoundError:
+        stale = 0
+    return object_store_size(settings.object_store_memory, arena_path.parent, reclaim=stale)
+
+
 def build(settings: Settings) -> ServiceApp:
     app = ServiceApp(NAME, settings)
     node_id = node_id_of(settings)
     arena_path = settings.object_store_arena_dir / f"tessera-{node_id.hex()}.arena"
     spill_dir = (settings.object_store_spill_dir or settings.run_dir / "spill") / node_id.hex()
     spill_dir.mkdir(parents=True, exist_ok=True)
-    arena = Arena(arena_path, settings.object_store_memory, reserve=settings.object_store_prefault)
+    size = store_size(settings, arena_path)
+    log.info("object store of node %s: %s", node_id.hex(), size.describe())
+    capacity = size.capacity
+    arena = Arena(arena_path, capacity, reserve=settings.object_store_prefault)
     directory = ClusterDirectory(app, node_id)
     peers = Peers(settings, node_id)
     holder: dict[str, NodeObjectStore] = {}  # the manager reports to the node store made from it
@@ -173,13 +192,13 @@ def build(settings: Settings) -> ServiceApp:
                                             chunk_bytes=settings.object_store_chunk_bytes)
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject"]),
-                     ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=settings.object_store_memory,
+                     ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=capacity,
                                          forget=directory.free), SERVICE)
     tasks: list[asyncio.Task[None]] = []
 
     async def register_node() -> None:
         info = cpb.NodeInfo(node_id=node_id, address=app.address, object_store_address=app.address,
-                            resources_total={"object_store_memory": float(settings.object_store_memory)},
+                            resources_total={"object_store_memory": float(capacity)},
                             labels={"hostname": socket.gethostname(), "pid": str(os.getpid())})
         delay = RETRY_FIRST_S
         while True:
