@@ -215,25 +215,30 @@ def reader_main() -> int:
 
 
 @contextlib.contextmanager
-def tessera_cluster(nodes: int, memory: int, keep_logs: Path | None = None) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
-    """``tessera up --nodes N`` in a temporary run directory; ``tessera down`` (and cleanup) whatever happens."""
+def tessera_cluster(nodes: int, memory: int | None, keep_logs: Path | None = None,
+                    up_args: Sequence[str] = ()) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """``tessera up --nodes N`` in a temporary run directory; ``tessera down`` (and cleanup) whatever happens.
+
+    ``memory``: TESSERA_OBJECT_STORE_MEMORY; None: the stores' default size."""
     run_dir = Path(tempfile.mkdtemp(prefix="tessera-objbench-"))
-    env = {**os.environ, "TESSERA_RUN_DIR": str(run_dir), "TESSERA_OBJECT_STORE_MEMORY": str(memory),
-           "TESSERA_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "TESSERA_RUN_DIR": str(run_dir), "TESSERA_LOG_LEVEL": "WARNING"}
     for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "TESSERA_NATS_URL",
-              "TESSERA_REDIS_URLS"):
+              "TESSERA_REDIS_URLS", "TESSERA_OBJECT_STORE_MEMORY"):
         env.pop(k, None)
+    if memory is not None:
+        env["TESSERA_OBJECT_STORE_MEMORY"] = str(memory)
     exe = Path(sys.executable).parent / "tessera"
     cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "tessera._launcher.cli"]
     cluster: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
-        up = subprocess.run([*cli, "up", "--nodes", str(nodes), "--timeout", "240"], env=env,
+        up = subprocess.run([*cli, "up", "--nodes", str(nodes), "--timeout", "240", *up_args], env=env,
                             capture_output=True, text=True, timeout=300)
         if up.returncode != 0:
             raise SystemExit(f"tessera up failed ({up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
         cluster = json.loads((run_dir / "cluster.json").read_text())
         cluster["up_s"] = time.perf_counter() - t0
+        cluster["up_stdout"] = up.stdout
         yield cluster, env
     finally:
         # the teardown runs to its end: a second Ctrl-C or SIGTERM meanwhile is ignored
@@ -547,6 +552,99 @@ def _print_profile(res: dict[str, Any]) -> None:
     log(f"\nraw profiles (py-spy collapsed stacks, pyinstrument trees) in {res['dir']}")
 
 
+def run_tessera_fresh_put(plan: Any, src: np.ndarray) -> dict[str, Any]:
+    """``--put-1gb``: a fresh ``tessera up`` with default settings (one node; the control and object
+    stores alone), a client of its store, and the store's very first put: 1 GB."""
+    import tessera
+
+    log("== Tessera: tessera up --services control-store,object-store (default settings) ...")
+    with tessera_cluster(1, None, up_args=("--services", "control-store,object-store")) as (cluster, _env):
+        chosen = [ln for ln in cluster["up_stdout"].splitlines() if ln.startswith("object store capacity")]
+        log(f"   up in {cluster['up_s']:.1f} s; {chosen[0] if chosen else ''}")
+        address = cluster["services"]["object-store"]["address"]
+        t0 = time.perf_counter()
+        client = tessera.ObjectStoreClient(address, name="bench-fresh")
+        open_s = time.perf_counter() - t0
+
+        class One:
+            """The workload's adapter over that one client."""
+
+            def put(self, value: Any) -> Any:
+                return client.put(value)
+
+            def get(self, ref: Any) -> Any:
+                return client.get(ref)
+
+            def free(self, refs: list[Any]) -> None:
+                _release_pins(client)
+                client.delete(refs)
+                refs.clear()
+
+        try:
+            w = wl.Workload(plan, src, log=log)
+            w.fresh_put_rows(One(), lambda: client.put(src))
+            return {"system": "tessera", "version": getattr(tessera, "__version__", ""), "numpy": np.__version__,
+                    "object_store_memory": int(client.stats().capacity), "capacity_line": chosen[0] if chosen else "",
+                    "client_open_s": open_s, "metrics": w.m, "verified": w.verified}
+        finally:
+            client.close()
+
+
+def run_ray_fresh_put(timeout: float) -> dict[str, Any]:
+    if not RAY_PYTHON.exists():
+        return {"error": f"{RAY_PYTHON} not found"}
+    log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} --put-1gb "
+        f"(ray.init(num_cpus=2), Ray's default object store size) ...")
+    return _ray_helper([str(RAY_PYTHON), str(RAY_PEER), "--put-1gb"], timeout)
+
+
+FRESH_ROWS: list[tuple[str, str, str]] = [
+    ("fresh_put_1GB_first_gbps", "1 GB put, first of a fresh store", "GB/s"),
+    ("fresh_copy_1GB_cold_gbps", "numpy copyto 1 GB, fresh dst", "GB/s"),
+    ("fresh_put_1GB_first_x_memcpy", "  first put / fresh-dst memcpy", "x"),
+    ("fresh_put_1GB_gbps", "1 GB put, warm (median)", "GB/s"),
+    ("fresh_copy_1GB_gbps", "numpy copyto 1 GB, warm dst", "GB/s"),
+    ("fresh_put_1GB_x_memcpy", "  warm put / warm-dst memcpy", "x"),
+]
+
+
+def fresh_put_main(args: argparse.Namespace, plan: Any, info: dict[str, Any], started: float) -> int:
+    t0 = time.perf_counter()
+    src = wl.source_array()
+    log(f"   source array (1 GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
+    tess = {} if args.no_tessera else run_tessera_fresh_put(plan, src)
+    del src
+    gc.collect()
+    ray_res: dict[str, Any] = {} if args.no_ray else run_ray_fresh_put(args.ray_timeout)
+    if "error" in ray_res:
+        log(f"   Ray: {ray_res['error']}")
+    tm, rm = tess.get("metrics", {}), ray_res.get("metrics", {})
+    head = f"{'row (each system: its own process, same run)':<48}{'unit':>6}{'Tessera':>10}{'Ray':>10}"
+    lines = [head, "-" * len(head)]
+    for key, label, unit in FRESH_ROWS:
+        lines.append(f"{label:<48}{unit:>6}{_fmt(tm.get(key), 'GB/s'):>10}{_fmt(rm.get(key), 'GB/s'):>10}")
+    print()
+    print("\n".join(lines))
+    for name, res in (("Tessera", tess), ("Ray", ray_res)):
+        if res.get("object_store_memory"):
+            print(f"{name}'s store: {res['object_store_memory'] / GIB:.1f} GiB"
+                  + (f" ({res['capacity_line']})" if res.get("capacity_line") else ""))
+    if tm:
+        print(f"aim: first 1 GB put >= 0.5x memcpy into fresh pages: "
+              f"{'REACHED' if tm['fresh_put_1GB_first_x_memcpy'] >= 0.5 else 'NOT reached'} "
+              f"({tm['fresh_put_1GB_first_x_memcpy']:.2f}x); warm 1 GB put >= 0.8x memcpy: "
+              f"{'REACHED' if tm['fresh_put_1GB_x_memcpy'] >= 0.8 else 'NOT reached'} ({tm['fresh_put_1GB_x_memcpy']:.2f}x)")
+    info["loadavg_end"] = list(os.getloadavg())
+    out = args.json if args.json != DEFAULT_JSON else DEFAULT_JSON.with_name("object_store_put_1gb.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "object_store_put_1gb", "seconds": round(time.time() - started, 1),
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                               "host": info, "plan": asdict(plan), "tessera": tess, "ray": ray_res},
+                              indent=2, default=str) + "\n")
+    print(f"results written to {out}")
+    return 0
+
+
 # ------------------------------------------------------------------ Ray
 
 
@@ -556,7 +654,12 @@ def run_ray(quick: bool, timeout: float) -> dict[str, Any]:
                          ".venv-ray/bin/pip install ray==2.60.0 numpy)"}
     log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} "
         f"(ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)) ...")
-    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(NODE_MEMORY), *(["--quick"] if quick else [])]
+    return _ray_helper([str(RAY_PYTHON), str(RAY_PEER), "--memory", str(NODE_MEMORY), *(["--quick"] if quick else [])],
+                       timeout)
+
+
+def _ray_helper(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run the Ray peer in Ray's venv; its last JSON line is the result."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "VIRTUAL_ENV", "PYTHONPATH"))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
     try:
@@ -652,6 +755,12 @@ def aims(t: dict[str, float], r: dict[str, float]) -> list[dict[str, Any]]:
                            f"put's own placement, dst - src = {int(t['put_1GB_dst_src_mod4096'])} mod 4096)")
             add(f"{size} put >= 0.8x memcpy (warm, same process's copyto)", figure, f >= 0.8,
                 f"{rf:.2f}x" if rf is not None else "n/a")
+    if "put_1GB_cold_gbps" in t and "copy_1GB_cold_gbps" in t:
+        f = t["put_1GB_cold_gbps"] / t["copy_1GB_cold_gbps"]
+        rf = (r["put_1GB_cold_gbps"] / r["copy_1GB_cold_gbps"]) if "put_1GB_cold_gbps" in r and "copy_1GB_cold_gbps" in r \
+            else None
+        add("1GB first put >= 0.5x memcpy into fresh pages (see --put-1gb for a fresh store's very first put)",
+            f"{f:.2f}x", f >= 0.5, f"{rf:.2f}x" if rf is not None else "n/a")
     gets = {k: v for k, v in t.items() if (k.startswith("get_") and k.endswith("_us") and "first" not in k)
             or k in ("reader_1GB_get_us", "reader_1KB_p50_us")}
     if gets:
@@ -689,6 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-ray", action="store_true", help="Tessera only")
     ap.add_argument("--no-tessera", action="store_true", help="Ray only")
     ap.add_argument("--ray-timeout", type=float, default=600.0, help="seconds the Ray helper may take")
+    ap.add_argument("--put-1gb", action="store_true",
+                    help="only the 1 GB put on a fresh store of default size (Tessera: a fresh tessera up; Ray: a "
+                         "fresh ray.init), its first put and warm puts, beside memcpy in the same process")
     ap.add_argument("--reader", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.reader:
@@ -703,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_bytes'] / GIB:.1f} GiB, "
         f"load {', '.join(f'{x:.2f}' for x in info['loadavg_start'])}")
+    if args.put_1gb:
+        return fresh_put_main(args, plan, info, started)
     tess: dict[str, Any] = {}
     if not args.no_tessera:
         t0 = time.perf_counter()

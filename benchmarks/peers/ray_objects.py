@@ -144,6 +144,69 @@ class Workload:
         self.m: dict[str, float] = {}
         self.verified: dict[str, bool] = {}
 
+    # ------------------------------------------------------------- put 1 GB on a fresh store
+
+    def fresh_put_rows(self, sys_: Any, first: Callable[[], Any]) -> None:
+        """The 1 GB put of a store that was just started with its default size, beside memcpy.
+
+        ``first()`` does the very first put of the store's life (timed by the caller's
+        adapter: nothing else may have run against the store). Then: np.copyto of the
+        same 1 GB into a fresh destination (its pages faulted on first write, as the
+        store's are) and into a warm one, and warm puts (after one untimed). Ratios:
+        the first put over the fresh-destination copy, warm puts over the warm copy.
+        """
+        p = self.plan
+        name, size = "1GB", SIZES["1GB"]
+        x = self.src[: size // 8]
+        want = checksum(x)
+        gc.collect()
+        t0 = time.perf_counter()
+        r = first()
+        cold = time.perf_counter() - t0
+        _expect(checksum(sys_.get(r)) == want, "get of the first 1 GB put")
+        sys_.free([r])
+        del r
+        _settle(size)
+        fresh = []
+        for _ in range(2):
+            dst = np.empty_like(x)  # fresh pages
+            t0 = time.perf_counter()
+            np.copyto(dst, x)
+            fresh.append(time.perf_counter() - t0)
+            del dst
+        dst = np.empty_like(x)
+        dst.fill(0.0)
+        warm_copy = []
+        for _ in range(p.copy_reps):
+            t0 = time.perf_counter()
+            np.copyto(dst, x)
+            warm_copy.append(time.perf_counter() - t0)
+        del dst
+        r = sys_.put(x)  # untimed
+        sys_.free([r])
+        del r
+        _settle(size)
+        warm = []
+        for _ in range(p.put_reps[name]):
+            t0 = time.perf_counter()
+            r = sys_.put(x)
+            warm.append(time.perf_counter() - t0)
+            sys_.free([r])
+            del r
+            _settle(size)
+        m = self.m
+        m["fresh_put_1GB_first_gbps"] = size / cold / 1e9
+        m["fresh_put_1GB_gbps"] = size / median(warm) / 1e9
+        m["fresh_copy_1GB_cold_gbps"] = size / median(fresh) / 1e9
+        m["fresh_copy_1GB_gbps"] = size / median(warm_copy) / 1e9
+        m["fresh_put_1GB_first_x_memcpy"] = m["fresh_put_1GB_first_gbps"] / m["fresh_copy_1GB_cold_gbps"]
+        m["fresh_put_1GB_x_memcpy"] = m["fresh_put_1GB_gbps"] / m["fresh_copy_1GB_gbps"]
+        self.verified["fresh_1GB"] = True
+        self.log(f"   1 GB put on a fresh store: first {m['fresh_put_1GB_first_gbps']:.2f} GB/s "
+                 f"({m['fresh_put_1GB_first_x_memcpy']:.2f}x memcpy into fresh pages, "
+                 f"{m['fresh_copy_1GB_cold_gbps']:.2f} GB/s), warm {m['fresh_put_1GB_gbps']:.2f} GB/s "
+                 f"({m['fresh_put_1GB_x_memcpy']:.2f}x memcpy into warm pages, {m['fresh_copy_1GB_gbps']:.2f} GB/s)")
+
     # ------------------------------------------------------------- numpy
 
     def copy_rows(self) -> None:
@@ -424,11 +487,34 @@ def node_to_node(ray: Any, src: np.ndarray, reps: int, memory: int,
         cluster.shutdown()
 
 
+def fresh_put_main(ray: Any, w: Workload, log: Callable[[str], None]) -> int:
+    """``--put-1gb``: ray.init with Ray's default object store size; its first put is 1 GB."""
+    tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp
+    result: dict[str, Any] = {"system": "ray", "version": ray.__version__, "numpy": np.__version__}
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        try:
+            result["object_store_memory"] = int(ray.available_resources().get("object_store_memory", 0))
+            s = RaySystem(ray)
+            w.fresh_put_rows(s, lambda: ray.put(w.src))
+        finally:
+            ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["metrics"] = w.m
+    result["verified"] = w.verified
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", type=int, default=int(2.5 * GIB), help="object_store_memory per node, bytes")
     ap.add_argument("--no-two-node", action="store_true", help="skip the two-raylet node-to-node row")
+    ap.add_argument("--put-1gb", action="store_true",
+                    help="only the 1 GB put on a fresh ray.init with Ray's default object store size, beside memcpy")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -441,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = source_array()
     log(f"   [ray] source array: {time.perf_counter() - t0:.1f} s")
     w = Workload(plan, src, log=lambda s: log("   [ray]" + s[2:]))
+    if args.put_1gb:
+        return fresh_put_main(ray, w, log)
     w.copy_rows()
     # Ray's sessions, sockets and address file go under a directory of this run (short: socket paths
     # must stay under 108 bytes), not the machine's shared /tmp/ray
