@@ -39,7 +39,8 @@ def test_a_store_refuses_to_start_with_a_size_its_arena_directory_cannot_hold(tm
                TESSERA_NATS_URL="nats://127.0.0.1:1", TESSERA_CONTROL_STORE_ADDRESS="127.0.0.1:1")
     r = subprocess.run([sys.executable, "-m", "tessera.object_store"], env=env, capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode != 0
+    assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr
     assert f"TESSERA_OBJECT_STORE_MEMORY={too_big}" in last and f"does not fit in {tmp_path}" in last, r.stderr
     assert not list(tmp_path.glob("*.arena")), "no arena may be made for a refused size"

@@ -257,4 +257,9 @@ def build(settings: Settings) -> ServiceApp:
 
 
 async def serve(settings: Settings | None = None) -> None:
-    await build(settings or Settings()).run()
+    try:
+        app = build(settings or Settings())
+    except InvalidArgumentError as e:  # a setting that cannot work (an arena that cannot fit): say which, and stop
+        log.error("the object store cannot start: %s", e)
+        raise SystemExit(2) from None
+    await app.run()
