@@ -76,6 +76,17 @@ def test_cgroup_v1_limit_in_bytes(tmp_path: Path) -> None:
     assert cgroup_memory_limit(cg, root) == (GiB, "cgroup v1 memory.limit_in_bytes")
 
 
+def test_cgroup_v1_a_parent_limit_binds_through_memory_stat(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    d = root / "memory" / "user.slice" / "job"
+    write(d / "memory.limit_in_bytes", "9223372036854771712\n")
+    write(d / "memory.stat", f"cache 0\nrss 4096\nhierarchical_memory_limit {5 * GiB}\nhierarchical_memsw_limit 1\n")
+    cg = write(tmp_path / "self-cgroup", "4:memory:/user.slice/job\n")
+    assert cgroup_memory_limit(cg, root) == (5 * GiB, "cgroup v1 hierarchical_memory_limit")
+    (d / "memory.limit_in_bytes").write_text(f"{3 * GiB}\n")  # its own, tighter
+    assert cgroup_memory_limit(cg, root) == (3 * GiB, "cgroup v1 memory.limit_in_bytes")
+
+
 def test_cgroup_v1_unlimited_is_no_limit(tmp_path: Path) -> None:
     root = tmp_path / "cgroup"
     write(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")  # v1's page-rounded "no limit"

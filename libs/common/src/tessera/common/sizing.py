@@ -45,7 +45,7 @@ class NodeMemory:
     """The memory a node may use: ``bytes``, and where the figure came from (``source``)."""
 
     bytes: int
-    source: str  # "physical memory", "cgroup v2 memory.max" or "cgroup v1 memory.limit_in_bytes"
+    source: str  # "physical memory", "cgroup v2 memory.max", "cgroup v1 memory.limit_in_bytes" or "... hierarchical_memory_limit"
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,27 @@ def _read_limit(path: Path) -> int | None:
     return value if 0 < value < _UNLIMITED else None
 
 
+def _hierarchical_limit(d: Path) -> int | None:
+    """cgroup v1: ``hierarchical_memory_limit`` of ``memory.stat`` (None if absent or unlimited)."""
+    try:
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "hierarchical_memory_limit":
+                n = int(value)
+                return n if 0 < n < _UNLIMITED else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def cgroup_memory_limit(proc_self_cgroup: Path = PROC_SELF_CGROUP,
                         cgroup_root: Path = CGROUP_ROOT) -> tuple[int, str] | None:
     """The memory limit of this process's cgroup, and the file it came from; None when none is set.
 
     cgroup v2: the smallest ``memory.max`` of the process's cgroup and its ancestors (a
     parent's limit binds its children). cgroup v1: ``memory.limit_in_bytes`` of the
-    memory controller's cgroup, looked up under ``<root>/memory``; inside a container the
+    memory controller's cgroup, or the ``hierarchical_memory_limit`` of its ``memory.stat``
+    (its ancestors' limits) when smaller, looked up under ``<root>/memory``; inside a container the
     controller's mount is usually the container's own cgroup, so the file at the
     mount's root is read when the process's path does not exist there.
     """
@@ -125,11 +139,13 @@ def cgroup_memory_limit(proc_self_cgroup: Path = PROC_SELF_CGROUP,
         base = cgroup_root / "memory"
         here = base / v1_path.lstrip("/")
         for d in ((here, base) if here != base else (base,)):
-            limit = _read_limit(d / "memory.limit_in_bytes")
-            if limit is not None:
-                return limit, "cgroup v1 memory.limit_in_bytes"
-            if (d / "memory.limit_in_bytes").exists():
-                return None  # the process's own cgroup says: no limit
+            if not (d / "memory.limit_in_bytes").exists():
+                continue
+            # memory.stat's hierarchical_memory_limit is the tightest limit of the cgroup and its ancestors
+            found = [(x, src) for x, src in ((_read_limit(d / "memory.limit_in_bytes"), "cgroup v1 memory.limit_in_bytes"),
+                                             (_hierarchical_limit(d), "cgroup v1 hierarchical_memory_limit"))
+                     if x is not None]
+            return min(found) if found else None
     if v2_path is not None:
         d = cgroup_root / v2_path.lstrip("/")
         if not d.is_dir():  # a cgroup namespace: the mount's root is the process's cgroup
