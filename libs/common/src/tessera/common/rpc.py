@@ -181,12 +181,24 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(us, response_serializer=handler.response_serializer)
+        async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in requests:
+                yield parse(raw)
+
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_su(parsed(requests), context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await _abort_for(e, context, method)
+
+            return grpc.stream_unary_rpc_method_handler(su, response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
-
-            async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-                async for raw in requests:
-                    yield parse(raw)
 
             async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async for item in _mapped(lambda: inner_ss(parsed(requests), context), context, method):

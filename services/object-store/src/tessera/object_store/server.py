@@ -160,7 +160,7 @@ def build(settings: Settings) -> ServiceApp:
                                             inline_threshold=settings.object_store_inline_threshold,
                                             chunk_bytes=settings.object_store_chunk_bytes)
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
-    app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject"]),
+    app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject", "ReadObject"]),
                      ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=settings.object_store_memory), SERVICE)
     tasks: list[asyncio.Task[None]] = []
 

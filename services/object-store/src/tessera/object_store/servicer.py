@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, TypeAlias
 
 import grpc.aio
@@ -12,7 +14,7 @@ import grpc.aio
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
-from tessera.common.errors import FailedPreconditionError, TesseraError
+from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, TesseraError
 from tessera.object_store.node import NodeObjectStore
 from tessera.object_store.wire import encode_chunk
 
@@ -40,7 +42,8 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         self.sessions.add(sid)
         try:
             yield pb.OpenSessionResponse(session_id=sid, arena_path=self.arena_path, arena_size=self.arena_size,
-                                         node_id=self.node.node_id, inline_threshold=self.node.inline_threshold)
+                                         node_id=self.node.node_id, inline_threshold=self.node.inline_threshold,
+                                         hostname=socket.gethostname())
             await asyncio.Event().wait()  # until the client goes away
         finally:
             self.sessions.discard(sid)
@@ -118,6 +121,33 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         """Registered with a raw serializer: each chunk is encoded straight from the arena."""
         async for c in self.node.serve_pull(request.object_id, request.chunk_size):
             yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
+
+    async def WriteObject(self, request_iterator: AsyncIterator[pb.WriteObjectRequest],  # type: ignore[override]
+                          context: Ctx) -> pb.WriteObjectResponse:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("WriteObject: the first message must be the header")
+        h = first.header
+
+        async def chunks() -> AsyncIterator[tuple[int, bytes, int]]:
+            async for r in requests:
+                if r.WhichOneof("part") != "chunk":
+                    raise InvalidArgumentError("WriteObject: only the first message may be a header")
+                yield r.chunk.offset, r.chunk.data, r.chunk.crc32c
+
+        await self.node.write(h.object_id, h.size, h.owner, chunks(), durable=h.durable)
+        return pb.WriteObjectResponse(size=h.size)
+
+    async def ReadObject(self, request: pb.ReadObjectRequest, context: Ctx) -> AsyncIterator[bytes]:  # type: ignore[override]
+        """Registered with a raw serializer, as PullObject (the two messages share their layout)."""
+        limit = context.time_remaining()
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else MAX_WAIT_S
+        if limit is not None:
+            timeout = min(timeout, max(0.0, limit - 0.05))
+        async with aclosing(self.node.read(request.object_id, timeout, request.chunk_size)) as chunks:
+            async for c in chunks:
+                yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
         s = self.node.manager.stats()
