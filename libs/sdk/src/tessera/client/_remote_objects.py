@@ -30,11 +30,12 @@ from crc32c import crc32c
 
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
-from tessera.client._base import FOREVER_S, ObjectClientBase, _map_error
+from tessera.client._base import FOREVER_S, SERVICE, ObjectClientBase, _map_error
 from tessera.client.objects import ObjectRef
 from tessera.common import ids, rpc
 from tessera.common.errors import DataLossError
 from tessera.common.serialization import deserialize, serialize
+from tessera.common.wire import decode_chunk, encode_write_chunk
 from tessera.exceptions import GetTimeoutError
 
 #: Bytes per streamed chunk, both ways.
@@ -97,6 +98,12 @@ class RemoteObjectStoreClient(ObjectClientBase):
         self.node_id = hello.node_id
         self.inline_threshold = hello.inline_threshold
         self.hostname = hello.hostname
+        # the bulk streams, encoded and decoded by hand (tessera.common.wire): one copy of the bytes each way
+        self._write_object = self._streams.stream_unary(
+            f"/{SERVICE}/WriteObject", request_serializer=None, response_deserializer=pb.WriteObjectResponse.FromString)
+        self._read_object = self._streams.unary_stream(
+            f"/{SERVICE}/ReadObject", request_serializer=pb.ReadObjectRequest.SerializeToString,
+            response_deserializer=None)
 
     def _close_session(self) -> None:
         self._session.cancel()
@@ -123,20 +130,22 @@ class RemoteObjectStoreClient(ObjectClientBase):
             return ObjectRef(oid)
         size, pieces = ser.pieces()
         try:
-            self._stub.WriteObject(self._write_requests(oid, size, pieces, owner),
-                                   timeout=self._stream_timeout(size), metadata=rpc.trace_metadata())
+            self._write_object(self._write_requests(oid, size, pieces, owner),
+                               timeout=self._stream_timeout(size), metadata=rpc.trace_metadata())
         except grpc.RpcError as e:
             raise _map_error(e) from None
         return ObjectRef(oid)
 
-    def _write_requests(self, oid: bytes, size: int, pieces: list[memoryview],
-                        owner: str) -> Iterator[pb.WriteObjectRequest]:
+    def _write_requests(self, oid: bytes, size: int, pieces: list[memoryview], owner: str) -> Iterator[bytes]:
         yield pb.WriteObjectRequest(header=pb.WriteObjectHeader(object_id=oid, size=size, owner=owner,
-                                                                durable=self.durable))
+                                                                durable=self.durable)).SerializeToString()
         offset = 0
-        for data in _chunks(pieces, self.chunk_bytes):
-            yield pb.WriteObjectRequest(chunk=pb.WriteObjectChunk(offset=offset, data=data, crc32c=crc32c(data)))
-            offset += len(data)
+        for parts in _chunks(pieces, self.chunk_bytes):
+            crc = 0
+            for p in parts:
+                crc = crc32c(p, crc)
+            yield encode_write_chunk(offset, crc, parts)
+            offset += sum(len(p) for p in parts)
 
     # ------------------------------------------------------------------ get
 
@@ -176,15 +185,16 @@ class RemoteObjectStoreClient(ObjectClientBase):
         buf: np.ndarray | None = None
         written = 0
         try:
-            for c in self._stub.ReadObject(req, timeout=call_timeout, metadata=rpc.trace_metadata()):
+            for raw in self._read_object(req, timeout=call_timeout, metadata=rpc.trace_metadata()):
+                total, offset, crc, _owner, data = decode_chunk(raw)
                 if buf is None:
-                    buf = np.empty(c.total_size, dtype=np.uint8)
-                n = len(c.data)
-                if c.offset != written or written + n > len(buf):
+                    buf = np.empty(total, dtype=np.uint8)
+                n = len(data)
+                if offset != written or written + n > len(buf):
                     raise DataLossError(f"chunks of {oid.hex()} from {self.address} arrived out of order")
-                if crc32c(c.data) != c.crc32c:
-                    raise DataLossError(f"chunk at {c.offset} of {oid.hex()} from {self.address} failed its CRC check")
-                buf[written : written + n] = np.frombuffer(c.data, dtype=np.uint8)
+                if crc32c(data) != crc:
+                    raise DataLossError(f"chunk at {offset} of {oid.hex()} from {self.address} failed its CRC check")
+                buf[written : written + n] = np.frombuffer(data, dtype=np.uint8)
                 written += n
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
@@ -206,8 +216,9 @@ class RemoteObjectStoreClient(ObjectClientBase):
         self._channel.close()
 
 
-def _chunks(pieces: list[memoryview], size: int) -> Iterator[bytes]:
-    """The bytes of consecutive ``pieces`` in chunks of ``size`` (the last may be shorter), copied once each."""
+def _chunks(pieces: list[memoryview], size: int) -> Iterator[list[memoryview]]:
+    """Consecutive ``pieces`` cut into chunks of ``size`` bytes (the last may be shorter), each chunk the
+    list of views it is made of (nothing copied)."""
     parts: list[memoryview] = []
     n = 0
     for piece in pieces:
@@ -218,7 +229,7 @@ def _chunks(pieces: list[memoryview], size: int) -> Iterator[bytes]:
             n += take
             pos += take
             if n == size:
-                yield b"".join(parts)
+                yield parts
                 parts, n = [], 0
     if parts:
-        yield b"".join(parts)
+        yield parts

@@ -15,8 +15,8 @@ from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, TesseraError
+from tessera.common.wire import decode_write_chunk, encode_chunk
 from tessera.object_store.node import NodeObjectStore
-from tessera.object_store.wire import encode_chunk
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -122,19 +122,24 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         async for c in self.node.serve_pull(request.object_id, request.chunk_size):
             yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
 
-    async def WriteObject(self, request_iterator: AsyncIterator[pb.WriteObjectRequest],  # type: ignore[override]
+    async def WriteObject(self, request_iterator: AsyncIterator[bytes],  # type: ignore[override]
                           context: Ctx) -> pb.WriteObjectResponse:
+        """Registered with raw requests: each chunk is decoded in place (tessera.common.wire), its data
+        copied once, into the arena."""
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
+        raw = await anext(requests, None)
+        first = _parse(pb.WriteObjectRequest, raw) if raw is not None and decode_write_chunk(raw) is None else None
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgumentError("WriteObject: the first message must be the header")
         h = first.header
 
-        async def chunks() -> AsyncIterator[tuple[int, bytes, int]]:
+        async def chunks() -> AsyncIterator[tuple[int, memoryview, int]]:
             async for r in requests:
-                if r.WhichOneof("part") != "chunk":
+                chunk = decode_write_chunk(r)
+                if chunk is None:
                     raise InvalidArgumentError("WriteObject: only the first message may be a header")
-                yield r.chunk.offset, r.chunk.data, r.chunk.crc32c
+                offset, crc, data = chunk
+                yield offset, data, crc
 
         await self.node.write(h.object_id, h.size, h.owner, chunks(), durable=h.durable)
         return pb.WriteObjectResponse(size=h.size)
@@ -157,3 +162,11 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
             evictions=s["evictions"], spills=s["spills"], restores=s["restores"], pulls=self.node.pulls,
             spill_capacity=s.get("spill_capacity", 0),
         )
+
+
+def _parse(cls: Any, raw: bytes) -> Any:
+    """A small message of a raw-request method, parsed; one that does not parse is the caller's error."""
+    try:
+        return cls.FromString(raw)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError
+        raise InvalidArgumentError(f"not a valid {cls.__name__}: {type(e).__name__}: {e}") from None
