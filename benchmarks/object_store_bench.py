@@ -604,8 +604,9 @@ def run_ray(quick: bool, timeout: float, *, only_client: bool = False, client_pa
     if not RAY_PYTHON.exists():
         return {"error": f"{RAY_PYTHON} not found (create it: python -m venv .venv-ray && "
                          ".venv-ray/bin/pip install ray==2.60.0 numpy)"}
-    log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} "
-        f"(ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)) ...")
+    how = (f"Ray Client to a head with object_store_memory={GIB / GIB:.1f} GiB" if only_client else
+           f"ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)")
+    log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} ({how}) ...")
     cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(GIB if only_client else NODE_MEMORY),
            *(["--quick"] if quick else []), *(["--only-client"] if only_client else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "VIRTUAL_ENV", "PYTHONPATH"))}

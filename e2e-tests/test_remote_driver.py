@@ -145,6 +145,8 @@ def test_actors_with_large_state_arguments_and_results(cluster: stacks.Cluster) 
 def test_small_values_and_timeouts(cluster: stacks.Cluster) -> None:
     small = {"k": [1, 2, 3], "s": "text"}
     assert tessera.get(tessera.put(small), timeout=30) == small
+    present = tessera.put(np.ones(MB // 8))
+    assert np.all(_api.object_client().get(present, timeout=0) == 1.0)  # there now: no wait needed
     t0 = time.monotonic()
     with pytest.raises(GetTimeoutError):  # nowhere in the cluster: not available in time, as for a mapped client
         _api.object_client().get(tessera.ObjectRef(ids.new_id("object_id")), timeout=0.5)

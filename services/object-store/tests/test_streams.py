@@ -247,6 +247,13 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(stores: list[Store]
             s.stub.WriteObject(iter(reqs), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (why, err.value)
         assert why in err.value.details()
+    raw_write = s.channel.stream_unary("/tessera.object_store.v1.ObjectStoreService/WriteObject",
+                                       request_serializer=None,
+                                       response_deserializer=pb.WriteObjectResponse.FromString)
+    for garbage in (b"\x0a\xff", b"\x12\x05ab"):  # a header that does not parse; a chunk cut short
+        with pytest.raises(grpc.RpcError) as err:
+            raw_write(iter([garbage]), timeout=10)
+        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS), err.value
     with pytest.raises(grpc.RpcError) as err:  # a gap between chunks
         s.stub.WriteObject(iter([pb.WriteObjectRequest(header=pb.WriteObjectHeader(object_id=oid, size=4)),
                                  pb.WriteObjectRequest(chunk=pb.WriteObjectChunk(offset=2, data=b"ab",
