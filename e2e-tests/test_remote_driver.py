@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
+import grpc
 import numpy as np
 import pytest
 import stacks
@@ -168,3 +169,21 @@ def test_mode_selection(cluster: stacks.Cluster, monkeypatch: pytest.MonkeyPatch
     assert arena_mappable(hello)
     assert not arena_mappable(pb.OpenSessionResponse(hostname="another-host", arena_path=hello.arena_path))
     assert not arena_mappable(pb.OpenSessionResponse(hostname=hello.hostname, arena_path="/dev/shm/no-such-arena"))
+
+
+def test_streams_carry_the_token_under_auth(tmp_path_factory: pytest.TempPathFactory,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.common import auth
+
+    with stacks.running(tmp_path_factory, "remote-secured", "--auth") as c:
+        address = c.address("object-store")
+        monkeypatch.setenv("TESSERA_AUTH_TOKEN_FILE", str(c.run_dir / auth.SECRETS_DIR / auth.TOKEN_FILE))
+        a = np.random.default_rng(3).random(5 * MB // 8)
+        with RemoteObjectStoreClient(address) as client:
+            got = client.get(client.put(a), timeout=30)
+            assert np.array_equal(got, a)
+        monkeypatch.delenv("TESSERA_AUTH_TOKEN_FILE")
+        monkeypatch.setenv("TESSERA_AUTH_TOKEN", "not-the-token")
+        with pytest.raises(grpc.RpcError) as err:
+            RemoteObjectStoreClient(address, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
