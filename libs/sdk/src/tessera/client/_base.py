@@ -12,6 +12,7 @@ the session is gone; calls notice and open a new one once (:meth:`_retrying`).
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import threading
@@ -51,7 +52,7 @@ def _map_error(e: grpc.RpcError) -> Exception:
     return e
 
 
-class ObjectClientBase:
+class ObjectClientBase(abc.ABC):
     """A session with one node's object store: small-object batching, the owned cache, session recovery.
 
     Subclasses open and close the session (:meth:`_open`, :meth:`_close_session`) and
@@ -85,11 +86,13 @@ class ObjectClientBase:
 
     # ------------------------------------------------------------------ the session
 
+    @abc.abstractmethod
     def _open(self) -> None:
-        raise NotImplementedError
+        """Open a session with the store (again, after it restarted): sets session_id, node_id, inline_threshold."""
 
+    @abc.abstractmethod
     def _close_session(self) -> None:
-        raise NotImplementedError
+        """End the session: the store drops the pins it holds."""
 
     def _session_lost(self, e: grpc.RpcError) -> bool:
         return e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in (e.details() or "")  # type: ignore[attr-defined]
@@ -110,14 +113,17 @@ class ObjectClientBase:
 
     # ------------------------------------------------------------------ interface of the subclasses
 
+    @abc.abstractmethod
     def put(self, value: Any, *, owner: str = "", object_id: bytes | None = None) -> ObjectRef:
-        raise NotImplementedError
+        """Store ``value`` (as ``object_id``, else a new id) and return its reference."""
 
+    @abc.abstractmethod
     def put_serialized(self, oid: bytes, ser: Any, *, owner: str = "") -> ObjectRef:
-        raise NotImplementedError
+        """Store an already serialized value (``tessera.common.serialization.Serialized``) as ``oid``."""
 
+    @abc.abstractmethod
     def get(self, refs: Any, *, timeout: float | None = None) -> Any:
-        raise NotImplementedError
+        """The value of one ref, or the values of a list of refs (GetTimeoutError past ``timeout``)."""
 
     # ------------------------------------------------------------------ small objects
 
@@ -225,8 +231,9 @@ class ObjectClientBase:
     def stats(self) -> pb.GetStatsResponse:
         return self._stub.GetStats(pb.GetStatsRequest())
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Send what is pending (:meth:`_stop_flusher`), then end the session and close the channels."""
 
     def __enter__(self) -> Self:
         return self
