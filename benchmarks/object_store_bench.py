@@ -1,6 +1,7 @@
 """Object-store benchmark: Tessera's object store beside Ray 2.60's, in one run.
 
     .venv/bin/python benchmarks/object_store_bench.py [--quick] [--json PATH] [--profile DIR]
+        [--only remote-driver] [--ray-client-path DIR]
 
 Tessera: ``tessera up --nodes 2`` in a temporary run directory (two object
 stores, 2.5 GiB of shared memory each), driven from this process through the SDK
@@ -14,7 +15,9 @@ Rows: 1 KB put, get and put+get loops (ops/s, p50); 1 MB / 100 MB / 1 GB puts
 (GB/s: the first put, and the median after one untimed put) and gets (latency of
 a get that returns a zero-copy view); a 1 GB get from a second process on the
 same node; a 1 GB pull between two nodes over loopback; numpy's copy of the same
-sizes as the physical limit of a put. See benchmarks/README.md.
+sizes as the physical limit of a put; 100 MB put and get through a driver that maps
+no store memory (Tessera's RemoteObjectStoreClient, Ray Client), GB/s each way.
+``--only remote-driver`` measures that row alone, on one node. See benchmarks/README.md.
 
 ``--profile DIR`` then profiles Tessera (py-spy on the object-store processes,
 pyinstrument in this client) for a loop of 1 KB puts and gets and for one 1 GB
@@ -196,6 +199,51 @@ class TesseraSystem:
                 c.close()
 
 
+class TesseraRemoteDriver:
+    """The remote-driver row's adapter: a client that maps no arena and streams bytes over gRPC."""
+
+    def __init__(self, address: str) -> None:
+        from tessera.client._remote_objects import RemoteObjectStoreClient
+
+        self.c = RemoteObjectStoreClient(address, name="bench-remote-driver")
+
+    def put(self, value: Any) -> Any:
+        return self.c.put(value)
+
+    def get(self, ref: Any) -> Any:
+        return self.c.get(ref)
+
+    def free(self, refs: list[Any]) -> None:
+        gc.collect()
+        self.c.delete(refs)
+        refs.clear()
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def remote_driver(w: Any, address: str) -> str:
+    drv = TesseraRemoteDriver(address)
+    try:
+        w.remote_driver_row(drv)
+    finally:
+        drv.close()
+    return (f"tessera.client._remote_objects.RemoteObjectStoreClient of node 0's store over loopback (WriteObject/"
+            f"ReadObject streams of {drv.c.chunk_bytes / 2**20:g} MiB chunks; nothing mapped)")
+
+
+def run_remote_only(plan: Any, src: np.ndarray, keep_logs: Path | None = None) -> dict[str, Any]:
+    """--only remote-driver: one node, the remote-driver row alone."""
+    memory = GIB
+    log(f"== Tessera: tessera up (one node, {memory / GIB:.1f} GiB of shared memory), the remote-driver row only ...")
+    with tessera_cluster(1, memory, keep_logs) as (cluster, _env):
+        w = wl.Workload(plan, src, log=log)
+        w.copy_rows(("100MB",))  # the machine's memcpy now: a gauge for the figures of this run
+        desc = remote_driver(w, cluster["services"]["object-store"]["address"])
+        return {"system": "tessera", "object_store_memory": memory, "up_s": cluster["up_s"], "remote_driver": desc,
+                "metrics": w.m, "verified": w.verified}
+
+
 def reader_main() -> int:
     """The second process of the same-node rows: a job (JSON) on stdin, the result (JSON) on stdout."""
     import tessera
@@ -284,6 +332,7 @@ def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
             w.aligned_copy_row()
             w.reader_row(system)
             w.node_to_node_row(system)
+            remote = remote_driver(w, system.address0)
             stats = system.c0.stats()
             result: dict[str, Any] = {
                 "system": "tessera", "version": getattr(tessera, "__version__", ""), "numpy": np.__version__,
@@ -293,6 +342,7 @@ def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
                 "node_to_node": f"put through a client of node 0, get through a client of node 1 (a pull of "
                                 f"{_chunk_bytes() / 2**20:g} MiB chunks over gRPC on loopback), timed from the get "
                                 f"once the control store lists the copy",
+                "remote_driver": remote,
                 "metrics": w.m, "verified": w.verified,
                 "store_after": {"objects": stats.objects, "used": stats.used, "spills": stats.spills,
                                 "evictions": stats.evictions},
@@ -648,19 +698,23 @@ def fresh_put_main(args: argparse.Namespace, plan: Any, info: dict[str, Any], st
 # ------------------------------------------------------------------ Ray
 
 
-def run_ray(quick: bool, timeout: float) -> dict[str, Any]:
+def run_ray(quick: bool, timeout: float, *, only_client: bool = False, client_path: Path | None = None) -> dict[str, Any]:
     if not RAY_PYTHON.exists():
         return {"error": f"{RAY_PYTHON} not found (create it: python -m venv .venv-ray && "
                          ".venv-ray/bin/pip install ray==2.60.0 numpy)"}
-    log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} "
-        f"(ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)) ...")
-    return _ray_helper([str(RAY_PYTHON), str(RAY_PEER), "--memory", str(NODE_MEMORY), *(["--quick"] if quick else [])],
-                       timeout)
+    how = (f"Ray Client to a head with object_store_memory={GIB / GIB:.1f} GiB" if only_client else
+           f"ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)")
+    log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} ({how}) ...")
+    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(GIB if only_client else NODE_MEMORY),
+           *(["--quick"] if quick else []), *(["--only-client"] if only_client else [])]
+    return _ray_helper(cmd, timeout, client_path=client_path)
 
 
-def _ray_helper(cmd: list[str], timeout: float) -> dict[str, Any]:
+def _ray_helper(cmd: list[str], timeout: float, client_path: Path | None = None) -> dict[str, Any]:
     """Run the Ray peer in Ray's venv; its last JSON line is the result."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    if client_path is not None:  # e.g. grpcio for Ray Client, when Ray's venv has none
+        env["PYTHONPATH"] = str(client_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -700,6 +754,8 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("reader_1GB_get_us", "1 GB get, 2nd process same node", "us", "lower"),
     ("reader_1GB_first_us", "  first get in that process", "us", "lower"),
     ("n2n_1GB_gbps", "1 GB node to node (loopback)", "GB/s", "higher"),
+    ("remote_put_100MB_gbps", "remote-driver put of 100 MB", "GB/s", "higher"),
+    ("remote_get_100MB_gbps", "remote-driver get of 100 MB", "GB/s", "higher"),
     ("copy_100MB_gbps", "numpy copyto 100 MB, warm dst", "GB/s", "higher"),
     ("copy_1GB_gbps", "numpy copyto 1 GB, warm dst", "GB/s", "higher"),
     ("copy_1GB_cold_gbps", "numpy copyto 1 GB, fresh dst", "GB/s", "higher"),
@@ -777,6 +833,11 @@ def aims(t: dict[str, float], r: dict[str, float]) -> list[dict[str, Any]]:
         rv = r.get("n2n_1GB_gbps")
         add("node-to-node >= 1 GB/s", f"{t['n2n_1GB_gbps']:.2f} GB/s", t["n2n_1GB_gbps"] >= 1.0,
             f"{rv:.2f} GB/s" if rv else "n/a")
+    if "remote_put_100MB_gbps" in t:
+        tp, tg = t["remote_put_100MB_gbps"], t["remote_get_100MB_gbps"]
+        rp, rg = r.get("remote_put_100MB_gbps"), r.get("remote_get_100MB_gbps")
+        add("remote-driver put+get of 100 MB >= 0.5 GB/s each way", f"put {tp:.2f} GB/s, get {tg:.2f} GB/s",
+            tp >= 0.5 and tg >= 0.5, f"put {rp:.2f} GB/s, get {rg:.2f} GB/s (Ray Client)" if rp and rg else "n/a")
     return out
 
 
@@ -791,7 +852,8 @@ def aims_text(items: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})")
+    ap.add_argument("--json", type=Path, help=f"where to write the results (default {DEFAULT_JSON}; with --only "
+                                              f"ROW, object_store_ROW.json beside it)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="after Tessera's rows, profile 1 KB put/get and a 1 GB pull (py-spy + pyinstrument) into DIR")
     ap.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the Tessera services' logs here at the end")
@@ -801,8 +863,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--put-1gb", action="store_true",
                     help="only the 1 GB put on a fresh store of default size (Tessera: a fresh tessera up; Ray: a "
                          "fresh ray.init), its first put and warm puts, beside memcpy in the same process")
+    ap.add_argument("--only", choices=["remote-driver"],
+                    help="measure one row alone (remote-driver: one node, 100 MB through a driver that maps no memory)")
+    ap.add_argument("--ray-client-path", type=Path, metavar="DIR",
+                    help="put DIR on the Ray helper's PYTHONPATH (e.g. grpcio, which Ray Client needs and a minimal "
+                         "`pip install ray` lacks)")
     ap.add_argument("--reader", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.json is None:
+        args.json = DEFAULT_JSON.with_name(f"object_store_{args.only}.json") if args.only else DEFAULT_JSON
     if args.reader:
         return reader_main()
 
@@ -820,16 +889,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     tess: dict[str, Any] = {}
     if not args.no_tessera:
         t0 = time.perf_counter()
-        src = wl.source_array()
-        log(f"   source array (1 GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
-        tess = run_tessera(plan, args.profile, src, args.keep_logs)
+        only = args.only == "remote-driver"
+        src = wl.source_array(wl.SIZES["100MB"] if only else wl.SIZES["1GB"])
+        log(f"   source array ({src.nbytes / 1e9:g} GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
+        tess = run_remote_only(plan, src, args.keep_logs) if only else run_tessera(plan, args.profile, src, args.keep_logs)
         del src
         gc.collect()
-    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(args.quick, args.ray_timeout)
+    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(
+        args.quick, args.ray_timeout, only_client=args.only == "remote-driver", client_path=args.ray_client_path)
     if "error" in ray_res:
         log(f"   Ray: {ray_res['error']}")
     tm, rm = tess.get("metrics", {}), ray_res.get("metrics", {})
     rows = build_rows(tm, rm)
+    if args.only:  # the rows measured
+        rows = [x for x in rows if x["tessera"] is not None or x["ray"] is not None]
     goals = aims(tm, rm)
     info["loadavg_end"] = list(os.getloadavg())
     print()
@@ -841,6 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  (Tessera's second process takes {tm['reader_connect_ms']:.0f} ms to connect: session and arena "
               f"mapping; not in the get figures)")
     print(f"node to node: Tessera: {tess.get('node_to_node', 'n/a')}; Ray: {ray_res.get('node_to_node', 'n/a')}")
+    print(f"remote driver: Tessera: {tess.get('remote_driver', 'n/a')}; Ray: {ray_res.get('remote_driver', 'n/a')}")
     result = {
         "benchmark": "object_store",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

@@ -1,6 +1,7 @@
 """Ray 2.60 peer of benchmarks/object_store_bench.py: the same object rows, measured on Ray.
 
     .venv-ray/bin/python benchmarks/peers/ray_objects.py [--quick] [--memory BYTES] [--no-two-node]
+        [--no-client | --only-client]
 
 Runs in Ray's own virtual environment (Ray is never a Tessera dependency) and
 prints one JSON object on stdout; Ray's own messages go to stderr.
@@ -17,6 +18,11 @@ ref the driver put. The node-to-node row uses ``ray.cluster_utils.Cluster``: a
 head and a second raylet on this machine, each with its own plasma store, the
 object put by the driver on the head and read by a task pinned to the second
 node (custom resource), so the bytes cross the two object managers over loopback.
+
+The remote-driver row uses Ray Client: a head started by ``ray.cluster_utils.Cluster``
+with its client server on a free port, and ``ray.init("ray://127.0.0.1:PORT")`` in
+this process. Ray Client needs grpcio (``ray[client]``); a minimal ``pip install ray``
+lacks it, and the row is then reported as n/a with that reason.
 """
 
 from __future__ import annotations
@@ -52,12 +58,13 @@ class Plan:
     reader_gets: int = 20  # gets of 1 GB in the second process
     node_to_node_reps: int = 3  # 1 GB pulls between two nodes
     copy_reps: int = 7  # numpy copies of each size (warm destination)
+    remote_reps: int = 5  # 100 MB put+get pairs through a driver that maps no store memory
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(small_ops=300, small_reps=2, small_warmup=30,
                    put_reps={"1MB": 10, "100MB": 3, "1GB": 2}, get_reps={"1MB": 20, "100MB": 10, "1GB": 10},
-                   reader_gets=10, node_to_node_reps=1, copy_reps=3)
+                   reader_gets=10, node_to_node_reps=1, copy_reps=3, remote_reps=2)
 
 
 def source_array(nbytes: int = SIZES["1GB"]) -> np.ndarray:
@@ -209,9 +216,10 @@ class Workload:
 
     # ------------------------------------------------------------- numpy
 
-    def copy_rows(self) -> None:
-        """np.copyto of each large size into a warm destination (the physical limit of a put), and one cold."""
-        for name in ("100MB", "1GB"):
+    def copy_rows(self, sizes: Sequence[str] = ("100MB", "1GB")) -> None:
+        """np.copyto of each large size into a warm destination (the physical limit of a put), and one cold
+        of 1 GB (when 1 GB is among ``sizes``)."""
+        for name in sizes:
             n = SIZES[name] // 8
             src = self.src[:n]
             dst = np.empty_like(src)
@@ -224,6 +232,9 @@ class Workload:
             _expect(checksum(dst) == checksum(src), f"numpy copy of {name}")
             self.m[f"copy_{name}_gbps"] = SIZES[name] / median(t) / 1e9
             del dst
+        if "1GB" not in sizes:
+            self.log(f"   numpy copyto 100 MB: {self.m['copy_100MB_gbps']:.2f} GB/s warm")
+            return
         cold = []
         for _ in range(2):
             dst = np.empty_like(self.src)  # fresh pages: every page faults on first write
@@ -411,6 +422,33 @@ class Workload:
         self.log(f"   1 GB node to node: {self.m['n2n_1GB_gbps']:.2f} GB/s ({t:.2f} s)")
 
 
+    def remote_driver_row(self, sys_: Any) -> None:
+        """100 MB put, then get, through a driver that maps no store memory (the bytes travel over gRPC):
+        GB/s each way, medians of ``remote_reps`` pairs, every value read checked."""
+        size = SIZES["100MB"]
+        x = self.src[: size // 8]
+        want = checksum(x)
+        puts, gets = [], []
+        for _ in range(self.plan.remote_reps):
+            gc.collect()
+            t0 = time.perf_counter()
+            r = sys_.put(x)
+            puts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            v = sys_.get(r)
+            gets.append(time.perf_counter() - t0)
+            _expect(checksum(v) == want, "100 MB get through a remote driver")
+            del v
+            sys_.free([r])
+            del r
+            _settle(size)
+        self.verified["100MB remote driver"] = True
+        self.m["remote_put_100MB_gbps"] = size / median(puts) / 1e9
+        self.m["remote_get_100MB_gbps"] = size / median(gets) / 1e9
+        self.log(f"   100 MB through a remote driver: put {self.m['remote_put_100MB_gbps']:.2f} GB/s, "
+                 f"get {self.m['remote_get_100MB_gbps']:.2f} GB/s")
+
+
 # ---------------------------------------------------------------------- Ray
 
 
@@ -448,6 +486,28 @@ class RaySystem:
     def reader_small(self, refs: list[Any], warmup: int) -> dict[str, Any]:
         self.ray.get(self._noop.remote())
         return self.ray.get(self._read_small.remote(list(refs), warmup))
+
+
+def ray_client_row(ray: Any, w: Workload, memory: int) -> str:
+    """The remote-driver row through Ray Client: a head with its client server, this process its client."""
+    import socket
+
+    from ray.cluster_utils import Cluster
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": memory, "include_dashboard": False, "ray_client_server_port": port})
+    try:
+        ray.init(f"ray://127.0.0.1:{port}", logging_level="warning")
+        try:
+            w.remote_driver_row(RaySystem(ray))
+        finally:
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
+    return f"Ray Client: ray.init('ray://127.0.0.1:{port}') to a head (ray.cluster_utils.Cluster) on this machine"
 
 
 def node_to_node(ray: Any, src: np.ndarray, reps: int, memory: int,
@@ -515,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-two-node", action="store_true", help="skip the two-raylet node-to-node row")
     ap.add_argument("--put-1gb", action="store_true",
                     help="only the 1 GB put on a fresh ray.init with Ray's default object store size, beside memcpy")
+    ap.add_argument("--no-client", action="store_true", help="skip the Ray Client (remote driver) row")
+    ap.add_argument("--only-client", action="store_true", help="only the Ray Client (remote driver) row")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -524,12 +586,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     plan = Plan.quick() if args.quick else Plan()
     t0 = time.perf_counter()
-    src = source_array()
+    src = source_array(SIZES["100MB"] if args.only_client else SIZES["1GB"])
     log(f"   [ray] source array: {time.perf_counter() - t0:.1f} s")
     w = Workload(plan, src, log=lambda s: log("   [ray]" + s[2:]))
     if args.put_1gb:
         return fresh_put_main(ray, w, log)
-    w.copy_rows()
+    w.copy_rows(("100MB",) if args.only_client else ("100MB", "1GB"))
     # Ray's sessions, sockets and address file go under a directory of this run (short: socket paths
     # must stay under 108 bytes), not the machine's shared /tmp/ray
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -537,35 +599,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"system": "ray", "version": ray.__version__, "numpy": np.__version__,
                               "object_store_memory": args.memory}
     try:
-        t0 = time.perf_counter()
-        ray.init(num_cpus=2, object_store_memory=args.memory, include_dashboard=False, log_to_driver=False,
-                 logging_level="warning")
-        result["init_s"] = time.perf_counter() - t0
-        try:
-            s = RaySystem(ray)
-            w.small_rows(s)
-            w.large_rows(s)
-            w.aligned_copy_row()
-            w.reader_row(s)
-        finally:
-            ray.shutdown()
-        result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
-        if args.no_two_node:
-            result["node_to_node"] = "skipped (--no-two-node)"
-        else:
+        if not args.only_client:
+            t0 = time.perf_counter()
+            ray.init(num_cpus=2, object_store_memory=args.memory, include_dashboard=False, log_to_driver=False,
+                     logging_level="warning")
+            result["init_s"] = time.perf_counter() - t0
             try:
-                pulls = node_to_node(ray, src, plan.node_to_node_reps, args.memory, log)
+                s = RaySystem(ray)
+                w.small_rows(s)
+                w.large_rows(s)
+                w.aligned_copy_row()
+                w.reader_row(s)
+            finally:
+                ray.shutdown()
+            result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
+            if args.no_two_node:
+                result["node_to_node"] = "skipped (--no-two-node)"
+            else:
+                try:
+                    pulls = node_to_node(ray, src, plan.node_to_node_reps, args.memory, log)
 
-                class _Pulls:
-                    def node_to_node(self, value: Any, reps: int) -> list[dict[str, Any]]:
-                        return pulls
+                    class _Pulls:
+                        def node_to_node(self, value: Any, reps: int) -> list[dict[str, Any]]:
+                            return pulls
 
-                w.node_to_node_row(_Pulls())
-                result["node_to_node"] = ("ray.cluster_utils.Cluster: head + a second raylet on 127.0.0.1, each "
-                                          "with its own plasma store; driver puts on the head, a task on node 2 gets")
-            except Exception as e:  # report the row as n/a, with the reason, rather than losing the others
-                result["node_to_node"] = f"n/a: {type(e).__name__}: {e}"
-                log(f"   [ray] node-to-node row failed: {e}")
+                    w.node_to_node_row(_Pulls())
+                    result["node_to_node"] = ("ray.cluster_utils.Cluster: head + a second raylet on 127.0.0.1, each "
+                                              "with its own plasma store; driver puts on the head, a task on node 2 gets")
+                except Exception as e:  # report the row as n/a, with the reason, rather than losing the others
+                    result["node_to_node"] = f"n/a: {type(e).__name__}: {e}"
+                    log(f"   [ray] node-to-node row failed: {e}")
+        if not args.no_client:
+            try:
+                result["remote_driver"] = ray_client_row(ray, w, args.memory)
+            except Exception as e:  # e.g. no grpcio in this venv: the row is n/a, with the reason
+                result["remote_driver"] = f"n/a: {type(e).__name__}: {e}"
+                log(f"   [ray] Ray Client row failed: {e}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["metrics"] = w.m

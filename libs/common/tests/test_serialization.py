@@ -64,3 +64,22 @@ def test_bad_input() -> None:
     good = serialize(np.arange(100_000)).to_bytes()
     with pytest.raises(InvalidArgumentError, match="past its end"):
         deserialize(good[: len(good) // 2])
+
+
+@pytest.mark.parametrize("value", [7, {"a": np.arange(50_000.0), "b": np.ones((3, 40_000), np.int8), "c": b"z" * 10},
+                                   [np.arange(5), np.arange(LARGE, dtype=np.uint8)]])
+def test_pieces_laid_end_to_end_are_the_object_and_borrow_the_buffers(value: object) -> None:
+    s = serialize(value)
+    total, pieces = s.pieces()
+    assert total == sum(len(p) for p in pieces) <= s.size
+    back = deserialize(b"".join(pieces))
+    if isinstance(value, dict):
+        assert np.array_equal(back["a"], value["a"]) and np.array_equal(back["b"], value["b"]) and back["c"] == b"z" * 10
+    elif isinstance(value, list):
+        assert all(np.array_equal(x, y) for x, y in zip(back, value, strict=True))
+    else:
+        assert back == value
+    arrays = [v for v in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else [])
+              if isinstance(v, np.ndarray)]
+    for a in arrays:  # each array is a piece itself: the value's own memory, not a copy
+        assert any(np.shares_memory(np.frombuffer(p, dtype=np.uint8), a) for p in pieces if len(p))

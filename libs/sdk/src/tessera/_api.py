@@ -21,8 +21,9 @@ from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.client import objects as _objects
+from tessera.client._base import ObjectClientBase
 from tessera.client._discovery import find_cluster
-from tessera.client.objects import ObjectRef, ObjectStoreClient
+from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
 from tessera.common.registry import control_store_stub
@@ -43,15 +44,15 @@ class _State:
     inline_threshold: int
     cluster_key: str
     session: GrpcSession | None = None
-    _objects: ObjectStoreClient | None = None
+    _objects: ObjectClientBase | None = None
     _cs: Any = None
     _cs_channel: grpc.Channel | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def objects(self) -> ObjectStoreClient:
+    def objects(self) -> ObjectClientBase:
         with self._lock:
-            if self._objects is None:
-                self._objects = ObjectStoreClient(self.object_store_address)
+            if self._objects is None:  # mapped, or streaming when this process cannot map the store's arena
+                self._objects = _objects.open_object_client(self.object_store_address)
             return self._objects
 
     def control_store(self) -> cpb_grpc.ControlStoreServiceStub:
@@ -72,7 +73,7 @@ def state() -> _State:
     return st
 
 
-def object_client() -> ObjectStoreClient:
+def object_client() -> ObjectClientBase:
     return state().objects()
 
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     rpc_timeout_s: float = Field(10.0, gt=0, description="deadline given to any gRPC call that sets none")
     grpc_max_message_bytes: int = Field(64 * 1024**2, ge=1024, description="largest gRPC message a server or channel sends or accepts; bigger ones get RESOURCE_EXHAUSTED")
     nats_request_timeout_s: float = Field(5.0, gt=0, description="deadline of a NATS request")
+    client_mode: str = Field("auto", description="how this process reaches object bytes: local (map the node's "
+                             "shared-memory arena), remote (stream them over gRPC) or auto (local when the arena "
+                             "can be mapped here)")
 
     # --- liveness ------------------------------------------------------------------
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often nodes and services report in")

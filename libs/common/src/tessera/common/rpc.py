@@ -181,12 +181,24 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(us, response_serializer=handler.response_serializer)
+        async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in requests:
+                yield parse(raw)
+
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_su(parsed(requests), context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await _abort_for(e, context, method)
+
+            return grpc.stream_unary_rpc_method_handler(su, response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
-
-            async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-                async for raw in requests:
-                    yield parse(raw)
 
             async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async for item in _mapped(lambda: inner_ss(parsed(requests), context), context, method):
@@ -196,12 +208,14 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
         return handler
 
 
-def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_responses: Iterable[str] = ()) -> None:
+def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_responses: Iterable[str] = (),
+                 raw_requests: Iterable[str] = ()) -> None:
     """Register ``servicer`` for ``service`` (a protobuf ServiceDescriptor), built from the descriptor.
 
     Does what the generated ``add_XServicer_to_server`` does, except that the
-    methods named in ``raw_responses`` return already-encoded bytes (for messages
-    that carry bulk data and are encoded without an intermediate protobuf copy).
+    methods named in ``raw_responses`` return already-encoded bytes, and those named
+    in ``raw_requests`` receive their requests as bytes (for messages that carry bulk
+    data and are encoded or decoded without an intermediate protobuf copy).
     """
     from google.protobuf import message_factory
 
@@ -211,14 +225,15 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_re
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
-    raw = set(raw_responses)
+    raw, raw_in = set(raw_responses), set(raw_requests)
     handlers = {}
     for m in service.methods:
         req = message_factory.GetMessageClass(m.input_type)
         resp = message_factory.GetMessageClass(m.output_type)
         serializer = (lambda b: b) if m.name in raw else resp.SerializeToString
         handlers[m.name] = factories[(m.client_streaming, m.server_streaming)](
-            getattr(servicer, m.name), request_deserializer=req.FromString, response_serializer=serializer)
+            getattr(servicer, m.name), request_deserializer=None if m.name in raw_in else req.FromString,
+            response_serializer=serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 

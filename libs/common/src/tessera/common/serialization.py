@@ -68,15 +68,37 @@ class Serialized:
                 placed congruent to their source modulo the page size.
         """
         offsets = self._layout(dst_addr)
-        n = len(self.buffers)
-        head = bytearray(_HEAD.pack(MAGIC, n, len(self.meta)))
-        for off, buf in zip(offsets, self.buffers, strict=True):
-            head += _ENTRY.pack(off, buf.nbytes)
+        head = self._header(offsets)
         dst[: len(head)] = head
         start = len(head)
         dst[start : start + len(self.meta)] = self.meta
         for off, buf in zip(offsets, self.buffers, strict=True):
             dst[off : off + buf.nbytes] = buf
+
+    def _header(self, offsets: list[int]) -> bytearray:
+        head = bytearray(_HEAD.pack(MAGIC, len(self.buffers), len(self.meta)))
+        for off, buf in zip(offsets, self.buffers, strict=True):
+            head += _ENTRY.pack(off, buf.nbytes)
+        return head
+
+    def pieces(self) -> tuple[int, list[memoryview]]:
+        """The object as consecutive pieces (header and pickle stream, padding, each buffer) and their total size.
+
+        For a writer that sends the object somewhere instead of copying it into one
+        place: the buffers are the value's own memory, not copies. The total is at most
+        ``size`` (no page slack is needed when no destination address is known).
+        """
+        offsets = self._layout(None)
+        head = self._header(offsets)
+        head += self.meta
+        pieces = [memoryview(head)]
+        pos = len(head)
+        for off, buf in zip(offsets, self.buffers, strict=True):
+            if off > pos:
+                pieces.append(memoryview(bytes(off - pos)))
+            pieces.append(buf)
+            pos = off + buf.nbytes
+        return pos, pieces
 
     def to_bytes(self) -> bytes:
         out = bytearray(self.size)

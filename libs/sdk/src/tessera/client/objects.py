@@ -6,9 +6,11 @@ memory (no copy at any size). The object stays pinned while such a view is
 alive and is released once the last one is garbage.
 
 Small values (up to the store's inline threshold) are kept by the client that
-put them, as Ray's owners do, so reading them back costs no round trip; they are
-sent to the store in batches by a background thread a few milliseconds later.
-A reader elsewhere that asks for one before it arrives simply waits for it.
+put them and sent to the store in batches (:mod:`tessera.client._base`).
+
+A process that cannot map the store's arena (another host) gets a
+:class:`~tessera.client._remote_objects.RemoteObjectStoreClient` instead, which
+streams the bytes over gRPC: :func:`open_object_client` chooses.
 """
 
 from __future__ import annotations
@@ -19,38 +21,27 @@ import mmap
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import grpc
 import numpy as np
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.client._base import FOREVER_S, ObjectClientBase, _map_error
 from tessera.client._discovery import find_cluster
 from tessera.common import ids, rpc
+from tessera.common.config import current_settings
+from tessera.common.errors import InvalidArgumentError
 from tessera.common.registry import control_store_stub
 from tessera.common.serialization import deserialize, serialize
-from tessera.exceptions import GetTimeoutError, ObjectFreedError, ObjectStoreFullError, OwnerDiedError
 
 if TYPE_CHECKING:
     from tessera._refcount import RefCounter
 
 log = logging.getLogger(__name__)
-
-SERVICE = "tessera.object_store.v1.ObjectStoreService"
-#: Bytes of small objects a client keeps for reading its own puts back.
-OWNED_CACHE_BYTES = 64 * 2**20
-#: Small puts sent per PutObjects call.
-BATCH_MAX = 1024
-#: Ids per FreeObjects call.
-FREE_BATCH = 5000
-IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
-FOREVER_S = 365 * 24 * 3600.0
 
 
 class ObjectRef:
@@ -102,49 +93,15 @@ escape_hook: Callable[[bytes], None] | None = None
 counter: RefCounter | None = None
 
 
-def freed_error(message: str) -> Exception:
-    """ObjectFreedError, or OwnerDiedError when the object went with its owner."""
-    if "(owner died" in message:
-        return OwnerDiedError(message)
-    return ObjectFreedError(message)
-
-
-def _map_error(e: grpc.RpcError) -> Exception:
-    code = e.code()  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return GetTimeoutError(e.details())  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.NOT_FOUND and " was freed (" in (e.details() or ""):  # type: ignore[attr-defined]
-        return freed_error(e.details())  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ObjectStoreFullError(e.details())  # type: ignore[attr-defined]
-    return e
-
-
-class ObjectStoreClient:
+class ObjectStoreClient(ObjectClientBase):
     """A session with one node's object store (on this machine: the arena is mapped)."""
 
     def __init__(self, address: str, *, timeout: float = 30.0, name: str = "", durable: bool = False) -> None:
         """``durable``: every object this client puts is also kept on the node's disk, so it outlives a crash
         of the store (what services keep there: parameters, artifacts, checkpoints)."""
-        self.address = address
-        self.durable = durable
-        self.timeout = timeout
-        self.name = name or f"pid-{os.getpid()}"
-        self._channel = rpc.channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
-        self._stub = pb_grpc.ObjectStoreServiceStub(self._channel)
+        super().__init__(address, timeout=timeout, name=name, durable=durable)
         self._releases: list[bytes] = []
         self._live: dict[bytes, weakref.ref[np.ndarray]] = {}  # objects this client views (and pins)
-        self._lock = threading.Lock()
-        self._owned: OrderedDict[bytes, bytes] = OrderedDict()
-        self._owned_bytes = 0
-        self._pending: list[pb.InlineObject] = []
-        # the trace of the first traced put waiting in _pending: the batch that carries it is sent in that trace
-        self._pending_ctx: otel_context.Context | None = None
-        self._inflight = 0
-        self._cond = threading.Condition()
-        self._flusher: threading.Thread | None = None
-        self._closing = False
-        self._flush_error: Exception | None = None
         self._open()
 
     def _open(self) -> None:
@@ -181,23 +138,6 @@ class ObjectStoreClient:
         with self._lock:
             self._releases.clear()  # pins of the old session died with it
 
-    def _session_lost(self, e: grpc.RpcError) -> bool:
-        return e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in (e.details() or "")  # type: ignore[attr-defined]
-
-    def _retrying(self, op: Any) -> Any:
-        """Run ``op``; if the store restarted (our session is gone), reopen once and run it again."""
-        try:
-            return op()
-        except grpc.RpcError as e:
-            if not self._session_lost(e):
-                raise _map_error(e) from None
-        self._close_session()
-        self._open()
-        try:
-            return op()
-        except grpc.RpcError as e:
-            raise _map_error(e) from None
-
     # ------------------------------------------------------------------ put
 
     def put(self, value: Any, *, owner: str = "", object_id: bytes | None = None) -> ObjectRef:
@@ -213,91 +153,11 @@ class ObjectStoreClient:
         """Store an already serialized value (``tessera.common.serialization.Serialized``) as ``oid``."""
         self._raise_flush_error()
         if ser.size <= self.inline_threshold:
-            data = ser.to_bytes()
-            self._own(oid, data)
-            with self._cond:
-                self._pending.append(pb.InlineObject(object_id=oid, data=data, owner=owner))
-                self._note_trace()
-                self._cond.notify()
-            if self._flusher is None:
-                self._start_flusher()
+            self._put_small(oid, ser.to_bytes(), owner)
             return ObjectRef(oid)
         self._flush_releases()
         self._retrying(lambda: self._put(oid, ser, owner))
         return ObjectRef(oid)
-
-    # ------------------------------------------------------------------ small objects
-
-    def put_inline(self, oid: bytes, data: bytes, *, owner: str = "") -> None:
-        """Queue an already serialized small object (at most the inline threshold) for the next batch."""
-        with self._cond:
-            self._pending.append(pb.InlineObject(object_id=oid, data=data, owner=owner))
-            self._note_trace()
-            self._cond.notify()
-        if self._flusher is None:
-            self._start_flusher()
-
-    def owned(self, oid: bytes) -> bytes | None:
-        """The serialized bytes of a small object this client put, if it still keeps them."""
-        with self._lock:
-            return self._owned.get(oid)
-
-    def _own(self, oid: bytes, data: bytes) -> None:
-        with self._lock:
-            self._owned[oid] = data
-            self._owned_bytes += len(data)
-            while self._owned_bytes > OWNED_CACHE_BYTES and self._owned:
-                _, old = self._owned.popitem(last=False)
-                self._owned_bytes -= len(old)
-
-    def _note_trace(self) -> None:
-        """Remember the caller's trace for the next batch (the first traced put wins). Caller holds _cond."""
-        if self._pending_ctx is None and trace.get_current_span().get_span_context().is_valid:
-            self._pending_ctx = otel_context.get_current()
-
-    def _start_flusher(self) -> None:
-        with self._cond:
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, name="tessera-put-flusher", daemon=True)
-                self._flusher.start()
-
-    def _flush_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if not self._pending and self._closing:
-                    return
-                batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
-                ctx, self._pending_ctx = self._pending_ctx, None
-                self._inflight += 1
-            token = otel_context.attach(ctx) if ctx is not None else None
-            try:
-                resp = self._retrying(lambda batch=batch: self._stub.PutObjects(
-                    pb.PutObjectsRequest(session_id=self.session_id, objects=batch, durable=self.durable)))
-                if resp.failed_object_ids:
-                    raise RuntimeError(f"{len(resp.failed_object_ids)} small objects were not stored: {resp.errors[0]}")
-            except Exception as e:  # surfaced on the next put/get/flush
-                log.warning("could not store %d small objects: %s", len(batch), e)
-                self._flush_error = e
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-                with self._cond:
-                    self._inflight -= 1
-                    self._cond.notify_all()
-
-    def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait until every small object put so far is in the store."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._pending and not self._inflight, timeout):
-                raise GetTimeoutError(f"{len(self._pending)} small objects not sent within {timeout}s")
-        self._raise_flush_error()
-
-    def _raise_flush_error(self) -> None:
-        if self._flush_error is not None:
-            e, self._flush_error = self._flush_error, None
-            raise e
 
     def _put(self, oid: bytes, ser: Any, owner: str) -> None:
         sid = self.session_id
@@ -389,6 +249,11 @@ class ObjectStoreClient:
                 del self._live[oid]
             self._releases.append(oid)
 
+    def _take_releases(self) -> list[bytes]:
+        with self._lock:
+            todo, self._releases = self._releases, []
+        return todo
+
     def _releases_back(self, releases: list[bytes]) -> None:
         if releases:
             with self._lock:
@@ -409,53 +274,11 @@ class ObjectStoreClient:
     def delete(self, refs: Iterable[ObjectRef]) -> int:
         """Free objects now (FAILED_PRECONDITION while someone still views one)."""
         self._flush_releases()  # views this client dropped no longer pin
-        with self._lock:
-            ids_ = [r.id for r in refs]
-            for oid in ids_:
-                data = self._owned.pop(oid, None)
-                self._owned_bytes -= len(data) if data is not None else 0
-        return int(self._stub.DeleteObjects(pb.DeleteObjectsRequest(object_ids=ids_)).deleted)
-
-    def free(self, object_ids: Sequence[bytes], *, task_ids: Sequence[bytes] = (), remember: bool = False,
-             reason: str = "") -> int:
-        """Reference counting: drop every copy of these objects (a viewed one once its views go) and their
-        records, with the lineage records in ``task_ids``; ``remember``: refs may exist elsewhere, their gets
-        fail at once. Pins this client dropped are released first. Returns the copies dropped here now."""
-        with self._lock:
-            for oid in object_ids:
-                data = self._owned.pop(oid, None)
-                self._owned_bytes -= len(data) if data is not None else 0
-            releases, self._releases = self._releases, []
-        total = 0
-        for i in range(0, max(len(object_ids), len(task_ids), 1), FREE_BATCH):
-            req = pb.FreeObjectsRequest(session_id=self.session_id, release_object_ids=releases if i == 0 else (),
-                                        object_ids=object_ids[i:i + FREE_BATCH], task_ids=task_ids[i:i + FREE_BATCH],
-                                        remember=remember, reason=reason)
-            try:
-                total += int(self._stub.FreeObjects(req).freed)
-            except grpc.RpcError as e:
-                if i == 0:
-                    self._releases_back(releases)
-                if not self._session_lost(e):
-                    raise _map_error(e) from None
-        return total
-
-    def contains(self, object_ids: Sequence[bytes]) -> list[bool]:
-        """Whether each object is in this store and readable (sealed, in memory or spilled)."""
-        return list(self._stub.ContainsObjects(pb.ContainsObjectsRequest(object_ids=list(object_ids))).present)
-
-    def stats(self) -> pb.GetStatsResponse:
-        return self._stub.GetStats(pb.GetStatsRequest())
+        return super().delete(refs)
 
     def close(self) -> None:
         """Send what is pending, then end the session: the store releases every pin it holds."""
-        try:
-            self.flush(timeout=10)
-        except Exception as e:
-            log.warning("closing with unsent small objects: %s", e)
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
+        self._stop_flusher()
         try:
             self._flush_releases()
         except Exception:
@@ -472,16 +295,46 @@ class ObjectStoreClient:
             except BufferError:  # values still reference shared memory: it is unmapped when they go
                 pass
 
-    def __enter__(self) -> ObjectStoreClient:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# ---------------------------------------------------------------------- choosing a client
+
+CLIENT_MODES = ("auto", "local", "remote")
+
+
+def client_mode() -> str:
+    """``TESSERA_CLIENT_MODE``: local, remote or auto (the default).
+
+    Raises:
+        InvalidArgumentError: any other value.
+    """
+    raw = current_settings().client_mode
+    mode = raw.strip().lower() or "auto"
+    if mode not in CLIENT_MODES:
+        raise InvalidArgumentError(f"TESSERA_CLIENT_MODE must be local, remote or auto, got {raw!r}")
+    return mode
+
+
+def open_object_client(address: str, **kwargs: Any) -> ObjectClientBase:
+    """A client of the object store at ``address``: one that maps its arena when this process can
+    (:class:`ObjectStoreClient`), else one that streams the bytes over gRPC
+    (:class:`~tessera.client._remote_objects.RemoteObjectStoreClient`).
+
+    ``TESSERA_CLIENT_MODE=local`` or ``remote`` forces the choice; with ``auto`` the store's
+    OpenSession answer decides (its arena file must exist here, on the store's own host).
+    """
+    mode = client_mode()
+    if mode == "local":
+        return ObjectStoreClient(address, **kwargs)
+    from tessera.client._remote_objects import RemoteObjectStoreClient, arena_mappable, probe
+
+    if mode == "auto" and arena_mappable(probe(address, timeout=kwargs.get("timeout", 30.0))):
+        return ObjectStoreClient(address, **kwargs)
+    return RemoteObjectStoreClient(address, **kwargs)
 
 
 # ---------------------------------------------------------------------- module-level API
 
-_default: ObjectStoreClient | None = None
+_default: ObjectClientBase | None = None
 _default_lock = threading.Lock()
 
 
@@ -501,11 +354,11 @@ def local_object_store_address(address: str | None = None) -> str:
     return local[0].address
 
 
-def _client() -> ObjectStoreClient:
+def _client() -> ObjectClientBase:
     global _default
     with _default_lock:
         if _default is None:
-            _default = ObjectStoreClient(local_object_store_address())
+            _default = open_object_client(local_object_store_address())
         return _default
 
 

@@ -12,6 +12,7 @@ batched off the hot path. No gRPC or NATS here: server.py wires those in.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -80,6 +81,8 @@ POLL_S = 0.05
 #: How many freed ids a node remembers, so a copy that arrives after its free (a late pull, a task's return
 #: stored after its owner dropped it) is dropped at once.
 FREED_MEMORY = 100_000
+#: Largest chunk a client may ask ReadObject for (gRPC messages are bounded).
+MAX_READ_CHUNK = 16 * 2**20
 FLUSH_S = 0.005  # let a burst of seals share one location report
 FLUSH_MAX = 512
 
@@ -102,6 +105,7 @@ class NodeObjectStore:
         self._flusher: asyncio.Task[None] | None = None
         self._freed: OrderedDict[bytes, str] = OrderedDict()  # object id -> why it was freed (bounded)
         self.frees = 0
+        self._stream_ids = itertools.count(1)  # sessions of WriteObject/ReadObject streams
 
     # ------------------------------------------------------------------ events from memory management
 
@@ -223,6 +227,71 @@ class NodeObjectStore:
         if pin:
             self.manager.pin(object_id, session)
         self._drop_if_freed(object_id)
+
+    async def write(self, object_id: bytes, size: int, owner: str,
+                    chunks: AsyncIterator[tuple[int, bytes | memoryview, int]], *, durable: bool = False) -> None:
+        """Create ``object_id`` and fill it from ``chunks`` ((offset, data, CRC-32C), in order), then seal it.
+
+        For clients that cannot map the arena. Anything wrong (a failed CRC, a gap,
+        too many or too few bytes, the stream broken or cancelled) aborts the object:
+        nothing half-written stays.
+
+        Raises:
+            DataLossError: a chunk failed its CRC check, or the bytes do not add up to ``size``.
+            InvalidArgumentError, AlreadyExistsError, ResourceExhaustedError: as ObjectManager.create.
+        """
+        ids.check_id("object_id", object_id)
+        session = f"write-{next(self._stream_ids)}"
+        offset = self.manager.create(object_id, size, owner, session=session)
+        written = 0
+        try:
+            async for at, data, crc in chunks:
+                n = len(data)
+                if at != written:
+                    raise DataLossError(f"chunk at {at} of {object_id.hex()}: expected the chunk at {written}")
+                if written + n > size:
+                    raise DataLossError(f"chunks of {object_id.hex()} carry more than its {size} bytes")
+                if crc32c(data) != crc:
+                    raise DataLossError(f"chunk at {at} of {object_id.hex()} failed its CRC check")
+                self.manager.arena.view(offset + written, n)[:] = data
+                written += n
+            if written != size:
+                raise DataLossError(f"the stream of {object_id.hex()} ended after {written} of {size} bytes")
+            self.manager.seal(object_id, durable=durable)
+        finally:
+            self.manager.release_session(session)  # aborts the object unless it was sealed
+
+    async def read(self, object_id: bytes, timeout_s: float, chunk_bytes: int = 0) -> AsyncIterator[Chunk]:
+        """Wait for ``object_id`` as :meth:`get` does, then its chunks, pinned until the stream ends.
+
+        Each chunk's data is a view of the arena, valid until the next chunk is requested.
+
+        Raises:
+            NotFoundError: not here within ``timeout_s``, and unknown to the cluster.
+            DeadlineExceededError: known (being written or made elsewhere) but not here within ``timeout_s``.
+        """
+        ids.check_id("object_id", object_id)
+        if not 0 <= chunk_bytes <= MAX_READ_CHUNK:
+            raise InvalidArgumentError(f"chunk_size must be at most {MAX_READ_CHUNK} bytes, got {chunk_bytes}")
+        session = f"read-{next(self._stream_ids)}"
+        try:
+            (loc,) = await self.get([object_id], session, timeout_s)
+        except DeadlineExceededError:
+            if self.manager.get_entry(object_id) is None and not (await self.directory.locate(object_id))[0]:
+                raise NotFoundError(f"object {object_id.hex()} is not in this store and the cluster does not know it "
+                                    f"(waited {timeout_s:g}s)") from None
+            raise
+        if loc.inline is not None:  # small: get() copied it out and holds no pin
+            yield Chunk(loc.size, 0, loc.inline, crc32c(loc.inline), loc.owner)
+            return
+        try:
+            assert loc.offset is not None
+            size = chunk_bytes or self.chunk_bytes
+            for off in range(0, loc.size, size):
+                view = self.manager.arena.view(loc.offset + off, min(size, loc.size - off))
+                yield Chunk(loc.size, off, view, crc32c(view), loc.owner)
+        finally:
+            self.manager.release(object_id, session)
 
     # ------------------------------------------------------------------ reads
 

@@ -23,11 +23,11 @@ from tessera.common.errors import InvalidArgumentError, NotFoundError, Unavailab
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import RETRY_FIRST_S, ServiceApp, next_retry
 from tessera.common.sizing import StoreSize, object_store_size
+from tessera.common.wire import decode_chunk
 from tessera.object_store.arena import Arena
 from tessera.object_store.manager import ObjectManager
 from tessera.object_store.node import Chunk, NodeObjectStore, freed_message
 from tessera.object_store.servicer import ObjectStoreServicer
-from tessera.object_store.wire import decode_chunk
 
 NAME = "object-store"
 SERVICE = "tessera.object_store.v1.ObjectStoreService"
@@ -191,7 +191,8 @@ def build(settings: Settings) -> ServiceApp:
                                             inline_threshold=settings.object_store_inline_threshold,
                                             chunk_bytes=settings.object_store_chunk_bytes)
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
-    app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject"]),
+    app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject", "ReadObject"],
+                                                          raw_requests=["WriteObject"]),
                      ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=capacity,
                                          forget=directory.free), SERVICE)
     tasks: list[asyncio.Task[None]] = []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, TypeAlias
 
 import grpc.aio
@@ -13,8 +15,8 @@ from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.common import ids
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, TesseraError
+from tessera.common.wire import decode_write_chunk, encode_chunk
 from tessera.object_store.node import NodeObjectStore
-from tessera.object_store.wire import encode_chunk
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -45,7 +47,8 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         self.sessions.add(sid)
         try:
             yield pb.OpenSessionResponse(session_id=sid, arena_path=self.arena_path, arena_size=self.arena_size,
-                                         node_id=self.node.node_id, inline_threshold=self.node.inline_threshold)
+                                         node_id=self.node.node_id, inline_threshold=self.node.inline_threshold,
+                                         hostname=socket.gethostname())
             await asyncio.Event().wait()  # until the client goes away
         finally:
             self.sessions.discard(sid)
@@ -142,6 +145,38 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         async for c in self.node.serve_pull(request.object_id, request.chunk_size):
             yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
 
+    async def WriteObject(self, request_iterator: AsyncIterator[bytes],  # type: ignore[override]
+                          context: Ctx) -> pb.WriteObjectResponse:
+        """Registered with raw requests: each chunk is decoded in place (tessera.common.wire), its data
+        copied once, into the arena."""
+        requests = aiter(request_iterator)
+        raw = await anext(requests, None)
+        first = _parse(pb.WriteObjectRequest, raw) if raw is not None and decode_write_chunk(raw) is None else None
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("WriteObject: the first message must be the header")
+        h = first.header
+
+        async def chunks() -> AsyncIterator[tuple[int, memoryview, int]]:
+            async for r in requests:
+                chunk = decode_write_chunk(r)
+                if chunk is None:
+                    raise InvalidArgumentError("WriteObject: only the first message may be a header")
+                offset, crc, data = chunk
+                yield offset, data, crc
+
+        await self.node.write(h.object_id, h.size, h.owner, chunks(), durable=h.durable)
+        return pb.WriteObjectResponse(size=h.size)
+
+    async def ReadObject(self, request: pb.ReadObjectRequest, context: Ctx) -> AsyncIterator[bytes]:  # type: ignore[override]
+        """Registered with a raw serializer, as PullObject (the two messages share their layout)."""
+        limit = context.time_remaining()
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else MAX_WAIT_S
+        if limit is not None:
+            timeout = min(timeout, max(0.0, limit - 0.05))
+        async with aclosing(self.node.read(request.object_id, timeout, request.chunk_size)) as chunks:
+            async for c in chunks:
+                yield encode_chunk(c.total_size, c.offset, c.crc32c, c.owner, memoryview(c.data))
+
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
         s = self.node.manager.stats()
         return pb.GetStatsResponse(
@@ -150,3 +185,11 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
             evictions=s["evictions"], spills=s["spills"], restores=s["restores"], pulls=self.node.pulls,
             spill_capacity=s.get("spill_capacity", 0),
         )
+
+
+def _parse(cls: Any, raw: bytes) -> Any:
+    """A small message of a raw-request method, parsed; one that does not parse is the caller's error."""
+    try:
+        return cls.FromString(raw)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError
+        raise InvalidArgumentError(f"not a valid {cls.__name__}: {type(e).__name__}: {e}") from None

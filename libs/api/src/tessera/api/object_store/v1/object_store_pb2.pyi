@@ -112,6 +112,7 @@ class OpenSessionResponse(_message.Message):
     ARENA_SIZE_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     INLINE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     arena_path: _builtins.str
     """map this file (same node only)"""
@@ -119,6 +120,8 @@ class OpenSessionResponse(_message.Message):
     node_id: _builtins.bytes
     inline_threshold: _builtins.int
     """objects up to this size should use PutObject"""
+    hostname: _builtins.str
+    """The store's host: a client on another host cannot map arena_path (it streams bytes instead)."""
     def __init__(
         self,
         *,
@@ -127,10 +130,11 @@ class OpenSessionResponse(_message.Message):
         arena_size: _builtins.int = ...,
         node_id: _builtins.bytes = ...,
         inline_threshold: _builtins.int = ...,
+        hostname: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_path", b"arena_path", "arena_size", b"arena_size", "inline_threshold", b"inline_threshold", "node_id", b"node_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_path", b"arena_path", "arena_size", b"arena_size", "hostname", b"hostname", "inline_threshold", b"inline_threshold", "node_id", b"node_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -683,6 +687,174 @@ class PullObjectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PullObjectResponse: _TypeAlias = PullObjectResponse  # noqa: Y015
+
+@_typing.final
+class WriteObjectHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_ID_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
+    object_id: _builtins.bytes
+    size: _builtins.int
+    """bytes the chunks carry in all (> 0)"""
+    owner: _builtins.str
+    durable: _builtins.bool
+    """as in PutObjectRequest"""
+    def __init__(
+        self,
+        *,
+        object_id: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        durable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "object_id", b"object_id", "owner", b"owner", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteObjectHeader: _TypeAlias = WriteObjectHeader  # noqa: Y015
+
+@_typing.final
+class WriteObjectChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """chunks come in order: each starts where the previous one ended"""
+    data: _builtins.bytes
+    crc32c: _builtins.int
+    """CRC-32C (Castagnoli) of data"""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        crc32c: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteObjectChunk: _TypeAlias = WriteObjectChunk  # noqa: Y015
+
+@_typing.final
+class WriteObjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___WriteObjectHeader:
+        """the first message, and only the first"""
+
+    @_builtins.property
+    def chunk(self) -> Global___WriteObjectChunk: ...
+    def __init__(
+        self,
+        *,
+        header: Global___WriteObjectHeader | None = ...,
+        chunk: Global___WriteObjectChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___WriteObjectRequest: _TypeAlias = WriteObjectRequest  # noqa: Y015
+
+@_typing.final
+class WriteObjectResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteObjectResponse: _TypeAlias = WriteObjectResponse  # noqa: Y015
+
+@_typing.final
+class ReadObjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    object_id: _builtins.bytes
+    timeout_ms: _builtins.int
+    """0: wait until it is available (bounded by the call's deadline). An object this store
+    does not have and the cluster does not know by then: NOT_FOUND; known but not ready: DEADLINE_EXCEEDED.
+    """
+    chunk_size: _builtins.int
+    """0: server default; at most 16 MiB"""
+    def __init__(
+        self,
+        *,
+        object_id: _builtins.bytes = ...,
+        timeout_ms: _builtins.int = ...,
+        chunk_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "object_id", b"object_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadObjectRequest: _TypeAlias = ReadObjectRequest  # noqa: Y015
+
+@_typing.final
+class ReadObjectResponse(_message.Message):
+    """Laid out as PullObjectResponse (the store encodes both the same way)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    total_size: _builtins.int
+    """in every message"""
+    offset: _builtins.int
+    data: _builtins.bytes
+    crc32c: _builtins.int
+    """CRC-32C (Castagnoli) of this chunk's data"""
+    owner: _builtins.str
+    def __init__(
+        self,
+        *,
+        total_size: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        crc32c: _builtins.int = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "offset", b"offset", "owner", b"owner", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadObjectResponse: _TypeAlias = ReadObjectResponse  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):

@@ -94,6 +94,16 @@ class ObjectStoreServiceStub:
                 request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PullObjectRequest.SerializeToString,
                 response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PullObjectResponse.FromString,
                 _registered_method=True)
+        self.WriteObject = channel.stream_unary(
+                '/tessera.object_store.v1.ObjectStoreService/WriteObject',
+                request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.WriteObjectRequest.SerializeToString,
+                response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.WriteObjectResponse.FromString,
+                _registered_method=True)
+        self.ReadObject = channel.unary_stream(
+                '/tessera.object_store.v1.ObjectStoreService/ReadObject',
+                request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.ReadObjectRequest.SerializeToString,
+                response_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.ReadObjectResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/tessera.object_store.v1.ObjectStoreService/GetStats',
                 request_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.GetStatsRequest.SerializeToString,
@@ -185,6 +195,24 @@ class ObjectStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteObject(self, request_iterator, context):
+        """Clients that cannot map the arena (a driver on another host): the bytes travel in the call.
+        WriteObject: a header, then the object's chunks in order, each with its CRC-32C; the store
+        writes them into its arena and seals the object when all have arrived. A stream that breaks
+        or carries a bad chunk leaves nothing behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadObject(self, request, context):
+        """ReadObject: waits for the object as GetObjects does (pulling it from another node), then
+        streams it in chunks with their CRC-32C; the object stays pinned while the stream lasts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -253,6 +281,16 @@ def add_ObjectStoreServiceServicer_to_server(servicer, server):
                     servicer.PullObject,
                     request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PullObjectRequest.FromString,
                     response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.PullObjectResponse.SerializeToString,
+            ),
+            'WriteObject': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteObject,
+                    request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.WriteObjectRequest.FromString,
+                    response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.WriteObjectResponse.SerializeToString,
+            ),
+            'ReadObject': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadObject,
+                    request_deserializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.ReadObjectRequest.FromString,
+                    response_serializer=tessera_dot_object__store_dot_v1_dot_object__store__pb2.ReadObjectResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -584,6 +622,60 @@ class ObjectStoreService:
             '/tessera.object_store.v1.ObjectStoreService/PullObject',
             tessera_dot_object__store_dot_v1_dot_object__store__pb2.PullObjectRequest.SerializeToString,
             tessera_dot_object__store_dot_v1_dot_object__store__pb2.PullObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteObject(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tessera.object_store.v1.ObjectStoreService/WriteObject',
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.WriteObjectRequest.SerializeToString,
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.WriteObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadObject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tessera.object_store.v1.ObjectStoreService/ReadObject',
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.ReadObjectRequest.SerializeToString,
+            tessera_dot_object__store_dot_v1_dot_object__store__pb2.ReadObjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

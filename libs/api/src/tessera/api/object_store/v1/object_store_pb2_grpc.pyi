@@ -59,6 +59,16 @@ class ObjectStoreServiceStub:
     ContainsObjects: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.ContainsObjectsRequest, _object_store_pb2.ContainsObjectsResponse]
     PullObject: _grpc.UnaryStreamMultiCallable[_object_store_pb2.PullObjectRequest, _object_store_pb2.PullObjectResponse]
     """Node to node: the bytes of a sealed object, in chunks."""
+    WriteObject: _grpc.StreamUnaryMultiCallable[_object_store_pb2.WriteObjectRequest, _object_store_pb2.WriteObjectResponse]
+    """Clients that cannot map the arena (a driver on another host): the bytes travel in the call.
+    WriteObject: a header, then the object's chunks in order, each with its CRC-32C; the store
+    writes them into its arena and seals the object when all have arrived. A stream that breaks
+    or carries a bad chunk leaves nothing behind.
+    """
+    ReadObject: _grpc.UnaryStreamMultiCallable[_object_store_pb2.ReadObjectRequest, _object_store_pb2.ReadObjectResponse]
+    """ReadObject: waits for the object as GetObjects does (pulling it from another node), then
+    streams it in chunks with their CRC-32C; the object stays pinned while the stream lasts.
+    """
     GetStats: _grpc.UnaryUnaryMultiCallable[_object_store_pb2.GetStatsRequest, _object_store_pb2.GetStatsResponse]
 
 @_typing.type_check_only
@@ -87,6 +97,16 @@ class ObjectStoreServiceAsyncStub(ObjectStoreServiceStub):
     ContainsObjects: _aio.UnaryUnaryMultiCallable[_object_store_pb2.ContainsObjectsRequest, _object_store_pb2.ContainsObjectsResponse]  # type: ignore[assignment]
     PullObject: _aio.UnaryStreamMultiCallable[_object_store_pb2.PullObjectRequest, _object_store_pb2.PullObjectResponse]  # type: ignore[assignment]
     """Node to node: the bytes of a sealed object, in chunks."""
+    WriteObject: _aio.StreamUnaryMultiCallable[_object_store_pb2.WriteObjectRequest, _object_store_pb2.WriteObjectResponse]  # type: ignore[assignment]
+    """Clients that cannot map the arena (a driver on another host): the bytes travel in the call.
+    WriteObject: a header, then the object's chunks in order, each with its CRC-32C; the store
+    writes them into its arena and seals the object when all have arrived. A stream that breaks
+    or carries a bad chunk leaves nothing behind.
+    """
+    ReadObject: _aio.UnaryStreamMultiCallable[_object_store_pb2.ReadObjectRequest, _object_store_pb2.ReadObjectResponse]  # type: ignore[assignment]
+    """ReadObject: waits for the object as GetObjects does (pulling it from another node), then
+    streams it in chunks with their CRC-32C; the object stays pinned while the stream lasts.
+    """
     GetStats: _aio.UnaryUnaryMultiCallable[_object_store_pb2.GetStatsRequest, _object_store_pb2.GetStatsResponse]  # type: ignore[assignment]
 
 class ObjectStoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -184,6 +204,28 @@ class ObjectStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_object_store_pb2.PullObjectResponse], _abc.AsyncIterator[_object_store_pb2.PullObjectResponse]]:
         """Node to node: the bytes of a sealed object, in chunks."""
+
+    @_abc_1.abstractmethod
+    def WriteObject(
+        self,
+        request_iterator: _MaybeAsyncIterator[_object_store_pb2.WriteObjectRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_object_store_pb2.WriteObjectResponse, _abc.Awaitable[_object_store_pb2.WriteObjectResponse]]:
+        """Clients that cannot map the arena (a driver on another host): the bytes travel in the call.
+        WriteObject: a header, then the object's chunks in order, each with its CRC-32C; the store
+        writes them into its arena and seals the object when all have arrived. A stream that breaks
+        or carries a bad chunk leaves nothing behind.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadObject(
+        self,
+        request: _object_store_pb2.ReadObjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_object_store_pb2.ReadObjectResponse], _abc.AsyncIterator[_object_store_pb2.ReadObjectResponse]]:
+        """ReadObject: waits for the object as GetObjects does (pulling it from another node), then
+        streams it in chunks with their CRC-32C; the object stays pinned while the stream lasts.
+        """
 
     @_abc_1.abstractmethod
     def GetStats(
