@@ -35,6 +35,7 @@ import fuzzing
 import grpc
 import pytest
 import stacks
+from crc32c import crc32c
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 
 from tessera.api.compiler.v1 import compiler_pb2 as comp_pb
@@ -59,7 +60,7 @@ VOLATILE = (b"instance:", b"node:", b"kv:gpu-agents:", b"kv:gpu-jobs:", b"kv-ind
 ASYNC_WRITERS = {"object-store", "task-scheduler", "compiler"}
 #: Methods that remove what others use: fuzzed last.
 DESTRUCTIVE = {"DeleteObjects", "DeregisterInstance", "KvDelete", "Unregister", "KillJob", "AbortObject",
-               "UpdateActor", "UpdateJobState"}
+               "UpdateActor", "UpdateJobState", "FreeObjects"}
 METHODS = sorted(fuzzing.methods(), key=lambda m: (m.desc.name in DESTRUCTIVE, m.full_name))
 
 
@@ -262,6 +263,8 @@ def world(fstack: FuzzStack) -> Iterator[World]:
         cs + "RemoveObjectLocations": [cs_pb.RemoveObjectLocationsRequest(locations=[loc])],
         cs + "GetObjects": [cs_pb.GetObjectsRequest(object_ids=[lineage_oid, put_oid])],
         cs + "DeleteObjects": [cs_pb.DeleteObjectsRequest(object_ids=[os.urandom(20)])],
+        cs + "FreeObjects": [cs_pb.FreeObjectsRequest(object_ids=[os.urandom(20)], task_ids=[os.urandom(16)],
+                                                      reason="fuzz", remember=True)],
         cs + "CreateActor": [cs_pb.CreateActorRequest(actor=cs_pb.ActorInfo(
             actor_id=os.urandom(16), job_id=job_id, name="fuzz-actor-2", namespace="fuzz", class_function_id=fid))],
         cs + "GetActor": [cs_pb.GetActorRequest(actor_id=actor_id), cs_pb.GetActorRequest(name="fuzz-actor", namespace="fuzz")],
@@ -287,6 +290,12 @@ def world(fstack: FuzzStack) -> Iterator[World]:
         ob + "GetObjects": [os_pb.GetObjectsRequest(session_id=session.id, object_ids=[put_oid], timeout_ms=100)],
         ob + "ReleaseObjects": [os_pb.ReleaseObjectsRequest(session_id=session.id, object_ids=[put_oid])],
         ob + "DeleteObjects": [os_pb.DeleteObjectsRequest(object_ids=[os.urandom(20)])],
+        ob + "FreeObjects": [os_pb.FreeObjectsRequest(session_id=session.id, object_ids=[os.urandom(20)],
+                                                      task_ids=[os.urandom(16)], reason="fuzz")],
+        ob + "WriteObject": [[os_pb.WriteObjectRequest(header=os_pb.WriteObjectHeader(object_id=os.urandom(20), size=4)),
+                              os_pb.WriteObjectRequest(chunk=os_pb.WriteObjectChunk(offset=0, data=b"abcd",
+                                                                                     crc32c=crc32c(b"abcd")))]],
+        ob + "ReadObject": [os_pb.ReadObjectRequest(object_id=put_oid, timeout_ms=100, chunk_size=4)],
         ob + "ContainsObjects": [os_pb.ContainsObjectsRequest(object_ids=[put_oid, open_oid])],
         ob + "PullObject": [os_pb.PullObjectRequest(object_id=put_oid, requester_node_id=other_node, chunk_size=4)],
         ts + "Session": [[ts_pb.ClientFrame(hello=ts_pb.Hello(job_id=job_id, name="fuzz")),
