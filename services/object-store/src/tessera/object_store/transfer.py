@@ -15,11 +15,14 @@ control. One connection carries one range of one object:
    either side.
 
 The functions here work on blocking sockets (the caller runs them off the event
-loop, with a socket timeout); nothing here imports gRPC or NATS.
+loop), bounded by kernel timeouts (:func:`set_io_timeout`): a blocking socket lets
+one ``recv_into(MSG_WAITALL)`` fill a whole chunk, where Python's own socket
+timeout costs a ``poll`` per call. Nothing here imports gRPC or NATS.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -175,6 +178,16 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking, each send or receive failing after ``seconds`` without progress
+    (EAGAIN, raised as :class:`BlockingIOError`)."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 def send_range(sock: socket.socket, file: BinaryIO, view: memoryview, file_offset: int, chunk_bytes: int) -> None:
     """Stream ``view`` (the bytes of ``file`` at ``file_offset``), each chunk preceded by its CRC-32C.
 
@@ -182,12 +195,16 @@ def send_range(sock: socket.socket, file: BinaryIO, view: memoryview, file_offse
     the file: the kernel copies them, Python never does.
     """
     n = len(view)
+    out, src = sock.fileno(), file.fileno()
     for pos in range(0, n, chunk_bytes):
         k = min(chunk_bytes, n - pos)
         sock.sendall(CRC.pack(crc32c(view[pos:pos + k])))
-        sent = sock.sendfile(file, file_offset + pos, k)
-        if sent != k:
-            raise UnavailableError(f"sendfile sent {sent} of {k} bytes")
+        at, end = file_offset + pos, file_offset + pos + k
+        while at < end:
+            sent = os.sendfile(out, src, at, end - at)
+            if not sent:
+                raise UnavailableError(f"sendfile stopped at byte {at - file_offset} of {n}: the file is shorter")
+            at += sent
 
 
 def recv_range(sock: socket.socket, dest: memoryview, chunk_bytes: int, *, deadline: float, what: str) -> None:
@@ -215,7 +232,7 @@ def recv_range(sock: socket.socket, dest: memoryview, chunk_bytes: int, *, deadl
 def _fill(sock: socket.socket, view: memoryview, what: str, at: int) -> None:
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:] if got else view)
+        k = sock.recv_into(view[got:] if got else view, 0, socket.MSG_WAITALL)
         if not k:
             raise UnavailableError(f"{what}: the holder closed the connection at byte {at} of the range")
         got += k

@@ -142,7 +142,7 @@ class TransferServer:
                 answered = True
                 await loop.sock_sendall(conn, header)
                 view = self.node.manager.arena.view(e.offset + req.offset, req.length)
-                conn.settimeout(self.timeout_s)  # blocking, with a timeout, for the sending thread
+                tp.set_io_timeout(conn, self.timeout_s)  # blocking, for the sending thread
                 try:
                     await loop.run_in_executor(self._pool, tp.send_range, conn, self._file, view,
                                                e.offset + req.offset, req.chunk_bytes)
@@ -238,6 +238,7 @@ class TransferClient:
                 call.sock = sock
             try:
                 _tune(sock)
+                tp.set_io_timeout(sock, self.timeout_s)
                 sock.sendall(tp.encode_request(tp.Request(object_id, start, len(dest), self.node_id, self.token,
                                                           self.chunk_bytes)))
                 h = tp.read_header(sock)
@@ -246,7 +247,9 @@ class TransferClient:
                                         f"an object of {h.total_size} bytes")
                 tp.recv_range(sock, dest, h.chunk_bytes, deadline=time.monotonic() + self.range_timeout_s,
                               what=what)
-            except (TimeoutError, OSError) as e:
+            except (BlockingIOError, TimeoutError) as e:
+                raise UnavailableError(f"{what}: the holder sent nothing for {self.timeout_s:g}s (timed out)") from e
+            except OSError as e:
                 raise UnavailableError(f"{what}: {e or type(e).__name__}") from e
 
     async def close(self) -> None:
