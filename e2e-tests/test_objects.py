@@ -85,6 +85,24 @@ def test_cross_node_pull_is_deduplicated(cluster: Cluster) -> None:
         assert len(info.locations) == 2  # the new copy is recorded
 
 
+def test_cross_node_pull_goes_over_the_data_socket(cluster: Cluster) -> None:
+    data = np.random.default_rng(1).random(24 * MiB // 8)
+    with tessera.connect(cluster.info()["control_store_address"]) as cs:
+        nodes = cs.stub.ListNodes(cpb.ListNodesRequest(), timeout=5).nodes
+    data_addresses = [n.labels.get("object_store_transfer_address", "") for n in nodes]
+    assert all(a.rpartition(":")[2].isdigit() for a in data_addresses), data_addresses  # each store advertises one
+    with cluster.client("object-store") as c0, cluster.client("object-store-1") as c1:
+        s0, s1 = c0.stats(), c1.stats()
+        ref = c0.put(data)
+        assert np.array_equal(c1.get(ref, timeout=30), data)
+        t0, t1 = c0.stats(), c1.stats()
+    assert (t1.pulls - s1.pulls, t1.transfer_pulls - s1.transfer_pulls) == (1, 1)
+    assert t1.transfer_fallbacks == s1.transfer_fallbacks
+    received = t1.transfer_bytes_received - s1.transfer_bytes_received
+    assert received == t0.transfer_bytes_served - s0.transfer_bytes_served
+    assert data.nbytes <= received < data.nbytes + 64 * 1024  # the array and its header
+
+
 def test_bad_input_and_limits(cluster: Cluster) -> None:
     with cluster.client() as c:
         stub = pb_grpc.ObjectStoreServiceStub(grpc.insecure_channel(cluster.address("object-store")))
