@@ -429,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", type=int, default=int(2.5 * GIB), help="object_store_memory per node, bytes")
     ap.add_argument("--no-two-node", action="store_true", help="skip the two-raylet node-to-node row")
+    ap.add_argument("--only-node-to-node", action="store_true", help="only the two-raylet node-to-node row")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -441,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = source_array()
     log(f"   [ray] source array: {time.perf_counter() - t0:.1f} s")
     w = Workload(plan, src, log=lambda s: log("   [ray]" + s[2:]))
-    w.copy_rows()
+    if not args.only_node_to_node:
+        w.copy_rows()
     # Ray's sessions, sockets and address file go under a directory of this run (short: socket paths
     # must stay under 108 bytes), not the machine's shared /tmp/ray
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -449,19 +451,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"system": "ray", "version": ray.__version__, "numpy": np.__version__,
                               "object_store_memory": args.memory}
     try:
-        t0 = time.perf_counter()
-        ray.init(num_cpus=2, object_store_memory=args.memory, include_dashboard=False, log_to_driver=False,
-                 logging_level="warning")
-        result["init_s"] = time.perf_counter() - t0
-        try:
-            s = RaySystem(ray)
-            w.small_rows(s)
-            w.large_rows(s)
-            w.aligned_copy_row()
-            w.reader_row(s)
-        finally:
-            ray.shutdown()
-        result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
+        if not args.only_node_to_node:
+            t0 = time.perf_counter()
+            ray.init(num_cpus=2, object_store_memory=args.memory, include_dashboard=False, log_to_driver=False,
+                     logging_level="warning")
+            result["init_s"] = time.perf_counter() - t0
+            try:
+                s = RaySystem(ray)
+                w.small_rows(s)
+                w.large_rows(s)
+                w.aligned_copy_row()
+                w.reader_row(s)
+            finally:
+                ray.shutdown()
+            result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
         if args.no_two_node:
             result["node_to_node"] = "skipped (--no-two-node)"
         else:
