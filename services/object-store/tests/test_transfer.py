@@ -315,6 +315,29 @@ async def test_a_holder_closing_or_going_silent_fails_the_range(make_store: Stor
         await b.client.fetch_range("nowhere", oid_of(7), 0, dest, len(data))
 
 
+async def test_stopping_the_node_cuts_a_pull_in_progress_and_aborts_it(make_store: StoreFactory) -> None:
+    copies = Copies()
+    b = await make_store(copies)
+    data = os.urandom(2 * MiB)
+    async with bad_holder("silent", data) as silent:
+        copies.held[oid_of(13)] = {"127.0.0.1:1": (len(data), "owner-1")}
+        copies.transfer["127.0.0.1:1"] = silent
+        get = asyncio.create_task(b.get(oid_of(13), timeout_s=30))
+        for _ in range(200):  # until the pull has allocated the object and waits on the holder
+            if b.node.manager.get_entry(oid_of(13)) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert b.node.manager.get_entry(oid_of(13)) is not None
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await b.node.stop()  # cancels the pull: its socket is shut, its thread ends, the object is aborted
+        assert loop.time() - t0 < 3.0  # well before the 5 s socket timeout
+        assert b.node.manager.get_entry(oid_of(13)) is None
+        get.cancel()
+        with contextlib.suppress(asyncio.CancelledError, DeadlineExceededError):
+            await get
+
+
 async def test_a_wrong_token_is_refused(make_store: StoreFactory) -> None:
     copies = Copies()
     a = await make_store(copies, token="s3cret")

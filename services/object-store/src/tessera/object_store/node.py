@@ -106,6 +106,7 @@ POLL_S = 0.05
 #: How many freed ids a node remembers, so a copy that arrives after its free (a late pull, a task's return
 #: stored after its owner dropped it) is dropped at once.
 FREED_MEMORY = 100_000
+STOP_PULLS_S = 10.0  # how long stop() waits for cancelled pulls to wind down
 FLUSH_S = 0.005  # let a burst of seals share one location report
 FLUSH_MAX = 512
 
@@ -160,8 +161,11 @@ class NodeObjectStore:
     async def stop(self) -> None:
         if self._flusher:
             self._flusher.cancel()
-        for t in list(self._pulling.values()):
+        pulls = list(self._pulling.values())
+        for t in pulls:
             t.cancel()
+        if pulls:  # a cancelled pull aborts its object once nothing writes into it any more
+            await asyncio.wait(pulls, timeout=STOP_PULLS_S)
         await self._flush()
 
     async def _flush_loop(self) -> None:

@@ -220,6 +220,8 @@ class TransferClient:
         except asyncio.CancelledError:
             call.cut()
             await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the cancellation is what the caller sees
             raise
         self.received += len(dest)
 
