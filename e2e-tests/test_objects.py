@@ -177,6 +177,20 @@ def test_kill9_object_store(cluster: Cluster) -> None:
             c.get(gone, timeout=0.5)
 
 
+def test_pulls_from_a_restarted_store_find_its_new_data_socket(cluster: Cluster) -> None:
+    """After test_kill9_object_store: node 0's store came back (same node id, a new data port);
+    node 1 knew the old port, so its first pull may fall back to gRPC, and the next uses the new port."""
+    with cluster.client("object-store") as c0, cluster.client("object-store-1") as c1:
+        before = c1.stats()
+        for i in range(2):
+            data = np.full(3 * MiB // 8, float(i))
+            assert np.array_equal(c1.get(c0.put(data), timeout=30), data)
+        after = c1.stats()
+    assert after.pulls - before.pulls == 2
+    assert after.transfer_pulls - before.transfer_pulls >= 1
+    assert (after.transfer_pulls - before.transfer_pulls) + (after.transfer_fallbacks - before.transfer_fallbacks) == 2
+
+
 def test_small_objects_are_read_locally_and_reach_the_store(cluster: Cluster) -> None:
     with cluster.client() as owner, cluster.client() as other, cluster.client("object-store-1") as remote:
         refs = [owner.put({"i": i, "pad": "x" * 500}) for i in range(300)]

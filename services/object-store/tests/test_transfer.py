@@ -54,6 +54,7 @@ class Copies:
     held: dict[bytes, dict[str, tuple[int, str]]] = field(default_factory=dict)
     transfer: dict[str, str] = field(default_factory=dict)  # store address -> data socket address
     forgotten: list[tuple[bytes, str]] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)  # peers whose records a failure made stale
 
 
 class SharedDirectory:
@@ -91,6 +92,9 @@ class SharedDirectory:
 
     async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None:
         pass
+
+    def refresh(self, address: str) -> None:
+        self.copies.refreshed.append(address)
 
 
 @dataclass
@@ -279,6 +283,7 @@ async def test_data_sockets_failing_fall_back_to_grpc(make_store: StoreFactory) 
         assert await b.get(oid_of(5)) == data
     assert (b.node.pulls, b.node.transfer_pulls, b.node.transfer_fallbacks) == (1, 0, 1)
     assert not copies.forgotten  # a still has its copy: only its data socket failed
+    assert copies.refreshed == [a.address]  # its record is read again next time
 
 
 async def test_a_corrupted_chunk_is_refused_and_nothing_is_left(make_store: StoreFactory) -> None:

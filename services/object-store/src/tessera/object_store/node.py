@@ -84,6 +84,11 @@ class Directory(Protocol):
 
     async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None: ...
 
+    def refresh(self, address: str) -> None:
+        """The peer at ``address`` could not be reached on its data socket: re-read its record
+        at the next lookup (it may have restarted with another data port)."""
+        ...
+
 
 #: fetch(address, object_id) -> chunks of the object from that peer.
 Fetch = Callable[[str, bytes], AsyncIterator[Chunk]]
@@ -415,6 +420,8 @@ class NodeObjectStore:
                         if address in alive:
                             alive.remove(address)
                             log.warning("transfer of %s from %s failed: %s", oid.hex(), address, r)
+                            if isinstance(r, UnavailableError):
+                                self.directory.refresh(address)
                             if isinstance(r, NotFoundError):
                                 gone.append(address)
                                 lost = await self.directory.forget_copy(oid, address)

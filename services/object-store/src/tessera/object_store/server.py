@@ -52,6 +52,7 @@ class ClusterDirectory:
         self.channel, self.stub = control_store_aio_stub(app.settings)
         self._addresses: dict[bytes, str] = {}
         self._transfer: dict[str, str] = {}  # object-store address -> its data socket address
+        self._stale: set[bytes] = set()  # nodes whose records are read again at the next lookup
 
     async def add_locations(self, entries: list[tuple[bytes, int, str]]) -> None:
         locs = [cpb.ObjectLocation(object_id=o, node_id=self.node_id, size=s, owner=w) for o, s, w in entries]
@@ -63,18 +64,24 @@ class ClusterDirectory:
         return list(resp.lost_object_ids)
 
     async def _address(self, node_id: bytes) -> str:
-        if node_id not in self._addresses:
+        if node_id not in self._addresses or node_id in self._stale:
+            self._stale.discard(node_id)
             try:
                 node = (await self.stub.GetNode(cpb.GetNodeRequest(node_id=node_id))).node
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
+                    self._addresses.pop(node_id, None)
                     return ""
+                self._stale.add(node_id)  # (when it was stale: still so)
                 raise
             if node.state == cpb.NODE_STATE_DEAD:
+                self._addresses.pop(node_id, None)
                 return ""
             self._addresses[node_id] = node.object_store_address
             if node.labels.get(TRANSFER_LABEL):
                 self._transfer[node.object_store_address] = node.labels[TRANSFER_LABEL]
+            else:  # a store of an older version: gRPC only
+                self._transfer.pop(node.object_store_address, None)
         return self._addresses[node_id]
 
     async def locate(self, object_id: bytes) -> Located:
@@ -101,6 +108,9 @@ class ClusterDirectory:
             await self.stub.FreeObjects(cpb.FreeObjectsRequest(object_ids=object_ids[i:i + BATCH],
                                                                task_ids=task_ids[i:i + BATCH], reason=reason,
                                                                remember=remember))
+
+    def refresh(self, address: str) -> None:
+        self._stale.update(n for n, a in self._addresses.items() if a == address)
 
     async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None:
         if self.app.bus is None:
