@@ -193,8 +193,9 @@ async def bad_holder(behaviour: str, data: bytes) -> AsyncIterator[str]:
             head = await reader.readexactly(tp.REQUEST.size)
             oid_len, node_len, token_len, offset, length, chunk = tp.request_tail(head)
             await reader.readexactly(oid_len + node_len + token_len)
-            if behaviour == "silent":
-                await asyncio.sleep(60)
+            if behaviour == "silent":  # until the requester gives up and closes
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    await asyncio.wait_for(reader.read(), 60)
                 return
             chunk = max(chunk, tp.MIN_CHUNK)
             writer.write(tp.encode_ok(tp.Header(len(data), offset, length, chunk, "owner-1")))
@@ -341,6 +342,29 @@ async def test_stopping_the_node_cuts_a_pull_in_progress_and_aborts_it(make_stor
         get.cancel()
         with contextlib.suppress(asyncio.CancelledError, DeadlineExceededError):
             await get
+
+
+async def test_freeing_an_object_cuts_its_pull_in_progress(make_store: StoreFactory) -> None:
+    copies = Copies()
+    b = await make_store(copies)
+    data = os.urandom(2 * MiB)
+    async with bad_holder("silent", data) as silent:
+        copies.held[oid_of(14)] = {"127.0.0.1:1": (len(data), "owner-1")}
+        copies.transfer["127.0.0.1:1"] = silent
+        get = asyncio.create_task(b.get(oid_of(14), timeout_s=30))
+        for _ in range(200):
+            if b.node.manager.get_entry(oid_of(14)) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert b.node.manager.get_entry(oid_of(14)) is not None
+        b.node.free([oid_of(14)])
+        with pytest.raises(NotFoundError, match="was freed"):
+            await asyncio.wait_for(get, 3.0)  # at once, not after the holder's 5 s timeout
+        for _ in range(300):  # the cancelled pull aborts its object once its thread has stopped
+            if b.node.manager.get_entry(oid_of(14)) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert b.node.manager.get_entry(oid_of(14)) is None
 
 
 async def test_a_wrong_token_is_refused(make_store: StoreFactory) -> None:

@@ -347,6 +347,13 @@ class NodeObjectStore:
             await asyncio.wait_for(asyncio.shield(task), remaining)
         except TimeoutError:
             raise DeadlineExceededError(oid.hex()) from None
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                raise  # this get itself is cancelled
+            # the pull was cancelled under it: the object was freed meanwhile, or the store is stopping
+            self._check_not_freed(oid)
+            raise UnavailableError(f"the pull of {oid.hex()} was cancelled: the object store is stopping") from None
 
     async def _pull(self, oid: bytes, located: Located) -> None:
         peers = list(located.peers)
