@@ -85,6 +85,24 @@ def test_cross_node_pull_is_deduplicated(cluster: Cluster) -> None:
         assert len(info.locations) == 2  # the new copy is recorded
 
 
+def test_cross_node_pull_goes_over_the_data_socket(cluster: Cluster) -> None:
+    data = np.random.default_rng(1).random(24 * MiB // 8)
+    with tessera.connect(cluster.info()["control_store_address"]) as cs:
+        nodes = cs.stub.ListNodes(cpb.ListNodesRequest(), timeout=5).nodes
+    data_addresses = [n.labels.get("object_store_transfer_address", "") for n in nodes]
+    assert all(a.rpartition(":")[2].isdigit() for a in data_addresses), data_addresses  # each store advertises one
+    with cluster.client("object-store") as c0, cluster.client("object-store-1") as c1:
+        s0, s1 = c0.stats(), c1.stats()
+        ref = c0.put(data)
+        assert np.array_equal(c1.get(ref, timeout=30), data)
+        t0, t1 = c0.stats(), c1.stats()
+    assert (t1.pulls - s1.pulls, t1.transfer_pulls - s1.transfer_pulls) == (1, 1)
+    assert t1.transfer_fallbacks == s1.transfer_fallbacks
+    received = t1.transfer_bytes_received - s1.transfer_bytes_received
+    assert received == t0.transfer_bytes_served - s0.transfer_bytes_served
+    assert data.nbytes <= received < data.nbytes + 64 * 1024  # the array and its header
+
+
 def test_bad_input_and_limits(cluster: Cluster) -> None:
     with cluster.client() as c:
         stub = pb_grpc.ObjectStoreServiceStub(grpc.insecure_channel(cluster.address("object-store")))
@@ -157,6 +175,20 @@ def test_kill9_object_store(cluster: Cluster) -> None:
         gone = next(r for r, here in zip(refs, present, strict=True) if not here)
         with pytest.raises(GetTimeoutError):
             c.get(gone, timeout=0.5)
+
+
+def test_pulls_from_a_restarted_store_find_its_new_data_socket(cluster: Cluster) -> None:
+    """After test_kill9_object_store: node 0's store came back (same node id, a new data port);
+    node 1 knew the old port, so its first pull may fall back to gRPC, and the next uses the new port."""
+    with cluster.client("object-store") as c0, cluster.client("object-store-1") as c1:
+        before = c1.stats()
+        for i in range(2):
+            data = np.full(3 * MiB // 8, float(i))
+            assert np.array_equal(c1.get(c0.put(data), timeout=30), data)
+        after = c1.stats()
+    assert after.pulls - before.pulls == 2
+    assert after.transfer_pulls - before.transfer_pulls >= 1
+    assert (after.transfer_pulls - before.transfer_pulls) + (after.transfer_fallbacks - before.transfer_fallbacks) == 2
 
 
 def test_small_objects_are_read_locally_and_reach_the_store(cluster: Cluster) -> None:

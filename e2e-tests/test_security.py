@@ -25,6 +25,8 @@ import pytest
 import redis
 from stacks import Cluster, running
 
+from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.serving.v1 import serving_pb2 as spb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as tpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as tpb_grpc
@@ -170,6 +172,36 @@ def test_the_agent_socket_refuses_a_hello_without_the_token(secured: Secured) ->
         assert conn.recv().welcome.session
     finally:
         conn.close()
+
+
+def test_the_object_data_socket_refuses_a_request_without_the_token(secured: Secured) -> None:
+    import socket
+
+    from tessera.object_store import transfer as tp
+
+    token = secured.secret(auth.TOKEN_FILE)
+    raw = grpc.insecure_channel(secured.info()["control_store_address"])
+    try:
+        stub = cpb_grpc.ControlStoreServiceStub(rpc.authorized(raw, token=token))
+        nodes = stub.ListNodes(cpb.ListNodesRequest(), timeout=5).nodes
+    finally:
+        raw.close()
+    host, _, port = nodes[0].labels["object_store_transfer_address"].rpartition(":")
+
+    def ask(given: str) -> tuple[str, str]:
+        req = tp.Request(b"\x01" * 20, 0, 1024, b"", given, 1 << 20)
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(tp.encode_request(req))
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        _, _, status, n, *_ = tp.RESPONSE.unpack(reply[:tp.RESPONSE.size])
+        return tp.STATUSES[status], reply[tp.RESPONSE.size:tp.RESPONSE.size + n].decode()
+
+    assert ask("") == ("UNAUTHENTICATED", "invalid cluster token")
+    assert ask("wrong") == ("UNAUTHENTICATED", "invalid cluster token")
+    assert ask(token)[0] == "NOT_FOUND"  # past the check: this store has no such object
 
 
 def test_nats_refuses_a_client_without_credentials(secured: Secured) -> None:

@@ -577,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="only the 1 GB put on a fresh ray.init with Ray's default object store size, beside memcpy")
     ap.add_argument("--no-client", action="store_true", help="skip the Ray Client (remote driver) row")
     ap.add_argument("--only-client", action="store_true", help="only the Ray Client (remote driver) row")
+    ap.add_argument("--only-node-to-node", action="store_true", help="only the two-raylet node-to-node row")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -591,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = Workload(plan, src, log=lambda s: log("   [ray]" + s[2:]))
     if args.put_1gb:
         return fresh_put_main(ray, w, log)
-    w.copy_rows(("100MB",) if args.only_client else ("100MB", "1GB"))
+    if not args.only_node_to_node:
+        w.copy_rows(("100MB",) if args.only_client else ("100MB", "1GB"))
     # Ray's sessions, sockets and address file go under a directory of this run (short: socket paths
     # must stay under 108 bytes), not the machine's shared /tmp/ray
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -599,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"system": "ray", "version": ray.__version__, "numpy": np.__version__,
                               "object_store_memory": args.memory}
     try:
-        if not args.only_client:
+        if not (args.only_client or args.only_node_to_node):
             t0 = time.perf_counter()
             ray.init(num_cpus=2, object_store_memory=args.memory, include_dashboard=False, log_to_driver=False,
                      logging_level="warning")
@@ -613,23 +615,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 ray.shutdown()
             result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
-            if args.no_two_node:
-                result["node_to_node"] = "skipped (--no-two-node)"
-            else:
-                try:
-                    pulls = node_to_node(ray, src, plan.node_to_node_reps, args.memory, log)
+        if args.only_client:
+            pass
+        elif args.no_two_node:
+            result["node_to_node"] = "skipped (--no-two-node)"
+        else:
+            try:
+                pulls = node_to_node(ray, src, plan.node_to_node_reps, args.memory, log)
 
-                    class _Pulls:
-                        def node_to_node(self, value: Any, reps: int) -> list[dict[str, Any]]:
-                            return pulls
+                class _Pulls:
+                    def node_to_node(self, value: Any, reps: int) -> list[dict[str, Any]]:
+                        return pulls
 
-                    w.node_to_node_row(_Pulls())
-                    result["node_to_node"] = ("ray.cluster_utils.Cluster: head + a second raylet on 127.0.0.1, each "
-                                              "with its own plasma store; driver puts on the head, a task on node 2 gets")
-                except Exception as e:  # report the row as n/a, with the reason, rather than losing the others
-                    result["node_to_node"] = f"n/a: {type(e).__name__}: {e}"
-                    log(f"   [ray] node-to-node row failed: {e}")
-        if not args.no_client:
+                w.node_to_node_row(_Pulls())
+                result["node_to_node"] = ("ray.cluster_utils.Cluster: head + a second raylet on 127.0.0.1, each "
+                                          "with its own plasma store; driver puts on the head, a task on node 2 gets")
+            except Exception as e:  # report the row as n/a, with the reason, rather than losing the others
+                result["node_to_node"] = f"n/a: {type(e).__name__}: {e}"
+                log(f"   [ray] node-to-node row failed: {e}")
+        if not args.no_client and not args.only_node_to_node:
             try:
                 result["remote_driver"] = ray_client_row(ray, w, args.memory)
             except Exception as e:  # e.g. no grpcio in this venv: the row is n/a, with the reason

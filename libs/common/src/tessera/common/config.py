@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     object_store_spill_capacity: int = Field(16 * 1024**3, ge=0, description="object-store: bytes of disk for spilled objects")
     object_store_inline_threshold: int = Field(100 * 1024, ge=0, description="objects up to this size travel inline in gRPC")
     object_store_chunk_bytes: int = Field(1024**2, gt=0, description="object-store: chunk size of node-to-node pulls")
+    object_store_transfer_port: int = Field(0, ge=0, le=65535, description="object-store: TCP port of the node-to-node data socket (bound on grpc_host, advertised in the node's record); 0 picks a free one")
 
     # task scheduler (a node agent per node; the global scheduler runs beside it unless told otherwise)
     task_scheduler_role: str = Field("both", pattern="^(both|agent|global)$",

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from crc32c import crc32c
@@ -31,7 +31,8 @@ from tessera.common.errors import (
     NotFoundError,
     UnavailableError,
 )
-from tessera.object_store.manager import ObjectEntry, ObjectManager
+from tessera.object_store.manager import CREATED, ObjectEntry, ObjectManager
+from tessera.object_store.transfer import UnauthenticatedError, split_range
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,17 @@ class Locator:
     inline: bytes | None = None
 
 
+@dataclass(frozen=True)
+class Located:
+    """What the cluster knows of an object: whether it exists, and its copies on other nodes."""
+
+    known: bool
+    peers: list[str] = field(default_factory=list)  # object-store (gRPC) addresses of other holders
+    size: int = 0
+    owner: str = ""
+    transfer: dict[str, str] = field(default_factory=dict)  # peer address -> its data (socket) address, if any
+
+
 class Directory(Protocol):
     """Where copies are: the cluster's view (the control store), and its announcements."""
 
@@ -63,8 +75,8 @@ class Directory(Protocol):
         """Forget this node's copies; returns the ids now without any copy (lost)."""
         ...
 
-    async def locate(self, object_id: bytes) -> tuple[bool, list[str]]:
-        """(known to the cluster, object-store addresses of other nodes holding a copy)."""
+    async def locate(self, object_id: bytes) -> Located:
+        """Whether the cluster knows the object, and which other nodes hold a copy."""
         ...
 
     async def forget_copy(self, object_id: bytes, address: str) -> list[bytes]:
@@ -73,9 +85,28 @@ class Directory(Protocol):
 
     async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None: ...
 
+    def refresh(self, address: str) -> None:
+        """The peer at ``address`` could not be reached on its data socket: re-read its record
+        at the next lookup (it may have restarted with another data port)."""
+        ...
+
 
 #: fetch(address, object_id) -> chunks of the object from that peer.
 Fetch = Callable[[str, bytes], AsyncIterator[Chunk]]
+
+
+class RangeFetch(Protocol):
+    """Fill ``dest`` with the bytes ``[start, start + len(dest))`` of an object of ``total_size`` bytes,
+    from the holder whose data socket is at ``address`` (every chunk checked)."""
+
+    async def __call__(self, address: str, object_id: bytes, start: int, dest: memoryview,
+                       total_size: int) -> None: ...
+
+
+#: A pull over the data sockets uses this many connections per holder for objects of
+#: at least STREAM_MIN bytes each: one stream is one core's worth of copying.
+STREAMS_PER_HOLDER = 4
+STREAM_MIN = 32 * 1024**2
 
 POLL_S = 0.05
 #: How many freed ids a node remembers, so a copy that arrives after its free (a late pull, a task's return
@@ -83,20 +114,28 @@ POLL_S = 0.05
 FREED_MEMORY = 100_000
 #: Largest chunk a client may ask ReadObject for (gRPC messages are bounded).
 MAX_READ_CHUNK = 16 * 2**20
+STOP_PULLS_S = 10.0  # how long stop() waits for cancelled pulls to wind down
 FLUSH_S = 0.005  # let a burst of seals share one location report
 FLUSH_MAX = 512
 
 
 class NodeObjectStore:
     def __init__(self, manager: ObjectManager, node_id: bytes, *, directory: Directory, fetch: Fetch,
-                 inline_threshold: int, chunk_bytes: int) -> None:
+                 inline_threshold: int, chunk_bytes: int, transfer: RangeFetch | None = None,
+                 streams_per_holder: int = STREAMS_PER_HOLDER) -> None:
         self.manager = manager
         self.node_id = node_id
         self.directory = directory
         self.fetch = fetch
+        self.transfer = transfer
+        self.streams_per_holder = streams_per_holder
         self.inline_threshold = inline_threshold
         self.chunk_bytes = chunk_bytes
         self.pulls = 0
+        self.transfer_pulls = 0  # pulls completed over the data sockets
+        self.transfer_fallbacks = 0  # pulls the data sockets could not complete (then tried over gRPC)
+        self.transfer_bytes_received = 0
+        self.transfer_bytes_served = 0
         self._secondary: set[bytes] = set()  # copies pulled from a peer: the primary lives elsewhere
         self._sealed: dict[bytes, asyncio.Event] = {}
         self._pulling: dict[bytes, asyncio.Task[None]] = {}
@@ -131,8 +170,11 @@ class NodeObjectStore:
     async def stop(self) -> None:
         if self._flusher:
             self._flusher.cancel()
-        for t in list(self._pulling.values()):
+        pulls = list(self._pulling.values())
+        for t in pulls:
             t.cancel()
+        if pulls:  # a cancelled pull aborts its object once nothing writes into it any more
+            await asyncio.wait(pulls, timeout=STOP_PULLS_S)
         await self._flush()
 
     async def _flush_loop(self) -> None:
@@ -277,7 +319,7 @@ class NodeObjectStore:
         try:
             (loc,) = await self.get([object_id], session, timeout_s)
         except DeadlineExceededError:
-            if self.manager.get_entry(object_id) is None and not (await self.directory.locate(object_id))[0]:
+            if self.manager.get_entry(object_id) is None and not (await self.directory.locate(object_id)).known:
                 raise NotFoundError(f"object {object_id.hex()} is not in this store and the cluster does not know it "
                                     f"(waited {timeout_s:g}s)") from None
             raise
@@ -351,9 +393,10 @@ class NodeObjectStore:
                 except TimeoutError:
                     raise DeadlineExceededError(oid.hex()) from None
                 continue
-            known, peers = await self.directory.locate(oid)
-            if peers and self.manager.get_entry(oid) is None:  # (it may have arrived during the lookup)
-                await self._pull_dedup(oid, peers, deadline)
+            located = await self.directory.locate(oid)
+            known = located.known
+            if located.peers and self.manager.get_entry(oid) is None:  # (it may have arrived during the lookup)
+                await self._pull_dedup(oid, located, deadline)
                 continue
             # not (yet) anywhere: wait for a local seal or a copy elsewhere
             ev = self._sealed.setdefault(oid, asyncio.Event())
@@ -362,10 +405,10 @@ class NodeObjectStore:
             except TimeoutError:
                 pass
 
-    async def _pull_dedup(self, oid: bytes, peers: list[str], deadline: float) -> None:
+    async def _pull_dedup(self, oid: bytes, located: Located, deadline: float) -> None:
         task = self._pulling.get(oid)
         if task is None:
-            task = asyncio.create_task(self._pull(oid, peers))
+            task = asyncio.create_task(self._pull(oid, located))
             self._pulling[oid] = task
             task.add_done_callback(lambda _t: self._pulling.pop(oid, None))
         remaining = max(0.0, deadline - time.monotonic())
@@ -373,8 +416,31 @@ class NodeObjectStore:
             await asyncio.wait_for(asyncio.shield(task), remaining)
         except TimeoutError:
             raise DeadlineExceededError(oid.hex()) from None
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                raise  # this get itself is cancelled
+            # the pull was cancelled under it: the object was freed meanwhile, or the store is stopping
+            self._check_not_freed(oid)
+            raise UnavailableError(f"the pull of {oid.hex()} was cancelled: the object store is stopping") from None
 
-    async def _pull(self, oid: bytes, peers: list[str]) -> None:
+    async def _pull(self, oid: bytes, located: Located) -> None:
+        peers = list(located.peers)
+        if self.transfer is not None and located.size > 0:
+            holders = [a for a in peers if located.transfer.get(a)]
+            if holders:
+                gone: list[str] = []
+                try:
+                    if await self._pull_transfer(oid, located, holders, gone):
+                        self.pulls += 1
+                        self.transfer_pulls += 1
+                        self._secondary.add(oid)
+                    return
+                except (UnavailableError, DataLossError, NotFoundError, FailedPreconditionError,
+                        UnauthenticatedError, DeadlineExceededError, InvalidArgumentError, OSError) as e:
+                    self.transfer_fallbacks += 1
+                    log.warning("pull of %s over the data sockets failed (%s); trying gRPC", oid.hex(), e)
+                    peers = [a for a in peers if a not in gone]
         last: Exception | None = None
         for address in peers:
             try:
@@ -391,6 +457,61 @@ class NodeObjectStore:
                         await self.directory.announce("lost", [(x, 0, "") for x in lost])
         if last is not None:
             log.info("no peer could serve %s: %s", oid.hex(), last)
+
+    async def _pull_transfer(self, oid: bytes, located: Located, holders: list[str], gone: list[str]) -> bool:
+        """Pull ``oid`` over the data sockets, its range split over ``holders`` (several streams
+        each for a large object); False if it was here already.
+
+        A part whose holder fails goes to another holder; a holder that no longer has
+        the object is forgotten (and added to ``gone``). When no holder is left the
+        last error is raised and the object is aborted: nothing half-written stays.
+        """
+        assert self.transfer is not None
+        if self.manager.get_entry(oid) is not None:
+            return False
+        size = located.size
+        offset = self.manager.create(oid, size, located.owner)
+        try:
+            streams = max(1, min(self.streams_per_holder, size // STREAM_MIN))
+            todo = split_range(size, len(holders) * streams)
+            alive = list(holders)
+            last: BaseException | None = None
+            with self.manager.arena.view(offset, size) as dest:
+                while todo:
+                    if not alive:
+                        assert last is not None
+                        raise last
+                    jobs = [(part, alive[i % len(alive)]) for i, part in enumerate(todo)]
+                    results = await asyncio.gather(
+                        *(self.transfer(located.transfer[a], oid, s, dest[s:e], size) for (s, e), a in jobs),
+                        return_exceptions=True)
+                    todo = []
+                    for (part, address), r in zip(jobs, results, strict=True):
+                        if r is None:
+                            continue
+                        if not isinstance(r, Exception):  # a cancellation: stop here
+                            raise r
+                        last = r
+                        todo.append(part)
+                        if address in alive:
+                            alive.remove(address)
+                            log.warning("transfer of %s from %s failed: %s", oid.hex(), address, r)
+                            if isinstance(r, UnavailableError):
+                                self.directory.refresh(address)
+                            if isinstance(r, NotFoundError):
+                                gone.append(address)
+                                lost = await self.directory.forget_copy(oid, address)
+                                if lost:
+                                    await self.directory.announce("lost", [(x, 0, "") for x in lost])
+            self.manager.seal(oid)
+            self.transfer_bytes_received += size
+            self._drop_if_freed(oid)
+            return True
+        except BaseException:
+            e = self.manager.get_entry(oid)
+            if e is not None and e.state == CREATED and e.offset == offset:
+                self.manager.abort(oid)
+            raise
 
     async def _pull_from(self, oid: bytes, address: str) -> bool:
         """Pull ``oid`` from the peer at ``address``; False if it was here already."""
@@ -426,6 +547,22 @@ class NodeObjectStore:
                 except FailedPreconditionError:
                     pass
             raise
+
+    def open_range(self, oid: bytes, offset: int, length: int, session: str) -> ObjectEntry:
+        """Pin a local sealed object for a peer's transfer of ``[offset, offset + length)`` (a spilled
+        one is restored first): its bytes stay at ``entry.offset`` until :meth:`close_range`."""
+        ids.check_id("object_id", oid)
+        e = self.manager.get_entry(oid)
+        if e is None:
+            raise NotFoundError(f"object {oid.hex()} is not in this store")
+        if offset < 0 or length <= 0 or offset + length > e.size:
+            raise InvalidArgumentError(f"range [{offset}, {offset + length}) is outside object {oid.hex()} of "
+                                       f"{e.size} bytes")
+        return self.manager.pin(oid, session)
+
+    def close_range(self, oid: bytes, session: str, sent: int) -> None:
+        self.manager.release(oid, session)
+        self.transfer_bytes_served += sent
 
     async def serve_pull(self, oid: bytes, chunk_bytes: int) -> AsyncIterator[Chunk]:
         """The chunks of a local sealed object, for a peer: views of the arena (no copy).

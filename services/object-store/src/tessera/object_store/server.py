@@ -26,8 +26,9 @@ from tessera.common.sizing import StoreSize, object_store_size
 from tessera.common.wire import decode_chunk
 from tessera.object_store.arena import Arena
 from tessera.object_store.manager import ObjectManager
-from tessera.object_store.node import Chunk, NodeObjectStore, freed_message
+from tessera.object_store.node import Chunk, Located, NodeObjectStore, freed_message
 from tessera.object_store.servicer import ObjectStoreServicer
+from tessera.object_store.transfer_net import TransferClient, TransferServer
 
 NAME = "object-store"
 SERVICE = "tessera.object_store.v1.ObjectStoreService"
@@ -36,6 +37,9 @@ IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 BATCH = 5000
 
 log = logging.getLogger(__name__)
+
+#: The label of a node's record that names its object store's data socket (host:port).
+TRANSFER_LABEL = "object_store_transfer_address"
 
 _OPS = {"sealed": cpb.CHANGE_OP_SEALED, "evicted": cpb.CHANGE_OP_EVICTED, "spilled": cpb.CHANGE_OP_SPILLED,
         "restored": cpb.CHANGE_OP_RESTORED, "lost": cpb.CHANGE_OP_LOST}
@@ -49,6 +53,8 @@ class ClusterDirectory:
         self.node_id = node_id
         self.channel, self.stub = control_store_aio_stub(app.settings)
         self._addresses: dict[bytes, str] = {}
+        self._transfer: dict[str, str] = {}  # object-store address -> its data socket address
+        self._stale: set[bytes] = set()  # nodes whose records are read again at the next lookup
 
     async def add_locations(self, entries: list[tuple[bytes, int, str]]) -> None:
         locs = [cpb.ObjectLocation(object_id=o, node_id=self.node_id, size=s, owner=w) for o, s, w in entries]
@@ -60,26 +66,36 @@ class ClusterDirectory:
         return list(resp.lost_object_ids)
 
     async def _address(self, node_id: bytes) -> str:
-        if node_id not in self._addresses:
+        if node_id not in self._addresses or node_id in self._stale:
+            self._stale.discard(node_id)
             try:
                 node = (await self.stub.GetNode(cpb.GetNodeRequest(node_id=node_id))).node
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
+                    self._addresses.pop(node_id, None)
                     return ""
+                self._stale.add(node_id)  # (when it was stale: still so)
                 raise
             if node.state == cpb.NODE_STATE_DEAD:
+                self._addresses.pop(node_id, None)
                 return ""
             self._addresses[node_id] = node.object_store_address
+            if node.labels.get(TRANSFER_LABEL):
+                self._transfer[node.object_store_address] = node.labels[TRANSFER_LABEL]
+            else:  # a store of an older version: gRPC only
+                self._transfer.pop(node.object_store_address, None)
         return self._addresses[node_id]
 
-    async def locate(self, object_id: bytes) -> tuple[bool, list[str]]:
+    async def locate(self, object_id: bytes) -> Located:
         objs = (await self.stub.GetObjects(cpb.GetObjectsRequest(object_ids=[object_id]))).objects
         if not objs:
-            return False, []
+            return Located(False)
         if objs[0].freed_reason:
             raise NotFoundError(freed_message(object_id, objs[0].freed_reason))
         addrs = [await self._address(n) for n in objs[0].locations if n != self.node_id]
-        return True, [a for a in addrs if a]
+        peers = [a for a in addrs if a]
+        return Located(True, peers, objs[0].size, objs[0].owner,
+                       {a: self._transfer[a] for a in peers if a in self._transfer})
 
     async def forget_copy(self, object_id: bytes, address: str) -> list[bytes]:
         node = next((n for n, a in self._addresses.items() if a == address), None)
@@ -94,6 +110,9 @@ class ClusterDirectory:
             await self.stub.FreeObjects(cpb.FreeObjectsRequest(object_ids=object_ids[i:i + BATCH],
                                                                task_ids=task_ids[i:i + BATCH], reason=reason,
                                                                remember=remember))
+
+    def refresh(self, address: str) -> None:
+        self._stale.update(n for n, a in self._addresses.items() if a == address)
 
     async def announce(self, kind: str, entries: list[tuple[bytes, int, str]]) -> None:
         if self.app.bus is None:
@@ -183,13 +202,19 @@ def build(settings: Settings) -> ServiceApp:
     arena = Arena(arena_path, capacity, reserve=settings.object_store_prefault)
     directory = ClusterDirectory(app, node_id)
     peers = Peers(settings, node_id)
+    token = auth.server_token(settings)
+    transfer_client = TransferClient(node_id, token=token, chunk_bytes=settings.object_store_chunk_bytes,
+                                     timeout_s=settings.rpc_timeout_s)
     holder: dict[str, NodeObjectStore] = {}  # the manager reports to the node store made from it
     manager = ObjectManager(arena, spill_dir=spill_dir, spill_capacity=settings.object_store_spill_capacity,
                             has_other_copy=lambda oid: holder["node"].has_other_copy(oid),
                             on_event=lambda kind, e: holder["node"].on_event(kind, e))
     node = holder["node"] = NodeObjectStore(manager, node_id, directory=directory, fetch=peers.fetch,
                                             inline_threshold=settings.object_store_inline_threshold,
-                                            chunk_bytes=settings.object_store_chunk_bytes)
+                                            chunk_bytes=settings.object_store_chunk_bytes,
+                                            transfer=transfer_client.fetch_range)
+    transfer_server = TransferServer(node, arena_path, host=settings.grpc_host, port=settings.object_store_transfer_port,
+                                     token=token, timeout_s=settings.rpc_timeout_s)
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject", "ReadObject"],
                                                           raw_requests=["WriteObject"]),
@@ -198,9 +223,11 @@ def build(settings: Settings) -> ServiceApp:
     tasks: list[asyncio.Task[None]] = []
 
     async def register_node() -> None:
+        host = app.address.rpartition(":")[0]  # advertised like the gRPC address
         info = cpb.NodeInfo(node_id=node_id, address=app.address, object_store_address=app.address,
                             resources_total={"object_store_memory": float(capacity)},
-                            labels={"hostname": socket.gethostname(), "pid": str(os.getpid())})
+                            labels={"hostname": socket.gethostname(), "pid": str(os.getpid()),
+                                    TRANSFER_LABEL: f"{host}:{transfer_server.port}"})
         delay = RETRY_FIRST_S
         while True:
             try:
@@ -237,6 +264,7 @@ def build(settings: Settings) -> ServiceApp:
     async def start() -> None:
         if settings.object_store_prefault:
             await asyncio.to_thread(arena.prefault)
+        await transfer_server.start()
         node.start()
         if app.bus is not None:
             await app.bus.subscribe("tessera.events.objects.deleted", on_freed)
@@ -245,7 +273,9 @@ def build(settings: Settings) -> ServiceApp:
     async def stop() -> None:
         for t in tasks:
             t.cancel()
+        await transfer_server.stop()
         await node.stop()
+        await transfer_client.close()
         await peers.close()
         await directory.channel.close()
         manager.close()  # a graceful stop: this node leaves, its spill files go too

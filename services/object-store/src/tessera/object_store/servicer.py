@@ -184,6 +184,9 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
             spilled_bytes=s["spilled_bytes"], objects=s["objects"], spilled_objects=s["spilled_objects"],
             evictions=s["evictions"], spills=s["spills"], restores=s["restores"], pulls=self.node.pulls,
             spill_capacity=s.get("spill_capacity", 0),
+            transfer_pulls=self.node.transfer_pulls, transfer_fallbacks=self.node.transfer_fallbacks,
+            transfer_bytes_received=self.node.transfer_bytes_received,
+            transfer_bytes_served=self.node.transfer_bytes_served,
         )
 
 

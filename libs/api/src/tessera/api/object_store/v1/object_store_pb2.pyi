@@ -887,6 +887,10 @@ class GetStatsResponse(_message.Message):
     RESTORES_FIELD_NUMBER: _builtins.int
     PULLS_FIELD_NUMBER: _builtins.int
     SPILL_CAPACITY_FIELD_NUMBER: _builtins.int
+    TRANSFER_PULLS_FIELD_NUMBER: _builtins.int
+    TRANSFER_FALLBACKS_FIELD_NUMBER: _builtins.int
+    TRANSFER_BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    TRANSFER_BYTES_SERVED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.bytes
     capacity: _builtins.int
     used: _builtins.int
@@ -899,6 +903,16 @@ class GetStatsResponse(_message.Message):
     restores: _builtins.int
     pulls: _builtins.int
     spill_capacity: _builtins.int
+    transfer_pulls: _builtins.int
+    """Node-to-node data sockets (raw TCP, arena to arena; PullObject is the gRPC path).
+    pulls this node completed over data sockets
+    """
+    transfer_fallbacks: _builtins.int
+    """pulls data sockets could not complete, then tried over gRPC"""
+    transfer_bytes_received: _builtins.int
+    """bytes received whole and checked over data sockets"""
+    transfer_bytes_served: _builtins.int
+    """bytes this node sent to peers over data sockets"""
     def __init__(
         self,
         *,
@@ -914,10 +928,14 @@ class GetStatsResponse(_message.Message):
         restores: _builtins.int = ...,
         pulls: _builtins.int = ...,
         spill_capacity: _builtins.int = ...,
+        transfer_pulls: _builtins.int = ...,
+        transfer_fallbacks: _builtins.int = ...,
+        transfer_bytes_received: _builtins.int = ...,
+        transfer_bytes_served: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "evictions", b"evictions", "node_id", b"node_id", "objects", b"objects", "pinned", b"pinned", "pulls", b"pulls", "restores", b"restores", "spill_capacity", b"spill_capacity", "spilled_bytes", b"spilled_bytes", "spilled_objects", b"spilled_objects", "spills", b"spills", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "evictions", b"evictions", "node_id", b"node_id", "objects", b"objects", "pinned", b"pinned", "pulls", b"pulls", "restores", b"restores", "spill_capacity", b"spill_capacity", "spilled_bytes", b"spilled_bytes", "spilled_objects", b"spilled_objects", "spills", b"spills", "transfer_bytes_received", b"transfer_bytes_received", "transfer_bytes_served", b"transfer_bytes_served", "transfer_fallbacks", b"transfer_fallbacks", "transfer_pulls", b"transfer_pulls", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
