@@ -9,6 +9,11 @@ Small values (up to the store's inline threshold) are kept by the client that
 put them, as Ray's owners do, so reading them back costs no round trip; they are
 sent to the store in batches by a background thread a few milliseconds later.
 A reader elsewhere that asks for one before it arrives simply waits for it.
+
+On the store's own host the session runs over the store's Unix socket (see
+:mod:`tessera.client._local`): a get is a socket round trip of tens of
+microseconds instead of a gRPC call. ``TESSERA_OBJECT_TRANSPORT=grpc`` keeps it
+on gRPC; other hosts always use gRPC.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ctypes
 import logging
 import mmap
 import os
+import socket
 import threading
 import weakref
 from collections import OrderedDict
@@ -32,7 +38,10 @@ from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.client._discovery import find_cluster
-from tessera.common import ids, rpc
+from tessera.client._local import LocalConnection, LocalSessionLost
+from tessera.common import auth, ids, rpc
+from tessera.common import localwire as lw
+from tessera.common.errors import DeadlineExceededError, NotFoundError, ResourceExhaustedError, TesseraError
 from tessera.common.registry import control_store_stub
 from tessera.common.serialization import deserialize, serialize
 from tessera.exceptions import GetTimeoutError, ObjectFreedError, ObjectStoreFullError, OwnerDiedError
@@ -51,6 +60,8 @@ BATCH_MAX = 1024
 FREE_BATCH = 5000
 IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 FOREVER_S = 365 * 24 * 3600.0
+#: "grpc" keeps a same-host client's session on gRPC instead of the store's Unix socket.
+TRANSPORT_ENV = "TESSERA_OBJECT_TRANSPORT"
 
 
 class ObjectRef:
@@ -109,7 +120,15 @@ def freed_error(message: str) -> Exception:
     return ObjectFreedError(message)
 
 
-def _map_error(e: grpc.RpcError) -> Exception:
+def _map_error(e: grpc.RpcError | Exception) -> Exception:
+    if isinstance(e, DeadlineExceededError | TimeoutError):  # (local sessions: the store's typed errors)
+        return GetTimeoutError(str(e))
+    if isinstance(e, ResourceExhaustedError):
+        return ObjectStoreFullError(str(e))
+    if isinstance(e, NotFoundError) and " was freed (" in str(e):
+        return freed_error(str(e))
+    if not isinstance(e, grpc.RpcError):
+        return e
     code = e.code()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return GetTimeoutError(e.details())  # type: ignore[attr-defined]
@@ -165,6 +184,20 @@ class ObjectStoreClient:
         self.session_id = hello.session_id
         self.node_id = hello.node_id
         self.inline_threshold = hello.inline_threshold
+        self._local: LocalConnection | None = None
+        if hello.local_socket and hello.hostname == socket.gethostname() \
+                and os.environ.get(TRANSPORT_ENV, "") != "grpc":
+            try:
+                # the socket has no metadata: the token (when one is set) travels in its first frame
+                conn = LocalConnection(hello.local_socket, token=auth.client_token(), name=self.name,
+                                       timeout=min(self.timeout, 5.0))
+            except (OSError, lw.UnauthenticatedError) as e:
+                log.info("object store session stays on gRPC: its socket is not usable (%s)", e)
+            else:  # the socket's session replaces the gRPC one (which ends holding nothing)
+                self._session.cancel()
+                self._streams.close()
+                self._local = conn
+                self.session_id = conn.welcome.session_id
         fd = os.open(hello.arena_path, os.O_RDWR)
         populate = getattr(mmap, "MAP_POPULATE", 0)  # map the (pre-faulted) pages now, not on first touch
         try:
@@ -179,21 +212,29 @@ class ObjectStoreClient:
         with self._lock:
             self._releases.clear()  # pins of the old session died with it
 
-    def _session_lost(self, e: grpc.RpcError) -> bool:
-        return e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in (e.details() or "")  # type: ignore[attr-defined]
+    @property
+    def transport(self) -> str:
+        """How this client's session talks to the store: "socket" (same host) or "grpc"."""
+        return "socket" if self._local is not None else "grpc"
+
+    def _session_lost(self, e: Exception) -> bool:
+        if isinstance(e, LocalSessionLost):
+            return True
+        return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+                and "unknown session" in (e.details() or ""))  # type: ignore[attr-defined]
 
     def _retrying(self, op: Any) -> Any:
         """Run ``op``; if the store restarted (our session is gone), reopen once and run it again."""
         try:
             return op()
-        except grpc.RpcError as e:
+        except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
             if not self._session_lost(e):
                 raise _map_error(e) from None
         self._close_session()
         self._open()
         try:
             return op()
-        except grpc.RpcError as e:
+        except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
             raise _map_error(e) from None
 
     # ------------------------------------------------------------------ put
@@ -271,10 +312,9 @@ class ObjectStoreClient:
                 self._inflight += 1
             token = otel_context.attach(ctx) if ctx is not None else None
             try:
-                resp = self._retrying(lambda batch=batch: self._stub.PutObjects(
-                    pb.PutObjectsRequest(session_id=self.session_id, objects=batch, durable=self.durable)))
-                if resp.failed_object_ids:
-                    raise RuntimeError(f"{len(resp.failed_object_ids)} small objects were not stored: {resp.errors[0]}")
+                failed = self._retrying(lambda batch=batch: self._put_batch(batch))
+                if failed:
+                    raise RuntimeError(f"{len(failed)} small objects were not stored: {failed[0]}")
             except Exception as e:  # surfaced on the next put/get/flush
                 log.warning("could not store %d small objects: %s", len(batch), e)
                 self._flush_error = e
@@ -297,7 +337,20 @@ class ObjectStoreClient:
             e, self._flush_error = self._flush_error, None
             raise e
 
+    def _put_batch(self, batch: list[pb.InlineObject]) -> list[str]:
+        """Store a batch of small objects; why each one that failed did."""
+        if self._local is not None:
+            flags = lw.F_DURABLE if self.durable else 0
+            body = lw.put_body([(o.object_id, o.data, o.owner) for o in batch])
+            return [why for _, why in lw.parse_failed(self._local.call(lw.PUT, body, flags=flags, timeout=self.timeout))]
+        resp = self._stub.PutObjects(pb.PutObjectsRequest(session_id=self.session_id, objects=batch,
+                                                          durable=self.durable))
+        return list(resp.errors)
+
     def _put(self, oid: bytes, ser: Any, owner: str) -> None:
+        if self._local is not None:
+            self._put_local(self._local, oid, ser, owner)
+            return
         sid = self.session_id
         if ser.size <= self.inline_threshold:
             self._stub.PutObject(pb.PutObjectRequest(session_id=sid, object_id=oid, data=ser.to_bytes(), owner=owner,
@@ -311,6 +364,23 @@ class ObjectStoreClient:
             self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
             raise
         self._stub.SealObject(pb.SealObjectRequest(session_id=sid, object_id=oid, durable=self.durable))
+
+    def _put_local(self, conn: LocalConnection, oid: bytes, ser: Any, owner: str) -> None:
+        if ser.size <= self.inline_threshold:
+            body = lw.put_body([(oid, ser.to_bytes(), owner)])
+            failed = lw.parse_failed(conn.call(lw.PUT, body, flags=lw.F_DURABLE if self.durable else 0,
+                                               timeout=self.timeout))
+            if failed:  # (each reason reads "CODE: message")
+                code, _, message = failed[0][1].partition(": ")
+                raise _map_error(lw.error_of(code, message))
+            return
+        off = lw.parse_offset(conn.call(lw.CREATE, lw.create_body(oid, ser.size, owner), timeout=self.timeout))
+        try:
+            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
+        except BaseException:
+            conn.call(lw.ABORT, oid, timeout=self.timeout)
+            raise
+        conn.call(lw.SEAL, oid, flags=lw.F_DURABLE if self.durable else 0, timeout=self.timeout)
 
     # ------------------------------------------------------------------ get
 
@@ -345,12 +415,29 @@ class ObjectStoreClient:
             self._releases_back(releases)
             values = [deserialize(local[r.id]) for r in items]
             return values[0] if single else values
-        items_remote = [r for r in items if r.id not in local]
+        remote = self._fetch([r.id for r in items if r.id not in local], timeout, releases)
+        values = [deserialize(local[r.id]) if r.id in local else remote[r.id] for r in items]
+        return values[0] if single else values
+
+    def _fetch(self, object_ids: list[bytes], timeout: float | None, releases: list[bytes]) -> dict[bytes, Any]:
+        """Get (wait for and pin) objects from the store, releasing ``releases`` on the way; id -> value."""
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
+        if self._local is not None:
+            body = lw.get_body(object_ids, timeout_ms)
+
+            def call_local() -> list[lw.Located]:
+                assert self._local is not None
+                rel, releases[:] = list(releases), []  # (they reach the store with the request, whatever its fate)
+                return lw.parse_located(self._local.call(lw.GET, body, releases=rel, timeout=deadline,
+                                                         on_late=self._late_get))
+
+            locs = self._retrying(call_local)
+            return {loc.object_id: self._materialize_at(loc.object_id, loc.size, loc.offset, loc.inline)
+                    for loc in locs}
 
         def call() -> pb.GetObjectsResponse:
-            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items_remote],
+            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=object_ids,
                                        timeout_ms=timeout_ms, release_object_ids=releases)
             return self._stub.GetObjects(req, timeout=deadline)
 
@@ -359,16 +446,23 @@ class ObjectStoreClient:
         except BaseException:
             self._releases_back(releases)
             raise
-        remote = {loc.object_id: self._materialize(loc) for loc in resp.objects}
-        values = [deserialize(local[r.id]) if r.id in local else remote[r.id] for r in items]
-        return values[0] if single else values
+        return {loc.object_id: self._materialize(loc) for loc in resp.objects}
+
+    def _late_get(self, h: lw.Header, body: memoryview) -> None:
+        """A get's answer that came after its caller gave up: release what it pinned."""
+        if h.op == lw.GET | lw.REPLY:
+            with self._lock:
+                self._releases.extend(loc.object_id for loc in lw.parse_located(body) if loc.inline is None)
 
     def _materialize(self, loc: pb.ObjectLocator) -> Any:
-        if loc.WhichOneof("where") == "inline_data":
-            return deserialize(loc.inline_data)
-        off = loc.arena_offset
-        anchor = self._arena[off : off + loc.size]  # a read-only view; its life is the pin's
-        oid = loc.object_id
+        inline = loc.inline_data if loc.WhichOneof("where") == "inline_data" else None
+        return self._materialize_at(loc.object_id, loc.size, loc.arena_offset, inline)
+
+    def _materialize_at(self, oid: bytes, size: int, offset: int | None, inline: bytes | None) -> Any:
+        if inline is not None:
+            return deserialize(inline)
+        off = offset or 0
+        anchor = self._arena[off : off + size]  # a read-only view; its life is the pin's
         with self._lock:
             old = self._live.get(oid)
             old_anchor = old() if old is not None else None
@@ -397,8 +491,11 @@ class ObjectStoreClient:
             todo, self._releases = self._releases, []
         if todo:
             try:
-                self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
-            except grpc.RpcError as e:
+                if self._local is not None:
+                    self._local.call(lw.RELEASE, releases=todo, timeout=self.timeout)
+                else:
+                    self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
+            except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
                 if not self._session_lost(e):  # a lost session released its pins already
                     raise _map_error(e) from None
 
@@ -462,6 +559,8 @@ class ObjectStoreClient:
         self._channel.close()
 
     def _close_session(self) -> None:
+        if self._local is not None:
+            self._local.close()
         self._session.cancel()
         self._streams.close()
         for m in (self._wmap, self._rmap):
