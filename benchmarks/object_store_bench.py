@@ -13,7 +13,8 @@ checked against the data put (exact checksums) on both systems.
 Rows: 1 KB put, get and put+get loops (ops/s, p50); 1 MB / 100 MB / 1 GB puts
 (GB/s: the first put, and the median after one untimed put) and gets (latency of
 a get that returns a zero-copy view); a 1 GB get from a second process on the
-same node; a 1 GB pull between two nodes over loopback; numpy's copy of the same
+same node; a same-node get from another process of 1 KB, 1 MB, 100 MB and 1 GB
+(``--only same-node-get`` runs this row alone, ``--sizes`` picks its sizes); a 1 GB pull between two nodes over loopback; numpy's copy of the same
 sizes as the physical limit of a put. See benchmarks/README.md.
 
 ``--profile DIR`` then profiles Tessera (py-spy on the object-store processes,
@@ -261,7 +262,7 @@ def _chunk_bytes() -> int:
 
 
 def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
-                keep_logs: Path | None = None) -> dict[str, Any]:
+                keep_logs: Path | None = None, only: str | None = None) -> dict[str, Any]:
     import tessera
 
     log(f"== Tessera: tessera up --nodes 2, {NODE_MEMORY / GIB:.1f} GiB of shared memory per node ...")
@@ -273,18 +274,23 @@ def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
         system = TesseraSystem(cluster)
         try:
             w = wl.Workload(plan, src, log=log)
-            w.copy_rows()
-            w.small_rows(system)
-            w.large_rows(system)
-            w.aligned_copy_row()
-            w.reader_row(system)
-            w.node_to_node_row(system)
+            if only == "same-node-get":
+                w.same_node_row(system)
+            else:
+                w.copy_rows()
+                w.small_rows(system)
+                w.large_rows(system)
+                w.aligned_copy_row()
+                w.reader_row(system)
+                w.same_node_row(system)
+                w.node_to_node_row(system)
             stats = system.c0.stats()
             result: dict[str, Any] = {
                 "system": "tessera", "version": getattr(tessera, "__version__", ""), "numpy": np.__version__,
                 "object_store_memory": NODE_MEMORY, "up_s": cluster["up_s"],
                 "inline_threshold": system.c0.inline_threshold,
-                "reader": "a second Python process with its own ObjectStoreClient of node 0's store",
+                "reader": "a second Python process with its own ObjectStoreClient of node 0's store "
+                          f"(its session over the store's {system.c0.transport})",
                 "node_to_node": f"put through a client of node 0, get through a client of node 1 (a pull of "
                                 f"{_chunk_bytes() / 2**20:g} MiB chunks over gRPC on loopback), timed from the get "
                                 f"once the control store lists the copy",
@@ -550,13 +556,14 @@ def _print_profile(res: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ Ray
 
 
-def run_ray(quick: bool, timeout: float) -> dict[str, Any]:
+def run_ray(quick: bool, timeout: float, only: str | None = None, sizes: str | None = None) -> dict[str, Any]:
     if not RAY_PYTHON.exists():
         return {"error": f"{RAY_PYTHON} not found (create it: python -m venv .venv-ray && "
                          ".venv-ray/bin/pip install ray==2.60.0 numpy)"}
     log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} "
         f"(ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)) ...")
-    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(NODE_MEMORY), *(["--quick"] if quick else [])]
+    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(NODE_MEMORY), *(["--quick"] if quick else []),
+           *(["--only", only] if only else []), *(["--sizes", sizes] if sizes else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "VIRTUAL_ENV", "PYTHONPATH"))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
     try:
@@ -596,6 +603,10 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("get_1GB_us", "1 GB get", "us", "lower"),
     ("reader_1GB_get_us", "1 GB get, 2nd process same node", "us", "lower"),
     ("reader_1GB_first_us", "  first get in that process", "us", "lower"),
+    ("same_node_1KB_p50_us", "same-node get, other process 1 KB", "us", "lower"),
+    ("same_node_1MB_p50_us", "same-node get, other process 1 MB", "us", "lower"),
+    ("same_node_100MB_p50_us", "same-node get, other process 100 MB", "us", "lower"),
+    ("same_node_1GB_p50_us", "same-node get, other process 1 GB", "us", "lower"),
     ("n2n_1GB_gbps", "1 GB node to node (loopback)", "GB/s", "higher"),
     ("copy_100MB_gbps", "numpy copyto 100 MB, warm dst", "GB/s", "higher"),
     ("copy_1GB_gbps", "numpy copyto 1 GB, warm dst", "GB/s", "higher"),
@@ -653,7 +664,8 @@ def aims(t: dict[str, float], r: dict[str, float]) -> list[dict[str, Any]]:
             add(f"{size} put >= 0.8x memcpy (warm, same process's copyto)", figure, f >= 0.8,
                 f"{rf:.2f}x" if rf is not None else "n/a")
     gets = {k: v for k, v in t.items() if (k.startswith("get_") and k.endswith("_us") and "first" not in k)
-            or k in ("reader_1GB_get_us", "reader_1KB_p50_us")}
+            or k in ("reader_1GB_get_us", "reader_1KB_p50_us")
+            or (k.startswith("same_node_") and k.endswith("_p50_us"))}
     if gets:
         worst = max(gets, key=lambda k: gets[k])
         rg = {k: r[k] for k in gets if k in r}
@@ -689,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-ray", action="store_true", help="Tessera only")
     ap.add_argument("--no-tessera", action="store_true", help="Ray only")
     ap.add_argument("--ray-timeout", type=float, default=600.0, help="seconds the Ray helper may take")
+    ap.add_argument("--only", choices=["same-node-get"], help="run this row alone (both systems)")
+    ap.add_argument("--sizes", help="comma-separated sizes of the same-node get row, e.g. 1KB,1MB (default: all)")
     ap.add_argument("--reader", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.reader:
@@ -699,6 +713,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     plan = wl.Plan.quick() if args.quick else wl.Plan()
+    if args.sizes:
+        plan.same_node_sizes = tuple(args.sizes.split(","))
+        for size in plan.same_node_sizes:
+            if size not in wl.SIZES:
+                ap.error(f"--sizes: {size!r} is not one of {', '.join(wl.SIZES)}")
     started = time.time()
     info = machine_info()
     log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_bytes'] / GIB:.1f} GiB, "
@@ -706,12 +725,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tess: dict[str, Any] = {}
     if not args.no_tessera:
         t0 = time.perf_counter()
-        src = wl.source_array()
-        log(f"   source array (1 GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
-        tess = run_tessera(plan, args.profile, src, args.keep_logs)
+        nbytes = max(wl.SIZES[s] for s in plan.same_node_sizes) if args.only else wl.SIZES["1GB"]
+        src = wl.source_array(nbytes)
+        log(f"   source array ({nbytes / 1e9:g} GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
+        tess = run_tessera(plan, args.profile, src, args.keep_logs, args.only)
         del src
         gc.collect()
-    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(args.quick, args.ray_timeout)
+    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(args.quick, args.ray_timeout, args.only, args.sizes)
     if "error" in ray_res:
         log(f"   Ray: {ray_res['error']}")
     tm, rm = tess.get("metrics", {}), ray_res.get("metrics", {})

@@ -50,6 +50,8 @@ class Plan:
     put_reps: dict[str, int] = field(default_factory=lambda: {"1MB": 30, "100MB": 7, "1GB": 4})
     get_reps: dict[str, int] = field(default_factory=lambda: {"1MB": 50, "100MB": 30, "1GB": 20})
     reader_gets: int = 20  # gets of 1 GB in the second process
+    same_node_gets: int = 200  # gets of each size in the second process (same-node get row)
+    same_node_sizes: tuple[str, ...] = ("1KB", "1MB", "100MB", "1GB")
     node_to_node_reps: int = 3  # 1 GB pulls between two nodes
     copy_reps: int = 7  # numpy copies of each size (warm destination)
 
@@ -57,7 +59,7 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(small_ops=300, small_reps=2, small_warmup=30,
                    put_reps={"1MB": 10, "100MB": 3, "1GB": 2}, get_reps={"1MB": 20, "100MB": 10, "1GB": 10},
-                   reader_gets=10, node_to_node_reps=1, copy_reps=3)
+                   reader_gets=10, same_node_gets=50, node_to_node_reps=1, copy_reps=3)
 
 
 def source_array(nbytes: int = SIZES["1GB"]) -> np.ndarray:
@@ -334,6 +336,27 @@ class Workload:
         self.log(f"   1 GB in a second process: get {self.m['reader_1GB_get_us']:.0f} us "
                  f"(first {self.m['reader_1GB_first_us']:.0f} us)")
 
+    def same_node_row(self, sys_: Any) -> None:
+        """Same-node get from another process: an object of each size put here, read (zero-copy) by a second
+        process on the same node; p50 of its gets (the value dropped before the next get)."""
+        for size in self.plan.same_node_sizes:
+            x = self.src[: SIZES[size] // 8]
+            r = sys_.put(x)
+            sync = getattr(sys_, "sync", None)
+            if sync is not None:
+                sync()
+            out = sys_.reader(r, self.plan.same_node_gets)
+            _expect(out["checksum"] == checksum(x), f"{size} get in a second process")
+            sys_.free([r])
+            del r
+            _settle(SIZES[size])
+            self.verified[f"{size} same-node get, second process"] = True
+            self.m[f"same_node_{size}_p50_us"] = median(out["get_s"]) * 1e6
+            lat = sorted(out["get_s"])
+            self.m[f"same_node_{size}_p90_us"] = lat[int(0.9 * (len(lat) - 1))] * 1e6
+            self.log(f"   same-node get from another process, {size}: p50 {self.m[f'same_node_{size}_p50_us']:.0f} us, "
+                     f"p90 {self.m[f'same_node_{size}_p90_us']:.0f} us")
+
     def node_to_node_row(self, sys_: Any) -> None:
         pulls = sys_.node_to_node(self.src, self.plan.node_to_node_reps)
         want = checksum(self.src)
@@ -429,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", type=int, default=int(2.5 * GIB), help="object_store_memory per node, bytes")
     ap.add_argument("--no-two-node", action="store_true", help="skip the two-raylet node-to-node row")
+    ap.add_argument("--only", choices=["same-node-get"], help="run this row alone")
+    ap.add_argument("--sizes", help="comma-separated sizes of the same-node get row (default: all)")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -437,11 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     plan = Plan.quick() if args.quick else Plan()
+    if args.sizes:
+        plan.same_node_sizes = tuple(args.sizes.split(","))
     t0 = time.perf_counter()
-    src = source_array()
+    src = source_array(max(SIZES[s] for s in plan.same_node_sizes) if args.only else SIZES["1GB"])
     log(f"   [ray] source array: {time.perf_counter() - t0:.1f} s")
     w = Workload(plan, src, log=lambda s: log("   [ray]" + s[2:]))
-    w.copy_rows()
+    if not args.only:
+        w.copy_rows()
     # Ray's sessions, sockets and address file go under a directory of this run (short: socket paths
     # must stay under 108 bytes), not the machine's shared /tmp/ray
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -455,15 +483,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["init_s"] = time.perf_counter() - t0
         try:
             s = RaySystem(ray)
-            w.small_rows(s)
-            w.large_rows(s)
-            w.aligned_copy_row()
-            w.reader_row(s)
+            if args.only:
+                w.same_node_row(s)
+            else:
+                w.small_rows(s)
+                w.large_rows(s)
+                w.aligned_copy_row()
+                w.reader_row(s)
+                w.same_node_row(s)
         finally:
             ray.shutdown()
         result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
-        if args.no_two_node:
-            result["node_to_node"] = "skipped (--no-two-node)"
+        if args.no_two_node or args.only:
+            result["node_to_node"] = "skipped"
         else:
             try:
                 pulls = node_to_node(ray, src, plan.node_to_node_reps, args.memory, log)

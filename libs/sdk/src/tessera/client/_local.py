@@ -18,6 +18,9 @@ from collections.abc import Callable
 
 from tessera.common import localwire as lw
 
+#: Bytes asked of one read: under malloc's mmap threshold, so a read allocates no fresh pages.
+RECV_BYTES = 64 * 1024
+
 
 class LocalSessionLost(ConnectionError):
     """The socket closed or broke: the store restarted or went away, and the session with it."""
@@ -139,16 +142,17 @@ class LocalConnection:
 
     def _read(self, deadline: float | None) -> list[tuple[lw.Header, memoryview]]:
         """The complete frames in hand after at most one read (none if the deadline passed first)."""
-        frames = self._frames()
-        if frames:
-            return frames
-        if deadline is not None:
+        if self._buf:
+            frames = self._frames()
+            if frames:
+                return frames
+        if deadline is not None:  # (without one: a plain blocking read, one system call)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
             if not select.select([self._fd], [], [], remaining)[0]:
                 return []
-        data = self._sock.recv(1 << 20)
+        data = self._sock.recv(RECV_BYTES)
         if not data:
             raise ConnectionResetError("end of stream")
         self._buf += data

@@ -429,7 +429,9 @@ class ObjectStoreClient:
             def call_local() -> list[lw.Located]:
                 assert self._local is not None
                 rel, releases[:] = list(releases), []  # (they reach the store with the request, whatever its fate)
-                return lw.parse_located(self._local.call(lw.GET, body, releases=rel, timeout=deadline,
+                # no timeout: as long as it takes (the store answers within its own longest wait, an hour)
+                return lw.parse_located(self._local.call(lw.GET, body, releases=rel,
+                                                         timeout=None if timeout is None else deadline,
                                                          on_late=self._late_get))
 
             locs = self._retrying(call_local)
