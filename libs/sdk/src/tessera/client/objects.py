@@ -62,6 +62,8 @@ IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 FOREVER_S = 365 * 24 * 3600.0
 #: "grpc" keeps a same-host client's session on gRPC instead of the store's Unix socket.
 TRANSPORT_ENV = "TESSERA_OBJECT_TRANSPORT"
+#: How long a client whose socket session broke waits for the store to answer again before it gives up.
+RECONNECT_WAIT_S = 2.0
 
 
 class ObjectRef:
@@ -166,14 +168,16 @@ class ObjectStoreClient:
         self._flush_error: Exception | None = None
         self._open()
 
-    def _open(self) -> None:
-        """Open a session and map the node's arena (again, after the store restarted)."""
+    def _open(self, wait: float | None = None) -> None:
+        """Open a session and map the node's arena (again, after the store restarted); ``wait``: seconds
+        the store may take to answer (default: the client's timeout)."""
+        wait = self.timeout if wait is None else wait
         self._streams = rpc.stream_channel(self.address)
         try:  # a store that just restarted may take a moment to accept connections again
-            grpc.channel_ready_future(self._streams).result(timeout=self.timeout)
+            grpc.channel_ready_future(self._streams).result(timeout=wait)
         except grpc.FutureTimeoutError:
             self._streams.close()
-            raise ConnectionError(f"no object store answered at {self.address} within {self.timeout:g}s") from None
+            raise ConnectionError(f"no object store answered at {self.address} within {wait:g}s") from None
         self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
             pb.OpenSessionRequest(client_name=self.name), metadata=rpc.trace_metadata())
         try:
@@ -230,8 +234,10 @@ class ObjectStoreClient:
         except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
             if not self._session_lost(e):
                 raise _map_error(e) from None
+            # a closed socket: the store restarted (then it answers at once) or is down (then say so promptly)
+            wait = RECONNECT_WAIT_S if isinstance(e, LocalSessionLost) else None
         self._close_session()
-        self._open()
+        self._open(wait)
         try:
             return op()
         except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
