@@ -395,3 +395,41 @@ def test_under_auth_the_socket_is_the_owners_and_needs_the_token(auth_store: Sto
         assert c.transport == "socket"
         x = np.arange(MiB // 8, dtype=np.float64)
         assert np.array_equal(c.get(c.put(x), timeout=10), x)
+
+
+def test_threads_share_one_connection(store: Store, arena: mmap.mmap) -> None:
+    """Replies find their callers whatever the order: a get left waiting does not hold up the others."""
+    writer, conn = store.connect("writer"), store.connect("shared")
+    try:
+        objects = [_create_sealed(writer, arena, bytes([i]) * (200_000 + i)) for i in range(8)]
+        later = ids.new_id("object_id")
+        off = lw.parse_offset(writer.call(lw.CREATE, lw.create_body(later, 300_000, ""), timeout=10))
+        waited: list[lw.Located] = []
+        waiter = threading.Thread(target=lambda: waited.extend(
+            lw.parse_located(conn.call(lw.GET, lw.get_body([later], 20_000), timeout=30))))
+        waiter.start()
+        errors: list[BaseException] = []
+
+        def reads(k: int) -> None:
+            try:
+                for _ in range(30):
+                    oid, at = objects[k]
+                    (loc,) = lw.parse_located(conn.call(lw.GET, lw.get_body([oid], 1000), timeout=10))
+                    assert (loc.object_id, loc.offset) == (oid, at)
+                    conn.call(lw.RELEASE, releases=[oid], timeout=10)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=reads, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert not waited, "the waiting get answered before its object was sealed"
+        writer.call(lw.SEAL, later, timeout=10)
+        waiter.join(10)
+        assert [w.offset for w in waited] == [off]
+    finally:
+        writer.close()
+        conn.close()

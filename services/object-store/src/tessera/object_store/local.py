@@ -60,7 +60,7 @@ class LocalSession:
 
     # ------------------------------------------------------------------ input
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Bytes from the connection: run every complete frame, in order."""
         if self.closed:
             return
