@@ -21,12 +21,14 @@ import pytest
 
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.client import objects
 from tessera.client._local import LocalConnection
-from tessera.client.objects import ObjectStoreClient
+from tessera.client.objects import ObjectRef, ObjectStoreClient
 from tessera.common import ids, procs
 from tessera.common import localwire as lw
 from tessera.common.errors import AlreadyExistsError, DeadlineExceededError, FailedPreconditionError
 from tessera.common.rpc import health_status
+from tessera.common.serialization import serialize
 from tessera.testing import NatsServer, RedisServer, redis_server
 
 MiB = 2**20
@@ -360,6 +362,16 @@ def test_the_client_moves_its_session_to_the_socket(store: Store) -> None:
         del v
         b._flush_releases()
         assert store.stats().pinned < pinned - x.nbytes + 4096  # (the serialized header aside)
+
+
+def test_a_batch_of_small_puts_larger_than_one_frame(store: Store) -> None:
+    with ObjectStoreClient(store.address, name="a") as a, ObjectStoreClient(store.address, name="b") as b:
+        values = [serialize(bytes([i]) * 90_000).to_bytes() for i in range(120)]  # about 10.8 MB: two frames
+        oids = [ids.new_id("object_id") for _ in values]
+        batch = [pb.InlineObject(object_id=o, data=v) for o, v in zip(oids, values, strict=True)]
+        assert sum(len(v) for v in values) > objects.PUT_FRAME_BYTES
+        assert a._put_batch(batch) == []
+        assert b.get([ObjectRef(o) for o in oids], timeout=10) == [bytes([i]) * 90_000 for i in range(120)]
 
 
 def test_forced_grpc_still_works(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

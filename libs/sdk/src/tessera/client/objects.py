@@ -62,6 +62,8 @@ IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 FOREVER_S = 365 * 24 * 3600.0
 #: "grpc" keeps a same-host client's session on gRPC instead of the store's Unix socket.
 TRANSPORT_ENV = "TESSERA_OBJECT_TRANSPORT"
+#: Bytes of small objects sent in one frame over the store's socket.
+PUT_FRAME_BYTES = 8 * 2**20
 #: How long a client whose socket session broke waits for the store to answer again before it gives up.
 RECONNECT_WAIT_S = 2.0
 
@@ -347,8 +349,18 @@ class ObjectStoreClient:
         """Store a batch of small objects; why each one that failed did."""
         if self._local is not None:
             flags = lw.F_DURABLE if self.durable else 0
-            body = lw.put_body([(o.object_id, o.data, o.owner) for o in batch])
-            return [why for _, why in lw.parse_failed(self._local.call(lw.PUT, body, flags=flags, timeout=self.timeout))]
+            failed: list[str] = []
+            start = 0
+            while start < len(batch):  # frames of at most PUT_FRAME_BYTES (the store refuses a body over MAX_BODY)
+                end, size = start, 0
+                while end < len(batch) and (end == start or size + len(batch[end].data) <= PUT_FRAME_BYTES):
+                    size += len(batch[end].data)
+                    end += 1
+                body = lw.put_body([(o.object_id, o.data, o.owner) for o in batch[start:end]])
+                reply = self._local.call(lw.PUT, body, flags=flags, timeout=self.timeout)
+                failed += [why for _, why in lw.parse_failed(reply)]
+                start = end
+            return failed
         resp = self._stub.PutObjects(pb.PutObjectsRequest(session_id=self.session_id, objects=batch,
                                                           durable=self.durable))
         return list(resp.errors)
