@@ -364,6 +364,24 @@ def test_the_client_moves_its_session_to_the_socket(store: Store) -> None:
         assert store.stats().pinned < pinned - x.nbytes + 4096  # (the serialized header aside)
 
 
+def test_releases_ride_on_the_next_create(store: Store) -> None:
+    import gc
+
+    with ObjectStoreClient(store.address, name="a") as a:
+        ref = a.put(np.ones(2 * MiB // 8))
+        pinned = store.stats().pinned
+        v = a.get(ref, timeout=10)
+        assert store.stats().pinned >= pinned + 2 * MiB
+        del v
+        gc.collect()
+        assert store.stats().pinned >= pinned + 2 * MiB  # (dropped, not yet released: no call of its own)
+        assert a._local is not None
+        sent = a._local._next_id
+        a.put(np.ones(MiB // 8))  # the create carries the release
+        assert a._local._next_id - sent == 2, "a put is a create and a seal, the release riding on the create"
+        assert store.stats().pinned == pinned
+
+
 def test_a_batch_of_small_puts_larger_than_one_frame(store: Store) -> None:
     with ObjectStoreClient(store.address, name="a") as a, ObjectStoreClient(store.address, name="b") as b:
         values = [serialize(bytes([i]) * 90_000).to_bytes() for i in range(120)]  # about 10.8 MB: two frames

@@ -269,7 +269,8 @@ class ObjectStoreClient:
             if self._flusher is None:
                 self._start_flusher()
             return ObjectRef(oid)
-        self._flush_releases()
+        if self._local is None:  # (over the socket the releases ride on the create)
+            self._flush_releases()
         self._retrying(lambda: self._put(oid, ser, owner))
         return ObjectRef(oid)
 
@@ -392,7 +393,10 @@ class ObjectStoreClient:
                 code, _, message = failed[0][1].partition(": ")
                 raise _map_error(lw.error_of(code, message))
             return
-        off = lw.parse_offset(conn.call(lw.CREATE, lw.create_body(oid, ser.size, owner), timeout=self.timeout))
+        with self._lock:  # views dropped since the last request: their pins go first, making room
+            releases, self._releases = self._releases, []
+        off = lw.parse_offset(conn.call(lw.CREATE, lw.create_body(oid, ser.size, owner), releases=releases,
+                                        timeout=self.timeout))
         try:
             ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
         except BaseException:
