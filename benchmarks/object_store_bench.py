@@ -1,7 +1,7 @@
 """Object-store benchmark: Tessera's object store beside Ray 2.60's, in one run.
 
-    .venv/bin/python benchmarks/object_store_bench.py [--quick] [--only-node-to-node] [--json PATH] [--profile DIR]
-        [--only remote-driver] [--ray-client-path DIR]
+    .venv/bin/python benchmarks/object_store_bench.py [--quick] [--json PATH] [--profile DIR]
+        [--only same-node-get|node-to-node|remote-driver] [--sizes 1KB,1MB,...] [--ray-client-path DIR]
 
 Tessera: ``tessera up --nodes 2`` in a temporary run directory (two object
 stores, 2.5 GiB of shared memory each), driven from this process through the SDK
@@ -14,10 +14,12 @@ checked against the data put (exact checksums) on both systems.
 Rows: 1 KB put, get and put+get loops (ops/s, p50); 1 MB / 100 MB / 1 GB puts
 (GB/s: the first put, and the median after one untimed put) and gets (latency of
 a get that returns a zero-copy view); a 1 GB get from a second process on the
-same node; a 1 GB pull between two nodes over loopback; numpy's copy of the same
-sizes as the physical limit of a put; 100 MB put and get through a driver that maps
-no store memory (Tessera's RemoteObjectStoreClient, Ray Client), GB/s each way.
-``--only remote-driver`` measures that row alone, on one node. See benchmarks/README.md.
+same node; a same-node get from another process of 1 KB, 1 MB, 100 MB and 1 GB
+(``--sizes`` picks its sizes); a 1 GB pull between two nodes over loopback; numpy's copy
+of the same sizes as the physical limit of a put; 100 MB put and get through a driver that
+maps no store memory (Tessera's RemoteObjectStoreClient, Ray Client), GB/s each way.
+``--only ROW`` (same-node-get, node-to-node, remote-driver) measures one row alone, on both
+systems. See benchmarks/README.md.
 
 ``--profile DIR`` then profiles Tessera (py-spy on the object-store processes,
 pyinstrument in this client) for a loop of 1 KB puts and gets and for one 1 GB
@@ -314,7 +316,7 @@ def _chunk_bytes() -> int:
 
 
 def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
-                keep_logs: Path | None = None, only_n2n: bool = False) -> dict[str, Any]:
+                keep_logs: Path | None = None, only: str | None = None) -> dict[str, Any]:
     import tessera
 
     log(f"== Tessera: tessera up --nodes 2, {NODE_MEMORY / GIB:.1f} GiB of shared memory per node ...")
@@ -326,21 +328,25 @@ def run_tessera(plan: Any, profile_dir: Path | None, src: np.ndarray,
         system = TesseraSystem(cluster)
         try:
             w = wl.Workload(plan, src, log=log)
-            if not only_n2n:
+            if only is None:
                 w.copy_rows()
                 w.small_rows(system)
                 w.large_rows(system)
                 w.aligned_copy_row()
                 w.reader_row(system)
-            w.node_to_node_row(system)
-            remote = remote_driver(w, system.address0) if not only_n2n else "skipped (--only-node-to-node)"
+            if only in (None, "same-node-get"):
+                w.same_node_row(system)
+            if only in (None, "node-to-node"):
+                w.node_to_node_row(system)
+            remote = remote_driver(w, system.address0) if only is None else f"skipped (--only {only})"
             stats = system.c0.stats()
             pulled = system.c1.stats()
             result: dict[str, Any] = {
                 "system": "tessera", "version": getattr(tessera, "__version__", ""), "numpy": np.__version__,
                 "object_store_memory": NODE_MEMORY, "up_s": cluster["up_s"],
                 "inline_threshold": system.c0.inline_threshold,
-                "reader": "a second Python process with its own ObjectStoreClient of node 0's store",
+                "reader": "a second Python process with its own ObjectStoreClient of node 0's store "
+                          f"(its session over the store's {system.c0.transport})",
                 "node_to_node": f"put through a client of node 0, get through a client of node 1 (a pull of "
                                 f"{_chunk_bytes() / 2**20:g} MiB chunks over the stores' data sockets on loopback: "
                                 f"{pulled.transfer_pulls} of {pulled.pulls} pulls, {pulled.transfer_fallbacks} fell "
@@ -701,17 +707,19 @@ def fresh_put_main(args: argparse.Namespace, plan: Any, info: dict[str, Any], st
 # ------------------------------------------------------------------ Ray
 
 
-def run_ray(quick: bool, timeout: float, *, only_client: bool = False, only_n2n: bool = False,
+def run_ray(quick: bool, timeout: float, *, only: str | None = None, sizes: str | None = None,
             client_path: Path | None = None) -> dict[str, Any]:
+    """The Ray helper's rows (``only``: one row, as --only names it)."""
     if not RAY_PYTHON.exists():
         return {"error": f"{RAY_PYTHON} not found (create it: python -m venv .venv-ray && "
                          ".venv-ray/bin/pip install ray==2.60.0 numpy)"}
-    how = (f"Ray Client to a head with object_store_memory={GIB / GIB:.1f} GiB" if only_client else
+    client = only == "remote-driver"
+    how = (f"Ray Client to a head with object_store_memory={GIB / GIB:.1f} GiB" if client else
            f"ray.init(num_cpus=2, object_store_memory={NODE_MEMORY / GIB:.1f} GiB)")
     log(f"== Ray: {RAY_PYTHON.relative_to(REPO)} {RAY_PEER.relative_to(REPO)} ({how}) ...")
-    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(GIB if only_client else NODE_MEMORY),
-           *(["--quick"] if quick else []), *(["--only-client"] if only_client else []),
-           *(["--only-node-to-node"] if only_n2n else [])]
+    cmd = [str(RAY_PYTHON), str(RAY_PEER), "--memory", str(GIB if client else NODE_MEMORY),
+           *(["--quick"] if quick else []), *(["--only", "client" if client else only] if only else []),
+           *(["--sizes", sizes] if sizes else [])]
     return _ray_helper(cmd, timeout, client_path=client_path)
 
 
@@ -758,6 +766,10 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("get_1GB_us", "1 GB get", "us", "lower"),
     ("reader_1GB_get_us", "1 GB get, 2nd process same node", "us", "lower"),
     ("reader_1GB_first_us", "  first get in that process", "us", "lower"),
+    ("same_node_1KB_p50_us", "same-node get, other process 1 KB", "us", "lower"),
+    ("same_node_1MB_p50_us", "same-node get, other process 1 MB", "us", "lower"),
+    ("same_node_100MB_p50_us", "same-node get, other process 100 MB", "us", "lower"),
+    ("same_node_1GB_p50_us", "same-node get, other process 1 GB", "us", "lower"),
     ("n2n_1GB_gbps", "1 GB node to node (loopback)", "GB/s", "higher"),
     ("remote_put_100MB_gbps", "remote-driver put of 100 MB", "GB/s", "higher"),
     ("remote_get_100MB_gbps", "remote-driver get of 100 MB", "GB/s", "higher"),
@@ -823,7 +835,8 @@ def aims(t: dict[str, float], r: dict[str, float]) -> list[dict[str, Any]]:
         add("1GB first put >= 0.5x memcpy into fresh pages (see --put-1gb for a fresh store's very first put)",
             f"{f:.2f}x", f >= 0.5, f"{rf:.2f}x" if rf is not None else "n/a")
     gets = {k: v for k, v in t.items() if (k.startswith("get_") and k.endswith("_us") and "first" not in k)
-            or k in ("reader_1GB_get_us", "reader_1KB_p50_us")}
+            or k in ("reader_1GB_get_us", "reader_1KB_p50_us")
+            or (k.startswith("same_node_") and k.endswith("_p50_us"))}
     if gets:
         worst = max(gets, key=lambda k: gets[k])
         rg = {k: r[k] for k in gets if k in r}
@@ -864,14 +877,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the Tessera services' logs here at the end")
     ap.add_argument("--no-ray", action="store_true", help="Tessera only")
     ap.add_argument("--no-tessera", action="store_true", help="Ray only")
-    ap.add_argument("--only-node-to-node", action="store_true",
-                    help="only the 1 GB node-to-node row (both systems)")
     ap.add_argument("--ray-timeout", type=float, default=600.0, help="seconds the Ray helper may take")
     ap.add_argument("--put-1gb", action="store_true",
                     help="only the 1 GB put on a fresh store of default size (Tessera: a fresh tessera up; Ray: a "
                          "fresh ray.init), its first put and warm puts, beside memcpy in the same process")
-    ap.add_argument("--only", choices=["remote-driver"],
-                    help="measure one row alone (remote-driver: one node, 100 MB through a driver that maps no memory)")
+    ap.add_argument("--only", choices=["same-node-get", "node-to-node", "remote-driver"],
+                    help="measure one row alone, on both systems (remote-driver: one node, 100 MB through a driver "
+                         "that maps no memory)")
+    ap.add_argument("--sizes", help="comma-separated sizes of the same-node get row, e.g. 1KB,1MB (default: all)")
     ap.add_argument("--ray-client-path", type=Path, metavar="DIR",
                     help="put DIR on the Ray helper's PYTHONPATH (e.g. grpcio, which Ray Client needs and a minimal "
                          "`pip install ray` lacks)")
@@ -887,6 +900,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     plan = wl.Plan.quick() if args.quick else wl.Plan()
+    if args.sizes:
+        plan.same_node_sizes = tuple(args.sizes.split(","))
+        for size in plan.same_node_sizes:
+            if size not in wl.SIZES:
+                ap.error(f"--sizes: {size!r} is not one of {', '.join(wl.SIZES)}")
     started = time.time()
     info = machine_info()
     log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_bytes'] / GIB:.1f} GiB, "
@@ -896,16 +914,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     tess: dict[str, Any] = {}
     if not args.no_tessera:
         t0 = time.perf_counter()
-        only = args.only == "remote-driver"
-        src = wl.source_array(wl.SIZES["100MB"] if only else wl.SIZES["1GB"])
-        log(f"   source array ({src.nbytes / 1e9:g} GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
-        tess = (run_remote_only(plan, src, args.keep_logs) if only else
-                run_tessera(plan, args.profile, src, args.keep_logs, args.only_node_to_node))
+        nbytes = {"same-node-get": max(wl.SIZES[s] for s in plan.same_node_sizes),
+                  "remote-driver": wl.SIZES["100MB"]}.get(args.only or "", wl.SIZES["1GB"])
+        src = wl.source_array(nbytes)
+        log(f"   source array ({nbytes / 1e9:g} GB of float64 from default_rng(0)): {time.perf_counter() - t0:.1f} s")
+        tess = (run_remote_only(plan, src, args.keep_logs) if args.only == "remote-driver" else
+                run_tessera(plan, args.profile, src, args.keep_logs, args.only))
         del src
         gc.collect()
-    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(
-        args.quick, args.ray_timeout, only_client=args.only == "remote-driver", only_n2n=args.only_node_to_node,
-        client_path=args.ray_client_path)
+    ray_res: dict[str, Any] = {} if args.no_ray else run_ray(args.quick, args.ray_timeout, only=args.only,
+                                                             sizes=args.sizes, client_path=args.ray_client_path)
     if "error" in ray_res:
         log(f"   Ray: {ray_res['error']}")
     tm, rm = tess.get("metrics", {}), ray_res.get("metrics", {})

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -236,3 +238,45 @@ def test_status_reports_each_node_store(cluster: Cluster) -> None:
         assert {"spilled", "objects"} <= row.keys()
     table = cluster.cli("status").stdout
     assert "MiB used" in table and "objects" in table
+
+
+#: A second process: gets the refs given, reports its transport and what it read.
+READER = """
+import json, sys
+import numpy as np
+import tessera
+c = tessera.ObjectStoreClient(sys.argv[1])
+big, small = (tessera.ObjectRef(bytes.fromhex(h)) for h in sys.argv[2:4])
+v = c.get(big, timeout=30)
+print(json.dumps({"transport": c.transport, "sum": float(v.sum()), "n": int(v.size),
+                  "view": bool(np.shares_memory(v, c._arena)), "small": c.get(small, timeout=30)}))
+del v
+c.close()
+"""
+
+
+def _read_elsewhere(cluster: Cluster, refs: list[tessera.ObjectRef], **env: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", READER, cluster.address("object-store"), *(r.hex() for r in refs)],
+                         env={**cluster.env, **env}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("transport", ["socket", "grpc"])
+def test_a_put_here_is_read_in_another_process(cluster: Cluster, transport: str) -> None:
+    """Same host: a second process reads over the store's Unix socket (zero-copy); forced gRPC still works."""
+    x = np.random.default_rng(3).random(3 * MiB // 8)
+    with cluster.client() as c:
+        assert c.transport == "socket"
+        refs = [c.put(x), c.put({"small": [1, 2, 3]})]
+        c.flush()
+        pinned = c.stats().pinned
+        env = {"TESSERA_OBJECT_TRANSPORT": "grpc"} if transport == "grpc" else {}
+        got = _read_elsewhere(cluster, refs, **env)
+        assert got["transport"] == transport
+        assert got["n"] == x.size and got["sum"] == pytest.approx(float(x.sum()))
+        assert got["view"], "a same-host get must be a view of the shared arena"
+        assert got["small"] == {"small": [1, 2, 3]}
+        # the reader's session ended with its process: none of its pins is left
+        assert c.stats().pinned == pinned
+        c.delete([refs[0]])

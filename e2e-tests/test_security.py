@@ -71,6 +71,7 @@ assert tessera.get([square.remote(i) for i in range(8)]) == [i * i for i in rang
 ref = tessera.put(np.arange(1_000_000))
 assert int(tessera.get(ref).sum()) == 499999500000
 print("transport", _api.state().session.transport)
+print("object transport", _api.object_client().transport)
 tessera.shutdown()
 print("ok")
 """
@@ -82,6 +83,27 @@ def test_the_sdk_finds_the_token_through_the_run_dir(secured: Secured) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     # the driver moved to the agent's Unix socket: its hello carried the token
     assert "transport socket" in out.stdout and out.stdout.strip().endswith("ok"), out.stdout
+    # and its object store session to the store's socket, the token in its first frame
+    assert "object transport socket" in out.stdout, out.stdout
+
+
+def test_the_object_store_socket_is_private_and_refuses_a_hello_without_the_token(secured: Secured) -> None:
+    from tessera.api.object_store.v1 import object_store_pb2 as opb
+    from tessera.api.object_store.v1 import object_store_pb2_grpc as opb_grpc
+    from tessera.client._local import LocalConnection, LocalSessionLost
+    from tessera.common import localwire as lw
+
+    token = secured.secret(auth.TOKEN_FILE)
+    with rpc.stream_channel(secured.address("object-store"), token=token) as ch:
+        call = opb_grpc.ObjectStoreServiceStub(ch).OpenSession(opb.OpenSessionRequest(client_name="probe"))
+        path = next(call).local_socket
+        call.cancel()
+    assert path and not path.startswith("@")
+    assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+    for wrong in ("", "wrong"):
+        with pytest.raises((lw.UnauthenticatedError, LocalSessionLost)):
+            LocalConnection(path, token=wrong, name="intruder", timeout=5.0)
+    LocalConnection(path, token=token, name="member", timeout=5.0).close()
 
 
 def test_cli_status_works_and_prints_no_secret(secured: Secured) -> None:

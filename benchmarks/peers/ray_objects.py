@@ -1,7 +1,7 @@
 """Ray 2.60 peer of benchmarks/object_store_bench.py: the same object rows, measured on Ray.
 
     .venv-ray/bin/python benchmarks/peers/ray_objects.py [--quick] [--memory BYTES] [--no-two-node]
-        [--no-client | --only-client]
+        [--no-client] [--only same-node-get|node-to-node|client] [--sizes ...] [--put-1gb]
 
 Runs in Ray's own virtual environment (Ray is never a Tessera dependency) and
 prints one JSON object on stdout; Ray's own messages go to stderr.
@@ -56,6 +56,8 @@ class Plan:
     put_reps: dict[str, int] = field(default_factory=lambda: {"1MB": 30, "100MB": 7, "1GB": 4})
     get_reps: dict[str, int] = field(default_factory=lambda: {"1MB": 50, "100MB": 30, "1GB": 20})
     reader_gets: int = 20  # gets of 1 GB in the second process
+    same_node_gets: int = 200  # gets of each size in the second process (same-node get row)
+    same_node_sizes: tuple[str, ...] = ("1KB", "1MB", "100MB", "1GB")
     node_to_node_reps: int = 3  # 1 GB pulls between two nodes
     copy_reps: int = 7  # numpy copies of each size (warm destination)
     remote_reps: int = 5  # 100 MB put+get pairs through a driver that maps no store memory
@@ -64,7 +66,7 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(small_ops=300, small_reps=2, small_warmup=30,
                    put_reps={"1MB": 10, "100MB": 3, "1GB": 2}, get_reps={"1MB": 20, "100MB": 10, "1GB": 10},
-                   reader_gets=10, node_to_node_reps=1, copy_reps=3, remote_reps=2)
+                   reader_gets=10, same_node_gets=50, node_to_node_reps=1, copy_reps=3, remote_reps=2)
 
 
 def source_array(nbytes: int = SIZES["1GB"]) -> np.ndarray:
@@ -408,6 +410,27 @@ class Workload:
         self.log(f"   1 GB in a second process: get {self.m['reader_1GB_get_us']:.0f} us "
                  f"(first {self.m['reader_1GB_first_us']:.0f} us)")
 
+    def same_node_row(self, sys_: Any) -> None:
+        """Same-node get from another process: an object of each size put here, read (zero-copy) by a second
+        process on the same node; p50 of its gets (the value dropped before the next get)."""
+        for size in self.plan.same_node_sizes:
+            x = self.src[: SIZES[size] // 8]
+            r = sys_.put(x)
+            sync = getattr(sys_, "sync", None)
+            if sync is not None:
+                sync()
+            out = sys_.reader(r, self.plan.same_node_gets)
+            _expect(out["checksum"] == checksum(x), f"{size} get in a second process")
+            sys_.free([r])
+            del r
+            _settle(SIZES[size])
+            self.verified[f"{size} same-node get, second process"] = True
+            self.m[f"same_node_{size}_p50_us"] = median(out["get_s"]) * 1e6
+            lat = sorted(out["get_s"])
+            self.m[f"same_node_{size}_p90_us"] = lat[int(0.9 * (len(lat) - 1))] * 1e6
+            self.log(f"   same-node get from another process, {size}: p50 {self.m[f'same_node_{size}_p50_us']:.0f} us, "
+                     f"p90 {self.m[f'same_node_{size}_p90_us']:.0f} us")
+
     def node_to_node_row(self, sys_: Any) -> None:
         pulls = sys_.node_to_node(self.src, self.plan.node_to_node_reps)
         want = checksum(self.src)
@@ -573,11 +596,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", type=int, default=int(2.5 * GIB), help="object_store_memory per node, bytes")
     ap.add_argument("--no-two-node", action="store_true", help="skip the two-raylet node-to-node row")
+    ap.add_argument("--no-client", action="store_true", help="skip the Ray Client (remote driver) row")
     ap.add_argument("--put-1gb", action="store_true",
                     help="only the 1 GB put on a fresh ray.init with Ray's default object store size, beside memcpy")
-    ap.add_argument("--no-client", action="store_true", help="skip the Ray Client (remote driver) row")
-    ap.add_argument("--only-client", action="store_true", help="only the Ray Client (remote driver) row")
-    ap.add_argument("--only-node-to-node", action="store_true", help="only the two-raylet node-to-node row")
+    ap.add_argument("--only", choices=["same-node-get", "node-to-node", "client"],
+                    help="run this row alone (client: the Ray Client / remote driver row)")
+    ap.add_argument("--sizes", help="comma-separated sizes of the same-node get row (default: all)")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -586,14 +610,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     plan = Plan.quick() if args.quick else Plan()
+    if args.sizes:
+        plan.same_node_sizes = tuple(args.sizes.split(","))
+    only = args.only
     t0 = time.perf_counter()
-    src = source_array(SIZES["100MB"] if args.only_client else SIZES["1GB"])
+    nbytes = {"same-node-get": max(SIZES[s] for s in plan.same_node_sizes), "client": SIZES["100MB"]}
+    src = source_array(nbytes.get(only or "", SIZES["1GB"]))
     log(f"   [ray] source array: {time.perf_counter() - t0:.1f} s")
     w = Workload(plan, src, log=lambda s: log("   [ray]" + s[2:]))
     if args.put_1gb:
         return fresh_put_main(ray, w, log)
-    if not args.only_node_to_node:
-        w.copy_rows(("100MB",) if args.only_client else ("100MB", "1GB"))
+    if only in (None, "client"):
+        w.copy_rows(("100MB",) if only == "client" else ("100MB", "1GB"))
     # Ray's sessions, sockets and address file go under a directory of this run (short: socket paths
     # must stay under 108 bytes), not the machine's shared /tmp/ray
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -601,21 +629,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"system": "ray", "version": ray.__version__, "numpy": np.__version__,
                               "object_store_memory": args.memory}
     try:
-        if not (args.only_client or args.only_node_to_node):
+        if only in (None, "same-node-get"):
             t0 = time.perf_counter()
             ray.init(num_cpus=2, object_store_memory=args.memory, include_dashboard=False, log_to_driver=False,
                      logging_level="warning")
             result["init_s"] = time.perf_counter() - t0
             try:
                 s = RaySystem(ray)
-                w.small_rows(s)
-                w.large_rows(s)
-                w.aligned_copy_row()
-                w.reader_row(s)
+                if only is None:
+                    w.small_rows(s)
+                    w.large_rows(s)
+                    w.aligned_copy_row()
+                    w.reader_row(s)
+                w.same_node_row(s)
             finally:
                 ray.shutdown()
             result["reader"] = "a Ray task (a worker process on the same node), the refs passed inside a list"
-        if args.only_client:
+        if only not in (None, "node-to-node"):
             pass
         elif args.no_two_node:
             result["node_to_node"] = "skipped (--no-two-node)"
@@ -633,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as e:  # report the row as n/a, with the reason, rather than losing the others
                 result["node_to_node"] = f"n/a: {type(e).__name__}: {e}"
                 log(f"   [ray] node-to-node row failed: {e}")
-        if not args.no_client and not args.only_node_to_node:
+        if only in (None, "client") and not args.no_client:
             try:
                 result["remote_driver"] = ray_client_row(ray, w, args.memory)
             except Exception as e:  # e.g. no grpcio in this venv: the row is n/a, with the reason

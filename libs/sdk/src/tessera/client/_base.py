@@ -26,7 +26,9 @@ from opentelemetry import trace
 
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
+from tessera.client._local import LocalSessionLost
 from tessera.common import rpc
+from tessera.common.errors import DeadlineExceededError, NotFoundError, ResourceExhaustedError, TesseraError
 from tessera.exceptions import GetTimeoutError, ObjectFreedError, ObjectStoreFullError, OwnerDiedError
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ IDEMPOTENT = ("GetObjects", "ContainsObjects", "GetStats", "ReleaseObjects")
 FOREVER_S = 365 * 24 * 3600.0
 #: Ids per FreeObjects call.
 FREE_BATCH = 5000
+#: How long a client whose socket session broke waits for the store to answer again before it gives up.
+RECONNECT_WAIT_S = 2.0
 
 
 def freed_error(message: str) -> Exception:
@@ -52,7 +56,15 @@ def freed_error(message: str) -> Exception:
     return ObjectFreedError(message)
 
 
-def _map_error(e: grpc.RpcError) -> Exception:
+def _map_error(e: grpc.RpcError | Exception) -> Exception:
+    if isinstance(e, DeadlineExceededError | TimeoutError):  # (local sessions: the store's typed errors)
+        return GetTimeoutError(str(e))
+    if isinstance(e, ResourceExhaustedError):
+        return ObjectStoreFullError(str(e))
+    if isinstance(e, NotFoundError) and " was freed (" in str(e):
+        return freed_error(str(e))
+    if not isinstance(e, grpc.RpcError):
+        return e
     code = e.code()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return GetTimeoutError(e.details())  # type: ignore[attr-defined]
@@ -98,28 +110,55 @@ class ObjectClientBase(abc.ABC):
     # ------------------------------------------------------------------ the session
 
     @abc.abstractmethod
-    def _open(self) -> None:
-        """Open a session with the store (again, after it restarted): sets session_id, node_id, inline_threshold."""
+    def _open(self, wait: float | None = None) -> None:
+        """Open a session with the store (again, after it restarted): sets session_id, node_id, inline_threshold;
+        ``wait``: seconds the store may take to answer (default: the client's timeout)."""
 
     @abc.abstractmethod
     def _close_session(self) -> None:
         """End the session: the store drops the pins it holds."""
 
-    def _session_lost(self, e: grpc.RpcError) -> bool:
-        return e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in (e.details() or "")  # type: ignore[attr-defined]
+    def _open_grpc_session(self, wait: float | None = None) -> pb.OpenSessionResponse:
+        """Open a gRPC session with the store (``self._streams``, ``self._session``): its answer."""
+        wait = self.timeout if wait is None else wait
+        self._streams = rpc.stream_channel(self.address)
+        try:  # a store that just restarted may take a moment to accept connections again
+            grpc.channel_ready_future(self._streams).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            self._streams.close()
+            raise ConnectionError(f"no object store answered at {self.address} within {wait:g}s") from None
+        self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
+            pb.OpenSessionRequest(client_name=self.name), metadata=rpc.trace_metadata())
+        try:
+            hello: pb.OpenSessionResponse = next(iter(self._session))
+        except grpc.RpcError as e:
+            self._streams.close()
+            raise _map_error(e) from None
+        self.session_id = hello.session_id
+        self.node_id = hello.node_id
+        self.inline_threshold = hello.inline_threshold
+        return hello
+
+    def _session_lost(self, e: Exception) -> bool:
+        if isinstance(e, LocalSessionLost):
+            return True
+        return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+                and "unknown session" in (e.details() or ""))  # type: ignore[attr-defined]
 
     def _retrying(self, op: Any) -> Any:
         """Run ``op``; if the store restarted (our session is gone), reopen once and run it again."""
         try:
             return op()
-        except grpc.RpcError as e:
+        except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
             if not self._session_lost(e):
                 raise _map_error(e) from None
+            # a closed socket: the store restarted (then it answers at once) or is down (then say so promptly)
+            wait = RECONNECT_WAIT_S if isinstance(e, LocalSessionLost) else None
         self._close_session()
-        self._open()
+        self._open(wait)
         try:
             return op()
-        except grpc.RpcError as e:
+        except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
             raise _map_error(e) from None
 
     # ------------------------------------------------------------------ interface of the subclasses
@@ -188,10 +227,9 @@ class ObjectClientBase(abc.ABC):
                 self._inflight += 1
             token = otel_context.attach(ctx) if ctx is not None else None
             try:
-                resp = self._retrying(lambda batch=batch: self._stub.PutObjects(
-                    pb.PutObjectsRequest(session_id=self.session_id, objects=batch, durable=self.durable)))
-                if resp.failed_object_ids:
-                    raise RuntimeError(f"{len(resp.failed_object_ids)} small objects were not stored: {resp.errors[0]}")
+                failed = self._retrying(lambda batch=batch: self._put_batch(batch))
+                if failed:
+                    raise RuntimeError(f"{len(failed)} small objects were not stored: {failed[0]}")
             except Exception as e:  # surfaced on the next put/get/flush
                 log.warning("could not store %d small objects: %s", len(batch), e)
                 self._flush_error = e
@@ -201,6 +239,12 @@ class ObjectClientBase(abc.ABC):
                 with self._cond:
                     self._inflight -= 1
                     self._cond.notify_all()
+
+    def _put_batch(self, batch: list[pb.InlineObject]) -> list[str]:
+        """Store a batch of small objects; why each one that failed did."""
+        resp = self._stub.PutObjects(pb.PutObjectsRequest(session_id=self.session_id, objects=batch,
+                                                          durable=self.durable))
+        return list(resp.errors)
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until every small object put so far is in the store."""

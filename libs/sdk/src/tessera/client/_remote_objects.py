@@ -79,24 +79,9 @@ class RemoteObjectStoreClient(ObjectClientBase):
         self._live: weakref.WeakValueDictionary[bytes, np.ndarray] = weakref.WeakValueDictionary()
         self._open()
 
-    def _open(self) -> None:
+    def _open(self, wait: float | None = None) -> None:
         """Open a session (small puts name it); nothing is mapped."""
-        self._streams = rpc.stream_channel(self.address)
-        try:
-            grpc.channel_ready_future(self._streams).result(timeout=self.timeout)
-        except grpc.FutureTimeoutError:
-            self._streams.close()
-            raise ConnectionError(f"no object store answered at {self.address} within {self.timeout:g}s") from None
-        self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
-            pb.OpenSessionRequest(client_name=self.name), metadata=rpc.trace_metadata())
-        try:
-            hello = next(iter(self._session))
-        except grpc.RpcError as e:
-            self._streams.close()
-            raise _map_error(e) from None
-        self.session_id = hello.session_id
-        self.node_id = hello.node_id
-        self.inline_threshold = hello.inline_threshold
+        hello = self._open_grpc_session(wait)
         self.hostname = hello.hostname
         # the bulk streams, encoded and decoded by hand (tessera.common.wire): one copy of the bytes each way
         self._write_object = self._streams.stream_unary(

@@ -8,6 +8,11 @@ alive and is released once the last one is garbage.
 Small values (up to the store's inline threshold) are kept by the client that
 put them and sent to the store in batches (:mod:`tessera.client._base`).
 
+On the store's own host the session runs over the store's Unix socket (see
+:mod:`tessera.client._local`): a get is a socket round trip of tens of
+microseconds instead of a gRPC call. ``TESSERA_OBJECT_TRANSPORT=grpc`` keeps it
+on gRPC; other hosts always use gRPC.
+
 A process that cannot map the store's arena (another host) gets a
 :class:`~tessera.client._remote_objects.RemoteObjectStoreClient` instead, which
 streams the bytes over gRPC: :func:`open_object_client` chooses.
@@ -19,6 +24,7 @@ import ctypes
 import logging
 import mmap
 import os
+import socket
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -29,12 +35,13 @@ import numpy as np
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
-from tessera.api.object_store.v1 import object_store_pb2_grpc as pb_grpc
 from tessera.client._base import FOREVER_S, ObjectClientBase, _map_error
 from tessera.client._discovery import find_cluster
-from tessera.common import ids, rpc
+from tessera.client._local import LocalConnection, LocalSessionLost
+from tessera.common import auth, ids
+from tessera.common import localwire as lw
 from tessera.common.config import current_settings
-from tessera.common.errors import InvalidArgumentError
+from tessera.common.errors import InvalidArgumentError, TesseraError
 from tessera.common.registry import control_store_stub
 from tessera.common.serialization import deserialize, serialize
 
@@ -43,6 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: "grpc" keeps a same-host client's session on gRPC instead of the store's Unix socket.
+TRANSPORT_ENV = "TESSERA_OBJECT_TRANSPORT"
+#: Bytes of small objects sent in one frame over the store's socket.
+PUT_FRAME_BYTES = 8 * 2**20
 
 class ObjectRef:
     """A reference to an immutable object in the cluster (20-byte id).
@@ -104,24 +115,24 @@ class ObjectStoreClient(ObjectClientBase):
         self._live: dict[bytes, weakref.ref[np.ndarray]] = {}  # objects this client views (and pins)
         self._open()
 
-    def _open(self) -> None:
-        """Open a session and map the node's arena (again, after the store restarted)."""
-        self._streams = rpc.stream_channel(self.address)
-        try:  # a store that just restarted may take a moment to accept connections again
-            grpc.channel_ready_future(self._streams).result(timeout=self.timeout)
-        except grpc.FutureTimeoutError:
-            self._streams.close()
-            raise ConnectionError(f"no object store answered at {self.address} within {self.timeout:g}s") from None
-        self._session = pb_grpc.ObjectStoreServiceStub(self._streams).OpenSession(
-            pb.OpenSessionRequest(client_name=self.name), metadata=rpc.trace_metadata())
-        try:
-            hello = next(iter(self._session))
-        except grpc.RpcError as e:
-            self._streams.close()
-            raise _map_error(e) from None
-        self.session_id = hello.session_id
-        self.node_id = hello.node_id
-        self.inline_threshold = hello.inline_threshold
+    def _open(self, wait: float | None = None) -> None:
+        """Open a session and map the node's arena (again, after the store restarted); on the store's host the
+        session then moves to the store's Unix socket."""
+        hello = self._open_grpc_session(wait)
+        self._local: LocalConnection | None = None
+        if hello.local_socket and hello.hostname == socket.gethostname() \
+                and os.environ.get(TRANSPORT_ENV, "") != "grpc":
+            try:
+                # the socket has no metadata: the token (when one is set) travels in its first frame
+                conn = LocalConnection(hello.local_socket, token=auth.client_token(), name=self.name,
+                                       timeout=min(self.timeout, 5.0))
+            except (OSError, lw.UnauthenticatedError) as e:
+                log.info("object store session stays on gRPC: its socket is not usable (%s)", e)
+            else:  # the socket's session replaces the gRPC one (which ends holding nothing)
+                self._session.cancel()
+                self._streams.close()
+                self._local = conn
+                self.session_id = conn.welcome.session_id
         fd = os.open(hello.arena_path, os.O_RDWR)
         # Mapped lazily: a page enters this process's page table when a put writes it or a get
         # reads it. Populating the whole arena here (MAP_POPULATE) made opening a client, and so
@@ -137,6 +148,11 @@ class ObjectStoreClient(ObjectClientBase):
         del anchor  # (no export of the mapping may outlive this, or it could not be closed)
         with self._lock:
             self._releases.clear()  # pins of the old session died with it
+
+    @property
+    def transport(self) -> str:
+        """How this client's session talks to the store: "socket" (same host) or "grpc"."""
+        return "socket" if self._local is not None else "grpc"
 
     # ------------------------------------------------------------------ put
 
@@ -155,11 +171,32 @@ class ObjectStoreClient(ObjectClientBase):
         if ser.size <= self.inline_threshold:
             self._put_small(oid, ser.to_bytes(), owner)
             return ObjectRef(oid)
-        self._flush_releases()
+        if self._local is None:  # (over the socket the releases ride on the create)
+            self._flush_releases()
         self._retrying(lambda: self._put(oid, ser, owner))
         return ObjectRef(oid)
 
+    def _put_batch(self, batch: list[pb.InlineObject]) -> list[str]:
+        if self._local is None:
+            return super()._put_batch(batch)
+        flags = lw.F_DURABLE if self.durable else 0
+        failed: list[str] = []
+        start = 0
+        while start < len(batch):  # frames of at most PUT_FRAME_BYTES (the store refuses a body over MAX_BODY)
+            end, size = start, 0
+            while end < len(batch) and (end == start or size + len(batch[end].data) <= PUT_FRAME_BYTES):
+                size += len(batch[end].data)
+                end += 1
+            body = lw.put_body([(o.object_id, o.data, o.owner) for o in batch[start:end]])
+            reply = self._local.call(lw.PUT, body, flags=flags, timeout=self.timeout)
+            failed += [why for _, why in lw.parse_failed(reply)]
+            start = end
+        return failed
+
     def _put(self, oid: bytes, ser: Any, owner: str) -> None:
+        if self._local is not None:
+            self._put_local(self._local, oid, ser, owner)
+            return
         sid = self.session_id
         if ser.size <= self.inline_threshold:
             self._stub.PutObject(pb.PutObjectRequest(session_id=sid, object_id=oid, data=ser.to_bytes(), owner=owner,
@@ -173,6 +210,26 @@ class ObjectStoreClient(ObjectClientBase):
             self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
             raise
         self._stub.SealObject(pb.SealObjectRequest(session_id=sid, object_id=oid, durable=self.durable))
+
+    def _put_local(self, conn: LocalConnection, oid: bytes, ser: Any, owner: str) -> None:
+        if ser.size <= self.inline_threshold:
+            body = lw.put_body([(oid, ser.to_bytes(), owner)])
+            failed = lw.parse_failed(conn.call(lw.PUT, body, flags=lw.F_DURABLE if self.durable else 0,
+                                               timeout=self.timeout))
+            if failed:  # (each reason reads "CODE: message")
+                code, _, message = failed[0][1].partition(": ")
+                raise _map_error(lw.error_of(code, message))
+            return
+        with self._lock:  # views dropped since the last request: their pins go first, making room
+            releases, self._releases = self._releases, []
+        off = lw.parse_offset(conn.call(lw.CREATE, lw.create_body(oid, ser.size, owner), releases=releases,
+                                        timeout=self.timeout))
+        try:
+            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
+        except BaseException:
+            conn.call(lw.ABORT, oid, timeout=self.timeout)
+            raise
+        conn.call(lw.SEAL, oid, flags=lw.F_DURABLE if self.durable else 0, timeout=self.timeout)
 
     # ------------------------------------------------------------------ get
 
@@ -207,12 +264,31 @@ class ObjectStoreClient(ObjectClientBase):
             self._releases_back(releases)
             values = [deserialize(local[r.id]) for r in items]
             return values[0] if single else values
-        items_remote = [r for r in items if r.id not in local]
+        remote = self._fetch([r.id for r in items if r.id not in local], timeout, releases)
+        values = [deserialize(local[r.id]) if r.id in local else remote[r.id] for r in items]
+        return values[0] if single else values
+
+    def _fetch(self, object_ids: list[bytes], timeout: float | None, releases: list[bytes]) -> dict[bytes, Any]:
+        """Get (wait for and pin) objects from the store, releasing ``releases`` on the way; id -> value."""
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
+        if self._local is not None:
+            body = lw.get_body(object_ids, timeout_ms)
+
+            def call_local() -> list[lw.Located]:
+                assert self._local is not None
+                rel, releases[:] = list(releases), []  # (they reach the store with the request, whatever its fate)
+                # no timeout: as long as it takes (the store answers within its own longest wait, an hour)
+                return lw.parse_located(self._local.call(lw.GET, body, releases=rel,
+                                                         timeout=None if timeout is None else deadline,
+                                                         on_late=self._late_get))
+
+            locs = self._retrying(call_local)
+            return {loc.object_id: self._materialize_at(loc.object_id, loc.size, loc.offset, loc.inline)
+                    for loc in locs}
 
         def call() -> pb.GetObjectsResponse:
-            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=[r.id for r in items_remote],
+            req = pb.GetObjectsRequest(session_id=self.session_id, object_ids=object_ids,
                                        timeout_ms=timeout_ms, release_object_ids=releases)
             return self._stub.GetObjects(req, timeout=deadline)
 
@@ -221,16 +297,23 @@ class ObjectStoreClient(ObjectClientBase):
         except BaseException:
             self._releases_back(releases)
             raise
-        remote = {loc.object_id: self._materialize(loc) for loc in resp.objects}
-        values = [deserialize(local[r.id]) if r.id in local else remote[r.id] for r in items]
-        return values[0] if single else values
+        return {loc.object_id: self._materialize(loc) for loc in resp.objects}
+
+    def _late_get(self, h: lw.Header, body: memoryview) -> None:
+        """A get's answer that came after its caller gave up: release what it pinned."""
+        if h.op == lw.GET | lw.REPLY:
+            with self._lock:
+                self._releases.extend(loc.object_id for loc in lw.parse_located(body) if loc.inline is None)
 
     def _materialize(self, loc: pb.ObjectLocator) -> Any:
-        if loc.WhichOneof("where") == "inline_data":
-            return deserialize(loc.inline_data)
-        off = loc.arena_offset
-        anchor = self._arena[off : off + loc.size]  # a read-only view; its life is the pin's
-        oid = loc.object_id
+        inline = loc.inline_data if loc.WhichOneof("where") == "inline_data" else None
+        return self._materialize_at(loc.object_id, loc.size, loc.arena_offset, inline)
+
+    def _materialize_at(self, oid: bytes, size: int, offset: int | None, inline: bytes | None) -> Any:
+        if inline is not None:
+            return deserialize(inline)
+        off = offset or 0
+        anchor = self._arena[off : off + size]  # a read-only view; its life is the pin's
         with self._lock:
             old = self._live.get(oid)
             old_anchor = old() if old is not None else None
@@ -264,8 +347,11 @@ class ObjectStoreClient(ObjectClientBase):
             todo, self._releases = self._releases, []
         if todo:
             try:
-                self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
-            except grpc.RpcError as e:
+                if self._local is not None:
+                    self._local.call(lw.RELEASE, releases=todo, timeout=self.timeout)
+                else:
+                    self._stub.ReleaseObjects(pb.ReleaseObjectsRequest(session_id=self.session_id, object_ids=todo))
+            except (grpc.RpcError, LocalSessionLost, TesseraError, TimeoutError) as e:
                 if not self._session_lost(e):  # a lost session released its pins already
                     raise _map_error(e) from None
 
@@ -289,6 +375,8 @@ class ObjectStoreClient(ObjectClientBase):
     def _close_session(self) -> None:
         self._session.cancel()
         self._streams.close()
+        if self._local is not None:
+            self._local.close()
         for m in (self._wmap, self._rmap):
             try:
                 m.close()

@@ -25,6 +25,7 @@ from tessera.common.service import RETRY_FIRST_S, ServiceApp, next_retry
 from tessera.common.sizing import StoreSize, object_store_size
 from tessera.common.wire import decode_chunk
 from tessera.object_store.arena import Arena
+from tessera.object_store.local import LocalSession, LocalSessions
 from tessera.object_store.manager import ObjectManager
 from tessera.object_store.node import Chunk, Located, NodeObjectStore, freed_message
 from tessera.object_store.servicer import ObjectStoreServicer
@@ -161,6 +162,85 @@ class Peers:
             await ch.close()
 
 
+class _LocalProtocol(asyncio.BufferedProtocol):
+    """One connection to the local socket, handed to a :class:`LocalSession` (the protocol lives there).
+
+    Reads land in one buffer of the connection's own (a plain Protocol gets a fresh 256 KiB bytes object
+    per read, which costs more than the request itself)."""
+
+    def __init__(self, shared: LocalSessions) -> None:
+        self.shared = shared
+        self.session: LocalSession | None = None
+        self._buf = memoryview(bytearray(READ_BYTES))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.session = self.shared.session(transport.write, transport.close)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.session is not None
+        self.session.feed(self._buf[:nbytes])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+#: Bytes read from a local connection at a time.
+READ_BYTES = 64 * 1024
+#: Longest path a Unix socket may have (sun_path, less its terminating NUL).
+MAX_SOCKET_PATH = 107
+
+
+def local_socket_path(settings: Settings, node_id: bytes) -> str:
+    """Where the local fast path listens: a file beside the arena; an abstract name ("@...") when that
+    path is too long for a Unix socket."""
+    path = str(settings.object_store_arena_dir / f"tessera-{node_id.hex()}.sock")
+    if len(path.encode()) <= MAX_SOCKET_PATH:
+        return path
+    return f"@tessera-objects-{node_id.hex()}-{os.getpid()}"
+
+
+class LocalServer:
+    """The object store's Unix socket: same-host clients create, seal, get and release without gRPC.
+
+    With a token set, the socket file is the owner's alone (mode 0600) and a session's first frame
+    must carry the token all the same (an abstract socket has no file mode)."""
+
+    def __init__(self, shared: LocalSessions, path: str) -> None:
+        self.shared = shared
+        self.path = path
+        self._server: asyncio.base_events.Server | None = None
+
+    def _address(self) -> str:
+        return "\0" + self.path[1:] if self.path.startswith("@") else self.path
+
+    async def start(self) -> None:
+        if not self.path.startswith("@"):
+            try:  # left by a store of this node that died
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _LocalProtocol(self.shared), path=self._address())
+        if self.shared.token and not self.path.startswith("@"):
+            os.chmod(self.path, 0o600)
+        log.info("local object sessions on %s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if not self.path.startswith("@"):
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
 def node_id_of(settings: Settings) -> bytes:
     """TESSERA_NODE_ID, else one derived from host and port, so a restarted store keeps its
     id (and adopts its spill files); with no fixed port, a random one."""
@@ -215,11 +295,16 @@ def build(settings: Settings) -> ServiceApp:
                                             transfer=transfer_client.fetch_range)
     transfer_server = TransferServer(node, arena_path, host=settings.grpc_host, port=settings.object_store_transfer_port,
                                      token=token, timeout_s=settings.rpc_timeout_s)
+    sessions: set[str] = set()  # gRPC and local sessions alike
+    servicer = ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=capacity,
+                                   forget=directory.free, sessions=sessions, hostname=socket.gethostname())
     descriptor = pb.DESCRIPTOR.services_by_name["ObjectStoreService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor, raw_responses=["PullObject", "ReadObject"],
                                                           raw_requests=["WriteObject"]),
-                     ObjectStoreServicer(node, arena_path=str(arena_path), arena_size=capacity,
-                                         forget=directory.free), SERVICE)
+                     servicer, SERVICE)
+    local = LocalServer(LocalSessions(node, sessions, arena_path=str(arena_path),
+                                      arena_size=capacity, token=token, matches=auth.matches),
+                        local_socket_path(settings, node_id))
     tasks: list[asyncio.Task[None]] = []
 
     async def register_node() -> None:
@@ -268,12 +353,16 @@ def build(settings: Settings) -> ServiceApp:
         node.start()
         if app.bus is not None:
             await app.bus.subscribe("tessera.events.objects.deleted", on_freed)
+        await local.start()
+        servicer.local_socket = local.path  # advertised once it listens
         tasks.append(asyncio.create_task(register_node(), name="node-registration"))
 
     async def stop() -> None:
         for t in tasks:
             t.cancel()
         await transfer_server.stop()
+        servicer.local_socket = ""
+        await local.stop()
         await node.stop()
         await transfer_client.close()
         await peers.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -28,13 +27,17 @@ MAX_REASON = 512
 
 
 class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
-    def __init__(self, node: NodeObjectStore, *, arena_path: str, arena_size: int,
-                 forget: Forget | None = None) -> None:
+    def __init__(self, node: NodeObjectStore, *, arena_path: str, arena_size: int, forget: Forget | None = None,
+                 sessions: set[str] | None = None, local_socket: str = "", hostname: str = "") -> None:
+        """``sessions``: the live session ids, shared with the local socket's sessions (a client may mix both);
+        ``local_socket``: where clients on ``hostname`` find the local fast path (see server.py)."""
         self.node = node
         self.forget = forget
         self.arena_path = arena_path
         self.arena_size = arena_size
-        self.sessions: set[str] = set()
+        self.sessions: set[str] = sessions if sessions is not None else set()
+        self.local_socket = local_socket
+        self.hostname = hostname
 
     def _session(self, sid: str) -> str:
         if sid not in self.sessions:
@@ -48,7 +51,7 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
         try:
             yield pb.OpenSessionResponse(session_id=sid, arena_path=self.arena_path, arena_size=self.arena_size,
                                          node_id=self.node.node_id, inline_threshold=self.node.inline_threshold,
-                                         hostname=socket.gethostname())
+                                         local_socket=self.local_socket, hostname=self.hostname)
             await asyncio.Event().wait()  # until the client goes away
         finally:
             self.sessions.discard(sid)

@@ -112,6 +112,7 @@ class OpenSessionResponse(_message.Message):
     ARENA_SIZE_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     INLINE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    LOCAL_SOCKET_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     arena_path: _builtins.str
@@ -120,6 +121,10 @@ class OpenSessionResponse(_message.Message):
     node_id: _builtins.bytes
     inline_threshold: _builtins.int
     """objects up to this size should use PutObject"""
+    local_socket: _builtins.str
+    """The local fast path: a client on `hostname` may move its session to this Unix socket
+    (tessera.common.localwire framing; "@name" is an abstract socket). Empty: none.
+    """
     hostname: _builtins.str
     """The store's host: a client on another host cannot map arena_path (it streams bytes instead)."""
     def __init__(
@@ -130,11 +135,12 @@ class OpenSessionResponse(_message.Message):
         arena_size: _builtins.int = ...,
         node_id: _builtins.bytes = ...,
         inline_threshold: _builtins.int = ...,
+        local_socket: _builtins.str = ...,
         hostname: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_path", b"arena_path", "arena_size", b"arena_size", "hostname", b"hostname", "inline_threshold", b"inline_threshold", "node_id", b"node_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_path", b"arena_path", "arena_size", b"arena_size", "hostname", b"hostname", "inline_threshold", b"inline_threshold", "local_socket", b"local_socket", "node_id", b"node_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
