@@ -425,8 +425,13 @@ def _read_stream(it: Any, max_responses: int, linger_s: float) -> Outcome:
     return Outcome(grpc.StatusCode.OK, responses=got)
 
 
+#: Codes a method documents beyond DOCUMENTED: WriteObject's chunk that fails its CRC check is DATA_LOSS.
+EXTRA: dict[str, frozenset[grpc.StatusCode]] = {"WriteObject": frozenset({grpc.StatusCode.DATA_LOSS})}
+
+
 def allowed_codes(method: Method) -> frozenset[grpc.StatusCode]:
-    return DOCUMENTED | {grpc.StatusCode.DEADLINE_EXCEEDED} if method.blocking else DOCUMENTED
+    codes = DOCUMENTED | EXTRA.get(method.desc.name, frozenset())
+    return codes | {grpc.StatusCode.DEADLINE_EXCEEDED} if method.blocking else codes
 
 
 Check = Callable[[Method, Any, Outcome], None]

@@ -279,7 +279,8 @@ class NodeObjectStore:
         nothing half-written stays.
 
         Raises:
-            DataLossError: a chunk failed its CRC check, or the bytes do not add up to ``size``.
+            DataLossError: a chunk failed its CRC check (its bytes were damaged on the way).
+            InvalidArgumentError: the chunks do not follow each other, or do not add up to ``size``.
             InvalidArgumentError, AlreadyExistsError, ResourceExhaustedError: as ObjectManager.create.
         """
         ids.check_id("object_id", object_id)
@@ -290,15 +291,15 @@ class NodeObjectStore:
             async for at, data, crc in chunks:
                 n = len(data)
                 if at != written:
-                    raise DataLossError(f"chunk at {at} of {object_id.hex()}: expected the chunk at {written}")
+                    raise InvalidArgumentError(f"chunk at {at} of {object_id.hex()}: expected the chunk at {written}")
                 if written + n > size:
-                    raise DataLossError(f"chunks of {object_id.hex()} carry more than its {size} bytes")
+                    raise InvalidArgumentError(f"chunks of {object_id.hex()} carry more than its {size} bytes")
                 if crc32c(data) != crc:
                     raise DataLossError(f"chunk at {at} of {object_id.hex()} failed its CRC check")
                 self.manager.arena.view(offset + written, n)[:] = data
                 written += n
             if written != size:
-                raise DataLossError(f"the stream of {object_id.hex()} ended after {written} of {size} bytes")
+                raise InvalidArgumentError(f"the stream of {object_id.hex()} ended after {written} of {size} bytes")
             self.manager.seal(object_id, durable=durable)
         finally:
             self.manager.release_session(session)  # aborts the object unless it was sealed

@@ -198,4 +198,5 @@ def _parse(cls: Any, raw: bytes) -> Any:
     try:
         return cls.FromString(raw)
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError
-        raise InvalidArgumentError(f"not a valid {cls.__name__}: {type(e).__name__}: {e}") from None
+        raise InvalidArgumentError(f"the request is not a valid message ({cls.__name__}: {type(e).__name__}: "
+                                   f"{e})") from None
