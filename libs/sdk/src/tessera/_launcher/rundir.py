@@ -24,6 +24,7 @@ from typing import Any
 
 from tessera.common import names  # not auth.py: the supervisor imports neither gRPC nor pydantic
 from tessera.common.names import CLUSTER_FILE, SERVICES
+from tessera.common.procs import alive
 
 
 def module_of(service: str) -> str:
@@ -158,22 +159,6 @@ class RunDir:
 
     def remove_secrets(self) -> None:
         shutil.rmtree(self.secrets, ignore_errors=True)
-
-
-def alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -177,6 +177,19 @@ class ObjectClientBase(abc.ABC):
 
     # ------------------------------------------------------------------ small objects
 
+    def _get_args(self, refs: Any) -> tuple[list[ObjectRef], bool]:
+        """``get``'s refs as a list, and whether one ref was given; a put that failed in the background
+        raises here."""
+        from tessera.client.objects import ObjectRef
+
+        single = isinstance(refs, ObjectRef)
+        items: list[ObjectRef] = [refs] if single else list(refs)
+        for r in items:
+            if not isinstance(r, ObjectRef):
+                raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
+        self._raise_flush_error()
+        return items, single
+
     def _put_small(self, oid: bytes, data: bytes, owner: str) -> None:
         """Keep a small object's bytes here (reads of it cost nothing) and queue it for the store."""
         self._own(oid, data)

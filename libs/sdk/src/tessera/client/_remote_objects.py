@@ -140,12 +140,7 @@ class RemoteObjectStoreClient(ObjectClientBase):
         Raises:
             GetTimeoutError: an object was not available in time.
         """
-        single = isinstance(refs, ObjectRef)
-        items: list[ObjectRef] = [refs] if isinstance(refs, ObjectRef) else list(refs)
-        for r in items:
-            if not isinstance(r, ObjectRef):
-                raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
-        self._raise_flush_error()
+        items, single = self._get_args(refs)
         deadline = time.monotonic() + (timeout if timeout is not None else FOREVER_S)
         values = []
         for r in items:

@@ -244,12 +244,7 @@ class ObjectStoreClient(ObjectClientBase):
         Raises:
             GetTimeoutError: an object was not available in time.
         """
-        single = isinstance(refs, ObjectRef)
-        items: list[ObjectRef] = [refs] if isinstance(refs, ObjectRef) else list(refs)
-        for r in items:
-            if not isinstance(r, ObjectRef):
-                raise TypeError(f"tessera.get takes ObjectRefs, got {type(r).__name__}")
-        self._raise_flush_error()
+        items, single = self._get_args(refs)
         local: dict[bytes, Any] = {}
         with self._lock:
             for r in items:

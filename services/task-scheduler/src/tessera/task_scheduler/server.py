@@ -23,7 +23,7 @@ import grpc.aio
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
-from tessera.common import auth, ids, rpc
+from tessera.common import auth, ids, procs, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
 from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
@@ -162,7 +162,7 @@ class Node:
                         return  # shut down cleanly (or never owned anything)
                     continue
                 doc = json.loads(raw)
-                gone = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+                gone = host == socket.gethostname() and pid.isdigit() and not procs.alive(int(pid))
                 if not gone and time.time() - float(doc.get("time", 0)) < REFS_STALE_S:
                     continue
                 owned = [bytes.fromhex(r["object_id"]) for r in doc.get("rows", []) if r.get("owned")]
@@ -645,13 +645,3 @@ def build(settings: Settings) -> ServiceApp:
 
 async def serve(settings: Settings | None = None) -> None:
     await build(settings or Settings()).run()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
