@@ -300,3 +300,17 @@ def test_memory_with_a_wrong_address_says_so(cluster: Cluster) -> None:
     r = cluster.cli("memory", "--address", "127.0.0.1:1", timeout=60)
     assert r.returncode == 1 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr, r
     assert time.monotonic() - t0 < 40
+
+
+def test_memory_says_which_copies_are_spilled(cluster: Cluster) -> None:
+    held = [tessera.put(np.full(64 * MiB, i, dtype=np.uint8)) for i in range(5)]  # more than the store holds
+    assert cluster.stats().spilled_objects >= 1
+    tessera._api.state().core.publish_refs(force=True)
+    report = json.loads(cluster.cli("memory", "--json").stdout)
+    mine = {o["object_id"]: o for o in report["objects"] if o["owned"]}
+    rows = [mine[r.hex()] for r in held]
+    assert all(o["size"] >= 64 * MiB for o in rows), rows
+    assert sum(1 for o in rows if o["spilled"]) == cluster.stats().spilled_objects >= 1, rows
+    assert all(set(o["spilled"]) <= set(o["nodes"]) for o in rows)
+    del held
+    assert settle(cluster, 0).objects == 0

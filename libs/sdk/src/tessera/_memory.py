@@ -57,16 +57,25 @@ def collect(address: str | None) -> dict[str, Any]:
                          "size": int(info.size) if info is not None else None,
                          "nodes": [n.hex() for n in info.locations] if info is not None else []})
     stores: list[dict[str, Any]] = []
+    spilled: set[tuple[str, str]] = set()  # (object id, node id): that copy is on the node's disk only
     for n in nodes:
         row: dict[str, Any] = {"node_id": n.node_id.hex(), "address": n.object_store_address}
         try:
             with rpc.stream_channel(n.object_store_address) as sch:
-                s = opb_grpc.ObjectStoreServiceStub(sch).GetStats(opb.GetStatsRequest(), timeout=5.0)
+                stub = opb_grpc.ObjectStoreServiceStub(sch)
+                s = stub.GetStats(opb.GetStatsRequest(), timeout=5.0)
+                here = [o for o, info in infos.items() if n.node_id in info.locations]
+                for i in range(0, len(here), 5000):
+                    got = stub.ContainsObjects(opb.ContainsObjectsRequest(object_ids=here[i:i + 5000]), timeout=10.0)
+                    spilled.update((o.hex(), n.node_id.hex()) for o, sp in zip(here[i:i + 5000], got.spilled,
+                                                                              strict=False) if sp)
             row.update(capacity=s.capacity, used=s.used, pinned=s.pinned, objects=s.objects,
                        spilled_objects=s.spilled_objects, spilled_bytes=s.spilled_bytes)
         except grpc.RpcError as e:
             row["error"] = f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
         stores.append(row)
+    for r in rows:
+        r["spilled"] = [n for n in r["nodes"] if (r["object_id"], n) in spilled]
     return {"objects": rows, "owners": [{k: o[k] for k in ("process", "job_id", "worker", "more")} for o in owners],
             "nodes": stores}
 
@@ -82,10 +91,10 @@ def render(report: dict[str, Any]) -> str:
                             []).append(r)
     for owner, rs in sorted(by_owner.items()):
         lines.append(f"-- {owner}")
-        lines.append(f"   {'object id':40}  {'size':>11}  {'reference':18}  {'refs':>4}  copies on")
+        lines.append(f"   {'object id':40}  {'size':>11}  {'reference':18}  {'refs':>4}  copies on (*: spilled)")
         for r in sorted(rs, key=lambda r: -(r["size"] or 0)):
             size = _mib(r["size"]) if r["size"] is not None else ("in process" if not r["stored"] else "-")
-            where = ",".join(n[:8] for n in r["nodes"]) or "-"
+            where = ",".join(n[:8] + ("*" if n in r["spilled"] else "") for n in r["nodes"]) or "-"
             kind = r["reference"] + ("" if r["owned"] else " (not owner)")
             lines.append(f"   {r['object_id']:40}  {size:>11}  {kind:18}  {r['refs']:>4}  {where}")
     for o in report["owners"]:

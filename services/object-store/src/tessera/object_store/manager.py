@@ -309,6 +309,11 @@ class ObjectManager:
         e = self._objects.get(object_id)
         return e is not None and e.state != CREATED
 
+    def is_spilled(self, object_id: bytes) -> bool:
+        """Whether the object is here on disk only (spilled; a pin restores it)."""
+        e = self._objects.get(object_id)
+        return e is not None and e.state == SPILLED
+
     def get_entry(self, object_id: bytes) -> ObjectEntry | None:
         return self._objects.get(object_id)
 

@@ -141,7 +141,10 @@ class ObjectStoreServicer(pb_grpc.ObjectStoreServiceServicer):
     async def ContainsObjects(self, request: pb.ContainsObjectsRequest, context: Ctx) -> pb.ContainsObjectsResponse:
         for oid in request.object_ids:
             ids.check_id("object_id", oid)
-        return pb.ContainsObjectsResponse(present=[self.node.manager.contains(o) for o in request.object_ids])
+        m = self.node.manager
+        present = [m.contains(o) for o in request.object_ids]
+        spilled = [here and m.is_spilled(o) for o, here in zip(request.object_ids, present, strict=True)]
+        return pb.ContainsObjectsResponse(present=present, spilled=spilled)
 
     async def PullObject(self, request: pb.PullObjectRequest, context: Ctx) -> AsyncIterator[bytes]:  # type: ignore[override]
         """Registered with a raw serializer: each chunk is encoded straight from the arena."""

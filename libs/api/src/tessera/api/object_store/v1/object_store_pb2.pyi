@@ -620,16 +620,22 @@ class ContainsObjectsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PRESENT_FIELD_NUMBER: _builtins.int
+    SPILLED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def present(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def spilled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """for each object: present, and on this node's disk only (not in its memory)"""
+
     def __init__(
         self,
         *,
         present: _abc.Iterable[_builtins.bool] | None = ...,
+        spilled: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["present", b"present"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["present", b"present", "spilled", b"spilled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
