@@ -53,6 +53,9 @@ class Probe:
     async def timed_out(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise TimeoutError("object 52e9 not available within 30s")
 
+    async def unreachable(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise ConnectionError("no object store answered at 127.0.0.1:1 within 2s")
+
     async def boom(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("kaput")
 
@@ -105,6 +108,7 @@ def _handler(probe: Probe) -> grpc.GenericRpcHandler:
         "Long": uu(probe.long),
         "Boom": uu(probe.boom),
         "TimedOut": uu(probe.timed_out),
+        "Unreachable": uu(probe.unreachable),
         "KeyError": uu(probe.key_error),
         "Abort": uu(probe.explicit_abort),
         "Downstream": uu(probe.downstream),
@@ -235,6 +239,15 @@ async def test_a_timeout_waiting_for_a_dependency_is_unavailable_not_internal(se
             await _uu(ch, "TimedOut")(b"")
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "timed out waiting for a dependency: TimeoutError: object 52e9 not available" in e.value.details()
+
+
+async def test_a_dependency_that_cannot_be_reached_is_unavailable_not_internal(served: Served) -> None:
+    """A dependency reached over a socket of its own (an object store's Unix socket) that is down: retryable."""
+    async with rpc.aio_channel(served.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _uu(ch, "Unreachable")(b"")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "is unavailable: ConnectionError: no object store answered at 127.0.0.1:1" in e.value.details()
 
 
 async def test_explicit_abort_is_kept(served: Served) -> None:

@@ -563,7 +563,8 @@ class Core:
     def flush_frees(self, *, records: bool = True, urgent_only: bool = False) -> None:
         """Free what the refs dropped so far leave unreferenced. ``urgent_only`` (before a put or a submission):
         send now only if arena space is freed, so the next object finds room; small frees wait for the
-        background thread's next batch."""
+        background thread's next batch. A store or control store that cannot take them now (restarting) is
+        no error of the caller's: they wait for the next try."""
         batch = self.refs.process(records=records)
         with self._free_lock:
             if batch:
@@ -574,9 +575,9 @@ class Core:
             todo, self._unsent = self._unsent, []
             try:
                 self._send_frees(todo)
-            except BaseException:
+            except Exception as e:
                 self._unsent[:0] = todo
-                raise
+                log.info("freeing objects later: %s", e)
 
     def _drop_results(self, batch: FreeBatch) -> None:
         with self.cond:

@@ -79,6 +79,10 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
         log.warning("%s: a dependency is unavailable: %s", method, exc.details())  # type: ignore[attr-defined]
         await context.abort(grpc.StatusCode.UNAVAILABLE, errors.bounded(
             f"a dependency of {method} is unavailable: {exc.details()}"))  # type: ignore[attr-defined]
+    if isinstance(exc, ConnectionError):  # a dependency reached over a socket of its own (an object store's) is down
+        log.warning("%s: a dependency is unreachable: %s", method, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, errors.bounded(
+            f"a dependency of {method} is unavailable: {type(exc).__name__}: {exc}"))
     if isinstance(exc, TimeoutError):  # something this handler waited for (an object, a peer) did not come in time
         log.warning("%s: timed out waiting: %s", method, exc)
         await context.abort(grpc.StatusCode.UNAVAILABLE, errors.bounded(

@@ -30,6 +30,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids
 from tessera.common.config import Settings
+from tessera.common.errors import TesseraError
 from tessera.common.serialization import deserialize, serialize
 from tessera.common.telemetry import context_from_traceparent, flush_tracing, setup_tracing, shutdown_tracing
 from tessera.task_scheduler.frames import FrameError, SocketConnection
@@ -157,12 +158,12 @@ class Worker:
             try:
                 store.put_serialized(oid, ser, owner=spec.owner)
                 break
-            except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
-                if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+            except (grpc.RpcError, TesseraError, ConnectionError) as e:
+                code = _status(e)  # (gRPC and the store's local socket say the same in their own words)
+                if code == "UNAVAILABLE" and time.monotonic() < deadline:
                     time.sleep(0.2)  # the node's store is restarting: the value goes in once it is back
                     continue
-                if code != grpc.StatusCode.ALREADY_EXISTS:
+                if code != "ALREADY_EXISTS":
                     raise
             # an earlier attempt of this task, whose worker died, stored it (done) or was writing it when it
             # died (aborted once the store notices the dead session): then this attempt writes it again
@@ -200,6 +201,16 @@ class Worker:
                 self.conn.send(pb.ClientFrame(done=[result]))
             except OSError:
                 return
+
+
+def _status(e: Exception) -> str:
+    """The gRPC status name of an object-store error: an RpcError's code, a TesseraError's ``code``;
+    a connection that broke (a store restarting) is UNAVAILABLE."""
+    if isinstance(e, grpc.RpcError):
+        return str(e.code().name)  # type: ignore[attr-defined]
+    if isinstance(e, TesseraError):
+        return e.code
+    return "UNAVAILABLE"
 
 
 def main() -> None:
