@@ -244,7 +244,9 @@ def test_an_elastic_job_grows_when_idle_and_shrinks_when_another_waits(elastic_c
     # another job waits: the elastic one gives its second GPU back (no suspension), and the other runs beside it
     poll_until(lambda: _gpus_seen(c, big) == 1.0 and c.status(other).step > 0, timeout=240, what="shrunk, other running")
     info = c.status(big)
-    assert len(info.gpu_slots) == 1 and info.resizes == 2 and info.suspensions == 0
+    # its 400 mini-batches may all be done by now (it shrank first): then it holds no GPU at all
+    ended = _state(c, big) == "SUCCEEDED" and not info.gpu_slots
+    assert (len(info.gpu_slots) == 1 or ended) and info.resizes == 2 and info.suspensions == 0, info
     assert set(info.gpu_slots).isdisjoint(c.status(other).gpu_slots)
     c.kill(other)
     poll_until(lambda: _state(c, big) in ("SUCCEEDED", "FAILED"), timeout=240, what="elastic job finished")
