@@ -51,6 +51,7 @@ def setup_tracing(service_name: str, *, exporter: SpanExporter | None = None) ->
     if _provider is not None:
         if exporter is not None:
             _provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+            _exported[0] = True
         return _provider
     resource = Resource.create(
         {
@@ -70,7 +71,17 @@ def setup_tracing(service_name: str, *, exporter: SpanExporter | None = None) ->
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
+    _exported[0] = exporter is not None
     return provider
+
+
+_exported = [False]
+
+
+def spans_exported() -> bool:
+    """Whether this process exports its spans (an OTLP endpoint or a test's exporter): then a request made in
+    a trace takes a path that carries the trace (gRPC), not one that does not (an object store's Unix socket)."""
+    return _exported[0]
 
 
 def shutdown_tracing() -> None:

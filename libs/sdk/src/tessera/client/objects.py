@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, overload
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.client._base import FOREVER_S, ObjectClientBase, _map_error
 from tessera.client._discovery import find_cluster
 from tessera.client._local import LocalConnection, LocalSessionLost
-from tessera.common import auth, ids
+from tessera.common import auth, ids, telemetry
 from tessera.common import localwire as lw
 from tessera.common.config import current_settings
 from tessera.common.errors import InvalidArgumentError, TesseraError
@@ -154,6 +155,14 @@ class ObjectStoreClient(ObjectClientBase):
         """How this client's session talks to the store: "socket" (same host) or "grpc"."""
         return "socket" if self._local is not None else "grpc"
 
+    def _socket(self) -> LocalConnection | None:
+        """The socket for this call, or None for gRPC: the socket carries no trace context, so while spans
+        are exported a call made in a trace goes over gRPC (the session is the same), keeping the trace whole."""
+        conn = self._local
+        if conn is not None and telemetry.spans_exported() and trace.get_current_span().get_span_context().is_valid:
+            return None
+        return conn
+
     # ------------------------------------------------------------------ put
 
     def put(self, value: Any, *, owner: str = "", object_id: bytes | None = None) -> ObjectRef:
@@ -171,13 +180,14 @@ class ObjectStoreClient(ObjectClientBase):
         if ser.size <= self.inline_threshold:
             self._put_small(oid, ser.to_bytes(), owner)
             return ObjectRef(oid)
-        if self._local is None:  # (over the socket the releases ride on the create)
+        if self._socket() is None:  # (over the socket the releases ride on the create)
             self._flush_releases()
         self._retrying(lambda: self._put(oid, ser, owner))
         return ObjectRef(oid)
 
     def _put_batch(self, batch: list[pb.InlineObject]) -> list[str]:
-        if self._local is None:
+        conn = self._socket()
+        if conn is None:
             return super()._put_batch(batch)
         flags = lw.F_DURABLE if self.durable else 0
         failed: list[str] = []
@@ -188,14 +198,15 @@ class ObjectStoreClient(ObjectClientBase):
                 size += len(batch[end].data)
                 end += 1
             body = lw.put_body([(o.object_id, o.data, o.owner) for o in batch[start:end]])
-            reply = self._local.call(lw.PUT, body, flags=flags, timeout=self.timeout)
+            reply = conn.call(lw.PUT, body, flags=flags, timeout=self.timeout)
             failed += [why for _, why in lw.parse_failed(reply)]
             start = end
         return failed
 
     def _put(self, oid: bytes, ser: Any, owner: str) -> None:
-        if self._local is not None:
-            self._put_local(self._local, oid, ser, owner)
+        conn = self._socket()
+        if conn is not None:
+            self._put_local(conn, oid, ser, owner)
             return
         sid = self.session_id
         if ser.size <= self.inline_threshold:
@@ -267,14 +278,15 @@ class ObjectStoreClient(ObjectClientBase):
         """Get (wait for and pin) objects from the store, releasing ``releases`` on the way; id -> value."""
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         deadline = (timeout + 5.0) if timeout is not None else FOREVER_S
-        if self._local is not None:
+        if self._socket() is not None:
             body = lw.get_body(object_ids, timeout_ms)
 
             def call_local() -> list[lw.Located]:
-                assert self._local is not None
+                sock = self._local  # (a new one, if the store restarted and the session was opened again)
+                assert sock is not None
                 rel, releases[:] = list(releases), []  # (they reach the store with the request, whatever its fate)
                 # no timeout: as long as it takes (the store answers within its own longest wait, an hour)
-                return lw.parse_located(self._local.call(lw.GET, body, releases=rel,
+                return lw.parse_located(sock.call(lw.GET, body, releases=rel,
                                                          timeout=None if timeout is None else deadline,
                                                          on_late=self._late_get))
 
