@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/control-store services/object-store services/task-scheduler \
-            services/compiler services/gpu-scheduler services/serving
+            services/compiler services/gpu-scheduler services/serving services/gateway
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
 .PHONY: install demo test test-all chaos soak lint typecheck protos check-protos compose-config bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/task-scheduler/src services/serving/src services/gpu-scheduler/src services/compiler/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/task-scheduler/src services/serving/src services/gpu-scheduler/src services/compiler/src services/gateway/src
 
 protos: install
 	$(PY) scripts/gen_protos.py
