@@ -1,6 +1,6 @@
 """The Tessera demo: one story across the six services, in one trace.
 
-    python examples/demo.py [--keep] [--small]
+    python examples/demo.py [--keep] [--small] [--address HOST:PORT]
 
 A CartPole policy goes from rollouts to answers:
 
@@ -19,7 +19,8 @@ compile jobs taken from JetStream all continue it. The summary ends with the tra
 Uses the cluster that ``tessera up`` started if one is running; otherwise starts one
 (``tessera up --nodes 2 --gpus-per-node 1``, a 3 s time slice) and stops it at the end unless
 ``--keep``. Spans go to ``OTEL_EXPORTER_OTLP_ENDPOINT`` (a collector or Jaeger on :4317).
-``--small`` tells the same story, with the same trace, in less time (fewer mini-batches and
+``--address`` runs it against a cluster somewhere else, e.g. the compose stack from its host
+(``--address localhost:50051``: the gateway, through which every call then goes). ``--small`` tells the same story, with the same trace, in less time (fewer mini-batches and
 text pipelines; the e2e test runs it).
 """
 
@@ -82,8 +83,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="leave the cluster running")
     ap.add_argument("--small", action="store_true", help="fewer mini-batches and pipelines: the same story, faster")
+    ap.add_argument("--address", help="a running cluster's control store or gateway (host:port); nothing is started")
     args = ap.parse_args()
 
+    if args.address:  # every client below finds the cluster through TESSERA_ADDRESS
+        os.environ["TESSERA_ADDRESS"] = args.address
+        return run_demo(SMALL if args.small else FULL)
     started_here = False
     if tessera_cli("status") != 0:
         print("== bringing Tessera up: 2 nodes, 1 GPU slot each")

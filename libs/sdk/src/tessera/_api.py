@@ -22,7 +22,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.client import objects as _objects
 from tessera.client._base import ObjectClientBase
-from tessera.client._discovery import find_cluster
+from tessera.client._discovery import connected_to, find_cluster
 from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
@@ -292,6 +292,8 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
                     inline_threshold=current_settings().object_store_inline_threshold,
                     cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
         _state = st
+        if address:
+            connected_to(address)
         _objects.escape_hook = core.escape
         _objects.counter = core.refs
         core.start_refs()
@@ -333,6 +335,8 @@ def shutdown() -> None:
         st, _state = _state, None
     if st is None:
         return
+    if st.session is not None:
+        connected_to(None)
     _objects.escape_hook = None
     _objects.counter = None
     st.core.close()

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     rpc_timeout_s: float = Field(10.0, gt=0, description="deadline given to any gRPC call that sets none")
     grpc_max_message_bytes: int = Field(64 * 1024**2, ge=1024, description="largest gRPC message a server or channel sends or accepts; bigger ones get RESOURCE_EXHAUSTED")
     nats_request_timeout_s: float = Field(5.0, gt=0, description="deadline of a NATS request")
+    gateway: str = Field("", description="host:port of a gateway (tessera-gateway) through which this process "
+                         "reaches every replica, for a driver outside the cluster's network; the SDK also finds "
+                         "one by itself when the address it is given answers as a gateway")
     client_mode: str = Field("auto", description="how this process reaches object bytes: local (map the node's "
                              "shared-memory arena), remote (stream them over gRPC) or auto (local when the arena "
                              "can be mapped here)")
@@ -104,6 +107,8 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level")
 
     # serving (white-box pipelines; HTTP/JSON beside gRPC; one stage scheduler per replica)
+    gateway_http_port: int = Field(0, ge=0, le=65535, description="gateway: port of the HTTP relay to serving "
+                                   "replicas' HTTP front ends; 0 picks a free one")
     serving_http_port: int = Field(0, ge=0, le=65535, description="serving: HTTP/JSON port; 0 picks a free one")
     serving_workers: int = Field(2, gt=0, description="serving: executor threads that run batches of stages")
     serving_max_batch: int = Field(64, gt=0, description="serving: most records the scheduler puts in one batch")

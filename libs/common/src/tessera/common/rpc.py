@@ -275,18 +275,132 @@ def _tls(options: list[tuple[str, Any]]) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=roots)
 
 
+# ---------------------------------------------------------------------- gateway
+#
+# A process outside the cluster's network (the host of a compose stack) cannot resolve or reach the
+# addresses replicas advertise (container hostnames). It reaches them through a gateway (tessera.gateway):
+# every channel made here then connects to the gateway, and each call names the replica it is meant for
+# in ROUTE_HEADER. Which gateway: use_gateway() (the SDK calls it when the address it was given answers
+# as one), else the ``gateway`` setting (TESSERA_GATEWAY).
+
+#: The metadata key naming the replica (``host:port``, as registered) a call through a gateway is for.
+ROUTE_HEADER = "tessera-route"
+#: The name under which a gateway reports SERVING through grpc.health.v1 (how clients recognise one).
+GATEWAY_HEALTH_SERVICE = "tessera.gateway.v1.Gateway"
+
+_gateway: str | None = None
+
+
+def use_gateway(address: str | None) -> None:
+    """Route every channel made from now on through the gateway at ``address`` (None: connect directly)."""
+    global _gateway
+    _gateway = address or None
+
+
+def gateway_address() -> str:
+    """The gateway this process routes through, or ""."""
+    return _gateway if _gateway is not None else current_settings().gateway
+
+
+def is_gateway(address: str, *, timeout: float = 3.0) -> bool:
+    """Whether ``address`` is a gateway (it answers SERVING for GATEWAY_HEALTH_SERVICE)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    opts: list[tuple[str, Any]] = []
+    creds = _tls(opts)
+    ch = grpc.secure_channel(address, creds, options=opts) if creds is not None else grpc.insecure_channel(address, opts)
+    with ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=GATEWAY_HEALTH_SERVICE),
+                                                        timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _routed(target: str) -> str:
+    """The target to dial for ``target``: the gateway when one is in use (and ``target`` is not it)."""
+    gw = gateway_address()
+    return gw if gw and target != gw else ""
+
+
+class _Route(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ROUTE_HEADER to every call of a blocking channel dialed to a gateway."""
+
+    def __init__(self, target: str) -> None:
+        self.header = (ROUTE_HEADER, target)
+
+    def _details(self, d: Any) -> Any:
+        return _SyncCallDetails(d.method, d.timeout, [*(d.metadata or ()), self.header], d.credentials,
+                                getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def _aio_route(target: str) -> list[Any]:
+    """Interceptors adding ROUTE_HEADER to every call of an asyncio channel dialed to a gateway."""
+    header = (ROUTE_HEADER, target)
+
+    def details(d: Any) -> Any:
+        md = grpc.aio.Metadata(*(d.metadata or ()))
+        md.add(*header)
+        return d._replace(metadata=md)
+
+    class U(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation: Any, d: Any, request: Any) -> Any:
+            return await continuation(details(d), request)
+
+    class US(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation: Any, d: Any, request: Any) -> Any:
+            return await continuation(details(d), request)
+
+    class SU(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation: Any, d: Any, requests: Any) -> Any:
+            return await continuation(details(d), requests)
+
+    class SS(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation: Any, d: Any, requests: Any) -> Any:
+            return await continuation(details(d), requests)
+
+    return [U(), US(), SU(), SS()]
+
+
 def raw_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A blocking channel with TLS when configured, nothing else (no token, deadline or tracing)."""
+    """A blocking channel with TLS when configured, nothing else (no token, deadline or tracing).
+
+    Through the gateway in use, if any (see :func:`use_gateway`).
+    """
     opts = list(options)
     creds = _tls(opts)
-    return grpc.secure_channel(target, creds, options=opts) if creds is not None else grpc.insecure_channel(target, opts)
+    via = _routed(target)
+    dial = via or target
+    ch = grpc.secure_channel(dial, creds, options=opts) if creds is not None else grpc.insecure_channel(dial, opts)
+    return grpc.intercept_channel(ch, _Route(target)) if via else ch
 
 
 def raw_aio_channel(target: str, options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] | None = None,
                     ) -> grpc.aio.Channel:
-    """An asyncio channel with TLS when configured and the ``interceptors`` given, nothing else."""
+    """An asyncio channel with TLS when configured and the ``interceptors`` given, nothing else.
+
+    Through the gateway in use, if any (see :func:`use_gateway`).
+    """
     opts = list(options)
     creds = _tls(opts)
+    via = _routed(target)
+    if via:
+        interceptors = [*(interceptors or ()), *_aio_route(target)]
+        target = via
     if creds is not None:
         return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)

@@ -65,6 +65,10 @@ class ServiceApp:
         self._registration_factory: RegistrationFactory | None = None
         self._stop = asyncio.Event()
         self._cs_channel: grpc.aio.Channel | None = None
+        #: a generic handler added with add_servicer sees health calls first (it passes on those it does not take)
+        self.catch_all_first = False
+        #: host:port of this replica's HTTP front end (set by a start hook), registered beside its gRPC address
+        self.http_address = ""
 
     def add_servicer(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
         """Serve ``servicer`` (``add_fn`` is the generated ``add_XServicer_to_server``)."""
@@ -90,7 +94,9 @@ class ServiceApp:
         if self._cs_channel is not None:  # an earlier try's: one channel at a time
             await self._cs_channel.close()
         self._cs_channel, stub = control_store_aio_stub(self.settings)
-        reg = grpc_registration(instance_record(self.name, self.settings, address), self.settings, stub)
+        record = instance_record(self.name, self.settings, address)
+        record.http_address = self.http_address
+        reg = grpc_registration(record, self.settings, stub)
         return reg
 
     async def _start_registration(self) -> Registration:
@@ -118,7 +124,8 @@ class ServiceApp:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
 
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, _GenericOnly(self.server) if self.catch_all_first
+                                                     else self.server)
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         for n in ["", *self._service_names]:
@@ -176,6 +183,20 @@ class ServiceApp:
             return task.result()
         task.cancel()
         return None
+
+
+class _GenericOnly:
+    """The server, as seen by a generated ``add_*_to_server``: its handlers are added only as generic handlers,
+    consulted in the order added, not as registered methods (which gRPC consults before any generic one)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        pass
 
 
 def main_for(serve: Callable[[], Coroutine[Any, Any, None]]) -> None:

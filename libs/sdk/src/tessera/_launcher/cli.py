@@ -327,7 +327,7 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 #: ``tessera gpu ...``): ``register(subparsers) -> handler``, where ``handler(args) -> exit code``.
 PLUGIN_GROUP = "tessera.cli"
 #: The launcher's own subcommands (a plugin cannot replace them).
-BUILTIN = ("up", "status", "logs", "down", "memory")
+BUILTIN = ("up", "status", "logs", "down", "memory", "node")
 
 
 def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -369,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     dn = sub.add_parser("down", help="stop everything")
     dn.add_argument("--timeout", type=float, default=30.0)
     import tessera._memory as _memory
+    from tessera._launcher import node as _node
 
     _memory.register(sub)
+    _node.register(sub)
     argv = sys.argv[1:] if argv is None else argv
     # A service's subcommand is loaded (imported) only when it may be the one asked for.
     plugins = {} if argv[:1] and argv[0] in BUILTIN else _plugins(sub)
@@ -379,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(plugins[args.command](args) or 0)
     if args.command == "memory":
         return _memory.cmd_memory(args)
+    if args.command == "node":
+        return _node.cmd_node(args)
     if args.command == "up" and not 0 <= args.redis_shards <= 64:
         ap.error("--redis-shards must be between 1 and 64")
     if args.command == "up" and not 1 <= args.nodes <= 16:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
 from tessera.common import names, procs  # not auth.py: the supervisor imports neither gRPC nor pydantic
@@ -53,9 +54,9 @@ def _describe(rc: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, cluster: Cluster | None = None) -> None:
         self.run = run
-        cluster = run.read()
+        cluster = cluster or run.read()
         if cluster is None:
             raise SystemExit(f"no cluster plan in {run.cluster_file}")
         self.cluster: Cluster = cluster
@@ -118,11 +119,16 @@ class Supervisor:
 
     def start(self, p: Proc) -> None:
         cmd, env = self.command(p)
-        child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=open(self.run.log(p.name), "ab"),
-                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        out = self.output(p)
+        child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT if out is not None else None, preexec_fn=_die_with_parent)
         self.children[p.name] = child
         p.pid = child.pid
         log.info("started %s (pid %d) on port %d", p.name, child.pid, p.port)
+
+    def output(self, p: Proc) -> Any:
+        """Where a child's stdout and stderr go (its log file in the run directory); None: this process's own."""
+        return open(self.run.log(p.name), "ab")
 
     def save(self) -> None:
         self.run.write(self.cluster)

@@ -29,12 +29,14 @@ class GpuClient:
         timeout: deadline, in seconds, of every call.
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = 10.0) -> None:
+    def __init__(self, address: str | None = None, *, timeout: float = 10.0, cluster_address: str | None = None) -> None:
+        """``cluster_address``: the control store (default: the cluster found the usual way)."""
         self.timeout = timeout
+        self._cluster_address = cluster_address
         if not address:
             from tessera.client import Client
 
-            with Client(timeout=timeout) as c:
+            with Client(cluster_address, timeout=timeout) as c:
                 found = [i.address for i in c.instances("gpu-scheduler")]
             if not found:
                 raise ConnectionError("no gpu-scheduler is registered in the cluster")
@@ -54,11 +56,41 @@ class GpuClient:
 
     def submit(self, *, entry_point: str = "", image: str = "", args: list[str] | None = None, gpus: int = 1,
                priority: int = 0, group: str = "", time_limit_s: float = 0.0, name: str = "",
-               env: dict[str, str] | None = None, elastic: bool = False) -> str:
-        """Submit a job; returns its id. INVALID_ARGUMENT for a bad spec (no entry point, 0 or too many GPUs)."""
+               env: dict[str, str] | None = None, elastic: bool = False, working_dir: str | None = None) -> str:
+        """Submit a job; returns its id. INVALID_ARGUMENT for a bad spec (no entry point, 0 or too many GPUs).
+
+        An entry point ``path/to/file.py:function`` that exists here travels with the job: the source files of
+        its folder (or of ``working_dir``, which must contain it) are packed and stored in the control store,
+        and the node running the job unpacks them (as Ray's ``working_dir``). So the job runs on nodes that
+        cannot see this machine's files (a compose stack, another host).
+        """
         spec = pb.JobSpec(name=name, entry_point=entry_point, image=image, args=args or [], gpus=gpus,
                           priority=priority, group_id=group, time_limit_s=time_limit_s, env=env or {}, elastic=elastic)
+        self._pack(spec, working_dir)
         return str(self._stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job_id)
+
+    def _pack(self, spec: pb.JobSpec, working_dir: str | None) -> None:
+        from pathlib import Path
+
+        from tessera.common import packages
+
+        mod, sep, fn = spec.entry_point.rpartition(":")
+        if not sep or not mod.endswith(".py") or not Path(mod).is_file():
+            if working_dir:
+                raise ValueError(f"working_dir needs an entry point path/to/file.py:function that exists here, "
+                                 f"got {spec.entry_point!r}")
+            return
+        entry = Path(mod).resolve()
+        folder = Path(working_dir).resolve() if working_dir else entry.parent
+        if not entry.is_relative_to(folder):
+            raise ValueError(f"the entry point {entry} is not inside working_dir {folder}")
+        uri, blob = packages.pack(folder)
+        from tessera.client import Client
+
+        with Client(self._cluster_address, timeout=max(self.timeout, 30.0)) as c:
+            c.kv_put(packages.NAMESPACE, packages.key_of(uri), blob, overwrite=True)
+        spec.working_dir = uri
+        spec.entry_point = f"{entry.relative_to(folder).as_posix()}:{fn}"
 
     def status(self, job_id: str) -> pb.JobInfo:
         return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout).job
@@ -85,15 +117,15 @@ class GpuClient:
         Raises:
             LookupError: the job has no checkpoint in the object store yet.
         """
-        from tessera.client.objects import ObjectRef, ObjectStoreClient, local_object_store_address
+        from tessera.client.objects import ObjectRef, local_object_store_address, open_object_client
         from tessera.gpu import _ckpt
 
         j = self.status(job_id)
         if not j.checkpoint_object_id:
             raise LookupError(f"job {job_id} has no checkpoint in the object store yet")
-        with ObjectStoreClient(local_object_store_address()) as store:
+        with open_object_client(local_object_store_address()) as store:
             data = store.get(ObjectRef(j.checkpoint_object_id), timeout=timeout)
-            # a copy: the view of shared memory dies with the client
+            # a copy: a view of shared memory dies with the client
             state: dict[str, Any] = _ckpt.load_bytes(bytearray(memoryview(data).cast("B")))
             del data
         return state

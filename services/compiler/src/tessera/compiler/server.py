@@ -82,10 +82,10 @@ class ObjectStoreBlobs:
     async def _get_client(self) -> Any:
         async with self._lock:
             if self._client is None:
-                from tessera.client.objects import ObjectStoreClient
+                from tessera.client.objects import open_object_client
 
                 addr = await self._address()
-                self._client = await asyncio.to_thread(ObjectStoreClient, addr, name="compiler", durable=True)
+                self._client = await asyncio.to_thread(open_object_client, addr, name="compiler", durable=True)
             return self._client
 
     async def put(self, data: bytes) -> bytes:

@@ -34,6 +34,7 @@ TRANSFER_TIMEOUT_S = 120.0  # the most a checkpoint's upload or fetch may take
 
 Upload = Callable[[Path], Awaitable[bytes]]
 Fetch = Callable[[bytes, Path], Awaitable[None]]
+Package = Callable[[str], Awaitable[Path]]  # a job's working_dir uri -> the folder it is unpacked in
 
 
 @dataclass
@@ -110,8 +111,9 @@ class _Warm:
 class NodeAgent:
     def __init__(self, node_id: str, gpus: GpuInfo, *, work_dir: Path, upload: Upload | None = None,
                  fetch: Fetch | None = None, control_store_address: str = "", prewarm: bool = False,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, package: Package | None = None) -> None:
         self.node_id = node_id
+        self.package = package
         self.gpus = gpus
         self.incarnation = uuid.uuid4().hex[:12]
         # set when a job's state changes in a way the scheduler waits for (an exit, a suspension, an uploaded
@@ -199,6 +201,12 @@ class NodeAgent:
         if await_checkpoint:
             env["TESSERA_GPU_AWAIT_RESTORE"] = "1"
         try:
+            if spec.get("working_dir"):  # the entry point's folder, from the submitting machine
+                if self.package is None:
+                    raise FailedPreconditionError("this node cannot fetch a job's working_dir")
+                folder = await asyncio.wait_for(self.package(str(spec["working_dir"])), TRANSFER_TIMEOUT_S)
+                mod, _, fn = str(spec.get("entry_point", "")).rpartition(":")
+                env["TESSERA_GPU_ENTRY"] = f"{folder / mod}:{fn}"
             if checkpoint_oid:
                 if self.fetch is None:
                     raise FailedPreconditionError("this node has no object store to fetch checkpoints from")

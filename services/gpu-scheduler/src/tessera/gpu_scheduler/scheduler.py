@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
+from tessera.common import packages
 from tessera.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tessera.gpu_scheduler.policy import JobView, Node, Policy, plan_actions
 
@@ -124,6 +125,10 @@ class GpuScheduler:
             mod, sep, fn = spec.entry_point.rpartition(":")
             if not sep or not mod or not fn.isidentifier():
                 raise InvalidArgumentError(f"entry point {spec.entry_point!r} must be {ENTRY_HELP}")
+        if spec.working_dir:
+            if not spec.entry_point:
+                raise InvalidArgumentError("working_dir goes with an entry point, not a container image")
+            packages.key_of(spec.working_dir)  # InvalidArgumentError when malformed
         if not math.isfinite(spec.time_limit_s) or spec.time_limit_s < 0:  # NaN passes a "< 0" check
             raise InvalidArgumentError(f"time_limit_s must be a finite number >= 0 (0: none), got {spec.time_limit_s}")
         _, total = self.capacity()
@@ -486,7 +491,8 @@ class GpuScheduler:
 
     def _start_cmd(self, j: pb.JobInfo, gpu_ids: list[int], checkpoint_oid: str) -> dict[str, Any]:
         return {"op": "start", "job_id": j.job_id, "slots": gpu_ids, "checkpoint_oid": checkpoint_oid,
-                "spec": {"entry_point": j.spec.entry_point, "image": j.spec.image, "args": list(j.spec.args),
+                "spec": {"entry_point": j.spec.entry_point, "working_dir": j.spec.working_dir,
+                         "image": j.spec.image, "args": list(j.spec.args),
                          "env": dict(j.spec.env), "elastic": j.spec.elastic}}
 
     async def _resize(self, j: pb.JobInfo, slots: tuple[tuple[str, int], ...], occupied: dict[tuple[str, int], str]) -> None:

@@ -22,7 +22,7 @@ from opentelemetry import context as otel_context
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2_grpc as pb_grpc
-from tessera.common import errors
+from tessera.common import errors, packages
 from tessera.common.config import Settings
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
@@ -173,9 +173,9 @@ def build_agent(settings: Settings) -> ServiceApp:
                 node = (await stub.GetNode(cpb.GetNodeRequest(node_id=bytes.fromhex(node_id)), timeout=timeout)).node
                 if not node.object_store_address:
                     raise errors.UnavailableError(f"node {node_id[:8]} has no object store")
-                from tessera.client.objects import ObjectStoreClient
+                from tessera.client.objects import open_object_client
 
-                store["client"] = await asyncio.to_thread(ObjectStoreClient, node.object_store_address,
+                store["client"] = await asyncio.to_thread(open_object_client, node.object_store_address,
                                                          name=f"gpu-agent-{node_id[:8]}", durable=True)
         return store["client"]
 
@@ -213,9 +213,21 @@ def build_agent(settings: Settings) -> ServiceApp:
 
     gpus = discover_gpus(settings.gpus_per_node)
     work = Path("/dev/shm") if Path("/dev/shm").is_dir() else settings.run_dir
+
+    async def package(uri: str) -> Path:
+        """A job's working_dir, from the control store's KV, unpacked once per node (tessera.common.packages)."""
+        dest = work / f"tessera-gpu-{node_id[:16]}" / "packages" / uri.removeprefix(packages.SCHEME)
+        if (dest / ".complete").exists():
+            return dest
+        try:
+            blob = (await stub.KvGet(cpb.KvGetRequest(namespace=packages.NAMESPACE, key=packages.key_of(uri)),
+                                     timeout=30.0)).value
+        except grpc.aio.AioRpcError as e:
+            raise errors.FailedPreconditionError(f"working_dir {uri} could not be read: {e.details()}") from None
+        return await asyncio.to_thread(packages.unpack, uri, blob, dest)
     agent = NodeAgent(node_id, gpus, work_dir=work / f"tessera-gpu-{node_id[:16]}", upload=upload, fetch=fetch,
                       control_store_address=settings.control_store_address, prewarm=settings.gpu_scheduler_prewarm,
-                      log_dir=settings.run_dir / "gpu-jobs")
+                      log_dir=settings.run_dir / "gpu-jobs", package=package)
 
     async def on_cmd(msg: Any) -> None:
         assert app.bus is not None

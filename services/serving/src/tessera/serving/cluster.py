@@ -74,10 +74,10 @@ class ClusterStore:
                 insts = [i for i in resp.instances if i.hostname == here] or list(resp.instances)
                 if not insts:
                     raise UnavailableError("no object store is registered in the cluster")
-                from tessera.client.objects import ObjectStoreClient
+                from tessera.client.objects import open_object_client
 
                 addr = insts[0].address
-                self._objects = await asyncio.to_thread(ObjectStoreClient, addr, name="serving", durable=True)
+                self._objects = await asyncio.to_thread(open_object_client, addr, name="serving", durable=True)
                 log.info("parameters in the object store at %s", addr)
             return self._objects
 

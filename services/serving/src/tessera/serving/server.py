@@ -91,7 +91,7 @@ def build(settings: Settings) -> ServiceApp:
         scheduler.start()
         port = await http.start(settings.grpc_host, settings.serving_http_port)
         host = app.address.rsplit(":", 1)[0]
-        servicer.http_address = f"{host}:{port}"
+        servicer.http_address = app.http_address = f"{host}:{port}"  # registered with the replica (gateways relay to it)
         await app.bus.subscribe(f"tessera.events.kv.{PIPELINES}.>", on_registry_change)
         await app.bus.subscribe(PREDICT_SUBJECT, on_predict, queue=QUEUE)
         log.info("serving: HTTP/JSON on %s, NATS %s (queue %s)", servicer.http_address, PREDICT_SUBJECT, QUEUE)

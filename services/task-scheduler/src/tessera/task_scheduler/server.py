@@ -40,6 +40,8 @@ from tessera.task_scheduler.zygote import ForkedProcess, Zygote
 log = logging.getLogger(__name__)
 
 NAME = "task-scheduler"
+#: The name a replica running only the global scheduler (TESSERA_TASK_SCHEDULER_ROLE=global) registers under.
+GLOBAL_NAME = "global-scheduler"
 SERVICE = "tessera.task_scheduler.v1.TaskSchedulerService"
 K = pb.TaskKind
 E = pb.ErrorKind
@@ -627,8 +629,10 @@ def remote_tasks(batch: pb.TaskBatch) -> list[pb.TaskSpec]:
 
 
 def build(settings: Settings) -> ServiceApp:
-    app = ServiceApp(NAME, settings)
     role = settings.task_scheduler_role
+    # A global scheduler alone takes no sessions: it registers under its own name, so that drivers
+    # looking for a node agent ("task-scheduler") never pick it.
+    app = ServiceApp(GLOBAL_NAME if role == "global" else NAME, settings)
     node: Node | None = None
     if role in ("both", "agent"):
         node = Node(app, settings, node_id_of(settings), node_resources(settings))

@@ -85,6 +85,7 @@ class JobSpec(_message.Message):
     TIME_LIMIT_S_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     ELASTIC_FIELD_NUMBER: _builtins.int
+    WORKING_DIR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     entry_point: _builtins.str
     """Either a Python entry point ("package.module:function" or "path/to/file.py:function") ..."""
@@ -99,6 +100,11 @@ class JobSpec(_message.Message):
     """0: none"""
     elastic: _builtins.bool
     """may grow within its node while the cluster is idle"""
+    working_dir: _builtins.str
+    """"pkg:<sha256 hex>": the entry point's folder (its Python files, zipped) in the control store's KV
+    namespace "packages", unpacked on the node before the job starts; entry_point is then relative to it.
+    The SDK uploads it when the entry point is a file on the submitting machine (as Ray's working_dir).
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """arguments of the entry point, or the container command"""
@@ -118,10 +124,11 @@ class JobSpec(_message.Message):
         time_limit_s: _builtins.float = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         elastic: _builtins.bool = ...,
+        working_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "elastic", b"elastic", "entry_point", b"entry_point", "env", b"env", "gpus", b"gpus", "group_id", b"group_id", "image", b"image", "name", b"name", "priority", b"priority", "time_limit_s", b"time_limit_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "elastic", b"elastic", "entry_point", b"entry_point", "env", b"env", "gpus", b"gpus", "group_id", b"group_id", "image", b"image", "name", b"name", "priority", b"priority", "time_limit_s", b"time_limit_s", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
