@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving services/gateway
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all chaos soak lint typecheck protos check-protos compose-config bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
+.PHONY: install demo test test-all chaos soak lint typecheck protos check-protos compose-config k8s-validate bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ check-protos: install
 
 compose-config:
 	docker-compose config -q
+
+# Render deploy/k8s (base, dev, gpu) and validate every object against the Kubernetes schemas,
+# offline once its tools are in .venv-k8s (K8S_VERSIONS: which releases; see the script).
+k8s-validate:
+	scripts/k8s_validate.sh
 
 bench: install
 	$(PY) benchmarks/control_store_bench.py
