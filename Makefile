@@ -100,7 +100,7 @@ bench-compiler: install
 	$(PY) benchmarks/compiler_bench.py
 
 # The compose stack under podman (root; ENGINE=docker for Docker): deploy/, scripts/compose_*.
-# SCALE=serving=2 starts two serving replicas. compose-test: build, up, pytest -m compose, down.
+# SCALE="node=2 serving=2" starts two nodes and two serving replicas. compose-test: build, up, pytest -m compose, down.
 .PHONY: wheelhouse compose-build compose-up compose-down compose-test
 wheelhouse: install
 	scripts/compose_wheelhouse.sh
@@ -110,7 +110,7 @@ compose-build: install
 	scripts/compose_build.sh
 
 compose-up: compose-build
-	scripts/compose_up.sh $(if $(SCALE),--scale $(SCALE))
+	scripts/compose_up.sh $(foreach s,$(SCALE),--scale $(s))
 
 compose-down:
 	scripts/compose_down.sh

@@ -6,7 +6,7 @@
 #
 # Steps (each timed): podman setup (deploy/podman/setup.sh), base image (debootstrap),
 # smoke test (a container runs on a compose-style network), image builds
-# (scripts/compose_build.sh), `compose_up.sh --scale serving=2`, pytest -m compose, down.
+# (scripts/compose_build.sh), `compose_up.sh --scale node=2 --scale serving=2`, pytest -m compose (the demo story from the host among them), down.
 # Where podman cannot be installed or cannot run containers here, the compose part is
 # reported as SKIPPED with the reason and the same tests run against `tessera up`
 # instead. Once podman runs, any failure (build, start, a test) fails this script.
@@ -69,7 +69,7 @@ on_exit() {
   exit "$rc"
 }
 trap on_exit EXIT
-scripts/compose_up.sh --scale serving=2
+scripts/compose_up.sh --scale node=2 --scale serving=2
 phase "stack up"
 
 # the tests' clients (SDK, CLI, raw channels) send the stack's token

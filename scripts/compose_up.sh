@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Start the compose stack under podman (or ENGINE=docker) and wait until every container is ready.
 #
-#   scripts/compose_up.sh [--scale SERVICE=N]     # e.g. --scale serving=2
+#   scripts/compose_up.sh [--scale SERVICE=N]...  # e.g. --scale node=2 --scale serving=2
 #
 # Images must be built (scripts/compose_build.sh). The credentials (token, NATS and Redis
 # passwords) are generated first when missing (scripts/compose_secrets.sh). podman-compose ignores
 # `condition: service_healthy`, so the services start in dependency order:
-# nats, redis (and jaeger) → control-store → the other five, and each step waits for
+# nats, redis (and jaeger) → control-store → the nodes and the other services, and each step waits for
 # readiness through the health protocols (scripts/compose_wait.py: grpc.health.v1 for
 # Tessera's services). Where .env's upstream nats/redis images cannot be pulled, the
 # ones built from the base image are used; where Jaeger's cannot, the stack runs
@@ -18,9 +18,15 @@ set -euo pipefail
 scale=()
 while [ $# -gt 0 ]; do
   case $1 in
-    --scale) scale=(--scale "$2"); shift 2 ;;
-    --scale=*) scale=(--scale "${1#--scale=}"); shift ;;
-    *) echo "usage: $0 [--scale SERVICE=N]" >&2; exit 2 ;;
+    --scale) scale+=(--scale "$2"); shift 2 ;;
+    --scale=*) scale+=(--scale "${1#--scale=}"); shift ;;
+    *) echo "usage: $0 [--scale SERVICE=N]..." >&2; exit 2 ;;
+  esac
+done
+for ((i = 1; i < ${#scale[@]}; i += 2)); do
+  case ${scale[i]} in
+    control-store=1|gateway=1) ;;
+    control-store=*|gateway=*) echo "compose_up: ${scale[i]%%=*} runs as one replica (see docker-compose.yml)" >&2; exit 2 ;;
   esac
 done
 
@@ -50,9 +56,9 @@ up "${infra[@]}"
 wait_ready "${infra[@]}"
 up control-store
 wait_ready control-store
-others=(object-store task-scheduler compiler gpu-scheduler serving)
+others=(node task-scheduler compiler gpu-scheduler serving gateway)
 up "${scale[@]}" "${others[@]}"
 expect=("${others[@]}")
-if [ ${#scale[@]} -gt 0 ]; then expect+=("${scale[1]}"); fi
+for ((i = 1; i < ${#scale[@]}; i += 2)); do expect+=("${scale[i]}"); done
 wait_ready "${expect[@]}"
-echo "compose_up: stack ready in $((SECONDS - t0))s (control store on ${HOST_BIND_ADDRESS}:${CONTROL_STORE_PORT})"
+echo "compose_up: stack ready in $((SECONDS - t0))s (the gateway on ${HOST_BIND_ADDRESS}:${GATEWAY_HOST_PORT}, HTTP on ${HOST_BIND_ADDRESS}:${GATEWAY_HTTP_HOST_PORT})"

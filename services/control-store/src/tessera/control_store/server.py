@@ -10,6 +10,7 @@ from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
 from tessera.common import auth
 from tessera.common.config import Settings
+from tessera.common.errors import FailedPreconditionError
 from tessera.common.registry import CONTROL_STORE_SERVICE, Registration, instance_record
 from tessera.common.service import ServiceApp
 from tessera.control_store.liveness import LivenessMonitor
@@ -45,6 +46,14 @@ def build(settings: Settings) -> ServiceApp:
 
     async def start() -> None:
         await db.ping()
+        # One control store per cluster: its liveness monitor and watches are not built to run twice over the
+        # same shards. A second one (`--scale control-store=2`) refuses to start; this one restarting keeps
+        # its address and is let through.
+        for other in await store.list_instances(NAME):
+            if other.address != app.address:
+                raise FailedPreconditionError(
+                    f"another control store ({other.address}) serves these Redis shards: the control store runs as "
+                    "exactly one replica (do not scale it); stop that one first")
         monitor.start()
 
     async def stop() -> None:
