@@ -246,7 +246,42 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _remote_status(address: str, as_json: bool) -> int:
+    """``tessera status --address``: what the control store at ``address`` (or behind the gateway there) lists."""
+    from tessera.client import Client
+
+    try:
+        with Client(address, timeout=10.0) as c:
+            instances = c.instances()
+            nodes = c.nodes()
+    except Exception as e:
+        why = e.details() if hasattr(e, "details") else str(e)  # a grpc.RpcError, or a ConnectionError
+        print(f"no Tessera cluster answered at {address}: {why} (check the address, and TESSERA_AUTH_TOKEN_FILE when "
+              "the cluster requires a token)", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    with ThreadPoolExecutor(max_workers=max(1, len(instances)), thread_name_prefix="status") as pool:
+        health = list(pool.map(lambda i: health_status(i.address, timeout=3.0), instances))
+    rows: list[dict[str, object]] = [
+        {"name": i.service, "pid": i.pid, "address": i.address, "health": h, "restarts": "", "last_exit": "",
+         "detail": f"host {i.hostname}" + (f", HTTP {i.http_address}" if i.http_address else "")}
+        for i, h in sorted(zip(instances, health, strict=True), key=lambda x: (x[0].service, x[0].address))]
+    from tessera.api.control_store.v1 import control_store_pb2 as cpb
+
+    alive = [n for n in nodes if n.state == cpb.NODE_STATE_ALIVE]
+    healthy = bool(rows) and all(r["health"] == "SERVING" for r in rows)
+    if as_json:
+        print(json.dumps({"running": True, "healthy": healthy, "address": address, "processes": rows,
+                          "nodes": [{"node_id": n.node_id.hex(), "address": n.address, "alive": n in alive,
+                                     "object_store_address": n.object_store_address} for n in nodes]}, indent=2))
+    else:
+        print(_table(rows))
+        print(f"\n{len(nodes)} node(s) ({len(alive)} alive): " + ", ".join(n.node_id.hex()[:8] for n in nodes))
+    return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "address", ""):
+        return _remote_status(args.address, args.json)
     run = RunDir(settings.run_dir)
     cluster = run.read()
     sup = run.supervisor_pid()
@@ -362,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="require credentials: a random gRPC token and NATS/Redis passwords in <run_dir>/secrets")
     st = sub.add_parser("status", help="processes, addresses and health")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--address", default="",
+                    help="a running cluster's control store or gateway (host:port; e.g. a compose stack's "
+                         "localhost:50051): its registered services and nodes, instead of this machine's `tessera up`")
     lg = sub.add_parser("logs", help="print a process's log")
     lg.add_argument("service", help="a service name, nats, redis-N or supervisor")
     lg.add_argument("-n", "--lines", type=int, default=50)
