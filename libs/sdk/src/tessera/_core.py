@@ -542,6 +542,10 @@ class Core:
                     self._check_borrowing_actors()
                 except Exception as e:
                     log.debug("could not read the borrowers' tables or look up actors: %s", e)
+                try:  # an idle process's dropped views would keep pinning what their owners freed
+                    self._objects().release_dropped_views()
+                except Exception as e:
+                    log.debug("could not release dropped views: %s", e)
 
     def _check_borrowers(self) -> None:
         """Read the tables of the processes that borrow from this one (all at once): a borrow ends when its
