@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
+from tessera._core import read_table
 from tessera._refcount import RECORD_DELAY_S, BorrowerTable, RefCounter
 from tessera.common import ids
 
@@ -338,3 +340,14 @@ def test_a_borrower_publishes_again_when_an_announced_ref_goes(clock: Clock) -> 
     assert not b.holds_gone()
     b.died(x)
     assert b.holds_gone()
+
+
+def test_a_published_table_is_stale_by_the_staleness_it_states() -> None:
+    x, y = oid(), oid()
+    doc = {"time": 1000.0, "stale_s": 6.0, "holds": [x.hex(), y.hex()], "escaped": [y.hex()]}
+    t = read_table(json.dumps(doc).encode(), 1005.0)
+    assert t.alive and t.holds == {x, y} and t.escaped == {y}
+    assert not read_table(json.dumps(doc).encode(), 1006.5).alive
+    old = read_table(json.dumps({"time": 1000.0, "rows": []}).encode(), 1030.0)  # a table of an older process
+    assert old.alive and old.holds is None, "it says nothing of what it holds: nothing is released by it"
+    assert not read_table(json.dumps({"time": 1000.0, "holds": None}).encode(), 1036.0).alive

@@ -53,6 +53,9 @@ REFS_EVERY_S = 0.02
 REFS_PUBLISH_S = 2.0
 #: Rows of one process's published table (the rest are counted).
 REFS_ROWS = 2000
+#: Most borrowed objects a published table lists one by one (about 2 MB); beyond, it says only that it is alive,
+#: and the processes it borrowed from keep what it borrowed until it dies (a partial list would free too much).
+REFS_HOLDS_MAX = 50_000
 #: How soon a process publishes its table again once something it borrowed and listed there is let go.
 REFS_PROMPT_S = 0.1
 #: Borrowers' tables read at most per round (the rest wait for the next round).
@@ -604,8 +607,9 @@ class Core:
                 return  # nothing held, nothing published before
             doc = {"process": self.refs_key.decode(), "job_id": self.job_id.hex(), "worker": self.worker,
                    "time": now, "stale_s": self.stale_s, "rows": rows[:REFS_ROWS],
-                   "more": max(0, len(rows) - REFS_ROWS), "holds": [o.hex() for o in held],
-                   "escaped": [o.hex() for o in escaped]}
+                   "more": max(0, len(rows) - REFS_ROWS),
+                   "holds": [o.hex() for o in held] if len(held) <= REFS_HOLDS_MAX else None,
+                   "escaped": [o.hex() for o in escaped[:REFS_HOLDS_MAX]]}
             self._cs().KvPut(cpb.KvPutRequest(namespace=REFS_NAMESPACE, key=self.refs_key, overwrite=True,
                                               value=json.dumps(doc).encode()), timeout=5.0)
             self._published = (now, digest)
