@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 MiB = 2**20
 CAPACITY = 256 * MiB
+#: A process's reference table older than this means it died (short here: a killed borrower's borrow ends soon).
+STALE_S = 6.0
 
 
 class Cluster(stacks.Cluster):
@@ -43,7 +46,7 @@ class Cluster(stacks.Cluster):
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with stacks.running(tmp_path_factory, "refcount", "--services", "control-store,object-store,task-scheduler",
                         cls=Cluster, TESSERA_NUM_CPUS="2", TESSERA_OBJECT_STORE_MEMORY=str(CAPACITY),
-                        TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(4096 * MiB)) as c:
+                        TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(4096 * MiB), TESSERA_REFS_STALE_S=str(STALE_S)) as c:
         env = c.point_here()
         tessera.init(name="e2e-refcount")
         try:
@@ -89,6 +92,53 @@ class Keeper:
 
     def read(self) -> float:
         return float(sum(float(np.asarray(tessera.get(x)).sum()) for x in self.kept))
+
+    def drop(self) -> int:
+        self.kept.clear()
+        return os.getpid()
+
+
+_held: Any = None
+
+
+@tessera.remote
+def hold(xs: Any, keeper: Any = None) -> int:
+    """Keep ``xs`` in this worker's module global (None: let go of it); with ``keeper``, lend it on to that
+    actor too. This worker's pid."""
+    global _held
+    _held = xs
+    if keeper is not None:
+        assert tessera.get(keeper.keep.remote(xs), timeout=60) >= 1
+    return os.getpid()
+
+
+def let_go_on(pid: int) -> None:
+    """Run ``hold(None)`` until it ran on the worker ``pid`` (tasks go to whichever worker is idle)."""
+    for _ in range(100):
+        if tessera.get(hold.remote(None), timeout=60) == pid:
+            return
+    raise AssertionError(f"no task ran on worker {pid}")
+
+
+def stored(cluster: Cluster, oid: bytes) -> bool:
+    with tessera.ObjectStoreClient(cluster.address("object-store")) as c:
+        return bool(c.contains([oid])[0])
+
+
+def stays(cluster: Cluster, oid: bytes, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert stored(cluster, oid), "freed while a borrower still holds it"
+        time.sleep(0.25)
+
+
+def goes(cluster: Cluster, oid: bytes, seconds: float) -> float:
+    """How long ``oid`` took to leave the store (at most ``seconds``)."""
+    t0 = time.monotonic()
+    while stored(cluster, oid):
+        assert time.monotonic() - t0 < seconds, f"still stored after {seconds:g}s: the borrow was never released"
+        time.sleep(0.1)
+    return time.monotonic() - t0
 
 
 def test_puts_dropped_in_a_loop_never_spill(cluster: Cluster) -> None:
@@ -323,3 +373,41 @@ def test_memory_says_which_copies_are_spilled(cluster: Cluster) -> None:
         while any(c.contains(oids)):  # its copies, spilled ones included, go with the refs
             assert time.monotonic() < deadline, "dropped objects are still in the store"
             time.sleep(0.05)
+
+
+def test_a_borrower_that_lets_go_of_a_ref_releases_it(cluster: Cluster) -> None:
+    ref = tessera.put(np.full(MiB, 4, dtype=np.uint8))
+    oid = ref.id
+    pid = tessera.get(hold.remote([ref]), timeout=60)  # the worker keeps it in a module global
+    del ref
+    stays(cluster, oid, 5.0)  # longer than two rounds of the owner's reading of its borrowers' tables
+    let_go_on(pid)
+    took = goes(cluster, oid, 15.0)
+    assert took < 6.0, f"freed {took:.1f}s after the borrower let go"
+
+
+def test_a_borrower_that_dies_releases_its_borrow(cluster: Cluster) -> None:
+    ref = tessera.put(np.full(MiB, 6, dtype=np.uint8))
+    oid = ref.id
+    pid = tessera.get(hold.remote([ref]), timeout=60)
+    del ref
+    stays(cluster, oid, 3.0)
+    os.kill(pid, signal.SIGKILL)  # no goodbye: its table stays, unrefreshed, until it is stale
+    t0 = time.monotonic()
+    goes(cluster, oid, STALE_S + 20)
+    assert time.monotonic() - t0 >= STALE_S - 4.0, "released before the borrower's table went stale"
+
+
+def test_a_borrower_of_a_borrower_keeps_the_object_until_both_let_go(cluster: Cluster) -> None:
+    k = Keeper.remote()
+    ref = tessera.put(np.full(MiB, 8, dtype=np.uint8))
+    oid = ref.id
+    pid = tessera.get(hold.remote([ref], k), timeout=60)  # B keeps it and lends it on to the actor C
+    del ref
+    let_go_on(pid)  # B lets go: C still holds it, and B's table says so
+    stays(cluster, oid, 5.0)
+    assert tessera.get(k.read.remote(), timeout=60) == 8.0 * MiB
+    tessera.get(k.drop.remote(), timeout=60)  # C lets go too (the actor lives on)
+    took = goes(cluster, oid, 20.0)
+    assert took < 10.0, f"freed {took:.1f}s after the last borrower let go"
+    tessera.kill(k)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from tessera._refcount import RECORD_DELAY_S, RefCounter
+from tessera._core import read_table
+from tessera._refcount import RECORD_DELAY_S, BorrowerTable, RefCounter
 from tessera.common import ids
 
 
@@ -74,7 +76,7 @@ def test_a_pending_task_holds_its_arguments_top_level_and_nested(clock: Clock) -
     assert sorted(b.stored) == sorted([top, nested])
 
 
-def test_what_a_worker_borrowed_is_kept_for_the_owners_life(clock: Clock) -> None:
+def test_what_a_worker_borrowed_without_naming_its_table_is_kept_for_the_owners_life(clock: Clock) -> None:
     c = RefCounter(clock=clock)
     o = oid()
     c.own_put(o)
@@ -196,3 +198,156 @@ def test_refs_kept_in_an_actors_state_go_when_the_actor_dies(clock: Clock) -> No
     c.actor_died(actor)
     assert c.process().stored == [o], "no ref is left anywhere"
     assert c.borrowing_actors() == []
+
+
+def lent(c: RefCounter, o: bytes, borrower: str, *, actor: bytes = b"") -> None:
+    """``o`` (whose ref the caller holds) goes nested into a task whose worker ``borrower`` keeps it."""
+    tid, (r,) = task()
+    c.own_task(tid, [r], [], [o])
+    c.task_ended(tid, borrowed=[o], borrower=borrower, actor_id=actor)
+
+
+def table(*holds: bytes, alive: bool = True, escaped: tuple[bytes, ...] = ()) -> BorrowerTable:
+    return BorrowerTable(alive=alive, holds=frozenset(holds), escaped=frozenset(escaped))
+
+
+def test_a_borrow_ends_when_the_borrowers_table_stops_listing_the_object(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    o = oid()
+    c.own_put(o)
+    c.born(o)
+    lent(c, o, "host:1")
+    c.died(o)
+    assert not c.process(), "the borrower keeps it"
+    assert c.borrower_keys() == ["host:1"]
+    since = clock.t
+    clock.t += 1
+    c.borrowers_checked({"host:1": table(o)}, since)
+    assert not c.process(), "its table still lists it"
+    c.borrowers_checked({"host:1": BorrowerTable(alive=True, holds=None)}, clock.t + 1)
+    assert not c.process(), "a table that does not say what it holds ends nothing"
+    c.borrowers_checked({"host:1": table()}, clock.t + 1)
+    assert c.process().stored == [o]
+    assert c.borrower_keys() == []
+
+
+def test_a_table_read_before_the_borrow_was_reported_ends_nothing(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    o = oid()
+    c.own_put(o)
+    c.born(o)
+    since = clock.t  # the read started here...
+    clock.t += 1
+    lent(c, o, "host:1")  # ...and the borrow was reported while it was under way
+    c.died(o)
+    c.borrowers_checked({"host:1": table()}, since)
+    assert not c.process(), "the table read may predate the borrow"
+    c.borrowers_checked({"host:1": table()}, clock.t + 0.5)
+    assert c.process().stored == [o]
+
+
+@pytest.mark.parametrize("gone", [None, table(alive=False)], ids=["no-table", "stale-table"])
+def test_a_borrower_that_died_releases_its_borrow(clock: Clock, gone: BorrowerTable | None) -> None:
+    c = RefCounter(clock=clock)
+    o, p = oid(), oid()
+    for x in (o, p):
+        c.own_put(x)
+        c.born(x)
+    lent(c, o, "host:1")
+    lent(c, p, "host:2")
+    c.died(o)
+    c.died(p)
+    clock.t += 1
+    c.borrowers_checked({"host:1": gone if gone is None else table(o, alive=False), "host:2": table(p)}, clock.t)
+    assert c.process().stored == [o], "host:2 is alive and holds p"
+    assert c.borrower_keys() == ["host:2"]
+
+
+def test_a_ref_a_borrower_passed_on_untracked_is_kept_for_the_owners_life(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    o = oid()
+    c.own_put(o)
+    c.born(o)
+    lent(c, o, "host:1")
+    c.died(o)
+    clock.t += 1
+    c.borrowers_checked({"host:1": table(alive=False, escaped=(o,))}, clock.t)  # even once it is stale
+    assert not c.process()
+    assert c.borrower_keys() == [] and c.stats()["escaped"] == 1
+    assert o in c.release_all("owner died: test").shared
+
+
+def test_an_actors_borrow_ends_with_the_actor_or_with_its_table(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    o, p = oid(), oid()
+    for x in (o, p):
+        c.own_put(x)
+        c.born(x)
+    actor = os.urandom(ids.ACTOR_ID_LEN)
+    lent(c, o, "host:7", actor=actor)
+    lent(c, p, "host:7", actor=actor)
+    c.died(o)
+    c.died(p)
+    assert c.borrowing_actors() == [actor] and c.borrower_keys() == ["host:7"]
+    clock.t += 1
+    c.borrowers_checked({"host:7": table(o)}, clock.t)  # its state let p go
+    assert c.process().stored == [p]
+    c.actor_died(actor)
+    assert c.process().stored == [o], "the actor's death ends its borrows at once"
+    assert c.borrowing_actors() == [] and c.borrower_keys() == []
+
+
+def test_a_borrower_lists_what_it_lent_on_until_its_own_borrowers_let_go(clock: Clock) -> None:
+    b = RefCounter(clock=clock, track_borrows=True)  # a worker that borrowed x from its owner
+    x = oid()
+    b.born(x)  # x arrived nested in the task's argument
+    tid, (r,) = task()
+    b.own_task(tid, [r], [], [x])  # it passes x on, nested in a task's argument
+    b.died(x)  # and drops its own ref
+    assert b.borrowed_report() == [x], "the task it lent x to holds it"
+    held, escaped = b.holds()
+    assert held == [x] and escaped == []
+    b.announced(held)
+    b.task_ended(tid, borrowed=[x], borrower="host:3")  # that task's worker keeps x
+    assert b.holds()[0] == [x] and not b.holds_gone()
+    clock.t += 1
+    b.borrowers_checked({"host:3": table(x)}, clock.t)
+    assert b.holds()[0] == [x] and not b.holds_gone()
+    b.borrowers_checked({"host:3": table()}, clock.t)
+    assert b.holds_gone(), "its table must say so soon"
+    assert b.holds() == ([], [])
+    b.announced([])
+    assert not b.holds_gone()
+
+
+def test_a_borrower_marks_what_it_passed_on_untracked(clock: Clock) -> None:
+    b = RefCounter(clock=clock, track_borrows=True)
+    x = oid()
+    b.born(x)
+    b.escaped(x)  # nested in its return value
+    b.died(x)
+    assert b.borrowed_report() == [x]
+    assert b.holds() == ([x], [x]), "held for its life, and its owner is told"
+
+
+def test_a_borrower_publishes_again_when_an_announced_ref_goes(clock: Clock) -> None:
+    b = RefCounter(clock=clock, track_borrows=True)
+    x, y = oid(), oid()
+    b.born(x)
+    b.announced(b.holds()[0])
+    b.born(y)  # not announced: its going changes nothing anyone reads
+    b.died(y)
+    assert not b.holds_gone()
+    b.died(x)
+    assert b.holds_gone()
+
+
+def test_a_published_table_is_stale_by_the_staleness_it_states() -> None:
+    x, y = oid(), oid()
+    doc = {"time": 1000.0, "stale_s": 6.0, "holds": [x.hex(), y.hex()], "escaped": [y.hex()]}
+    t = read_table(json.dumps(doc).encode(), 1005.0)
+    assert t.alive and t.holds == {x, y} and t.escaped == {y}
+    assert not read_table(json.dumps(doc).encode(), 1006.5).alive
+    old = read_table(json.dumps({"time": 1000.0, "rows": []}).encode(), 1030.0)  # a table of an older process
+    assert old.alive and old.holds is None, "it says nothing of what it holds: nothing is released by it"
+    assert not read_table(json.dumps({"time": 1000.0, "holds": None}).encode(), 1036.0).alive

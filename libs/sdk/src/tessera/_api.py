@@ -283,7 +283,8 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
                                                                 driver_address=f"pid-{os.getpid()}")),
                            timeout=30.0).job
         agent = _agent_address(cluster, cs)
-        core = Core(job_id=job.job_id, objects=object_client, control_store=control_store)
+        core = Core(job_id=job.job_id, objects=object_client, control_store=control_store,
+                    stale_s=current_settings().refs_stale_s)
         session = GrpcSession(agent, core, name or _entrypoint())
         core.transport = session
         w = session.welcome

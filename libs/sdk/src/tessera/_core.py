@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tessera._refcount import FreeBatch, RefCounter
+from tessera._refcount import BorrowerTable, FreeBatch, RefCounter
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
-from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE
+from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
 from tessera.common.serialization import deserialize
 from tessera.common.telemetry import current_traceparent
 from tessera.exceptions import (
@@ -53,6 +53,13 @@ REFS_EVERY_S = 0.02
 REFS_PUBLISH_S = 2.0
 #: Rows of one process's published table (the rest are counted).
 REFS_ROWS = 2000
+#: Most borrowed objects a published table lists one by one (about 2 MB); beyond, it says only that it is alive,
+#: and the processes it borrowed from keep what it borrowed until it dies (a partial list would free too much).
+REFS_HOLDS_MAX = 50_000
+#: How soon a process publishes its table again once something it borrowed and listed there is let go.
+REFS_PROMPT_S = 0.1
+#: Borrowers' tables read at most per round (the rest wait for the next round).
+BORROWERS_PER_ROUND = 200
 FOREVER_S = 365 * 24 * 3600.0
 
 
@@ -129,7 +136,7 @@ class Core:
     """One owner's tasks (a driver, or a worker's nested submissions)."""
 
     def __init__(self, *, job_id: bytes, objects: Callable[[], Any], control_store: Callable[[], Any],
-                 worker: bool = False) -> None:
+                 worker: bool = False, stale_s: float = REFS_STALE_S) -> None:
         self.job_id = job_id
         self._objects = objects  # -> ObjectStoreClient (made lazily)
         self._cs = control_store  # -> control-store stub (made lazily)
@@ -151,6 +158,10 @@ class Core:
         self._refs_thread: threading.Thread | None = None
         self.refs_key = f"{socket.gethostname()}:{os.getpid()}".encode()
         self._published: tuple[float, int] = (0.0, 0)  # when, and a digest of what
+        self._publish_lock = threading.Lock()  # one table in flight at a time: a late put never undoes a newer one
+        # a table older than this means this process is gone (its borrows end): it is refreshed well within it
+        self.stale_s = stale_s
+        self._heartbeat_s = min(REFS_HEARTBEAT_S, stale_s / 3)
 
     # ------------------------------------------------------------------ submit
 
@@ -245,7 +256,8 @@ class Core:
             for r in results:
                 spec = self.pending.pop(r.task_id, None)
                 name = spec.name if spec is not None else ""
-                refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"")
+                refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"",
+                                borrower=r.borrower if r.borrower != self.refs_key.decode() else "")
                 if r.HasField("error"):
                     n = spec.num_returns if spec is not None else max(1, len(r.returns))
                     for i in range(n):
@@ -519,13 +531,50 @@ class Core:
                 self.flush_frees(records=True)
             except Exception as e:  # the store may be restarting: the frees wait in _unsent
                 log.debug("could not free objects yet: %s", e)
-            if time.monotonic() - last >= REFS_PUBLISH_S:
-                last = time.monotonic()
+            now = time.monotonic()
+            due = now - last >= REFS_PUBLISH_S
+            if due or (self.refs.holds_gone() and time.time() - self._published[0] >= REFS_PROMPT_S):
                 try:
-                    self.publish_refs()
+                    self.publish_refs()  # what it let go of is no longer listed: its lenders free it sooner
+                except Exception as e:
+                    log.debug("could not publish the reference table: %s", e)
+            if due:
+                last = now
+                try:
+                    self._check_borrowers()
                     self._check_borrowing_actors()
                 except Exception as e:
-                    log.debug("could not publish the reference table or look up actors: %s", e)
+                    log.debug("could not read the borrowers' tables or look up actors: %s", e)
+                try:  # an idle process's dropped views would keep pinning what their owners freed
+                    self._objects().release_dropped_views()
+                except Exception as e:
+                    log.debug("could not release dropped views: %s", e)
+
+    def _check_borrowers(self) -> None:
+        """Read the tables of the processes that borrow from this one (all at once): a borrow ends when its
+        borrower's table stops listing the object, or when the borrower is gone (no table, or a stale one)."""
+        import grpc
+
+        keys = self.refs.borrower_keys()[:BORROWERS_PER_ROUND]
+        if not keys:
+            return
+        since = time.monotonic()
+        stub = self._cs()
+        calls = [(k, stub.KvGet.future(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=k.encode()), timeout=5.0))
+                 for k in keys]
+        tables: dict[str, BorrowerTable | None] = {}
+        for key, call in calls:
+            try:
+                raw = call.result()
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    tables[key] = None  # it ended and removed its table
+                continue  # cannot tell now: the next round will
+            try:
+                tables[key] = read_table(raw.value, time.time())
+            except (ValueError, TypeError, AttributeError) as e:
+                log.warning("the reference table of %s does not parse: %s", key, e)
+        self.refs.borrowers_checked(tables, since)
 
     def _check_borrowing_actors(self) -> None:
         """Refs kept in a dead actor's state went with it: release them."""
@@ -541,24 +590,37 @@ class Core:
                 self.refs.actor_died(a)
 
     def publish_refs(self, *, force: bool = False) -> None:
-        """Put this process's reference table in the control store (``tessera memory`` reads them all)."""
-        rows = self.refs.table()
-        digest = hash(tuple((r["object_id"], r["refs"], r["reference"]) for r in rows))
-        now = time.time()
-        when, last = self._published
-        if not force and digest == last and now - when < REFS_HEARTBEAT_S:
-            return
-        if not rows and not last and not force:
-            return  # nothing held, nothing published before
-        doc = {"process": self.refs_key.decode(), "job_id": self.job_id.hex(), "worker": self.worker,
-               "time": now, "rows": rows[:REFS_ROWS], "more": max(0, len(rows) - REFS_ROWS)}
-        self._cs().KvPut(cpb.KvPutRequest(namespace=REFS_NAMESPACE, key=self.refs_key, overwrite=True,
-                                          value=json.dumps(doc).encode()), timeout=5.0)
-        self._published = (now, digest)
+        """Put this process's reference table in the control store: ``tessera memory`` reads them all, and the
+        processes this one borrowed from read there what it still holds."""
+        with self._publish_lock:
+            rows = self.refs.table()
+            held, escaped = self.refs.holds()
+            digest = hash((tuple((r["object_id"], r["refs"], r["reference"]) for r in rows), tuple(held),
+                           tuple(escaped)))
+            now = time.time()
+            when, last = self._published
+            if not force and digest == last and now - when < self._heartbeat_s:
+                self.refs.announced(held)
+                return
+            if not rows and not held and not last and not force:
+                self.refs.announced(held)
+                return  # nothing held, nothing published before
+            doc = {"process": self.refs_key.decode(), "job_id": self.job_id.hex(), "worker": self.worker,
+                   "time": now, "stale_s": self.stale_s, "rows": rows[:REFS_ROWS],
+                   "more": max(0, len(rows) - REFS_ROWS),
+                   "holds": [o.hex() for o in held] if len(held) <= REFS_HOLDS_MAX else None,
+                   "escaped": [o.hex() for o in escaped[:REFS_HOLDS_MAX]]}
+            self._cs().KvPut(cpb.KvPutRequest(namespace=REFS_NAMESPACE, key=self.refs_key, overwrite=True,
+                                              value=json.dumps(doc).encode()), timeout=5.0)
+            self._published = (now, digest)
+            self.refs.announced(held)
 
     def unpublish_refs(self) -> None:
-        if self._published[0]:
-            self._cs().KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=self.refs_key), timeout=5.0)
+        """This process ends: its table goes, unless it lists refs passed on untracked (the processes it
+        borrowed them from read that there, even once the table is stale)."""
+        with self._publish_lock:
+            if self._published[0] and not self.refs.holds()[1]:
+                self._cs().KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=self.refs_key), timeout=5.0)
 
     def flush_frees(self, *, records: bool = True, urgent_only: bool = False) -> None:
         """Free what the refs dropped so far leave unreferenced. ``urgent_only`` (before a put or a submission):
@@ -621,6 +683,15 @@ class Core:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+
+def read_table(raw: bytes, now: float) -> BorrowerTable:
+    """A published reference table as a lender sees it, at wall-clock time ``now``."""
+    doc = json.loads(raw)
+    alive = now - float(doc.get("time", 0)) <= float(doc.get("stale_s", REFS_STALE_S))
+    holds = doc.get("holds")
+    return BorrowerTable(alive=alive, holds=None if holds is None else frozenset(bytes.fromhex(h) for h in holds),
+                         escaped=frozenset(bytes.fromhex(h) for h in doc.get("escaped", ())))
 
 
 def new_task_id() -> bytes:

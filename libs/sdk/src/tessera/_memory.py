@@ -41,7 +41,7 @@ def collect(address: str | None) -> dict[str, Any]:
                 doc = json.loads(cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=k), timeout=10.0).value)
             except grpc.RpcError:
                 continue  # gone meanwhile
-            if now - float(doc.get("time", 0)) <= REFS_STALE_S:
+            if now - float(doc.get("time", 0)) <= float(doc.get("stale_s", REFS_STALE_S)):  # its own staleness
                 owners.append(doc)
         oids = list(dict.fromkeys(bytes.fromhex(r["object_id"]) for o in owners for r in o["rows"]))
         infos: dict[bytes, Any] = {}

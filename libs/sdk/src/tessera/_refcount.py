@@ -9,11 +9,17 @@ frees the object, every copy on every node, once nothing can reach it any more:
   one that holds the lock. Queued deaths are counted in batches (:meth:`process`).
 - **submitted-task references**: tasks it submitted that take the object as an argument,
   top-level or nested in a value, and have not finished.
-- **borrowers**: a task's worker reports the refs it still holds when the task ends
-  (kept in an actor's state, a global) or passed on (nested in its return value, a put, a
-  task it submitted). Such an object is kept for the life of its owner, as is any object
-  whose ref was serialized outside a task's arguments (``tessera.put([ref])``): the owner
-  cannot see those copies go.
+- **borrowers**: a task's worker reports the refs it still holds when the task ends (kept
+  in an actor's state, a global, or lent on to a task it submitted), naming itself by the
+  key of the reference table it publishes in the control store. The owner reads the
+  tables of its borrowers every few seconds (:meth:`borrower_keys`,
+  :meth:`borrowers_checked`): a borrow ends when the borrower's table stops listing the
+  object, when the table is gone or stale (the borrower died), or when the borrower's
+  actor died. A borrower lists an object while it holds a ref, while a task it submitted
+  with it is pending, or while its own borrowers list it: the same rule, one level down,
+  follows borrowers of borrowers. A ref that leaves a process in a way it cannot follow
+  (``tessera.put([ref])``, nested in a return value) keeps the object for the owner's life:
+  the borrower's table marks it ``escaped``, and the owner keeps it from then on.
 - **lineage**: the record of the task that made an object stays while the object lives,
   or while a kept record of a task that read it may have to re-run it. Records nothing
   needs are dropped (a few seconds after the task ends, once its node wrote the record).
@@ -47,7 +53,6 @@ class _Owned:
     lineage: int = 0  # kept records of my tasks that take it as an argument
     escaped: bool = False  # a ref left this process in a way it cannot follow: kept until the owner exits
     freed: bool = False
-    actors: set[bytes] | None = None  # actors that keep a ref in their state: kept until each is dead
 
 
 @dataclass(slots=True)
@@ -55,7 +60,17 @@ class _Task:
     returns: list[bytes]
     args: list[bytes]  # owned objects it reads (a lineage reference each while its record is kept)
     holds: list[bytes] = field(default_factory=list)  # submitted-task references, released when it ends
+    lent: list[bytes] = field(default_factory=list)  # objects I do not own that it takes, held until it ends
     ended: float = 0.0  # monotonic time it finished; 0: still pending
+
+
+@dataclass(frozen=True, slots=True)
+class BorrowerTable:
+    """What a borrower's published reference table says (read by the processes it borrowed from)."""
+
+    alive: bool  # refreshed within the staleness its publisher promised (else: it died)
+    holds: frozenset[bytes] | None  # the objects it does not own and still holds; None: it does not say
+    escaped: frozenset[bytes] = frozenset()  # refs it passed on in ways it cannot follow: kept for the owner's life
 
 
 @dataclass
@@ -84,7 +99,14 @@ class RefCounter:
         self._owned: dict[bytes, _Owned] = {}
         self._tasks: dict[bytes, _Task] = {}
         self._due: deque[tuple[float, bytes]] = deque()  # (when, task id): its record may be droppable then
-        self._actors: dict[bytes, set[bytes]] = {}  # actor id -> owned objects it keeps a ref to
+        # borrows: of objects I own, and of objects I borrowed and lent on (then my table lists them meanwhile)
+        self._borrows: dict[bytes, dict[str, float]] = {}  # object -> borrower key -> when it last reported it
+        self._by_key: dict[str, set[bytes]] = {}  # borrower key -> the objects it borrows from me
+        self._actor_keys: dict[bytes, str] = {}  # actor -> the key of its worker (its death ends its borrows)
+        self._lent: dict[bytes, int] = {}  # objects I do not own -> my pending tasks that take them
+        self._kept: set[bytes] = set()  # objects I do not own whose refs I passed on untracked: held for my life
+        self._announced: frozenset[bytes] = frozenset()  # the holds my published table lists
+        self._holds_gone = False  # one of the announced holds may have ended: publish again soon
         self._freed: OrderedDict[bytes, str] = OrderedDict()
         self._zero: list[bytes] = []  # owned ids whose local count reached zero, to check
         self._capture = threading.local()
@@ -92,6 +114,7 @@ class RefCounter:
         self._track = track_borrows
         self._born: set[bytes] = set()
         self._passed: set[bytes] = set()
+        self._lent_now: set[bytes] = set()  # objects I do not own lent to tasks submitted while the task ran
 
     # ------------------------------------------------------------------ ObjectRef lifetimes
 
@@ -121,6 +144,8 @@ class RefCounter:
             local.pop(oid, None)
             if oid in owned:
                 self._zero.append(oid)
+            elif oid in self._announced and not self._holds(oid):
+                self._holds_gone = True
 
     # ------------------------------------------------------------------ ownership
 
@@ -134,12 +159,18 @@ class RefCounter:
         with self._lock:
             owned = self._owned
             lineage = [a for a in dict.fromkeys(args) if a in owned]
-            holds = lineage + [a for a in dict.fromkeys(nested) if a in owned]
+            every = list(dict.fromkeys([*args, *nested]))
+            holds = [a for a in every if a in owned]
+            lent = [a for a in every if a not in owned]
             for a in lineage:
                 owned[a].lineage += 1
             for a in holds:
                 owned[a].submitted += 1
-            self._tasks[task_id] = _Task(returns, lineage, holds)
+            for a in lent:
+                self._lent[a] = self._lent.get(a, 0) + 1
+            if self._track:
+                self._lent_now.update(lent)
+            self._tasks[task_id] = _Task(returns, lineage, holds, lent)
             for r in returns:
                 owned[r] = _Owned(task_id)
 
@@ -151,48 +182,112 @@ class RefCounter:
                 o.stored = True
                 o.big = o.big or big
 
-    def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = (), *, actor_id: bytes = b"") -> None:
-        """One of my tasks finished (or failed): its worker may still hold ``borrowed`` (an actor's worker: until
-        the actor dies, see :meth:`actor_died`); its holds are released."""
+    def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = (), *, actor_id: bytes = b"",
+                   borrower: str = "") -> None:
+        """One of my tasks finished (or failed); its holds are released. Its worker may still hold ``borrowed``:
+        ``borrower`` names the worker's reference table, which lists them while it holds them; an actor's worker
+        holds them at most until the actor dies (:meth:`actor_died`). A borrow that names neither (its worker
+        could not publish its table) keeps the object for the life of this process."""
+        now = self._clock()
+        key = borrower or (f"actor:{actor_id.hex()}" if actor_id else "")
         with self._lock:
             for oid in borrowed:
                 o = self._owned.get(oid)
-                if o is None:
+                if o is not None and o.freed:
                     continue
+                if not key:
+                    self._keep(oid)
+                    continue
+                self._borrows.setdefault(oid, {})[key] = now
+                self._by_key.setdefault(key, set()).add(oid)
                 if actor_id:
-                    if o.actors is None:
-                        o.actors = set()
-                    o.actors.add(actor_id)
-                    self._actors.setdefault(actor_id, set()).add(oid)
-                else:
-                    o.escaped = True
+                    self._actor_keys[actor_id] = key
             t = self._tasks.get(task_id)
             if t is None or t.ended:
                 return
-            t.ended = self._clock()
+            t.ended = now
             self._check_task(task_id)
             for a in t.holds:
                 o = self._owned.get(a)
                 if o is not None:
                     o.submitted -= 1
                     self._zero.append(a)
+            for a in t.lent:
+                n = self._lent.get(a, 0) - 1
+                if n > 0:
+                    self._lent[a] = n
+                else:
+                    self._lent.pop(a, None)
+                    self._hold_may_end(a)
             t.holds = []
+            t.lent = []
+
+    def _keep(self, oid: bytes) -> None:
+        """A ref to ``oid`` went where no one can follow it: kept for the life of this process."""
+        o = self._owned.get(oid)
+        if o is not None:
+            o.escaped = True
+        else:
+            self._kept.add(oid)
+
+    def _hold_may_end(self, oid: bytes) -> None:
+        if oid in self._owned:
+            self._zero.append(oid)
+        elif oid in self._announced and not self._holds(oid):
+            self._holds_gone = True
+
+    def _release(self, oid: bytes, key: str) -> None:
+        """``key`` no longer borrows ``oid``."""
+        b = self._borrows.get(oid)
+        if b is not None:
+            b.pop(key, None)
+            if not b:
+                del self._borrows[oid]
+        k = self._by_key.get(key)
+        if k is not None:
+            k.discard(oid)
+            if not k:
+                del self._by_key[key]
+        self._hold_may_end(oid)
+
+    def borrower_keys(self) -> list[str]:
+        """The reference tables to read: of the processes that borrow from me (actors' workers included)."""
+        with self._lock:
+            return [k for k in self._by_key if not k.startswith("actor:")]
+
+    def borrowers_checked(self, tables: dict[str, BorrowerTable | None], since: float) -> None:
+        """The borrowers' tables, as read after ``since`` (this counter's clock): ``None`` for one that is gone.
+
+        A borrow ends when its borrower's table does not list the object (a borrow reported after ``since``
+        waits for the next read: the table read may be older than it), or when the borrower is dead. An
+        object its table marks escaped is kept for the life of this process."""
+        with self._lock:
+            for key, table in tables.items():
+                for oid in list(self._by_key.get(key, ())):
+                    if table is not None and oid in table.escaped:
+                        self._keep(oid)
+                        self._release(oid, key)
+                    elif table is None or not table.alive:
+                        self._release(oid, key)
+                    elif table.holds is None or oid in table.holds:
+                        continue
+                    elif self._borrows.get(oid, {}).get(key, since) < since:
+                        self._release(oid, key)
 
     def borrowing_actors(self) -> list[bytes]:
-        """Actors that keep refs to objects this process owns (whose death releases them)."""
+        """Actors that keep refs to objects I own or lent on (whose death releases them)."""
         with self._lock:
-            return list(self._actors)
+            for a in [a for a, k in self._actor_keys.items() if k not in self._by_key]:
+                del self._actor_keys[a]
+            return list(self._actor_keys)
 
     def actor_died(self, actor_id: bytes) -> None:
         """The actor is dead: the refs its state kept are gone with it."""
         with self._lock:
-            for oid in self._actors.pop(actor_id, ()):
-                o = self._owned.get(oid)
-                if o is not None and o.actors is not None:
-                    o.actors.discard(actor_id)
-                    if not o.actors:
-                        o.actors = None
-                        self._zero.append(oid)
+            key = self._actor_keys.pop(actor_id, None)
+            if key is not None:
+                for oid in list(self._by_key.get(key, ())):
+                    self._release(oid, key)
 
     def owns(self, oid: bytes) -> bool:
         with self._lock:
@@ -214,10 +309,8 @@ class RefCounter:
             captured.append(oid)
             return
         with self._lock:
-            o = self._owned.get(oid)
-            if o is not None:
-                o.escaped = True
-            elif self._track:
+            self._keep(oid)
+            if self._track and oid not in self._owned:
                 self._passed.add(oid)
 
     def capture(self) -> _Capture:
@@ -225,14 +318,39 @@ class RefCounter:
         return _Capture(self._capture)
 
     def borrowed_report(self) -> list[bytes]:
-        """A worker, after a task: refs it still holds that arrived while the task ran, or that it passed on."""
+        """A worker, after a task: refs it still holds that arrived while the task ran, lent on, or passed on."""
         with self._lock:
             self._count_deaths()
-            out = {o for o in self._born if self._local.get(o, 0) > 0}
-            out |= self._passed
+            out = [o for o in self._born | self._lent_now | self._passed if o not in self._owned and self._holds(o)]
             self._born.clear()
             self._passed.clear()
-            return list(out)
+            self._lent_now.clear()
+            return out
+
+    def _holds(self, oid: bytes) -> bool:
+        return (self._local.get(oid, 0) > 0 or oid in self._lent or oid in self._borrows or oid in self._kept)
+
+    def holds(self) -> tuple[list[bytes], list[bytes]]:
+        """What this process's table lists: the objects it does not own and holds, and those of them it passed
+        on untracked (escaped)."""
+        with self._lock:
+            self._count_deaths()
+            owned = self._owned
+            held = [o for o in dict.fromkeys([*self._local, *self._lent, *self._borrows, *self._kept])
+                    if o not in owned]
+            return held, [o for o in self._kept if o not in owned]
+
+    def announced(self, held: Iterable[bytes]) -> None:
+        """My table now lists ``held``: when one of them goes, :meth:`holds_gone` says so."""
+        with self._lock:
+            self._announced = frozenset(held)
+            self._holds_gone = False
+
+    def holds_gone(self) -> bool:
+        """Whether a hold my published table lists may have ended since (then it is published again soon)."""
+        with self._lock:
+            self._count_deaths()
+            return self._holds_gone
 
     # ------------------------------------------------------------------ freeing
 
@@ -274,7 +392,7 @@ class RefCounter:
             zero, self._zero = self._zero, []
             for oid in zero:
                 o = self._owned.get(oid)
-                if (o is None or o.freed or o.escaped or o.actors or o.submitted > 0
+                if (o is None or o.freed or o.escaped or oid in self._borrows or o.submitted > 0
                         or self._local.get(oid, 0) > 0):
                     continue
                 self._free(oid, o, batch, force_shared=False)
@@ -285,10 +403,14 @@ class RefCounter:
     def _free(self, oid: bytes, o: _Owned, batch: FreeBatch, *, force_shared: bool) -> None:
         o.freed = True
         batch.big = batch.big or o.big
-        if o.actors:
-            for a in o.actors:
-                self._actors.get(a, set()).discard(oid)
-        if o.escaped or o.actors or force_shared:
+        lent = self._borrows.pop(oid, None)
+        for key in lent or ():
+            k = self._by_key.get(key)
+            if k is not None:
+                k.discard(oid)
+                if not k:
+                    del self._by_key[key]
+        if o.escaped or lent or force_shared:
             batch.shared.append(oid)
         elif o.stored:
             batch.stored.append(oid)
@@ -371,14 +493,14 @@ class RefCounter:
                     kinds.append("local")
                 if o.submitted:
                     kinds.append("argument")
-                if o.escaped or o.actors:
+                if o.escaped or oid in self._borrows:
                     kinds.append("borrowed")
                 out.append({"object_id": oid.hex(), "owned": True, "refs": self._local.get(oid, 0),
                             "reference": ",".join(kinds) or "lineage", "stored": o.stored})
-            for oid, n in self._local.items():
+            for oid in dict.fromkeys([*self._local, *self._lent, *self._borrows, *self._kept]):
                 if oid not in self._owned:
-                    out.append({"object_id": oid.hex(), "owned": False, "refs": n, "reference": "borrowed",
-                                "stored": True})
+                    out.append({"object_id": oid.hex(), "owned": False, "refs": self._local.get(oid, 0),
+                                "reference": "borrowed", "stored": True})
             return out
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tessera.common.names import REFS_STALE_S
 from tessera.common.names import SERVICES as SERVICES  # the six services, by their canonical (dashed) names
 
 
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
 
     # --- liveness ------------------------------------------------------------------
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often nodes and services report in")
+    refs_stale_s: float = Field(REFS_STALE_S, gt=0, description="a process's reference table older than this means the process is gone: what it borrowed is released (it refreshes its table at least three times within it)")
     node_timeout_s: float = Field(10.0, gt=0, description="control-store: a node silent this long is marked DEAD")
     instance_ttl_s: int = Field(15, gt=0, description="control-store: a service registration expires after this")
 

@@ -32,5 +32,6 @@ NATS_USER = "tessera"
 #: process ("<hostname>:<pid>"), refreshed when it changes and at least every REFS_HEARTBEAT_S.
 REFS_NAMESPACE = "refs"
 REFS_HEARTBEAT_S = 10.0
-#: A table older than this belongs to a process that is gone.
+#: A table older than this belongs to a process that is gone (the default of ``TESSERA_REFS_STALE_S``; a table
+#: says its own, as "stale_s").
 REFS_STALE_S = 35.0

@@ -259,6 +259,12 @@ class ObjectClientBase(abc.ABC):
                                                           durable=self.durable))
         return list(resp.errors)
 
+    def release_dropped_views(self) -> None:
+        """Tell the store about views of objects this process dropped, if it has not yet (they are sent with
+        the next call; a process that makes none would keep pinning them, and a freed object stays while it
+        is pinned). Nothing to do for a client that holds no views."""
+        return None
+
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until every small object put so far is in the store."""
         with self._cond:

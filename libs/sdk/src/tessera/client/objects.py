@@ -349,6 +349,9 @@ class ObjectStoreClient(ObjectClientBase):
             with self._lock:
                 self._releases[:0] = releases
 
+    def release_dropped_views(self) -> None:
+        self._flush_releases()
+
     def _flush_releases(self) -> None:
         with self._lock:
             todo, self._releases = self._releases, []

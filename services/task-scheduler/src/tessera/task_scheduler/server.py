@@ -165,7 +165,7 @@ class Node:
                     continue
                 doc = json.loads(raw)
                 gone = host == socket.gethostname() and pid.isdigit() and not procs.alive(int(pid))
-                if not gone and time.time() - float(doc.get("time", 0)) < REFS_STALE_S:
+                if not gone and time.time() - float(doc.get("time", 0)) < float(doc.get("stale_s", REFS_STALE_S)):
                     continue
                 owned = [bytes.fromhex(r["object_id"]) for r in doc.get("rows", []) if r.get("owned")]
                 reason = f"owner died: the driver {key} ended without shutting down"

@@ -54,7 +54,7 @@ class Worker:
         self.functions: dict[bytes, Any] = {}
         self.instance: Any = None
         self.core = Core(job_id=b"\0" * ids.JOB_ID_LEN, objects=_api.object_client, control_store=_api.control_store,
-                         worker=True)
+                         worker=True, stale_s=settings.refs_stale_s)
         self.core.transport = conn
 
     # ------------------------------------------------------------------ connection
@@ -195,12 +195,27 @@ class Worker:
             if spec is None:
                 return
             result = self.run(spec)
-            # refs it still holds (an actor's state) or passed on: their owners keep those objects
-            result.borrowed_object_ids.extend(self.core.refs.borrowed_report())
+            self.report_borrows(result)
             try:
                 self.conn.send(pb.ClientFrame(done=[result]))
             except OSError:
                 return
+
+
+    def report_borrows(self, result: pb.TaskResult) -> None:
+        """Refs it still holds (a global, an actor's state, a task it lent them to) or passed on: their owners
+        keep those objects while this worker's reference table lists them. The table is published before the
+        result leaves, so that an owner reading it after the result never misses them."""
+        borrowed = self.core.refs.borrowed_report()
+        if not borrowed:
+            return
+        result.borrowed_object_ids.extend(borrowed)
+        try:
+            self.core.publish_refs(force=True)
+        except Exception as e:  # no table to follow: the owners keep them (an actor's: until it dies)
+            log.warning("could not publish this worker's reference table: %s", e)
+            return
+        result.borrower = self.core.refs_key.decode()
 
 
 def _status(e: Exception) -> str:
@@ -231,6 +246,10 @@ def main() -> None:
     try:
         w.serve()
     finally:
+        try:
+            w.core.unpublish_refs()  # what it borrowed is released now, not once its table goes stale
+        except Exception as e:
+            log.debug("could not remove this worker's reference table: %s", e)
         conn.close()
         shutdown_tracing()
         sys.stdout.flush()

@@ -312,11 +312,18 @@ class TaskResult(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     BORROWED_OBJECT_IDS_FIELD_NUMBER: _builtins.int
+    BORROWER_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     node_id: _builtins.bytes
     """where it ran"""
     owner: _builtins.str
     attempt: _builtins.int
+    borrower: _builtins.str
+    """the worker that holds borrowed_object_ids, by the key of its reference table in the control store
+    (key-value namespace "refs"): the table lists them while it holds them (a local ref, a task it lent them
+    to, its own borrowers); when it stops listing one, or goes stale (the worker died), that borrow ends.
+    Empty: the worker could not publish its table; its owner keeps them (an actor's worker: until it dies).
+    """
     @_builtins.property
     def returns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReturnValue]: ...
     @_builtins.property
@@ -325,8 +332,9 @@ class TaskResult(_message.Message):
 
     @_builtins.property
     def borrowed_object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """refs this task's worker still holds (kept in an actor's state, a global) or passed on (nested in a return
-        value, a put, a task it submitted): their owner keeps them (reference counting)
+        """refs this task's worker still holds (kept in an actor's state, a global, lent to a task it submitted) or
+        passed on (nested in a return value, a put): their owner keeps them while the borrower lists them
+        (reference counting; see borrower)
         """
 
     def __init__(
@@ -339,10 +347,11 @@ class TaskResult(_message.Message):
         owner: _builtins.str = ...,
         attempt: _builtins.int = ...,
         borrowed_object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        borrower: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "borrowed_object_ids", b"borrowed_object_ids", "error", b"error", "node_id", b"node_id", "owner", b"owner", "returns", b"returns", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "borrowed_object_ids", b"borrowed_object_ids", "borrower", b"borrower", "error", b"error", "node_id", b"node_id", "owner", b"owner", "returns", b"returns", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
