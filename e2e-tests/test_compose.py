@@ -247,26 +247,62 @@ def service_edges(trace: dict[str, Any]) -> set[tuple[str, str]]:
     return edges
 
 
+class Collector:
+    """Where the stack's spans go, as the host reaches it: Jaeger (its query API), or, where Jaeger's image
+    could not be pulled, the OTLP receiver scripts/compose_test.sh runs on the host (its span file)."""
+
+    def __init__(self, otlp: str, jaeger_url: str = "", spans_file: str = "") -> None:
+        self.otlp, self.jaeger_url, self.spans_file = otlp, jaeger_url, spans_file
+
+    def edges(self, trace_id: str) -> set[tuple[str, str]]:
+        if self.jaeger_url:
+            try:
+                data = jaeger_get(self.jaeger_url, f"/api/traces/{trace_id}")["data"]
+            except OSError:  # 404 until the spans are in
+                return set()
+            return service_edges(data[0]) if data else set()
+        spans = []
+        with open(self.spans_file) as f:
+            for line in f:
+                d = json.loads(line)
+                if d["trace_id"] == trace_id:
+                    spans.append(d)
+        service = {d["span_id"]: d["service"] for d in spans}
+        return {(service[d["parent_span_id"]], d["service"]) for d in spans
+                if d["parent_span_id"] in service and service[d["parent_span_id"]] != d["service"]}
+
+    def health_checks_traced(self, service: str) -> bool:
+        if self.jaeger_url:
+            return bool(jaeger_get(self.jaeger_url, "/api/traces", service=service,
+                                   operation="/grpc.health.v1.Health/Check", limit="5", lookback="1h").get("data"))
+        with open(self.spans_file) as f:
+            return any(json.loads(line)["service"] == service and "grpc.health.v1.Health" in json.loads(line)["name"]
+                       for line in f)
+
+
 @pytest.fixture(scope="module")
-def jaeger(target: Target) -> tuple[str, str]:
-    """Jaeger's query API on the host and its OTLP/gRPC endpoint on the compose network."""
+def collector(target: Target) -> Collector:
+    """Jaeger's query API on the host and its OTLP/gRPC endpoint on the compose network, or the tests' receiver."""
     if not target.compose:
         pytest.skip("Jaeger runs in the compose stack; under `tessera up` test_stack.py checks traces with its own receiver")
     found = target.containers("jaeger")
-    if not found:
-        pytest.skip("the compose stack runs without Jaeger (its image could not be pulled; see compose_up.sh's output)")
-    otlp = f"http://{found[0]['ip']}:{os.environ.get('JAEGER_OTLP_GRPC_PORT', '4317')}"
-    return target.stack.jaeger_url, otlp
+    if found:
+        return Collector(f"http://{found[0]['ip']}:{os.environ.get('JAEGER_OTLP_GRPC_PORT', '4317')}",
+                         jaeger_url=target.stack.jaeger_url)
+    spans = os.environ.get("TESSERA_E2E_OTLP_SPANS", "")
+    if not spans:
+        pytest.skip("the compose stack runs without Jaeger and without the tests' OTLP receiver")
+    port = os.environ.get("OTEL_COLLECTOR_ENDPOINT", "").rsplit(":", 1)[-1]
+    return Collector(f"http://127.0.0.1:{port}", spans_file=spans)
 
 
-def test_trace_edges_client_object_store_control_store_in_jaeger(target: Target, jaeger: tuple[str, str],
-                                                                 poll: Callable[..., Any]) -> None:
-    query, otlp = jaeger
+def test_trace_edges_client_object_store_control_store(target: Target, collector: Collector,
+                                                       poll: Callable[..., Any]) -> None:
     stores = target.instances("object-store")
     assert stores, "no object store registered"
     store = stores[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(OTEL_SERVICE_NAME="e2e-client", OTEL_EXPORTER_OTLP_ENDPOINT=otlp, OTEL_BSP_SCHEDULE_DELAY="200")
+    env.update(OTEL_SERVICE_NAME="e2e-client", OTEL_EXPORTER_OTLP_ENDPOINT=collector.otlp, OTEL_BSP_SCHEDULE_DELAY="200")
     run = subprocess.run([sys.executable, "-c", CLIENT, target.reachable(store.address)], env=env,
                          capture_output=True, text=True, timeout=90)
     assert run.returncode == 0, run.stderr
@@ -274,17 +310,56 @@ def test_trace_edges_client_object_store_control_store_in_jaeger(target: Target,
     want = {("e2e-client", "object-store"), ("object-store", "control-store")}
 
     def edges() -> set[tuple[str, str]] | None:
-        try:
-            data = jaeger_get(query, f"/api/traces/{trace_id}")["data"]
-        except OSError:  # 404 until the spans are in
-            return None
-        got = service_edges(data[0]) if data else set()
+        got = collector.edges(trace_id)
         return got if want <= got else None
 
-    got = poll(edges, timeout=60, interval=1.0, what=f"trace {trace_id} with edges {sorted(want)} in Jaeger")
+    got = poll(edges, timeout=60, interval=1.0, what=f"trace {trace_id} with edges {sorted(want)}")
     assert want <= got
     # Health checks are not traced (compose_wait.py and this module made many).
     for service in ("control-store", "object-store"):
-        traces = jaeger_get(query, "/api/traces", service=service, operation="/grpc.health.v1.Health/Check",
-                            limit="5", lookback="1h").get("data")
-        assert not traces, f"{service}: health checks were traced"
+        assert not collector.health_checks_traced(service), f"{service}: health checks were traced"
+
+
+HOST_TRACE = r"""
+import tessera
+from opentelemetry import trace
+from tessera.common.telemetry import current_trace_id, setup_tracing, shutdown_tracing
+setup_tracing("e2e-host-driver")
+with trace.get_tracer("e2e").start_as_current_span("from the host"):
+    print(current_trace_id(), flush=True)
+    tessera.init()
+
+    @tessera.remote
+    def one():
+        return 1
+
+    assert tessera.get(one.remote(), timeout=60) == 1
+    tessera.shutdown()
+shutdown_tracing()
+"""
+
+
+def test_one_trace_from_the_host_through_the_gateway(target: Target, collector: Collector,
+                                                     poll: Callable[..., Any]) -> None:
+    env_otel = {"OTEL_SERVICE_NAME": "e2e-host-driver", "OTEL_EXPORTER_OTLP_ENDPOINT": collector.otlp,
+                "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    saved = {k: os.environ.get(k) for k in env_otel}
+    os.environ.update(env_otel)
+    try:
+        r = host_driver(target, HOST_TRACE)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert r.returncode == 0, r.stderr[-4000:]
+    trace_id = r.stdout.strip().splitlines()[0]
+    # the driver's calls go through the gateway; the task runs in the driver's trace (its spec carries it)
+    want = {("e2e-host-driver", "gateway"), ("gateway", "control-store"), ("e2e-host-driver", "task-scheduler")}
+
+    def edges() -> set[tuple[str, str]] | None:
+        got = collector.edges(trace_id)
+        return got if want <= got else None
+
+    assert want <= poll(edges, timeout=60, interval=1.0, what=f"trace {trace_id} with edges {sorted(want)}")

@@ -56,8 +56,21 @@ scripts/compose_build.sh
 phase "images built"
 
 scripts/compose_down.sh >/dev/null  # nothing left from an earlier run
+# Where Jaeger's image cannot be pulled, the services' spans go to a receiver on the host (reached from the
+# containers as host.containers.internal), whose span file the tests read to assert the trace edges.
+sink=""
+if ! have_image "$JAEGER_IMAGE"; then
+  port=${OTLP_SINK_PORT:-14317}
+  export TESSERA_E2E_OTLP_SPANS=${TMPDIR:-/tmp}/tessera-compose-spans-$$.jsonl
+  : >"$TESSERA_E2E_OTLP_SPANS"
+  "$PY" scripts/otlp_sink.py --port "$port" --out "$TESSERA_E2E_OTLP_SPANS" &
+  sink=$!
+  export OTEL_COLLECTOR_ENDPOINT=http://host.containers.internal:$port
+  phase "no Jaeger image: spans go to the tests' receiver on port $port"
+fi
 on_exit() {
   rc=$?
+  [ -z "$sink" ] || kill "$sink" 2>/dev/null || true
   if [ "$rc" -ne 0 ]; then
     for c in $("$ENGINE" ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" 2>/dev/null); do
       echo "--- logs of $("$ENGINE" inspect --format '{{.Name}}' "$c")"
@@ -75,7 +88,7 @@ phase "stack up"
 # the tests' clients (SDK, CLI, raw channels) send the stack's token
 TESSERA_AUTH_TOKEN_FILE=$PWD/${TESSERA_SECRETS_DIR#./}/auth_token \
 TESSERA_E2E_STACK=compose TESSERA_E2E_ENGINE=$ENGINE \
-TESSERA_E2E_CONTROL_STORE=$HOST_BIND_ADDRESS:$CONTROL_STORE_PORT \
+TESSERA_E2E_CONTROL_STORE=$HOST_BIND_ADDRESS:$GATEWAY_HOST_PORT \
 TESSERA_E2E_JAEGER_URL=http://$HOST_BIND_ADDRESS:$JAEGER_UI_PORT \
   tests
 phase "tests passed"
