@@ -87,6 +87,22 @@ def test_the_sdk_finds_the_token_through_the_run_dir(secured: Secured) -> None:
     assert "object transport socket" in out.stdout, out.stdout
 
 
+def test_a_driver_with_a_wrong_or_no_token_gets_one_line_that_says_what_to_set(secured: Secured,
+                                                                               tmp_path: Path) -> None:
+    address = secured.info()["control_store_address"]
+    wrong = tmp_path / "token"
+    wrong.write_text("not-the-token")
+    script = f"import tessera; tessera.init(address={address!r})"
+    for extra in ({"TESSERA_AUTH_TOKEN_FILE": str(wrong)}, {}):
+        env = {**{k: v for k, v in secured.env.items() if k != "TESSERA_RUN_DIR"}, **extra,
+               "TESSERA_RUN_DIR": str(tmp_path / "elsewhere")}  # no run dir to find the token in
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("ConnectionRefusedError: the cluster at " + address), last
+        assert "set TESSERA_AUTH_TOKEN_FILE" in last, last
+
+
 def test_the_object_store_socket_is_private_and_refuses_a_hello_without_the_token(secured: Secured) -> None:
     from tessera.api.object_store.v1 import object_store_pb2 as opb
     from tessera.api.object_store.v1 import object_store_pb2_grpc as opb_grpc

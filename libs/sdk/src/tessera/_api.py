@@ -279,9 +279,14 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
             return
         cluster = find_cluster(address)
         ch, cs = control_store_stub(cluster.control_store_address)
-        job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"), entrypoint=name or _entrypoint(),
-                                                                driver_address=f"pid-{os.getpid()}")),
-                           timeout=30.0).job
+        try:
+            job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"),
+                                                                    entrypoint=name or _entrypoint(),
+                                                                    driver_address=f"pid-{os.getpid()}")),
+                               timeout=30.0).job
+        except grpc.RpcError as e:
+            ch.close()
+            raise connect_error(cluster.control_store_address, e) from None
         agent = _agent_address(cluster, cs)
         core = Core(job_id=job.job_id, objects=object_client, control_store=control_store,
                     stale_s=current_settings().refs_stale_s)
@@ -298,6 +303,20 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
         _objects.escape_hook = core.escape
         _objects.counter = core.refs
         core.start_refs()
+
+
+def connect_error(address: str, e: grpc.RpcError) -> Exception:
+    """The one-line error for a cluster that cannot be reached or refuses this process."""
+    code, details = e.code(), e.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ConnectionRefusedError(
+            f"the cluster at {address} refused this process's credentials ({details}): set TESSERA_AUTH_TOKEN_FILE to "
+            "the cluster's token (compose: deploy/secrets/auth_token; `tessera up --auth`: <run dir>/secrets/auth_token)")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ConnectionError(
+            f"no Tessera cluster answered at {address} ({details}): check the address (compose: the gateway's "
+            "published port, localhost:50051 by default; `tessera up`: `tessera status` prints it) and that it is up")
+    return ConnectionError(f"the cluster at {address} answered {code.name}: {details}")
 
 
 def _entrypoint() -> str:

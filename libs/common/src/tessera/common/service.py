@@ -18,6 +18,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -41,6 +42,8 @@ RegistrationFactory = Callable[[str], Awaitable[Registration]]
 #: notices the control store soon after it comes up.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 0.5
+#: After this long without reaching the control store, a replica says so as an error (once), naming what to check.
+UNREACHABLE_WARN_S = 30.0
 
 
 def next_retry(delay: float) -> float:
@@ -102,6 +105,7 @@ class ServiceApp:
     async def _start_registration(self) -> Registration:
         factory = self._registration_factory or self._default_registration
         delay = RETRY_FIRST_S
+        started, warned = time.monotonic(), False
         while True:  # the control store may still be starting: retry until told to stop
             try:
                 reg = await factory(self.address)
@@ -111,7 +115,13 @@ class ServiceApp:
                 if self._stop.is_set():
                     raise
                 why = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
-                log.info("waiting for the control store at %s: %s", self.settings.control_store_address, why)
+                address = self.settings.control_store_address
+                if not warned and time.monotonic() - started > UNREACHABLE_WARN_S:
+                    warned = True  # once, loudly: what to check (the retries go on)
+                    log.error("cannot register with the control store at %s for %.0fs (%s): check "
+                              "TESSERA_CONTROL_STORE_ADDRESS, that the control store is up and reachable from here, "
+                              "and the token (TESSERA_AUTH_TOKEN_FILE)", address, UNREACHABLE_WARN_S, why)
+                log.info("waiting for the control store at %s: %s", address, why)
                 await asyncio.sleep(delay)
                 delay = next_retry(delay)
 
