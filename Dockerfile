@@ -22,6 +22,8 @@
 #       --build-context wheelhouse=deploy/wheelhouse -t tessera/control-store:0.1.0 .
 # Everything after the `base` and `wheels` stages is the same for both. Unused stages are skipped
 # (BuildKit, and buildah's --skip-unused-stages, its default), so the local path never pulls.
+# Under podman pass TESSERA_BASE even for `public` (compose passes it from .env): podman 4's
+# buildah ignores a global ARG's default when it works out which stages a --target needs.
 #
 # Layers: third-party dependencies go in before any Tessera code, from the pyproject files alone,
 # so a code change rebuilds only the last, small layers. Buildah does not key a RUN's cache on the
