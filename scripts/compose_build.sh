@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Build every image of the compose stack, with no network inside the builds:
+# Build every image of the compose stack through the Dockerfile's local path
+# (TESSERA_BASE=local): no registry, and no network inside the builds.
 #   1. the Debian base image (deploy/base/build-base.sh: debootstrap from this machine's apt sources),
-#   2. the wheelhouse on the host (scripts/compose_wheelhouse.sh),
-#   3. the runtime image (deploy/runtime/Dockerfile: third-party deps from the wheelhouse),
-#   4. the six service images (services/<name>/Dockerfile: Tessera's code from source),
-#   5. nats and redis from the base image (deploy/images/*) when .env's upstream images cannot be pulled.
+#   2. the wheelhouse on the host (scripts/compose_wheelhouse.sh: third-party wheels only),
+#   3. the eight Tessera images, one target each of the Dockerfile (its shared stages, the
+#      venv with every third-party dependency among them, are built once and then cached),
+#   4. nats and redis from the base image (deploy/images/*) when .env's upstream images cannot be pulled.
 #
 #   scripts/compose_build.sh              # ENGINE=podman (default) or ENGINE=docker
+#
+# With a registry, none of this is needed: `docker compose up -d --build` builds the same
+# targets from python:3.11-slim-bookworm and PyPI (the Dockerfile's default, public path).
 # Layers are cached by the engine: a second run with no change takes seconds.
 set -euo pipefail
 # shellcheck source=scripts/compose_env.sh
@@ -25,11 +29,14 @@ build() {  # build <tag> <dockerfile> [--build-arg ...]
   echo "compose_build: $tag ($((SECONDS - t))s)"
 }
 prefix=$TESSERA_IMAGE_PREFIX tag=$TESSERA_IMAGE_TAG
-runtime=${prefix}runtime:$tag
-build "$runtime" deploy/runtime/Dockerfile --build-arg "BASE_IMAGE=$base"
-for svc in "${TESSERA_SERVICES[@]}"; do
-  port_var=$(echo "${svc//-/_}_PORT" | tr '[:lower:]' '[:upper:]')
-  build "$prefix$svc:$tag" "services/$svc/Dockerfile" --build-arg "RUNTIME_IMAGE=$runtime" --build-arg "GRPC_PORT=${!port_var}"
+local_path=(--build-arg TESSERA_BASE=local --build-arg "LOCAL_BASE_IMAGE=$base"
+            --build-context wheelhouse=deploy/wheelhouse)
+for image in "${TESSERA_IMAGES[@]}"; do
+  args=(--target "$image" "${local_path[@]}")
+  # the gRPC port of .env (CONTROL_STORE_PORT, ...), where .env has one for this image
+  port_var=$(echo "${image//-/_}_PORT" | tr '[:lower:]' '[:upper:]')
+  [ -z "${!port_var:-}" ] || args+=(--build-arg "GRPC_PORT=${!port_var}")
+  build "$prefix$image:$tag" Dockerfile "${args[@]}"
 done
 for infra in nats redis; do
   var=$(echo "${infra}_IMAGE" | tr '[:lower:]' '[:upper:]')

@@ -17,6 +17,8 @@ else
   COMPOSE=(docker compose -p "$COMPOSE_PROJECT_NAME" -f docker-compose.yml)
 fi
 TESSERA_SERVICES=(control-store object-store task-scheduler compiler gpu-scheduler serving)
+# Every image of the Dockerfile (compose_build.sh builds them all): the services, gateway and node.
+TESSERA_IMAGES=(control-store task-scheduler compiler gpu-scheduler serving gateway node object-store)
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 # An image the engine has, or can pull now (quietly, bounded).

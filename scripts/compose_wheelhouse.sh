@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Build the wheelhouse the container images install from, on the host, with pip:
-# every third-party dependency of libs/api, libs/common, libs/sdk (the SDK: services
-# that submit work use it) and the six services (torch and scikit-learn included, where a
-# service declares them), plus setuptools and wheel to build Tessera's
-# own packages inside the images. The images then install with `pip --no-index`.
+# Build the wheelhouse the images' local path installs from (no registry, no network in the
+# builds), on the host, with pip: every third-party dependency of libs/api, libs/common,
+# libs/sdk and the services (torch and scikit-learn included, where a service declares them),
+# plus setuptools and wheel to build Tessera's own packages inside the images. The Dockerfile
+# (TESSERA_BASE=local) takes DIR as its `wheelhouse` build context and installs with
+# `pip --no-index`; it builds Tessera's own wheels itself, from the source tree.
 #
 #   scripts/compose_wheelhouse.sh [DIR]      # default DIR: deploy/wheelhouse (git-ignored)
 #
 # Wheels are kept between runs in $TESSERA_CACHE_DIR/wheelhouse (default
 # /var/cache/tessera/wheelhouse); pip's own configuration (index, find-links) is used as
-# it is. Writes DIR/requirements.txt: the pinned third-party set the runtime image installs,
-# and DIR/tessera/: wheels of Tessera's own packages (built every run: they follow the code),
-# which the service images install with --no-deps.
+# it is. Writes DIR/requirements.txt: the pinned third-party set, and nothing of Tessera's
+# own, so that a code change leaves DIR (and the images' dependency layers) as they are.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,12 +44,8 @@ tar --exclude=build --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pyte
   | tar -C "$src" -xf -
 SRC_PKGS=("${PKGS[@]/#/$src/}")
 
-# Tessera's own wheels. Fixed timestamps: the same code gives the same bytes, so the
-# service images' COPY layer (and everything after it) stays cached.
-rm -rf "$OUT/tessera" && mkdir -p "$OUT/tessera"
-SOURCE_DATE_EPOCH=315532800 "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index \
-  --wheel-dir "$OUT/tessera" "${SRC_PKGS[@]}" 2> >(grep -v "is neither a file nor a directory" >&2)
-echo "compose_wheelhouse: $(ls "$OUT/tessera" | wc -l) Tessera wheels in $OUT/tessera"
+# Tessera's own wheels are built by the image build; drop those an earlier version left here.
+rm -rf "$OUT/tessera"
 # Nothing to do when the packages' metadata, this script and the target Python are unchanged.
 key=$(cat "${PKGS[@]/%//pyproject.toml}" "$0" <(echo "${TESSERA_IMAGE_PYTHON_FULL:-} ${TESSERA_TORCH_INDEX:-}") | sha256sum | cut -c1-16)
 if [ -f "$OUT/requirements.txt" ] && [ "$(cat "$OUT/.key" 2>/dev/null)" = "$key" ]; then
