@@ -70,7 +70,6 @@ if ! have_image "$JAEGER_IMAGE"; then
 fi
 on_exit() {
   rc=$?
-  [ -z "$sink" ] || kill "$sink" 2>/dev/null || true
   if [ "$rc" -ne 0 ]; then
     for c in $("$ENGINE" ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" 2>/dev/null); do
       echo "--- logs of $("$ENGINE" inspect --format '{{.Name}}' "$c")"
@@ -78,6 +77,7 @@ on_exit() {
     done
   fi
   scripts/compose_down.sh
+  [ -z "$sink" ] || kill "$sink" 2>/dev/null || true  # after the services flushed their last spans
   phase "stack down"
   exit "$rc"
 }

@@ -43,7 +43,8 @@ infra=(nats redis)
 if have_image "$JAEGER_IMAGE"; then
   infra+=(jaeger)
 else
-  echo "compose_up: Jaeger image $JAEGER_IMAGE is not available (not local, pull failed): running without Jaeger, traces are not collected"
+  echo "compose_up: Jaeger image $JAEGER_IMAGE is not available (not local, pull failed): running without Jaeger;" \
+       "spans go to $OTEL_COLLECTOR_ENDPOINT"
 fi
 
 # podman without systemd logs that it cannot schedule healthchecks: expected, compose_wait.py checks instead.
@@ -57,7 +58,17 @@ wait_ready "${infra[@]}"
 up control-store
 wait_ready control-store
 others=(node task-scheduler compiler gpu-scheduler serving gateway)
-up "${scale[@]}" "${others[@]}"
+# One `up` per scaled service (podman-compose keeps only the last of several --scale options), then the rest.
+scaled=" "
+for ((i = 1; i < ${#scale[@]}; i += 2)); do
+  up --scale "${scale[i]}" "${scale[i]%%=*}"
+  scaled+="${scale[i]%%=*} "
+done
+rest=()
+for svc in "${others[@]}"; do
+  case $scaled in *" $svc "*) ;; *) rest+=("$svc") ;; esac
+done
+[ ${#rest[@]} -eq 0 ] || up "${rest[@]}"
 expect=("${others[@]}")
 for ((i = 1; i < ${#scale[@]}; i += 2)); do expect+=("${scale[i]}"); done
 wait_ready "${expect[@]}"

@@ -33,7 +33,7 @@ REFRESH_EVERY_S = 5.0
 #: Metadata the gateway sets itself, or gRPC does: never forwarded as received.
 _DROP = {rpc.ROUTE_HEADER, "traceparent", "tracestate", "user-agent", "content-type", "te", "grpc-timeout",
          "grpc-accept-encoding", "grpc-encoding", "accept-encoding"}
-_OWN = {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+_OWN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class Directory:
@@ -91,7 +91,7 @@ class Forwarder(grpc.GenericRpcHandler):
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
         routed = any(k == rpc.ROUTE_HEADER for k, _ in details.invocation_metadata or ())
-        if not routed and (method in _OWN or method.startswith("/grpc.reflection.")):
+        if not routed and method.startswith(_OWN):
             return None  # the gateway's own health and reflection servicers answer
 
         async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
