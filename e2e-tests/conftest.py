@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from stacks import Cluster, running
+from stacks import Cluster, poll_until, running
 
 # "up" (default): `tessera up` per test module; "compose": the running compose stack.
 STACK_MODE = os.environ.get("TESSERA_E2E_STACK", "up")
@@ -74,17 +73,6 @@ def otlp() -> Iterator[OtlpReceiver]:
     receiver.endpoint = f"http://127.0.0.1:{port}"
     yield receiver
     server.stop(0)
-
-
-def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass

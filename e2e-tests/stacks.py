@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,18 @@ def clean_env(run_dir: Path, *, otlp_endpoint: str | None = None, **extra: str) 
         env.update(OTEL_TRACES_EXPORTER="none")
     env.update(extra)
     return env
+
+
+def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    """``check()``'s first truthy result, tried every ``interval`` seconds; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 def alive(pid: int) -> bool:
