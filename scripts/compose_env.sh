@@ -16,7 +16,6 @@ if [ "$ENGINE" = podman ]; then
 else
   COMPOSE=(docker compose -p "$COMPOSE_PROJECT_NAME" -f docker-compose.yml)
 fi
-TESSERA_SERVICES=(control-store object-store task-scheduler compiler gpu-scheduler serving)
 # Every image of the Dockerfile (compose_build.sh builds them all): the services, gateway and node.
 TESSERA_IMAGES=(control-store task-scheduler compiler gpu-scheduler serving gateway node object-store)
 PY=${PYTHON:-.venv/bin/python}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
 from tessera.api.control_store.v1 import control_store_pb2 as pb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as pb_grpc
-from tessera.common import auth
+from tessera.common import auth, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import FailedPreconditionError
 from tessera.common.registry import CONTROL_STORE_SERVICE, Registration, instance_record
@@ -47,13 +50,14 @@ def build(settings: Settings) -> ServiceApp:
     async def start() -> None:
         await db.ping()
         # One control store per cluster: its liveness monitor and watches are not built to run twice over the
-        # same shards. A second one (`--scale control-store=2`) refuses to start; this one restarting keeps
-        # its address and is let through.
+        # same shards. A second one (`--scale control-store=2`) refuses to start while the first answers; the
+        # record of one that died (killed, its container replaced) is not in the way.
+        me = settings.resolved_instance_id
         for other in await store.list_instances(NAME):
-            if other.address != app.address:
+            if other.instance_id != me and await _serving(other):
                 raise FailedPreconditionError(
-                    f"another control store ({other.address}) serves these Redis shards: the control store runs as "
-                    "exactly one replica (do not scale it); stop that one first")
+                    f"another control store ({other.instance_id} at {other.address}) serves these Redis shards: the "
+                    "control store runs as exactly one replica (do not scale it); stop that one first")
         monitor.start()
 
     async def stop() -> None:
@@ -74,6 +78,22 @@ def build(settings: Settings) -> ServiceApp:
     app.on_stop(stop)
     app.register_with(register_self)
     return app
+
+
+async def _serving(inst: pb.ServiceInstance) -> bool:
+    """Whether the control store ``inst`` answers SERVING, asked at its own host (several replicas may
+    advertise one shared name, e.g. compose's service name)."""
+    port = inst.address.rsplit(":", 1)[-1]
+    targets = dict.fromkeys([f"{inst.hostname}:{port}" if inst.hostname else "", inst.address])
+    for target in filter(None, targets):
+        async with rpc.raw_aio_channel(target) as ch:
+            try:
+                resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            except grpc.aio.AioRpcError:
+                continue
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+    return False
 
 
 async def serve(settings: Settings | None = None) -> None:
