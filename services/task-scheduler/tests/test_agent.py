@@ -392,3 +392,16 @@ def test_an_infeasible_actor_is_recorded_dead_and_its_calls_fail() -> None:
     kinds = [r.error.kind for _, r in p.delivered]
     assert kinds == [E.ERROR_KIND_UNSCHEDULABLE, E.ERROR_KIND_ACTOR_DIED] and (aid, "DEAD") in p.actor_states
     assert "GPU=5" in p.delivered[1][1].error.message
+
+
+def test_a_gpu_worker_whose_task_was_cancelled_before_it_started_serves_no_other_task() -> None:
+    a, p = gpu_agent()
+    t = task(1, GPU=1)
+    a.submit([t], local=True)
+    (wid, ids), = p.gpu_workers.items()
+    a.cancel([t.task_id], force=True)
+    assert p.delivered[-1][1].error.kind == E.ERROR_KIND_CANCELLED and a.available["GPU"] == 2
+    a.worker_ready(wid)  # it said hello after all
+    assert wid not in a.idle and p.stopped.count(wid) == 2
+    a.worker_died(wid, "killed by SIGKILL")
+    assert a.starting == 0 and wid not in a.workers

@@ -93,6 +93,7 @@ class NodeAgent:
         self.available = dict(total)
         self.gpus = res.GpuSlots(gpu_ids if gpu_ids is not None else res.gpu_ids(total.get(res.GPU, 0.0), None))
         self.gpu_actors: deque[bytes] = deque()  # actors waiting for GPU ids to come free
+        self.retired: set[bytes] = set()  # GPU tasks' workers stopped before they said hello
         self.started = time.monotonic()
         self.join_grace_s = join_grace_s
         self.joining: set[bytes] = set()  # registered in the control store, not reporting yet
@@ -337,6 +338,10 @@ class NodeAgent:
     # ------------------------------------------------------------------ workers
 
     def worker_ready(self, wid: bytes, *, actor_id: bytes = b"") -> None:
+        if wid in self.retired:  # started for a GPU task cancelled meanwhile: it sees GPUs, so it serves no other
+            self.retired.discard(wid)
+            self.ports.stop_worker(wid)
+            return
         w = self.workers.get(wid)
         if w is None:
             w = self.workers[wid] = Worker(wid, actor_id=actor_id)
@@ -418,6 +423,9 @@ class NodeAgent:
             self.objects_available(values)
 
     def worker_died(self, wid: bytes, why: str) -> None:
+        if wid in self.retired:
+            self.retired.discard(wid)
+            return
         w = self.workers.pop(wid, None)
         if w is None:
             self.starting = max(0, self.starting - 1)
@@ -620,6 +628,8 @@ class NodeAgent:
             if wid is not None and force:
                 w = self.workers.pop(wid)
                 self.running.pop(tid, None)
+                if w.once and not w.ready:
+                    self.retired.add(wid)
                 if w.task is not None:
                     spec = w.task
                     self._free(w)
