@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import queue
 
 import tessera
 import tessera.client
 
 EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
-                    "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
-                    "internal", "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+                    "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
+                    "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init", "internal",
+                    "is_initialized", "kill", "nodes", "put", "remote", "shutdown", "util", "wait"]
+EXPECTED_UTIL = ["ActorPool"]
+EXPECTED_QUEUE = ["Empty", "Full", "Queue"]
 EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
                        "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
                        "WorkerCrashedError"]
@@ -25,6 +29,14 @@ def test_tessera_exports() -> None:
     assert sorted(tessera.__all__) == EXPECTED_TESSERA
     for name in tessera.__all__:
         assert hasattr(tessera, name), name
+
+
+def test_util_exports() -> None:
+    import tessera.util.queue
+
+    assert sorted(tessera.util.__all__) == EXPECTED_UTIL
+    assert sorted(tessera.util.queue.__all__) == EXPECTED_QUEUE
+    assert issubclass(tessera.util.queue.Empty, queue.Empty) and issubclass(tessera.util.queue.Full, queue.Full)
 
 
 def test_exception_exports() -> None:

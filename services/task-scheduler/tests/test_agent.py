@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -31,13 +32,15 @@ class Recorder:
         self.located: list[bytes] = []
         self.actor_states: list[tuple[bytes, str]] = []
         self.created: list[pb.TaskSpec] = []
+        self.gpu_workers: dict[bytes, tuple[str, ...]] = {}
 
     def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None:
         self.executed.append((worker_id, spec))
 
-    def start_worker(self, *, actor_id: bytes = b"") -> bytes:
+    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes:
         wid = os.urandom(8)
         self.started.append(actor_id)
+        self.gpu_workers[wid] = tuple(gpu_ids)
         return wid
 
     def stop_worker(self, worker_id: bytes) -> None:
@@ -289,3 +292,116 @@ def test_actors_die_with_their_owner_unless_detached(agent: Any) -> None:
     a.owner_gone("s1")
     assert a.actors[ids_[0]].state == "DEAD" and a.actors[ids_[1]].state != "DEAD"
     assert (ids_[0], "DEAD") in p.actor_states
+
+
+# ---------------------------------------------------------------------- GPUs and requests no node can meet
+
+
+def test_gpu_slots_give_whole_gpus_and_pack_fractions_as_ray_does() -> None:
+    g = res.GpuSlots(["0", "1", "2"])
+    assert g.assign(0.5) == ("0",) and g.assign(0.5) == ("0",)  # two halves share one GPU
+    assert g.assign(0.25) == ("1",) and g.assign(0.5) == ("1",)  # onto the GPU with the least room that fits
+    assert g.assign(2) is None  # only GPU 2 is whole
+    assert g.assign(1) == ("2",) and g.assign(0.5) is None
+    g.release(("0",), 0.5)
+    g.release(("0",), 0.5)
+    assert g.assign(1) == ("0",)
+    assert g.assign(0) == ()
+    assert res.gpu_ids(2, "3,5,7") == ["3", "5"] and res.gpu_ids(2, None) == ["0", "1"] and res.gpu_ids(2, "4") == ["0", "1"]
+
+
+def test_infeasible_message_names_the_resource_and_the_largest_node() -> None:
+    msg = res.infeasible_message("f", {"CPU": 1, "TPU": 2}, [{"CPU": 4.0}, {"CPU": 8.0, "TPU": 1.0}])
+    assert "TPU=2" in msg and "CPU=1, TPU=2" in msg and "CPU=8, TPU=1" in msg and "2 node(s)" in msg
+    assert res.missing({"CPU": 6, "GPU": 1}, [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}]) == []  # each alone fits somewhere
+
+
+def gpu_agent(gpus: int = 2, **kw: Any) -> tuple[NodeAgent, Recorder]:
+    ports = Recorder()
+    a = NodeAgent(HERE, {"CPU": 4.0, "GPU": float(gpus)}, ports, unschedulable_after_s=30, join_grace_s=0, **kw)
+    a.worker_ready(b"\x09" * 8)
+    return a, ports
+
+
+def test_a_gpu_task_runs_in_a_worker_of_its_own_that_sees_its_gpus_and_then_exits() -> None:
+    a, p = gpu_agent()
+    halves = [task(1, GPU=0.5), task(1, GPU=0.5)]
+    whole = task(1, GPU=1)
+    a.submit([*halves, whole], local=True)
+    started = list(p.gpu_workers.items())
+    assert [ids for _, ids in started] == [("0",), ("0",), ("1",)] and not p.executed  # not on the pooled worker
+    assert a.available["GPU"] == 0
+    for wid, _ in started:
+        a.worker_ready(wid)
+    assert [s.task_id for _, s in p.executed] == [t.task_id for t in [*halves, whole]]
+    wid, spec = p.executed[2]
+    a.task_done(wid, done(spec))
+    assert p.stopped == [wid] and a.available["GPU"] == 1 and wid not in a.idle
+    a.worker_died(wid, "exit code 0")  # the exit that follows changes nothing
+    again = task(1, GPU=1)
+    a.submit([again], local=True)
+    assert list(p.gpu_workers.values())[-1] == ("1",)
+
+
+def test_a_gpu_actor_waits_for_gpu_ids_and_gives_them_back_when_it_dies() -> None:
+    a, p = gpu_agent(gpus=1)
+    first, second = (pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32,
+                                 name="A", resources={"GPU": 1}, actor_id=os.urandom(16), owner_node_id=HERE,
+                                 owner="s1") for _ in range(2))
+    a.submit([first, second], local=True)
+    assert list(p.gpu_workers.values()) == [("0",)] and p.started == [first.actor_id]  # the second waits
+    a.kill_actor(first.actor_id)
+    assert list(p.gpu_workers.values()) == [("0",), ("0",)] and p.started == [first.actor_id, second.actor_id]
+
+
+def test_a_request_no_node_can_meet_fails_at_once_naming_it() -> None:
+    a, p = gpu_agent()
+    a.peer_load(NodeView(THERE, incarnation="x", total={"CPU": 8, "GPU": 1}, available={"CPU": 8, "GPU": 1}))
+    t, custom = task(1000), task(1, TPU=1)
+    a.submit([t, custom], local=True)
+    (_, r1), (_, r2) = p.delivered
+    assert r1.error.kind == r2.error.kind == E.ERROR_KIND_UNSCHEDULABLE and not a.unschedulable
+    assert "CPU=1000" in r1.error.message and "CPU=8, GPU=1" in r1.error.message
+    assert "TPU=1" in r2.error.message and "CPU=8, GPU=1" in r2.error.message  # none has TPU: the most CPUs
+
+
+def test_a_request_waits_only_while_a_node_is_joining() -> None:
+    a, p = gpu_agent()
+    a.nodes_registered([HERE, THERE])  # THERE registered, not reporting yet
+    t = task(1, TPU=1)
+    a.submit([t], local=True)
+    assert not p.delivered and t.task_id in a.unschedulable
+    a.peer_load(NodeView(THERE, incarnation="x", total={"CPU": 2}, available={"CPU": 2}))  # it has none
+    (_, r), = p.delivered
+    assert r.error.kind == E.ERROR_KIND_UNSCHEDULABLE and "TPU=1" in r.error.message
+    a.peer_load(NodeView(THERE, incarnation="x", total={"CPU": 2}, available={"CPU": 2}, leaving=True))
+    a.nodes_registered([THERE])  # gone, though still listed: not joining
+    a.submit([task(1, TPU=1)], local=True)
+    assert len(p.delivered) == 2
+
+
+def test_an_infeasible_actor_is_recorded_dead_and_its_calls_fail() -> None:
+    a, p = gpu_agent()
+    aid = os.urandom(16)
+    create = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="A",
+                         resources={"GPU": 5}, actor_id=aid, owner_node_id=HERE, owner="s1")
+    a.submit([create], local=True)
+    call = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, name="A.f", method="f", actor_id=aid,
+                       owner_node_id=HERE, owner="s1")
+    a.submit([call], local=True)
+    kinds = [r.error.kind for _, r in p.delivered]
+    assert kinds == [E.ERROR_KIND_UNSCHEDULABLE, E.ERROR_KIND_ACTOR_DIED] and (aid, "DEAD") in p.actor_states
+    assert "GPU=5" in p.delivered[1][1].error.message
+
+
+def test_a_gpu_worker_whose_task_was_cancelled_before_it_started_serves_no_other_task() -> None:
+    a, p = gpu_agent()
+    t = task(1, GPU=1)
+    a.submit([t], local=True)
+    (wid, ids), = p.gpu_workers.items()
+    a.cancel([t.task_id], force=True)
+    assert p.delivered[-1][1].error.kind == E.ERROR_KIND_CANCELLED and a.available["GPU"] == 2
+    a.worker_ready(wid)  # it said hello after all
+    assert wid not in a.idle and p.stopped.count(wid) == 2
+    a.worker_died(wid, "killed by SIGKILL")
+    assert a.starting == 0 and wid not in a.workers

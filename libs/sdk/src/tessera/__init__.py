@@ -19,8 +19,24 @@ __path__ = extend_path(__path__, __name__)
 
 if TYPE_CHECKING:
     import tessera.internal as internal
+    import tessera.util as util
     from tessera import exceptions
-    from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait
+    from tessera._api import (
+        available_resources,
+        cancel,
+        cluster_resources,
+        get,
+        get_actor,
+        get_gpu_ids,
+        get_runtime_context,
+        init,
+        is_initialized,
+        kill,
+        nodes,
+        put,
+        shutdown,
+        wait,
+    )
     from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
     from tessera.client import Client, ClusterNotFoundError, Event, connect
     from tessera.client.objects import ObjectRef, ObjectStoreClient
@@ -31,7 +47,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "exceptions": "tessera.exceptions",
     "internal": "tessera.internal",
-    **dict.fromkeys(["cancel", "get", "get_actor", "init", "is_initialized", "kill", "put", "shutdown", "wait"],
+    "util": "tessera.util",
+    **dict.fromkeys(["available_resources", "cancel", "cluster_resources", "get", "get_actor", "get_gpu_ids",
+                     "get_runtime_context", "init", "is_initialized", "kill", "nodes", "put", "shutdown", "wait"],
                     "tessera._api"),
     **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera.client.objects"),
     **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "remote"], "tessera._remote"),
@@ -39,8 +57,9 @@ _LAZY = {
 }
 
 __all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
-           "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
-           "internal", "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+           "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
+           "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init", "internal",
+           "is_initialized", "kill", "nodes", "put", "remote", "shutdown", "util", "wait"]
 
 
 def __getattr__(name: str) -> Any:
@@ -48,7 +67,7 @@ def __getattr__(name: str) -> Any:
     if where is None:
         raise AttributeError(f"module 'tessera' has no attribute {name!r}")
     module = import_module(where)
-    value = module if name in ("exceptions", "internal") else getattr(module, name)
+    value = module if name in ("exceptions", "internal", "util") else getattr(module, name)
     globals()[name] = value  # once loaded, a plain attribute
     return value
 

@@ -1,4 +1,5 @@
-"""``tessera.init`` and the module-level task API: get, wait, put, cancel, kill, get_actor."""
+"""``tessera.init`` and the module-level task API: get, wait, put, cancel, kill, get_actor; the runtime context,
+the cluster's nodes and resources, and the GPUs of a task."""
 
 from __future__ import annotations
 
@@ -489,3 +490,210 @@ def free(refs: ObjectRef | Sequence[ObjectRef]) -> None:
     items, _ = _as_list(refs, "tessera.internal.free")
     if items:
         state().core.free_now([r.id for r in items])
+
+
+# ---------------------------------------------------------------------- the runtime context, the cluster's nodes
+
+
+class _HexId(str):
+    """An id as its hex string (what Ray's ``get_*_id()`` return); ``.hex()`` too, as Ray's id objects have."""
+
+    def hex(self) -> str:  # type: ignore[override]
+        return str(self)
+
+
+class RuntimeContext:
+    """What this process runs as: its job, node, task and actor (Ray's ``ray.runtime_context.RuntimeContext``).
+
+    In a driver, the task and actor ids are None; in a task, the actor id is None.
+    """
+
+    def __init__(self, st: _State) -> None:
+        self._st = st
+
+    @property
+    def _in_worker(self) -> bool:
+        return self._st.session is None
+
+    def get_job_id(self) -> str:
+        return self._st.core.job_id.hex()
+
+    def get_node_id(self) -> str:
+        return self._st.core.node_id.hex()
+
+    def get_task_id(self) -> str | None:
+        """The running task's id (in an actor: the running method's, or the constructor's); None in a driver."""
+        if not self._in_worker:
+            return None
+        tid: bytes = getattr(self._st.core, "current_task", b"")
+        return tid.hex() if tid else None
+
+    def get_actor_id(self) -> str | None:
+        """This actor's id, inside an actor; None elsewhere."""
+        if not self._in_worker:
+            return None
+        return os.environ.get("TESSERA_WORKER_ACTOR") or None
+
+    def get_worker_id(self) -> str:
+        """This worker's id; in a driver, the id of its process (host and pid)."""
+        return os.environ.get("TESSERA_WORKER_ID", "") if self._in_worker else self._st.core.refs_key.hex()
+
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        """The accelerators this worker holds, by kind, as strings (``{"GPU": ["0"]}``); none in a driver."""
+        return {"GPU": [str(i) for i in get_gpu_ids()]}
+
+    @property
+    def job_id(self) -> _HexId:
+        return _HexId(self.get_job_id())
+
+    @property
+    def node_id(self) -> _HexId:
+        return _HexId(self.get_node_id())
+
+    @property
+    def task_id(self) -> _HexId | None:
+        tid = self.get_task_id()
+        return None if tid is None else _HexId(tid)
+
+    @property
+    def actor_id(self) -> _HexId | None:
+        aid = self.get_actor_id()
+        return None if aid is None else _HexId(aid)
+
+    @property
+    def current_actor(self) -> Any:
+        """The handle of the actor this code runs in (RuntimeError outside an actor, as in Ray)."""
+        from tessera._remote import ActorHandle
+
+        aid = self.get_actor_id()
+        if aid is None:
+            raise RuntimeError("current_actor is only available inside an actor")
+        return ActorHandle(bytes.fromhex(aid), None, "actor")
+
+    def get(self) -> dict[str, Any]:
+        """The ids as a dict (Ray's deprecated ``get()``)."""
+        out: dict[str, Any] = {"job_id": self.job_id, "node_id": self.node_id}
+        if self.task_id is not None:
+            out["task_id"] = self.task_id
+        if self.actor_id is not None:
+            out["actor_id"] = self.actor_id
+        return out
+
+
+def get_runtime_context() -> RuntimeContext:
+    """The ids of what this process runs as, in a driver (after ``init``), a task or an actor."""
+    return RuntimeContext(state())
+
+
+_warned_gpu_ids = False
+
+
+def get_gpu_ids() -> list[int | str]:
+    """The GPUs assigned to this task or actor (``num_gpus``), as in ``CUDA_VISIBLE_DEVICES`` (ints where they are
+    numbers). A driver holds none: the empty list, as Ray's driver."""
+    global _warned_gpu_ids
+    st = state()
+    if st.session is not None:
+        if not _warned_gpu_ids:
+            _warned_gpu_ids = True
+            log.warning("tessera.get_gpu_ids() always returns [] in a driver: GPUs are assigned to tasks and actors")
+        return []
+    raw = os.environ.get("TESSERA_GPU_IDS", "")
+    return [int(i) if i.isdigit() else i for i in raw.split(",") if i]
+
+
+def _node_docs(cs: cpb_grpc.ControlStoreServiceStub) -> dict[str, dict[str, Any]]:
+    """Each node agent's record of what its node offers (NODES_NAMESPACE), by node id in hex."""
+    import json
+
+    from tessera.common.names import NODES_NAMESPACE
+
+    keys = cs.KvList(cpb.KvListRequest(namespace=NODES_NAMESPACE), timeout=10.0).keys
+    calls = [(k, cs.KvGet.future(cpb.KvGetRequest(namespace=NODES_NAMESPACE, key=k), timeout=10.0)) for k in keys]
+    out: dict[str, dict[str, Any]] = {}
+    for key, call in calls:
+        try:
+            doc = json.loads(call.result().value)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                continue  # the agent stopped meanwhile
+            raise
+        except ValueError:
+            log.warning("the resources record of node %s does not parse", key.decode(errors="replace"))
+            continue
+        if isinstance(doc, dict):
+            out[key.decode()] = doc
+    return out
+
+
+def _fresh(doc: dict[str, Any] | None, now: float) -> bool:
+    from tessera.common.names import NODES_HEARTBEAT_S
+
+    return doc is not None and now - float(doc.get("time", 0)) <= float(doc.get("stale_s", 3 * NODES_HEARTBEAT_S))
+
+
+def _amounts(raw: Any) -> dict[str, float]:
+    return {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def nodes() -> list[dict[str, Any]]:
+    """The cluster's nodes, as Ray's ``ray.nodes()``: dicts with NodeID, Alive, NodeManagerAddress,
+    NodeManagerHostname, NodeManagerPort, Resources (what the node offers: CPU, GPU, custom ones and its
+    object store's memory; empty for a dead node) and Labels."""
+    cs = control_store()
+    records = cs.ListNodes(cpb.ListNodesRequest(), timeout=10.0).nodes
+    docs = _node_docs(cs)
+    now = time.time()
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for n in records:
+        nid = n.node_id.hex()
+        seen.add(nid)
+        doc = docs.get(nid)
+        alive = n.state == cpb.NODE_STATE_ALIVE and (doc is None or _fresh(doc, now))
+        resources = _amounts(doc.get("total")) if doc and _fresh(doc, now) else {}
+        if "object_store_memory" in n.resources_total:
+            resources["object_store_memory"] = n.resources_total["object_store_memory"]
+        address = str(doc.get("address", "")) if doc else n.address
+        out.append(_node_row(nid, alive, address, n.labels.get("hostname") or str((doc or {}).get("hostname", "")),
+                             resources if alive else {}, dict(n.labels)))
+    for nid, doc in docs.items():  # an agent whose node's object store never registered
+        if nid not in seen:
+            alive = _fresh(doc, now)
+            out.append(_node_row(nid, alive, str(doc.get("address", "")), str(doc.get("hostname", "")),
+                                 _amounts(doc.get("total")) if alive else {}, {}))
+    return out
+
+
+def _node_row(nid: str, alive: bool, address: str, hostname: str, resources: dict[str, float],
+              labels: dict[str, str]) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    return {"NodeID": nid, "Alive": alive, "alive": alive, "NodeManagerAddress": host or address,
+            "NodeManagerHostname": hostname, "NodeManagerPort": int(port) if port.isdigit() else 0,
+            "NodeName": host or address, "Resources": resources, "Labels": labels}
+
+
+def cluster_resources() -> dict[str, float]:
+    """What the cluster's alive nodes offer in all, by resource (Ray's ``ray.cluster_resources()``)."""
+    total: dict[str, float] = {}
+    for n in nodes():
+        if n["Alive"]:
+            for k, v in n["Resources"].items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def available_resources() -> dict[str, float]:
+    """What the cluster's alive nodes have free now, by resource, summed from each node agent's last record
+    (twice a second at most, so it may lag by that): resources none is free of are left out, as in Ray."""
+    cs = control_store()
+    alive = {n.node_id.hex() for n in cs.ListNodes(cpb.ListNodesRequest(state=cpb.NODE_STATE_ALIVE),
+                                                   timeout=10.0).nodes}
+    now = time.time()
+    free: dict[str, float] = {}
+    for nid, doc in _node_docs(cs).items():
+        if not _fresh(doc, now) or (alive and nid not in alive):
+            continue
+        for k, v in _amounts(doc.get("available")).items():
+            free[k] = free.get(k, 0.0) + v
+    return {k: v for k, v in free.items() if v > 1e-9}

@@ -35,3 +35,10 @@ REFS_HEARTBEAT_S = 10.0
 #: A table older than this belongs to a process that is gone (the default of ``TESSERA_REFS_STALE_S``; a table
 #: says its own, as "stale_s").
 REFS_STALE_S = 35.0
+
+#: The control store's key-value namespace where each node agent keeps what its node offers to tasks (JSON:
+#: node_id, address, hostname, total, available, time, stale_s), one key per node (its id in hex), rewritten
+#: when it changes (at most twice a second) and at least every NODES_HEARTBEAT_S; removed when the agent
+#: stops. ``tessera.nodes()``, ``cluster_resources()`` and ``available_resources()`` read it.
+NODES_NAMESPACE = "nodes"
+NODES_HEARTBEAT_S = 2.0

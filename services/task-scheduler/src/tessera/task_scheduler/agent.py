@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,13 +30,16 @@ CACHE_BYTES = 32 * 2**20
 ENTRY_BYTES = 200
 #: Scanned past a head-of-line task that does not fit.
 LOOKAHEAD = 64
+#: After an agent starts, how long until it has heard every live peer (each reports at least every second):
+#: until then a request no known node can meet waits for the nodes not heard yet, rather than failing.
+JOIN_GRACE_S = 2.0
 
 
 class Ports(Protocol):
     """What the agent asks its surroundings to do."""
 
     def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None: ...
-    def start_worker(self, *, actor_id: bytes = b"") -> bytes: ...
+    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes: ...
     def stop_worker(self, worker_id: bytes) -> None: ...
     def deliver(self, owner_node: bytes, results: list[pb.TaskResult]) -> None: ...
     def spill(self, specs: list[pb.TaskSpec]) -> None: ...
@@ -56,6 +59,10 @@ class Worker:
     held: dict[str, float] = field(default_factory=dict)
     blocked: int = 0
     ready: bool = False
+    #: The GPUs its process sees (CUDA_VISIBLE_DEVICES): a worker started for one GPU task runs only that
+    #: task and then exits (as Ray's GPU tasks do, which frees the GPU memory it took).
+    gpu_ids: tuple[str, ...] = ()
+    once: bool = False
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Actor:
     restarts: int = 0
     cause: str = ""
     held: dict[str, float] = field(default_factory=dict)
+    gpu_ids: tuple[str, ...] = ()
 
 
 def error_result(spec: pb.TaskSpec, kind: int, message: str, node_id: bytes = b"") -> pb.TaskResult:
@@ -78,10 +86,18 @@ class NodeAgent:
     """One node's scheduler state."""
 
     def __init__(self, node_id: bytes, total: dict[str, float], ports: Ports, *, max_queue_per_cpu: float = 4.0,
-                 unschedulable_after_s: float = 60.0, max_workers: int = 64) -> None:
+                 unschedulable_after_s: float = 60.0, max_workers: int = 64, gpu_ids: Sequence[str] | None = None,
+                 join_grace_s: float = JOIN_GRACE_S) -> None:
         self.node_id = node_id
         self.total = dict(total)
         self.available = dict(total)
+        self.gpus = res.GpuSlots(gpu_ids if gpu_ids is not None else res.gpu_ids(total.get(res.GPU, 0.0), None))
+        self.gpu_actors: deque[bytes] = deque()  # actors waiting for GPU ids to come free
+        self.retired: set[bytes] = set()  # GPU tasks' workers stopped before they said hello
+        self.started = time.monotonic()
+        self.join_grace_s = join_grace_s
+        self.joining: set[bytes] = set()  # registered in the control store, not reporting yet
+        self.heard: set[bytes] = set()  # every peer that ever reported (one that left is not joining)
         self.ports = ports
         self.max_queue_per_cpu = max_queue_per_cpu
         self.unschedulable_after_s = unschedulable_after_s
@@ -116,6 +132,27 @@ class NodeAgent:
     def _feasible_somewhere(self, req: dict[str, float]) -> bool:
         return res.fits(req, self.total) or any(p.can_ever(req) and not p.leaving for p in self.peers.values())
 
+    def nodes_registered(self, node_ids: Iterable[bytes]) -> None:
+        """The nodes the control store lists as alive and newly registered: those not reporting yet are joining."""
+        self.joining = {n for n in node_ids if n != self.node_id and n not in self.heard}
+        if self.unschedulable and not self._joining(time.monotonic()):
+            self._retry_unschedulable()
+
+    def _joining(self, now: float) -> bool:
+        """Whether a node may still join that this agent has not heard from (then infeasible requests wait)."""
+        return bool(self.joining) or now - self.started < self.join_grace_s
+
+    def _node_totals(self) -> list[dict[str, float]]:
+        return [self.total, *(p.total for p in self.peers.values() if not p.leaving)]
+
+    def _fail_infeasible(self, spec: pb.TaskSpec) -> None:
+        msg = res.infeasible_message(spec.name, dict(spec.resources), self._node_totals())
+        log.warning("%s", msg)
+        self._finish(spec, error_result(spec, E.ERROR_KIND_UNSCHEDULABLE, msg))
+        if spec.kind == K.TASK_KIND_ACTOR_CREATE:  # the actor never starts: its calls fail rather than wait for it
+            self.ports.actor_state(spec.actor_id, "DEAD", msg)
+            self.actor_located(spec.actor_id, b"", dead=msg)
+
     def _busy(self) -> bool:
         cpus = max(1.0, self.total.get(res.CPU, 1.0))
         return len(self.queue) >= self.max_queue_per_cpu * cpus
@@ -143,6 +180,8 @@ class NodeAgent:
         if not res.fits(req, self.total):
             if local:
                 self._place_elsewhere(spec)
+            elif not self._feasible_somewhere(req) and not self._joining(time.monotonic()):
+                self._fail_infeasible(spec)  # no node can ever run it: its owner hears now
             else:  # sent here by mistake (stale view): give it back to the global scheduler
                 self.spilled_count += 1
                 self.ports.spill([spec])
@@ -161,8 +200,11 @@ class NodeAgent:
     def _place_elsewhere(self, spec: pb.TaskSpec) -> None:
         req = dict(spec.resources)
         if not self._feasible_somewhere(req):
-            log.warning("%s needs %s; no node has that yet: waiting up to %.0fs for one", spec.name,
-                        res.describe(req), self.unschedulable_after_s)
+            if not self._joining(time.monotonic()):
+                self._fail_infeasible(spec)
+                return
+            log.warning("%s needs %s; no node has that yet, and nodes are joining: waiting up to %.0fs for one",
+                        spec.name, res.describe(req), self.unschedulable_after_s)
             self.unschedulable[spec.task_id] = (spec, time.monotonic())
             return
         if spec.kind == K.TASK_KIND_ACTOR_CREATE:
@@ -236,16 +278,25 @@ class NodeAgent:
     # ------------------------------------------------------------------ dispatch
 
     def pump(self) -> None:
-        """Dispatch queued tasks to idle workers while resources last."""
+        """Dispatch queued tasks to idle workers (a GPU task: to a worker of its own) while resources last."""
         queue, avail = self.queue, self.available
         i = 0
         while queue and i < len(queue) and i < LOOKAHEAD:
-            if not self.idle:
+            spec, req = queue[i]
+            gpu = req.get(res.GPU)
+            if not gpu and not self.idle:
                 self._grow()
                 return
-            spec, req = queue[i]
             if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
                 i += 1
+                continue
+            if gpu:
+                gpus = self.gpus.assign(gpu)
+                if gpus is None:  # enough GPU in sum, but split across devices in shares too small
+                    i += 1
+                    continue
+                del queue[i]
+                self._run_on_gpus(spec, req, gpus)
                 continue
             del queue[i]
             self._run(self.idle.popleft(), spec, req)
@@ -255,6 +306,14 @@ class NodeAgent:
         if self.starting == 0 and live + self.starting < self.max_workers:
             self.starting += 1
             self.ports.start_worker()
+
+    def _run_on_gpus(self, spec: pb.TaskSpec, req: dict[str, float], gpus: tuple[str, ...]) -> None:
+        """A GPU task runs in a worker of its own that sees only its GPUs (CUDA_VISIBLE_DEVICES is read once,
+        when CUDA starts in a process), and that exits after it."""
+        res.acquire(req, self.available)
+        wid = self.ports.start_worker(gpu_ids=gpus)
+        self.workers[wid] = Worker(wid, task=spec, held=req, gpu_ids=gpus, once=True)
+        self.running[spec.task_id] = wid
 
     def _run(self, wid: bytes, spec: pb.TaskSpec, req: dict[str, float]) -> None:
         w = self.workers[wid]
@@ -279,10 +338,18 @@ class NodeAgent:
     # ------------------------------------------------------------------ workers
 
     def worker_ready(self, wid: bytes, *, actor_id: bytes = b"") -> None:
+        if wid in self.retired:  # started for a GPU task cancelled meanwhile: it sees GPUs, so it serves no other
+            self.retired.discard(wid)
+            self.ports.stop_worker(wid)
+            return
         w = self.workers.get(wid)
         if w is None:
             w = self.workers[wid] = Worker(wid, actor_id=actor_id)
         w.ready = True
+        if w.once:
+            if w.task is not None:
+                self.ports.execute(wid, self._with_values(w.task))
+            return
         if actor_id:
             a = self.actors.get(actor_id)
             if a is None or a.state == "DEAD":
@@ -326,7 +393,10 @@ class NodeAgent:
             return
         self.running.pop(spec.task_id, None)
         self._free(w)
-        self.idle.append(wid)
+        if w.once:
+            self.ports.stop_worker(wid)  # its death is then reported with nothing running in it
+        else:
+            self.idle.append(wid)
         self._finish(spec, result)
         self.pump()
 
@@ -335,6 +405,9 @@ class NodeAgent:
         if w.blocked:
             held.pop(res.CPU, None)
         res.release(held, self.available)
+        if w.gpu_ids:
+            self.gpus.release(w.gpu_ids, w.held.get(res.GPU, 0.0))
+            w.gpu_ids = ()
         w.task, w.held, w.blocked = None, {}, 0
 
     def _finish(self, spec: pb.TaskSpec, result: pb.TaskResult) -> None:
@@ -350,6 +423,9 @@ class NodeAgent:
             self.objects_available(values)
 
     def worker_died(self, wid: bytes, why: str) -> None:
+        if wid in self.retired:
+            self.retired.discard(wid)
+            return
         w = self.workers.pop(wid, None)
         if w is None:
             self.starting = max(0, self.starting - 1)
@@ -384,11 +460,31 @@ class NodeAgent:
         if old is not None and old.state != "DEAD":
             return  # a duplicate creation (resubmitted after a reconnect)
         a = self.actors[spec.actor_id] = Actor(spec)
+        for call in self.actor_waiting.pop(spec.actor_id, []):
+            a.queue.append(call)
+        if spec.resources.get(res.GPU):
+            self.gpu_actors.append(spec.actor_id)  # started once GPU ids are free for it
+            self._start_gpu_actors()
+            return
         a.held = dict(spec.resources)
         res.acquire(a.held, self.available)
         self.ports.start_worker(actor_id=spec.actor_id)
-        for call in self.actor_waiting.pop(spec.actor_id, []):
-            a.queue.append(call)
+
+    def _start_gpu_actors(self) -> None:
+        """Start the actors waiting for GPUs, in order, while GPU ids can be assigned to them."""
+        while self.gpu_actors:
+            a = self.actors.get(self.gpu_actors[0])
+            if a is None or a.state != "PENDING" or a.worker_id:
+                self.gpu_actors.popleft()
+                continue
+            gpus = self.gpus.assign(a.spec.resources[res.GPU])
+            if gpus is None:
+                return
+            self.gpu_actors.popleft()
+            a.gpu_ids = gpus
+            a.held = dict(a.spec.resources)
+            res.acquire(a.held, self.available)
+            self.ports.start_worker(actor_id=a.spec.actor_id, gpu_ids=gpus)
 
     def _actor_call(self, spec: pb.TaskSpec) -> None:
         aid = spec.actor_id
@@ -476,13 +572,17 @@ class NodeAgent:
             a.worker_id = b""
             log.warning("actor %s died (%s); restarting (%d)", a.spec.name, why, a.restarts)
             self.ports.actor_state(a.spec.actor_id, "RESTARTING")
-            self.ports.start_worker(actor_id=a.spec.actor_id)
+            self.ports.start_worker(actor_id=a.spec.actor_id, gpu_ids=a.gpu_ids)
             return
         self._actor_dead(a, f"its process died ({why}) and it has no restarts left")
 
     def _actor_dead(self, a: Actor, cause: str) -> None:
         a.state, a.cause = "DEAD", cause
         res.release(a.held, self.available)
+        if a.gpu_ids:
+            self.gpus.release(a.gpu_ids, a.held.get(res.GPU, 0.0))
+            a.gpu_ids = ()
+            self._start_gpu_actors()
         a.held = {}
         self.dead_actors[a.spec.actor_id] = cause
         self.ports.actor_state(a.spec.actor_id, "DEAD", cause)
@@ -528,6 +628,8 @@ class NodeAgent:
             if wid is not None and force:
                 w = self.workers.pop(wid)
                 self.running.pop(tid, None)
+                if w.once and not w.ready:
+                    self.retired.add(wid)
                 if w.task is not None:
                     spec = w.task
                     self._free(w)
@@ -572,6 +674,8 @@ class NodeAgent:
             return
         old = self.peers.get(view.node_id)
         self.peers[view.node_id] = view
+        self.joining.discard(view.node_id)
+        self.heard.add(view.node_id)
         if old is not None and old.incarnation and old.incarnation != view.incarnation:
             self._node_lost(view.node_id, "its agent restarted")
         if view.leaving:
@@ -581,10 +685,14 @@ class NodeAgent:
             self._retry_unschedulable()
 
     def _retry_unschedulable(self) -> None:
+        joining = self._joining(time.monotonic())
         for tid, (spec, _) in list(self.unschedulable.items()):
             if self._feasible_somewhere(dict(spec.resources)):
                 del self.unschedulable[tid]
                 self._route(spec, local=True)
+            elif not joining:
+                del self.unschedulable[tid]
+                self._fail_infeasible(spec)
 
     def _node_lost(self, node_id: bytes, why: str) -> None:
         self._place_again(lambda node: node == node_id, f"placed on node {node_id.hex()[:8]}, and {why}")
@@ -618,6 +726,8 @@ class NodeAgent:
             if not node and now - when > spill_ack_s:  # the global scheduler never placed it
                 self.spilled[tid] = (spec, b"", now)
                 self.ports.spill([spec])
+        if self.unschedulable and not self._joining(now):
+            self._retry_unschedulable()  # every node has been heard from: what none can run fails now
         for tid, (spec, since) in list(self.unschedulable.items()):
             if now - since > self.unschedulable_after_s:
                 del self.unschedulable[tid]

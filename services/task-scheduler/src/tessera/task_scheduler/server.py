@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import auth, ids, procs, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
-from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
+from tessera.common.names import NODES_HEARTBEAT_S, NODES_NAMESPACE, REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.task_scheduler import placement
@@ -102,7 +103,8 @@ class Node:
         self.incarnation = os.urandom(6).hex()
         self.agent = NodeAgent(node_id, total, self, max_queue_per_cpu=settings.task_scheduler_queue_per_cpu,
                                unschedulable_after_s=settings.task_scheduler_unschedulable_s,
-                               max_workers=settings.task_scheduler_max_workers)
+                               max_workers=settings.task_scheduler_max_workers,
+                               gpu_ids=res.gpu_ids(total.get(res.GPU, 0.0), os.environ.get("CUDA_VISIBLE_DEVICES")))
         self.sessions: dict[str, Any] = {}  # session id -> put(result)
         self.next_session = 0
         self.worker_writers: dict[bytes, asyncio.StreamWriter] = {}
@@ -215,9 +217,9 @@ class Node:
 
     # ------------------------------------------------------------------ workers (Ports)
 
-    def start_worker(self, *, actor_id: bytes = b"") -> bytes:
+    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes:
         wid = os.urandom(8)
-        self._tasks.append(asyncio.create_task(self._spawn(wid, actor_id)))
+        self._tasks.append(asyncio.create_task(self._spawn(wid, actor_id, tuple(gpu_ids))))
         return wid
 
     def _worker_env(self) -> dict[str, str]:
@@ -233,11 +235,17 @@ class Node:
             except (OSError, ValueError) as e:
                 log.warning("could not start the worker template (workers start as new processes): %s", e)
 
-    async def _new_worker(self, wid: bytes, actor_id: bytes) -> asyncio.subprocess.Process | ForkedProcess:
-        """A worker process: forked from the template (started on first use), else a fresh interpreter."""
+    async def _new_worker(self, wid: bytes, actor_id: bytes,
+                          gpu_ids: tuple[str, ...] = ()) -> asyncio.subprocess.Process | ForkedProcess:
+        """A worker process: forked from the template (started on first use), else a fresh interpreter.
+
+        A worker for a task or actor that holds GPUs sees only those (``CUDA_VISIBLE_DEVICES``, as in Ray);
+        ``TESSERA_GPU_IDS`` says which they are (``tessera.get_gpu_ids()``), empty for none."""
         # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
         own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
-               "TESSERA_WORKER_ACTOR": actor_id.hex()}
+               "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids)}
+        if gpu_ids:
+            own["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         await self._start_zygote()
         if self.zygote.alive:
             try:
@@ -248,9 +256,9 @@ class Node:
             sys.executable, "-m", "tessera.task_scheduler.worker", env={**self._worker_env(), **own},
             stdin=asyncio.subprocess.DEVNULL)
 
-    async def _spawn(self, wid: bytes, actor_id: bytes) -> None:
+    async def _spawn(self, wid: bytes, actor_id: bytes, gpu_ids: tuple[str, ...] = ()) -> None:
         try:
-            proc = await self._new_worker(wid, actor_id)
+            proc = await self._new_worker(wid, actor_id, gpu_ids)
         except (OSError, ValueError) as e:
             log.error("could not start a worker: %s", e)
             self._worker_gone(wid, actor_id, f"could not start: {e}")
@@ -500,6 +508,41 @@ class Node:
                            workers=len(a.workers), address=self.app.address, time_ms=int(time.time() * 1000),
                            leaving=leaving)
 
+    def resources_doc(self) -> dict[str, Any]:
+        """What this node offers to tasks, as kept in the control store (NODES_NAMESPACE) for the SDK."""
+        a = self.agent
+        return {"node_id": self.node_id.hex(), "address": self.app.address, "hostname": socket.gethostname(),
+                "total": dict(a.total), "available": {k: max(0.0, v) for k, v in a.available.items()},
+                "stale_s": max(3 * NODES_HEARTBEAT_S, self.settings.node_timeout_s)}
+
+    async def _cluster_view(self) -> None:
+        """Keep this node's resources in the control store (when they change, and as a heartbeat), and tell
+        the agent which nodes registered lately (those not reporting load yet are joining)."""
+        last: dict[str, Any] = {}
+        written = listed = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            doc = self.resources_doc()
+            if doc != last or now - written >= NODES_HEARTBEAT_S:
+                try:
+                    await self.cs.KvPut(cpb.KvPutRequest(namespace=NODES_NAMESPACE, key=self.node_id.hex().encode(),
+                                                         value=json.dumps({**doc, "time": time.time()}).encode(),
+                                                         overwrite=True), timeout=5.0)
+                    last, written = doc, now
+                except Exception as e:
+                    log.debug("could not record this node's resources: %s", e)
+            if now - listed >= 1.0:
+                listed = now
+                try:
+                    nodes = (await self.cs.ListNodes(cpb.ListNodesRequest(state=cpb.NODE_STATE_ALIVE),
+                                                     timeout=5.0)).nodes
+                except Exception as e:
+                    log.debug("could not list the nodes: %s", e)
+                    continue
+                recent_ms = time.time() * 1000 - self.settings.task_scheduler_unschedulable_s * 1000
+                self.agent.nodes_registered([n.node_id for n in nodes if n.registered_ms >= recent_ms])
+
     async def _reporter(self) -> None:
         last = b""
         last_sent = 0.0
@@ -539,6 +582,7 @@ class Node:
         bus.on_reconnect(self._bus_back)
         self._tasks.append(asyncio.create_task(self._writer(), name="lineage-writer"))
         self._tasks.append(asyncio.create_task(self._reporter(), name="load-reporter"))
+        self._tasks.append(asyncio.create_task(self._cluster_view(), name="cluster-view"))
         n = self.settings.task_scheduler_prestart_workers
         if n < 0:
             n = int(self.agent.total.get(res.CPU, 1))
@@ -567,6 +611,11 @@ class Node:
                 await self.app.bus.publish(LOAD_SUBJECT, self.load_report(leaving=True).SerializeToString())
             except Exception:
                 pass
+        try:
+            await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=NODES_NAMESPACE, key=self.node_id.hex().encode()),
+                                   timeout=2.0)
+        except Exception as e:
+            log.debug("could not remove this node's resources record: %s", e)
         for proc in list(self.procs.values()):
             if proc.returncode is None:
                 proc.terminate()
