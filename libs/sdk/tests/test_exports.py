@@ -10,7 +10,7 @@ import tessera.client
 
 EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
                     "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
-                    "internal", "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+                    "internal", "is_initialized", "kill", "method", "put", "remote", "shutdown", "wait"]
 EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
                        "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
                        "WorkerCrashedError"]

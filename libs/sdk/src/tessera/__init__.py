@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import tessera.internal as internal
     from tessera import exceptions
     from tessera._api import cancel, get, get_actor, init, is_initialized, kill, put, shutdown, wait
-    from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
+    from tessera._remote import ActorClass, ActorHandle, RemoteFunction, method, remote
     from tessera.client import Client, ClusterNotFoundError, Event, connect
     from tessera.client.objects import ObjectRef, ObjectStoreClient
 
@@ -34,13 +34,13 @@ _LAZY = {
     **dict.fromkeys(["cancel", "get", "get_actor", "init", "is_initialized", "kill", "put", "shutdown", "wait"],
                     "tessera._api"),
     **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera.client.objects"),
-    **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "remote"], "tessera._remote"),
+    **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "method", "remote"], "tessera._remote"),
     **dict.fromkeys(["Client", "ClusterNotFoundError", "Event", "connect"], "tessera.client"),
 }
 
 __all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
            "RemoteFunction", "__version__", "cancel", "connect", "exceptions", "get", "get_actor", "init",
-           "internal", "is_initialized", "kill", "put", "remote", "shutdown", "wait"]
+           "internal", "is_initialized", "kill", "method", "put", "remote", "shutdown", "wait"]
 
 
 def __getattr__(name: str) -> Any:
