@@ -1,4 +1,4 @@
-"""A worker process: runs the tasks its node agent leases to it, one at a time.
+"""A worker process: runs the tasks its node agent leases to it (one at a time), or an actor's calls.
 
 Started by the agent (``python -m tessera.task_scheduler.worker``) with the agent's
 Unix socket in ``TESSERA_WORKER_SOCKET``. The same connection carries the tasks
