@@ -234,12 +234,13 @@ def sleeper(marker: str, s: float) -> str:
     except KeyboardInterrupt:
         Path(marker + ".interrupted").write_text("yes")
         raise
+    Path(marker + ".done").write_text("yes")
     return "slept"
 
 
 @tessera.remote(max_retries=0)
-def parent(marker: str) -> str:
-    return str(tessera.get(sleeper.remote(marker, 60)))
+def parent(marker: str, s: float = 60) -> str:
+    return str(tessera.get(sleeper.remote(marker, s)))
 
 
 @tessera.remote
@@ -283,6 +284,17 @@ def test_recursive_cancel_cancels_the_tasks_it_submitted(cluster: stacks.Cluster
     with pytest.raises(TaskCancelledError):
         tessera.get(ref, timeout=30)
     assert wait_for(Path(f"{marker}.interrupted"), 15) == "yes"
+
+
+def test_cancel_with_recursive_false_leaves_its_children_running(cluster: stacks.Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "kept"
+    ref = parent.remote(str(marker), 2)
+    wait_for(marker)
+    tessera.cancel(ref, recursive=False)
+    with pytest.raises(TaskCancelledError):
+        tessera.get(ref, timeout=30)
+    assert wait_for(Path(f"{marker}.done"), 30) == "yes"
+    assert not Path(f"{marker}.interrupted").exists()
 
 
 def test_cancel_of_a_finished_task_is_a_no_op(cluster: stacks.Cluster, tmp_path: Path) -> None:
