@@ -106,6 +106,16 @@ def test_cancel_of_an_async_actor_call_cancels_its_coroutine(cluster: stacks.Clu
     assert time.monotonic() - t0 < 10
     assert wait_for(Path(str(marker) + ".cancelled"), 10) == "yes"
     assert tessera.get(a.sleep.remote(0.01), timeout=30) >= 1  # the actor serves on
+    one = AsyncCounter.options(max_concurrency=1).remote()
+    tessera.get(one.get_peak.remote(), timeout=60)
+    busy = one.sleep.remote(3.0)
+    waiting = one.sleep.remote(0.0)  # waits for room in the actor's worker: cancelled there, not after busy
+    time.sleep(0.2)
+    tessera.cancel(waiting)
+    with pytest.raises(TaskCancelledError):
+        tessera.get(waiting, timeout=30)
+    assert tessera.wait([busy], timeout=0)[0] == []
+    assert tessera.get(busy, timeout=30) == 1
     with pytest.raises(ValueError, match="force=True is not supported for actor tasks"):
         tessera.cancel(a.sleep.remote(5), force=True)
 

@@ -403,16 +403,16 @@ class ActorRunner:
             self.pools[g].submit(self.worker.execute, spec, interruptible=False)
 
     async def call(self, spec: pb.TaskSpec, group: str) -> None:
-        """One call of an async actor, once its group has room (calls take their turns in order)."""
+        """One call of an async actor, once its group has room (calls take their turns in order). A cancel
+        cancels its coroutine, whether it runs or still waits for room."""
         sem = self.semaphores.get(group)
         if sem is None:
             sem = self.semaphores[group] = asyncio.Semaphore(self.limits[group])
         w = self.worker
-        async with sem:
-            result: pb.TaskResult | None = None
-            me = asyncio.current_task()
-            if w._started(spec, _Running(threading.get_ident(), False, task=me, loop=self.loop)):
-                try:
+        result: pb.TaskResult | None = None
+        if w._started(spec, _Running(threading.get_ident(), False, task=asyncio.current_task(), loop=self.loop)):
+            try:
+                async with sem:
                     parent = context_from_traceparent(spec.traceparent)
                     if parent is None:
                         result = await self._call(spec)
@@ -420,16 +420,14 @@ class ActorRunner:
                         with _tracer.start_as_current_span(f"task {spec.name}", context=parent, kind=SpanKind.CONSUMER,
                                                            attributes={"tessera.task.id": spec.task_id.hex()}):
                             result = await self._call(spec)
-                except asyncio.CancelledError:
-                    result = None
-                finally:
-                    w._ended(spec)
-                    if spec.traceparent:
-                        flush_tracing()
-            w._forget(spec.task_id)
-            if result is None:
-                result = w.cancelled_result(spec)
-        w.send_result(result)
+            except asyncio.CancelledError:
+                result = None
+            finally:
+                w._ended(spec)
+                if spec.traceparent:
+                    flush_tracing()
+        w._forget(spec.task_id)
+        w.send_result(result if result is not None else w.cancelled_result(spec))
 
     async def _call(self, spec: pb.TaskSpec) -> pb.TaskResult:
         w = self.worker
