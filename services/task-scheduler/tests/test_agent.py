@@ -33,9 +33,15 @@ class Recorder:
         self.actor_states: list[tuple[bytes, str]] = []
         self.created: list[pb.TaskSpec] = []
         self.gpu_workers: dict[bytes, tuple[str, ...]] = {}
+        self.interrupted: list[tuple[bytes, list[bytes], bool]] = []
 
     def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None:
         self.executed.append((worker_id, spec))
+
+    def interrupt(self, worker_id: bytes, task_ids: list[bytes], *, force: bool, recursive: bool) -> None:
+        self.interrupted.append((worker_id, list(task_ids), force))
+        if force:  # the wiring stops it (after a grace)
+            self.stopped.append(worker_id)
 
     def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes:
         wid = os.urandom(8)
@@ -205,12 +211,11 @@ def test_actor_calls_queue_in_order_and_fail_after_death(agent: Any) -> None:
     a.worker_ready(awid, actor_id=aid)
     assert p.executed[-1][1].task_id == create.task_id
     a.task_done(awid, done(create))
-    seen = []
-    for _ in calls:
-        spec = p.executed[-1][1]
-        seen.append(spec.seq)
+    sent = [s for _, s in p.executed[-3:]]
+    assert [s.seq for s in sent] == [0, 1, 2]  # all at once, in order: the worker orders them and limits how many run
+    for spec in sent:
         a.task_done(awid, done(spec))
-    assert seen == [0, 1, 2]
+    assert [r.task_id for _, r in p.delivered[-3:]] == [c.task_id for c in calls]
     a.worker_died(awid, "exit code 1")  # max_restarts 0: dead
     late = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", actor_id=aid,
                        owner_node_id=HERE, owner="s1", num_returns=1)
@@ -405,3 +410,76 @@ def test_a_gpu_worker_whose_task_was_cancelled_before_it_started_serves_no_other
     assert wid not in a.idle and p.stopped.count(wid) == 2
     a.worker_died(wid, "killed by SIGKILL")
     assert a.starting == 0 and wid not in a.workers
+
+
+def _actor(a: Any, p: Any, *, max_restarts: int = 0) -> tuple[bytes, bytes]:
+    aid = os.urandom(16)
+    create = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="A",
+                         num_returns=1, actor_id=aid, owner_node_id=HERE, owner="s1", max_restarts=max_restarts)
+    a.submit([create], local=True)
+    awid = os.urandom(8)
+    a.worker_ready(awid, actor_id=aid)
+    a.task_done(awid, done(create))
+    return aid, awid
+
+
+def test_calls_in_flight_when_an_actor_restarts_are_retried_up_to_max_task_retries(agent: Any) -> None:
+    a, p = agent
+    aid, awid = _actor(a, p, max_restarts=1)
+    retried = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", name="A.m", num_returns=1,
+                          actor_id=aid, owner_node_id=HERE, owner="s1", seq=1, max_retries=1)
+    lost = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", name="A.m", num_returns=1,
+                       actor_id=aid, owner_node_id=HERE, owner="s1", seq=2)
+    a.submit([retried, lost], local=True)
+    assert [s.task_id for _, s in p.executed[-2:]] == [retried.task_id, lost.task_id]
+    a.worker_died(awid, "killed by SIGKILL")
+    assert [(r.task_id, r.error.kind) for _, r in p.delivered[-1:]] == [(lost.task_id, E.ERROR_KIND_ACTOR_DIED)]
+    assert (aid, "RESTARTING") in p.actor_states
+    again = os.urandom(8)
+    a.worker_ready(again, actor_id=aid)
+    a.task_done(again, done(a.actors[aid].spec))
+    wid, spec = p.executed[-1]
+    assert (wid, spec.task_id, spec.attempt) == (again, retried.task_id, 1)  # the restarted actor runs it again
+    a.task_done(again, done(spec))
+    assert p.delivered[-1][1].task_id == retried.task_id and not p.delivered[-1][1].HasField("error")
+
+
+def test_cancel_drops_a_queued_actor_call_and_asks_the_worker_for_a_running_one(agent: Any) -> None:
+    a, p = agent
+    aid = os.urandom(16)
+    call = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", name="A.m", num_returns=1,
+                       actor_id=aid, owner_node_id=HERE, owner="s1")
+    create = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="A",
+                         num_returns=1, actor_id=aid, owner_node_id=HERE, owner="s1")
+    a.submit([create, call], local=True)  # queued: the actor is not up yet
+    a.cancel([call.task_id], force=False)
+    assert (p.delivered[-1][1].task_id, p.delivered[-1][1].error.kind) == (call.task_id, E.ERROR_KIND_CANCELLED)
+    awid = os.urandom(8)
+    a.worker_ready(awid, actor_id=aid)
+    a.task_done(awid, done(create))
+    running = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, method="m", name="A.m",
+                          num_returns=1, actor_id=aid, owner_node_id=HERE, owner="s1")
+    a.submit([running], local=True)
+    a.cancel([running.task_id], force=False)
+    assert p.interrupted[-1] == (awid, [running.task_id], False)
+
+
+def test_cancel_of_a_running_task_interrupts_it_or_with_force_stops_its_worker(agent: Any) -> None:
+    a, p = agent
+    t1 = task()
+    a.submit([t1], local=True)
+    wid = a.running[t1.task_id]
+    a.cancel([t1.task_id], force=False)
+    assert p.interrupted[-1] == (wid, [t1.task_id], False) and not p.stopped
+    a.task_done(wid, pb.TaskResult(task_id=t1.task_id, error=pb.TaskError(kind=E.ERROR_KIND_CANCELLED)))
+    assert p.delivered[-1][1].error.kind == E.ERROR_KIND_CANCELLED
+    t2 = task()
+    a.submit([t2], local=True)
+    wid = a.running[t2.task_id]
+    a.cancel([t2.task_id], force=True)
+    assert p.stopped == [wid] and p.interrupted[-1] == (wid, [t2.task_id], True)
+    assert (p.delivered[-1][1].task_id, p.delivered[-1][1].error.kind) == (t2.task_id, E.ERROR_KIND_CANCELLED)
+    a.worker_died(wid, "killed by SIGKILL")  # no retry: it was cancelled
+    assert not a.queue and len(p.delivered) == 2
+    a.cancel([t2.task_id], force=False)  # finished: nothing happens
+    assert len(p.delivered) == 2

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         shutdown,
         wait,
     )
-    from tessera._remote import ActorClass, ActorHandle, RemoteFunction, remote
+    from tessera._remote import ActorClass, ActorHandle, RemoteFunction, method, remote
     from tessera.client import Client, ClusterNotFoundError, Event, connect
     from tessera.client.objects import ObjectRef, ObjectStoreClient
 
@@ -52,14 +52,14 @@ _LAZY = {
                      "get_runtime_context", "init", "is_initialized", "kill", "nodes", "put", "shutdown", "wait"],
                     "tessera._api"),
     **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera.client.objects"),
-    **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "remote"], "tessera._remote"),
+    **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "method", "remote"], "tessera._remote"),
     **dict.fromkeys(["Client", "ClusterNotFoundError", "Event", "connect"], "tessera.client"),
 }
 
 __all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
            "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
            "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init", "internal",
-           "is_initialized", "kill", "nodes", "put", "remote", "shutdown", "util", "wait"]
+           "is_initialized", "kill", "method", "nodes", "put", "remote", "shutdown", "util", "wait"]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ store as lineage).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -147,7 +148,8 @@ class Core:
         self.results: dict[bytes, _Result] = {}
         self.pending: dict[bytes, pb.TaskSpec] = {}  # submitted, not finished
         self.held: dict[bytes, pb.TaskSpec] = {}  # waiting for own tasks it depends on
-        self.current_task: bytes = b""
+        # the task this thread (or coroutine) runs: an actor's worker runs several at once
+        self._current: contextvars.ContextVar[bytes] = contextvars.ContextVar("tessera_current_task", default=b"")
         self.closed = False
         self._rebuilding: dict[bytes, float] = {}
         self.escaped: set[bytes] = set()  # refs serialized elsewhere before their value arrived
@@ -163,6 +165,14 @@ class Core:
         self.stale_s = stale_s
         self._heartbeat_s = min(REFS_HEARTBEAT_S, stale_s / 3)
 
+    @property
+    def current_task(self) -> bytes:
+        return self._current.get()
+
+    @current_task.setter
+    def current_task(self, task_id: bytes) -> None:
+        self._current.set(task_id)
+
     # ------------------------------------------------------------------ submit
 
     def submit(self, spec: pb.TaskSpec, nested: Sequence[bytes] = ()) -> list[bytes]:
@@ -173,8 +183,9 @@ class Core:
         if self.closed:
             raise TesseraSDKError("tessera is shut down: call tessera.init() first")
         spec.job_id = self.job_id
-        if self.current_task:
-            spec.parent_task_id = self.current_task
+        parent = self._current.get()
+        if parent:
+            spec.parent_task_id = parent
         spec.traceparent = current_traceparent()  # a task submitted under a span runs in its trace
         tid = spec.task_id
         returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
@@ -434,16 +445,35 @@ class Core:
 
     # ------------------------------------------------------------------ cancel
 
-    def cancel(self, ref: ObjectRefLike, *, force: bool) -> None:
+    def cancel(self, ref: ObjectRefLike, *, force: bool, recursive: bool = True) -> None:
+        """Ray's ``cancel``: a task not sent yet fails here; one sent goes to the agent (dropped if queued,
+        interrupted if running). A finished (or unknown) task is left alone."""
         tid = ref.id[: ids.TASK_ID_LEN]
         with self.cond:
+            spec = self.held.get(tid) or self.pending.get(tid)
+            if spec is not None and force and spec.kind == pb.TaskKind.TASK_KIND_ACTOR_METHOD:
+                raise ValueError("force=True is not supported for actor tasks: use tessera.kill(actor) to stop "
+                                 "the actor")
             spec = self.held.pop(tid, None)
             if spec is not None:
                 self._fail_locally(spec, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled"), spec.name)
                 return
             if tid not in self.pending:
                 return
-        self._send(pb.ClientFrame(cancel=[tid], force=force))
+        self._send(pb.ClientFrame(cancel=[tid], force=force, recursive=recursive))
+
+    def cancel_children(self, parent: bytes, *, force: bool) -> None:
+        """Cancel (recursively) the tasks ``parent`` submitted that have not finished: it was cancelled."""
+        with self.cond:
+            held = [s for s in self.held.values() if s.parent_task_id == parent]
+            sent = [t for t, s in self.pending.items() if s.parent_task_id == parent
+                    and not (force and s.kind == pb.TaskKind.TASK_KIND_ACTOR_METHOD)]
+            for s in held:
+                del self.held[s.task_id]
+                self._fail_locally(s, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled (its parent was)"),
+                                   s.name)
+        if sent:
+            self._send(pb.ClientFrame(cancel=sent, force=force, recursive=True))
 
     # ------------------------------------------------------------------ lineage
 

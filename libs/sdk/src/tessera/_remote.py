@@ -24,7 +24,11 @@ K = pb.TaskKind
 T = TypeVar("T")
 
 _TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name"}
-_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime"}
+_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
+                  "max_concurrency", "concurrency_groups", "max_task_retries"}
+_METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries"}
+#: Most calls of one actor (or one concurrency group) running at once.
+MAX_CONCURRENCY_LIMIT = 100_000
 
 
 def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
@@ -38,10 +42,26 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
     nr = opts.get("num_returns")
     if nr is not None and (not isinstance(nr, int) or nr < 0 or nr > 10_000):
         raise ValueError(f"num_returns must be an int between 0 and 10000, got {nr!r}")
-    for k in ("max_retries", "max_restarts"):
+    for k in ("max_retries", "max_restarts", "max_task_retries"):
         v = opts.get(k)
         if v is not None and (not isinstance(v, int) or v < -1):
             raise ValueError(f"{k} must be an int >= -1 (-1: unlimited), got {v!r}")
+    mc = opts.get("max_concurrency")
+    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_CONCURRENCY_LIMIT):
+        raise ValueError(f"max_concurrency must be an int between 1 and {MAX_CONCURRENCY_LIMIT}, got {mc!r}")
+    groups = opts.get("concurrency_groups")
+    if groups is not None:
+        if not isinstance(groups, dict) or not groups:
+            raise ValueError(f"concurrency_groups must map group names to limits, got {groups!r}")
+        for g, n in groups.items():
+            if not isinstance(g, str) or not g:
+                raise ValueError(f"concurrency group names must be non-empty strings, got {g!r}")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CONCURRENCY_LIMIT:
+                raise ValueError(f"concurrency group {g!r} needs a limit between 1 and {MAX_CONCURRENCY_LIMIT}, "
+                                 f"got {n!r}")
+    cg = opts.get("concurrency_group")
+    if cg is not None and (not isinstance(cg, str) or not cg):
+        raise ValueError(f"concurrency_group must be a non-empty string, got {cg!r}")
     r = opts.get("resources")
     if r is not None:
         if not isinstance(r, dict) or not all(isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in r.items()):
@@ -198,6 +218,7 @@ class ActorClass:
         self._exported = exported or _Exported(cls)
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
+        self._method_options = _method_options(cls, options.get("concurrency_groups") or {})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor class {self.__name__} cannot be instantiated directly: use {self.__name__}.remote(...)")
@@ -219,6 +240,7 @@ class ActorClass:
         if o.get("lifetime") not in (None, "detached", "non_detached"):
             raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {o.get('lifetime')!r}")
         max_restarts = int(o.get("max_restarts", 0))
+        groups = {g: int(n) for g, n in (o.get("concurrency_groups") or {}).items()}
         methods = sorted(n for n, _ in inspect.getmembers(self._cls, callable) if not n.startswith("__"))
         info = cpb.ActorInfo(actor_id=actor_id, job_id=st.core.job_id, name=name, namespace=namespace,
                              class_function_id=fid, max_restarts=max_restarts)
@@ -235,9 +257,11 @@ class ActorClass:
                            name=cname, args=spec_args, num_returns=1,
                            resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
                            actor_name=name, namespace=namespace, max_retries=0,
-                           detached=o.get("lifetime") == "detached")
+                           detached=o.get("lifetime") == "detached",
+                           max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups)
         ready = st.core.submit(spec, nested)
-        h = ActorHandle(actor_id, methods, self._exported.name)
+        h = ActorHandle(actor_id, methods, self._exported.name, method_options=self._method_options,
+                        groups=sorted(groups), max_task_retries=int(o.get("max_task_retries", 0)))
         h._ready = ObjectRef(ready[0])
         return h
 
@@ -245,10 +269,15 @@ class ActorClass:
 class ActorHandle:
     """A reference to an actor: ``handle.method.remote(...)``; calls from one caller run in order."""
 
-    def __init__(self, actor_id: bytes, methods: list[str] | None, class_name: str) -> None:
+    def __init__(self, actor_id: bytes, methods: list[str] | None, class_name: str, *,
+                 method_options: dict[str, dict[str, Any]] | None = None, groups: list[str] | None = None,
+                 max_task_retries: int = 0) -> None:
         self._actor_id = actor_id
         self._methods = methods
         self._class_name = class_name
+        self._method_options = method_options or {}
+        self._groups = groups  # None: not known here (the actor's worker checks a call's group)
+        self._max_task_retries = max_task_retries
         self._caller = os.urandom(8)
         self._seq = 0
         self._lock = threading.Lock()
@@ -263,13 +292,14 @@ class ActorHandle:
             raise AttributeError(name)
         if self._methods is not None and name not in self._methods:
             raise AttributeError(f"actor {self._class_name} has no method {name!r}")
-        return ActorMethod(self, name, {})
+        return ActorMethod(self, name, dict(self._method_options.get(name, {})))
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._class_name}, {self._actor_id.hex()})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ActorHandle, (self._actor_id, self._methods, self._class_name))
+        return (_rebuild_handle, (self._actor_id, self._methods, self._class_name, self._method_options,
+                                  self._groups, self._max_task_retries))
 
     def _next_seq(self) -> int:
         with self._lock:
@@ -284,27 +314,81 @@ class ActorMethod:
         self._options = options
 
     def options(self, **options: Any) -> ActorMethod:
-        return ActorMethod(self._handle, self._name, {**self._options, **_check_options(options, {"num_returns", "name"},
-                                                                                          f"method {self._name}")})
+        opts = _check_options(options, _METHOD_OPTIONS, f"method {self._name}")
+        group = opts.get("concurrency_group")
+        known = self._handle._groups
+        if group is not None and known is not None and group not in known:
+            raise ValueError(f"actor {self._handle._class_name} has no concurrency group {group!r} "
+                             f"(its groups: {', '.join(known) or 'none'})")
+        return ActorMethod(self._handle, self._name, {**self._options, **opts})
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         st = _api.state()
         h = self._handle
-        num_returns = int(self._options.get("num_returns", 1))
+        o = self._options
+        num_returns = int(o.get("num_returns", 1))
         name = f"{h._class_name}.{self._name}"
         spec_args, nested = _args(name, args, kwargs)
+        # max_retries of an actor call: how often it is sent again to the restarted actor if the actor dies
         spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_METHOD, name=name,
                            method=self._name, args=spec_args, num_returns=num_returns,
-                           actor_id=h._actor_id, caller=h._caller, seq=h._next_seq())
+                           actor_id=h._actor_id, caller=h._caller, seq=h._next_seq(),
+                           max_retries=int(o.get("max_task_retries", h._max_task_retries)),
+                           concurrency_group=str(o.get("concurrency_group") or ""))
         return _refs(st.core.submit(spec, nested), num_returns)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor method {self._name} cannot be called directly: use .{self._name}.remote(...)")
 
 
+def _rebuild_handle(actor_id: bytes, methods: list[str] | None, class_name: str,
+                    method_options: dict[str, dict[str, Any]], groups: list[str] | None,
+                    max_task_retries: int) -> ActorHandle:
+    return ActorHandle(actor_id, methods, class_name, method_options=method_options, groups=groups,
+                       max_task_retries=max_task_retries)
+
+
+#: Where ``@tessera.method`` keeps a method's options (read by the SDK and by the actor's worker).
+METHOD_OPTIONS_ATTR = "__tessera_method_options__"
+
+
+def method(*args: Any, **options: Any) -> Any:
+    """``@tessera.method(num_returns=..., concurrency_group=..., max_task_retries=...)`` on an actor's method
+    (Ray's ``ray.method``): the defaults of that method's calls."""
+    if args:
+        raise TypeError("@tessera.method takes keyword options only, e.g. @tessera.method(concurrency_group='io')")
+    opts = _check_options(dict(options), _METHOD_OPTIONS - {"name"}, "@tessera.method")
+    if not opts:
+        raise ValueError("@tessera.method needs at least one of: " + ", ".join(sorted(_METHOD_OPTIONS - {"name"})))
+
+    def deco(fn: Any) -> Any:
+        if not callable(fn):
+            raise TypeError(f"@tessera.method applies to methods, not {type(fn).__name__}")
+        setattr(fn, METHOD_OPTIONS_ATTR, dict(opts))
+        return fn
+
+    return deco
+
+
+def _method_options(cls: type, groups: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's ``@tessera.method`` options; a group no ``concurrency_groups`` defines is refused now."""
+    out: dict[str, dict[str, Any]] = {}
+    for n, fn in inspect.getmembers(cls, callable):
+        opts = getattr(fn, METHOD_OPTIONS_ATTR, None)
+        if not opts:
+            continue
+        g = opts.get("concurrency_group")
+        if g is not None and g not in groups:
+            raise ValueError(f"method {cls.__name__}.{n} is in concurrency group {g!r}, which {cls.__name__} does not "
+                             f"define (concurrency_groups: {', '.join(sorted(groups)) or 'none'})")
+        out[n] = dict(opts)
+    return out
+
+
 def remote(*args: Any, **options: Any) -> Any:
     """``@tessera.remote`` or ``@tessera.remote(num_cpus=..., num_gpus=..., resources=..., num_returns=...,
-    max_retries=..., max_restarts=...)`` on a function (a task) or a class (an actor)."""
+    max_retries=..., max_restarts=...)`` on a function (a task) or a class (an actor); an actor also takes
+    ``max_concurrency``, ``concurrency_groups`` and ``max_task_retries`` (Ray's meanings)."""
     if len(args) == 1 and not options and (inspect.isfunction(args[0]) or inspect.isclass(args[0])
                                            or callable(args[0])):
         return _make(args[0], {})

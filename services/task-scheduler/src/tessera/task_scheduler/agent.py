@@ -39,6 +39,10 @@ class Ports(Protocol):
     """What the agent asks its surroundings to do."""
 
     def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None: ...
+    def interrupt(self, worker_id: bytes, task_ids: list[bytes], *, force: bool, recursive: bool) -> None:
+        """Tell a worker to cancel tasks it runs (and, ``recursive``, what they submitted); ``force``: the
+        worker is then stopped (after a short grace in which it cancels what they submitted)."""
+        ...
     def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes: ...
     def stop_worker(self, worker_id: bytes) -> None: ...
     def deliver(self, owner_node: bytes, results: list[pb.TaskResult]) -> None: ...
@@ -71,6 +75,9 @@ class Actor:
     worker_id: bytes = b""
     state: str = "PENDING"  # PENDING, ALIVE, RESTARTING, DEAD
     queue: deque[pb.TaskSpec] = field(default_factory=deque)
+    # calls sent to its worker, not finished (in order): the worker runs as many at once as its
+    # concurrency allows, and keeps the rest in order
+    inflight: dict[bytes, pb.TaskSpec] = field(default_factory=dict)
     restarts: int = 0
     cause: str = ""
     held: dict[str, float] = field(default_factory=dict)
@@ -114,6 +121,7 @@ class NodeAgent:
         self.actors: dict[bytes, Actor] = {}
         self.actor_nodes: dict[bytes, bytes] = {}  # remote actors: actor id -> node id
         self.actor_waiting: dict[bytes, list[pb.TaskSpec]] = {}  # calls to actors not located yet
+        self.forwarded_calls: dict[bytes, bytes] = {}  # calls to actors elsewhere: task id -> node id
         self.dead_actors: dict[bytes, str] = {}
         self.owned_remote: dict[bytes, tuple[bytes, str]] = {}  # actors placed elsewhere for local owners
         self.spilled: dict[bytes, tuple[pb.TaskSpec, bytes, float]] = {}  # task id -> (spec, node or b"", when)
@@ -501,6 +509,8 @@ class NodeAgent:
             return
         node = self.actor_nodes.get(aid)
         if node is not None and node != self.node_id:
+            if spec.owner_node_id == self.node_id:
+                self.forwarded_calls[spec.task_id] = node
             self.ports.forward(node, [spec])
             return
         first = aid not in self.actor_waiting
@@ -526,23 +536,22 @@ class NodeAgent:
     def _actor_next(self, a: Actor) -> None:
         if a.state != "ALIVE" or not a.worker_id or not a.queue:
             return
-        w = self.workers.get(a.worker_id)
-        if w is None or w.task is not None:
+        if a.worker_id not in self.workers:
             return
-        spec = a.queue.popleft()
-        w.task = spec
-        self.ports.execute(a.worker_id, self._with_values(spec))
+        while a.queue:  # all of them: the worker orders them and runs as many at once as the actor allows
+            spec = a.queue.popleft()
+            a.inflight[spec.task_id] = spec
+            self.ports.execute(a.worker_id, self._with_values(spec))
 
     def _actor_done(self, w: Worker, result: pb.TaskResult) -> None:
         a = self.actors.get(w.actor_id)
-        spec = w.task if w.task is not None and w.task.task_id == result.task_id else None
         if a is None:
             return
+        spec = a.inflight.pop(result.task_id, None)
         if spec is None and result.task_id == a.spec.task_id:
             spec = a.spec
         if spec is None:
             return
-        w.task = None
         if spec.kind == K.TASK_KIND_ACTOR_CREATE:
             if result.HasField("error"):
                 self._actor_dead(a, f"its constructor raised: {result.error.message}")
@@ -562,11 +571,21 @@ class NodeAgent:
         a = self.actors.get(w.actor_id)
         if a is None or a.state == "DEAD":
             return
-        running = w.task
-        if running is not None and running.kind == K.TASK_KIND_ACTOR_METHOD:
-            self._finish(running, error_result(running, E.ERROR_KIND_ACTOR_DIED,
-                                               f"the actor's process died while running {running.name} ({why})"))
-        if a.spec.max_restarts < 0 or a.restarts < a.spec.max_restarts:
+        restarts = a.spec.max_restarts < 0 or a.restarts < a.spec.max_restarts
+        running, a.inflight = list(a.inflight.values()), {}
+        again: list[pb.TaskSpec] = []
+        for call in running:
+            # max_task_retries (the call's max_retries): sent again to the restarted actor, in its order
+            if restarts and (call.max_retries < 0 or call.attempt < call.max_retries):
+                retry = pb.TaskSpec()
+                retry.CopyFrom(call)
+                retry.attempt += 1
+                again.append(retry)
+                continue
+            self._finish(call, error_result(call, E.ERROR_KIND_ACTOR_DIED,
+                                            f"the actor's process died while running {call.name} ({why})"))
+        a.queue.extendleft(reversed(again))
+        if restarts:
             a.restarts += 1
             a.state = "RESTARTING"
             a.worker_id = b""
@@ -586,6 +605,9 @@ class NodeAgent:
         a.held = {}
         self.dead_actors[a.spec.actor_id] = cause
         self.ports.actor_state(a.spec.actor_id, "DEAD", cause)
+        running, a.inflight = list(a.inflight.values()), {}
+        for c in running:
+            self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
         while a.queue:
             c = a.queue.popleft()
             self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
@@ -618,14 +640,20 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ cancellation
 
-    def cancel(self, task_ids: Iterable[bytes], *, force: bool) -> None:
+    def cancel(self, task_ids: Iterable[bytes], *, force: bool, recursive: bool = True) -> None:
+        """Ray's cancel: a queued task fails with TaskCancelledError here; a running one is interrupted by its
+        worker (which reports it cancelled), or with ``force`` its worker is stopped. A finished or unknown
+        task is left alone."""
         for tid in task_ids:
             spec = self._dequeue(tid)
             if spec is not None:
                 self._finish(spec, error_result(spec, E.ERROR_KIND_CANCELLED, "cancelled"))
                 continue
             wid = self.running.get(tid)
-            if wid is not None and force:
+            if wid is not None:
+                if not force:
+                    self.ports.interrupt(wid, [tid], force=False, recursive=recursive)
+                    continue
                 w = self.workers.pop(wid)
                 self.running.pop(tid, None)
                 if w.once and not w.ready:
@@ -634,12 +662,35 @@ class NodeAgent:
                     spec = w.task
                     self._free(w)
                     self._finish(spec, error_result(spec, E.ERROR_KIND_CANCELLED, "cancelled (its worker was stopped)"))
-                self.ports.stop_worker(wid)
+                self.ports.interrupt(wid, [tid], force=True, recursive=recursive)
                 self.pump()
                 continue
+            if self._cancel_actor_call(tid, recursive=recursive):
+                continue
             entry = self.spilled.get(tid)
-            if entry is not None and entry[1]:
-                self.ports.control(entry[1], pb.Control(cancel=[tid], force=force))
+            node = entry[1] if entry is not None else self.forwarded_calls.get(tid, b"")
+            if node:
+                self.ports.control(node, pb.Control(cancel=[tid], force=force, recursive=recursive))
+
+    def _cancel_actor_call(self, tid: bytes, *, recursive: bool) -> bool:
+        """A call to an actor here: dropped if queued, else its worker cancels it (an async actor's coroutine
+        is cancelled; a call already running in a sync actor runs on, as in Ray)."""
+        for a in self.actors.values():
+            for i, c in enumerate(a.queue):
+                if c.task_id == tid:
+                    del a.queue[i]
+                    self._finish(c, error_result(c, E.ERROR_KIND_CANCELLED, "cancelled"))
+                    return True
+            if tid in a.inflight and a.worker_id:
+                self.ports.interrupt(a.worker_id, [tid], force=False, recursive=recursive)
+                return True
+        for calls in self.actor_waiting.values():
+            for i, c in enumerate(calls):
+                if c.task_id == tid:
+                    del calls[i]
+                    self._finish(c, error_result(c, E.ERROR_KIND_CANCELLED, "cancelled"))
+                    return True
+        return False
 
     def _dequeue(self, tid: bytes) -> pb.TaskSpec | None:
         for i, (s, _) in enumerate(self.queue):
@@ -662,6 +713,7 @@ class NodeAgent:
         values = {}
         for r in results:
             self.spilled.pop(r.task_id, None)
+            self.forwarded_calls.pop(r.task_id, None)
             for v in r.returns:
                 values[v.object_id] = v.value if not v.stored else b""
             out.append(r)

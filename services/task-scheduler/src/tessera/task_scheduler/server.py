@@ -47,6 +47,8 @@ SERVICE = "tessera.task_scheduler.v1.TaskSchedulerService"
 K = pb.TaskKind
 E = pb.ErrorKind
 LOAD_INTERVAL_S = 0.1
+#: How long a worker whose task was cancelled with force has to cancel what that task submitted before it is killed.
+FORCE_CANCEL_GRACE_S = 1.0
 ACTOR_STATES = {"ALIVE": cpb.ACTOR_STATE_ALIVE, "RESTARTING": cpb.ACTOR_STATE_RESTARTING, "DEAD": cpb.ACTOR_STATE_DEAD}
 
 
@@ -203,7 +205,7 @@ class Node:
             if good:
                 self.agent.submit(good, local=True)
         if frame.cancel:
-            self.agent.cancel(frame.cancel, force=frame.force)
+            self.agent.cancel(frame.cancel, force=frame.force, recursive=frame.recursive)
         for aid in frame.kill_actor:
             self.agent.kill_actor(aid)
 
@@ -294,6 +296,16 @@ class Node:
         if w is None:
             return
         w.write(pack(pb.ServerFrame(execute=[spec])))
+
+    def interrupt(self, worker_id: bytes, task_ids: list[bytes], *, force: bool, recursive: bool) -> None:
+        w = self.worker_writers.get(worker_id)
+        if w is not None:
+            w.write(pack(pb.ServerFrame(cancel=task_ids, force=force, recursive=recursive)))
+        if force:  # it exits by itself once it has cancelled what those tasks submitted; else it is stopped
+            if w is None:
+                self.stop_worker(worker_id)
+            else:
+                asyncio.get_running_loop().call_later(FORCE_CANCEL_GRACE_S, self.stop_worker, worker_id)
 
     async def _socket_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A session over the agent's Unix socket: a worker, or a driver on this host."""
@@ -480,7 +492,7 @@ class Node:
     async def _on_control(self, msg: Any) -> None:
         ctl = pb.Control.FromString(msg.data)
         if ctl.cancel:
-            self.agent.cancel(ctl.cancel, force=ctl.force)
+            self.agent.cancel(ctl.cancel, force=ctl.force, recursive=ctl.recursive)
         for aid in ctl.kill_actor:
             self.agent.kill_actor(aid)
 

@@ -1,13 +1,28 @@
-"""A worker process: runs the tasks its node agent leases to it, one at a time.
+"""A worker process: runs the tasks its node agent leases to it (one at a time), or an actor's calls.
 
 Started by the agent (``python -m tessera.task_scheduler.worker``) with the agent's
 Unix socket in ``TESSERA_WORKER_SOCKET``. The same connection carries the tasks
 to run and, because tasks may submit tasks, this worker's own submissions and
 their results. A worker started for an actor holds that actor's instance for life.
+
+Actors run their calls as Ray's do. A plain actor runs one at a time, in the order
+they came. ``max_concurrency=N`` runs up to N at once in a pool of threads (a
+threaded actor). An actor with an ``async def`` method is an async actor: its calls
+run as coroutines on one event loop in a thread of their own, up to max_concurrency
+(1000 unless set) at once; its plain ``def`` methods run on that loop's thread too,
+blocking it while they run (as in Ray). ``concurrency_groups`` give each named group
+its own limit (a pool, or a semaphore on the loop); the rest share max_concurrency.
+
+Cancelling a running task raises KeyboardInterrupt in the thread that runs it (the
+main thread: a SIGINT sent to it wakes it from a blocking call), as Ray does; a running call of an async actor has its coroutine cancelled, and a call
+already running in a plain or threaded actor runs on (calls not started yet are
+dropped). Either way its result is TaskCancelledError.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import queue
@@ -16,6 +31,8 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -39,9 +56,24 @@ log = logging.getLogger("tessera.worker")
 _tracer = trace.get_tracer("tessera.task_scheduler.worker")
 K = pb.TaskKind
 E = pb.ErrorKind
+#: Calls an async actor runs at once unless max_concurrency says otherwise (Ray's default).
+ASYNC_MAX_CONCURRENCY = 1000
+#: Where ``@tessera.method`` keeps a method's options (tessera._remote.METHOD_OPTIONS_ATTR).
+METHOD_OPTIONS_ATTR = "__tessera_method_options__"
 #: How long a task waits for the control store (its function's code) or the node's object store (its large
 #: return value) to come back from a restart, or for an earlier attempt's half-written return value to be aborted.
 STORE_RETRY_S = 60.0
+
+
+@dataclass
+class _Running:
+    """How to interrupt a task that runs now."""
+
+    thread: int
+    interruptible: bool  # a task, in the main thread (not an actor's call: those run on, as in Ray)
+    task: asyncio.Task[Any] | None = None  # an async actor's call
+    loop: asyncio.AbstractEventLoop | None = None
+    interrupted: bool = False
 
 
 class Worker:
@@ -56,6 +88,14 @@ class Worker:
         self.core = Core(job_id=b"\0" * ids.JOB_ID_LEN, objects=_api.object_client, control_store=_api.control_store,
                          worker=True, stale_s=settings.refs_stale_s)
         self.core.transport = conn
+        self.lock = threading.Lock()  # guards received, cancelled and running
+        self.received: set[bytes] = set()  # tasks sent here, not finished
+        self.cancelled: set[bytes] = set()  # of those, the ones cancelled
+        self.running: dict[bytes, _Running] = {}
+        self.actor: ActorRunner | None = None
+        # a cancel asks the main thread to raise KeyboardInterrupt: a SIGINT sent to that thread wakes it from
+        # a blocking call (a sleep, a wait), which an exception set from another thread would not
+        self.interrupt_pending = False
 
     # ------------------------------------------------------------------ connection
 
@@ -65,11 +105,104 @@ class Worker:
                 frame = self.conn.recv()
                 if frame.results:
                     self.core.deliver(frame.results)
-                for spec in frame.execute:
-                    self.inbox.put(spec)
+                if frame.execute:
+                    with self.lock:
+                        self.received.update(s.task_id for s in frame.execute)
+                    for spec in frame.execute:
+                        self.inbox.put(spec)
+                if frame.cancel:
+                    self.cancel(list(frame.cancel), force=frame.force, recursive=frame.recursive)
         except (FrameError, OSError):
             pass
         self.inbox.put(None)  # the agent is gone: so is this worker
+
+    # ------------------------------------------------------------------ cancellation
+
+    def cancel(self, task_ids: list[bytes], *, force: bool, recursive: bool) -> None:
+        """The agent cancels tasks sent here: one not started is dropped when its turn comes; one running is
+        interrupted. ``recursive``: what they submitted and is not finished is cancelled too. ``force``: the
+        agent has already failed them and stops this worker; it exits once their children are cancelled."""
+        for tid in task_ids:
+            with self.lock:
+                if tid not in self.received:
+                    continue  # finished already: nothing to do
+                self.cancelled.add(tid)
+                r = self.running.get(tid)
+                if r is not None and not force and not r.interrupted:
+                    if r.task is not None and r.loop is not None:
+                        r.interrupted = True
+                        r.loop.call_soon_threadsafe(r.task.cancel)
+                    elif r.interruptible:
+                        r.interrupted = True
+                        self.interrupt_pending = True
+                        signal.pthread_kill(r.thread, signal.SIGINT)
+            if recursive:
+                try:
+                    self.core.cancel_children(tid, force=force)
+                except Exception as e:  # the agent is gone: so are the children's results
+                    log.warning("could not cancel the tasks %s submitted: %s", tid.hex(), e)
+        if force:
+            sys.stdout.flush()
+            os._exit(1)
+
+    def _started(self, spec: pb.TaskSpec, running: _Running) -> bool:
+        """Record that ``spec`` runs now; False if it was cancelled before it started."""
+        with self.lock:
+            if spec.task_id in self.cancelled:
+                return False
+            self.running[spec.task_id] = running
+            return True
+
+    def _ended(self, spec: pb.TaskSpec) -> bool:
+        """``spec`` no longer runs: an interrupt not raised yet is withdrawn. Whether it was cancelled.
+        Idempotent (an interrupt may land while it runs: then it runs again)."""
+        tid = spec.task_id
+        with self.lock:
+            r = self.running.pop(tid, None)
+            if r is not None and r.interruptible:
+                self.interrupt_pending = False
+            return tid in self.cancelled
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT (in the main thread): the interrupt of a cancel, else ignored (the agent decides when a
+        worker ends)."""
+        if self.interrupt_pending:
+            self.interrupt_pending = False
+            raise KeyboardInterrupt
+
+    def _forget(self, tid: bytes) -> None:
+        with self.lock:
+            self.received.discard(tid)
+            self.cancelled.discard(tid)
+
+    def cancelled_result(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        return pb.TaskResult(task_id=spec.task_id, error=pb.TaskError(kind=E.ERROR_KIND_CANCELLED,
+                                                                      message="cancelled while running"))
+
+    def execute(self, spec: pb.TaskSpec, *, interruptible: bool) -> None:
+        """Run ``spec`` in this thread (unless cancelled first) and send its result."""
+        result: pb.TaskResult | None = None
+        if self._started(spec, _Running(threading.get_ident(), interruptible)):
+            try:
+                try:
+                    result = self.run(spec)
+                finally:
+                    cancelled = self._ended(spec)
+            except KeyboardInterrupt:  # the interrupt of a cancel (it lands at most once)
+                cancelled = self._ended(spec)
+        else:
+            cancelled = True
+        self._forget(spec.task_id)
+        if cancelled or result is None:
+            result = self.cancelled_result(spec)
+        self.send_result(result)
+
+    def send_result(self, result: pb.TaskResult) -> None:
+        self.report_borrows(result)
+        try:
+            self.conn.send(pb.ClientFrame(done=[result]))
+        except OSError:
+            pass  # the agent is gone: the reader ends this worker
 
     # ------------------------------------------------------------------ execution
 
@@ -106,6 +239,7 @@ class Worker:
         return args, kwargs
 
     def run(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        """Run ``spec`` here, in its trace if it has one."""
         parent = context_from_traceparent(spec.traceparent)
         if parent is None:
             return self._run(spec)
@@ -124,6 +258,7 @@ class Worker:
             if spec.kind == K.TASK_KIND_ACTOR_CREATE:
                 cls = self.load(spec.function_id)
                 self.instance = cls(*args, **kwargs)
+                self.actor = ActorRunner(self, cls, spec)
                 values: list[Any] = [None]
             else:
                 if spec.kind == K.TASK_KIND_ACTOR_METHOD:
@@ -132,20 +267,23 @@ class Worker:
                     fn = getattr(self.instance, spec.method)
                 else:
                     fn = self.load(spec.function_id)
-                out = fn(*args, **kwargs)
-                if spec.num_returns == 1:
-                    values = [out]
-                elif spec.num_returns == 0:
-                    values = []
-                else:
-                    values = list(out)
-                    if len(values) != spec.num_returns:
-                        raise ValueError(f"{spec.name} returned {len(values)} values; num_returns is {spec.num_returns}")
+                values = self.values(spec, fn(*args, **kwargs))
             return pb.TaskResult(task_id=spec.task_id, returns=[self.store(spec, i + 1, v) for i, v in enumerate(values)])
         except Exception as e:
             return self.failure(spec, e)
         finally:
             self.core.current_task = b""
+
+    def values(self, spec: pb.TaskSpec, out: Any) -> list[Any]:
+        """A call's return value as its ``num_returns`` values."""
+        if spec.num_returns == 1:
+            return [out]
+        if spec.num_returns == 0:
+            return []
+        values = list(out)
+        if len(values) != spec.num_returns:
+            raise ValueError(f"{spec.name} returned {len(values)} values; num_returns is {spec.num_returns}")
+        return values
 
     def store(self, spec: pb.TaskSpec, index: int, value: Any) -> pb.ReturnValue:
         oid = ids.object_id(spec.task_id, index)
@@ -194,13 +332,12 @@ class Worker:
             spec = self.inbox.get()
             if spec is None:
                 return
-            result = self.run(spec)
-            self.report_borrows(result)
-            try:
-                self.conn.send(pb.ClientFrame(done=[result]))
-            except OSError:
-                return
-
+            actor = self.actor
+            if spec.kind == K.TASK_KIND_ACTOR_METHOD and actor is not None:
+                actor.submit(spec)  # here (a plain actor), or alongside others (a threaded or async actor)
+                continue
+            # a task (interrupted by a cancel), or a plain actor's call (runs on, as in Ray)
+            self.execute(spec, interruptible=spec.kind == K.TASK_KIND_NORMAL)
 
     def report_borrows(self, result: pb.TaskResult) -> None:
         """Refs it still holds (a global, an actor's state, a task it lent them to) or passed on: their owners
@@ -216,6 +353,97 @@ class Worker:
             log.warning("could not publish this worker's reference table: %s", e)
             return
         result.borrower = self.core.refs_key.decode()
+
+
+class ActorRunner:
+    """How an actor's calls run: in this thread one at a time, in pools of threads (a threaded actor), or as
+    coroutines on an event loop of its own (an async actor); a limit per concurrency group."""
+
+    def __init__(self, worker: Worker, cls: type, spec: pb.TaskSpec) -> None:
+        self.worker = worker
+        self.cls = cls
+        self.is_async = any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+                            for _, f in inspect.getmembers(cls, callable))
+        default = int(spec.max_concurrency) or (ASYNC_MAX_CONCURRENCY if self.is_async else 1)
+        self.limits: dict[str, int] = {"": default, **{g: int(n) for g, n in spec.concurrency_groups.items()}}
+        self.inline = not self.is_async and len(self.limits) == 1 and default == 1
+        self.pools: dict[str, ThreadPoolExecutor] = {}
+        self.semaphores: dict[str, asyncio.Semaphore] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if self.is_async:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="tessera-actor-loop", daemon=True).start()
+        elif not self.inline:
+            self.pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"tessera-actor-{g or 'default'}")
+                          for g, n in self.limits.items()}
+
+    def group(self, spec: pb.TaskSpec) -> str:
+        """The call's concurrency group: its own option, else its method's, else the default ("")."""
+        g = spec.concurrency_group
+        if not g:
+            fn = getattr(self.cls, spec.method, None)
+            g = (getattr(fn, METHOD_OPTIONS_ATTR, None) or {}).get("concurrency_group") or ""
+        if g not in self.limits:
+            raise ValueError(f"{spec.name}: the actor has no concurrency group {g!r} "
+                             f"(its groups: {', '.join(sorted(x for x in self.limits if x)) or 'none'})")
+        return g
+
+    def submit(self, spec: pb.TaskSpec) -> None:
+        try:
+            g = self.group(spec)
+        except ValueError as e:
+            self.worker._forget(spec.task_id)
+            self.worker.send_result(self.worker.failure(spec, e))
+            return
+        if self.inline:
+            self.worker.execute(spec, interruptible=False)
+        elif self.loop is not None:
+            asyncio.run_coroutine_threadsafe(self.call(spec, g), self.loop)
+        else:
+            self.pools[g].submit(self.worker.execute, spec, interruptible=False)
+
+    async def call(self, spec: pb.TaskSpec, group: str) -> None:
+        """One call of an async actor, once its group has room (calls take their turns in order). A cancel
+        cancels its coroutine, whether it runs or still waits for room."""
+        sem = self.semaphores.get(group)
+        if sem is None:
+            sem = self.semaphores[group] = asyncio.Semaphore(self.limits[group])
+        w = self.worker
+        result: pb.TaskResult | None = None
+        if w._started(spec, _Running(threading.get_ident(), False, task=asyncio.current_task(), loop=self.loop)):
+            try:
+                async with sem:
+                    parent = context_from_traceparent(spec.traceparent)
+                    if parent is None:
+                        result = await self._call(spec)
+                    else:
+                        with _tracer.start_as_current_span(f"task {spec.name}", context=parent, kind=SpanKind.CONSUMER,
+                                                           attributes={"tessera.task.id": spec.task_id.hex()}):
+                            result = await self._call(spec)
+            except asyncio.CancelledError:
+                result = None
+            finally:
+                w._ended(spec)
+                if spec.traceparent:
+                    flush_tracing()
+        w._forget(spec.task_id)
+        w.send_result(result if result is not None else w.cancelled_result(spec))
+
+    async def _call(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        w = self.worker
+        w.core.current_task = spec.task_id  # this coroutine's context only
+        try:
+            if any(a.WhichOneof("kind") == "object_id" for a in spec.args):
+                args, kwargs = await asyncio.to_thread(w.arguments, spec)  # a get must not stall the loop
+            else:
+                args, kwargs = w.arguments(spec)
+            out = getattr(w.instance, spec.method)(*args, **kwargs)  # a plain method runs on the loop's thread
+            if inspect.isawaitable(out):
+                out = await out
+            values = w.values(spec, out)
+            return pb.TaskResult(task_id=spec.task_id, returns=[w.store(spec, i + 1, v) for i, v in enumerate(values)])
+        except Exception as e:
+            return w.failure(spec, e)
 
 
 def _status(e: Exception) -> str:
@@ -239,6 +467,7 @@ def main() -> None:
                                             token=auth.client_token(settings))))
     welcome = conn.recv().welcome
     w = Worker(conn, settings, worker_id, actor_id)
+    signal.signal(signal.SIGINT, w.on_sigint)
     w.core.node_id = welcome.node_id
     _api.attach_worker(w.core, object_store_address=welcome.object_store_address,
                        control_store_address=settings.control_store_address)

@@ -140,6 +140,26 @@ class TaskSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ConcurrencyGroupsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TASK_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
@@ -162,6 +182,9 @@ class TaskSpec(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     DETACHED_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_GROUPS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_GROUP_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
     job_id: _builtins.bytes
@@ -198,11 +221,19 @@ class TaskSpec(_message.Message):
     """actor creations: outlives its owner (otherwise it dies when the owner's session ends)"""
     traceparent: _builtins.str
     """W3C trace context of the span that submitted it ("": untraced); the worker runs it in that trace"""
+    max_concurrency: _builtins.int
+    """actor creations: calls run at once in the default group (0: 1, or 1000 for an async actor)"""
+    concurrency_group: _builtins.str
+    """actor methods: the group this call runs in ("": the method's own, else the default)"""
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arg]: ...
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """CPU, GPU, custom"""
+
+    @_builtins.property
+    def concurrency_groups(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """actor creations: named groups and their limits"""
 
     def __init__(
         self,
@@ -229,10 +260,13 @@ class TaskSpec(_message.Message):
         seq: _builtins.int = ...,
         detached: _builtins.bool = ...,
         traceparent: _builtins.str = ...,
+        max_concurrency: _builtins.int = ...,
+        concurrency_groups: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        concurrency_group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,10 +502,13 @@ class ClientFrame(_message.Message):
     KILL_ACTOR_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     BLOCKED_FIELD_NUMBER: _builtins.int
+    RECURSIVE_FIELD_NUMBER: _builtins.int
     force: _builtins.bool
     """cancel: also stop a running task (kills its worker)"""
     blocked: _builtins.int
     """workers: +1 blocked in get (release resources), -1 running again"""
+    recursive: _builtins.bool
+    """cancel: also cancel the tasks the cancelled ones submitted"""
     @_builtins.property
     def hello(self) -> Global___Hello:
         """the first frame"""
@@ -500,10 +537,11 @@ class ClientFrame(_message.Message):
         kill_actor: _abc.Iterable[_builtins.bytes] | None = ...,
         done: _abc.Iterable[Global___TaskResult] | None = ...,
         blocked: _builtins.int = ...,
+        recursive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "cancel", b"cancel", "done", b"done", "force", b"force", "hello", b"hello", "kill_actor", b"kill_actor", "submit", b"submit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "cancel", b"cancel", "done", b"done", "force", b"force", "hello", b"hello", "kill_actor", b"kill_actor", "recursive", b"recursive", "submit", b"submit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,6 +556,13 @@ class ServerFrame(_message.Message):
     WELCOME_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     EXECUTE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    RECURSIVE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """cancel: the worker exits once it has cancelled the tasks they submitted"""
+    recursive: _builtins.bool
+    """cancel: also cancel the tasks the cancelled ones submitted"""
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -526,16 +571,23 @@ class ServerFrame(_message.Message):
     def execute(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]:
         """workers: run these (arguments resolved inline where small)"""
 
+    @_builtins.property
+    def cancel(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """workers: interrupt these running tasks (or drop them if not started)"""
+
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
         results: _abc.Iterable[Global___TaskResult] | None = ...,
         execute: _abc.Iterable[Global___TaskSpec] | None = ...,
+        cancel: _abc.Iterable[_builtins.bytes] | None = ...,
+        force: _builtins.bool = ...,
+        recursive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execute", b"execute", "results", b"results", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "execute", b"execute", "force", b"force", "recursive", b"recursive", "results", b"results", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -606,7 +658,10 @@ class Control(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     KILL_ACTOR_FIELD_NUMBER: _builtins.int
+    RECURSIVE_FIELD_NUMBER: _builtins.int
     force: _builtins.bool
+    recursive: _builtins.bool
+    """cancel: also cancel the tasks the cancelled ones submitted"""
     @_builtins.property
     def cancel(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     @_builtins.property
@@ -617,10 +672,11 @@ class Control(_message.Message):
         cancel: _abc.Iterable[_builtins.bytes] | None = ...,
         force: _builtins.bool = ...,
         kill_actor: _abc.Iterable[_builtins.bytes] | None = ...,
+        recursive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "force", b"force", "kill_actor", b"kill_actor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "force", b"force", "kill_actor", b"kill_actor", "recursive", b"recursive"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
