@@ -55,7 +55,9 @@ LONG_EXAMPLES = int(os.environ.get("TESSERA_FUZZ_LONG_EXAMPLES", "2000"))
 UNARY_TIMEOUT_S = 20.0
 BLOCKING_TIMEOUT_S = 1.5
 #: Keys rewritten by heartbeats and reports on their own: only their presence is compared.
-VOLATILE = (b"instance:", b"node:", b"kv:gpu-agents:", b"kv:gpu-jobs:", b"kv-index:gpu-")
+VOLATILE = (b"instance:", b"node:", b"kv:gpu-agents:", b"kv:gpu-jobs:", b"kv-index:gpu-",
+            # heartbeat records: what each node offers, and each process's reference table
+            b"kv:nodes:", b"kv-index:nodes", b"kv:refs:", b"kv-index:refs")
 #: Processes that write to the control store after they reply (a rejected call is compared once that is done).
 ASYNC_WRITERS = {"object-store", "task-scheduler", "compiler"}
 #: Methods that remove what others use: fuzzed last.

@@ -114,6 +114,8 @@ class Node:
         self.zygote = Zygote()  # workers are forked from it; started with the first worker
         self.proc_actor: dict[bytes, bytes] = {}
         self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
+        #: set once started: a session opened earlier waits for it (its welcome names the object store and socket)
+        self.ready = asyncio.Event()
         # an abstract socket has no file permissions: with a token set, a peer's hello must carry it
         self._token = auth.server_token(settings)
         self.object_store_address = ""
@@ -601,6 +603,7 @@ class Node:
         for _ in range(n):
             self.agent.starting += 1
             self.start_worker()
+        self.ready.set()
         log.info("node agent %s: %s, %d workers starting", self.node_id.hex()[:8], res.describe(self.agent.total), n)
 
     async def _find_object_store(self) -> str:

@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
-from tessera.common.errors import InvalidArgumentError, TesseraError
+from tessera.common.errors import InvalidArgumentError, TesseraError, UnavailableError
 
 if TYPE_CHECKING:
     from tessera.task_scheduler.server import Node
 
 log = logging.getLogger(__name__)
+
+#: How long a session opened while the node agent starts waits for it.
+READY_WAIT_S = 60.0
 
 
 class TaskSchedulerServicer:
@@ -30,6 +33,10 @@ class TaskSchedulerServicer:
             raise InvalidArgumentError("the first frame of a session must be a hello")
         if len(first.hello.job_id) != 4:
             raise InvalidArgumentError(f"hello.job_id must be 4 bytes, got {len(first.hello.job_id)}")
+        try:  # the gRPC server answers while the agent still starts: its welcome must name a ready socket
+            await asyncio.wait_for(self.node.ready.wait(), READY_WAIT_S)
+        except TimeoutError:
+            raise UnavailableError(f"the node agent did not finish starting within {READY_WAIT_S:g}s") from None
         out: asyncio.Queue[pb.TaskResult | None] = asyncio.Queue()
         session = self.node.open_session(out.put_nowait, first.hello.name, refs_key=first.hello.refs_key)
         failed: list[TesseraError] = []
