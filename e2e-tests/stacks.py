@@ -112,6 +112,21 @@ class Cluster:
         env.delenv("TESSERA_ADDRESS", raising=False)
         return env
 
+    @contextlib.contextmanager
+    def driving(self, name: str, **env: str) -> Iterator[None]:
+        """This process as a driver of the cluster (``tessera.init(name=name)``, with ``env`` set), until left."""
+        import tessera
+
+        patch = self.point_here()
+        for k, v in env.items():
+            patch.setenv(k, v)
+        tessera.init(name=name)
+        try:
+            yield
+        finally:
+            tessera.shutdown()
+            patch.undo()
+
     def kill(self, name: str) -> int:
         pid = self.pid(name)
         os.kill(pid, 9)

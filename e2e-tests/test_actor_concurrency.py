@@ -27,13 +27,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stacks.Cluster]:
     with stacks.running(tmp_path_factory, "actors", "--nodes", "2", TESSERA_NUM_CPUS="2",
                         TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20)) as c:
-        env = c.point_here()
-        tessera.init(name="e2e-actor-concurrency")
-        try:
+        with c.driving("e2e-actor-concurrency"):
             yield c
-        finally:
-            tessera.shutdown()
-            env.undo()
 
 
 def wait_for(path: Path, timeout: float = 60.0) -> str:

@@ -10,9 +10,8 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -29,15 +28,8 @@ class Stack(stacks.Cluster):
     """A stack brought up with virtual GPUs (``--gpus-per-node``)."""
 
 
-def poll_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+poll_until = stacks.poll_until
+
 ENTRY = "tessera.gpu_scheduler.examples:train"
 
 

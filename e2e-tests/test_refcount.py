@@ -47,13 +47,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with stacks.running(tmp_path_factory, "refcount", "--services", "control-store,object-store,task-scheduler",
                         cls=Cluster, TESSERA_NUM_CPUS="2", TESSERA_OBJECT_STORE_MEMORY=str(CAPACITY),
                         TESSERA_OBJECT_STORE_SPILL_CAPACITY=str(4096 * MiB), TESSERA_REFS_STALE_S=str(STALE_S)) as c:
-        env = c.point_here()
-        tessera.init(name="e2e-refcount")
-        try:
+        with c.driving("e2e-refcount"):
             yield c
-        finally:
-            tessera.shutdown()
-            env.undo()
 
 
 def settle(cluster: Cluster, objects: int, timeout: float = 10.0) -> Any:

@@ -33,14 +33,8 @@ MB = 10**6
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stacks.Cluster]:
     with stacks.running(tmp_path_factory, "remote-driver", TESSERA_NUM_CPUS="2",
                         TESSERA_OBJECT_STORE_MEMORY=str(1024 * 2**20)) as c:
-        env = c.point_here()
-        env.setenv("TESSERA_CLIENT_MODE", "remote")
-        tessera.init(name="e2e-remote-driver")
-        try:
+        with c.driving("e2e-remote-driver", TESSERA_CLIENT_MODE="remote"):
             yield c
-        finally:
-            tessera.shutdown()
-            env.undo()
 
 
 def _root(a: np.ndarray) -> Any:

@@ -50,13 +50,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with stacks.running(tmp_path_factory, "tasks", "--nodes", "2", cls=Cluster, TESSERA_NUM_CPUS="2",
                         TESSERA_TASK_SCHEDULER_UNSCHEDULABLE_S=str(UNSCHEDULABLE_S),
                         TESSERA_OBJECT_STORE_MEMORY=str(128 * 2**20)) as c:
-        env = c.point_here()
-        tessera.init(name="e2e-tasks")
-        try:
+        with c.driving("e2e-tasks"):
             yield c
-        finally:
-            tessera.shutdown()
-            env.undo()
 
 
 # ---------------------------------------------------------------------- remote functions

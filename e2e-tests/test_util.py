@@ -28,13 +28,8 @@ CPUS, GPUS = 2, 2
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stacks.Cluster]:
     with stacks.running(tmp_path_factory, "util", "--nodes", "2", TESSERA_NUM_CPUS=str(CPUS),
                         TESSERA_NUM_GPUS=str(GPUS), TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20)) as c:
-        env = c.point_here()
-        tessera.init(name="e2e-util")
-        try:
+        with c.driving("e2e-util"):
             yield c
-        finally:
-            tessera.shutdown()
-            env.undo()
 
 
 def eventually(check: Any, timeout: float = 10.0) -> Any:

@@ -306,10 +306,7 @@ def is_gateway(address: str, *, timeout: float = 3.0) -> bool:
     """Whether ``address`` is a gateway (it answers SERVING for GATEWAY_HEALTH_SERVICE)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    opts: list[tuple[str, Any]] = []
-    creds = _tls(opts)
-    ch = grpc.secure_channel(address, creds, options=opts) if creds is not None else grpc.insecure_channel(address, opts)
-    with ch:
+    with _dial(address, []) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=GATEWAY_HEALTH_SERVICE),
                                                         timeout=timeout)
@@ -381,12 +378,16 @@ def raw_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Ch
 
     Through the gateway in use, if any (see :func:`use_gateway`).
     """
+    via = _routed(target)
+    ch = _dial(via or target, options)
+    return grpc.intercept_channel(ch, _Route(target)) if via else ch
+
+
+def _dial(target: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+    """A blocking channel straight to ``target``, with TLS when configured."""
     opts = list(options)
     creds = _tls(opts)
-    via = _routed(target)
-    dial = via or target
-    ch = grpc.secure_channel(dial, creds, options=opts) if creds is not None else grpc.insecure_channel(dial, opts)
-    return grpc.intercept_channel(ch, _Route(target)) if via else ch
+    return grpc.secure_channel(target, creds, options=opts) if creds is not None else grpc.insecure_channel(target, opts)
 
 
 def raw_aio_channel(target: str, options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] | None = None,

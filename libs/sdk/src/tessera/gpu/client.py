@@ -33,6 +33,7 @@ class GpuClient:
         """``cluster_address``: the control store (default: the cluster found the usual way)."""
         self.timeout = timeout
         self._cluster_address = cluster_address
+        self._uploaded: set[str] = set()  # working_dir packages this client stored
         if not address:
             from tessera.client import Client
 
@@ -85,10 +86,12 @@ class GpuClient:
         if not entry.is_relative_to(folder):
             raise ValueError(f"the entry point {entry} is not inside working_dir {folder}")
         uri, blob = packages.pack(folder)
-        from tessera.client import Client
+        if uri not in self._uploaded:  # a sweep submits the same folder many times: stored once
+            from tessera.client import Client
 
-        with Client(self._cluster_address, timeout=max(self.timeout, 30.0)) as c:
-            c.kv_put(packages.NAMESPACE, packages.key_of(uri), blob, overwrite=True)
+            with Client(self._cluster_address, timeout=max(self.timeout, 30.0)) as c:
+                c.kv_put(packages.NAMESPACE, packages.key_of(uri), blob, overwrite=True)
+            self._uploaded.add(uri)
         spec.working_dir = uri
         spec.entry_point = f"{entry.relative_to(folder).as_posix()}:{fn}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -20,7 +21,7 @@ Pick = Callable[[], Awaitable[str]]  # -> host:port of a replica's HTTP front en
 
 
 def _bad_gateway(why: str) -> bytes:
-    body = f'{{"error": {{"code": "UNAVAILABLE", "message": "{why}"}}}}'.encode()
+    body = json.dumps({"error": {"code": "UNAVAILABLE", "message": why}}).encode()
     head = (f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode()
     return head + body
@@ -60,7 +61,7 @@ class HttpRelay:
                 up_r, up_w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
             except (LookupError, OSError, TimeoutError, ValueError) as e:
                 why = str(e) if isinstance(e, LookupError) else f"no serving replica answered: {e or type(e).__name__}"
-                writer.write(_bad_gateway(why.replace('"', "'")))
+                writer.write(_bad_gateway(why))
                 with contextlib.suppress(ConnectionError, OSError):
                     await writer.drain()
                 return
