@@ -25,6 +25,7 @@ from typing import Any
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
 from tessera._launcher.supervisor import Supervisor, otel_name
 from tessera.common import ids
+from tessera.common.errors import TesseraError
 
 log = logging.getLogger("tessera.node")
 
@@ -86,15 +87,19 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"tessera node: set {' and '.join(missing)} (the cluster this node joins)", file=sys.stderr)
         return 2
     node_id = args.node_id or env.get("TESSERA_NODE_ID", "")
-    try:
-        node_id = ids.check_id("node_id", bytes.fromhex(node_id), field="--node-id").hex() if node_id \
-            else ids.new_id("node_id").hex()
-    except ValueError:
-        print(f"tessera node: --node-id must be hex, got {node_id!r}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        print(f"tessera node: {e}", file=sys.stderr)
-        return 2
+    if node_id:
+        try:
+            raw = bytes.fromhex(node_id)
+        except ValueError:
+            print(f"tessera node: --node-id must be hex, got {node_id!r}", file=sys.stderr)
+            return 2
+        try:
+            node_id = ids.check_id("node_id", raw, field="--node-id").hex()
+        except TesseraError as e:
+            print(f"tessera node: {e}", file=sys.stderr)
+            return 2
+    else:
+        node_id = ids.new_id("node_id").hex()
     ports = [args.object_store_port, args.agent_port] + ([] if args.no_gpu_agent else [args.gpu_agent_port])
     if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
         print(f"tessera node: the ports must be distinct and in 1-65535, got {ports}", file=sys.stderr)
