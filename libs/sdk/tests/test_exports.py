@@ -15,6 +15,8 @@ EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError
                     "is_initialized", "kill", "method", "nodes", "put", "remote", "shutdown", "util", "wait"]
 EXPECTED_UTIL = ["ActorPool"]
 EXPECTED_QUEUE = ["Empty", "Full", "Queue"]
+EXPECTED_STATE = ["COLUMNS", "RESOURCES", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
+                  "list_state", "list_tasks", "summarize_actors", "summarize_objects", "summarize_tasks"]
 EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
                        "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
                        "WorkerCrashedError"]
@@ -33,9 +35,13 @@ def test_tessera_exports() -> None:
 
 def test_util_exports() -> None:
     import tessera.util.queue
+    import tessera.util.state
 
     assert sorted(tessera.util.__all__) == EXPECTED_UTIL
     assert sorted(tessera.util.queue.__all__) == EXPECTED_QUEUE
+    assert sorted(tessera.util.state.__all__) == EXPECTED_STATE
+    for name in tessera.util.__all__:
+        assert hasattr(tessera.util, name), name
     assert issubclass(tessera.util.queue.Empty, queue.Empty) and issubclass(tessera.util.queue.Full, queue.Full)
 
 
