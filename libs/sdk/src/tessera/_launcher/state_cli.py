@@ -1,6 +1,6 @@
 """``tessera list`` and ``tessera summary``: the cluster's state from the command line (as ``ray list``).
 
-    tessera list nodes|tasks|actors|objects|jobs|pipelines [--filter KEY=VALUE|KEY!=VALUE]... [--limit N] [--json]
+    tessera list nodes|tasks|actors|objects|jobs|pipelines|placement-groups [--filter KEY=VALUE|KEY!=VALUE]... [--limit N] [--json]
     tessera summary tasks|actors|objects [--json]
 
 Both read a running cluster (this machine's `tessera up`, TESSERA_ADDRESS, or --address) through
@@ -26,6 +26,7 @@ TABLE: dict[str, tuple[str, ...]] = {
     "objects": ("object_id", "object_size", "reference_type", "refs", "process", "nodes"),
     "jobs": ("job_id", "state", "entrypoint", "start_ms"),
     "pipelines": ("name", "operators", "latency_budget_ms"),
+    "placement-groups": ("placement_group_id", "name", "strategy", "state", "bundles_to_node_id"),
 }
 SUMMARIES = ("tasks", "actors", "objects")
 
@@ -66,9 +67,9 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from tessera.util.state import DEFAULT_LIMIT, RESOURCES
+    from tessera._state import DEFAULT_LIMIT, RESOURCES
 
-    ls = sub.add_parser("list", help="list the cluster's nodes, tasks, actors, objects, jobs or pipelines")
+    ls = sub.add_parser("list", help="list the cluster's nodes, tasks, actors, objects, jobs, pipelines or placement groups")
     ls.add_argument("resource", choices=RESOURCES)
     ls.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                     help="keep records whose KEY equals (KEY=VALUE) or differs from (KEY!=VALUE) VALUE; repeatable")
@@ -94,7 +95,7 @@ def _unreachable(cmd: str, address: str | None, e: Exception) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tessera.util import state
+    from tessera import _state as state
 
     try:
         filters = [parse_filter(f) for f in args.filter]
@@ -120,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from tessera.util import state
+    from tessera import _state as state
 
     fn = {"tasks": state.summarize_tasks, "actors": state.summarize_actors, "objects": state.summarize_objects}
     try:

@@ -1,23 +1,19 @@
 """Utilities over tasks and actors, under Ray's names (``ray.util``): :class:`ActorPool`,
-:mod:`tessera.util.queue` (a queue shared by tasks and actors) and :mod:`tessera.util.state` (list and
-summarise the cluster's state).
-
-Attributes load on first use, so that ``tessera.util.state`` (which the command line imports) does not
-pull in the whole SDK."""
+:mod:`tessera.util.queue` (a queue shared by tasks and actors), placement groups,
+:mod:`tessera.util.scheduling_strategies` and :mod:`tessera.util.state` (list and summarise the cluster's
+state)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from tessera.util import scheduling_strategies
+from tessera.util.actor_pool import ActorPool
+from tessera.util.placement_group import (
+    PlacementGroup,
+    get_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 
-if TYPE_CHECKING:
-    from tessera.util.actor_pool import ActorPool
-
-__all__ = ["ActorPool"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ActorPool":
-        from tessera.util.actor_pool import ActorPool
-
-        return ActorPool
-    raise AttributeError(f"module 'tessera.util' has no attribute {name!r}")
+__all__ = ["ActorPool", "PlacementGroup", "get_placement_group", "placement_group", "placement_group_table",
+           "remove_placement_group", "scheduling_strategies"]
