@@ -49,6 +49,8 @@ class CompiledModel:
                     a = np.asarray(a)
             if tuple(a.shape) != tuple(shape):
                 raise InvalidArgumentError(f"input {i} has shape {list(a.shape)}, the model was compiled for {list(shape)}")
+            if a.dtype.kind not in ("iu" if dt == "int64" else "fiu"):  # other floats and ints convert
+                raise InvalidArgumentError(f"input {i} has dtype {a.dtype}, the model takes {dt}")
             out.append(np.ascontiguousarray(a, dtype=_DT[dt]))
         return out, torch_in
 
