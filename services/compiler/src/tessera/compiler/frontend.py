@@ -243,6 +243,9 @@ class _Converter:
             xi = self.unary(Op.NEG, _V(xi))
         s = self.shape(xi)
         axes = self._axes(xi, dim)
+        if len(axes) == len(s) and not keepdim:  # a scalar: reduced with kept dims, then a view
+            y = self.reshape(self.amax(_V(xi), dim, True), [])
+            return self.unary(Op.NEG, _V(y)) if negate else y
         out = [1 if d in axes else n for d, n in enumerate(s)] if keepdim else [n for d, n in enumerate(s) if d not in axes]
         y = self.add(Op.REDUCE_MAX, [xi], out, {"axes": tuple(axes), "keepdim": bool(keepdim)})
         return self.unary(Op.NEG, _V(y)) if negate else y
@@ -902,9 +905,10 @@ class Traced:
         ids = []
         for o in outs:
             v = self.conv.ir.get(o)
-            if not isinstance(v, _V):
-                raise UnsupportedOpError("the model's outputs must be tensors")
-            ids.append(v.id)
+            for x in (v if isinstance(v, tuple | list) else [v]):  # (values, indices) of torch.max and such
+                if not isinstance(x, _V):
+                    raise UnsupportedOpError("the model's outputs must be tensors")
+                ids.append(x.id)
         return self.conv.b.build(ids)
 
 
