@@ -144,3 +144,44 @@ def test_a_subgraph_slower_than_eager_stays_in_torch(cache_dir: str) -> None:
     with torch.no_grad():
         ref = model(x)
     np.testing.assert_allclose(pm(x)[0].numpy(), ref[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _Slow:
+    """A compiled model made slower than torch eager on purpose (a sleep before each call)."""
+
+    def __init__(self, cm: Any) -> None:
+        self.cm, self.stats = cm, cm.stats
+
+    def __call__(self, *args: Any) -> Any:
+        time.sleep(0.005)
+        return self.cm(*args)
+
+
+def test_a_whole_model_slower_than_eager_stays_in_torch(cache_dir: str) -> None:
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU6()).eval(), torch.randn(2, 8)
+    fast = compile_module(model, [x], cache_dir=cache_dir, keep_faster=True,
+                          compile_segment=lambda g: compile_graph(g, cache_dir=cache_dir))
+    slow = compile_module(model, [x], keep_faster=True, compile_segment=lambda g: _Slow(compile_graph(g, cache_dir=cache_dir)))
+    assert isinstance(slow, PartitionedModel) and "slower compiled than in torch eager" in slow.report()
+    with torch.no_grad():
+        assert torch.equal(slow(x), model(x))
+    if isinstance(fast, CompiledModel):  # measured faster (the usual case): the times are kept with it
+        assert fast.stats["vs_eager"][0] <= fast.stats["vs_eager"][1]
+    else:  # a loaded host can make the eager run look faster; then the choice is in the report
+        assert "slower compiled than in torch eager" in fast.report()
+
+
+def test_index_and_bool_outputs_keep_their_dtypes(cache_dir: str) -> None:
+    cm = compile_module(_MaxIdx().eval(), [torch.randn(2, 3, 4)], cache_dir=cache_dir)
+    assert isinstance(cm, CompiledModel)
+    x = torch.randn(2, 3, 4)
+    values, idx, pos = cm(x)
+    ref = _MaxIdx()(x)
+    assert idx.dtype == torch.int64 and pos.dtype == torch.bool
+    assert torch.equal(values, ref[0]) and torch.equal(idx, ref[1]) and torch.equal(pos, ref[2])
+
+
+class _MaxIdx(nn.Module):
+    def forward(self, x: torch.Tensor) -> Any:
+        v, i = torch.max(x, dim=-1)
+        return v, i, x > 0

@@ -14,7 +14,7 @@ from tessera.compiler.backends import get_backend
 from tessera.compiler.backends.c import default_cache_dir
 from tessera.compiler.frontend import TraceBrokenError, UnsupportedOpError, trace_torch
 from tessera.compiler.ir import Graph
-from tessera.compiler.partition import PartitionedModel, partition
+from tessera.compiler.partition import PartitionedModel, median_time, partition
 from tessera.compiler.passes import run_passes
 from tessera.compiler.runtime import CompiledModel
 from tessera.compiler.tune import FileTuningLog, TuningLog, logged_knobs, tune_graph
@@ -92,11 +92,21 @@ def compile(module: Any, example_inputs: Sequence[Any], *, target: str = "c", ca
         except TraceBrokenError as e:
             if strict:
                 raise
-            return PartitionedModel(module.eval(), None, [], specs, trace_error=str(e))
+            return PartitionedModel(module.eval(), None, [], specs, whole_reason=str(e))
     if traced.torch_nodes and strict:
         raise UnsupportedOpError(traced.unsupported_message())
-    if not traced.torch_nodes and not keep_faster:
-        return build(traced.whole_graph())  # type: ignore[no-any-return]
+    if not traced.torch_nodes:
+        whole = build(traced.whole_graph())
+        if isinstance(whole, CompiledModel) and any(d != "float32" for d in traced.output_dtypes()):
+            whole.output_dtypes = traced.output_dtypes()
+        if not keep_faster:
+            return whole  # type: ignore[no-any-return]
+        t_c, t_e = _against_eager(whole, module, example_inputs)
+        whole.stats["vs_eager"] = (t_c, t_e)
+        if t_c <= t_e:
+            return whole  # type: ignore[no-any-return]
+        return PartitionedModel(module.eval(), None, [], specs, whole_reason=(
+            f"slower compiled than in torch eager ({t_c * 1e6:.0f} us against {t_e * 1e6:.0f} us): kept in torch"))
     segments = partition(traced)
     for seg in segments:
         if seg.kind == "compiled":
@@ -105,8 +115,13 @@ def compile(module: Any, example_inputs: Sequence[Any], *, target: str = "c", ca
     model = PartitionedModel(traced.gm, traced, segments, specs)
     if keep_faster:
         model.keep_faster(example_inputs)
-        if len(segments) == 1 and segments[0].kind == "compiled":
-            cm: CompiledModel = segments[0].model
-            cm.stats["vs_eager"] = segments[0].times
-            return cm
     return model
+
+
+def _against_eager(compiled: Any, module: Any, example_inputs: Sequence[Any], repeat: int = 10) -> tuple[float, float]:
+    """Median seconds of the compiled model and of torch eager on the example inputs."""
+    import torch
+
+    ins = [torch.as_tensor(x) for x in example_inputs]
+    with torch.no_grad():
+        return median_time(lambda: compiled(*ins), repeat), median_time(lambda: module(*ins), repeat)

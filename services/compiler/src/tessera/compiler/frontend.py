@@ -899,6 +899,17 @@ class Traced:
         lines = [f"  {n.name}: {why}" + ("" if where in why else f" [{where}]") for n, (why, where) in self.torch_nodes.items()]
         return f"{len(lines)} unsupported op(s):\n" + "\n".join(lines)
 
+    def output_dtypes(self) -> list[str]:
+        """The torch dtypes of the model's outputs, flattened as :meth:`whole_graph` flattens them."""
+        outs = self.output_node.args[0]
+        outs = list(outs) if isinstance(outs, tuple | list) else [outs]
+        flat: list[str] = []
+        for o in outs:
+            d = self.results.get(o)
+            for x in (d if isinstance(d, tuple | list) else [d]):
+                flat.append(str(x).replace("torch.", "") if x is not None else "float32")
+        return flat
+
     def whole_graph(self) -> Graph:
         outs = self.output_node.args[0]
         outs = list(outs) if isinstance(outs, tuple | list) else [outs]

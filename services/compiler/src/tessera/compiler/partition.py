@@ -150,10 +150,10 @@ class PartitionedModel:
     inputs) out. Inputs are checked against the example inputs' shapes and dtypes."""
 
     def __init__(self, module: Any, traced: Traced | None, segments: list[Segment], input_specs: list[tuple[tuple[int, ...], Any]],
-                 trace_error: str = "") -> None:
+                 whole_reason: str = "") -> None:
         self.module, self.traced, self.segments = module, traced, segments
         self.input_specs = input_specs
-        self.trace_error = trace_error
+        self.whole_reason = whole_reason  # why the whole model runs in torch, when it does
 
     # ------------------------------------------------------------------ calling
 
@@ -246,8 +246,8 @@ class PartitionedModel:
                             self._torch_node(n, v)
                     def compiled(seg: Segment = seg, feed: list[Any] = feed) -> None:
                         seg.model(*feed)
-                    t_c = _median_time(compiled, repeat)
-                    t_e = _median_time(eager, repeat)
+                    t_c = median_time(compiled, repeat)
+                    t_e = median_time(eager, repeat)
                     seg.times = (t_c, t_e)
                     if t_c > t_e:
                         seg.kind = "torch"
@@ -264,12 +264,12 @@ class PartitionedModel:
         with torch.no_grad():
             for _ in range(warmup):
                 self._run(ins)
-            return _median_time(lambda: self._run(ins), repeat)
+            return median_time(lambda: self._run(ins), repeat)
 
     def report(self) -> str:
         """The partition: each segment, compiled (kernels) or left to torch (why)."""
         if self.traced is None:
-            return f"the whole model runs in torch: {self.trace_error}"
+            return f"the whole model runs in torch: {self.whole_reason}"
         lines = []
         n_c = sum(s.kind == "compiled" for s in self.segments)
         n_t = sum(len(s.nodes) for s in self.segments if s.kind == "torch")
@@ -363,7 +363,7 @@ def _restore(tr: Traced, ir: Any, dtypes: Any, vals: dict[int, Any]) -> Any:
     return ir
 
 
-def _median_time(f: Callable[[], Any], repeat: int) -> float:
+def median_time(f: Callable[[], Any], repeat: int) -> float:
     f()
     ts = []
     for _ in range(repeat):
@@ -373,4 +373,4 @@ def _median_time(f: Callable[[], Any], repeat: int) -> float:
     return float(np.median(ts))
 
 
-__all__ = ["PartitionedModel", "Segment", "convert_dtype", "partition"]
+__all__ = ["PartitionedModel", "Segment", "convert_dtype", "median_time", "partition"]

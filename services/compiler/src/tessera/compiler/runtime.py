@@ -34,6 +34,9 @@ class CompiledModel:
     library: str = ""
     cache_hit: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the torch dtypes of the outputs (argmax's int64, a comparison's bool), computed as float32 and
+    #: converted on the way out; None: all float32
+    output_dtypes: list[str] | None = None
 
     def _inputs(self, args: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
         p = self.program
@@ -58,6 +61,8 @@ class CompiledModel:
         ins, torch_in = self._inputs(args)
         outs = [np.empty(s, np.float32) for s in self.program.output_shapes]
         self.module.run(ins, outs)
+        if self.output_dtypes:
+            outs = [o if dt == "float32" else o.astype(dt) for o, dt in zip(outs, self.output_dtypes, strict=True)]
         if torch_in:
             import torch
 
