@@ -84,3 +84,35 @@ def test_list_ops_comes_from_the_registry() -> None:
                  "torch.Tensor.chunk", "torch.gather", "torch.nn.ConvTranspose2d", "aten.conv2d.default", "torch.nn.Conv2d"):
         assert name in ops, name
     assert "torch.nn.LSTM" not in ops and len(ops) == len(set(ops))
+
+
+class _ExportedOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = F.relu6(self.conv(x)) + F.hardswish(x) + F.leaky_relu(x, 0.2) + torch.clamp(x, -0.5, 0.5) + x.pow(2)
+        y = self.gn(y)
+        up = F.interpolate(y, scale_factor=2, mode="bilinear") + F.interpolate(y, scale_factor=2)
+        q = up.flatten(2).transpose(1, 2)
+        att = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        a, b = att.chunk(2, dim=-1)
+        return torch.stack([a, b]).amax(0), torch.where(a > 0, a, b), att.argmax(-1)
+
+
+def test_the_same_ops_through_torch_export(cache_dir: str) -> None:
+    """The ATen ops of a torch.export program map onto the same handlers: the whole program compiles."""
+    from tessera.compiler.api import compile as compile_module
+    from tessera.compiler.runtime import CompiledModel
+
+    torch.manual_seed(0)
+    model, x = _ExportedOps().eval(), r(1, 4, 3, 3)
+    cm = compile_module(torch.export.export(model, (x,)).module(), [x], cache_dir=cache_dir)
+    assert isinstance(cm, CompiledModel)
+    with torch.no_grad():
+        ref = model(x)
+    got = cm(x)
+    for g, want in zip(got, ref, strict=True):
+        assert g.dtype == want.dtype
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)

@@ -203,6 +203,18 @@ class _Converter:
             a.upsample_bilinear2d.vec: lambda x, size, align, scales=None: self.interpolate(x, size, scales, "bilinear", align),
             a.group_norm.default: lambda x, g, w=None, b=None, eps=1e-5, *_: self.group_norm(x, g, w, b, eps),
             a.scaled_dot_product_attention.default: self.sdpa,
+            a.relu6.default: lambda x: self.clamp(x, 0.0, 6.0), a.hardsigmoid.default: self.hardsigmoid,
+            a.chunk.default: self.chunk, a.split_with_sizes.default: self.split, a.maximum.default: self._binary_of(Op.MAXIMUM),
+            a.amin.default: lambda x, dim=(), keepdim=False: self.amax(x, dim, keepdim, negate=True),
+            a.argmin.default: lambda x, dim=None, keepdim=False: self.argmax(x, dim, keepdim, True),
+            a.max.dim: lambda x, dim, keepdim=False: self.minmax(x, True, dim, keepdim),
+            a.min.dim: lambda x, dim, keepdim=False: self.minmax(x, False, dim, keepdim),
+            a.max.default: lambda x: self.amax(x), a.min.default: lambda x: self.amax(x, negate=True),
+            a.ge.Scalar: self._binary_of(Op.GE), a.ge.Tensor: self._binary_of(Op.GE), a.le.Scalar: self._binary_of(Op.LE),
+            a.le.Tensor: self._binary_of(Op.LE), a.eq.Scalar: self._binary_of(Op.EQ), a.eq.Tensor: self._binary_of(Op.EQ),
+            a.ne.Scalar: self._binary_of(Op.NE), a.ne.Tensor: self._binary_of(Op.NE),
+            a.masked_fill.Scalar: lambda x, mask, value: self.where_(mask, value, x),
+            a.conv1d.default: self.f_conv1d, a.conv_transpose2d.input: self.f_conv_transpose,
         })
         return table
 
