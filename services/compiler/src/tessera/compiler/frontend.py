@@ -756,7 +756,7 @@ class _Converter:
                 try:
                     conv.ir[n] = conv.node(n, result, self)
                     traced.kind[n] = "ir" if _has_tensor(conv.ir[n]) else "static"
-                except (UnsupportedOpError, NotImplementedError, TypeError, KeyError, IndexError) as e:
+                except Exception as e:  # torch ran the node just now: whatever stops the conversion is ours
                     if n.op in ("placeholder", "output"):
                         raise
                     del conv.b.nodes[start:]  # what the handler added before it gave up
