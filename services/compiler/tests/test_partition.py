@@ -185,3 +185,28 @@ class _MaxIdx(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         v, i = torch.max(x, dim=-1)
         return v, i, x > 0
+
+
+class Gated(nn.Module):
+    """Branchy (data-dependent control flow) as a submodule between two traced, compilable parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Linear(4, 4), Branchy(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.leaky_relu(self.gate(torch.relu(self.a(x)))))
+
+
+def test_a_submodule_fx_cannot_trace_runs_in_torch_and_the_rest_compiles(cache_dir: str) -> None:
+    torch.manual_seed(0)
+    model, x = Gated().eval(), torch.randn(3, 4)
+    pm = compile_module(model, [x], cache_dir=cache_dir)
+    assert isinstance(pm, PartitionedModel) and [s.kind for s in pm.segments] == ["compiled", "torch", "compiled"]
+    where = f"test_partition.py:{_line('if x.sum() > 0:')}"
+    assert "module Branchy at 'gate' cannot be traced" in pm.report() and where in pm.report()
+    for t in (x, x * 10, -x * 10):  # whichever branch torch takes at call time
+        with torch.no_grad():
+            torch.testing.assert_close(pm(t), model(t), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnsupportedOpError, match=f"module Branchy at 'gate' cannot be traced.*{where}"):
+        compile_module(model, [x], strict=True)

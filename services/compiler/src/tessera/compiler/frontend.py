@@ -44,6 +44,7 @@ class _Converter:
         self.ir: dict[Any, Any] = {}  # fx node -> IR value (_V) or a Python value
         self.param_ids: dict[int, int] = {}
         self.bool_ids: dict[int, bool] = {}  # IR values that are torch bool tensors (float 0/1 here)
+        self.leaf_breaks: dict[str, str] = {}  # submodules torch.fx cannot trace -> where their trace broke
         nn = torch.nn
         # The one op registry: nn.Module types, functions (torch.*, F.*, operator.*, ATen overloads of a
         # torch.export program) and Tensor methods ("Tensor.view"), each mapped to its handler.
@@ -736,14 +737,25 @@ class _Converter:
         import torch
         import torch.fx
 
-        tracer = torch.fx.Tracer()
-        tracer.record_stack_traces = True
-        try:
-            fx_graph = tracer.trace(self.root)
-        except Exception as e:
-            where = _trace_break(e)
-            raise TraceBrokenError(f"torch.fx cannot trace the model: the trace broke at {where}: "
-                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", where) from e
+        leaves = self.leaf_breaks
+
+        class Tracer(torch.fx.Tracer):
+            def is_leaf_module(self, m: Any, qualname: str) -> bool:
+                return qualname in leaves or bool(super().is_leaf_module(m, qualname))
+
+        while True:
+            tracer = Tracer()
+            tracer.record_stack_traces = True
+            try:
+                fx_graph = tracer.trace(self.root)
+                break
+            except Exception as e:
+                where = _trace_break(e)
+                sub = _breaking_submodule(self.root, e)
+                if sub is None or sub in leaves or len(leaves) >= 32:
+                    raise TraceBrokenError(f"torch.fx cannot trace the model: the trace broke at {where}: "
+                                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", where) from e
+                leaves[sub] = where  # trace again with that submodule as one opaque call (it will run in torch)
         gm = torch.fx.GraphModule(tracer.root, fx_graph)
         conv = self
         traced = Traced(gm, self)
@@ -826,6 +838,9 @@ class _Converter:
             return None  # torch.export's input guards
         if n.op == "call_module":
             mod = self.root.get_submodule(n.target)
+            if n.target in self.leaf_breaks:
+                raise UnsupportedOpError(f"module {type(mod).__name__} at '{n.target}' cannot be traced by torch.fx: the "
+                                         f"trace broke at {self.leaf_breaks[n.target]}")
             fn = self.ops.get(type(mod))
             if fn is None:
                 raise UnsupportedOpError(f"unsupported module {type(mod).__name__} at '{n.target}' ({self.where})")
@@ -953,6 +968,20 @@ def _trace_break(e: BaseException) -> str:
         return "an unknown place"
     f = frames[-1]
     return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _breaking_submodule(root: Any, e: BaseException) -> str | None:
+    """The path of the innermost submodule (not the root) whose own code the trace broke in, if any."""
+    names = {id(m): name for name, m in root.named_modules() if name}
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code.co_name == "_call_impl":  # torch's Module.__call__: its self is the module being called
+            me = f.f_locals.get("self")
+            if me is not None and id(me) in names:
+                found = names[id(me)]
+        tb = tb.tb_next
+    return found
 
 
 def _has_tensor(x: Any) -> bool:
