@@ -359,7 +359,7 @@ class Node:
 
     def _to_sessions(self, results: list[pb.TaskResult]) -> None:
         for r in results:
-            spec = self._recorded.pop(r.task_id, None)
+            spec = None if r.partial else self._recorded.pop(r.task_id, None)
             if spec is not None:  # lineage: each task is recorded once, when it is done
                 failed = r.HasField("error")
                 self._finished.append((spec, cpb.TASK_STATE_FAILED if failed else cpb.TASK_STATE_FINISHED, r.node_id))
