@@ -50,6 +50,20 @@ def flaky(path: str, failures: int, exc: str = "Flaky") -> int:
 
 
 @tessera.remote
+class Service:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @tessera.method(retry_exceptions=[Flaky])
+    def shaky(self, failures: int) -> int:
+        """Fails its first ``failures`` calls."""
+        self.calls += 1
+        if self.calls <= failures:
+            raise Flaky(f"call {self.calls}")
+        return self.calls
+
+
+@tessera.remote
 def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
@@ -88,6 +102,16 @@ def test_a_list_retries_only_its_exception_types(cluster: stacks.Cluster, tmp_pa
     assert tessera.get(flaky.options(retry_exceptions=[Exception]).remote(str(path), 1), timeout=60) == 2
 
 
+def test_actor_methods_retry_exceptions_within_max_task_retries(cluster: stacks.Cluster) -> None:
+    s = Service.options(max_task_retries=2).remote()
+    assert tessera.get(s.shaky.remote(2), timeout=60) == 3
+    with pytest.raises(Flaky, match="call 4"):  # max_task_retries=0: not retried
+        tessera.get(s.shaky.options(max_task_retries=0).remote(10), timeout=60)
+    with pytest.raises(Flaky, match="call 5"):
+        tessera.get(s.shaky.options(retry_exceptions=False).remote(10), timeout=60)
+    tessera.kill(s)
+
+
 def test_bad_retry_exceptions_are_refused(cluster: stacks.Cluster) -> None:
     with pytest.raises(TypeError, match="retry_exceptions"):
         flaky.options(retry_exceptions="yes")
@@ -97,6 +121,8 @@ def test_bad_retry_exceptions_are_refused(cluster: stacks.Cluster) -> None:
         flaky.options(retry_exceptions=[])
     with pytest.raises(TypeError, match="retry_exceptions"):
         tessera.remote(retry_exceptions=1)(nap)
+    with pytest.raises(TypeError, match="retry_exceptions"):
+        tessera.method(retry_exceptions="all")
 
 
 def test_timeline_lists_the_tasks_as_chrome_trace_events(cluster: stacks.Cluster, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ T = TypeVar("T")
 _TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "retry_exceptions"}
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
                   "max_concurrency", "concurrency_groups", "max_task_retries"}
-_METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries"}
+_METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries", "retry_exceptions"}
 #: Most calls of one actor (or one concurrency group) running at once.
 MAX_CONCURRENCY_LIMIT = 100_000
 
@@ -386,7 +386,8 @@ class ActorMethod:
                            actor_id=h._actor_id, caller=h._caller, seq=h._next_seq(),
                            max_retries=int(o.get("max_task_retries", h._max_task_retries)),
                            concurrency_group=str(o.get("concurrency_group") or ""), generator=gen)
-        return _returns(st.core.submit(spec, nested), gen, num_returns, spec.task_id)
+        returns = st.core.submit(spec, nested, retry_exceptions=o.get("retry_exceptions", False))
+        return _returns(returns, gen, num_returns, spec.task_id)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor method {self._name} cannot be called directly: use .{self._name}.remote(...)")
@@ -404,8 +405,8 @@ METHOD_OPTIONS_ATTR = "__tessera_method_options__"
 
 
 def method(*args: Any, **options: Any) -> Any:
-    """``@tessera.method(num_returns=..., concurrency_group=..., max_task_retries=...)`` on an actor's method
-    (Ray's ``ray.method``): the defaults of that method's calls."""
+    """``@tessera.method(num_returns=..., concurrency_group=..., max_task_retries=..., retry_exceptions=...)`` on
+    an actor's method (Ray's ``ray.method``): the defaults of that method's calls."""
     if args:
         raise TypeError("@tessera.method takes keyword options only, e.g. @tessera.method(concurrency_group='io')")
     opts = _check_options(dict(options), _METHOD_OPTIONS - {"name"}, "@tessera.method")
