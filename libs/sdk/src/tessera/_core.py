@@ -104,17 +104,9 @@ class _Stream:
     taken: int = 0  # items handed out as refs so far (streaming)
 
 
-@dataclass(frozen=True)
-class TaskEvent:
-    """One finished task, for ``tessera.timeline``."""
-
-    name: str
-    task_id: bytes
-    node_id: bytes
-    worker_id: bytes
-    start_us: int
-    end_us: int
-    failed: bool
+#: One finished task, for ``tessera.timeline``: (name, task id, node id, worker id, start and end in Unix
+#: microseconds, whether it failed). A plain tuple: one is made per result, on the hot path.
+TaskEvent = tuple[str, bytes, bytes, bytes, int, int, bool]
 
 
 _derived: dict[type, type] = {}
@@ -325,8 +317,8 @@ class Core:
                 self.retry_exceptions.pop(r.task_id, None)
                 name = spec.name if spec is not None else ""
                 if r.end_us and spec is not None:
-                    self.events.append(TaskEvent(name, r.task_id, r.node_id, r.worker_id, r.start_us, r.end_us,
-                                                 r.HasField("error")))
+                    self.events.append((name, r.task_id, r.node_id, r.worker_id, r.start_us, r.end_us,
+                                        r.HasField("error")))
                 refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"",
                                 borrower=r.borrower if r.borrower != self.refs_key.decode() else "")
                 if r.task_id in self.streams:

@@ -24,15 +24,15 @@ def timeline(filename: str | None = None) -> list[dict[str, Any]] | None:
     with core.cond:
         events = list(core.events)
     trace = [{
-        "name": e.name,
+        "name": name,
         "cat": "task",
         "ph": "X",
-        "pid": f"node {e.node_id.hex()}",
-        "tid": f"worker {e.worker_id.hex()}",
-        "ts": e.start_us,
-        "dur": e.end_us - e.start_us,
-        "args": {"task_id": e.task_id.hex(), "failed": e.failed},
-    } for e in sorted(events, key=lambda e: e.start_us)]
+        "pid": f"node {node_id.hex()}",
+        "tid": f"worker {worker_id.hex()}",
+        "ts": start_us,
+        "dur": end_us - start_us,
+        "args": {"task_id": task_id.hex(), "failed": failed},
+    } for name, task_id, node_id, worker_id, start_us, end_us, failed in sorted(events, key=lambda e: e[4])]
     if filename is None:
         return trace
     with open(filename, "w") as f:
