@@ -17,7 +17,7 @@ import stacks
 
 import tessera
 from tessera.common import ids
-from tessera.exceptions import TaskError
+from tessera.exceptions import TaskCancelledError, TaskError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -67,6 +67,15 @@ def fails_after(n: int) -> Iterator[int]:
 def blocks(n: int, mib: int) -> Iterator[np.ndarray]:
     for i in range(n):
         yield np.full(mib * MiB // 8, float(i))
+
+
+@tessera.remote
+def endless() -> Iterator[int]:
+    i = 0
+    while True:
+        yield i
+        i += 1
+        time.sleep(0.05)
 
 
 @tessera.remote(num_returns="streaming")
@@ -210,3 +219,17 @@ def test_bad_num_returns_and_a_non_iterable_result_are_refused(cluster: stacks.C
         tessera.get(next(gen), timeout=30)
     with pytest.raises(TypeError, match="cannot be passed"):
         cloudpickle.dumps(count.remote(1))
+
+
+def test_cancelling_a_streaming_task_ends_its_stream(cluster: stacks.Cluster) -> None:
+    gen = endless.remote()
+    first = next(gen)
+    assert tessera.get(first, timeout=30) == 0
+    tessera.cancel(gen)
+    refs = list(gen)  # what it yielded before the cancel, then the cancellation, then the end
+    assert refs, "the stream ended with no item saying it was cancelled"
+    with pytest.raises(TaskCancelledError):
+        tessera.get(refs[-1], timeout=30)
+    assert tessera.get(refs[:-1], timeout=30) == list(range(1, len(refs)))
+    with pytest.raises(TypeError, match="ObjectRefGenerator"):
+        tessera.cancel("not a ref")

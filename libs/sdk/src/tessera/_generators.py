@@ -68,6 +68,10 @@ class ObjectRefGenerator:
         """The generator task's id."""
         return self._task_id
 
+    def _task_ref(self) -> _TaskRef:
+        """What ``tessera.cancel`` needs of a ref: an id whose first bytes are the task's."""
+        return _TaskRef(self._task_id + (1).to_bytes(4, "big"))
+
     def __repr__(self) -> str:
         return f"ObjectRefGenerator({self._task_id.hex()})"
 
@@ -81,6 +85,15 @@ class ObjectRefGenerator:
                 core.stream_dropped(self._task_id)
             except Exception:  # interpreter teardown
                 pass
+
+
+class _TaskRef:
+    """An object id that is not a ref (it counts nothing): the task it names is all that is used."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, oid: bytes) -> None:
+        self.id = oid
 
 
 class DynamicObjectRefGenerator:
