@@ -24,9 +24,10 @@ from tessera.common.serialization import serialize
 K = pb.TaskKind
 T = TypeVar("T")
 
-_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "retry_exceptions"}
+_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "scheduling_strategy",
+                 "retry_exceptions"}
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
-                  "max_concurrency", "concurrency_groups", "max_task_retries"}
+                  "max_concurrency", "concurrency_groups", "max_task_retries", "scheduling_strategy"}
 _METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries", "retry_exceptions"}
 #: Most calls of one actor (or one concurrency group) running at once.
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -72,6 +73,10 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
             raise ValueError(f"resources must map names to amounts >= 0, got {r!r}")
         if {"CPU", "GPU"} & set(r):
             raise ValueError("use num_cpus / num_gpus, not resources={'CPU'|'GPU': ...}")
+    if opts.get("scheduling_strategy") is not None:
+        from tessera.util import scheduling_strategies
+
+        scheduling_strategies.check(opts["scheduling_strategy"])
     return opts
 
 
@@ -118,6 +123,13 @@ def _resources(opts: dict[str, Any], default_cpus: float) -> dict[str, float]:
     if opts.get("num_gpus"):
         out["GPU"] = float(opts["num_gpus"])
     return {k: v for k, v in out.items() if v > 0}
+
+
+def _strategy(opts: dict[str, Any], spec: pb.TaskSpec) -> None:
+    if opts.get("scheduling_strategy") is not None:
+        from tessera.util import scheduling_strategies
+
+        scheduling_strategies.apply(opts["scheduling_strategy"], spec)
 
 
 class _Exported:
@@ -234,6 +246,7 @@ class RemoteFunction(Generic[T]):
             t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
                             name=o.get("name") or self._exported.name, num_returns=_num_returns(o, gen),
                             resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)), generator=gen)
+            _strategy(o, t)
             self._templates[st.cluster_key] = t
         return t
 
@@ -309,6 +322,7 @@ class ActorClass:
                            actor_name=name, namespace=namespace, max_retries=0,
                            detached=o.get("lifetime") == "detached",
                            max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups)
+        _strategy(o, spec)
         ready = st.core.submit(spec, nested)
         h = ActorHandle(actor_id, methods, self._exported.name, method_options=self._method_options,
                         groups=sorted(groups), max_task_retries=int(o.get("max_task_retries", 0)))

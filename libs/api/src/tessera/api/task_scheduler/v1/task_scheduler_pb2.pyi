@@ -186,6 +186,9 @@ class TaskSpec(_message.Message):
     CONCURRENCY_GROUPS_FIELD_NUMBER: _builtins.int
     CONCURRENCY_GROUP_FIELD_NUMBER: _builtins.int
     GENERATOR_FIELD_NUMBER: _builtins.int
+    SCHEDULING_STRATEGY_FIELD_NUMBER: _builtins.int
+    AFFINITY_NODE_ID_FIELD_NUMBER: _builtins.int
+    AFFINITY_SOFT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
     job_id: _builtins.bytes
@@ -230,6 +233,12 @@ class TaskSpec(_message.Message):
     """a generator task: 1 streaming (each yielded value is sent to the owner as it is made, in a partial
     result), 2 dynamic (the same, and the owner makes return 1 the list of the items' refs when it ends)
     """
+    scheduling_strategy: _builtins.str
+    """"" or "DEFAULT"; "SPREAD": across the nodes that can run it, in turn"""
+    affinity_node_id: _builtins.bytes
+    """NodeAffinitySchedulingStrategy: the node it must (or, soft, should) run on"""
+    affinity_soft: _builtins.bool
+    """the node is a preference: elsewhere when it is gone or cannot run it"""
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arg]: ...
     @_builtins.property
@@ -269,10 +278,13 @@ class TaskSpec(_message.Message):
         concurrency_groups: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         concurrency_group: _builtins.str = ...,
         generator: _builtins.int = ...,
+        scheduling_strategy: _builtins.str = ...,
+        affinity_node_id: _builtins.bytes = ...,
+        affinity_soft: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
