@@ -309,7 +309,7 @@ class Core:
         with self.cond:
             for r in results:
                 if r.partial:
-                    self._stream_item(r)
+                    late.extend(self._stream_item(r))
                     continue
                 if r.HasField("error") and self._retry(r, retried):
                     continue
@@ -383,11 +383,12 @@ class Core:
         retried.append(spec)
         return True
 
-    def _stream_item(self, r: pb.TaskResult) -> None:
-        """A value a generator task yielded (the task runs on). Caller holds cond."""
+    def _stream_item(self, r: pb.TaskResult) -> list[bytes]:
+        """A value a generator task yielded (the task runs on); what to free of it (stored values of a task
+        that ended here already: cancelled before it started). Caller holds cond."""
         st = self.streams.get(r.task_id)
         if st is None or r.task_id not in self.pending:
-            return  # cancelled or abandoned: its values are freed with the task
+            return [v.object_id for v in r.returns if v.stored]
         for v in r.returns:
             oid = v.object_id
             index = ids.return_index(oid) - (1 if st.dynamic else 0)
@@ -399,6 +400,7 @@ class Core:
                 self.refs.stored(oid, big=True)
             self.results[oid] = _Result("s") if v.stored else _Result("v", v.value)
         self.cond.notify_all()
+        return []
 
     def _stream_end(self, r: pb.TaskResult, name: str) -> None:
         """A generator task ended: after its last item, or with the error its next item raises. A dynamic
