@@ -149,6 +149,28 @@ def test_timeline_lists_the_tasks_as_chrome_trace_events(cluster: stacks.Cluster
         tessera.timeline(3)  # type: ignore[arg-type]
 
 
+@tessera.remote
+def fan(n: int) -> list[tessera.ObjectRef]:
+    """Submits ``n`` naps and returns their refs (they stay alive, and so do their records)."""
+    refs = [nap.remote(0.1) for _ in range(n)]
+    tessera.get(refs)
+    return refs
+
+
+def test_the_timeline_has_the_tasks_that_tasks_submitted(cluster: stacks.Cluster) -> None:
+    refs = tessera.get(fan.remote(3), timeout=60)
+    deadline = time.monotonic() + 30
+    while True:  # their node records them in the control store within a moment
+        nested = [e for e in tessera.timeline() or [] if e["name"].endswith(".nap")
+                  and e["args"]["task_id"] in {r.hex()[:32] for r in refs}]
+        if len(nested) == 3:
+            break
+        assert time.monotonic() < deadline, f"the nested tasks are not in the timeline: {nested}"
+        time.sleep(0.2)
+    assert all(e["dur"] >= 0.1e6 for e in nested)
+    del refs
+
+
 def test_a_failed_task_is_in_the_timeline_too(cluster: stacks.Cluster, tmp_path: Path) -> None:
     with pytest.raises(TaskError):
         tessera.get(flaky.options(retry_exceptions=False).remote(str(tmp_path / "g"), 1), timeout=60)
