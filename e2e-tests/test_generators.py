@@ -175,6 +175,24 @@ def test_dynamic_gives_one_ref_to_the_list_of_refs(cluster: stacks.Cluster) -> N
         tessera.get(failed, timeout=30)
 
 
+@tessera.remote
+def total(dyn: tessera.DynamicObjectRefGenerator) -> int:
+    return sum(tessera.get(list(dyn)))
+
+
+@tessera.remote
+def total_nested(refs: list[tessera.ObjectRef]) -> int:
+    return sum(sum(tessera.get(list(tessera.get(r)))) for r in refs)
+
+
+def test_a_dynamic_ref_passed_to_a_task_carries_its_refs(cluster: stacks.Cluster) -> None:
+    ref = squares.options(num_returns="dynamic").remote(4)
+    assert tessera.get(total.remote(ref), timeout=30) == 0 + 1 + 4 + 9
+    other = squares.options(num_returns="dynamic").remote(3)
+    tessera.get(other, timeout=30)
+    assert tessera.get(total_nested.remote([other]), timeout=30) == 0 + 1 + 4  # nested: through the store
+
+
 def test_actor_methods_that_are_generators_stream(cluster: stacks.Cluster) -> None:
     p = Producer.remote(100)
     gen = p.items.remote(3)

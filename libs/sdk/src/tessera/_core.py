@@ -30,7 +30,7 @@ from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
 from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
-from tessera.common.serialization import deserialize
+from tessera.common.serialization import deserialize, serialize
 from tessera.common.telemetry import current_traceparent
 from tessera.exceptions import (
     ActorDiedError,
@@ -265,6 +265,10 @@ class Core:
                 return "failed"
             if r.kind == "v":
                 a.value = r.data
+            elif r.kind == "o":  # a dynamic generator's refs travel with it (kept for this owner's life)
+                kw = a.keyword
+                a.value = serialize(r.obj).to_bytes()
+                a.keyword = kw
         return "held" if held else "ready"
 
     def _owned_value(self, oid: bytes) -> bytes | None:
@@ -499,10 +503,12 @@ class Core:
                 if self._known(oid):
                     self.escaped.add(oid)
                 return
-            if r.kind != "v" or oid in self.stored:
+            if r.kind not in ("v", "o") or oid in self.stored:
                 return
             self.stored.add(oid)
-            data = r.data
+            data, obj = r.data, r.obj
+        if obj is not None:  # a dynamic generator's refs: they leave with it (and are kept for this owner's life)
+            data = serialize(obj).to_bytes()
         self.refs.stored(oid)
         self._objects().put_inline(oid, data)
 
