@@ -9,10 +9,11 @@ import queue
 import tessera
 import tessera.client
 
-EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
-                    "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
-                    "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init", "internal",
-                    "is_initialized", "kill", "method", "nodes", "put", "remote", "shutdown", "util", "wait"]
+EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "DynamicObjectRefGenerator", "Event",
+                    "ObjectRef", "ObjectRefGenerator", "ObjectStoreClient", "RemoteFunction", "__version__",
+                    "available_resources", "cancel", "cluster_resources", "connect", "exceptions", "get", "get_actor",
+                    "get_gpu_ids", "get_runtime_context", "init", "internal", "is_initialized", "kill", "method", "nodes",
+                    "put", "remote", "shutdown", "timeline", "util", "wait"]
 EXPECTED_UTIL = ["ActorPool", "PlacementGroup", "get_placement_group", "placement_group", "placement_group_table",
                  "remove_placement_group", "scheduling_strategies"]
 EXPECTED_QUEUE = ["Empty", "Full", "Queue"]

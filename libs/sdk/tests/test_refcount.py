@@ -351,3 +351,29 @@ def test_a_published_table_is_stale_by_the_staleness_it_states() -> None:
     old = read_table(json.dumps({"time": 1000.0, "rows": []}).encode(), 1030.0)  # a table of an older process
     assert old.alive and old.holds is None, "it says nothing of what it holds: nothing is released by it"
     assert not read_table(json.dumps({"time": 1000.0, "holds": None}).encode(), 1036.0).alive
+
+
+def test_a_generators_items_are_owned_and_freed_like_returns(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    tid, _ = task(0)
+    c.own_task(tid, [], [], [])  # a streaming task: no returns known at submission
+    taken, left, late = (ids.object_id(tid, i) for i in (1, 2, 3))
+    c.add_return(tid, taken)
+    c.add_return(tid, left)
+    c.born(taken)  # handed out as a ref
+    c.stored(taken, big=True)
+    c.stored(left, big=True)
+    c.add_return(tid, taken)  # sent again by a retry: nothing changes
+    assert c.owns(taken) and c.owns(left)
+    c.unreferenced([left, taken])  # the generator is dropped: what it never handed out goes
+    b = c.process()
+    assert b.stored == [left], "an item still referenced was freed, or a dropped one was not"
+    c.task_ended(tid)
+    c.add_return(tid, late, unreferenced=True)  # yielded after the generator was dropped
+    assert c.process().local == [late]
+    c.died(taken)
+    assert c.process().stored == [taken]
+    clock.t += RECORD_DELAY_S + 1
+    assert tid in c.process().task_ids
+    c.add_return(tid, ids.object_id(tid, 4))  # the task's record is gone: an item now is not owned
+    assert not c.owns(ids.object_id(tid, 4))

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
         shutdown,
         wait,
     )
+    from tessera._generators import DynamicObjectRefGenerator, ObjectRefGenerator
     from tessera._remote import ActorClass, ActorHandle, RemoteFunction, method, remote
+    from tessera._timeline import timeline
     from tessera.client import Client, ClusterNotFoundError, Event, connect
     from tessera.client.objects import ObjectRef, ObjectStoreClient
 
@@ -52,14 +54,16 @@ _LAZY = {
                      "get_runtime_context", "init", "is_initialized", "kill", "nodes", "put", "shutdown", "wait"],
                     "tessera._api"),
     **dict.fromkeys(["ObjectRef", "ObjectStoreClient"], "tessera.client.objects"),
+    **dict.fromkeys(["DynamicObjectRefGenerator", "ObjectRefGenerator"], "tessera._generators"),
+    "timeline": "tessera._timeline",
     **dict.fromkeys(["ActorClass", "ActorHandle", "RemoteFunction", "method", "remote"], "tessera._remote"),
     **dict.fromkeys(["Client", "ClusterNotFoundError", "Event", "connect"], "tessera.client"),
 }
 
-__all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "Event", "ObjectRef", "ObjectStoreClient",
-           "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
+__all__ = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError", "DynamicObjectRefGenerator", "Event",
+           "ObjectRef", "ObjectRefGenerator", "ObjectStoreClient", "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
            "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init", "internal",
-           "is_initialized", "kill", "method", "nodes", "put", "remote", "shutdown", "util", "wait"]
+           "is_initialized", "kill", "method", "nodes", "put", "remote", "shutdown", "timeline", "util", "wait"]
 
 
 def __getattr__(name: str) -> Any:

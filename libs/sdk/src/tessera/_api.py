@@ -441,13 +441,18 @@ def put(value: Any) -> ObjectRef:
     return st.objects().put_serialized(oid, ser)
 
 
-def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+def cancel(ref: Any, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that makes ``ref`` (Ray's ``ray.cancel``): dropped if queued; if running, interrupted
     (KeyboardInterrupt in its thread; an async actor call's coroutine is cancelled), or with ``force`` its
     worker is killed. ``get`` then raises TaskCancelledError. ``recursive``: the tasks it submitted that have
     not finished are cancelled too. A finished task is left alone; ``force`` is refused for actor calls."""
+    from tessera._generators import ObjectRefGenerator
+
+    if isinstance(ref, ObjectRefGenerator):  # a generator task: its items so far stay readable
+        state().core.cancel(ref._task_ref(), force=force, recursive=recursive)
+        return
     if not isinstance(ref, ObjectRef):
-        raise TypeError(f"tessera.cancel takes an ObjectRef, got {type(ref).__name__}")
+        raise TypeError(f"tessera.cancel takes an ObjectRef or an ObjectRefGenerator, got {type(ref).__name__}")
     state().core.cancel(ref, force=force, recursive=recursive)
 
 

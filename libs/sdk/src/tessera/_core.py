@@ -19,16 +19,18 @@ import pickle
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tessera._generators import DynamicObjectRefGenerator
 from tessera._refcount import BorrowerTable, FreeBatch, RefCounter
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import ids, rpc
 from tessera.common.names import REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
-from tessera.common.serialization import deserialize
+from tessera.common.serialization import deserialize, serialize
 from tessera.common.telemetry import current_traceparent
 from tessera.exceptions import (
     ActorDiedError,
@@ -76,10 +78,35 @@ class ObjectRefLike(Protocol):
 
 @dataclass
 class _Result:
-    kind: str  # "v" inline value, "s" in the object store, "e" error
+    kind: str  # "v" inline value, "s" in the object store, "e" error, "o" a value held here (a dynamic generator)
     data: bytes = b""
     error: pb.TaskError | None = None
     name: str = ""
+    obj: Any = None
+
+
+#: TaskSpec.generator values.
+GENERATOR_STREAMING = 1
+GENERATOR_DYNAMIC = 2
+#: Finished tasks whose times ``tessera.timeline`` keeps (the oldest go first).
+TIMELINE_EVENTS = 100_000
+
+
+@dataclass
+class _Stream:
+    """What has come back of a generator task: its items (by index from 1), and how it ended."""
+
+    items: set[int]
+    dynamic: bool = False
+    ended: bool = False
+    total: int = 0  # items it yielded in all (once ended)
+    dropped: bool = False  # its ObjectRefGenerator is gone: items that come now are freed at once
+    taken: int = 0  # items handed out as refs so far (streaming)
+
+
+#: One finished task, for ``tessera.timeline``: (name, task id, node id, worker id, start and end in Unix
+#: microseconds, whether it failed). A plain tuple: one is made per result, on the hot path.
+TaskEvent = tuple[str, bytes, bytes, bytes, int, int, bool]
 
 
 _derived: dict[type, type] = {}
@@ -148,6 +175,10 @@ class Core:
         self.results: dict[bytes, _Result] = {}
         self.pending: dict[bytes, pb.TaskSpec] = {}  # submitted, not finished
         self.held: dict[bytes, pb.TaskSpec] = {}  # waiting for own tasks it depends on
+        self.streams: dict[bytes, _Stream] = {}  # generator tasks: their items so far
+        # retry_exceptions of submitted tasks: True (any exception) or the exception types to retry
+        self.retry_exceptions: dict[bytes, bool | tuple[type, ...]] = {}
+        self.events: deque[TaskEvent] = deque(maxlen=TIMELINE_EVENTS)
         # the task this thread (or coroutine) runs: an actor's worker runs several at once
         self._current: contextvars.ContextVar[bytes] = contextvars.ContextVar("tessera_current_task", default=b"")
         self.closed = False
@@ -175,10 +206,13 @@ class Core:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, spec: pb.TaskSpec, nested: Sequence[bytes] = ()) -> list[bytes]:
+    def submit(self, spec: pb.TaskSpec, nested: Sequence[bytes] = (), *,
+               retry_exceptions: bool | tuple[type, ...] = False) -> list[bytes]:
         """Send ``spec`` (now, or once the tasks it depends on have finished); its return ids.
 
         ``nested``: refs serialized inside its argument values (the task holds them until it ends).
+        ``retry_exceptions``: an exception it raises is retried (within ``max_retries``) if True, or if it is
+        an instance of one of these types (Ray's option).
         """
         if self.closed:
             raise TesseraSDKError("tessera is shut down: call tessera.init() first")
@@ -193,6 +227,10 @@ class Core:
                            nested)
         self.flush_frees(records=False, urgent_only=True)
         with self.cond:
+            if spec.generator:
+                self.streams[tid] = _Stream(set(), dynamic=spec.generator == GENERATOR_DYNAMIC)
+            if retry_exceptions:
+                self.retry_exceptions[tid] = retry_exceptions
             state = self._resolve(spec) if spec.args else "ready"
             if state == "held":
                 self.held[spec.task_id] = spec
@@ -227,6 +265,10 @@ class Core:
                 return "failed"
             if r.kind == "v":
                 a.value = r.data
+            elif r.kind == "o":  # a dynamic generator's refs travel with it (kept for this owner's life)
+                kw = a.keyword
+                a.value = serialize(r.obj).to_bytes()
+                a.keyword = kw
         return "held" if held else "ready"
 
     def _owned_value(self, oid: bytes) -> bytes | None:
@@ -237,10 +279,14 @@ class Core:
         return client.owned(oid) if client is not None else None
 
     def _fail_locally(self, spec: pb.TaskSpec, err: pb.TaskError, name: str) -> None:
-        for i in range(spec.num_returns):
-            oid = ids.object_id(spec.task_id, i + 1)
-            if self.refs.freed_reason(oid) is None:
-                self.results[oid] = _Result("e", error=err, name=name)
+        self.retry_exceptions.pop(spec.task_id, None)
+        if spec.task_id in self.streams:
+            self._stream_end(pb.TaskResult(task_id=spec.task_id, error=err), name)
+        else:
+            for i in range(spec.num_returns):
+                oid = ids.object_id(spec.task_id, i + 1)
+                if self.refs.freed_reason(oid) is None:
+                    self.results[oid] = _Result("e", error=err, name=name)
         self.refs.task_ended(spec.task_id)
         self.cond.notify_all()
 
@@ -263,12 +309,25 @@ class Core:
         promote: list[tuple[bytes, bytes]] = []
         late: list[bytes] = []  # stored after their refs were all dropped: free them again
         refs = self.refs
+        retried: list[pb.TaskSpec] = []
         with self.cond:
             for r in results:
+                if r.partial:
+                    late.extend(self._stream_item(r))
+                    continue
+                if r.HasField("error") and self._retry(r, retried):
+                    continue
                 spec = self.pending.pop(r.task_id, None)
+                self.retry_exceptions.pop(r.task_id, None)
                 name = spec.name if spec is not None else ""
+                if r.end_us and spec is not None:
+                    self.events.append((name, r.task_id, r.node_id, r.worker_id, r.start_us, r.end_us,
+                                        r.HasField("error")))
                 refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"",
                                 borrower=r.borrower if r.borrower != self.refs_key.decode() else "")
+                if r.task_id in self.streams:
+                    self._stream_end(r, name)
+                    continue
                 if r.HasField("error"):
                     n = spec.num_returns if spec is not None else max(1, len(r.returns))
                     for i in range(n):
@@ -297,6 +356,7 @@ class Core:
                             self.pending[tid] = spec
                             released.append(spec)
             self.cond.notify_all()
+        released.extend(retried)
         if released:
             self._send(pb.ClientFrame(submit=released))
         if promote:
@@ -306,6 +366,129 @@ class Core:
         if late:
             with self._free_lock:
                 self._unsent.append(FreeBatch(stored=late))
+
+    def _retry(self, r: pb.TaskResult, retried: list[pb.TaskSpec]) -> bool:
+        """Whether failed ``r`` is sent again (retry_exceptions, within max_retries); caller holds cond."""
+        which = self.retry_exceptions.get(r.task_id)
+        spec = self.pending.get(r.task_id)
+        if not which or spec is None or r.error.kind != E.ERROR_KIND_TASK:
+            return False
+        if 0 <= spec.max_retries <= max(spec.attempt, r.attempt):
+            return False
+        if which is not True:
+            try:
+                cause = pickle.loads(r.error.exception) if r.error.exception else None
+            except Exception:
+                cause = None
+            if not isinstance(cause, which):  # type: ignore[arg-type]
+                return False
+        spec.attempt = max(spec.attempt, r.attempt) + 1
+        log.info("%s raised %s: retrying (attempt %d)", spec.name, r.error.type_name, spec.attempt)
+        retried.append(spec)
+        return True
+
+    def _stream_item(self, r: pb.TaskResult) -> list[bytes]:
+        """A value a generator task yielded (the task runs on); what to free of it (stored values of a task
+        that ended here already: cancelled before it started). Caller holds cond."""
+        st = self.streams.get(r.task_id)
+        if st is None or r.task_id not in self.pending:
+            return [v.object_id for v in r.returns if v.stored]
+        for v in r.returns:
+            oid = v.object_id
+            index = ids.return_index(oid) - (1 if st.dynamic else 0)
+            if index in st.items or index < 1:
+                continue  # sent again by a retry
+            st.items.add(index)
+            self.refs.add_return(r.task_id, oid, unreferenced=st.dropped)
+            if v.stored:
+                self.refs.stored(oid, big=True)
+            self.results[oid] = _Result("s") if v.stored else _Result("v", v.value)
+        self.cond.notify_all()
+        return []
+
+    def _stream_end(self, r: pb.TaskResult, name: str) -> None:
+        """A generator task ended: after its last item, or with the error its next item raises. A dynamic
+        one's return 1 becomes the list of its items' refs. Caller holds cond."""
+        st = self.streams[r.task_id]
+        st.ended = True
+        # (a cancelled or crashed run does not say how many it yielded: what arrived is all there is)
+        st.total = max(r.stream_items, max(st.items, default=0))
+        if st.dynamic:
+            oid = ids.object_id(r.task_id, 1)
+            if self.refs.freed_reason(oid) is None:
+                if r.HasField("error"):
+                    self.results[oid] = _Result("e", error=r.error, name=name)
+                else:
+                    from tessera.client.objects import ObjectRef
+
+                    refs = [ObjectRef(ids.object_id(r.task_id, i + 2)) for i in range(st.total)]
+                    self.results[oid] = _Result("o", obj=DynamicObjectRefGenerator(refs), name=name)
+            del self.streams[r.task_id]  # its items live as long as return 1's value
+            return
+        if r.HasField("error"):
+            err = r.error
+        elif len(st.items) < r.stream_items:
+            err = pb.TaskError(kind=E.ERROR_KIND_WORKER_CRASHED,
+                               message=f"{r.stream_items - len(st.items)} of its {r.stream_items} values never arrived")
+        else:
+            return
+        st.total += 1  # the error is its last item
+        oid = ids.object_id(r.task_id, st.total)
+        st.items.add(st.total)
+        self.refs.add_return(r.task_id, oid, unreferenced=st.dropped)
+        self.results[oid] = _Result("e", error=err, name=name)
+
+    def stream_next(self, task_id: bytes, timeout: float | None) -> bytes | None:
+        """The id of a streaming task's next item once it is ready (None: it ended), as a ref the caller
+        makes. GetTimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + (timeout if timeout is not None else FOREVER_S)
+        with self.cond:
+            while True:
+                st = self.streams.get(task_id)
+                if st is None:
+                    return None
+                nxt = st.taken + 1
+                if nxt in st.items:
+                    st.taken = nxt
+                    return ids.object_id(task_id, nxt)
+                if st.ended:
+                    del self.streams[task_id]
+                    return None
+                if self.closed:
+                    raise TesseraSDKError("tessera was shut down while waiting")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GetTimeoutError(f"the next value of {self._describe(ids.object_id(task_id, 1))} was not "
+                                          f"ready within {timeout:g}s")
+                self.cond.wait(min(remaining, 1.0))
+
+    def stream_next_ready(self, task_id: bytes) -> None:
+        """Wait until ``stream_next`` would return now (or tessera shuts down)."""
+        with self.cond:
+            while not self.closed:
+                st = self.streams.get(task_id)
+                if st is None or st.ended or st.taken + 1 in st.items:
+                    return
+                self.cond.wait(1.0)
+
+    def stream_ready(self, task_id: bytes) -> bool:
+        """Whether ``stream_next`` would return now."""
+        with self.cond:
+            st = self.streams.get(task_id)
+            return st is None or st.ended or st.taken + 1 in st.items
+
+    def stream_dropped(self, task_id: bytes) -> None:
+        """A streaming task's ObjectRefGenerator is gone: the items it did not hand out are freed (those
+        still to come, as they come)."""
+        with self.cond:
+            st = self.streams.get(task_id)
+            if st is None:
+                return
+            st.dropped = True
+            left = [ids.object_id(task_id, i) for i in st.items if i > st.taken]
+            if st.ended:
+                del self.streams[task_id]
+        self.refs.unreferenced(left)
 
     def escape(self, oid: bytes) -> None:
         """A ref to ``oid`` is leaving this process: small values live only here, so store them for others.
@@ -320,10 +503,12 @@ class Core:
                 if self._known(oid):
                     self.escaped.add(oid)
                 return
-            if r.kind != "v" or oid in self.stored:
+            if r.kind not in ("v", "o") or oid in self.stored:
                 return
             self.stored.add(oid)
-            data = r.data
+            data, obj = r.data, r.obj
+        if obj is not None:  # a dynamic generator's refs: they leave with it (and are kept for this owner's life)
+            data = serialize(obj).to_bytes()
         self.refs.stored(oid)
         self._objects().put_inline(oid, data)
 
@@ -363,6 +548,8 @@ class Core:
         if r is not None:
             if r.kind == "v":
                 return deserialize(r.data)
+            if r.kind == "o":
+                return r.obj
             if r.kind == "e":
                 assert r.error is not None
                 raise task_error(r.error, r.name)

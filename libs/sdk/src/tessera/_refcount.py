@@ -174,6 +174,24 @@ class RefCounter:
             for r in returns:
                 owned[r] = _Owned(task_id)
 
+    def add_return(self, task_id: bytes, oid: bytes, *, unreferenced: bool = False) -> None:
+        """A generator task of mine yielded ``oid``: I own it like its other returns. ``unreferenced``: no ref
+        to it will be made (its generator is gone), so it is freed at the next count."""
+        with self._lock:
+            t = self._tasks.get(task_id)
+            if t is None or oid in self._owned:
+                return
+            t.returns.append(oid)
+            self._owned[oid] = _Owned(task_id)
+            if unreferenced:
+                self._zero.append(oid)
+
+    def unreferenced(self, oids: Iterable[bytes]) -> None:
+        """Owned objects no ref was ever made for and none will be: free them at the next count (unless
+        something else holds them)."""
+        with self._lock:
+            self._zero.extend(o for o in oids if o in self._owned and self._local.get(o, 0) == 0)
+
     def stored(self, oid: bytes, *, big: bool = False) -> None:
         """An owned value went to the object store (a large return, a small one another process may read)."""
         with self._lock:

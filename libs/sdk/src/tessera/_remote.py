@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 
 from tessera import _api
+from tessera._generators import ObjectRefGenerator
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.client.objects import ObjectRef
@@ -23,10 +24,11 @@ from tessera.common.serialization import serialize
 K = pb.TaskKind
 T = TypeVar("T")
 
-_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "scheduling_strategy"}
+_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "scheduling_strategy",
+                 "retry_exceptions"}
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
                   "max_concurrency", "concurrency_groups", "max_task_retries", "scheduling_strategy"}
-_METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries"}
+_METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries", "retry_exceptions"}
 #: Most calls of one actor (or one concurrency group) running at once.
 MAX_CONCURRENCY_LIMIT = 100_000
 
@@ -40,8 +42,11 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
         if v is not None and (not isinstance(v, int | float) or v < 0):
             raise ValueError(f"{k} must be a number >= 0, got {v!r}")
     nr = opts.get("num_returns")
-    if nr is not None and (not isinstance(nr, int) or nr < 0 or nr > 10_000):
-        raise ValueError(f"num_returns must be an int between 0 and 10000, got {nr!r}")
+    if nr is not None and nr not in GENERATOR_KINDS and (isinstance(nr, bool) or not isinstance(nr, int)
+                                                         or nr < 0 or nr > 10_000):
+        raise ValueError(f"num_returns must be an int between 0 and 10000, 'streaming' or 'dynamic', got {nr!r}")
+    if "retry_exceptions" in opts:
+        opts["retry_exceptions"] = _retry_exceptions(opts["retry_exceptions"])
     for k in ("max_retries", "max_restarts", "max_task_retries"):
         v = opts.get(k)
         if v is not None and (not isinstance(v, int) or v < -1):
@@ -73,6 +78,42 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
 
         scheduling_strategies.check(opts["scheduling_strategy"])
     return opts
+
+
+#: num_returns of a generator task -> TaskSpec.generator.
+GENERATOR_KINDS = {"streaming": 1, "dynamic": 2}
+
+
+def _retry_exceptions(v: Any) -> bool | tuple[type[BaseException], ...]:
+    """``retry_exceptions`` (Ray's): a bool, or a list of exception classes (only their instances are
+    retried)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, list | tuple) and v:
+        bad = [x for x in v if not (isinstance(x, type) and issubclass(x, BaseException))]
+        if not bad:
+            return tuple(v)
+        raise TypeError(f"retry_exceptions must be a bool or a list of exception classes; {bad[0]!r} is not an "
+                        f"exception class")
+    raise TypeError(f"retry_exceptions must be a bool or a non-empty list of exception classes, got {v!r}")
+
+
+def _generator_kind(opts: dict[str, Any], fn: Any = None) -> int:
+    """TaskSpec.generator: from num_returns, or streaming for a generator function with num_returns unset
+    (Ray 2.x's default)."""
+    nr = opts.get("num_returns")
+    if isinstance(nr, str):
+        return GENERATOR_KINDS[nr]
+    if nr is None and (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+        return GENERATOR_KINDS["streaming"]
+    return 0
+
+
+def _returns(returns: list[bytes], generator: int, num_returns: int, task_id: bytes) -> Any:
+    """What ``.remote()`` gives back: refs, or an ObjectRefGenerator for a streaming task."""
+    if generator == GENERATOR_KINDS["streaming"]:
+        return ObjectRefGenerator(task_id, _api.state().core)
+    return _refs(returns, num_returns)
 
 
 def _resources(opts: dict[str, Any], default_cpus: float) -> dict[str, float]:
@@ -201,9 +242,10 @@ class RemoteFunction(Generic[T]):
         t = self._templates.get(st.cluster_key)
         if t is None:
             o = self._options
+            gen = _generator_kind(o, self._fn)
             t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
-                            name=o.get("name") or self._exported.name, num_returns=int(o.get("num_returns", 1)),
-                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)))
+                            name=o.get("name") or self._exported.name, num_returns=_num_returns(o, gen),
+                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)), generator=gen)
             _strategy(o, t)
             self._templates[st.cluster_key] = t
         return t
@@ -218,7 +260,16 @@ class RemoteFunction(Generic[T]):
         if args or kwargs:
             a, nested = _args(t.name, args, kwargs)
             spec.args.extend(a)
-        return _refs(st.core.submit(spec, nested), t.num_returns)
+        returns = st.core.submit(spec, nested, retry_exceptions=self._options.get("retry_exceptions", False))
+        return _returns(returns, t.generator, t.num_returns, spec.task_id)
+
+
+def _num_returns(opts: dict[str, Any], generator: int) -> int:
+    """The returns a task's spec counts: none for a streaming task (its items come as it yields them),
+    one for a dynamic one (the list of its items' refs)."""
+    if generator:
+        return 0 if generator == GENERATOR_KINDS["streaming"] else 1
+    return int(opts.get("num_returns", 1))
 
 
 class ActorClass:
@@ -339,7 +390,8 @@ class ActorMethod:
         st = _api.state()
         h = self._handle
         o = self._options
-        num_returns = int(o.get("num_returns", 1))
+        gen = _generator_kind(o)  # (a generator method's default is in its method options)
+        num_returns = _num_returns(o, gen)
         name = f"{h._class_name}.{self._name}"
         spec_args, nested = _args(name, args, kwargs)
         # max_retries of an actor call: how often it is sent again to the restarted actor if the actor dies
@@ -347,8 +399,9 @@ class ActorMethod:
                            method=self._name, args=spec_args, num_returns=num_returns,
                            actor_id=h._actor_id, caller=h._caller, seq=h._next_seq(),
                            max_retries=int(o.get("max_task_retries", h._max_task_retries)),
-                           concurrency_group=str(o.get("concurrency_group") or ""))
-        return _refs(st.core.submit(spec, nested), num_returns)
+                           concurrency_group=str(o.get("concurrency_group") or ""), generator=gen)
+        returns = st.core.submit(spec, nested, retry_exceptions=o.get("retry_exceptions", False))
+        return _returns(returns, gen, num_returns, spec.task_id)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor method {self._name} cannot be called directly: use .{self._name}.remote(...)")
@@ -366,8 +419,8 @@ METHOD_OPTIONS_ATTR = "__tessera_method_options__"
 
 
 def method(*args: Any, **options: Any) -> Any:
-    """``@tessera.method(num_returns=..., concurrency_group=..., max_task_retries=...)`` on an actor's method
-    (Ray's ``ray.method``): the defaults of that method's calls."""
+    """``@tessera.method(num_returns=..., concurrency_group=..., max_task_retries=..., retry_exceptions=...)`` on
+    an actor's method (Ray's ``ray.method``): the defaults of that method's calls."""
     if args:
         raise TypeError("@tessera.method takes keyword options only, e.g. @tessera.method(concurrency_group='io')")
     opts = _check_options(dict(options), _METHOD_OPTIONS - {"name"}, "@tessera.method")
@@ -388,6 +441,8 @@ def _method_options(cls: type, groups: dict[str, Any]) -> dict[str, dict[str, An
     out: dict[str, dict[str, Any]] = {}
     for n, fn in inspect.getmembers(cls, callable):
         opts = getattr(fn, METHOD_OPTIONS_ATTR, None)
+        if (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)) and "num_returns" not in (opts or {}):
+            opts = {**(opts or {}), "num_returns": "streaming"}  # Ray 2.x: a generator method streams by default
         if not opts:
             continue
         g = opts.get("concurrency_group")

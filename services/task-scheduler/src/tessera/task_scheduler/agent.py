@@ -569,6 +569,9 @@ class NodeAgent:
         w = self.workers.get(wid)
         if w is None:
             return
+        if result.partial:
+            self._stream_item(w, result)
+            return
         if w.actor_id:
             self._actor_done(w, result)
             return
@@ -583,6 +586,23 @@ class NodeAgent:
             self.idle.append(wid)
         self._finish(spec, result)
         self.pump()
+
+    def _stream_item(self, w: Worker, result: pb.TaskResult) -> None:
+        """A value a generator task yielded: to its owner now; the task runs on (nothing is released)."""
+        if w.actor_id:
+            a = self.actors.get(w.actor_id)
+            spec = a.inflight.get(result.task_id) if a is not None else None
+        else:
+            spec = w.task if w.task is not None and w.task.task_id == result.task_id else None
+        if spec is None:
+            return
+        result.node_id = self.node_id
+        result.owner = spec.owner
+        result.attempt = spec.attempt
+        self.ports.deliver(spec.owner_node_id, [result])
+        values = {r.object_id: (r.value if not r.stored else b"") for r in result.returns}
+        if values:
+            self.objects_available(values)
 
     def _free(self, w: Worker) -> None:
         held = dict(w.held)
@@ -891,8 +911,9 @@ class NodeAgent:
         out = []
         values = {}
         for r in results:
-            self.spilled.pop(r.task_id, None)
-            self.forwarded_calls.pop(r.task_id, None)
+            if not r.partial:  # a generator's item: the task still runs there
+                self.spilled.pop(r.task_id, None)
+                self.forwarded_calls.pop(r.task_id, None)
             for v in r.returns:
                 values[v.object_id] = v.value if not v.stored else b""
             out.append(r)

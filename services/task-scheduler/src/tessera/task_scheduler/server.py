@@ -137,7 +137,8 @@ class Node:
         self._out_spill: list[pb.TaskSpec] = []
         self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
         self._recorded: dict[bytes, pb.TaskSpec] = {}  # submitted here, not finished: lineage to write
-        self._finished: list[tuple[pb.TaskSpec, int, bytes]] = []
+        # finished tasks to record: spec, state, node, and when and on which worker it ran (start, end, worker)
+        self._finished: list[tuple[pb.TaskSpec, int, bytes, tuple[int, int, bytes]]] = []
         self._flush_scheduled = False
         self._writes = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -370,10 +371,11 @@ class Node:
 
     def _to_sessions(self, results: list[pb.TaskResult]) -> None:
         for r in results:
-            spec = self._recorded.pop(r.task_id, None)
+            spec = None if r.partial else self._recorded.pop(r.task_id, None)
             if spec is not None:  # lineage: each task is recorded once, when it is done
                 failed = r.HasField("error")
-                self._finished.append((spec, cpb.TASK_STATE_FAILED if failed else cpb.TASK_STATE_FINISHED, r.node_id))
+                self._finished.append((spec, cpb.TASK_STATE_FAILED if failed else cpb.TASK_STATE_FINISHED, r.node_id,
+                                       (r.start_us, r.end_us, r.worker_id)))
                 self._writes.set()
             put = self.sessions.get(r.owner)
             if put is not None:
@@ -479,8 +481,10 @@ class Node:
             self._writes.clear()
             done, self._finished = self._finished, []
             groups: dict[tuple[int, bytes], list[cpb.TaskSpec]] = {}
-            for spec, state, node in done:
-                groups.setdefault((state, node), []).append(lineage_record(spec))
+            for spec, state, node, (start_us, end_us, worker_id) in done:
+                rec = lineage_record(spec)
+                rec.start_us, rec.end_us, rec.worker_id = start_us, end_us, worker_id
+                groups.setdefault((state, node), []).append(rec)
             for (state, node), specs in groups.items():
                 for i in range(0, len(specs), 2000):
                     try:

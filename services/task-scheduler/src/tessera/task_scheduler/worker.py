@@ -60,6 +60,8 @@ E = pb.ErrorKind
 ASYNC_MAX_CONCURRENCY = 1000
 #: Where ``@tessera.method`` keeps a method's options (tessera._remote.METHOD_OPTIONS_ATTR).
 METHOD_OPTIONS_ATTR = "__tessera_method_options__"
+#: TaskSpec.generator of a dynamic generator task (1: streaming).
+GENERATOR_DYNAMIC = 2
 #: How long a task waits for the control store (its function's code) or the node's object store (its large
 #: return value) to come back from a restart, or for an earlier attempt's half-written return value to be aborted.
 STORE_RETRY_S = 60.0
@@ -251,6 +253,18 @@ class Worker:
             flush_tracing()  # an actor's worker dies when the actor is killed: its spans leave now
 
     def _run(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        start = time.time()
+        result = self._run_timed(spec)
+        return self.stamp(result, start)
+
+    def stamp(self, result: pb.TaskResult, start: float) -> pb.TaskResult:
+        """When and where the task ran (``tessera.timeline``)."""
+        result.start_us = int(start * 1e6)
+        result.end_us = max(result.start_us + 1, int(time.time() * 1e6))
+        result.worker_id = self.worker_id
+        return result
+
+    def _run_timed(self, spec: pb.TaskSpec) -> pb.TaskResult:
         self.core.job_id = spec.job_id
         self.core.current_task = spec.task_id
         try:
@@ -267,12 +281,40 @@ class Worker:
                     fn = getattr(self.instance, spec.method)
                 else:
                     fn = self.load(spec.function_id)
-                values = self.values(spec, fn(*args, **kwargs))
+                out = fn(*args, **kwargs)
+                if spec.generator:
+                    return self.stream(spec, out)
+                values = self.values(spec, out)
             return pb.TaskResult(task_id=spec.task_id, returns=[self.store(spec, i + 1, v) for i, v in enumerate(values)])
         except Exception as e:
             return self.failure(spec, e)
         finally:
             self.core.current_task = b""
+
+    def stream(self, spec: pb.TaskSpec, out: Any) -> pb.TaskResult:
+        """A generator task: each value it yields goes to the owner at once (a partial result), so the owner
+        reads item 1 while the task still runs. An exception mid-stream ends it: the owner raises it at the
+        next item."""
+        items = _iterator(spec, out)
+        n = 0
+        try:
+            for v in items:
+                n += 1
+                self.send_item(spec, n, v)
+        except Exception as e:
+            return self.stream_end(self.failure(spec, e), n)
+        return self.stream_end(pb.TaskResult(task_id=spec.task_id), n)
+
+    def send_item(self, spec: pb.TaskSpec, n: int, value: Any) -> None:
+        """Item ``n`` (from 1) of a generator task: return index n, or n + 1 for a dynamic one (return 1 is
+        then the list of the items' refs, made by the owner when the task ends)."""
+        rv = self.store(spec, n + (1 if spec.generator == GENERATOR_DYNAMIC else 0), value)
+        self.conn.send(pb.ClientFrame(done=[pb.TaskResult(task_id=spec.task_id, returns=[rv], partial=True)]))
+
+    @staticmethod
+    def stream_end(result: pb.TaskResult, n: int) -> pb.TaskResult:
+        result.stream_items = n
+        return result
 
     def values(self, spec: pb.TaskSpec, out: Any) -> list[Any]:
         """A call's return value as its ``num_returns`` values."""
@@ -430,6 +472,10 @@ class ActorRunner:
         w.send_result(result if result is not None else w.cancelled_result(spec))
 
     async def _call(self, spec: pb.TaskSpec) -> pb.TaskResult:
+        start = time.time()
+        return self.worker.stamp(await self._call_timed(spec), start)
+
+    async def _call_timed(self, spec: pb.TaskSpec) -> pb.TaskResult:
         w = self.worker
         w.core.current_task = spec.task_id  # this coroutine's context only
         try:
@@ -438,12 +484,32 @@ class ActorRunner:
             else:
                 args, kwargs = w.arguments(spec)
             out = getattr(w.instance, spec.method)(*args, **kwargs)  # a plain method runs on the loop's thread
+            if spec.generator and inspect.isasyncgen(out):
+                n = 0
+                try:
+                    async for v in out:
+                        n += 1
+                        w.send_item(spec, n, v)
+                except Exception as e:
+                    return w.stream_end(w.failure(spec, e), n)
+                return w.stream_end(pb.TaskResult(task_id=spec.task_id), n)
+            if spec.generator:
+                return w.stream(spec, out)
             if inspect.isawaitable(out):
                 out = await out
             values = w.values(spec, out)
             return pb.TaskResult(task_id=spec.task_id, returns=[w.store(spec, i + 1, v) for i, v in enumerate(values)])
         except Exception as e:
             return w.failure(spec, e)
+
+
+def _iterator(spec: pb.TaskSpec, out: Any) -> Any:
+    """The values a generator task yields (a generator, or any iterable it returned)."""
+    try:
+        return iter(out)
+    except TypeError:
+        raise TypeError(f"{spec.name} was called as a generator task (num_returns='streaming' or 'dynamic') but "
+                        f"returned {type(out).__name__}, which is not iterable") from None
 
 
 def _status(e: Exception) -> str:

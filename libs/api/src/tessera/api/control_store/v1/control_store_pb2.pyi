@@ -433,6 +433,9 @@ class TaskSpec(_message.Message):
     ACTOR_ID_FIELD_NUMBER: _builtins.int
     PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
     METHOD_NAME_FIELD_NUMBER: _builtins.int
+    START_US_FIELD_NUMBER: _builtins.int
+    END_US_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes"""
     job_id: _builtins.bytes
@@ -448,6 +451,12 @@ class TaskSpec(_message.Message):
     parent_task_id: _builtins.bytes
     method_name: _builtins.str
     """for actor tasks"""
+    start_us: _builtins.int
+    """when its last attempt started and ended on its worker (Unix microseconds; 0: not known), and which
+    worker ran it: tessera.timeline
+    """
+    end_us: _builtins.int
+    worker_id: _builtins.bytes
     @_builtins.property
     def arg_object_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """objects the task reads: its lineage inputs"""
@@ -469,10 +478,13 @@ class TaskSpec(_message.Message):
         actor_id: _builtins.bytes = ...,
         parent_task_id: _builtins.bytes = ...,
         method_name: _builtins.str = ...,
+        start_us: _builtins.int = ...,
+        end_us: _builtins.int = ...,
+        worker_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "arg_object_ids", b"arg_object_ids", "args", b"args", "function_id", b"function_id", "function_name", b"function_name", "job_id", b"job_id", "max_retries", b"max_retries", "method_name", b"method_name", "num_returns", b"num_returns", "parent_task_id", b"parent_task_id", "resources", b"resources", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "arg_object_ids", b"arg_object_ids", "args", b"args", "end_us", b"end_us", "function_id", b"function_id", "function_name", b"function_name", "job_id", b"job_id", "max_retries", b"max_retries", "method_name", b"method_name", "num_returns", b"num_returns", "parent_task_id", b"parent_task_id", "resources", b"resources", "start_us", b"start_us", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -185,6 +185,7 @@ class TaskSpec(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_GROUPS_FIELD_NUMBER: _builtins.int
     CONCURRENCY_GROUP_FIELD_NUMBER: _builtins.int
+    GENERATOR_FIELD_NUMBER: _builtins.int
     SCHEDULING_STRATEGY_FIELD_NUMBER: _builtins.int
     AFFINITY_NODE_ID_FIELD_NUMBER: _builtins.int
     AFFINITY_SOFT_FIELD_NUMBER: _builtins.int
@@ -228,6 +229,10 @@ class TaskSpec(_message.Message):
     """actor creations: calls run at once in the default group (0: 1, or 1000 for an async actor)"""
     concurrency_group: _builtins.str
     """actor methods: the group this call runs in ("": the method's own, else the default)"""
+    generator: _builtins.int
+    """a generator task: 1 streaming (each yielded value is sent to the owner as it is made, in a partial
+    result), 2 dynamic (the same, and the owner makes return 1 the list of the items' refs when it ends)
+    """
     scheduling_strategy: _builtins.str
     """"" or "DEFAULT"; "SPREAD": across the nodes that can run it, in turn"""
     affinity_node_id: _builtins.bytes
@@ -272,13 +277,14 @@ class TaskSpec(_message.Message):
         max_concurrency: _builtins.int = ...,
         concurrency_groups: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         concurrency_group: _builtins.str = ...,
+        generator: _builtins.int = ...,
         scheduling_strategy: _builtins.str = ...,
         affinity_node_id: _builtins.bytes = ...,
         affinity_soft: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,6 +365,11 @@ class TaskResult(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     BORROWED_OBJECT_IDS_FIELD_NUMBER: _builtins.int
     BORROWER_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    STREAM_ITEMS_FIELD_NUMBER: _builtins.int
+    START_US_FIELD_NUMBER: _builtins.int
+    END_US_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     node_id: _builtins.bytes
     """where it ran"""
@@ -370,6 +381,16 @@ class TaskResult(_message.Message):
     to, its own borrowers); when it stops listing one, or goes stale (the worker died), that borrow ends.
     Empty: the worker could not publish its table; its owner keeps them (an actor's worker: until it dies).
     """
+    partial: _builtins.bool
+    """a generator task's partial result: one yielded value (return index 2.. for dynamic, 1.. for streaming);
+    the task runs on. Its final result carries no returns and stream_items, the number of values it yielded.
+    """
+    stream_items: _builtins.int
+    start_us: _builtins.int
+    """when the task started and ended on its worker (Unix microseconds): the timeline"""
+    end_us: _builtins.int
+    worker_id: _builtins.bytes
+    """the worker that ran it"""
     @_builtins.property
     def returns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReturnValue]: ...
     @_builtins.property
@@ -394,10 +415,15 @@ class TaskResult(_message.Message):
         attempt: _builtins.int = ...,
         borrowed_object_ids: _abc.Iterable[_builtins.bytes] | None = ...,
         borrower: _builtins.str = ...,
+        partial: _builtins.bool = ...,
+        stream_items: _builtins.int = ...,
+        start_us: _builtins.int = ...,
+        end_us: _builtins.int = ...,
+        worker_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "borrowed_object_ids", b"borrowed_object_ids", "borrower", b"borrower", "error", b"error", "node_id", b"node_id", "owner", b"owner", "returns", b"returns", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "borrowed_object_ids", b"borrowed_object_ids", "borrower", b"borrower", "end_us", b"end_us", "error", b"error", "node_id", b"node_id", "owner", b"owner", "partial", b"partial", "returns", b"returns", "start_us", b"start_us", "stream_items", b"stream_items", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
