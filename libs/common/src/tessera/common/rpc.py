@@ -42,6 +42,7 @@ from opentelemetry.instrumentation.grpc import (
 
 from tessera.common import auth, errors
 from tessera.common.config import Settings, current_settings
+from tessera.common.metrics import ServerCallMetrics
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +420,7 @@ def create_server(
     s = settings or current_settings()
     token = auth.server_token(s) if token is None else token
     limit = max_message_bytes or s.grpc_max_message_bytes
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServerCallMetrics()]  # outermost: refused calls count too
     if token:
         interceptors.append(auth.ServerAuth(token))
     if traced:
