@@ -112,6 +112,16 @@ def setup_metrics(
     return provider
 
 
+def install_from_env(service_name: str) -> None:
+    """Install a tracer provider and a meter provider configured from the OTEL_* environment, each only where the
+    application has not installed its own (a driver: ``tessera.init()``). Export happens only as the environment
+    asks (:func:`telemetry.exporter_choice`); providers flush at exit."""
+    if not telemetry.tracer_provider_installed():
+        telemetry.setup_tracing(service_name)
+    if not meter_provider_installed() and telemetry.exporter_choice("METRICS") != "none":
+        setup_metrics(service_name)
+
+
 def metrics_address() -> str:
     """host:port of this process's ``/metrics`` endpoint, or '' when it serves none."""
     return _server.address if _server is not None else ""
