@@ -9,6 +9,7 @@ resource as tracing, and
 - exports over OTLP (or to the console) as ``OTEL_METRICS_EXPORTER``, ``OTEL_EXPORTER_OTLP_PROTOCOL`` and
   ``OTEL_METRIC_EXPORT_INTERVAL`` say (unset: OTLP when an OTLP endpoint is configured).
 
+This module imports neither grpc nor NATS (the gRPC servers' interceptor is in :mod:`tessera.common.rpc`).
 Instruments are made with the plain OpenTelemetry metrics API (``opentelemetry.metrics.get_meter``), in the
 domain modules as well: the API package has no SDK or transport in it, and is a no-op until this module
 installs a provider. Names follow the OTel semantic conventions where they have one
@@ -22,13 +23,10 @@ import logging
 import math
 import re
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import grpc
-import grpc.aio
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -52,7 +50,8 @@ SECONDS_BUCKETS: Sequence[float] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 _provider: MeterProvider | None = None
 _server: MetricsServer | None = None
-_rpc_duration: metrics.Histogram | None = None
+#: rpc.server.call.duration, made when the provider is installed (the gRPC servers' interceptor records into it)
+rpc_duration: metrics.Histogram | None = None
 
 
 def metric_exporter_from_env() -> MetricExporter | None:
@@ -105,8 +104,10 @@ def setup_metrics(
     provider = MeterProvider(resource=telemetry.resource_for(service_name), metric_readers=all_readers)
     metrics.set_meter_provider(provider)
     _provider = provider
-    global _rpc_duration
-    _rpc_duration = _call_duration()
+    global rpc_duration
+    rpc_duration = metrics.get_meter("tessera.rpc").create_histogram(
+        "rpc.server.call.duration", unit="s", description="Duration of incoming gRPC calls",
+        explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
     if _server is not None:
         _server.start()
     return provider
@@ -139,8 +140,8 @@ def shutdown_metrics() -> None:
         except Exception:  # an unreachable collector must not fail a clean exit
             log.warning("metrics exporter did not shut down cleanly", exc_info=True)
         _provider = None
-    global _rpc_duration
-    _rpc_duration = None
+    global rpc_duration
+    rpc_duration = None
 
 
 # ---------------------------------------------------------------------------- observed figures
@@ -290,84 +291,3 @@ class MetricsServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-# ---------------------------------------------------------------------------- gRPC server calls
-
-
-class ServerCallMetrics(grpc.aio.ServerInterceptor):
-    """Records ``rpc.server.call.duration`` (seconds) per method and status code of every call it sees.
-
-    Outermost of the server's interceptors, so a call refused for its token or its input counts too. The
-    instrument is looked up at each call's handler, not made once, so a server built before
-    :func:`setup_metrics` records into the provider installed later.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        hist = _rpc_duration
-        if handler is None or hist is None:
-            return handler
-        service, _, method = details.method.lstrip("/").rpartition("/")
-        attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-
-        def record(start: float, context: grpc.aio.ServicerContext, failed: bool) -> None:
-            code = _code_of(context, failed)
-            hist.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": code})
-
-        if handler.unary_unary is not None or handler.stream_unary is not None:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start, failed = time.perf_counter(), True
-                try:
-                    out = await inner(request, context)
-                    failed = False
-                    return out
-                finally:
-                    record(start, context, failed)
-
-            if handler.unary_unary is not None:
-                return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                           response_serializer=handler.response_serializer)
-            return grpc.stream_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
-        inner_s = handler.unary_stream or handler.stream_stream
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start, failed = time.perf_counter(), True
-            try:
-                async for item in inner_s(request, context):
-                    yield item
-                failed = False
-            finally:
-                record(start, context, failed)
-
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streaming, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(streaming, request_deserializer=handler.request_deserializer,
-                                                     response_serializer=handler.response_serializer)
-
-
-def _call_duration() -> metrics.Histogram:
-    return metrics.get_meter("tessera.rpc").create_histogram(
-        "rpc.server.call.duration", unit="s", description="Duration of incoming gRPC calls",
-        explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
-
-
-def _code_of(context: grpc.aio.ServicerContext, failed: bool) -> int:
-    """The numeric status code the call ended with (``rpc.grpc.status_code``)."""
-    try:
-        code = context.code()
-    except Exception:  # an older grpcio without ServicerContext.code()
-        code = None
-    if isinstance(code, grpc.StatusCode):
-        return int(code.value[0])
-    if isinstance(code, int):
-        return code
-    return grpc.StatusCode.UNKNOWN.value[0] if failed else 0
