@@ -150,7 +150,7 @@ Reading = float | int | Iterable[tuple[float | int, dict[str, str]]]
 
 
 def observe(scope: str, name: str, read: Callable[[], Reading], *, kind: str = "gauge", unit: str = "1",
-            description: str = "") -> None:
+            description: str = "", meter_provider: metrics.MeterProvider | None = None) -> None:
     """Report ``read()`` at each collection as an observable instrument of ``kind`` (``gauge``, ``counter``
     for a running total, ``updown``). ``read`` returns a number, or (value, attributes) pairs (one series each).
 
@@ -168,7 +168,7 @@ def observe(scope: str, name: str, read: Callable[[], Reading], *, kind: str = "
             return [metrics.Observation(value)]
         return [metrics.Observation(v, a) for v, a in value]
 
-    meter = metrics.get_meter(scope)
+    meter = metrics.get_meter(scope, meter_provider=meter_provider)  # the global provider unless one is given
     make = {"gauge": meter.create_observable_gauge, "counter": meter.create_observable_counter,
             "updown": meter.create_observable_up_down_counter}[kind]
     make(name, callbacks=[callback], unit=unit, description=description)
