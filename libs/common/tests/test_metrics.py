@@ -196,16 +196,31 @@ def test_an_application_provider_is_left_alone() -> None:
 
 
 @pytest.mark.parametrize(("var", "value", "message"), [
-    ("OTEL_TRACES_EXPORTER", "zipkin", "OTEL_TRACES_EXPORTER='zipkin' is not supported: use one of otlp, console, none"),
+    ("OTEL_TRACES_EXPORTER", "otlp,zipkin",
+     "OTEL_TRACES_EXPORTER='otlp,zipkin' is not supported: use one of otlp, console, none (or a comma-separated list)"),
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json",
      "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not supported: use one of grpc, http/protobuf"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "udp",
+     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='udp' is not supported: use one of grpc, http/protobuf"),
 ])
 def test_an_unsupported_exporter_is_named(monkeypatch: pytest.MonkeyPatch, var: str, value: str, message: str) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError) as e:
-        telemetry.span_exporter_from_env()
+        telemetry.span_exporters_from_env()
     assert str(e.value) == message
+
+
+def test_exporter_lists_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    assert telemetry.exporter_choices("TRACES") == []  # no collector configured: nothing is exported
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4317")
+    assert telemetry.exporter_choices("TRACES") == ["otlp"]
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", " Console , otlp,console")
+    assert telemetry.exporter_choices("TRACES") == ["console", "otlp"]
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert telemetry.exporter_choices("TRACES") == []
 
 
 def test_json_logs_carry_trace_and_span_ids() -> None:

@@ -54,22 +54,23 @@ _server: MetricsServer | None = None
 rpc_duration: metrics.Histogram | None = None
 
 
-def metric_exporter_from_env() -> MetricExporter | None:
-    """The metric exporter the OTEL_* environment asks for, or None."""
-    choice = telemetry.exporter_choice("METRICS")
-    if choice == "console":
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+def metric_exporters_from_env() -> list[MetricExporter]:
+    """The metric exporters the OTEL_* environment asks for (none: an empty list)."""
+    out: list[MetricExporter] = []
+    for choice in telemetry.exporter_choices("METRICS"):
+        if choice == "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-        return ConsoleMetricExporter()
-    if choice == "none":
-        return None
-    if telemetry.otlp_protocol("METRICS") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
+            out.append(ConsoleMetricExporter())
+        elif telemetry.otlp_protocol("METRICS") == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-        return HttpMetricExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            out.append(HttpExporter())
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-    return OTLPMetricExporter()
+            out.append(OTLPMetricExporter())
+    return out
 
 
 def meter_provider_installed() -> bool:
@@ -98,9 +99,8 @@ def setup_metrics(
         pull = InMemoryMetricReader()
         all_readers.append(pull)
         _server = MetricsServer(pull, host, port, resource=telemetry.resource_for(service_name).attributes)
-    exporter = exporter if exporter is not None else metric_exporter_from_env()
-    if exporter is not None:
-        all_readers.append(PeriodicExportingMetricReader(exporter))
+    exporters = [exporter] if exporter is not None else metric_exporters_from_env()
+    all_readers += [PeriodicExportingMetricReader(e) for e in exporters]
     provider = MeterProvider(resource=telemetry.resource_for(service_name), metric_readers=all_readers)
     metrics.set_meter_provider(provider)
     _provider = provider
@@ -116,10 +116,10 @@ def setup_metrics(
 def install_from_env(service_name: str) -> None:
     """Install a tracer provider and a meter provider configured from the OTEL_* environment, each only where the
     application has not installed its own (a driver: ``tessera.init()``). Export happens only as the environment
-    asks (:func:`telemetry.exporter_choice`); providers flush at exit."""
+    asks (:func:`telemetry.exporter_choices`); providers flush at exit."""
     if not telemetry.tracer_provider_installed():
         telemetry.setup_tracing(service_name)
-    if not meter_provider_installed() and telemetry.exporter_choice("METRICS") != "none":
+    if not meter_provider_installed() and telemetry.exporter_choices("METRICS"):
         setup_metrics(service_name)
 
 

@@ -60,17 +60,16 @@ def setup_tracing(service_name: str, *, exporter: SpanExporter | None = None) ->
             _exported[0] = True
         return _provider
     provider = TracerProvider(resource=resource_for(service_name))
-    if exporter is None:
-        exporter = span_exporter_from_env()
-    if exporter is not None:
-        # The batch delay is the SDK's OTEL_BSP_SCHEDULE_DELAY when set, else half a second (the SDK's 5 s
-        # default leaves a short-lived command's spans unexported for too long); the other OTEL_BSP_*
-        # variables are read by the SDK itself.
-        delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else 500
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=delay))
+    exporters = [exporter] if exporter is not None else span_exporters_from_env()
+    # The batch delay is the SDK's OTEL_BSP_SCHEDULE_DELAY when set, else half a second (the SDK's 5 s default
+    # leaves a short-lived command's spans unexported for too long); the other OTEL_BSP_* variables are read by
+    # the SDK itself.
+    delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else 500
+    for e in exporters:
+        provider.add_span_processor(BatchSpanProcessor(e, schedule_delay_millis=delay))
     trace.set_tracer_provider(provider)
     _provider = provider
-    _exported[0] = exporter is not None
+    _exported[0] = bool(exporters)
     return provider
 
 
@@ -80,51 +79,55 @@ EXPORTERS = ("otlp", "console", "none")
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
-def _env_choice(signal: str) -> str:
-    """The exporter ``OTEL_<signal>_EXPORTER`` names ('' when unset); a list takes its first entry."""
-    raw = os.environ.get(f"OTEL_{signal}_EXPORTER", "").strip().lower()
-    choice = raw.split(",")[0].strip()
-    if choice and choice not in EXPORTERS:
-        raise ValueError(f"OTEL_{signal}_EXPORTER={raw!r} is not supported: use one of {', '.join(EXPORTERS)}")
-    return choice
-
-
 def otlp_protocol(signal: str) -> str:
     """``OTEL_EXPORTER_OTLP_<signal>_PROTOCOL``, else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else grpc."""
-    raw = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-           or "grpc").strip().lower()
-    if raw not in PROTOCOLS:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={raw!r} is not supported: use one of {', '.join(PROTOCOLS)}")
-    return raw
+    for var in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        raw = os.environ.get(var, "").strip().lower()
+        if raw:
+            if raw not in PROTOCOLS:
+                raise ValueError(f"{var}={raw!r} is not supported: use one of {', '.join(PROTOCOLS)}")
+            return raw
+    return "grpc"
 
 
-def exporter_choice(signal: str) -> str:
-    """What ``signal`` (TRACES or METRICS) is exported with: otlp, console or none. Unset means otlp when an
-    OTLP endpoint is configured and none otherwise (the spec's default of otlp to localhost would have every
-    process without a collector retry one forever)."""
-    choice = _env_choice(signal)
-    if choice:
-        return choice
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
-    return "otlp" if endpoint else "none"
+def exporter_choices(signal: str) -> list[str]:
+    """What ``signal`` (TRACES or METRICS) is exported with: ``OTEL_<signal>_EXPORTER``, a comma-separated list
+    of otlp and console (none: nothing). Unset means otlp when an OTLP endpoint is configured and nothing
+    otherwise (the spec's default of otlp to localhost would have every process without a collector retry one
+    forever).
+
+    Raises:
+        ValueError: an exporter this process does not have, naming the ones it has.
+    """
+    var = f"OTEL_{signal}_EXPORTER"
+    raw = os.environ.get(var, "").strip().lower()
+    if not raw:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        return ["otlp"] if endpoint else []
+    names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    bad = [n for n in names if n not in EXPORTERS]
+    if bad or not names:
+        raise ValueError(f"{var}={raw!r} is not supported: use one of {', '.join(EXPORTERS)} (or a comma-separated list)")
+    return [] if "none" in names else names
 
 
-def span_exporter_from_env() -> SpanExporter | None:
-    """The span exporter the OTEL_* environment asks for, or None."""
-    choice = exporter_choice("TRACES")
-    if choice == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+def span_exporters_from_env() -> list[SpanExporter]:
+    """The span exporters the OTEL_* environment asks for (none: an empty list)."""
+    out: list[SpanExporter] = []
+    for choice in exporter_choices("TRACES"):
+        if choice == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return ConsoleSpanExporter()
-    if choice == "none":
-        return None
-    if otlp_protocol("TRACES") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+            out.append(ConsoleSpanExporter())
+        elif otlp_protocol("TRACES") == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
-        return HttpSpanExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            out.append(HttpSpanExporter())
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()
+            out.append(OTLPSpanExporter())
+    return out
 
 
 def resource_for(service_name: str) -> Resource:
