@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 
@@ -105,3 +107,15 @@ def test_metrics_endpoint_answers_only_metrics(cluster: Cluster) -> None:
 def test_status_json_names_metrics(cluster: Cluster) -> None:
     status = json.loads(cluster.cli("status", "--json").stdout)
     assert all(p["metrics"] == "" for p in status["processes"] if p["kind"] != "service")
+
+
+def test_a_driver_sets_up_opentelemetry_from_the_environment(cluster: Cluster) -> None:
+    """``tessera.init()`` installs a tracer provider from OTEL_* (here the console exporter): the driver's own
+    calls to the cluster are spans under its service name, with no OpenTelemetry code in the program."""
+    code = ("import tessera\ntessera.init(name='otel')\n@tessera.remote\ndef one():\n    return 1\n"
+            "assert tessera.get(one.remote()) == 1\ntessera.shutdown()")
+    env = {**cluster.env, "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "my-driver"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert '"service.name": "my-driver"' in out.stdout
+    assert '"name": "/tessera.control_store.v1.ControlStoreService/CreateJob"' in out.stdout, out.stdout[-2000:]
