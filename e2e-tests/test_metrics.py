@@ -18,7 +18,8 @@ SERVICES = ("control-store", "object-store", "task-scheduler")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with running(tmp_path_factory, "metrics", "--services", ",".join(SERVICES), TESSERA_NUM_CPUS="1") as c:
+    with running(tmp_path_factory, "metrics", "--services", ",".join(SERVICES), TESSERA_NUM_CPUS="1",
+                 TESSERA_LOG_FORMAT="json") as c:
         yield c
 
 
@@ -119,3 +120,15 @@ def test_a_driver_sets_up_opentelemetry_from_the_environment(cluster: Cluster) -
     assert out.returncode == 0, out.stderr
     assert '"service.name": "my-driver"' in out.stdout
     assert '"name": "/tessera.control_store.v1.ControlStoreService/CreateJob"' in out.stdout, out.stdout[-2000:]
+
+
+def test_services_log_json_lines_under_tessera_log_format(cluster: Cluster) -> None:
+    from tessera._launcher.rundir import RunDir
+
+    lines = RunDir(cluster.run_dir).log("control-store").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records, lines[:5]
+    # no line in the text format (other output, such as a library writing to stderr itself, may be there)
+    assert not [line for line in lines if " control-store " in line and " trace=" in line]
+    assert {r["service"] for r in records} == {"control-store"}
+    assert any(r["message"].startswith("control-store SERVING at ") for r in records)
