@@ -57,6 +57,8 @@ def test_each_process_serves_metrics_and_status_names_them(cluster: Cluster) -> 
     with tessera.connect(cluster.info()["control_store_address"]) as c:  # registered with each replica
         registered = {i.service: i.metrics_address for i in c.instances()}
     assert {s: f"http://{a}/metrics" for s, a in registered.items()} == urls
+    remote = json.loads(cluster.cli("status", "--json", "--address", cluster.info()["control_store_address"]).stdout)
+    assert {p["name"]: p["metrics"] for p in remote["processes"]} == urls  # as a remote cluster's status shows them
     for name, url in urls.items():
         samples = scrape(url)
         assert f'service_name="{name}"' in next(k for k in samples if k.startswith("target_info"))
