@@ -24,23 +24,13 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    Gauge,
-    Histogram,
-    InMemoryMetricReader,
-    MetricExporter,
-    MetricReader,
-    MetricsData,
-    PeriodicExportingMetricReader,
-    Sum,
-)
 
-from tessera.common import telemetry
+if TYPE_CHECKING:  # the SDK is imported when a provider is installed: importing this module (rpc does) stays cheap
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExporter, MetricReader, MetricsData
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +46,8 @@ rpc_duration: metrics.Histogram | None = None
 
 def metric_exporters_from_env() -> list[MetricExporter]:
     """The metric exporters the OTEL_* environment asks for (none: an empty list)."""
+    from tessera.common import telemetry
+
     out: list[MetricExporter] = []
     for choice in telemetry.exporter_choices("METRICS"):
         if choice == "console":
@@ -75,6 +67,8 @@ def metric_exporters_from_env() -> list[MetricExporter]:
 
 def meter_provider_installed() -> bool:
     """Whether the application (or this module) has installed an SDK meter provider already."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
     return _provider is not None or isinstance(metrics.get_meter_provider(), MeterProvider)
 
 
@@ -91,6 +85,11 @@ def setup_metrics(
         exporter: export here periodically instead of the exporter from the environment (tests).
         readers: more readers (tests).
     """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
+
+    from tessera.common import telemetry
+
     global _provider, _server
     if _provider is not None:
         return _provider
@@ -117,6 +116,8 @@ def install_from_env(service_name: str) -> None:
     """Install a tracer provider and a meter provider configured from the OTEL_* environment, each only where the
     application has not installed its own (a driver: ``tessera.init()``). Export happens only as the environment
     asks (:func:`telemetry.exporter_choices`); providers flush at exit."""
+    from tessera.common import telemetry
+
     if not telemetry.tracer_provider_installed():
         telemetry.setup_tracing(service_name)
     if not meter_provider_installed() and telemetry.exporter_choices("METRICS"):
@@ -223,6 +224,8 @@ def _num(v: float | int) -> str:
 def prometheus_text(data: MetricsData | None, resource: Any = None) -> str:
     """``data`` (cumulative, as a pull reader collects it) in the Prometheus text exposition format 0.0.4,
     with the resource as a ``target_info`` metric."""
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
     lines: list[str] = []
     if resource:
         lines += ["# HELP target_info Target metadata", "# TYPE target_info gauge", f"target_info{_labels(resource)} 1"]
@@ -256,6 +259,8 @@ class MetricsServer:
     """``GET /metrics`` on a small threaded HTTP server: each scrape collects the pull reader afresh."""
 
     def __init__(self, reader: InMemoryMetricReader, host: str, port: int, *, resource: Any = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         self.reader = reader
         self.resource = dict(resource or {})
         owner = self
