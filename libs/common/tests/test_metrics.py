@@ -181,6 +181,17 @@ def test_console_exporters_print_spans_and_metrics() -> None:
     assert '"name": "tessera.test.runs"' in out.stdout and '"value": 4' in out.stdout
 
 
+def test_nothing_is_installed_when_nothing_is_exported() -> None:
+    out = _child("""
+        from opentelemetry import metrics as api, trace
+        from tessera.common import metrics
+        metrics.install_from_env("tessera-driver")
+        print(type(trace.get_tracer_provider()).__name__, type(api.get_meter_provider()).__name__)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ProxyTracerProvider", "_ProxyMeterProvider"]
+
+
 def test_an_application_provider_is_left_alone() -> None:
     out = _child("""
         from opentelemetry import trace

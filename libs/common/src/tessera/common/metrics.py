@@ -114,11 +114,12 @@ def setup_metrics(
 
 def install_from_env(service_name: str) -> None:
     """Install a tracer provider and a meter provider configured from the OTEL_* environment, each only where the
-    application has not installed its own (a driver: ``tessera.init()``). Export happens only as the environment
-    asks (:func:`telemetry.exporter_choices`); providers flush at exit."""
+    application has not installed its own (a driver: ``tessera.init()``), and only when the environment asks for
+    an export (:func:`telemetry.exporter_choices`): a driver with nowhere to send spans keeps the API's no-op
+    provider, so its calls record nothing and its tasks carry no trace context. Providers flush at exit."""
     from tessera.common import telemetry
 
-    if not telemetry.tracer_provider_installed():
+    if not telemetry.tracer_provider_installed() and telemetry.exporter_choices("TRACES"):
         telemetry.setup_tracing(service_name)
     if not meter_provider_installed() and telemetry.exporter_choices("METRICS"):
         setup_metrics(service_name)
