@@ -147,7 +147,7 @@ DRIVER = """
 
 def test_otlp_over_http_protobuf_from_the_environment(receiver: _Receiver) -> None:
     out = _child(DRIVER, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-                 OTEL_BSP_SCHEDULE_DELAY="50", OTEL_SERVICE_NAME="my-driver")
+                 OTEL_METRICS_EXPORTER="otlp", OTEL_BSP_SCHEDULE_DELAY="50", OTEL_SERVICE_NAME="my-driver")
     assert out.returncode == 0, out.stderr
     trace_id = out.stdout.strip()
     paths = {p for p, _, _ in receiver.posts}
@@ -232,6 +232,13 @@ def test_exporter_lists_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert telemetry.exporter_choices("TRACES") == ["console", "otlp"]
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert telemetry.exporter_choices("TRACES") == []
+    # metrics: the shared endpoint (usually Jaeger, which takes no metrics) is not enough, their own is
+    for k in ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    assert telemetry.exporter_choices("METRICS") == []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://127.0.0.1:4318/v1/metrics")
+    assert telemetry.exporter_choices("METRICS") == ["otlp"]
 
 
 def test_json_logs_carry_trace_and_span_ids() -> None:

@@ -92,9 +92,11 @@ def otlp_protocol(signal: str) -> str:
 
 def exporter_choices(signal: str) -> list[str]:
     """What ``signal`` (TRACES or METRICS) is exported with: ``OTEL_<signal>_EXPORTER``, a comma-separated list
-    of otlp and console (none: nothing). Unset means otlp when an OTLP endpoint is configured and nothing
-    otherwise (the spec's default of otlp to localhost would have every process without a collector retry one
-    forever).
+    of otlp and console (none: nothing). Unset, it is otlp when an OTLP endpoint for the signal is configured and
+    nothing otherwise: the spec's default of otlp to localhost would have every process without a collector retry
+    one forever. For traces the shared ``OTEL_EXPORTER_OTLP_ENDPOINT`` counts; for metrics only
+    ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` does, because the shared endpoint is usually Jaeger, which takes no
+    metrics (``OTEL_METRICS_EXPORTER=otlp`` sends them to the shared endpoint).
 
     Raises:
         ValueError: an exporter this process does not have, naming the ones it has.
@@ -102,7 +104,9 @@ def exporter_choices(signal: str) -> list[str]:
     var = f"OTEL_{signal}_EXPORTER"
     raw = os.environ.get(var, "").strip().lower()
     if not raw:
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        endpoint = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        if signal != "METRICS":
+            endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         return ["otlp"] if endpoint else []
     names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
     bad = [n for n in names if n not in EXPORTERS]
