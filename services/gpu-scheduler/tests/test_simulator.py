@@ -98,3 +98,31 @@ def test_gandiva_beats_las_and_fifo_on_the_pollux_traces(trace: str) -> None:
     # the useful work is the same whatever the policy: utilization ratios are makespan ratios
     ratio = res["gandiva"].utilization / res["fifo"].utilization
     assert ratio == pytest.approx(res["fifo"].makespan_h / res["gandiva"].makespan_h, rel=1e-6)
+
+
+def test_simulate_reports_each_finished_job() -> None:
+    seen: list[tuple[int, int]] = []
+    simulate(parse_trace(SMALL), make_policy("fifo"), gpus=4, gpus_per_node=2, on_progress=lambda k, n: seen.append((k, n)))
+    assert seen == [(k, 5) for k in range(1, 6)]
+
+
+def test_cli_simulate_shows_a_bar_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import argparse
+    import io
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ap = argparse.ArgumentParser()
+    handler = cli.register(ap.add_subparsers(dest="command"))
+    trace = tmp_path / "t.csv"
+    trace.write_text(SMALL)
+    for flags, shown in (([], True), (["--json"], False)):
+        err = Tty()
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        assert handler(ap.parse_args(["gpu", "simulate", "--trace", str(trace), "--gpus", "4", "--policy", "fifo",
+                                      *flags])) == 0
+        assert ("simulating fifo [" in err.getvalue() and "5/5 jobs done" in err.getvalue()) == shown, err.getvalue()

@@ -27,11 +27,15 @@ from tessera.client._discovery import connected_to, find_cluster
 from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
+from tessera.common.metrics import install_from_env
 from tessera.common.registry import control_store_stub
 from tessera.common.serialization import serialize
 from tessera.exceptions import TesseraSDKError
 
 log = logging.getLogger(__name__)
+
+#: ``service.name`` of a driver's own spans and metrics (``OTEL_SERVICE_NAME`` wins)
+DRIVER_SERVICE_NAME = "tessera-driver"
 
 #: How long a driver keeps trying to reach its node agent again after losing it.
 RECONNECT_S = 60.0
@@ -278,6 +282,7 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
     with _state_lock:
         if _state is not None:
             return
+        install_from_env(DRIVER_SERVICE_NAME)  # OpenTelemetry from OTEL_*, unless the application set it up
         cluster = find_cluster(address)
         ch, cs = control_store_stub(cluster.control_store_address)
         try:

@@ -29,13 +29,20 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tessera.common import errors
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("tessera.common.bus")
+_meter = metrics.get_meter("tessera.common.bus")
+# Messages in and out per subject (OTel messaging semconv). A subscription counts under the subject it was made
+# with (wildcards and all) and a reply under "_INBOX", so the series stay as few as the subscriptions.
+_sent = _meter.create_counter("messaging.client.sent.messages", unit="{message}",
+                              description="Messages this process published on NATS")
+_consumed = _meter.create_counter("messaging.client.consumed.messages", unit="{message}",
+                                  description="Messages delivered to this process's NATS handlers")
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -74,6 +81,13 @@ def _attrs(subj: str, op: str, size: int, queue: str | None = None) -> dict[str,
     if queue:
         a["messaging.consumer.group.name"] = queue
     return a
+
+
+def _count(counter: metrics.Counter, destination: str, op: str, queue: str | None = None) -> None:
+    a = {"messaging.system": "nats", "messaging.destination.name": destination, "messaging.operation.name": op}
+    if queue:
+        a["messaging.consumer.group.name"] = queue
+    counter.add(1, a)
 
 
 def _inject(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -183,6 +197,7 @@ class Bus:
         """Publish ``data`` on ``subj`` (at most once), under a PRODUCER span."""
         with _tracer.start_as_current_span(f"send {subj}", kind=SpanKind.PRODUCER, attributes=_attrs(subj, "send", len(data))):
             await self.nc.publish(subj, data, headers=_inject(headers))
+        _count(_sent, subj, "publish")
 
     async def request(self, subj: str, data: bytes, *, timeout: float | None = None, headers: Mapping[str, str] | None = None) -> Msg:
         """Send a request and wait for one reply.
@@ -193,6 +208,7 @@ class Bus:
         """
         timeout = self.request_timeout if timeout is None else timeout
         with _tracer.start_as_current_span(f"send {subj}", kind=SpanKind.PRODUCER, attributes=_attrs(subj, "send", len(data))) as span:
+            _count(_sent, subj, "request")
             try:
                 return await self.nc.request(subj, data, timeout=timeout, headers=_inject(headers))
             except nats.errors.NoRespondersError as e:
@@ -207,6 +223,7 @@ class Bus:
         if not msg.reply:
             raise errors.InvalidArgumentError("message has no reply subject")
         await self.nc.publish(msg.reply, data, headers=_inject(None))
+        _count(_sent, "_INBOX", "reply")
 
     async def subscribe(self, subj: str, handler: Handler, *, queue: str | None = None) -> Subscription:
         """Deliver each message on ``subj`` (wildcards allowed) to ``handler``.
@@ -218,6 +235,7 @@ class Bus:
         """
 
         async def cb(msg: Msg) -> None:
+            _count(_consumed, subj, "process", queue)
             await _traced_delivery(msg, handler, queue=queue)
 
         sub = await self.nc.subscribe(subj, queue=queue or "", cb=cb)
@@ -249,6 +267,7 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         with _tracer.start_as_current_span(f"send {subj}", kind=SpanKind.PRODUCER, attributes=_attrs(subj, "send", len(data))):
             ack = await self.js.publish(subj, data, headers=_inject(headers), timeout=timeout or self.request_timeout)
+            _count(_sent, subj, "publish")
             return int(ack.seq)
 
     def consume(
@@ -305,6 +324,7 @@ class Bus:
                     await asyncio.sleep(1.0)
                     continue
                 for msg in msgs:
+                    _count(_consumed, subj, "process", durable)
                     ok = await _traced_delivery(msg, handler, queue=durable)
                     try:
                         if ok:

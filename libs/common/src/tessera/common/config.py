@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -107,6 +107,12 @@ class Settings(BaseSettings):
 
     # --- logging -------------------------------------------------------------------
     log_level: str = Field("INFO", description="Python log level")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as one JSON object "
+                                                "a line carrying trace_id and span_id")
+
+    # --- metrics -------------------------------------------------------------------
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="port of this process's Prometheus "
+                                     "/metrics endpoint; 0 picks a free one; unset serves none")
 
     # serving (white-box pipelines; HTTP/JSON beside gRPC; one stage scheduler per replica)
     gateway_http_port: int = Field(0, ge=0, le=65535, description="gateway: port of the HTTP relay to serving "

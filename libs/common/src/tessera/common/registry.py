@@ -50,8 +50,10 @@ def control_store_stub(address: str, *, timeout: float = 10.0) -> tuple[grpc.Cha
 
 
 def instance_record(service: str, settings: Settings, address: str) -> pb.ServiceInstance:
+    from tessera.common.metrics import metrics_address
     from tessera.common.telemetry import _version
 
+    served = metrics_address()  # advertised under the same host name as the gRPC address
     return pb.ServiceInstance(
         service=service,
         instance_id=settings.resolved_instance_id,
@@ -60,6 +62,7 @@ def instance_record(service: str, settings: Settings, address: str) -> pb.Servic
         hostname=socket.gethostname(),
         version=_version(),
         started_ms=int(time.time() * 1000),
+        metrics_address=f"{address.rsplit(':', 1)[0]}:{served.rsplit(':', 1)[1]}" if served else "",
     )
 
 

@@ -41,6 +41,7 @@ from opentelemetry.instrumentation.grpc import (
 )
 
 from tessera.common import auth, errors
+from tessera.common import metrics as tmetrics
 from tessera.common.config import Settings, current_settings
 
 log = logging.getLogger(__name__)
@@ -407,6 +408,78 @@ def raw_aio_channel(target: str, options: Sequence[tuple[str, Any]] = (), interc
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
 
 
+class ServerCallMetrics(grpc.aio.ServerInterceptor):
+    """Records ``rpc.server.call.duration`` (seconds) per method and status code of every call it sees.
+
+    Outermost of the server's interceptors, so a call refused for its token or its input counts too. The
+    instrument is looked up at each call's handler, not made once, so a server built before
+    :func:`tessera.common.metrics.setup_metrics` records into the provider installed later.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        hist = tmetrics.rpc_duration
+        if handler is None or hist is None:
+            return handler
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+        def record(start: float, context: grpc.aio.ServicerContext, failed: bool) -> None:
+            code = _code_of(context, failed)
+            hist.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": code})
+
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, failed = time.perf_counter(), True
+                try:
+                    out = await inner(request, context)
+                    failed = False
+                    return out
+                finally:
+                    record(start, context, failed)
+
+            if handler.unary_unary is not None:
+                return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                           response_serializer=handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+        inner_s = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start, failed = time.perf_counter(), True
+            try:
+                async for item in inner_s(request, context):
+                    yield item
+                failed = False
+            finally:
+                record(start, context, failed)
+
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(streaming, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(streaming, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+
+
+def _code_of(context: grpc.aio.ServicerContext, failed: bool) -> int:
+    """The numeric status code the call ended with (``rpc.grpc.status_code``)."""
+    try:
+        code = context.code()
+    except Exception:  # an older grpcio without ServicerContext.code()
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return int(code.value[0])
+    if isinstance(code, int):
+        return code
+    return grpc.StatusCode.UNKNOWN.value[0] if failed else 0
+
+
 def create_server(
     *, traced: bool = True, token: str | None = None, max_message_bytes: int | None = None,
     settings: Settings | None = None,
@@ -419,7 +492,7 @@ def create_server(
     s = settings or current_settings()
     token = auth.server_token(s) if token is None else token
     limit = max_message_bytes or s.grpc_max_message_bytes
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServerCallMetrics()]  # outermost: refused calls count too
     if token:
         interceptors.append(auth.ServerAuth(token))
     if traced:

@@ -3,7 +3,8 @@
 ``server.py`` of a service builds a :class:`ServiceApp`, adds its servicers and
 start/stop hooks, and calls :meth:`ServiceApp.run`. The app then:
 
-1. sets up logging and tracing (``service.name`` = the service),
+1. sets up logging, tracing and metrics (``service.name`` = the service; a Prometheus ``/metrics`` endpoint
+   when ``TESSERA_METRICS_PORT`` is set),
 2. starts the gRPC server with health (NOT_SERVING) and reflection,
 3. connects NATS and runs the start hooks (Redis, subscriptions, ...),
 4. registers this replica in the control store and keeps it fresh,
@@ -28,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tessera.common import auth, rpc, telemetry
+from tessera.common import metrics as tmetrics
 from tessera.common.bus import Bus
 from tessera.common.config import Settings
 from tessera.common.registry import Registration, control_store_aio_stub, grpc_registration, instance_record
@@ -128,8 +130,10 @@ class ServiceApp:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`)."""
         s = self.settings
-        telemetry.setup_logging(self.name, s.log_level)
+        telemetry.setup_logging(self.name, s.log_level, s.log_format)
         telemetry.setup_tracing(self.name)
+        host = s.grpc_host if s.grpc_host not in ("", "0.0.0.0", "::", "[::]") else "0.0.0.0"
+        tmetrics.setup_metrics(self.name, port=s.metrics_port, host=host)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -181,6 +185,7 @@ class ServiceApp:
             if self.bus is not None:
                 await self.bus.close()
             telemetry.shutdown_tracing()
+            tmetrics.shutdown_metrics()
             log.info("%s stopped", self.name)
 
     async def _until_stopped(self, aw: Awaitable[Any]) -> Any:

@@ -7,6 +7,7 @@
     tessera down [--timeout S]                    stop everything gracefully; leave no process behind
     tessera list RESOURCE [--filter K=V] [--json] a running cluster's nodes, tasks, actors, objects, jobs, pipelines
     tessera summary tasks|actors|objects          tasks per function, actors per class, objects per reference type
+    tessera --version                             the installed version
 """
 
 from __future__ import annotations
@@ -26,10 +27,21 @@ from tessera._launcher.rundir import SERVICES, Cluster, Proc, RunDir, alive, kil
 from tessera.common import ids, procs
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
+from tessera.common.progress import Progress
 from tessera.common.rpc import health_status, stream_channel
 from tessera.common.sizing import StoreSize, human, object_store_size
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 0, 1, 2, 3
+
+
+def tessera_version() -> str:
+    """The installed version of the ``tessera`` package (the SDK and this command)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tessera")
+    except PackageNotFoundError:  # pragma: no cover - only run from a source tree without metadata
+        return "unknown"
 
 
 #: Services that run once per node; the others run once per cluster.
@@ -83,16 +95,17 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
             for i, node in enumerate(node_ids):
                 port = procs.free_port()
                 ps.append(Proc(name if i == 0 else f"{name}-{i}", "service", port, service=name, node_id=node,
-                               address=f"127.0.0.1:{port}",
+                               address=f"127.0.0.1:{port}", metrics_port=procs.free_port(),
                                object_store_memory=object_store_memory if name == "object-store" else 0))
         else:
             port = procs.free_port()
-            ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}"))
+            ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}",
+                           metrics_port=procs.free_port()))
     if gpus_per_node and "gpu-scheduler" in services:  # a node agent per node (the gpu-scheduler with the node's id)
         for i, node in enumerate(node_ids):
             port = procs.free_port()
             ps.append(Proc(f"gpu-agent-{i}", "service", port, service="gpu-scheduler", node_id=node,
-                           address=f"127.0.0.1:{port}"))
+                           address=f"127.0.0.1:{port}", metrics_port=procs.free_port()))
     cs = next(p for p in ps if p.name == "control-store")
     return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
                    control_store_address=cs.address, procs=ps, started=time.time())
@@ -156,6 +169,7 @@ def _detail(p: Proc, health: str) -> dict[str, object]:
 def _row(p: Proc) -> dict[str, object]:
     health = _health(p)
     row: dict[str, object] = {"name": p.name, "kind": p.kind, "pid": p.pid, "address": p.address,
+                              "metrics": metrics_url(p.address, p.metrics_port),
                               "health": health, "restarts": p.restarts, "last_exit": p.last_exit, "detail": ""}
     row.update(_detail(p, health))
     return row
@@ -167,8 +181,18 @@ def _rows(cluster: Cluster) -> list[dict[str, object]]:
         return list(pool.map(_row, cluster.procs))
 
 
+def metrics_url(address: str, port: int | str) -> str:
+    """The URL of a process's Prometheus endpoint: the host of its gRPC ``address`` and the metrics ``port``
+    (or a whole host:port); '' when it serves none."""
+    if not port:
+        return ""
+    if isinstance(port, str) and ":" in port:
+        return f"http://{port}/metrics"
+    return f"http://{address.rsplit(':', 1)[0]}:{port}/metrics"
+
+
 def _table(rows: Sequence[dict[str, object]]) -> str:
-    cols = ["name", "pid", "address", "health", "restarts", "last_exit", "detail"]
+    cols = ["name", "pid", "address", "metrics", "health", "restarts", "last_exit", "detail"]
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.upper().ljust(width[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
@@ -219,9 +243,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     deadline = time.monotonic() + args.timeout
     services = [p for p in cluster.procs if p.kind == "service"]
     pending = {p.name for p in services}
+    progress = Progress(len(services))
     with ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="health") as pool:
         while pending and time.monotonic() < deadline:
             if sup.poll() is not None:
+                progress.clear()
                 print(f"the supervisor exited ({sup.returncode}):\n{_tail(run.log('supervisor'), 20)}", file=sys.stderr)
                 return EXIT_FAIL
             waiting = [p for p in services if p.name in pending]  # asked all at once: one slow reply delays no other
@@ -229,8 +255,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                                  strict=True):
                 if health == "SERVING":
                     pending.discard(p.name)
+                    progress.done(f"{p.name} SERVING at {p.address}")
             if pending:
+                progress.waiting(sorted(pending))
                 time.sleep(0.1)
+    progress.clear()
     if pending:
         print(f"not SERVING within {args.timeout:g}s: {', '.join(sorted(pending))}", file=sys.stderr)
         for name in sorted(pending):
@@ -264,7 +293,8 @@ def _remote_status(address: str, as_json: bool) -> int:
     with ThreadPoolExecutor(max_workers=max(1, len(instances)), thread_name_prefix="status") as pool:
         health = list(pool.map(lambda i: health_status(i.address, timeout=3.0), instances))
     rows: list[dict[str, object]] = [
-        {"name": i.service, "pid": i.pid, "address": i.address, "health": h, "restarts": "", "last_exit": "",
+        {"name": i.service, "pid": i.pid, "address": i.address, "metrics": metrics_url(i.address, i.metrics_address),
+         "health": h, "restarts": "", "last_exit": "",
          "detail": f"host {i.hostname}" + (f", HTTP {i.http_address}" if i.http_address else "")}
         for i, h in sorted(zip(instances, health, strict=True), key=lambda x: (x[0].service, x[0].address))]
     from tessera.api.control_store.v1 import control_store_pb2 as cpb
@@ -385,6 +415,7 @@ def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tessera", description="Run a Tessera cluster on this machine.")
+    ap.add_argument("--version", action="version", version=f"tessera {tessera_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start NATS, Redis and the six services; wait until all are SERVING")
     up.add_argument("--redis-shards", type=int, default=0, help="Redis shards to start (default TESSERA_REDIS_SHARDS or 1)")

@@ -56,6 +56,9 @@ class NodeSupervisor(Supervisor):
 
     def command(self, p: Proc) -> tuple[list[str], dict[str, str] | None]:
         env = dict(self.env)
+        base = self.env.get("TESSERA_METRICS_PORT", "").strip()
+        if base.isdigit() and int(base) > 0:  # one port for the node: its processes take it, +1, +2 (0: free ones)
+            env["TESSERA_METRICS_PORT"] = str(int(base) + self.cluster.procs.index(p))
         env.update(TESSERA_NODE_ID=p.node_id, TESSERA_GRPC_PORT=str(p.port),
                    TESSERA_INSTANCE_ID=f"{socket.gethostname()}-{p.name}", OTEL_SERVICE_NAME=otel_name(p))
         if p.service == "task-scheduler":

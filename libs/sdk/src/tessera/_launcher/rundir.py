@@ -45,6 +45,7 @@ class Proc:
     last_exit: str = ""
     address: str = ""
     object_store_memory: int = 0  # bytes of the arena tessera up chose (object-store); 0: the store's default
+    metrics_port: int = 0  # port of its Prometheus /metrics endpoint (services); 0: none
 
 
 @dataclass

@@ -56,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from tessera.common.progress import Progress
     from tessera.gpu_scheduler.policy import POLICIES, make_policy
     from tessera.gpu_scheduler.simulator import simulate
     from tessera.gpu_scheduler.trace import TraceError, read_trace
@@ -68,8 +69,13 @@ def _simulate(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     try:
         trace = read_trace(args.trace)
-        results = [simulate(trace, make_policy(n, quantum=args.quantum), gpus=args.gpus,
-                            gpus_per_node=args.gpus_per_node, seed=args.seed) for n in names]
+        results = []
+        for n in names:  # a bar per policy on a terminal (stderr), nothing under --json or in a pipe
+            progress = Progress(len(trace), stream=sys.stderr, quiet=args.json, label=f"simulating {n}")
+            results.append(simulate(trace, make_policy(n, quantum=args.quantum), gpus=args.gpus,
+                                    gpus_per_node=args.gpus_per_node, seed=args.seed,
+                                    on_progress=lambda k, _total, p=progress: p.update(k, "jobs done")))
+            progress.clear()
     except (TraceError, ValueError) as e:
         print(f"tessera gpu simulate: {e}", file=sys.stderr)
         return EXIT_FAIL

@@ -12,24 +12,27 @@ import asyncio
 import json
 import logging
 import mmap
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 from opentelemetry import context as otel_context
+from opentelemetry.metrics import MeterProvider
 
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as pb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2_grpc as pb_grpc
 from tessera.common import errors, packages
 from tessera.common.config import Settings
+from tessera.common.metrics import observe
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.common.telemetry import context_from_env
 from tessera.gpu_scheduler.agent import NodeAgent, discover_gpus
 from tessera.gpu_scheduler.policy import make_policy
-from tessera.gpu_scheduler.scheduler import GpuScheduler
+from tessera.gpu_scheduler.scheduler import GpuScheduler, state_name
 from tessera.gpu_scheduler.servicer import GpuSchedulerServicer
 
 NAME = "gpu-scheduler"
@@ -153,7 +156,35 @@ def build_scheduler(settings: Settings) -> ServiceApp:
 
     app.on_start(start)
     app.on_stop(stop)
+    observe_scheduler(sched)
     return app
+
+
+def observe_scheduler(sched: GpuScheduler, meter_provider: MeterProvider | None = None) -> None:
+    """The scheduler's figures as metrics, read at each collection: jobs by state, suspensions and migrations
+    (running totals over its jobs, which it keeps), and each running job's mini-batch time."""
+    scope = "tessera.gpu_scheduler"
+
+    states = [pb.JobState.Name(v).removeprefix("JOB_STATE_").lower() for v in pb.JobState.values()
+              if v != pb.JOB_STATE_UNSPECIFIED]
+
+    def by_state() -> list[tuple[int, dict[str, str]]]:  # every state, 0 included: a series does not vanish
+        counts = Counter(state_name(j.state) for j in sched.jobs.values())
+        return [(counts.get(s, 0), {"tessera.gpu.job.state": s}) for s in states]
+
+    observe(scope, "tessera.gpu.jobs", by_state, unit="{job}", description="GPU jobs by state",
+            meter_provider=meter_provider)
+    observe(scope, "tessera.gpu.suspensions", lambda: sum(j.suspensions for j in sched.jobs.values()),
+            kind="counter", unit="{suspension}", description="Time-slice suspensions of GPU jobs",
+            meter_provider=meter_provider)
+    observe(scope, "tessera.gpu.migrations", lambda: sum(j.migrations for j in sched.jobs.values()),
+            kind="counter", unit="{migration}", description="Migrations of GPU jobs between nodes",
+            meter_provider=meter_provider)
+    observe(scope, "tessera.gpu.job.minibatch.duration",
+            lambda: [(j.minibatch_s, {"tessera.gpu.job.id": j.job_id, "tessera.gpu.job.group": j.spec.group_id})
+                     for j in sched.jobs.values() if j.state == pb.JOB_STATE_RUNNING and j.minibatch_s > 0],
+            unit="s", description="Each running job's latest mini-batch time (its agent's report)",
+            meter_provider=meter_provider)
 
 
 def build_agent(settings: Settings) -> ServiceApp:

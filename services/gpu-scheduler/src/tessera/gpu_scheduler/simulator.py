@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tessera.gpu_scheduler import profiles
@@ -105,7 +105,9 @@ def make_nodes(gpus: int, gpus_per_node: int) -> list[Node]:
 
 
 def simulate(trace: Sequence[TraceJob], policy: Policy, *, gpus: int, gpus_per_node: int = 4, seed: int = 0,
-             elastic: bool = True, max_time_s: float = 1e8) -> SimResult:
+             elastic: bool = True, max_time_s: float = 1e8,
+             on_progress: Callable[[int, int], None] | None = None) -> SimResult:
+    """Replay ``trace`` under ``policy``; ``on_progress(finished, total)`` is told each time a job finishes."""
     nodes = make_nodes(gpus, gpus_per_node)
     too_big = [t.name for t in trace if t.gpus > gpus]
     if too_big:
@@ -194,6 +196,8 @@ def simulate(trace: Sequence[TraceJob], policy: Policy, *, gpus: int, gpus_per_n
             j.finish = t
             active.remove(j)
             done.append(j)
+            if on_progress is not None:
+                on_progress(len(done), len(trace))
         r = rates()
         # the next event
         nxt = t + policy.quantum
@@ -237,6 +241,8 @@ def simulate(trace: Sequence[TraceJob], policy: Policy, *, gpus: int, gpus_per_n
                 j.finish = nxt
                 active.remove(j)
                 done.append(j)
+                if on_progress is not None:
+                    on_progress(len(done), len(trace))
         alloc_area += allocated * dt
         t = nxt
     first = min(j.view.arrival for j in done)

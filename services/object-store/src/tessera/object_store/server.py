@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.common import auth, ids, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from tessera.common.metrics import observe
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import RETRY_FIRST_S, ServiceApp, next_retry
 from tessera.common.sizing import StoreSize, object_store_size
@@ -373,7 +374,30 @@ def build(settings: Settings) -> ServiceApp:
 
     app.on_start(start)
     app.on_stop(stop)
+    observe_store(node)
     return app
+
+
+def observe_store(node: NodeObjectStore) -> None:
+    """The node store's figures as metrics, read at each collection: memory used and spilled, objects, pulls."""
+    scope, stats = "tessera.object_store", node.manager.stats
+
+    def figure(key: str) -> Callable[[], int]:
+        return lambda: int(stats()[key])
+
+    observe(scope, "tessera.object_store.used", figure("used"), unit="By", description="Bytes of the arena in use")
+    observe(scope, "tessera.object_store.capacity", figure("capacity"), unit="By", description="Bytes of the arena")
+    observe(scope, "tessera.object_store.spilled", figure("spilled_bytes"), unit="By",
+            description="Bytes of objects spilled to disk")
+    observe(scope, "tessera.object_store.objects",
+            lambda: [(int(s["objects"]), {"tessera.object.location": "memory"}),
+                     (int(s["spilled_objects"]), {"tessera.object.location": "spilled"})] if (s := stats()) else [],
+            unit="{object}", description="Objects on this node, in memory or spilled")
+    for key, what in (("evictions", "evicted"), ("spills", "spilled"), ("restores", "restored from disk")):
+        observe(scope, f"tessera.object_store.{key}", figure(key), kind="counter", unit="{object}",
+                description=f"Objects {what} so far")
+    observe(scope, "tessera.object_store.pulls", lambda: node.pulls, kind="counter", unit="{object}",
+            description="Objects pulled from other nodes")
 
 
 async def serve(settings: Settings | None = None) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from opentelemetry import metrics
 
 from tessera.common.errors import (
     AlreadyExistsError,
@@ -37,6 +38,9 @@ from tessera.serving.models import Scores
 from tessera.serving.params import ParamStore
 
 log = logging.getLogger(__name__)
+_batch_records = metrics.get_meter("tessera.serving").create_histogram(
+    "tessera.serving.batch.size", unit="{record}", description="Records in each batch the stage scheduler ran",
+    explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
 
 
 @dataclass
@@ -372,4 +376,5 @@ class Scheduler:
             dt = time.monotonic() - t0
             self.cost_s = 0.8 * self.cost_s + 0.2 * dt
             self.batches += 1
+            _batch_records.record(sum(r.n for r in batch))
             self.batch_sizes[sum(r.n for r in batch)] += 1

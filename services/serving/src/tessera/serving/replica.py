@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from opentelemetry import metrics
 
 from tessera.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from tessera.serving.engine import Engine, Prediction, Registered, Scheduler
@@ -143,8 +144,15 @@ class Replica:
 
     # ------------------------------------------------------------------ prediction
     async def predict(self, name: str, records: Sequence[Any]) -> list[Prediction]:
-        reg = await self.ensure(name)
-        return await self.scheduler.submit_checked(reg, self.engine.columns(reg, records), len(records))
+        start, error = time.perf_counter(), ""
+        try:
+            reg = await self.ensure(name)
+            return await self.scheduler.submit_checked(reg, self.engine.columns(reg, records), len(records))
+        except Exception as e:
+            error = type(e).__name__
+            raise
+        finally:
+            _observe_request(self._label(name), len(records), time.perf_counter() - start, error)
 
     async def predict_many(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Prediction]]:
         """Requests of several pipelines, executed together (shared featurizers run once per input)."""
@@ -155,6 +163,37 @@ class Replica:
             from tessera.common.errors import ResourceExhaustedError
 
             raise ResourceExhaustedError(f"{total} records in one batch; at most {self.engine.max_records}")
-        regs = [await self.ensure(n) for n, _ in requests]
-        items = [(reg, self.engine.columns(reg, recs), len(recs)) for reg, (_, recs) in zip(regs, requests, strict=True)]
-        return await asyncio.get_running_loop().run_in_executor(self.scheduler.pool, self.engine.execute, items)
+        start, error = time.perf_counter(), ""
+        try:
+            regs = [await self.ensure(n) for n, _ in requests]
+            items = [(reg, self.engine.columns(reg, recs), len(recs))
+                     for reg, (_, recs) in zip(regs, requests, strict=True)]
+            return await asyncio.get_running_loop().run_in_executor(self.scheduler.pool, self.engine.execute, items)
+        except Exception as e:
+            error = type(e).__name__
+            raise
+        finally:
+            took = time.perf_counter() - start
+            for n, recs in requests:
+                _observe_request(self._label(n), len(recs), took, error)
+
+    def _label(self, name: str) -> str:
+        """``name`` as a metric attribute: a pipeline this replica has, else "_unknown" (a caller's made-up names
+        must not each become a series)."""
+        return name if name in self.engine.pipelines else "_unknown"
+
+
+_meter = metrics.get_meter("tessera.serving")
+_request_duration = _meter.create_histogram(
+    "tessera.serving.request.duration", unit="s", description="Prediction requests by pipeline, from arrival to reply",
+    explicit_bucket_boundaries_advisory=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                         0.5, 1.0, 2.5, 5.0))
+_records = _meter.create_counter("tessera.serving.records", unit="{record}",
+                                 description="Records asked to predict, by pipeline")
+
+
+def _observe_request(pipeline: str, records: int, seconds: float, error: str) -> None:
+    """One prediction request in the metrics (its count is the requests; ``error.type`` names a failure)."""
+    attrs = {"tessera.pipeline": pipeline, **({"error.type": error} if error else {})}
+    _request_duration.record(seconds, attrs)
+    _records.add(records, attrs)

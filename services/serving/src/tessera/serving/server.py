@@ -24,6 +24,7 @@ from tessera.api.serving.v1 import serving_pb2 as pb
 from tessera.common import auth, rpc
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError, TesseraError
+from tessera.common.metrics import observe
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
 from tessera.serving.cluster import PIPELINES, ClusterStore
@@ -40,6 +41,21 @@ QUEUE = "serving"
 log = logging.getLogger(__name__)
 
 _OPS = {cpb.CHANGE_OP_CREATED: "created", cpb.CHANGE_OP_UPDATED: "updated", cpb.CHANGE_OP_DELETED: "deleted"}
+
+
+def observe_replica(engine: Engine, scheduler: Scheduler) -> None:
+    """The replica's figures as metrics, read at each collection: shared-stage reuse (the cache hits of
+    white-box serving: rows a shared featurizer computed once for several pipelines), pipelines, queued records."""
+    scope = "tessera.serving"
+    observe(scope, "tessera.serving.rows", lambda: [(engine.rows_computed, {"tessera.serving.row": "computed"}),
+                                                    (engine.rows_reused, {"tessera.serving.row": "reused"})],
+            kind="counter", unit="{row}", description="Rows of shared stages computed, and reused instead of computed")
+    observe(scope, "tessera.serving.pipelines", lambda: len(engine.pipelines), unit="{pipeline}",
+            description="Pipelines loaded in this replica")
+    observe(scope, "tessera.serving.queued", lambda: scheduler.queued, unit="{record}",
+            description="Records waiting for the stage scheduler")
+    observe(scope, "tessera.serving.batches", lambda: scheduler.batches, kind="counter", unit="{batch}",
+            description="Batches the stage scheduler ran")
 
 
 def build(settings: Settings) -> ServiceApp:
@@ -104,6 +120,7 @@ def build(settings: Settings) -> ServiceApp:
 
     app.on_start(start)
     app.on_stop(stop)
+    observe_replica(engine, scheduler)
     return app
 
 

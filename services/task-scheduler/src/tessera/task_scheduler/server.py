@@ -28,6 +28,7 @@ from tessera.common import auth, ids, procs, rpc
 from tessera.common import bundles as bnd
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
+from tessera.common.metrics import observe
 from tessera.common.names import NODES_HEARTBEAT_S, NODES_NAMESPACE, REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
@@ -796,6 +797,26 @@ def remote_tasks(batch: pb.TaskBatch) -> list[pb.TaskSpec]:
     return good
 
 
+def observe_agent(a: NodeAgent) -> None:
+    """The node agent's figures as metrics, read at each collection: task throughput, queue depths, workers."""
+    scope = "tessera.task_scheduler"
+    observe(scope, "tessera.tasks.finished", lambda: a.finished, kind="counter", unit="{task}",
+            description="Tasks this node finished (succeeded or failed for good)")
+    observe(scope, "tessera.tasks.received", lambda: a.received, kind="counter", unit="{task}",
+            description="Tasks other nodes forwarded to this node")
+    observe(scope, "tessera.tasks.spilled", lambda: a.spilled_count, kind="counter", unit="{task}",
+            description="Tasks this node passed on to another node")
+    observe(scope, "tessera.tasks", lambda: [(len(a.queue), {"tessera.task.state": "queued"}),
+                                             (len(a.waiting), {"tessera.task.state": "waiting"}),
+                                             (len(a.running), {"tessera.task.state": "running"})],
+            unit="{task}", description="Tasks on this node by state: queued (ready), waiting (for arguments), running")
+    observe(scope, "tessera.workers", lambda: [(len(a.idle), {"tessera.worker.state": "idle"}),
+                                               (len(a.workers) - len(a.idle), {"tessera.worker.state": "busy"})],
+            unit="{worker}", description="Worker processes on this node")
+    observe(scope, "tessera.actors", lambda: sum(1 for x in a.actors.values() if x.state != "DEAD"),
+            unit="{actor}", description="Live actors on this node")
+
+
 def build(settings: Settings) -> ServiceApp:
     role = settings.task_scheduler_role
     # A global scheduler alone takes no sessions: it registers under its own name, so that drivers
@@ -808,6 +829,7 @@ def build(settings: Settings) -> ServiceApp:
         app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor), TaskSchedulerServicer(node), SERVICE)
         app.on_start(node.start)
         app.on_stop(node.stop)
+        observe_agent(node.agent)
     if role in ("both", "global"):
         gs = GlobalScheduler(app, settings)
         app.on_start(gs.start)

@@ -641,6 +641,7 @@ class ServiceInstance(_message.Message):
     STARTED_MS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """e.g. "compiler" """
     instance_id: _builtins.str
@@ -653,6 +654,8 @@ class ServiceInstance(_message.Message):
     last_seen_ms: _builtins.int
     http_address: _builtins.str
     """host:port of the replica's HTTP front end, if it has one (serving)"""
+    metrics_address: _builtins.str
+    """host:port of the replica's Prometheus /metrics endpoint, if it serves one"""
     def __init__(
         self,
         *,
@@ -665,10 +668,11 @@ class ServiceInstance(_message.Message):
         started_ms: _builtins.int = ...,
         last_seen_ms: _builtins.int = ...,
         http_address: _builtins.str = ...,
+        metrics_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hostname", b"hostname", "http_address", b"http_address", "instance_id", b"instance_id", "last_seen_ms", b"last_seen_ms", "pid", b"pid", "service", b"service", "started_ms", b"started_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hostname", b"hostname", "http_address", b"http_address", "instance_id", b"instance_id", "last_seen_ms", b"last_seen_ms", "metrics_address", b"metrics_address", "pid", b"pid", "service", b"service", "started_ms", b"started_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
