@@ -289,6 +289,16 @@ def test_list_and_summary_show_what_runs(cluster: stacks.Cluster) -> None:
     assert summary[name]["state_counts"].get("FINISHED", 0) >= 5
     assert cluster.cli("summary", "actors").returncode == 0
 
+    trace = cluster.env["TESSERA_RUN_DIR"] + "/trace.json"
+    out = cluster.cli("timeline", "-o", trace, "--job", job)
+    assert out.returncode == 0, out.stderr
+    events = {e["args"]["task_id"]: e for e in json.loads(open(trace).read())}
+    for ref in refs:
+        e = events[ref.id[:16].hex()]
+        assert e["ph"] == "X" and e["name"].endswith("square") and e["dur"] >= 0 and e["pid"].startswith("node ")
+    bad = cluster.cli("timeline", "--job", "zz")
+    assert bad.returncode == 2 and "job_id must be hex" in bad.stderr
+
     bad = cluster.cli("list", "tasks", "--filter", "colour=red")
     assert bad.returncode == 2 and "valid keys: task_id" in bad.stderr
     bad = cluster.cli("list", "tasks", "--filter", "state=asleep")

@@ -108,7 +108,7 @@ def _tasks(cs: Any, filters: Sequence[Filter], limit: int, timeout: float) -> tu
     for r in resp.tasks:
         s = r.spec
         kind = "ACTOR_TASK" if s.actor_id and s.method_name else ("ACTOR_CREATION_TASK" if s.actor_id else "NORMAL_TASK")
-        rows.append({"task_id": s.task_id.hex(), "name": s.function_name + (f".{s.method_name}" if s.method_name else ""),
+        rows.append({"task_id": s.task_id.hex(), "name": s.function_name,
                      "state": _enum(r.state, cpb.TaskState, "TASK_STATE_"), "type": kind, "job_id": s.job_id.hex(),
                      "actor_id": s.actor_id.hex(), "node_id": r.node_id.hex(), "attempt_number": r.attempt,
                      "parent_task_id": s.parent_task_id.hex(), "error": r.error, "created_ms": r.created_ms,
@@ -241,6 +241,44 @@ def list_state(resource: str, *, address: str | None = None, filters: Sequence[F
             rows = fetch[resource](cs, timeout)
     rows = [r for r in rows if _matches(r, checked)]
     return rows[:limit], len(rows) > limit
+
+
+#: One task as the timeline shows it: (name, task id, node id, worker id, start µs, end µs, failed).
+TaskEvent = tuple[str, bytes, bytes, bytes, int, int, bool]
+
+
+def recorded_task_events(cs: Any, *, job_id: bytes = b"", limit: int = MAX_LIMIT,
+                         timeout: float = 30.0) -> list[TaskEvent]:
+    """The finished tasks the control store records with their run times (of ``job_id``, or of every job)."""
+    from tessera.api.control_store.v1 import control_store_pb2 as cpb
+
+    resp = cs.ListTasks(cpb.ListTasksRequest(job_id=job_id, limit=limit), timeout=timeout)
+    return [(r.spec.function_name, r.spec.task_id,
+             r.node_id, r.spec.worker_id, r.spec.start_us, r.spec.end_us, r.state == cpb.TASK_STATE_FAILED)
+            for r in resp.tasks if r.spec.end_us]
+
+
+def chrome_trace(events: Iterable[TaskEvent]) -> list[dict[str, Any]]:
+    """Chrome trace ("X") events, one per task: a process per node, a thread per worker (chrome://tracing,
+    Perfetto)."""
+    return [{"name": name, "cat": "task", "ph": "X", "pid": f"node {node_id.hex()}", "tid": f"worker {worker_id.hex()}",
+             "ts": start_us, "dur": end_us - start_us, "args": {"task_id": task_id.hex(), "failed": failed}}
+            for name, task_id, node_id, worker_id, start_us, end_us, failed in sorted(events, key=lambda e: e[4])]
+
+
+def timeline(address: str | None = None, *, job_id: str = "", limit: int = MAX_LIMIT,
+             timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The cluster's recorded tasks (of ``job_id`` in hex, or every job) as Chrome trace events: what
+    ``tessera timeline`` writes. A task's record is kept while its results are alive, and a few seconds more."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    try:
+        job = bytes.fromhex(job_id)
+    except ValueError as e:
+        raise ValueError(f"job_id must be hex, got {job_id!r}") from e
+    ch, cs = _connect(address)
+    with ch:
+        return chrome_trace(recorded_task_events(cs, job_id=job, limit=limit, timeout=timeout))
 
 
 def _lister(resource: str) -> Callable[..., list[dict[str, Any]]]:

@@ -16,8 +16,7 @@ import os
 from typing import Any
 
 from tessera import _api
-from tessera._core import TaskEvent
-from tessera.api.control_store.v1 import control_store_pb2 as cpb
+from tessera._state import chrome_trace, recorded_task_events
 
 #: Most task records of the job read from the control store.
 RECORDS_LIMIT = 10_000
@@ -32,31 +31,12 @@ def timeline(filename: str | None = None) -> list[dict[str, Any]] | None:
     core = st.core
     with core.cond:
         events = list(core.events)
-    events.extend(_recorded(st.control_store(), core.job_id, {e[1] for e in events}))
-    trace = [{
-        "name": name,
-        "cat": "task",
-        "ph": "X",
-        "pid": f"node {node_id.hex()}",
-        "tid": f"worker {worker_id.hex()}",
-        "ts": start_us,
-        "dur": end_us - start_us,
-        "args": {"task_id": task_id.hex(), "failed": failed},
-    } for name, task_id, node_id, worker_id, start_us, end_us, failed in sorted(events, key=lambda e: e[4])]
+    known = {e[1] for e in events}
+    events.extend(e for e in recorded_task_events(st.control_store(), job_id=core.job_id, limit=RECORDS_LIMIT)
+                  if e[1] not in known)
+    trace = chrome_trace(events)
     if filename is None:
         return trace
     with open(filename, "w") as f:
         json.dump(trace, f)
     return None
-
-
-def _recorded(cs: Any, job_id: bytes, known: set[bytes]) -> list[TaskEvent]:
-    """The job's finished tasks the control store records with their times, less those in ``known``."""
-    resp = cs.ListTasks(cpb.ListTasksRequest(job_id=job_id, limit=RECORDS_LIMIT), timeout=30.0)
-    out: list[TaskEvent] = []
-    for r in resp.tasks:
-        s = r.spec
-        if s.end_us and s.task_id not in known:
-            out.append((s.function_name, s.task_id, r.node_id, s.worker_id, s.start_us, s.end_us,
-                        r.state == cpb.TASK_STATE_FAILED))
-    return out

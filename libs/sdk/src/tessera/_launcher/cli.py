@@ -7,6 +7,7 @@
     tessera down [--timeout S]                    stop everything gracefully; leave no process behind
     tessera list RESOURCE [--filter K=V] [--json] a running cluster's nodes, tasks, actors, objects, jobs, pipelines
     tessera summary tasks|actors|objects          tasks per function, actors per class, objects per reference type
+    tessera timeline [-o FILE] [--job HEX]        the recorded tasks as a Chrome trace
     tessera --version                             the installed version
 """
 
@@ -394,7 +395,7 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 #: ``tessera gpu ...``): ``register(subparsers) -> handler``, where ``handler(args) -> exit code``.
 PLUGIN_GROUP = "tessera.cli"
 #: The launcher's own subcommands (a plugin cannot replace them).
-BUILTIN = ("up", "status", "logs", "down", "memory", "node", "list", "summary")
+BUILTIN = ("up", "status", "logs", "down", "memory", "node", "list", "summary", "timeline")
 
 
 def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -460,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         return _state.cmd_list(args)
     if args.command == "summary":
         return _state.cmd_summary(args)
+    if args.command == "timeline":
+        return _state.cmd_timeline(args)
     if args.command == "up" and not 0 <= args.redis_shards <= 64:
         ap.error("--redis-shards must be between 1 and 64")
     if args.command == "up" and not 1 <= args.nodes <= 16:

@@ -2,6 +2,7 @@
 
     tessera list nodes|tasks|actors|objects|jobs|pipelines|placement-groups [--filter KEY=VALUE|KEY!=VALUE]... [--limit N] [--json]
     tessera summary tasks|actors|objects [--json]
+    tessera timeline [-o FILE] [--job HEX]
 
 Both read a running cluster (this machine's `tessera up`, TESSERA_ADDRESS, or --address) through
 :mod:`tessera.util.state`. A bad query (an unknown resource, filter key or predicate) exits 2 naming the
@@ -80,6 +81,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sm.add_argument("resource", choices=SUMMARIES)
     sm.add_argument("--json", action="store_true")
     sm.add_argument("--address", default=None, help="a cluster's control store or gateway (default: this machine's)")
+    tl = sub.add_parser("timeline", help="the recorded tasks as a Chrome trace (chrome://tracing, Perfetto)")
+    tl.add_argument("-o", "--output", default="", help="where to write the JSON (default: stdout)")
+    tl.add_argument("--job", default="", help="only this job's tasks (its id in hex)")
+    tl.add_argument("--address", default=None, help="a cluster's control store or gateway (default: this machine's)")
 
 
 def _unreachable(cmd: str, address: str | None, e: Exception) -> int:
@@ -142,4 +147,28 @@ def cmd_summary(args: argparse.Namespace) -> int:
             for k, v in report["summary"].items()]
     print(f"{report['total']} {args.resource}" + (" (the newest; more exist)" if report["truncated"] else ""))
     print(table(rows, (key, "total", "states")))
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from tessera import _state as state
+
+    try:
+        events = state.timeline(args.address, job_id=args.job)
+    except ValueError as e:
+        print(f"tessera timeline: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        return _unreachable("timeline", args.address, e)
+    if not args.output:
+        print(json.dumps(events))
+        return 0
+    try:
+        with open(args.output, "w") as f:
+            json.dump(events, f)
+    except OSError as e:
+        print(f"tessera timeline: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"{len(events)} tasks written to {args.output} (open it in chrome://tracing or https://ui.perfetto.dev)",
+          file=sys.stderr)
     return 0
