@@ -16,7 +16,7 @@ EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError
 EXPECTED_UTIL = ["ActorPool"]
 EXPECTED_QUEUE = ["Empty", "Full", "Queue"]
 EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
-                       "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
+                       "OwnerDiedError", "RuntimeEnvSetupError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
                        "WorkerCrashedError"]
 EXPECTED_CLIENT = ["Client", "ClusterInfo", "ClusterNotFoundError", "Event", "connect", "find_cluster"]
 

@@ -45,6 +45,10 @@ class _State:
     inline_threshold: int
     cluster_key: str
     session: GrpcSession | None = None
+    #: The job's runtime_env, resolved (tasks and actors merge theirs over it); in a worker, the worker's own.
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    #: The run directory of the local cluster ``init`` started (stopped by ``shutdown``); None: it found one.
+    started: str | None = None
     _objects: ObjectClientBase | None = None
     _cs: Any = None
     _cs_channel: grpc.Channel | None = None
@@ -263,47 +267,99 @@ def _agent_address(cluster: Any, cs: cpb_grpc.ControlStoreServiceStub) -> str:
     return local[0].address
 
 
-def init(address: str | None = None, *, name: str = "", log_to_driver: bool = True) -> None:
-    """Connect this process to a Tessera cluster as a driver.
+def init(address: str | None = None, *, name: str = "", log_to_driver: bool = True,
+         runtime_env: dict[str, Any] | None = None) -> None:
+    """Connect this process to a Tessera cluster as a driver, as ``ray.init`` does.
 
     Args:
-        address: the control store's ``host:port``; None: ``TESSERA_ADDRESS``, else the
-            cluster that ``tessera up`` started on this machine (its run directory).
+        address: the control store's ``host:port``; None: ``TESSERA_ADDRESS``, else the cluster that
+            ``tessera up`` started on this machine (its run directory), else a local cluster started now
+            (one node, in a run directory of its own; stopped by ``shutdown`` or when this process exits).
+            ``"auto"``: only a running cluster (``TESSERA_ADDRESS`` or the run directory's), never a new one.
         name: a name for this driver, shown in the cluster's job table.
+        runtime_env: the job's runtime_env (``env_vars``, ``working_dir``, ``py_modules``), which its tasks
+            and actors merge theirs over.
 
     Raises:
-        ClusterNotFoundError: no address given and no running cluster found.
+        ClusterNotFoundError: ``address="auto"`` and no running cluster found.
+        ValueError, TypeError, NotImplementedError: a bad ``runtime_env`` (nothing is started or connected).
     """
     global _state
+    from tessera import _runtime_env
+    import tessera._starter as _starter
+
+    env = _runtime_env.validate(runtime_env)
     with _state_lock:
         if _state is not None:
             return
-        cluster = find_cluster(address)
-        ch, cs = control_store_stub(cluster.control_store_address)
+        started: str | None = None
+        if address == "auto":
+            cluster = _starter.running_cluster()
+            address = None
+        elif address is None and _starter.none_running():
+            started, cluster = _starter.start_local()
+        else:
+            cluster = find_cluster(address)
         try:
-            job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"),
-                                                                    entrypoint=name or _entrypoint(),
-                                                                    driver_address=f"pid-{os.getpid()}")),
-                               timeout=30.0).job
-        except grpc.RpcError as e:
-            ch.close()
-            raise connect_error(cluster.control_store_address, e) from None
-        agent = _agent_address(cluster, cs)
-        core = Core(job_id=job.job_id, objects=object_client, control_store=control_store,
-                    stale_s=current_settings().refs_stale_s)
-        session = GrpcSession(agent, core, name or _entrypoint())
-        core.transport = session
-        w = session.welcome
-        st = _State(core=core, control_store_address=cluster.control_store_address,
-                    object_store_address=w.object_store_address or _objects.local_object_store_address(address),
-                    inline_threshold=current_settings().object_store_inline_threshold,
-                    cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
+            st = _connect(cluster, address, name, env)
+        except BaseException:
+            if started:
+                _starter.stop_local(started)
+            raise
+        st.started = started
         _state = st
-        if address:
-            connected_to(address)
-        _objects.escape_hook = core.escape
-        _objects.counter = core.refs
-        core.start_refs()
+        if started:
+            connected_to(cluster.control_store_address)
+            _starter.stop_at_exit()
+
+
+def _connect(cluster: Any, address: str | None, name: str, env: dict[str, Any]) -> _State:
+    """A driver's session with ``cluster``, its job created and its runtime_env's packages stored."""
+    from tessera import _runtime_env
+
+    ch, cs = control_store_stub(cluster.control_store_address)
+    try:
+        env = _runtime_env.resolve(env, cs, cluster.control_store_address)
+    except grpc.RpcError as e:
+        ch.close()
+        raise connect_error(cluster.control_store_address, e) from None
+    except BaseException:
+        ch.close()
+        raise
+    try:
+        job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"),
+                                                                entrypoint=name or _entrypoint(),
+                                                                driver_address=f"pid-{os.getpid()}")),
+                           timeout=30.0).job
+    except grpc.RpcError as e:
+        ch.close()
+        raise connect_error(cluster.control_store_address, e) from None
+    agent = _agent_address(cluster, cs)
+    core = Core(job_id=job.job_id, objects=object_client, control_store=control_store,
+                stale_s=current_settings().refs_stale_s)
+    session = GrpcSession(agent, core, name or _entrypoint())
+    core.transport = session
+    w = session.welcome
+    st = _State(core=core, control_store_address=cluster.control_store_address,
+                object_store_address=w.object_store_address or _objects.local_object_store_address(address),
+                inline_threshold=current_settings().object_store_inline_threshold,
+                cluster_key=cluster.control_store_address, session=session, runtime_env=env,
+                _cs=cs, _cs_channel=ch)
+    if address:
+        connected_to(address)
+    _objects.escape_hook = core.escape
+    _objects.counter = core.refs
+    core.start_refs()
+    return st
+
+
+def runtime_env_text(st: _State, own: dict[str, Any] | None) -> str:
+    """The runtime_env of a task or actor (its ``own``, validated, merged over this job's or worker's), resolved
+    (its packages stored in the cluster) and as the text its spec carries."""
+    from tessera import _runtime_env
+
+    env = _runtime_env.merge(st.runtime_env, own) if own else st.runtime_env
+    return _runtime_env.dumps(_runtime_env.resolve(env, st.control_store(), st.cluster_key))
 
 
 def connect_error(address: str, e: grpc.RpcError) -> Exception:
@@ -329,10 +385,15 @@ def _entrypoint() -> str:
 def attach_worker(core: Core, *, object_store_address: str, control_store_address: str) -> None:
     """Inside a worker process: the task API talks through the worker's own agent connection."""
     global _state
+    import json
+
+    from tessera._runtime_env import ENV_VAR
+
     with _state_lock:
         _state = _State(core=core, control_store_address=control_store_address,
                         object_store_address=object_store_address,
-                        inline_threshold=current_settings().object_store_inline_threshold, cluster_key=control_store_address)
+                        inline_threshold=current_settings().object_store_inline_threshold, cluster_key=control_store_address,
+                        runtime_env=json.loads(os.environ.get(ENV_VAR) or "{}"))
         _objects.escape_hook = core.escape
         _objects.counter = core.refs
         core.start_refs()
@@ -343,7 +404,7 @@ def is_initialized() -> bool:
 
 
 def shutdown() -> None:
-    """Disconnect this driver (its unfinished tasks are abandoned)."""
+    """Disconnect this driver (its unfinished tasks are abandoned), and stop the local cluster ``init`` started."""
     global _state
     st = _state
     if st is not None and st.session is not None:  # a driver: what it owns goes with it
@@ -376,6 +437,10 @@ def shutdown() -> None:
         st.session.close()
     if st._cs_channel is not None:
         st._cs_channel.close()
+    if st.started:
+        import tessera._starter as _starter
+
+        _starter.stop_local(st.started)
 
 
 # ---------------------------------------------------------------------- the task API
@@ -572,6 +637,14 @@ class RuntimeContext:
         if aid is None:
             raise RuntimeError("current_actor is only available inside an actor")
         return ActorHandle(bytes.fromhex(aid), None, "actor")
+
+    @property
+    def runtime_env(self) -> dict[str, Any]:
+        """The runtime_env this process runs with (Ray's ``RuntimeContext.runtime_env``): in a driver, the job's;
+        in a task or actor, its own, merged over the job's. ``working_dir`` and ``py_modules`` are package uris."""
+        import copy
+
+        return copy.deepcopy(self._st.runtime_env)
 
     def get(self) -> dict[str, Any]:
         """The ids as a dict (Ray's deprecated ``get()``)."""

@@ -23,9 +23,9 @@ from tessera.common.serialization import serialize
 K = pb.TaskKind
 T = TypeVar("T")
 
-_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name"}
+_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "runtime_env"}
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
-                  "max_concurrency", "concurrency_groups", "max_task_retries"}
+                  "max_concurrency", "concurrency_groups", "max_task_retries", "runtime_env"}
 _METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries"}
 #: Most calls of one actor (or one concurrency group) running at once.
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -68,6 +68,10 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
             raise ValueError(f"resources must map names to amounts >= 0, got {r!r}")
         if {"CPU", "GPU"} & set(r):
             raise ValueError("use num_cpus / num_gpus, not resources={'CPU'|'GPU': ...}")
+    if "runtime_env" in opts:
+        from tessera._runtime_env import validate
+
+        opts["runtime_env"] = validate(opts["runtime_env"])
     return opts
 
 
@@ -192,7 +196,8 @@ class RemoteFunction(Generic[T]):
             o = self._options
             t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
                             name=o.get("name") or self._exported.name, num_returns=int(o.get("num_returns", 1)),
-                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)))
+                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)),
+                            runtime_env=_api.runtime_env_text(st, o.get("runtime_env")))
             self._templates[st.cluster_key] = t
         return t
 
@@ -258,7 +263,8 @@ class ActorClass:
                            resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
                            actor_name=name, namespace=namespace, max_retries=0,
                            detached=o.get("lifetime") == "detached",
-                           max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups)
+                           max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups,
+                           runtime_env=_api.runtime_env_text(st, o.get("runtime_env")))
         ready = st.core.submit(spec, nested)
         h = ActorHandle(actor_id, methods, self._exported.name, method_options=self._method_options,
                         groups=sorted(groups), max_task_retries=int(o.get("max_task_retries", 0)))

@@ -1,0 +1,118 @@
+"""The local cluster ``tessera.init()`` starts when it finds none, as ``ray.init()`` does.
+
+It is what ``tessera up`` starts (one node, default settings), in a run directory of its own under the
+system's temporary directory, so it never takes the place of, or is taken for, the cluster of the
+machine's run directory. ``tessera.shutdown()`` stops it, and so does the driver's exit; a driver killed
+outright leaves it running (``TESSERA_RUN_DIR=<its dir> tessera down`` stops it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tessera.client._discovery import ClusterInfo, ClusterNotFoundError, connected_to
+from tessera.common.config import current_settings
+from tessera.common.names import CLUSTER_FILE
+
+log = logging.getLogger(__name__)
+
+#: Seconds ``tessera up`` has to bring the local cluster to SERVING.
+START_TIMEOUT_S = 120.0
+#: The file in its run directory that marks a cluster as started by a driver (its pid).
+OWNER_FILE = "started-by"
+
+_at_exit = False
+
+
+def _run_dir_cluster() -> Path | None:
+    """The run directory's cluster file when its supervisor runs."""
+    from tessera._launcher.rundir import RunDir
+
+    run = RunDir(current_settings().run_dir)
+    return run.cluster_file if run.cluster_file.exists() and run.supervisor_pid() else None
+
+
+def none_running() -> bool:
+    """No address to use (``TESSERA_ADDRESS``, an earlier ``init``'s) and no live cluster in the run directory."""
+    from tessera.client import _discovery
+
+    return not os.environ.get("TESSERA_ADDRESS") and not _discovery._connected and _run_dir_cluster() is None
+
+
+def running_cluster() -> ClusterInfo:
+    """``init(address="auto")``: ``TESSERA_ADDRESS``, else the run directory's live cluster; never a new one."""
+    address = os.environ.get("TESSERA_ADDRESS")
+    if address:
+        from tessera.client._discovery import find_cluster
+
+        return find_cluster(address)
+    path = _run_dir_cluster()
+    if path is None:
+        raise ClusterNotFoundError(
+            f"tessera.init(address='auto') found no running Tessera cluster (none in {current_settings().run_dir}, "
+            "TESSERA_ADDRESS unset): start one with `tessera up`, or call tessera.init() to start a local one")
+    return ClusterInfo.load(path)
+
+
+def start_local() -> tuple[str, ClusterInfo]:
+    """Start a one-node cluster with ``tessera up`` in a fresh run directory; (its path, where it is).
+
+    Raises:
+        ConnectionError: it did not come up (the message holds the end of ``tessera up``'s output).
+    """
+    run_dir = tempfile.mkdtemp(prefix="tessera-local-")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TESSERA_RUN_DIR", "TESSERA_ADDRESS", "TESSERA_NATS_URL", "TESSERA_REDIS_URLS")}
+    env["TESSERA_RUN_DIR"] = run_dir
+    Path(run_dir, OWNER_FILE).write_text(str(os.getpid()))
+    log.info("no Tessera cluster found: starting a local one in %s", run_dir)
+    try:
+        up = subprocess.run([sys.executable, "-m", "tessera._launcher.cli", "up", "--timeout", f"{START_TIMEOUT_S:g}"],
+                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=START_TIMEOUT_S + 30)
+    except subprocess.TimeoutExpired:
+        stop_local(run_dir)
+        raise ConnectionError(f"the local Tessera cluster did not start within {START_TIMEOUT_S:g}s") from None
+    path = Path(run_dir) / CLUSTER_FILE
+    if up.returncode != 0 or not path.exists():
+        stop_local(run_dir)
+        tail = "\n".join((up.stdout + up.stderr).strip().splitlines()[-15:])
+        raise ConnectionError(f"could not start a local Tessera cluster (`tessera up` exited {up.returncode}):\n{tail}")
+    return run_dir, ClusterInfo.load(path)
+
+
+def stop_local(run_dir: str) -> None:
+    """Stop the cluster started in ``run_dir`` (everything it ran) and remove the directory."""
+    from tessera._launcher.cli import _down
+    from tessera._launcher.rundir import RunDir
+
+    try:
+        _down(RunDir(Path(run_dir)), timeout=30.0)
+    except Exception as e:
+        log.warning("could not stop the local Tessera cluster in %s: %s", run_dir, e)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def stop_at_exit() -> None:
+    """Stop the started cluster when the interpreter exits (once registered, it stays: shutdown is idempotent)."""
+    global _at_exit
+    if not _at_exit:
+        _at_exit = True
+        atexit.register(_exit)
+
+
+def _exit() -> None:
+    from tessera import _api
+
+    try:
+        _api.shutdown()
+    finally:
+        connected_to(None)
