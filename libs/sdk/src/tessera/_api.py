@@ -285,8 +285,8 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
         ValueError, TypeError, NotImplementedError: a bad ``runtime_env`` (nothing is started or connected).
     """
     global _state
-    from tessera import _runtime_env
     import tessera._starter as _starter
+    from tessera import _runtime_env
 
     env = _runtime_env.validate(runtime_env)
     with _state_lock:

@@ -17,6 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tessera import _api
+
+# Imported now, not when stopping: at the interpreter's exit, importing what registers atexit hooks fails.
+from tessera._launcher.cli import _down
+from tessera._launcher.rundir import RunDir
 from tessera.client._discovery import ClusterInfo, ClusterNotFoundError, connected_to
 from tessera.common.config import current_settings
 from tessera.common.names import CLUSTER_FILE
@@ -33,8 +38,6 @@ _at_exit = False
 
 def _run_dir_cluster() -> Path | None:
     """The run directory's cluster file when its supervisor runs."""
-    from tessera._launcher.rundir import RunDir
-
     run = RunDir(current_settings().run_dir)
     return run.cluster_file if run.cluster_file.exists() and run.supervisor_pid() else None
 
@@ -90,9 +93,6 @@ def start_local() -> tuple[str, ClusterInfo]:
 
 def stop_local(run_dir: str) -> None:
     """Stop the cluster started in ``run_dir`` (everything it ran) and remove the directory."""
-    from tessera._launcher.cli import _down
-    from tessera._launcher.rundir import RunDir
-
     try:
         _down(RunDir(Path(run_dir)), timeout=30.0)
     except Exception as e:
@@ -110,8 +110,6 @@ def stop_at_exit() -> None:
 
 
 def _exit() -> None:
-    from tessera import _api
-
     try:
         _api.shutdown()
     finally:
