@@ -79,6 +79,11 @@ def in_working_dir() -> tuple[int, str, str, str]:
 
 
 @tessera.remote
+def call_in_a_task(f: Any) -> Any:
+    return tessera.get(f.remote(), timeout=60)
+
+
+@tessera.remote
 def module_names() -> list[str]:
     import re_pkg
     import re_single
@@ -124,6 +129,13 @@ def test_env_vars_do_not_leak_into_later_tasks(cluster: stacks.Cluster) -> None:
     assert not {r["pid"] for r in with_var} & {r["pid"] for r in later}  # never the same worker process
 
 
+def test_env_vars_read_when_the_interpreter_starts_take_effect(cluster: stacks.Cluster, code: dict[str, Path]) -> None:
+    f = module_names.options(runtime_env={"env_vars": {"PYTHONPATH": str(code["pkg"].parent)},
+                                          "py_modules": [str(code["zip"])]})
+    # PYTHONPATH (read when the interpreter starts) makes re_pkg and re_single, which sit side by side, importable
+    assert tessera.get(f.remote(), timeout=60) == ["re_pkg", "re_single", "re_zipped"]
+
+
 def test_an_actor_runs_with_its_runtime_env(cluster: stacks.Cluster) -> None:
     a = Holder.options(runtime_env={"env_vars": {"ACTOR_VAR": "a"}}).remote()
     assert tessera.get([a.env.remote("ACTOR_VAR"), a.env.remote("JOB_VAR")], timeout=60) == ["a", "job"]
@@ -154,6 +166,10 @@ def test_working_dir_is_the_cwd_and_importable_and_stored_once(cluster: stacks.C
     h = Holder.options(runtime_env={"working_dir": str(code["wd"])}).remote()
     assert "wd_helper.py" in tessera.get(h.cwd_listing.remote(), timeout=60)
     tessera.kill(h)
+    # a copy sent to a task names the package, not a path of this machine, and runs there as here
+    shipped = cloudpickle.loads(cloudpickle.dumps(f))
+    assert shipped._options["runtime_env"]["working_dir"].startswith(packages.SCHEME)
+    assert tessera.get(call_in_a_task.remote(f), timeout=60)[:2] == (42, str(code["tag"]))
     new = _package_keys(cluster) - before
     assert len(new) == 1 and _runtime_env.uploads == uploads + 1
     (key,) = new
@@ -201,14 +217,25 @@ def test_unsupported_and_unknown_keys_are_refused(cluster: stacks.Cluster, tmp_p
 # ---------------------------------------------------------------------- starting a local cluster
 
 
-def _driver(tmp_path: Path, code: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """A driver with no cluster to find: an empty run directory, no TESSERA_ADDRESS, a temp dir of its own."""
+def _env(tmp_path: Path) -> dict[str, str]:
+    """A driver's environment with no cluster to find: an empty run directory, no TESSERA_ADDRESS, and a temp
+    directory of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    (tmp_path / "tmp").mkdir(exist_ok=True)
+    (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
     env.update(TESSERA_RUN_DIR=str(tmp_path / "run"), TMPDIR=str(tmp_path / "tmp"), TESSERA_NUM_CPUS="1",
                OTEL_TRACES_EXPORTER="none")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return env
+
+
+def _driver(tmp_path: Path, code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=_env(tmp_path), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finished(p: subprocess.Popen[str], timeout: float = 240) -> list[str]:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out + err
+    return out.splitlines()
 
 
 START = textwrap.dedent("""
@@ -230,26 +257,24 @@ def _gone(pid: int) -> bool:
     return not stacks.alive(pid)
 
 
-def test_init_with_no_cluster_starts_one_and_shutdown_stops_it(tmp_path: Path) -> None:
-    r = _driver(tmp_path, START + "tessera.shutdown()\nprint('after', tessera.is_initialized())\n")
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = json.loads(r.stdout.splitlines()[0])
-    assert out["sum"] == 3 and len(out["pids"]) > 3
-    assert r.stdout.splitlines()[1] == "after False"
-    assert Path(out["run_dir"]).parent == tmp_path / "tmp"  # a run directory of its own, not TESSERA_RUN_DIR's
-    stacks.poll_until(lambda: all(_gone(p) for p in out["pids"]), timeout=30, what="the local cluster to stop")
-    assert not Path(out["run_dir"]).exists() and not (tmp_path / "run" / "cluster.json").exists()
-
-
-def test_a_started_cluster_stops_when_the_driver_exits(tmp_path: Path) -> None:
-    r = _driver(tmp_path, START)  # no shutdown: the interpreter's exit stops it
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = json.loads(r.stdout.splitlines()[0])
-    stacks.poll_until(lambda: all(_gone(p) for p in out["pids"]), timeout=30, what="the local cluster to stop")
+def test_init_with_no_cluster_starts_one_that_shutdown_or_exit_stops(tmp_path: Path) -> None:
+    # two drivers at once (each starts a cluster): one calls shutdown, the other just exits
+    by_shutdown = _driver(tmp_path / "a", START + "tessera.shutdown()\nprint('after', tessera.is_initialized())\n")
+    by_exit = _driver(tmp_path / "b", START)
+    for p, d in ((by_shutdown, tmp_path / "a"), (by_exit, tmp_path / "b")):
+        lines = _finished(p)
+        out = json.loads(lines[0])
+        assert out["sum"] == 3 and len(out["pids"]) > 3
+        assert Path(out["run_dir"]).parent == d / "tmp"  # a run directory of its own, not TESSERA_RUN_DIR's
+        if p is by_shutdown:
+            assert lines[1] == "after False"
+        stacks.poll_until(lambda: all(_gone(pid) for pid in out["pids"]), timeout=30,  # noqa: B023
+                          what="the local cluster to stop")
+        assert not Path(out["run_dir"]).exists() and not (d / "run" / "cluster.json").exists()
 
 
 def test_address_auto_only_connects(tmp_path: Path) -> None:
-    r = _driver(tmp_path, """
+    lines = _finished(_driver(tmp_path, """
         import tessera
         from tessera.client import ClusterNotFoundError
         try:
@@ -257,10 +282,9 @@ def test_address_auto_only_connects(tmp_path: Path) -> None:
         except ClusterNotFoundError as e:
             print("refused:", e)
         print("initialized", tessera.is_initialized())
-    """, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "refused: tessera.init(address='auto') found no running Tessera cluster" in r.stdout
-    assert "initialized False" in r.stdout
+    """), timeout=60)
+    assert lines[0].startswith("refused: tessera.init(address='auto') found no running Tessera cluster")
+    assert lines[1] == "initialized False"
     assert not list((tmp_path / "tmp").iterdir())  # nothing was started
 
 

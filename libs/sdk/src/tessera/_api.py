@@ -353,13 +353,18 @@ def _connect(cluster: Any, address: str | None, name: str, env: dict[str, Any]) 
     return st
 
 
-def runtime_env_text(st: _State, own: dict[str, Any] | None) -> str:
-    """The runtime_env of a task or actor (its ``own``, validated, merged over this job's or worker's), resolved
-    (its packages stored in the cluster) and as the text its spec carries."""
+def runtime_env_of(st: _State, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The runtime_env of a task or actor (``options["runtime_env"]``, validated, merged over this job's or
+    worker's), resolved (its packages stored in the cluster), as the text its spec carries; and ``options``
+    with its own runtime_env resolved, what a copy sent to another process carries (package uris, not paths
+    that may not exist where it lands)."""
     from tessera import _runtime_env
 
-    env = _runtime_env.merge(st.runtime_env, own) if own else st.runtime_env
-    return _runtime_env.dumps(_runtime_env.resolve(env, st.control_store(), st.cluster_key))
+    own = options.get("runtime_env")
+    if not own:
+        return _runtime_env.dumps(st.runtime_env), options
+    own = _runtime_env.resolve(own, st.control_store(), st.cluster_key)
+    return _runtime_env.dumps(_runtime_env.merge(st.runtime_env, own)), {**options, "runtime_env": own}
 
 
 def connect_error(address: str, e: grpc.RpcError) -> Exception:

@@ -175,6 +175,7 @@ class RemoteFunction(Generic[T]):
         self._options = options
         self._exported = exported or _Exported(fn)
         self._templates: dict[str, pb.TaskSpec] = {}
+        self._shipped = options  # what a pickled copy carries: the options, runtime_env resolved once it is
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", "remote_function")
         self.__wrapped__ = fn
@@ -183,7 +184,7 @@ class RemoteFunction(Generic[T]):
         raise TypeError(f"remote function {self.__name__} cannot be called directly: use {self.__name__}.remote(...)")
 
     def __reduce__(self) -> tuple[Any, ...]:  # tasks that call other remote functions carry them by value
-        return (RemoteFunction, (self._fn, self._options))
+        return (RemoteFunction, (self._fn, self._shipped))
 
     def options(self, **options: Any) -> RemoteFunction[T]:
         merged = {**self._options, **_check_options(options, _TASK_OPTIONS, f"function {self.__name__}")}
@@ -194,10 +195,11 @@ class RemoteFunction(Generic[T]):
         t = self._templates.get(st.cluster_key)
         if t is None:
             o = self._options
+            env, self._shipped = _api.runtime_env_of(st, o)
             t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
                             name=o.get("name") or self._exported.name, num_returns=int(o.get("num_returns", 1)),
                             resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)),
-                            runtime_env=_api.runtime_env_text(st, o.get("runtime_env")))
+                            runtime_env=env)
             self._templates[st.cluster_key] = t
         return t
 
@@ -224,12 +226,13 @@ class ActorClass:
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
         self._method_options = _method_options(cls, options.get("concurrency_groups") or {})
+        self._shipped = options  # what a pickled copy carries: the options, runtime_env resolved once it is
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor class {self.__name__} cannot be instantiated directly: use {self.__name__}.remote(...)")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ActorClass, (self._cls, self._options))
+        return (ActorClass, (self._cls, self._shipped))
 
     def options(self, **options: Any) -> ActorClass:
         merged = {**self._options, **_check_options(options, _ACTOR_OPTIONS, f"actor class {self.__name__}")}
@@ -245,6 +248,7 @@ class ActorClass:
         if o.get("lifetime") not in (None, "detached", "non_detached"):
             raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {o.get('lifetime')!r}")
         max_restarts = int(o.get("max_restarts", 0))
+        env, self._shipped = _api.runtime_env_of(st, o)  # its packages stored before the actor is recorded
         groups = {g: int(n) for g, n in (o.get("concurrency_groups") or {}).items()}
         methods = sorted(n for n, _ in inspect.getmembers(self._cls, callable) if not n.startswith("__"))
         info = cpb.ActorInfo(actor_id=actor_id, job_id=st.core.job_id, name=name, namespace=namespace,
@@ -264,7 +268,7 @@ class ActorClass:
                            actor_name=name, namespace=namespace, max_retries=0,
                            detached=o.get("lifetime") == "detached",
                            max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups,
-                           runtime_env=_api.runtime_env_text(st, o.get("runtime_env")))
+                           runtime_env=env)
         ready = st.core.submit(spec, nested)
         h = ActorHandle(actor_id, methods, self._exported.name, method_options=self._method_options,
                         groups=sorted(groups), max_task_retries=int(o.get("max_task_retries", 0)))

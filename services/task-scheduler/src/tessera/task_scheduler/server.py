@@ -247,17 +247,22 @@ class Node:
 
         A worker for a task or actor that holds GPUs sees only those (``CUDA_VISIBLE_DEVICES``, as in Ray);
         ``TESSERA_GPU_IDS`` says which they are (``tessera.get_gpu_ids()``), empty for none. A worker of a
-        runtime_env has its ``env_vars`` set and ``TESSERA_RUNTIME_ENV`` holding it (the worker unpacks its
-        packages before it says hello)."""
+        runtime_env has its ``env_vars`` set (in a fresh interpreter, never a fork, when there are any) and
+        ``TESSERA_RUNTIME_ENV`` holding it (the worker unpacks its packages before it says hello)."""
         # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
         own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
                "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids)}
         if gpu_ids:
             own["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        fresh = False
         if runtime_env:
-            own = {**runtime_env_vars(runtime_env), **own, RUNTIME_ENV_VAR: runtime_env}
+            env_vars = runtime_env_vars(runtime_env)
+            own = {**env_vars, **own, RUNTIME_ENV_VAR: runtime_env}
+            # Variables read when a library loads or the interpreter starts (OMP_NUM_THREADS, PYTHONPATH, ...)
+            # would come too late in a fork of the template, which made its imports already.
+            fresh = bool(env_vars)
         await self._start_zygote()
-        if self.zygote.alive:
+        if self.zygote.alive and not fresh:
             try:
                 return await self.zygote.fork(own)
             except OSError as e:
