@@ -37,13 +37,15 @@ _at_exit = False
 
 
 def _run_dir_cluster() -> Path | None:
-    """The run directory's cluster file when its supervisor runs."""
+    """The run directory's cluster file, if there is one. One whose supervisor died counts too: a cluster that
+    crashed is reported as unreachable (as before), rather than silently replaced by a new one."""
     run = RunDir(current_settings().run_dir)
-    return run.cluster_file if run.cluster_file.exists() and run.supervisor_pid() else None
+    return run.cluster_file if run.cluster_file.exists() else None
 
 
 def none_running() -> bool:
-    """No address to use (``TESSERA_ADDRESS``, an earlier ``init``'s) and no live cluster in the run directory."""
+    """No address to use (``TESSERA_ADDRESS``, an earlier ``init``'s) and no cluster in the run directory
+    (``tessera down`` removes its file)."""
     from tessera.client import _discovery
 
     return not os.environ.get("TESSERA_ADDRESS") and not _discovery._connected and _run_dir_cluster() is None
