@@ -543,3 +543,23 @@ def test_an_actor_worker_is_started_with_its_runtime_env(agent: Any) -> None:
                        num_returns=1, actor_id=os.urandom(16), owner_node_id=HERE, owner="s1", runtime_env=ENV_B)
     a.submit([spec], local=True)
     assert list(p.envs.values()) == [ENV_B]
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[1]", "not a JSON object"),
+    ("{not json", "not a JSON object"),
+    ('{"pip": ["x"]}', "unknown key\\(s\\) pip; supported: env_vars, py_modules, working_dir"),
+    ('{"env_vars": {"A": 1}}', "env_vars must map names to strings"),
+    ('{"working_dir": "/home/me/code"}', "working_dir must be pkg:<sha256 hex>"),
+    ('{"py_modules": "pkg:x"}', "must be package uris"),
+])
+def test_a_spec_with_a_malformed_runtime_env_is_refused(text: str, match: str) -> None:
+    t = task()
+    t.runtime_env = text
+    with pytest.raises(InvalidArgumentError, match=match):
+        validate(t)
+
+
+def test_a_resolved_runtime_env_is_accepted() -> None:
+    t = with_env('{"env_vars":{"A":"1"},"py_modules":["pkg:' + "a" * 64 + '"],"working_dir":"pkg:' + "b" * 64 + '"}')
+    validate(t)

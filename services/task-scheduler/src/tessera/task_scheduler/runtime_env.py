@@ -9,6 +9,7 @@ current directory and goes first on ``sys.path``, as in Ray (a zip given as ``wo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from tessera.common import packages
+from tessera.common.errors import InvalidArgumentError
 from tessera.common.names import RUNTIME_ENV_VAR as ENV_VAR
 
-__all__ = ["ENV_VAR", "env_vars", "parse", "setup"]
+__all__ = ["ENV_VAR", "check", "env_vars", "parse", "setup"]
+#: The keys a resolved runtime_env may hold (the SDK turns working_dir and py_modules into package uris).
+KEYS = ("env_vars", "py_modules", "working_dir")
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -30,6 +34,28 @@ def parse(text: str) -> dict[str, Any]:
     if not isinstance(env, dict):
         raise ValueError(f"a runtime_env must be a JSON object, got {text[:80]!r}")
     return env
+
+
+@functools.lru_cache(maxsize=256)  # a job's tasks repeat a few runtime_envs: each is checked once
+def check(text: str) -> None:
+    """Refuse a runtime_env a task spec cannot carry (InvalidArgumentError says why): not a JSON object, a key
+    other than KEYS, env_vars not of str to str, or a package that is not a ``pkg:`` uri."""
+    try:
+        env = parse(text)
+    except ValueError as e:
+        raise InvalidArgumentError(f"runtime_env is not a JSON object: {e}") from None
+    unknown = sorted(set(env) - set(KEYS))
+    if unknown:
+        raise InvalidArgumentError(f"runtime_env has unknown key(s) {', '.join(unknown)}; supported: {', '.join(KEYS)}")
+    ev = env.get("env_vars", {})
+    if not isinstance(ev, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in ev.items()):
+        raise InvalidArgumentError("runtime_env env_vars must map names to strings")
+    mods = env.get("py_modules", [])
+    uris = [*(mods if isinstance(mods, list) else [None]), *([env["working_dir"]] if "working_dir" in env else [])]
+    for uri in uris:
+        if not isinstance(uri, str):
+            raise InvalidArgumentError("runtime_env working_dir and py_modules must be package uris")
+        packages.key_of(uri)
 
 
 def env_vars(text: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ from tessera.task_scheduler import resources as res
 from tessera.task_scheduler.agent import NodeAgent, error_result
 from tessera.task_scheduler.frames import pack, read_frame
 from tessera.task_scheduler.runtime_env import ENV_VAR as RUNTIME_ENV_VAR
+from tessera.task_scheduler.runtime_env import check as check_runtime_env
 from tessera.task_scheduler.runtime_env import env_vars as runtime_env_vars
 from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, GlobalScheduler, node_subject
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
@@ -95,6 +96,8 @@ def validate(spec: pb.TaskSpec) -> None:
         elif a.WhichOneof("kind") is None:
             raise InvalidArgumentError(f"task {spec.name!r}: an argument has neither a value nor an object id")
     res.check_request(dict(spec.resources), what=f"task {spec.name!r}")
+    if spec.runtime_env:
+        check_runtime_env(spec.runtime_env)
 
 
 class Node:
