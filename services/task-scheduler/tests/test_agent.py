@@ -563,3 +563,25 @@ def test_a_spec_with_a_malformed_runtime_env_is_refused(text: str, match: str) -
 def test_a_resolved_runtime_env_is_accepted() -> None:
     t = with_env('{"env_vars":{"A":"1"},"py_modules":["pkg:' + "a" * 64 + '"],"working_dir":"pkg:' + "b" * 64 + '"}')
     validate(t)
+
+
+def test_workers_of_a_runtime_env_idle_for_long_are_stopped() -> None:
+    import time
+
+    p = Recorder()
+    a = NodeAgent(HERE, {"CPU": 2.0}, p, env_idle_s=60.0)
+    a.worker_ready(b"\0" * 8)
+    t = with_env(ENV_A)
+    a.submit([t], local=True)
+    (wa,) = p.envs
+    a.worker_ready(wa)
+    a.task_done(wa, done(t))
+    now = time.monotonic()
+    a.tick(now + 30, peer_timeout_s=10)
+    assert not p.stopped
+    a.tick(now + 61, peer_timeout_s=10)
+    assert p.stopped == [wa] and not a.env_idle and b"\0" * 8 in a.idle  # the node's own worker stays
+    a.worker_died(wa, "stopped")
+    t2 = with_env(ENV_A)
+    a.submit([t2], local=True)
+    assert len([e for e in p.envs.values() if e == ENV_A]) == 2  # a later task of it starts a new one

@@ -33,6 +33,9 @@ LOOKAHEAD = 64
 #: After an agent starts, how long until it has heard every live peer (each reports at least every second):
 #: until then a request no known node can meet waits for the nodes not heard yet, rather than failing.
 JOIN_GRACE_S = 2.0
+#: How long a worker of a runtime_env stays idle before it is stopped (the node's own workers stay): a job that
+#: ran many runtime_envs leaves no processes behind for them.
+ENV_IDLE_S = 60.0
 
 
 class Ports(Protocol):
@@ -98,7 +101,7 @@ class NodeAgent:
 
     def __init__(self, node_id: bytes, total: dict[str, float], ports: Ports, *, max_queue_per_cpu: float = 4.0,
                  unschedulable_after_s: float = 60.0, max_workers: int = 64, gpu_ids: Sequence[str] | None = None,
-                 join_grace_s: float = JOIN_GRACE_S) -> None:
+                 join_grace_s: float = JOIN_GRACE_S, env_idle_s: float = ENV_IDLE_S) -> None:
         self.node_id = node_id
         self.total = dict(total)
         self.available = dict(total)
@@ -120,6 +123,8 @@ class NodeAgent:
         self.env_idle: dict[str, deque[bytes]] = {}
         self.env_starting: dict[str, int] = {}
         self.env_of: dict[bytes, str] = {}  # started for a runtime_env, not ready yet
+        self.idle_since: dict[bytes, float] = {}  # workers of a runtime_env: when they went idle
+        self.env_idle_s = env_idle_s
         self.queue: deque[tuple[pb.TaskSpec, dict[str, float]]] = deque()  # ready: (spec, its request)
         self.waiting: dict[bytes, tuple[pb.TaskSpec, set[bytes]]] = {}
         self.by_object: dict[bytes, set[bytes]] = {}
@@ -310,7 +315,9 @@ class NodeAgent:
                     i += 1
                     continue
                 del queue[i]
-                self._run(pool.popleft(), spec, req)
+                wid = pool.popleft()
+                self.idle_since.pop(wid, None)
+                self._run(wid, spec, req)
                 continue
             if not gpu and not self.idle:
                 self._grow()
@@ -352,6 +359,7 @@ class NodeAgent:
         for env, pool in [("", self.idle), *self.env_idle.items()]:
             if env != keep and pool:
                 wid = pool.popleft()
+                self.idle_since.pop(wid, None)
                 self.workers.pop(wid, None)
                 self.retired.add(wid)  # its exit is then expected: nothing ran in it
                 self.ports.stop_worker(wid)
@@ -360,6 +368,24 @@ class NodeAgent:
 
     def _idle_of(self, w: Worker) -> deque[bytes]:
         return self.env_idle.setdefault(w.env, deque()) if w.env else self.idle
+
+    def _to_idle(self, w: Worker) -> None:
+        if w.env:
+            self.idle_since[w.worker_id] = time.monotonic()
+        self._idle_of(w).append(w.worker_id)
+
+    def _stop_idle_env_workers(self, now: float) -> None:
+        """Stop the workers of a runtime_env idle for env_idle_s (a pool's oldest idle worker is its first)."""
+        for env, pool in list(self.env_idle.items()):
+            while pool and now - self.idle_since.get(pool[0], now) > self.env_idle_s:
+                wid = pool.popleft()
+                self.idle_since.pop(wid, None)
+                self.workers.pop(wid, None)
+                self.retired.add(wid)
+                self.ports.stop_worker(wid)
+            if not pool and not self.env_starting.get(env):
+                del self.env_idle[env]
+                self.env_starting.pop(env, None)
 
     def _run_on_gpus(self, spec: pb.TaskSpec, req: dict[str, float], gpus: tuple[str, ...]) -> None:
         """A GPU task runs in a worker of its own that sees only its GPUs (CUDA_VISIBLE_DEVICES is read once,
@@ -416,7 +442,7 @@ class NodeAgent:
             self.env_starting[w.env] = max(0, self.env_starting.get(w.env, 0) - 1)
         else:
             self.starting = max(0, self.starting - 1)
-        self._idle_of(w).append(wid)
+        self._to_idle(w)
         self.pump()
 
     def worker_blocked(self, wid: bytes, delta: int) -> None:
@@ -453,7 +479,7 @@ class NodeAgent:
         if w.once:
             self.ports.stop_worker(wid)  # its death is then reported with nothing running in it
         else:
-            self._idle_of(w).append(wid)
+            self._to_idle(w)
         self._finish(spec, result)
         self.pump()
 
@@ -493,6 +519,7 @@ class NodeAgent:
                 self.starting = max(0, self.starting - 1)
             return
         pool = self._idle_of(w)
+        self.idle_since.pop(wid, None)
         if wid in pool:
             pool.remove(wid)
         if w.actor_id:
@@ -824,7 +851,10 @@ class NodeAgent:
                 self._route(retry, local=True)
 
     def tick(self, now: float, *, peer_timeout_s: float, spill_ack_s: float = 5.0) -> None:
-        """Periodic: forget silent peers, re-spill unassigned work, fail what no node can ever run."""
+        """Periodic: forget silent peers, re-spill unassigned work, fail what no node can ever run, stop the
+        workers of a runtime_env idle for long."""
+        if self.env_idle:
+            self._stop_idle_env_workers(now)
         for nid, p in list(self.peers.items()):
             if now - p.seen > peer_timeout_s:
                 del self.peers[nid]
