@@ -32,7 +32,24 @@ JOB_ENV = {"env_vars": {"JOB_VAR": "job", "SHARED": "from-job"}}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stacks.Cluster]:
+def local_drivers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen[str], Path]]]:
+    """Two drivers with no cluster to find, started first so that the local clusters they start come up while
+    the other tests run: one calls shutdown, the other just exits. Left only once they have ended (each stops
+    its own cluster)."""
+    root = tmp_path_factory.mktemp("local-drivers")
+    drivers = {"shutdown": (_driver(root / "a", START + "tessera.shutdown()\nprint('after', tessera.is_initialized())\n"),
+                            root / "a"),
+               "exit": (_driver(root / "b", START), root / "b")}
+    try:
+        yield drivers
+    finally:
+        for p, _ in drivers.values():
+            if p.poll() is None:
+                p.communicate(timeout=240)
+
+
+@pytest.fixture(scope="module")
+def cluster(local_drivers: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[stacks.Cluster]:
     with stacks.running(tmp_path_factory, "runtime-env", "--nodes", "2",
                         "--services", "control-store,object-store,task-scheduler", TESSERA_NUM_CPUS="2",
                         TESSERA_OBJECT_STORE_MEMORY=str(64 * 2**20)) as c:
@@ -257,19 +274,16 @@ def _gone(pid: int) -> bool:
     return not stacks.alive(pid)
 
 
-def test_init_with_no_cluster_starts_one_that_shutdown_or_exit_stops(tmp_path: Path) -> None:
-    # two drivers at once (each starts a cluster): one calls shutdown, the other just exits
-    by_shutdown = _driver(tmp_path / "a", START + "tessera.shutdown()\nprint('after', tessera.is_initialized())\n")
-    by_exit = _driver(tmp_path / "b", START)
-    for p, d in ((by_shutdown, tmp_path / "a"), (by_exit, tmp_path / "b")):
+def test_init_with_no_cluster_starts_one_that_shutdown_or_exit_stops(local_drivers: Any) -> None:
+    for how, (p, d) in local_drivers.items():
         lines = _finished(p)
         out = json.loads(lines[0])
         assert out["sum"] == 3 and len(out["pids"]) > 3
         assert Path(out["run_dir"]).parent == d / "tmp"  # a run directory of its own, not TESSERA_RUN_DIR's
-        if p is by_shutdown:
+        if how == "shutdown":
             assert lines[1] == "after False"
         stacks.poll_until(lambda: all(_gone(pid) for pid in out["pids"]), timeout=30,  # noqa: B023
-                          what="the local cluster to stop")
+                          what=f"the local cluster to stop at {how}")
         assert not Path(out["run_dir"]).exists() and not (d / "run" / "cluster.json").exists()
 
 
