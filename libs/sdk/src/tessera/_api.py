@@ -23,7 +23,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.client import objects as _objects
 from tessera.client._base import ObjectClientBase
-from tessera.client._discovery import connected_to, find_cluster
+from tessera.client._discovery import connected_to
 from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
@@ -292,65 +292,34 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
     with _state_lock:
         if _state is not None:
             return
-        started: str | None = None
-        if address == "auto":
-            cluster = _starter.running_cluster()
-            address = None
-        elif address is None and _starter.none_running():
-            started, cluster = _starter.start_local()
-        else:
-            cluster = find_cluster(address)
+        started, cluster, address = _starter.find_or_start(address)
+        ch, cs = control_store_stub(cluster.control_store_address)
         try:
-            st = _connect(cluster, address, name, env)
-        except BaseException:
-            if started:
-                _starter.stop_local(started)
-            raise
-        st.started = started
+            env = _runtime_env.resolve(env, cs, cluster.control_store_address)
+            job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"),
+                                                                    entrypoint=name or _entrypoint(),
+                                                                    driver_address=f"pid-{os.getpid()}")),
+                               timeout=30.0).job
+        except grpc.RpcError as e:
+            ch.close()
+            raise connect_error(cluster.control_store_address, e) from None
+        agent = _agent_address(cluster, cs)
+        core = Core(job_id=job.job_id, objects=object_client, control_store=control_store,
+                    stale_s=current_settings().refs_stale_s)
+        session = GrpcSession(agent, core, name or _entrypoint())
+        core.transport = session
+        w = session.welcome
+        st = _State(core=core, control_store_address=cluster.control_store_address,
+                    object_store_address=w.object_store_address or _objects.local_object_store_address(address),
+                    inline_threshold=current_settings().object_store_inline_threshold,
+                    cluster_key=cluster.control_store_address, session=session, runtime_env=env, started=started,
+                    _cs=cs, _cs_channel=ch)
         _state = st
-        if started:
-            connected_to(cluster.control_store_address)
-            _starter.stop_at_exit()
-
-
-def _connect(cluster: Any, address: str | None, name: str, env: dict[str, Any]) -> _State:
-    """A driver's session with ``cluster``, its job created and its runtime_env's packages stored."""
-    from tessera import _runtime_env
-
-    ch, cs = control_store_stub(cluster.control_store_address)
-    try:
-        env = _runtime_env.resolve(env, cs, cluster.control_store_address)
-    except grpc.RpcError as e:
-        ch.close()
-        raise connect_error(cluster.control_store_address, e) from None
-    except BaseException:
-        ch.close()
-        raise
-    try:
-        job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"),
-                                                                entrypoint=name or _entrypoint(),
-                                                                driver_address=f"pid-{os.getpid()}")),
-                           timeout=30.0).job
-    except grpc.RpcError as e:
-        ch.close()
-        raise connect_error(cluster.control_store_address, e) from None
-    agent = _agent_address(cluster, cs)
-    core = Core(job_id=job.job_id, objects=object_client, control_store=control_store,
-                stale_s=current_settings().refs_stale_s)
-    session = GrpcSession(agent, core, name or _entrypoint())
-    core.transport = session
-    w = session.welcome
-    st = _State(core=core, control_store_address=cluster.control_store_address,
-                object_store_address=w.object_store_address or _objects.local_object_store_address(address),
-                inline_threshold=current_settings().object_store_inline_threshold,
-                cluster_key=cluster.control_store_address, session=session, runtime_env=env,
-                _cs=cs, _cs_channel=ch)
-    if address:
-        connected_to(address)
-    _objects.escape_hook = core.escape
-    _objects.counter = core.refs
-    core.start_refs()
-    return st
+        if address or started:
+            connected_to(address or cluster.control_store_address)
+        _objects.escape_hook = core.escape
+        _objects.counter = core.refs
+        core.start_refs()
 
 
 def runtime_env_of(st: _State, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:

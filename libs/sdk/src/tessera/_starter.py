@@ -22,7 +22,7 @@ from tessera import _api
 # Imported now, not when stopping: at the interpreter's exit, importing what registers atexit hooks fails.
 from tessera._launcher.cli import _down
 from tessera._launcher.rundir import RunDir
-from tessera.client._discovery import ClusterInfo, ClusterNotFoundError, connected_to
+from tessera.client._discovery import ClusterInfo, ClusterNotFoundError, connected_to, find_cluster
 from tessera.common.config import current_settings
 from tessera.common.names import CLUSTER_FILE
 
@@ -34,6 +34,7 @@ START_TIMEOUT_S = 120.0
 OWNER_FILE = "started-by"
 
 _at_exit = False
+_running: set[str] = set()  # run directories of the clusters this process started and has not stopped
 
 
 def _run_dir_cluster() -> Path | None:
@@ -41,6 +42,17 @@ def _run_dir_cluster() -> Path | None:
     crashed is reported as unreachable (as before), rather than silently replaced by a new one."""
     run = RunDir(current_settings().run_dir)
     return run.cluster_file if run.cluster_file.exists() else None
+
+
+def find_or_start(address: str | None) -> tuple[str | None, ClusterInfo, str | None]:
+    """What ``tessera.init(address)`` connects to: (the run directory of a cluster started for it, or None; the
+    cluster; the address to remember, None for "auto")."""
+    if address == "auto":
+        return None, running_cluster(), None
+    if address is None and none_running():
+        run_dir, cluster = start_local()
+        return run_dir, cluster, None
+    return None, find_cluster(address), address
 
 
 def none_running() -> bool:
@@ -55,8 +67,6 @@ def running_cluster() -> ClusterInfo:
     """``init(address="auto")``: ``TESSERA_ADDRESS``, else the run directory's live cluster; never a new one."""
     address = os.environ.get("TESSERA_ADDRESS")
     if address:
-        from tessera.client._discovery import find_cluster
-
         return find_cluster(address)
     path = _run_dir_cluster()
     if path is None:
@@ -90,11 +100,14 @@ def start_local() -> tuple[str, ClusterInfo]:
         stop_local(run_dir)
         tail = "\n".join((up.stdout + up.stderr).strip().splitlines()[-15:])
         raise ConnectionError(f"could not start a local Tessera cluster (`tessera up` exited {up.returncode}):\n{tail}")
+    _running.add(run_dir)
+    _stop_at_exit()
     return run_dir, ClusterInfo.load(path)
 
 
 def stop_local(run_dir: str) -> None:
     """Stop the cluster started in ``run_dir`` (everything it ran) and remove the directory."""
+    _running.discard(run_dir)
     try:
         _down(RunDir(Path(run_dir)), timeout=30.0)
     except Exception as e:
@@ -103,8 +116,8 @@ def stop_local(run_dir: str) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def stop_at_exit() -> None:
-    """Stop the started cluster when the interpreter exits (once registered, it stays: shutdown is idempotent)."""
+def _stop_at_exit() -> None:
+    """Stop the started clusters when the interpreter exits (also one whose driver failed to connect)."""
     global _at_exit
     if not _at_exit:
         _at_exit = True
@@ -116,3 +129,5 @@ def _exit() -> None:
         _api.shutdown()
     finally:
         connected_to(None)
+        for run_dir in list(_running):
+            stop_local(run_dir)
