@@ -6,7 +6,8 @@ numpy/OpenBLAS, in one run on this CPU.
 
 Workloads: matmul 256-2048; the distinct conv2d layers of ResNet-18 (batch 1); an elementwise
 chain of 6 ops (1 and 8 x 64 x 56 x 56); softmax 128x1024; layer norm 128x768; ResNet-18 at batch
-1 and 8; one BERT-base encoder layer (seq 128). The peers of a workload are timed in rounds, one call
+1 and 8; a MobileNetV2 inverted-residual block (ReLU6, depthwise); an MLP-Mixer block (4x49x128);
+one BERT-base encoder layer (seq 128). The peers of a workload are timed in rounds, one call
 of each per round in a rotating order, after warm-up: each time is a median over the rounds and each
 ratio the median of the per-round ratios, so a loaded host slows every peer alike. The compilers'
 build times are reported apart. Output: a table (times, GFLOP/s, the ratio
@@ -30,7 +31,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "services" / "compiler" / "tests"))
-from models import BertLayer, ElementwiseChain, ResNet18, randomize_bn  # noqa: E402
+from models import BertLayer, ElementwiseChain, InvertedResidual, MixerBlock, ResNet18, randomize_bn  # noqa: E402
 
 from tessera.compiler.api import compile as tessera_compile  # noqa: E402
 
@@ -142,6 +143,11 @@ def workloads(quick: bool) -> list[dict[str, Any]]:
     for n in ([1] if quick else [1, 8]):
         ws.append(dict(name=f"ResNet-18 batch {n}", kind="model", model=r18, inputs=[torch.randn(n, 3, 224, 224)],
                        flops=3.64e9 * n, bytes=4.0 * (11.7e6 + n * 3 * 224 * 224)))
+    # blocks of models the compiler was not tuned on: MobileNetV2's inverted residual (ReLU6, depthwise) and MLP-Mixer's
+    ws.append(dict(name="MobileNetV2 block 1x32x56x56", kind="model", model=randomize_bn(InvertedResidual(32)),
+                   inputs=[torch.randn(1, 32, 56, 56)], flops=2.0 * 56 * 56 * (2 * 32 * 192 + 9 * 192), bytes=4.0 * 2 * 32 * 56 * 56))
+    ws.append(dict(name="MLP-Mixer block 4x49x128", kind="model", model=MixerBlock(), inputs=[torch.randn(4, 49, 128)],
+                   flops=2.0 * 4 * (2 * 128 * 49 * 64 + 2 * 49 * 128 * 512), bytes=4.0 * (2 * 49 * 64 + 2 * 128 * 512)))
     if not quick:
         ws.append(dict(name="BERT-base layer seq 128", kind="model", model=BertLayer().eval(), inputs=[torch.randn(1, 128, 768)],
                        flops=2.0 * 128 * (4 * 768 * 768 + 2 * 768 * 3072) + 4.0 * 128 * 128 * 768, bytes=4.0 * 7.1e6))

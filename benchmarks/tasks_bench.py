@@ -129,6 +129,7 @@ ROWS = [
     ("task round trip p99 (ms)", ("task_round_trip", "p99_ms"), False),
     ("actor calls, submit all then get (calls/s)", ("actor_calls_async_per_s",), True),
     ("actor round trip p50 (ms)", ("actor_round_trip", "p50_ms"), False),
+    ("1,000 concurrent calls on an async actor, 10 ms each (calls/s)", ("async_actor_1k_concurrent_per_s",), True),
     ("nested 10x100 (tasks/s)", ("nested_10x100_tasks_per_s",), True),
     ("wait(num_returns=1) loop over 1k (tasks/s)", ("wait_loop_1k_tasks_per_s",), True),
     ("task reading a 100 MB argument a task made, p50 (ms)", ("task_reads_100mb_arg", "p50_ms"), False),

@@ -56,3 +56,49 @@ def test_cli_prints_the_fused_graph_and_kernel_times(tmp_path: Path) -> None:
     bad = subprocess.run([str(BIN / "tessera"), "compile", f"{model}:Missing", "--shape", "1,3,8,8"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "Missing" in bad.stderr
+
+
+def test_partitioned_models_through_the_service(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the stack's compiler: a MobileNet-style block (depthwise conv, BatchNorm, ReLU6) compiles
+    whole; a model with an LSTM compiles with the LSTM left to torch; strict refuses that model."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from tessera.common.errors import InvalidArgumentError
+    from tessera.compiler.client import CompilerClient
+    from tessera.compiler.partition import PartitionedModel
+    from tessera.compiler.runtime import CompiledModel
+
+    monkeypatch.setenv("TESSERA_RUN_DIR", str(stack.run_dir))
+    torch.manual_seed(0)
+
+    def bn(c: int) -> nn.BatchNorm2d:
+        b = nn.BatchNorm2d(c)
+        b.running_mean.uniform_(-0.2, 0.2)
+        b.running_var.uniform_(0.5, 1.5)
+        return b
+    block = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), bn(16), nn.ReLU6(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), bn(16), nn.ReLU6(),
+                          nn.Conv2d(16, 8, 1, bias=False), bn(8)).eval()
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.lstm, self.out = nn.Linear(6, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            o, _ = self.lstm(torch.relu(self.inp(x)))
+            return self.out(o)
+    tagger = Tagger().eval()
+    x, t = torch.randn(1, 8, 12, 12), torch.randn(2, 5, 6)
+    with CompilerClient(timeout=240) as client, torch.no_grad():
+        cm = client.compile_model(block, [x])
+        assert isinstance(cm, CompiledModel) and len(cm.stats["artifact_id"]) == 32
+        np.testing.assert_allclose(cm(x).numpy(), block(x).numpy(), rtol=1e-4, atol=1e-5)
+        pm = client.compile_model(tagger, [t])
+        assert isinstance(pm, PartitionedModel) and [s.kind for s in pm.segments] == ["compiled", "torch", "compiled"]
+        assert "LSTM" in pm.report()
+        np.testing.assert_allclose(pm(t).numpy(), tagger(t).numpy(), rtol=1e-4, atol=1e-5)
+        with pytest.raises(InvalidArgumentError, match=r"unsupported module LSTM .*line \d+"):
+            client.compile_model(tagger, [t], strict=True)

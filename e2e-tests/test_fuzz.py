@@ -258,6 +258,7 @@ def world(fstack: FuzzStack) -> Iterator[World]:
             task_id=os.urandom(16), job_id=job_id, function_id=fid, num_returns=1, arg_object_ids=[lineage_oid],
             parent_task_id=task_id)], state=cs_pb.TASK_STATE_PENDING, replace=True, node_id=node_id)],
         cs + "GetTasks": [cs_pb.GetTasksRequest(task_ids=[task_id])],
+        cs + "ListTasks": [cs_pb.ListTasksRequest(job_id=job_id, state=cs_pb.TASK_STATE_PENDING, limit=5)],
         cs + "UpdateTaskStates": [cs_pb.UpdateTaskStatesRequest(updates=[cs_pb.TaskStateUpdate(
             task_id=task_id, state=cs_pb.TASK_STATE_SCHEDULED, node_id=node_id)])],
         cs + "GetLineage": [cs_pb.GetLineageRequest(object_id=lineage_oid, max_depth=3)],

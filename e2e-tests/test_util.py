@@ -232,3 +232,69 @@ def test_queue_put_get_across_tasks_and_timeouts(cluster: stacks.Cluster) -> Non
         small.put("y", timeout=-1)
     assert small.get() == "x" and small.empty()
     small.shutdown()
+
+
+@tessera.remote
+def square(x: int) -> int:
+    return x * x
+
+
+@tessera.remote
+class Tally:
+    def add(self, n: int) -> int:
+        return n
+
+
+def test_list_and_summary_show_what_runs(cluster: stacks.Cluster) -> None:
+    """`tessera list` / `tessera summary` and tessera.util.state read back what this driver made."""
+    import json
+
+    import numpy as np
+
+    from tessera.util import state
+
+    refs = [square.remote(i) for i in range(5)]
+    assert tessera.get(refs) == [0, 1, 4, 9, 16]
+    tally = Tally.options(name="state-tally").remote()
+    assert tessera.get(tally.add.remote(3)) == 3
+    big = tessera.put(np.zeros(2**20, dtype=np.uint8))
+    job = tessera.get_runtime_context().get_job_id()
+
+    def squares() -> list[dict[str, Any]]:
+        rows = state.list_tasks(filters=[("job_id", "=", job), ("state", "=", "finished")], limit=1000)
+        return [r for r in rows if r["name"].endswith("square")]
+
+    done = eventually(lambda: len(squares()) >= 5 and squares())
+    assert len(done) == 5 and {r["type"] for r in done} == {"NORMAL_TASK"}
+    assert {r["task_id"] for r in done} == {ref.id[:16].hex() for ref in refs}
+    assert all(r["node_id"] and r["attempt_number"] == 0 for r in done)
+
+    out = cluster.cli("list", "actors", "--json", "--filter", "name=state-tally")
+    assert out.returncode == 0, out.stderr
+    (actor,) = json.loads(out.stdout)
+    assert actor["class_name"].endswith("Tally") and actor["state"] == "ALIVE" and actor["job_id"] == job
+
+    out = cluster.cli("list", "nodes", "--filter", "state=alive")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip().splitlines()) == 1 + 2  # the header and the two nodes
+    objs = state.list_objects(filters=[("object_id", "=", big.hex())])
+    assert [(o["object_size"] >= 2**20, o["owned"]) for o in objs] == [(True, True)]
+    jobs = state.list_jobs(filters=[("job_id", "=", job)])
+    assert [j["state"] for j in jobs] == ["RUNNING"]
+
+    out = cluster.cli("summary", "tasks", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)["summary"]
+    (name,) = [k for k in summary if k.endswith("square")]
+    assert summary[name]["state_counts"].get("FINISHED", 0) >= 5
+    assert cluster.cli("summary", "actors").returncode == 0
+
+    bad = cluster.cli("list", "tasks", "--filter", "colour=red")
+    assert bad.returncode == 2 and "valid keys: task_id" in bad.stderr
+    bad = cluster.cli("list", "tasks", "--filter", "state=asleep")
+    assert bad.returncode == 2 and "unknown task state 'asleep'" in bad.stderr
+    bad = cluster.cli("list", "widgets")
+    assert bad.returncode == 2 and "invalid choice: 'widgets'" in bad.stderr
+    with pytest.raises(ValueError, match="limit must be between 1 and 10000, got 0"):
+        state.list_nodes(limit=0)
+    tessera.kill(tally)

@@ -13,8 +13,11 @@ EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError
                     "RemoteFunction", "__version__", "available_resources", "cancel", "cluster_resources", "connect",
                     "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init", "internal",
                     "is_initialized", "kill", "method", "nodes", "put", "remote", "shutdown", "util", "wait"]
-EXPECTED_UTIL = ["ActorPool"]
+EXPECTED_UTIL = ["ActorPool", "PlacementGroup", "get_placement_group", "placement_group", "placement_group_table",
+                 "remove_placement_group", "scheduling_strategies"]
 EXPECTED_QUEUE = ["Empty", "Full", "Queue"]
+EXPECTED_STATE = ["COLUMNS", "RESOURCES", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
+                  "list_placement_groups", "list_state", "list_tasks", "summarize_actors", "summarize_objects", "summarize_tasks"]
 EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
                        "OwnerDiedError", "RuntimeEnvSetupError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
                        "WorkerCrashedError"]
@@ -33,9 +36,13 @@ def test_tessera_exports() -> None:
 
 def test_util_exports() -> None:
     import tessera.util.queue
+    import tessera.util.state
 
     assert sorted(tessera.util.__all__) == EXPECTED_UTIL
     assert sorted(tessera.util.queue.__all__) == EXPECTED_QUEUE
+    assert sorted(tessera.util.state.__all__) == EXPECTED_STATE
+    for name in tessera.util.__all__:
+        assert hasattr(tessera.util, name), name
     assert issubclass(tessera.util.queue.Empty, queue.Empty) and issubclass(tessera.util.queue.Full, queue.Full)
 
 

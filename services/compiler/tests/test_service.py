@@ -24,6 +24,7 @@ from models import MLP, BertLayer
 from tessera.api.compiler.v1 import compiler_pb2 as pb
 from tessera.api.compiler.v1 import compiler_pb2_grpc as pb_grpc
 from tessera.common import procs
+from tessera.common.errors import InvalidArgumentError
 from tessera.common.rpc import health_status
 from tessera.compiler.client import CompilerClient, tensor
 from tessera.compiler.frontend import from_torch
@@ -291,3 +292,28 @@ def test_stub_calls_carry_deadlines(replica: Proc) -> None:
         stub.Compile(pb.CompileRequest(model=b"x", format=pb.MODEL_FORMAT_UNSPECIFIED), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format" in e.value.details()
     ch.close()
+
+
+def test_compile_model_partitions_through_the_service(replica: Proc) -> None:
+    """The client traces and partitions; each compiled subgraph is an artifact built by the replica and
+    loaded here, and the LSTM runs in torch here, behind one callable."""
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.lstm, self.out = torch.nn.Linear(6, 8), torch.nn.LSTM(8, 8, batch_first=True), torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            o, _ = self.lstm(torch.nn.functional.hardswish(self.inp(x)))
+            return self.out(o).argmax(-1)
+    model, x = Tagger().eval(), torch.randn(2, 4, 6)
+    with CompilerClient(replica.address, timeout=120) as client:
+        pm = client.compile_model(model, [x])
+        assert [s.kind for s in pm.segments] == ["compiled", "torch", "compiled"]
+        assert all(len(s.model.stats["artifact_id"]) == 32 for s in pm.compiled_segments)
+        assert "unsupported module LSTM" in pm.report()
+        got = pm(x)
+        assert got.dtype == torch.int64 and torch.equal(got, model(x))
+        with pytest.raises(InvalidArgumentError, match="1 unsupported op"):
+            client.compile_model(model, [x], strict=True)

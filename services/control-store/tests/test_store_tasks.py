@@ -237,3 +237,37 @@ async def test_record_finished_tasks_once_and_replace_on_rerun(store: ControlSto
     assert (t.state, t.spec.function_name) == (T.TASK_STATE_FAILED, "rerun")
     with pytest.raises(InvalidArgumentError):
         await store.create_tasks([a, a], replace=True)
+
+
+async def test_list_tasks_newest_first_filtered_and_limited(store: ControlStore, spec, clock, snapshot) -> None:  # type: ignore[no-untyped-def]
+    other_job = ids.new_id("job_id")
+    mine = []
+    for i in range(30):
+        s = spec(args=f"{i}".encode())
+        await store.create_tasks([s])
+        mine.append(s)
+        clock.advance(1)
+    theirs = spec(job_id=other_job)
+    await store.create_tasks([theirs])
+    await store.update_task_states([upd(mine[3].task_id, T.TASK_STATE_SCHEDULED),
+                                    upd(mine[7].task_id, T.TASK_STATE_SCHEDULED)])
+
+    got, truncated = await store.list_tasks()
+    assert [r.spec.task_id for r in got] == [theirs.task_id] + [s.task_id for s in reversed(mine)]
+    assert not truncated
+    got, truncated = await store.list_tasks(job_id=mine[0].job_id, limit=5)
+    assert [r.spec.task_id for r in got] == [s.task_id for s in reversed(mine[-5:])]
+    assert truncated
+    got, truncated = await store.list_tasks(state=T.TASK_STATE_SCHEDULED)
+    assert [r.spec.task_id for r in got] == [mine[7].task_id, mine[3].task_id] and not truncated
+    got, _ = await store.list_tasks(job_id=other_job, state=T.TASK_STATE_SCHEDULED)
+    assert got == []
+
+    before = snapshot()
+    with pytest.raises(InvalidArgumentError, match="job_id must be 4 bytes, got 3 bytes"):
+        await store.list_tasks(job_id=b"abc")
+    with pytest.raises(InvalidArgumentError, match="state must be a task state, got 99"):
+        await store.list_tasks(state=99)
+    with pytest.raises(InvalidArgumentError, match="limit must be at most 10000, got 10001"):
+        await store.list_tasks(limit=10_001)
+    assert snapshot() == before

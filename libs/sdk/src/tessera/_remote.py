@@ -23,9 +23,10 @@ from tessera.common.serialization import serialize
 K = pb.TaskKind
 T = TypeVar("T")
 
-_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "runtime_env"}
+_TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "scheduling_strategy",
+                 "runtime_env"}
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
-                  "max_concurrency", "concurrency_groups", "max_task_retries", "runtime_env"}
+                  "max_concurrency", "concurrency_groups", "max_task_retries", "scheduling_strategy", "runtime_env"}
 _METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries"}
 #: Most calls of one actor (or one concurrency group) running at once.
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -72,6 +73,10 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
         from tessera._runtime_env import validate
 
         opts["runtime_env"] = validate(opts["runtime_env"])
+    if opts.get("scheduling_strategy") is not None:
+        from tessera.util import scheduling_strategies
+
+        scheduling_strategies.check(opts["scheduling_strategy"])
     return opts
 
 
@@ -82,6 +87,13 @@ def _resources(opts: dict[str, Any], default_cpus: float) -> dict[str, float]:
     if opts.get("num_gpus"):
         out["GPU"] = float(opts["num_gpus"])
     return {k: v for k, v in out.items() if v > 0}
+
+
+def _strategy(opts: dict[str, Any], spec: pb.TaskSpec) -> None:
+    if opts.get("scheduling_strategy") is not None:
+        from tessera.util import scheduling_strategies
+
+        scheduling_strategies.apply(opts["scheduling_strategy"], spec)
 
 
 class _Exported:
@@ -200,6 +212,7 @@ class RemoteFunction(Generic[T]):
                             name=o.get("name") or self._exported.name, num_returns=int(o.get("num_returns", 1)),
                             resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)),
                             runtime_env=env)
+            _strategy(o, t)
             self._templates[st.cluster_key] = t
         return t
 
@@ -269,6 +282,7 @@ class ActorClass:
                            detached=o.get("lifetime") == "detached",
                            max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups,
                            runtime_env=env)
+        _strategy(o, spec)
         ready = st.core.submit(spec, nested)
         h = ActorHandle(actor_id, methods, self._exported.name, method_options=self._method_options,
                         groups=sorted(groups), max_task_retries=int(o.get("max_task_retries", 0)))

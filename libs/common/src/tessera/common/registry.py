@@ -29,7 +29,7 @@ CONTROL_STORE_SERVICE = "tessera.control_store.v1.ControlStoreService"
 #: Methods safe to retry after UNAVAILABLE: reads, content-addressed or set-like writes.
 IDEMPOTENT_METHODS: tuple[str, ...] = (
     "GetNode", "ListNodes", "NodeHeartbeat", "GetJob", "ListJobs", "ExportFunction", "GetFunction",
-    "GetTasks", "GetLineage", "AddObjectLocations", "RemoveObjectLocations", "GetObjects", "GetActor",
+    "GetTasks", "ListTasks", "GetLineage", "AddObjectLocations", "RemoveObjectLocations", "GetObjects", "GetActor",
     "ListActors", "KvGet", "KvList", "KvDelete", "RegisterInstance", "DeregisterInstance", "ListInstances",
 )
 

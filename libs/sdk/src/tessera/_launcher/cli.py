@@ -5,6 +5,8 @@
     tessera status [--json]                       what runs where, and its health
     tessera logs SERVICE [-n N] [-f]              a process's log (a service, nats, redis-0, supervisor)
     tessera down [--timeout S]                    stop everything gracefully; leave no process behind
+    tessera list RESOURCE [--filter K=V] [--json] a running cluster's nodes, tasks, actors, objects, jobs, pipelines
+    tessera summary tasks|actors|objects          tasks per function, actors per class, objects per reference type
 """
 
 from __future__ import annotations
@@ -362,7 +364,7 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 #: ``tessera gpu ...``): ``register(subparsers) -> handler``, where ``handler(args) -> exit code``.
 PLUGIN_GROUP = "tessera.cli"
 #: The launcher's own subcommands (a plugin cannot replace them).
-BUILTIN = ("up", "status", "logs", "down", "memory", "node")
+BUILTIN = ("up", "status", "logs", "down", "memory", "node", "list", "summary")
 
 
 def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -408,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     dn.add_argument("--timeout", type=float, default=30.0)
     import tessera._memory as _memory
     from tessera._launcher import node as _node
+    from tessera._launcher import state_cli as _state
 
     _memory.register(sub)
     _node.register(sub)
+    _state.register(sub)
     argv = sys.argv[1:] if argv is None else argv
     # A service's subcommand is loaded (imported) only when it may be the one asked for.
     plugins = {} if argv[:1] and argv[0] in BUILTIN else _plugins(sub)
@@ -421,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         return _memory.cmd_memory(args)
     if args.command == "node":
         return _node.cmd_node(args)
+    if args.command == "list":
+        return _state.cmd_list(args)
+    if args.command == "summary":
+        return _state.cmd_summary(args)
     if args.command == "up" and not 0 <= args.redis_shards <= 64:
         ap.error("--redis-shards must be between 1 and 64")
     if args.command == "up" and not 1 <= args.nodes <= 16:

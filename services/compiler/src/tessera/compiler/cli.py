@@ -19,8 +19,14 @@ from typing import Any
 
 def register(sub: Any) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser("compile", help="compile a PyTorch model to fused C kernels; print the fused graph and kernel times")
-    p.add_argument("model", help="MODEL.py:NAME (a Module class, instance or factory)")
-    p.add_argument("--shape", action="append", required=True, help="an input shape, e.g. 1,3,224,224 (once per input)")
+    p.add_argument("model", nargs="?", help="MODEL.py:NAME (a Module class, instance or factory)")
+    p.add_argument("--shape", action="append", default=[], help="an input shape, e.g. 1,3,224,224 (once per input)")
+    p.add_argument("--list-ops", action="store_true", help="print the torch modules, functions and methods the compiler "
+                                                            "covers, and exit")
+    p.add_argument("--strict", action="store_true", help="refuse a model with ops the compiler does not cover (default: "
+                                                          "those run in torch, the rest compiles)")
+    p.add_argument("--no-eager-check", action="store_true", help="do not time compiled subgraphs against torch eager "
+                                                                 "(by default one slower compiled stays in torch)")
     p.add_argument("--dtype", action="append", default=[], help="an input dtype (float32 or int64), in input order")
     p.add_argument("--repeat", type=int, default=20, help="runs to time")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with torch")
@@ -107,7 +113,16 @@ def run(args: argparse.Namespace) -> int:
 
     from tessera.common.errors import InvalidArgumentError
     from tessera.compiler.api import compile as compile_module
+    from tessera.compiler.partition import PartitionedModel
 
+    if args.list_ops:
+        from tessera.compiler.frontend import supported_ops
+
+        print("\n".join(supported_ops()))
+        return 0
+    if not args.model or not args.shape:
+        print("tessera compile: MODEL.py:NAME and at least one --shape are needed (or --list-ops)", file=sys.stderr)
+        return 2
     try:
         shapes = [tuple(int(d) for d in s.split(",")) for s in args.shape]
     except ValueError:
@@ -129,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
             fill = width * done // max(total, 1)
             spin.step(f"tuning {label:<28} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} best {best:.1f} GFLOP/s")
         cm = compile_module(model, inputs, cache_dir=args.cache_dir, progress=spin.step, tuning_log=log,
-                            tune_trials=args.tune, tune_progress=tune_bar)
+                            tune_trials=args.tune, tune_progress=tune_bar, strict=args.strict,
+                            keep_faster=not args.no_eager_check)
+        if isinstance(cm, PartitionedModel):
+            return _run_partitioned(cm, model, inputs, args, spin)
         spin.step("timing")
         per_kernel = cm.profile(*inputs, repeat=max(3, args.repeat // 2))
         total = cm.benchmark(*inputs, repeat=args.repeat)
@@ -166,7 +184,51 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s['tuned_kernels']} kernels use logged tuned schedules")
     print(f"compile {s['total_s']:.2f}s (passes {s['passes_s']:.2f}s, lowering {s['lower_s']:.2f}s, "
           f"gcc {s['build_s']:.2f}s{', cache hit' if cm.cache_hit else ''}); arena {cm.program.arena_size * 4 / 2**20:.1f} MiB")
+    if s.get("vs_eager"):
+        tc, te_ = s["vs_eager"]
+        print(f"against torch eager at compile time: {tc * 1e6:.0f} us compiled, {te_ * 1e6:.0f} us eager (compiled kept)")
     print(f"whole graph: {total * 1e3:.3f} ms per call (median of {args.repeat})" +
           (f"; max |tessera - torch| = {err:.2e}" if err is not None else ""))
     del np
     return 0
+
+
+def _max_error(model: Any, got: Any, inputs: list[Any]) -> float:
+    import torch
+
+    with torch.no_grad():
+        ref = model(*inputs)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    gots = got if isinstance(got, tuple) else (got,)
+    return max((float((g.float() - r.float()).abs().max()) for g, r in zip(gots, refs, strict=True)), default=0.0)
+
+
+def _run_partitioned(pm: Any, model: Any, inputs: list[Any], args: argparse.Namespace, spin: Spinner) -> int:
+    """Print a partitioned model: its partition (what compiled, what runs in torch and why), then each
+    compiled subgraph's fused graph, and the whole model's time against torch eager."""
+    import torch
+
+    spin.step("timing")
+    total = pm.benchmark(*inputs, repeat=args.repeat)
+    with torch.no_grad():
+        for _ in range(3):
+            model(*inputs)
+        eager = sorted(_timed(lambda: model(*inputs)) for _ in range(args.repeat))[args.repeat // 2]
+    err = None if args.no_check else _max_error(model, pm(*inputs), inputs)
+    spin.done()
+    print(pm.report())
+    for k, seg in enumerate(pm.segments):
+        if seg.kind == "compiled":
+            print()
+            print(f"fused graph of subgraph [{k}]:")
+            print(seg.model.graph.format())
+    print()
+    print(f"whole model: {total * 1e3:.3f} ms per call, torch eager {eager * 1e3:.3f} ms (median of {args.repeat})" +
+          (f"; max |tessera - torch| = {err:.2e}" if err is not None else ""))
+    return 0
+
+
+def _timed(f: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0

@@ -4,6 +4,7 @@
         info = c.compile(model, [x])              # traced here, built by some compiler replica
         y = c.run(info.artifact_id, [x.numpy()])
         local = c.load(info.artifact_id)          # the artifact as an in-process CompiledModel
+        model = c.compile_model(model, [x])       # subgraphs built by the service, unsupported ops in torch
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ class CompilerClient:
 
         graph = from_torch(module, example_inputs)
         return self.compile_bytes(dump_graph(graph), target=target, wait=wait, timeout=timeout)
+
+    def compile_model(self, module: Any, example_inputs: Sequence[Any], *, strict: bool = False, keep_faster: bool = False,
+                      target: str = "c", timeout: float | None = None) -> Any:
+        """``module`` as one local callable whose compiled subgraphs are built by the service (each one an
+        artifact, fetched and loaded here) and whose ops the compiler does not cover run in torch here:
+        a :class:`CompiledModel` when the whole model compiles, else a
+        :class:`~tessera.compiler.partition.PartitionedModel` (``.report()`` gives the partition).
+        ``strict=True`` refuses a model with unsupported ops, naming each one and its line, before any request."""
+        from tessera.compiler.api import compile as compile_module
+        from tessera.compiler.serialize import dump_graph
+
+        def build(graph: Any) -> CompiledModel:
+            info = self.compile_bytes(dump_graph(graph), target=target, wait=True, timeout=timeout)
+            model = self.load(info.artifact_id, timeout=timeout)
+            model.stats["artifact_id"] = info.artifact_id
+            return model
+        return compile_module(module, example_inputs, strict=strict, keep_faster=keep_faster, compile_segment=build)
 
     def compile_bytes(self, model: bytes, *, fmt: pb.ModelFormat.ValueType = pb.MODEL_FORMAT_TESSERA_GRAPH, inputs: Sequence[pb.TensorSpec] = (),
                       target: str = "c", wait: bool = True, timeout: float | None = None) -> pb.ArtifactInfo:

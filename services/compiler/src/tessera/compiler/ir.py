@@ -34,6 +34,15 @@ class Op(enum.Enum):
     MUL = "mul"
     DIV = "div"
     MAXIMUM = "maximum"
+    MINIMUM = "minimum"
+    POW = "pow"
+    GT = "gt"
+    GE = "ge"
+    LT = "lt"
+    LE = "le"
+    EQ = "eq"
+    NE = "ne"
+    WHERE = "where"  # (cond, a, b): a where cond != 0, else b
     NEG = "neg"
     RELU = "relu"
     GELU = "gelu"
@@ -50,6 +59,8 @@ class Op(enum.Enum):
     CONCAT = "concat"
     SLICE = "slice"
     PAD = "pad"
+    DILATE = "dilate"  # zeros between the elements of the spatial axes (transposed convolution)
+    RESIZE = "resize"  # interpolate: nearest or bilinear, over the last two axes
     TO_NCHWC = "to_nchwc"
     FROM_NCHWC = "from_nchwc"
     # complex-out-fusable
@@ -64,24 +75,30 @@ class Op(enum.Enum):
     SOFTMAX = "softmax"
     LAYER_NORM = "layer_norm"
     MEAN = "mean"
+    REDUCE_MAX = "reduce_max"
+    ARGMAX = "argmax"  # the first index of the maximum along an axis, as float32
     # opaque
     EMBEDDING = "embedding"
+    GATHER = "gather"  # torch.gather: index a tensor along one axis by an int64 tensor
     # produced by fusion
     FUSED = "fused"
 
 
 ELEMENTWISE_UNARY = {Op.NEG, Op.RELU, Op.GELU, Op.GELU_TANH, Op.SIGMOID, Op.TANH, Op.SILU, Op.EXP, Op.SQRT, Op.RSQRT}
-ELEMENTWISE_BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM}
-ELEMENTWISE = ELEMENTWISE_UNARY | ELEMENTWISE_BINARY
+ELEMENTWISE_BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM, Op.POW,
+                      Op.GT, Op.GE, Op.LT, Op.LE, Op.EQ, Op.NE}
+ELEMENTWISE = ELEMENTWISE_UNARY | ELEMENTWISE_BINARY | {Op.WHERE}
 
 KIND: dict[Op, OpKind] = {
     **{op: OpKind.INJECTIVE for op in ELEMENTWISE},
-    **{op: OpKind.INJECTIVE for op in (Op.RESHAPE, Op.TRANSPOSE, Op.CONCAT, Op.SLICE, Op.PAD, Op.TO_NCHWC, Op.FROM_NCHWC)},
+    **{op: OpKind.INJECTIVE for op in (Op.RESHAPE, Op.TRANSPOSE, Op.CONCAT, Op.SLICE, Op.PAD, Op.TO_NCHWC, Op.FROM_NCHWC,
+                                             Op.DILATE, Op.RESIZE)},
     Op.CONV2D: OpKind.COMPLEX, Op.CONV2D_NCHWC: OpKind.COMPLEX, Op.MATMUL: OpKind.COMPLEX,
     Op.BATCH_NORM: OpKind.INJECTIVE,  # inference: a per-channel scale and shift
     **{op: OpKind.REDUCTION for op in (Op.MAX_POOL, Op.AVG_POOL, Op.ADAPTIVE_AVG_POOL, Op.SOFTMAX,
-                                                                          Op.LAYER_NORM, Op.MEAN)},
-    Op.EMBEDDING: OpKind.OPAQUE, Op.FUSED: OpKind.OPAQUE, Op.INPUT: OpKind.OPAQUE, Op.CONST: OpKind.OPAQUE,
+                                                                          Op.LAYER_NORM, Op.MEAN, Op.REDUCE_MAX,
+                                                                          Op.ARGMAX)},
+    Op.EMBEDDING: OpKind.OPAQUE, Op.GATHER: OpKind.OPAQUE, Op.FUSED: OpKind.OPAQUE, Op.INPUT: OpKind.OPAQUE, Op.CONST: OpKind.OPAQUE,
 }
 
 

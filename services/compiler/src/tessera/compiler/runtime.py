@@ -34,6 +34,9 @@ class CompiledModel:
     library: str = ""
     cache_hit: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the torch dtypes of the outputs (argmax's int64, a comparison's bool), computed as float32 and
+    #: converted on the way out; None: all float32
+    output_dtypes: list[str] | None = None
 
     def _inputs(self, args: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
         p = self.program
@@ -49,6 +52,8 @@ class CompiledModel:
                     a = np.asarray(a)
             if tuple(a.shape) != tuple(shape):
                 raise InvalidArgumentError(f"input {i} has shape {list(a.shape)}, the model was compiled for {list(shape)}")
+            if a.dtype.kind not in ("iu" if dt == "int64" else "fiu"):  # other floats and ints convert
+                raise InvalidArgumentError(f"input {i} has dtype {a.dtype}, the model takes {dt}")
             out.append(np.ascontiguousarray(a, dtype=_DT[dt]))
         return out, torch_in
 
@@ -56,6 +61,8 @@ class CompiledModel:
         ins, torch_in = self._inputs(args)
         outs = [np.empty(s, np.float32) for s in self.program.output_shapes]
         self.module.run(ins, outs)
+        if self.output_dtypes:
+            outs = [o if dt == "float32" else o.astype(dt) for o, dt in zip(outs, self.output_dtypes, strict=True)]
         if torch_in:
             import torch
 

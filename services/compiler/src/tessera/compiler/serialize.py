@@ -105,7 +105,9 @@ def validate(graph: Graph) -> None:
                 _fail(i, n, f"constant has shape {list(graph.consts[key].shape)}, node says {list(n.shape)}")
         elif n.op in ELEMENTWISE:
             try:
-                want = ins[0] if len(ins) == 1 else broadcast_shape(ins[0], ins[1])
+                want = ins[0]
+                for other in ins[1:]:
+                    want = broadcast_shape(want, other)
             except ValueError:
                 _fail(i, n, f"shapes {[list(s) for s in ins]} do not broadcast")
             if want != n.shape:

@@ -104,7 +104,7 @@ def _injective(st: Stage) -> None:
 def _rows(ost: Stage, reds: list[Stage], lead: int, size: int) -> None:
     """One output row per iteration of a parallel loop; each reduction computed for that row only."""
     axes = ost.axis
-    if lead == 0:
+    if lead <= 0:  # no rows: a scalar output (a whole-tensor reduction)
         _injective(ost)
         return
     outer = ost.fuse(*axes[:lead])

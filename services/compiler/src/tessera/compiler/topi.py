@@ -60,6 +60,15 @@ _BINARY: dict[Op, Callable[[Expr, Expr], Expr]] = {
     Op.MUL: lambda a, b: a * b,
     Op.DIV: lambda a, b: a / b,
     Op.MAXIMUM: lambda a, b: te.maximum(a, b),
+    Op.MINIMUM: lambda a, b: te.minimum(a, b),
+    Op.POW: lambda a, b: te.call("powf", a, b),
+    # comparisons give 1.0 or 0.0 (a torch bool tensor is float32 inside a compiled graph)
+    Op.GT: lambda a, b: te.select(a > b, 1.0, 0.0),
+    Op.GE: lambda a, b: te.select(a >= b, 1.0, 0.0),
+    Op.LT: lambda a, b: te.select(a < b, 1.0, 0.0),
+    Op.LE: lambda a, b: te.select(a <= b, 1.0, 0.0),
+    Op.EQ: lambda a, b: te.select(te.BinOp("==", a, b), 1.0, 0.0),
+    Op.NE: lambda a, b: te.select(te.BinOp("==", a, b), 0.0, 1.0),
 }
 
 
@@ -76,6 +85,14 @@ def binary(node: Node, ins: list[Tensor], name: str) -> Tensor:
     f = _BINARY[node.op]
     r = len(node.shape)
     return te.compute(node.shape, lambda *i: f(_bcast(a, i, r), _bcast(b, i, r)), name, tag="elemwise")
+
+
+@register(Op.WHERE)
+def where(node: Node, ins: list[Tensor], name: str) -> Tensor:
+    c, a, b = ins
+    r = len(node.shape)
+    return te.compute(node.shape, lambda *i: te.select(te.BinOp("==", _bcast(c, i, r), te.Const(0.0)), _bcast(b, i, r),
+                                                       _bcast(a, i, r)), name, tag="elemwise")
 
 
 @register(Op.BATCH_NORM)
@@ -170,6 +187,64 @@ def _pad(x: Tensor, pads: Sequence[tuple[int, int]], value: float, name: str) ->
         assert cond is not None
         return te.select(cond, x[tuple(idx)], value)
     return te.compute(shape, f, name, tag="pad")
+
+
+@register(Op.DILATE)
+def dilate(node: Node, ins: list[Tensor], name: str) -> Tensor:
+    """``strides`` per axis: out[i] = x[i / s] where every i % s == 0, else 0."""
+    (x,) = ins
+    strides = node.attrs["strides"]
+
+    def f(*i: Expr) -> Expr:
+        cond: Expr | None = None
+        idx: list[Expr] = []
+        for v, s in zip(i, strides, strict=True):
+            if s == 1:
+                idx.append(v)
+                continue
+            c = te.BinOp("==", v % s, te.Const(0, "int64"))
+            cond = c if cond is None else cond & c
+            idx.append(te.simplify(v // s))
+        load = x[tuple(idx)]
+        return load if cond is None else te.select(cond, load, 0.0)
+    return te.compute(node.shape, f, name, tag="injective")
+
+
+@register(Op.RESIZE)
+def resize(node: Node, ins: list[Tensor], name: str) -> Tensor:
+    """torch's interpolate over the last two axes: ``mode`` nearest (floor(dst * in / out), torch's
+    legacy nearest) or bilinear (``align_corners`` either way)."""
+    (x,) = ins
+    h, w = x.shape[-2:]
+    oh, ow = node.shape[-2:]
+    mode, align = node.attrs["mode"], bool(node.attrs.get("align_corners", False))
+    sh, sw = node.attrs.get("scale", (h / oh, w / ow))
+    if mode == "nearest":
+        def near(*i: Expr) -> Expr:
+            *lead, p, q = i
+            hp = te.call_int_min(te.Cast(te.call("floorf", te.Cast(p, "float32") * float(sh)), "int64"), h - 1)
+            wq = te.call_int_min(te.Cast(te.call("floorf", te.Cast(q, "float32") * float(sw)), "int64"), w - 1)
+            return x[(*lead, hp, wq)]
+        return te.compute(node.shape, near, name, tag="injective")
+
+    def src(d: Expr, size: int, out: int, scale: float) -> tuple[Expr, Expr, Expr]:
+        fd = te.Cast(d, "float32")
+        if align:
+            s = fd * ((size - 1) / (out - 1) if out > 1 else 0.0)
+        else:
+            s = te.maximum((fd + 0.5) * float(scale) - 0.5, 0.0)
+        i0 = te.call_int_min(te.Cast(te.call("floorf", s), "int64"), size - 1)
+        i1 = te.call_int_min(i0 + 1, size - 1)
+        return i0, i1, s - te.Cast(i0, "float32")
+
+    def bil(*i: Expr) -> Expr:
+        *lead, p, q = i
+        h0, h1, lh = src(p, h, oh, sh)
+        w0, w1, lw = src(q, w, ow, sw)
+        top = x[(*lead, h0, w0)] * (1.0 - lw) + x[(*lead, h0, w1)] * lw
+        bot = x[(*lead, h1, w0)] * (1.0 - lw) + x[(*lead, h1, w1)] * lw
+        return top * (1.0 - lh) + bot * lh
+    return te.compute(node.shape, bil, name, tag="injective")
 
 
 @register(Op.TO_NCHWC)
@@ -400,7 +475,56 @@ def mean(node: Node, ins: list[Tensor], name: str) -> Tensor:
     return te.compute(node.shape, lambda *i: s[i] * (1.0 / count), name, tag="elemwise")
 
 
+def _reduce_index(x: Tensor, out_i: Sequence[Expr], axes: Sequence[int], keepdim: bool, rs: Sequence[te.IterVar]) -> list[Any]:
+    """The input index of an output index of a reduction over ``axes`` (reduction variables there)."""
+    it, ri = iter(out_i), iter(rs)
+    idx: list[Any] = []
+    for d in range(len(x.shape)):
+        if d in axes:
+            if keepdim:
+                next(it)
+            idx.append(next(ri).var)
+        else:
+            idx.append(next(it))
+    return idx
+
+
+@register(Op.REDUCE_MAX)
+def reduce_max(node: Node, ins: list[Tensor], name: str) -> Tensor:
+    (x,) = ins
+    axes = sorted(d % len(x.shape) for d in node.attrs["axes"])
+    rs = [te.reduce_axis(x.shape[d], f"{name}_r{d}") for d in axes]
+    keepdim = bool(node.attrs.get("keepdim", False))
+    return te.compute(node.shape, lambda *i: te.max_(x[tuple(_reduce_index(x, i, axes, keepdim, rs))], rs), name,
+                      tag="pool")
+
+
+@register(Op.ARGMAX)
+def argmax(node: Node, ins: list[Tensor], name: str) -> Tensor:
+    """Two max-reductions: the maximum, then the largest of -k over the positions k holding it (the first)."""
+    (x,) = ins
+    axis = node.attrs["axis"] % len(x.shape)
+    keepdim = bool(node.attrs.get("keepdim", False))
+    r1, r2 = te.reduce_axis(x.shape[axis], f"{name}_r"), te.reduce_axis(x.shape[axis], f"{name}_r2")
+    mx = te.compute(node.shape, lambda *i: te.max_(x[tuple(_reduce_index(x, i, [axis], keepdim, [r1]))], r1),
+                    f"{name}_max", tag="pool")
+
+    def first(*i: Expr) -> Expr:
+        v = x[tuple(_reduce_index(x, i, [axis], keepdim, [r2]))]
+        return te.max_(te.select(te.BinOp("==", v, mx[i]), -te.Cast(r2.var, "float32"), -float(x.shape[axis])), r2)
+    neg = te.compute(node.shape, first, f"{name}_first", tag="pool")
+    return te.compute(node.shape, lambda *i: -neg[i], name, tag="elemwise")
+
+
 # ---------------------------------------------------------------------------- opaque
+
+
+@register(Op.GATHER)
+def gather(node: Node, ins: list[Tensor], name: str) -> Tensor:
+    x, idx = ins
+    axis = node.attrs["axis"]
+    return te.compute(node.shape, lambda *i: x[tuple(te.Cast(idx[i], "int64") if d == axis else v for d, v in enumerate(i))],
+                      name, tag="gather")
 
 
 @register(Op.EMBEDDING)

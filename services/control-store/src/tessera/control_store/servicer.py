@@ -90,6 +90,11 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
         raws = await self.store.get_tasks_raw(request.task_ids)
         return pb.GetTasksResponse.FromString(b"".join(fields(_TASKS, raws)))
 
+    async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
+        tasks, truncated = await self.store.list_tasks(job_id=request.job_id, state=request.state,
+                                                       limit=request.limit)
+        return pb.ListTasksResponse(tasks=tasks, truncated=truncated)
+
     async def UpdateTaskStates(self, request: pb.UpdateTaskStatesRequest, context: Ctx) -> pb.UpdateTaskStatesResponse:
         got = await self.store.update_task_states_raw(request.updates)
         return pb.UpdateTaskStatesResponse.FromString(b"".join(fields(_TASKS, [raw for _, raw in got])))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from tessera.control_store.wire import fields
 
 #: Largest batch accepted by the batched calls.
 MAX_BATCH = 10_000
+DEFAULT_LIST, MAX_LIST = 100, 10_000  # records one List call returns
 MAX_KV_KEY = 1024
 MAX_KV_VALUE = 4 * 1024 * 1024  # bulk bytes belong in the object store
 MAX_CODE = 16 * 1024 * 1024
@@ -325,6 +327,31 @@ class ControlStore:
             await self.tasks.create_many(ids, payloads)
         await self.events.emit("tasks", _CREATED, list(zip(ids, payloads, strict=True)))
         return len(specs)
+
+    async def list_tasks(self, *, job_id: bytes = b"", state: int = 0,
+                         limit: int = 0) -> tuple[list[pb.TaskRecord], bool]:
+        """The newest ``limit`` task records held now (of ``job_id`` and in ``state`` where given), and whether
+        more matched. Reads every record: for people and tools looking at a cluster, not for a hot path."""
+        if job_id:
+            idc.check_id("job_id", job_id)
+        if state and state not in pb.TaskState.values():
+            raise InvalidArgumentError(f"state must be a task state, got {state}")
+        if limit > MAX_LIST:
+            raise InvalidArgumentError(f"limit must be at most {MAX_LIST}, got {limit}")
+        limit = limit or DEFAULT_LIST
+        best: list[tuple[int, bytes, pb.TaskRecord]] = []  # a min-heap of the newest, by created_ms
+        matched = 0
+        async for ids in self.tasks.scan_ids():
+            for rec, _ in await self.tasks.get_many(ids):
+                if rec is None or (job_id and rec.spec.job_id != job_id) or (state and rec.state != state):
+                    continue
+                matched += 1
+                item = (rec.created_ms, rec.spec.task_id, rec)
+                if len(best) < limit:
+                    heapq.heappush(best, item)
+                elif item[:2] > best[0][:2]:
+                    heapq.heapreplace(best, item)
+        return [r for _, _, r in sorted(best, key=lambda t: t[:2], reverse=True)], matched > limit
 
     async def get_tasks(self, task_ids: Sequence[bytes]) -> list[pb.TaskRecord]:
         parse = pb.TaskRecord.FromString

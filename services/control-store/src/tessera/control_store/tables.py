@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from binascii import hexlify
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
@@ -94,6 +94,26 @@ class Table(Generic[M]):
     def keys(self, ids: Sequence[bytes]) -> list[bytes]:
         prefix = self.prefix
         return [prefix + hexlify(i) for i in ids]
+
+    async def scan_ids(self, *, batch: int = 1000) -> AsyncIterator[list[bytes]]:
+        """Every record's id, a batch at a time, shard by shard (Redis SCAN: records created or deleted
+        meanwhile may or may not appear; none that stays is missed)."""
+        pattern = self.prefix + b"*"
+        start = len(self.prefix)
+        for client in self.db.clients:
+            cursor: int = 0
+            while True:
+                cursor, keys = await guard(client.scan(cursor=cursor, match=pattern, count=batch))
+                ids = []
+                for k in keys:
+                    try:
+                        ids.append(bytes.fromhex(k[start:].decode()))
+                    except ValueError:
+                        continue  # not a record (an index or a table's own key)
+                if ids:
+                    yield ids
+                if not cursor:
+                    break
 
     async def create_many(self, ids: Sequence[bytes], payloads: Sequence[bytes]) -> None:
         """Create all records or none; ALREADY_EXISTS names the first id that exists."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common import bundles as bnd
 from tessera.task_scheduler import resources as res
 from tessera.task_scheduler.placement import NodeView, choose_node
 
@@ -91,6 +92,22 @@ class Actor:
     gpu_ids: tuple[str, ...] = ()
 
 
+@dataclass
+class Reservation:
+    """The bundles of one placement group held on this node: PREPAREd (taken from the free pool, not
+    usable yet, returned if no COMMIT comes in time), then COMMITted (offered under the bundle's names)."""
+
+    bundles: dict[int, dict[str, float]]
+    since: float
+    committed: bool = False
+
+    def whole(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.bundles.values():
+            res.release(b, out)
+        return out
+
+
 def error_result(spec: pb.TaskSpec, kind: int, message: str, node_id: bytes = b"") -> pb.TaskResult:
     return pb.TaskResult(task_id=spec.task_id, owner=spec.owner, node_id=node_id, attempt=spec.attempt,
                          error=pb.TaskError(kind=kind, message=message))  # type: ignore[arg-type]
@@ -140,6 +157,10 @@ class NodeAgent:
         self.spilled: dict[bytes, tuple[pb.TaskSpec, bytes, float]] = {}  # task id -> (spec, node or b"", when)
         self.unschedulable: dict[bytes, tuple[pb.TaskSpec, float]] = {}
         self.peers: dict[bytes, NodeView] = {}
+        self.reservations: dict[str, Reservation] = {}  # placement group id (hex) -> its bundles here
+        self.pg_waiting: dict[bytes, pb.TaskSpec] = {}  # work for a bundle no node offers yet (group pending)
+        self.gone_groups: OrderedDict[str, str] = OrderedDict()  # removed or infeasible groups -> why
+        self._spread_next = 0
         self.finished = 0
         self.spilled_count = 0
         self.received = 0
@@ -198,7 +219,12 @@ class NodeAgent:
             self._actor_call(spec)
             return
         req = dict(spec.resources)
+        if local and (spec.affinity_node_id or spec.scheduling_strategy == "SPREAD") and self._steer(spec, req):
+            return
         if not res.fits(req, self.total):
+            groups = bnd.groups_in(req)
+            if groups and self._wait_for_group(spec, req, groups):
+                return
             if local:
                 self._place_elsewhere(spec)
             elif not self._feasible_somewhere(req) and not self._joining(time.monotonic()):
@@ -214,6 +240,156 @@ class NodeAgent:
             self._spill(spec)
             return
         self._enqueue(spec)
+
+    def _steer(self, spec: pb.TaskSpec, req: dict[str, float]) -> bool:
+        """Scheduling strategies: NodeAffinity sends work to its node (hard: fails if that node is gone or can
+        never run it; soft: else places it as usual); SPREAD sends each task to the next node, in turn, of
+        those that can run it. True when the work was sent (or failed) here."""
+        target = spec.affinity_node_id
+        if target:
+            if target == self.node_id and res.fits(req, self.total):
+                return False  # runs here, as usual
+            peer = self.peers.get(target)
+            if peer is not None and not peer.leaving and peer.can_ever(req):
+                self._send(peer.node_id, spec)
+                return True
+            if spec.affinity_soft:
+                return False
+            has = self.total if target == self.node_id else peer.total if peer is not None else None
+            why = "is not alive" if has is None else f"has only {res.describe(has)}"
+            msg = (f"{spec.name} needs {res.describe(req)} on node {target.hex()} "
+                   f"(NodeAffinitySchedulingStrategy, soft=False), and that node {why}")
+            self._finish(spec, error_result(spec, E.ERROR_KIND_UNSCHEDULABLE, msg))
+            if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+                self.ports.actor_state(spec.actor_id, "DEAD", msg)
+                self.actor_located(spec.actor_id, b"", dead=msg)
+            return True
+        nodes = sorted([self.node_id, *(p.node_id for p in self.peers.values() if not p.leaving and p.can_ever(req))])
+        if self.node_id not in nodes or not res.fits(req, self.total):
+            nodes = [n for n in nodes if n != self.node_id]
+        if not nodes:
+            return False
+        pick = nodes[self._spread_next % len(nodes)]
+        self._spread_next += 1
+        if pick == self.node_id:
+            return False
+        self._send(pick, spec)
+        return True
+
+    def _send(self, node_id: bytes, spec: pb.TaskSpec) -> None:
+        """Work this node's client submitted, sent to run on ``node_id`` (followed as spilled work is)."""
+        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            self.actor_nodes[spec.actor_id] = node_id
+            if not spec.detached:
+                self.owned_remote[spec.actor_id] = (node_id, spec.owner)
+        else:
+            self.spilled_count += 1
+            self.spilled[spec.task_id] = (spec, node_id, time.monotonic())
+        self.ports.forward(node_id, [spec])
+
+    def _wait_for_group(self, spec: pb.TaskSpec, req: dict[str, float], groups: set[str]) -> bool:
+        """Work for a placement group's bundle: it fails if the group is gone, waits while no node offers the
+        bundle (the group is pending), else is placed as usual. True when it failed or waits."""
+        gone = [self.gone_groups[g] for g in groups if g in self.gone_groups]
+        if gone:
+            self._fail_group(spec, gone[0])
+            return True
+        if self._feasible_somewhere(req):
+            return False
+        self.pg_waiting[spec.task_id] = spec
+        return True
+
+    def _fail_group(self, spec: pb.TaskSpec, why: str) -> None:
+        self._finish(spec, error_result(spec, E.ERROR_KIND_UNSCHEDULABLE, f"{spec.name}: {why}"))
+        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            self.ports.actor_state(spec.actor_id, "DEAD", why)
+            self.actor_located(spec.actor_id, b"", dead=why)
+
+    def _retry_pg_waiting(self) -> None:
+        for tid, spec in list(self.pg_waiting.items()):
+            req = dict(spec.resources)
+            if self._feasible_somewhere(req) or bnd.groups_in(req) & set(self.gone_groups):
+                del self.pg_waiting[tid]
+                self._route(spec, local=True)
+        self.pump()
+
+    # ------------------------------------------------------------------ placement-group bundles
+
+    def prepare_bundles(self, pg: str, bundles: dict[int, dict[str, float]], now: float) -> str:
+        """Take a group's bundles for this node out of the free pool (PREPARE): "" when done (or held
+        already), else why not. Usable only once committed; returned by :meth:`expire_prepared` if not."""
+        if pg in self.reservations:
+            return ""
+        if pg in self.gone_groups:
+            return f"placement group {pg} is gone: {self.gone_groups[pg]}"
+        r = Reservation({i: dict(b) for i, b in bundles.items()}, now)
+        need = r.whole()
+        if not res.fits(need, self.available):
+            return (f"node {self.node_id.hex()[:8]} has {res.describe(self.available)} free, "
+                    f"and the bundles need {res.describe(need)}")
+        res.acquire(need, self.available)
+        self.reservations[pg] = r
+        return ""
+
+    def commit_bundles(self, pg: str, bundles: dict[int, dict[str, float]], now: float) -> str:
+        """Offer a group's bundles here under their own names (COMMIT; prepares them first if needed, e.g.
+        after this agent restarted): "" when done, else why not."""
+        if pg not in self.reservations:
+            why = self.prepare_bundles(pg, bundles, now)
+            if why:
+                return why
+        r = self.reservations[pg]
+        if r.committed:
+            return ""
+        r.committed = True
+        for i, b in r.bundles.items():
+            for k, v in bnd.offered(pg, i, b).items():
+                self.total[k] = self.total.get(k, 0.0) + v
+                self.available[k] = self.available.get(k, 0.0) + v
+        self._retry_pg_waiting()
+        self.pump()
+        return ""
+
+    def return_bundles(self, pg: str, why: str) -> None:
+        """Give a group's bundles back to the free pool; what runs in them (actors, tasks) is stopped."""
+        r = self.reservations.pop(pg, None)
+        if r is None:
+            return
+        if r.committed:
+            for aid, a in list(self.actors.items()):
+                if a.state != "DEAD" and pg in bnd.groups_in(a.spec.resources):
+                    self.kill_actor(aid, cause=why)
+            for spec in [s for s, _ in self.queue if pg in bnd.groups_in(s.resources)]:
+                self._dequeue(spec.task_id)
+                self._fail_group(spec, why)
+            doomed = [tid for tid, wid in self.running.items()
+                      if (w := self.workers.get(wid)) is not None and pg in bnd.groups_in(w.held)]
+            if doomed:
+                self.cancel(doomed, force=True, recursive=True)
+            for i, b in r.bundles.items():
+                for k in bnd.offered(pg, i, b):
+                    self.total.pop(k, None)
+                    self.available.pop(k, None)
+        res.release(r.whole(), self.available)
+        self.pump()
+
+    def group_gone(self, pg: str, why: str) -> None:
+        """A placement group was removed (or can never be placed): its bundles here are returned and the
+        work waiting for it fails with ``why``."""
+        self.gone_groups[pg] = why
+        while len(self.gone_groups) > 10000:
+            self.gone_groups.popitem(last=False)
+        self.return_bundles(pg, why)
+        for tid, spec in list(self.pg_waiting.items()):
+            if pg in bnd.groups_in(spec.resources):
+                del self.pg_waiting[tid]
+                self._fail_group(spec, why)
+
+    def expire_prepared(self, now: float, ttl_s: float) -> None:
+        """Return bundles prepared and never committed (their coordinator died or gave up)."""
+        for pg, r in list(self.reservations.items()):
+            if not r.committed and now - r.since > ttl_s:
+                self.return_bundles(pg, "not committed in time")
 
     def _peer_has_room(self, req: dict[str, float]) -> bool:
         return any(not p.leaving and res.fits(req, p.available) and p.queued == 0 for p in self.peers.values())
@@ -488,6 +664,9 @@ class NodeAgent:
         if w.blocked:
             held.pop(res.CPU, None)
         res.release(held, self.available)
+        for k in held:
+            if k not in self.total:  # a bundle's resource, and the bundle was returned meanwhile
+                self.available.pop(k, None)
         if w.gpu_ids:
             self.gpus.release(w.gpu_ids, w.held.get(res.GPU, 0.0))
             w.gpu_ids = ()
@@ -817,6 +996,8 @@ class NodeAgent:
             del self.peers[view.node_id]
         if self.unschedulable:
             self._retry_unschedulable()
+        if self.pg_waiting and (old is None or old.total != view.total):
+            self._retry_pg_waiting()
 
     def _retry_unschedulable(self) -> None:
         joining = self._joining(time.monotonic())

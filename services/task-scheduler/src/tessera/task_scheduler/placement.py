@@ -77,3 +77,77 @@ def choose_node(req: Mapping[str, float], nodes: Iterable[NodeView], *, arg_byte
         if best is None or key < best:
             best, chosen = key, n
     return chosen
+
+
+class InfeasibleGroup(Exception):
+    """No set of the cluster's nodes can ever hold a placement group (the message says why)."""
+
+
+def place_bundles(bundles: list[Mapping[str, float]], strategy: str, nodes: Iterable[NodeView]) -> list[bytes] | None:
+    """The node of each bundle (in order) under ``strategy``, using what the nodes have free now; None when
+    they cannot hold the group now but could once busy resources come free; InfeasibleGroup when no
+    amount of waiting helps (a bundle larger than every node, more STRICT_SPREAD bundles than nodes, a
+    STRICT_PACK group larger than every node).
+
+    PACK puts bundles on as few nodes as it can (best effort); STRICT_PACK on one node; SPREAD on as many
+    nodes as it can (best effort); STRICT_SPREAD on distinct nodes, as in Ray."""
+    live = sorted((n for n in nodes if not n.leaving), key=lambda n: n.node_id)
+    totals = [n.total for n in live]
+    for i, b in enumerate(bundles):
+        if not any(n.can_ever(b) for n in live):
+            raise InfeasibleGroup(res.infeasible_message(f"bundle {i} of the placement group", b, totals))
+    if strategy == "STRICT_SPREAD" and len(bundles) > len(live):
+        raise InfeasibleGroup(f"STRICT_SPREAD needs {len(bundles)} distinct nodes, and the cluster has "
+                              f"{len(live)} node(s)")
+    if strategy == "STRICT_SPREAD":
+        feasible = [[n for n in live if n.can_ever(b)] for b in bundles]
+        if not _distinct(bundles, feasible, {n.node_id: dict(n.total) for n in live}):
+            raise InfeasibleGroup(f"STRICT_SPREAD: no {len(bundles)} distinct nodes of the cluster can each hold "
+                                  f"one of its bundles")
+    if strategy == "STRICT_PACK":
+        whole: dict[str, float] = {}
+        for b in bundles:
+            res.release(b, whole)
+        if not any(n.can_ever(whole) for n in live):
+            raise InfeasibleGroup(res.infeasible_message("the STRICT_PACK placement group (all bundles on one node)",
+                                                         whole, totals))
+        for n in sorted(live, key=lambda n: -sum(n.available.values())):
+            if res.fits(whole, n.available):
+                return [n.node_id] * len(bundles)
+        return None
+    free = {n.node_id: dict(n.available) for n in live}
+    if strategy == "STRICT_SPREAD":
+        now = [[n for n in live if res.fits(b, n.available)] for b in bundles]
+        return _distinct(bundles, now, free)
+    chosen: list[bytes] = []
+    for b in bundles:
+        fit = [n for n in live if res.fits(b, free[n.node_id])]
+        if not fit:
+            return None
+        used = set(chosen)
+        if strategy == "PACK":  # nodes already used first, then the one with the most free
+            pick = min(fit, key=lambda n: (n.node_id not in used, -sum(free[n.node_id].values()), n.node_id))
+        else:  # SPREAD: nodes not used yet first
+            pick = min(fit, key=lambda n: (chosen.count(n.node_id), -sum(free[n.node_id].values()), n.node_id))
+        res.acquire(b, free[pick.node_id])
+        chosen.append(pick.node_id)
+    return chosen
+
+
+def _distinct(bundles: list[Mapping[str, float]], candidates: list[list[NodeView]],
+              free: dict[bytes, dict[str, float]]) -> list[bytes] | None:
+    """One distinct node per bundle among its candidates (backtracking: groups are small)."""
+    out: list[bytes] = []
+
+    def go(i: int) -> bool:
+        if i == len(bundles):
+            return True
+        for n in candidates[i]:
+            if n.node_id not in out and res.fits(bundles[i], free[n.node_id]):
+                out.append(n.node_id)
+                if go(i + 1):
+                    return True
+                out.pop()
+        return False
+
+    return out if go(0) else None

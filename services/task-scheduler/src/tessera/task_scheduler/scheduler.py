@@ -14,18 +14,27 @@ import logging
 import time
 from typing import Any
 
+import grpc
+import grpc.aio
+
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+from tessera.common import bundles as bnd
 from tessera.common.config import Settings
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
-from tessera.task_scheduler.placement import NodeView, choose_node, view_of
+from tessera.task_scheduler.placement import InfeasibleGroup, NodeView, choose_node, place_bundles, view_of
+from tessera.task_scheduler.resources import acquire as res_acquire
 
 log = logging.getLogger(__name__)
 
 SPILL_SUBJECT = "tessera.sched.spill"
 LOAD_SUBJECT = "tessera.sched.load"
 GLOBAL_QUEUE = "task-scheduler-global"
+#: Broadcast to every node agent: a placement group was removed or can never be placed.
+PG_GONE_SUBJECT = "tessera.sched.pg.gone"
+#: How often the global scheduler looks for placement groups to place or remove.
+PG_POLL_S = 0.2
 
 
 def node_subject(node_id: bytes, what: str) -> str:
@@ -49,6 +58,7 @@ class GlobalScheduler:
         await bus.subscribe(LOAD_SUBJECT, self._on_load)
         await bus.subscribe(SPILL_SUBJECT, self._on_spill, queue=GLOBAL_QUEUE)
         self._tasks.append(asyncio.create_task(self._sweep()))
+        self._tasks.append(asyncio.create_task(self._placement_groups()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -126,3 +136,124 @@ class GlobalScheduler:
                 else:
                     keep.append((spec, origin, since))
             self.parked = keep
+
+    # ------------------------------------------------------------------ placement groups
+
+    async def _placement_groups(self) -> None:
+        """Place pending placement groups and remove those asked to be, as the control store records them
+        (so that a restarted scheduler carries on where the last one stopped)."""
+        done: set[bytes] = set()  # created or infeasible: nothing left to do but a removal
+        while True:
+            await asyncio.sleep(PG_POLL_S)
+            try:
+                keys = (await self.cs.KvList(cpb.KvListRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE),
+                                             timeout=5.0)).keys
+                for k in keys:
+                    if k.startswith(b"remove:"):
+                        await self._remove_group(k[len(b"remove:"):])
+                        done.discard(k[len(b"remove:"):])
+                for k in keys:
+                    if b":" not in k and k not in done and await self._place_group(k):
+                        done.add(k)
+                done &= set(keys)
+            except Exception as e:
+                log.warning("placement groups: %s", e)
+
+    async def _get_group(self, key: bytes) -> cpb.PlacementGroup | None:
+        try:
+            raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE, key=key),
+                                       timeout=5.0)).value
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return cpb.PlacementGroup.FromString(raw)
+
+    async def _put_group(self, g: cpb.PlacementGroup) -> None:
+        await self.cs.KvPut(cpb.KvPutRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE,
+                                             key=g.placement_group_id.hex().encode(), value=g.SerializeToString(),
+                                             overwrite=True), timeout=5.0)
+
+    async def _place_group(self, key: bytes) -> bool:
+        """Try to place one group (two phases: every node PREPAREs its bundles, the placement is recorded,
+        then every node COMMITs). True when nothing is left to do for it."""
+        g = await self._get_group(key)
+        if g is None or g.state != cpb.PLACEMENT_GROUP_STATE_PENDING:
+            return g is not None
+        now = time.monotonic()
+        live = [n for n in self.nodes.values() if now - n.seen < max(3.0, self.settings.node_timeout_s / 2)]
+        wanted = [dict(b.resources) for b in g.bundles]
+        try:
+            chosen = place_bundles(wanted, g.strategy, live)
+        except InfeasibleGroup as e:
+            registered = (await self.cs.ListNodes(cpb.ListNodesRequest(state=cpb.NODE_STATE_ALIVE), timeout=5.0)).nodes
+            if len(registered) > len(live):
+                return False  # a node is still joining: it may hold the group
+            g.state, g.error = cpb.PLACEMENT_GROUP_STATE_INFEASIBLE, f"placement group {g.name or key.decode()}: {e}"
+            await self._put_group(g)
+            await self.app.bus.publish(PG_GONE_SUBJECT, g.SerializeToString())  # type: ignore[union-attr]
+            log.warning("%s", g.error)
+            return True
+        if chosen is None:
+            return False  # waits for resources to come free
+        for b, node in zip(g.bundles, chosen, strict=True):
+            b.node_id = node
+        nodes = sorted(set(chosen))
+        prepared: list[bytes] = []
+        for node in nodes:
+            if await self._reserve(node, "PREPARE", g):
+                prepared.append(node)
+            else:
+                break
+        if len(prepared) < len(nodes):
+            for node in prepared:
+                await self._reserve(node, "RETURN", g)
+            return False
+        g.state = cpb.PLACEMENT_GROUP_STATE_CREATED
+        if await self._get_group(key) is None:  # removed meanwhile
+            for node in prepared:
+                await self._reserve(node, "RETURN", g)
+            return True
+        await self._put_group(g)
+        for node in nodes:  # a commit lost here is done by the node itself (it reads the record)
+            await self._reserve(node, "COMMIT", g)
+        for node in nodes:
+            view = self.nodes.get(node)
+            if view is not None:  # until its next report
+                for b in g.bundles:
+                    if b.node_id == node:
+                        res_acquire(dict(b.resources), view.available)
+        log.info("placement group %s placed on %s", key.decode(), ", ".join(n.hex()[:8] for n in chosen))
+        return True
+
+    async def _reserve(self, node: bytes, op: str, g: cpb.PlacementGroup) -> bool:
+        msg = cpb.PlacementGroupReservation(op=op, group=g)
+        try:
+            raw = await self.app.bus.request(node_subject(node, "bundles"), msg.SerializeToString(),  # type: ignore[union-attr]
+                                             timeout=5.0)
+        except Exception as e:
+            log.warning("placement group %s: %s on node %s got no answer: %s", g.placement_group_id.hex(), op,
+                        node.hex()[:8], e)
+            return False
+        reply = cpb.PlacementGroupReservationReply.FromString(raw.data)
+        if not reply.ok:
+            log.info("placement group %s: %s on node %s refused: %s", g.placement_group_id.hex(), op, node.hex()[:8],
+                     reply.error)
+        return reply.ok
+
+    async def _remove_group(self, pg_hex: bytes) -> None:
+        """Free a group's bundles everywhere (every node returns them, stopping what runs in them), then
+        forget it."""
+        g = await self._get_group(pg_hex)
+        if g is not None:
+            g.state, g.error = cpb.PLACEMENT_GROUP_STATE_REMOVED, (
+                f"placement group {g.name or pg_hex.decode()} was removed")
+            await self._put_group(g)
+            await self.app.bus.publish(PG_GONE_SUBJECT, g.SerializeToString())  # type: ignore[union-attr]
+            if g.name:
+                await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE,
+                                                           key=(bnd.NAME_PREFIX + g.name).encode()), timeout=5.0)
+            await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE, key=pg_hex),
+                                   timeout=5.0)
+        await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE,
+                                                   key=b"remove:" + pg_hex), timeout=5.0)

@@ -25,6 +25,7 @@ import grpc.aio
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.common import auth, ids, procs, rpc
+from tessera.common import bundles as bnd
 from tessera.common.config import Settings
 from tessera.common.errors import InvalidArgumentError
 from tessera.common.names import NODES_HEARTBEAT_S, NODES_NAMESPACE, REFS_HEARTBEAT_S, REFS_NAMESPACE, REFS_STALE_S
@@ -37,7 +38,13 @@ from tessera.task_scheduler.frames import pack, read_frame
 from tessera.task_scheduler.runtime_env import ENV_VAR as RUNTIME_ENV_VAR
 from tessera.task_scheduler.runtime_env import check as check_runtime_env
 from tessera.task_scheduler.runtime_env import env_vars as runtime_env_vars
-from tessera.task_scheduler.scheduler import LOAD_SUBJECT, SPILL_SUBJECT, GlobalScheduler, node_subject
+from tessera.task_scheduler.scheduler import (
+    LOAD_SUBJECT,
+    PG_GONE_SUBJECT,
+    SPILL_SUBJECT,
+    GlobalScheduler,
+    node_subject,
+)
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
 from tessera.task_scheduler.zygote import ForkedProcess, Zygote
 
@@ -52,6 +59,10 @@ E = pb.ErrorKind
 LOAD_INTERVAL_S = 0.1
 #: How long a worker whose task was cancelled with force has to cancel what that task submitted before it is killed.
 FORCE_CANCEL_GRACE_S = 1.0
+#: How long bundles prepared for a placement group are held without a commit.
+PREPARE_TTL_S = 10.0
+#: How often a node agent compares the bundles it holds with the placement groups recorded.
+RECONCILE_S = 2.0
 ACTOR_STATES = {"ALIVE": cpb.ACTOR_STATE_ALIVE, "RESTARTING": cpb.ACTOR_STATE_RESTARTING, "DEAD": cpb.ACTOR_STATE_DEAD}
 
 
@@ -590,6 +601,92 @@ class Node:
             if ticks % 10 == 0 and self.agent.by_object:  # missed sealed events: look again
                 self.locate_objects(self.agent.waiting_objects()[:1000])
 
+    # ------------------------------------------------------------------ placement groups
+
+    async def _on_bundles(self, msg: Any) -> None:
+        """PREPARE, COMMIT or RETURN this node's bundles of a group (from the global scheduler)."""
+        try:
+            req = cpb.PlacementGroupReservation.FromString(msg.data)
+            pg = req.group.placement_group_id.hex()
+            mine = self._my_bundles(req.group)
+            if req.op == "PREPARE":
+                why = self.agent.prepare_bundles(pg, mine, time.monotonic())
+            elif req.op == "COMMIT":
+                why = self.agent.commit_bundles(pg, mine, time.monotonic())
+            elif req.op == "RETURN":
+                self.agent.return_bundles(pg, "returned by the global scheduler")
+                why = ""
+            else:
+                why = f"unknown op {req.op!r}"
+        except Exception as e:  # a message that is not one: anyone on NATS can publish
+            why = f"bad reservation: {e}"
+        reply = cpb.PlacementGroupReservationReply(ok=not why, error=why)
+        if msg.reply and self.app.bus is not None:
+            await self.app.bus.respond(msg, reply.SerializeToString())
+
+    def _my_bundles(self, group: cpb.PlacementGroup) -> dict[int, dict[str, float]]:
+        return {i: res.check_request(dict(b.resources), what=f"bundle {i}") for i, b in enumerate(group.bundles)
+                if b.node_id == self.node_id}
+
+    async def _on_group_gone(self, msg: Any) -> None:
+        group = cpb.PlacementGroup.FromString(msg.data)
+        self.agent.group_gone(group.placement_group_id.hex(), group.error or "its placement group was removed")
+
+    async def _groups(self) -> dict[str, cpb.PlacementGroup] | None:
+        """The placement groups recorded in the control store, by id in hex; None when it cannot be read."""
+        try:
+            keys = (await self.cs.KvList(cpb.KvListRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE),
+                                         timeout=5.0)).keys
+            out: dict[str, cpb.PlacementGroup] = {}
+            for k in keys:
+                if b":" in k:
+                    continue
+                try:
+                    raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE, key=k),
+                                               timeout=5.0)).value
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        continue
+                    raise
+                out[k.decode()] = cpb.PlacementGroup.FromString(raw)
+            return out
+        except Exception as e:
+            log.debug("could not read the placement groups: %s", e)
+            return None
+
+    async def _reconcile(self) -> None:
+        """The control store's records are the truth on bundles: hold (commit) those recorded here as created
+        (after a restart of this agent, or a commit lost on the way), return those of groups gone or
+        recorded elsewhere, and fail work waiting for a group that is not recorded."""
+        while True:
+            waited = set(self.agent.pg_waiting)  # waiting before the list: their groups, if any, are in it
+            groups = await self._groups()
+            if groups is not None:
+                now = time.monotonic()
+                for pg, g in groups.items():
+                    mine = self._my_bundles(g)
+                    if g.state == cpb.PLACEMENT_GROUP_STATE_CREATED and mine:
+                        why = self.agent.commit_bundles(pg, mine, now)
+                        if why:
+                            log.warning("could not hold the bundles of placement group %s: %s", pg, why)
+                for pg, r in list(self.agent.reservations.items()):
+                    rec = groups.get(pg)
+                    if rec is None or rec.state in (cpb.PLACEMENT_GROUP_STATE_REMOVED,
+                                                    cpb.PLACEMENT_GROUP_STATE_INFEASIBLE):
+                        if r.committed or rec is not None:
+                            self.agent.group_gone(pg, rec.error if rec is not None and rec.error
+                                                  else "its placement group was removed")
+                    elif rec.state == cpb.PLACEMENT_GROUP_STATE_CREATED and not self._my_bundles(rec):
+                        self.agent.return_bundles(pg, "recorded on other nodes")
+                for tid, spec in list(self.agent.pg_waiting.items()):
+                    if tid not in waited:
+                        continue
+                    missing = [p for p in bnd.groups_in(spec.resources) if p not in groups]
+                    if missing:
+                        self.agent.group_gone(missing[0], f"no placement group {missing[0]} exists")
+                self.agent.expire_prepared(now, PREPARE_TTL_S)
+            await asyncio.sleep(RECONCILE_S)
+
     # ------------------------------------------------------------------ life
 
     async def start(self) -> None:
@@ -607,10 +704,13 @@ class Node:
         await bus.subscribe(node_subject(self.node_id, "assigned"), self._on_assigned)
         await bus.subscribe(LOAD_SUBJECT, self._on_load)
         await bus.subscribe("tessera.events.objects.sealed", self._on_sealed)
+        await bus.subscribe(node_subject(self.node_id, "bundles"), self._on_bundles)
+        await bus.subscribe(PG_GONE_SUBJECT, self._on_group_gone)
         bus.on_reconnect(self._bus_back)
         self._tasks.append(asyncio.create_task(self._writer(), name="lineage-writer"))
         self._tasks.append(asyncio.create_task(self._reporter(), name="load-reporter"))
         self._tasks.append(asyncio.create_task(self._cluster_view(), name="cluster-view"))
+        self._tasks.append(asyncio.create_task(self._reconcile(), name="bundles-reconciler"))
         n = self.settings.task_scheduler_prestart_workers
         if n < 0:
             n = int(self.agent.total.get(res.CPU, 1))

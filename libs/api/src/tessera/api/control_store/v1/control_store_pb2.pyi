@@ -161,6 +161,38 @@ CHANGE_OP_LOST: ChangeOp.ValueType  # 9
 """no copy is left anywhere: rebuild from lineage"""
 Global___ChangeOp: _TypeAlias = ChangeOp  # noqa: Y015
 
+class _PlacementGroupState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlacementGroupStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlacementGroupState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLACEMENT_GROUP_STATE_UNSPECIFIED: _PlacementGroupState.ValueType  # 0
+    PLACEMENT_GROUP_STATE_PENDING: _PlacementGroupState.ValueType  # 1
+    """bundles not reserved yet"""
+    PLACEMENT_GROUP_STATE_CREATED: _PlacementGroupState.ValueType  # 2
+    """every bundle reserved on the node it names"""
+    PLACEMENT_GROUP_STATE_REMOVED: _PlacementGroupState.ValueType  # 3
+    """asked to be removed: its bundles are being freed"""
+    PLACEMENT_GROUP_STATE_INFEASIBLE: _PlacementGroupState.ValueType  # 4
+    """no set of the cluster's nodes can ever hold it (error says why)"""
+
+class PlacementGroupState(_PlacementGroupState, metaclass=_PlacementGroupStateEnumTypeWrapper):
+    """Placement groups: recorded under the kv namespace "placement_groups" (key: the group id in hex), one
+    PlacementGroup message each; the global scheduler reserves their bundles on node agents.
+    """
+
+PLACEMENT_GROUP_STATE_UNSPECIFIED: PlacementGroupState.ValueType  # 0
+PLACEMENT_GROUP_STATE_PENDING: PlacementGroupState.ValueType  # 1
+"""bundles not reserved yet"""
+PLACEMENT_GROUP_STATE_CREATED: PlacementGroupState.ValueType  # 2
+"""every bundle reserved on the node it names"""
+PLACEMENT_GROUP_STATE_REMOVED: PlacementGroupState.ValueType  # 3
+"""asked to be removed: its bundles are being freed"""
+PLACEMENT_GROUP_STATE_INFEASIBLE: PlacementGroupState.ValueType  # 4
+"""no set of the cluster's nodes can ever hold it (error says why)"""
+Global___PlacementGroupState: _TypeAlias = PlacementGroupState  # noqa: Y015
+
 @_typing.final
 class NodeInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1221,6 +1253,60 @@ class GetTasksResponse(_message.Message):
 Global___GetTasksResponse: _TypeAlias = GetTasksResponse  # noqa: Y015
 
 @_typing.final
+class ListTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.bytes
+    """empty: every job"""
+    state: Global___TaskState.ValueType
+    """UNSPECIFIED: every state"""
+    limit: _builtins.int
+    """0: 100; at most 10000"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.bytes = ...,
+        state: Global___TaskState.ValueType = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "limit", b"limit", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """more records matched than the limit"""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskRecord]:
+        """newest first (by created_ms)"""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___TaskRecord] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
 class TaskStateUpdate(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2082,3 +2168,145 @@ class WatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class Bundle(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ResourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.bytes
+    """where it is reserved (empty while pending)"""
+    @_builtins.property
+    def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        node_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Bundle: _TypeAlias = Bundle  # noqa: Y015
+
+@_typing.final
+class PlacementGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_GROUP_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    BUNDLES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
+    CREATOR_JOB_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_MS_FIELD_NUMBER: _builtins.int
+    placement_group_id: _builtins.bytes
+    """16 bytes"""
+    name: _builtins.str
+    strategy: _builtins.str
+    """PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"""
+    state: Global___PlacementGroupState.ValueType
+    detached: _builtins.bool
+    creator_job_id: _builtins.bytes
+    error: _builtins.str
+    created_ms: _builtins.int
+    @_builtins.property
+    def bundles(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bundle]: ...
+    def __init__(
+        self,
+        *,
+        placement_group_id: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+        strategy: _builtins.str = ...,
+        bundles: _abc.Iterable[Global___Bundle] | None = ...,
+        state: Global___PlacementGroupState.ValueType = ...,
+        detached: _builtins.bool = ...,
+        creator_job_id: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+        created_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles", "created_ms", b"created_ms", "creator_job_id", b"creator_job_id", "detached", b"detached", "error", b"error", "name", b"name", "placement_group_id", b"placement_group_id", "state", b"state", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementGroup: _TypeAlias = PlacementGroup  # noqa: Y015
+
+@_typing.final
+class PlacementGroupReservation(_message.Message):
+    """The global scheduler to a node agent (NATS request): reserve bundles (PREPARE: held for a while, until
+    COMMIT makes them usable), or RETURN them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    op: _builtins.str
+    """PREPARE, COMMIT, RETURN"""
+    @_builtins.property
+    def group(self) -> Global___PlacementGroup:
+        """the bundles of this node carry its id; the others are left empty"""
+
+    def __init__(
+        self,
+        *,
+        op: _builtins.str = ...,
+        group: Global___PlacementGroup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["group", b"group"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "op", b"op"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementGroupReservation: _TypeAlias = PlacementGroupReservation  # noqa: Y015
+
+@_typing.final
+class PlacementGroupReservationReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementGroupReservationReply: _TypeAlias = PlacementGroupReservationReply  # noqa: Y015

@@ -96,6 +96,11 @@ class ControlStoreServiceStub:
                 request_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.GetTasksRequest.SerializeToString,
                 response_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.GetTasksResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/tessera.control_store.v1.ControlStoreService/ListTasks',
+                request_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
         self.UpdateTaskStates = channel.unary_unary(
                 '/tessera.control_store.v1.ControlStoreService/UpdateTaskStates',
                 request_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.UpdateTaskStatesRequest.SerializeToString,
@@ -270,6 +275,13 @@ class ControlStoreServiceServicer:
 
     def GetTasks(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """The task records held now (newest first within what a scan finds), filtered by job and state: `tessera list tasks`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -457,6 +469,11 @@ def add_ControlStoreServiceServicer_to_server(servicer, server):
                     servicer.GetTasks,
                     request_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.GetTasksRequest.FromString,
                     response_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.GetTasksResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.ListTasksRequest.FromString,
+                    response_serializer=tessera_dot_control__store_dot_v1_dot_control__store__pb2.ListTasksResponse.SerializeToString,
             ),
             'UpdateTaskStates': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateTaskStates,
@@ -880,6 +897,33 @@ class ControlStoreService:
             '/tessera.control_store.v1.ControlStoreService/GetTasks',
             tessera_dot_control__store_dot_v1_dot_control__store__pb2.GetTasksRequest.SerializeToString,
             tessera_dot_control__store_dot_v1_dot_control__store__pb2.GetTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.control_store.v1.ControlStoreService/ListTasks',
+            tessera_dot_control__store_dot_v1_dot_control__store__pb2.ListTasksRequest.SerializeToString,
+            tessera_dot_control__store_dot_v1_dot_control__store__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

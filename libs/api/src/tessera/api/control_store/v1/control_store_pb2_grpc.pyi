@@ -54,6 +54,8 @@ class ControlStoreServiceStub:
     CreateTasks: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.CreateTasksRequest, _control_store_pb2.CreateTasksResponse]
     """Tasks (batched: the hot path)"""
     GetTasks: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.GetTasksRequest, _control_store_pb2.GetTasksResponse]
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.ListTasksRequest, _control_store_pb2.ListTasksResponse]
+    """The task records held now (newest first within what a scan finds), filtered by job and state: `tessera list tasks`."""
     UpdateTaskStates: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.UpdateTaskStatesRequest, _control_store_pb2.UpdateTaskStatesResponse]
     GetLineage: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.GetLineageRequest, _control_store_pb2.GetLineageResponse]
     AddObjectLocations: _grpc.UnaryUnaryMultiCallable[_control_store_pb2.AddObjectLocationsRequest, _control_store_pb2.AddObjectLocationsResponse]
@@ -103,6 +105,8 @@ class ControlStoreServiceAsyncStub(ControlStoreServiceStub):
     CreateTasks: _aio.UnaryUnaryMultiCallable[_control_store_pb2.CreateTasksRequest, _control_store_pb2.CreateTasksResponse]  # type: ignore[assignment]
     """Tasks (batched: the hot path)"""
     GetTasks: _aio.UnaryUnaryMultiCallable[_control_store_pb2.GetTasksRequest, _control_store_pb2.GetTasksResponse]  # type: ignore[assignment]
+    ListTasks: _aio.UnaryUnaryMultiCallable[_control_store_pb2.ListTasksRequest, _control_store_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """The task records held now (newest first within what a scan finds), filtered by job and state: `tessera list tasks`."""
     UpdateTaskStates: _aio.UnaryUnaryMultiCallable[_control_store_pb2.UpdateTaskStatesRequest, _control_store_pb2.UpdateTaskStatesResponse]  # type: ignore[assignment]
     GetLineage: _aio.UnaryUnaryMultiCallable[_control_store_pb2.GetLineageRequest, _control_store_pb2.GetLineageResponse]  # type: ignore[assignment]
     AddObjectLocations: _aio.UnaryUnaryMultiCallable[_control_store_pb2.AddObjectLocationsRequest, _control_store_pb2.AddObjectLocationsResponse]  # type: ignore[assignment]
@@ -221,6 +225,14 @@ class ControlStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _control_store_pb2.GetTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_store_pb2.GetTasksResponse, _abc.Awaitable[_control_store_pb2.GetTasksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _control_store_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_store_pb2.ListTasksResponse, _abc.Awaitable[_control_store_pb2.ListTasksResponse]]:
+        """The task records held now (newest first within what a scan finds), filtered by job and state: `tessera list tasks`."""
 
     @_abc_1.abstractmethod
     def UpdateTaskStates(

@@ -185,6 +185,9 @@ class TaskSpec(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_GROUPS_FIELD_NUMBER: _builtins.int
     CONCURRENCY_GROUP_FIELD_NUMBER: _builtins.int
+    SCHEDULING_STRATEGY_FIELD_NUMBER: _builtins.int
+    AFFINITY_NODE_ID_FIELD_NUMBER: _builtins.int
+    AFFINITY_SOFT_FIELD_NUMBER: _builtins.int
     RUNTIME_ENV_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
@@ -226,6 +229,12 @@ class TaskSpec(_message.Message):
     """actor creations: calls run at once in the default group (0: 1, or 1000 for an async actor)"""
     concurrency_group: _builtins.str
     """actor methods: the group this call runs in ("": the method's own, else the default)"""
+    scheduling_strategy: _builtins.str
+    """"" or "DEFAULT"; "SPREAD": across the nodes that can run it, in turn"""
+    affinity_node_id: _builtins.bytes
+    """NodeAffinitySchedulingStrategy: the node it must (or, soft, should) run on"""
+    affinity_soft: _builtins.bool
+    """the node is a preference: elsewhere when it is gone or cannot run it"""
     runtime_env: _builtins.str
     """tasks and actor creations: the runtime_env (JSON, keys sorted; working_dir and py_modules as pkg: uris);
     "": the node's own environment. Workers are pooled by it: two runtime_envs never share a process.
@@ -268,11 +277,14 @@ class TaskSpec(_message.Message):
         max_concurrency: _builtins.int = ...,
         concurrency_groups: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         concurrency_group: _builtins.str = ...,
+        scheduling_strategy: _builtins.str = ...,
+        affinity_node_id: _builtins.bytes = ...,
+        affinity_soft: _builtins.bool = ...,
         runtime_env: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "runtime_env", b"runtime_env", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "runtime_env", b"runtime_env", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
