@@ -62,3 +62,24 @@ def test_malformed_uris_and_oversized_folders_are_refused(tmp_path: Path, monkey
     monkeypatch.setattr(packages, "MAX_BYTES", 1000)
     with pytest.raises(InvalidArgumentError, match="too big to travel"):
         packages.pack(tmp_path)
+
+
+def test_a_module_folder_keeps_its_name_and_a_file_goes_alone(tmp_path: Path) -> None:
+    make(tmp_path / "a")
+    _, blob = packages.pack(tmp_path / "a" / "pkg", prefix="pkg/")
+    assert zipfile.ZipFile(io.BytesIO(blob)).namelist() == ["pkg/helper.py"]
+    uri, blob = packages.pack(tmp_path / "a" / "train.py")
+    assert zipfile.ZipFile(io.BytesIO(blob)).namelist() == ["train.py"]
+    dest = packages.unpack(uri, blob, tmp_path / "out")
+    assert (dest / "train.py").read_text() == "import pkg.helper\n"
+
+
+def test_a_zip_travels_as_it_is_and_anything_else_is_refused(tmp_path: Path) -> None:
+    z = tmp_path / "m.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("m/__init__.py", "X = 1\n")
+    uri, blob = packages.of_zip(z)
+    assert blob == z.read_bytes() and packages.key_of(uri)
+    (tmp_path / "fake.zip").write_bytes(b"not a zip")
+    with pytest.raises(InvalidArgumentError, match="is not a zip file"):
+        packages.of_zip(tmp_path / "fake.zip")

@@ -33,6 +33,7 @@ class Recorder:
         self.actor_states: list[tuple[bytes, str]] = []
         self.created: list[pb.TaskSpec] = []
         self.gpu_workers: dict[bytes, tuple[str, ...]] = {}
+        self.envs: dict[bytes, str] = {}  # the runtime_env each worker was started with
         self.interrupted: list[tuple[bytes, list[bytes], bool]] = []
 
     def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None:
@@ -43,10 +44,11 @@ class Recorder:
         if force:  # the wiring stops it (after a grace)
             self.stopped.append(worker_id)
 
-    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes:
+    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = (), runtime_env: str = "") -> bytes:
         wid = os.urandom(8)
         self.started.append(actor_id)
         self.gpu_workers[wid] = tuple(gpu_ids)
+        self.envs[wid] = runtime_env
         return wid
 
     def stop_worker(self, worker_id: bytes) -> None:
@@ -483,3 +485,103 @@ def test_cancel_of_a_running_task_interrupts_it_or_with_force_stops_its_worker(a
     assert not a.queue and len(p.delivered) == 2
     a.cancel([t2.task_id], force=False)  # finished: nothing happens
     assert len(p.delivered) == 2
+
+
+# ---------------------------------------------------------------------- runtime_env: a pool of workers per runtime_env
+
+ENV_A, ENV_B = '{"env_vars":{"X":"a"}}', '{"env_vars":{"X":"b"}}'
+
+
+def with_env(env: str) -> pb.TaskSpec:
+    t = task()
+    t.runtime_env = env
+    return t
+
+
+def test_a_runtime_env_runs_in_workers_of_its_own_and_they_are_reused(agent: Any) -> None:
+    a, p = agent
+    ta = with_env(ENV_A)
+    a.submit([ta], local=True)
+    assert not p.executed  # the default workers are idle, but they do not run a task of another runtime_env
+    (wa,) = [w for w, e in p.envs.items() if e == ENV_A]
+    a.submit([with_env(ENV_A)], local=True)
+    assert len(p.envs) == 1  # one worker starts per runtime_env at a time
+    a.worker_ready(wa)
+    assert p.executed[0] == (wa, ta)
+    a.task_done(wa, done(ta))
+    assert p.executed[1][0] == wa  # the next task of the same runtime_env reuses it
+    a.task_done(wa, done(p.executed[1][1]))
+    plain = task()
+    a.submit([plain], local=True)
+    assert p.executed[2][0] != wa and p.executed[2][1].task_id == plain.task_id  # nor does it serve plain tasks
+    tb = with_env(ENV_B)
+    a.submit([tb], local=True)
+    assert ENV_B in p.envs.values() and p.executed[-1][1].task_id != tb.task_id
+
+
+def test_a_worker_of_a_runtime_env_that_dies_starting_is_started_again(agent: Any) -> None:
+    a, p = agent
+    a.submit([with_env(ENV_A)], local=True)
+    (wa,) = p.envs
+    a.worker_died(wa, "exit code 1")
+    assert len([e for e in p.envs.values() if e == ENV_A]) == 2  # its task is still queued: another starts
+
+
+def test_at_most_workers_an_idle_worker_of_another_runtime_env_makes_room() -> None:
+    p = Recorder()
+    a = NodeAgent(HERE, {"CPU": 2.0}, p, max_workers=1)
+    a.worker_ready(b"\0" * 8)
+    a.submit([with_env(ENV_A)], local=True)
+    assert p.stopped == [b"\0" * 8] and list(p.envs.values()) == [ENV_A]
+    a.worker_died(b"\0" * 8, "stopped")  # the retired worker's exit is expected: nothing was running in it
+    assert not p.delivered
+
+
+def test_an_actor_worker_is_started_with_its_runtime_env(agent: Any) -> None:
+    a, p = agent
+    spec = pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="A",
+                       num_returns=1, actor_id=os.urandom(16), owner_node_id=HERE, owner="s1", runtime_env=ENV_B)
+    a.submit([spec], local=True)
+    assert list(p.envs.values()) == [ENV_B]
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[1]", "not a JSON object"),
+    ("{not json", "not a JSON object"),
+    ('{"pip": ["x"]}', "unknown key\\(s\\) pip; supported: env_vars, py_modules, working_dir"),
+    ('{"env_vars": {"A": 1}}', "env_vars must map names to strings"),
+    ('{"working_dir": "/home/me/code"}', "working_dir must be pkg:<sha256 hex>"),
+    ('{"py_modules": "pkg:x"}', "must be package uris"),
+])
+def test_a_spec_with_a_malformed_runtime_env_is_refused(text: str, match: str) -> None:
+    t = task()
+    t.runtime_env = text
+    with pytest.raises(InvalidArgumentError, match=match):
+        validate(t)
+
+
+def test_a_resolved_runtime_env_is_accepted() -> None:
+    t = with_env('{"env_vars":{"A":"1"},"py_modules":["pkg:' + "a" * 64 + '"],"working_dir":"pkg:' + "b" * 64 + '"}')
+    validate(t)
+
+
+def test_workers_of_a_runtime_env_idle_for_long_are_stopped() -> None:
+    import time
+
+    p = Recorder()
+    a = NodeAgent(HERE, {"CPU": 2.0}, p, env_idle_s=60.0)
+    a.worker_ready(b"\0" * 8)
+    t = with_env(ENV_A)
+    a.submit([t], local=True)
+    (wa,) = p.envs
+    a.worker_ready(wa)
+    a.task_done(wa, done(t))
+    now = time.monotonic()
+    a.tick(now + 30, peer_timeout_s=10)
+    assert not p.stopped
+    a.tick(now + 61, peer_timeout_s=10)
+    assert p.stopped == [wa] and not a.env_idle and b"\0" * 8 in a.idle  # the node's own worker stays
+    a.worker_died(wa, "stopped")
+    t2 = with_env(ENV_A)
+    a.submit([t2], local=True)
+    assert len([e for e in p.envs.values() if e == ENV_A]) == 2  # a later task of it starts a new one

@@ -23,7 +23,7 @@ from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
 from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
 from tessera.client import objects as _objects
 from tessera.client._base import ObjectClientBase
-from tessera.client._discovery import connected_to, find_cluster
+from tessera.client._discovery import connected_to
 from tessera.client.objects import ObjectRef
 from tessera.common import auth, ids, rpc
 from tessera.common.config import current_settings
@@ -49,6 +49,10 @@ class _State:
     inline_threshold: int
     cluster_key: str
     session: GrpcSession | None = None
+    #: The job's runtime_env, resolved (tasks and actors merge theirs over it); in a worker, the worker's own.
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    #: The run directory of the local cluster ``init`` started (stopped by ``shutdown``); None: it found one.
+    started: str | None = None
     _objects: ObjectClientBase | None = None
     _cs: Any = None
     _cs_channel: grpc.Channel | None = None
@@ -267,25 +271,36 @@ def _agent_address(cluster: Any, cs: cpb_grpc.ControlStoreServiceStub) -> str:
     return local[0].address
 
 
-def init(address: str | None = None, *, name: str = "", log_to_driver: bool = True) -> None:
-    """Connect this process to a Tessera cluster as a driver.
+def init(address: str | None = None, *, name: str = "", log_to_driver: bool = True,
+         runtime_env: dict[str, Any] | None = None) -> None:
+    """Connect this process to a Tessera cluster as a driver, as ``ray.init`` does.
 
     Args:
-        address: the control store's ``host:port``; None: ``TESSERA_ADDRESS``, else the
-            cluster that ``tessera up`` started on this machine (its run directory).
+        address: the control store's ``host:port``; None: ``TESSERA_ADDRESS``, else the cluster that
+            ``tessera up`` started on this machine (its run directory), else a local cluster started now
+            (one node, in a run directory of its own; stopped by ``shutdown`` or when this process exits).
+            ``"auto"``: only a running cluster (``TESSERA_ADDRESS`` or the run directory's), never a new one.
         name: a name for this driver, shown in the cluster's job table.
+        runtime_env: the job's runtime_env (``env_vars``, ``working_dir``, ``py_modules``), which its tasks
+            and actors merge theirs over.
 
     Raises:
-        ClusterNotFoundError: no address given and no running cluster found.
+        ClusterNotFoundError: ``address="auto"`` and no running cluster found.
+        ValueError, TypeError, NotImplementedError: a bad ``runtime_env`` (nothing is started or connected).
     """
     global _state
+    import tessera._starter as _starter
+    from tessera import _runtime_env
+
+    env = _runtime_env.validate(runtime_env)
     with _state_lock:
         if _state is not None:
             return
         install_from_env(DRIVER_SERVICE_NAME)  # OpenTelemetry from OTEL_*, unless the application set it up
-        cluster = find_cluster(address)
+        started, cluster, address = _starter.find_or_start(address)
         ch, cs = control_store_stub(cluster.control_store_address)
         try:
+            env = _runtime_env.resolve(env, cs, cluster.control_store_address)
             job = cs.CreateJob(cpb.CreateJobRequest(job=cpb.JobInfo(job_id=ids.new_id("job_id"),
                                                                     entrypoint=name or _entrypoint(),
                                                                     driver_address=f"pid-{os.getpid()}")),
@@ -302,13 +317,28 @@ def init(address: str | None = None, *, name: str = "", log_to_driver: bool = Tr
         st = _State(core=core, control_store_address=cluster.control_store_address,
                     object_store_address=w.object_store_address or _objects.local_object_store_address(address),
                     inline_threshold=current_settings().object_store_inline_threshold,
-                    cluster_key=cluster.control_store_address, session=session, _cs=cs, _cs_channel=ch)
+                    cluster_key=cluster.control_store_address, session=session, runtime_env=env, started=started,
+                    _cs=cs, _cs_channel=ch)
         _state = st
-        if address:
-            connected_to(address)
+        if address or started:
+            connected_to(address or cluster.control_store_address)
         _objects.escape_hook = core.escape
         _objects.counter = core.refs
         core.start_refs()
+
+
+def runtime_env_of(st: _State, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The runtime_env of a task or actor (``options["runtime_env"]``, validated, merged over this job's or
+    worker's), resolved (its packages stored in the cluster), as the text its spec carries; and ``options``
+    with its own runtime_env resolved, what a copy sent to another process carries (package uris, not paths
+    that may not exist where it lands)."""
+    from tessera import _runtime_env
+
+    own = options.get("runtime_env")
+    if not own:
+        return _runtime_env.dumps(st.runtime_env), options
+    own = _runtime_env.resolve(own, st.control_store(), st.cluster_key)
+    return _runtime_env.dumps(_runtime_env.merge(st.runtime_env, own)), {**options, "runtime_env": own}
 
 
 def connect_error(address: str, e: grpc.RpcError) -> Exception:
@@ -334,10 +364,15 @@ def _entrypoint() -> str:
 def attach_worker(core: Core, *, object_store_address: str, control_store_address: str) -> None:
     """Inside a worker process: the task API talks through the worker's own agent connection."""
     global _state
+    import json
+
+    from tessera._runtime_env import ENV_VAR
+
     with _state_lock:
         _state = _State(core=core, control_store_address=control_store_address,
                         object_store_address=object_store_address,
-                        inline_threshold=current_settings().object_store_inline_threshold, cluster_key=control_store_address)
+                        inline_threshold=current_settings().object_store_inline_threshold, cluster_key=control_store_address,
+                        runtime_env=json.loads(os.environ.get(ENV_VAR) or "{}"))
         _objects.escape_hook = core.escape
         _objects.counter = core.refs
         core.start_refs()
@@ -348,7 +383,7 @@ def is_initialized() -> bool:
 
 
 def shutdown() -> None:
-    """Disconnect this driver (its unfinished tasks are abandoned)."""
+    """Disconnect this driver (its unfinished tasks are abandoned), and stop the local cluster ``init`` started."""
     global _state
     st = _state
     if st is not None and st.session is not None:  # a driver: what it owns goes with it
@@ -381,6 +416,10 @@ def shutdown() -> None:
         st.session.close()
     if st._cs_channel is not None:
         st._cs_channel.close()
+    if st.started:
+        import tessera._starter as _starter
+
+        _starter.stop_local(st.started)
 
 
 # ---------------------------------------------------------------------- the task API
@@ -582,6 +621,14 @@ class RuntimeContext:
         if aid is None:
             raise RuntimeError("current_actor is only available inside an actor")
         return ActorHandle(bytes.fromhex(aid), None, "actor")
+
+    @property
+    def runtime_env(self) -> dict[str, Any]:
+        """The runtime_env this process runs with (Ray's ``RuntimeContext.runtime_env``): in a driver, the job's;
+        in a task or actor, its own, merged over the job's. ``working_dir`` and ``py_modules`` are package uris."""
+        import copy
+
+        return copy.deepcopy(self._st.runtime_env)
 
     def get(self) -> dict[str, Any]:
         """The ids as a dict (Ray's deprecated ``get()``)."""

@@ -25,9 +25,9 @@ K = pb.TaskKind
 T = TypeVar("T")
 
 _TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "scheduling_strategy",
-                 "retry_exceptions"}
+                 "retry_exceptions", "runtime_env"}
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "name", "namespace", "lifetime",
-                  "max_concurrency", "concurrency_groups", "max_task_retries", "scheduling_strategy"}
+                  "max_concurrency", "concurrency_groups", "max_task_retries", "scheduling_strategy", "runtime_env"}
 _METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries", "retry_exceptions"}
 #: Most calls of one actor (or one concurrency group) running at once.
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -73,6 +73,10 @@ def _check_options(opts: dict[str, Any], allowed: set[str], what: str) -> dict[s
             raise ValueError(f"resources must map names to amounts >= 0, got {r!r}")
         if {"CPU", "GPU"} & set(r):
             raise ValueError("use num_cpus / num_gpus, not resources={'CPU'|'GPU': ...}")
+    if "runtime_env" in opts:
+        from tessera._runtime_env import validate
+
+        opts["runtime_env"] = validate(opts["runtime_env"])
     if opts.get("scheduling_strategy") is not None:
         from tessera.util import scheduling_strategies
 
@@ -223,6 +227,7 @@ class RemoteFunction(Generic[T]):
         self._options = options
         self._exported = exported or _Exported(fn)
         self._templates: dict[str, pb.TaskSpec] = {}
+        self._shipped = options  # what a pickled copy carries: the options, runtime_env resolved once it is
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", "remote_function")
         self.__wrapped__ = fn
@@ -231,7 +236,7 @@ class RemoteFunction(Generic[T]):
         raise TypeError(f"remote function {self.__name__} cannot be called directly: use {self.__name__}.remote(...)")
 
     def __reduce__(self) -> tuple[Any, ...]:  # tasks that call other remote functions carry them by value
-        return (RemoteFunction, (self._fn, self._options))
+        return (RemoteFunction, (self._fn, self._shipped))
 
     def options(self, **options: Any) -> RemoteFunction[T]:
         merged = {**self._options, **_check_options(options, _TASK_OPTIONS, f"function {self.__name__}")}
@@ -243,9 +248,11 @@ class RemoteFunction(Generic[T]):
         if t is None:
             o = self._options
             gen = _generator_kind(o, self._fn)
+            env, self._shipped = _api.runtime_env_of(st, o)
             t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
                             name=o.get("name") or self._exported.name, num_returns=_num_returns(o, gen),
-                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)), generator=gen)
+                            resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)), generator=gen,
+                            runtime_env=env)
             _strategy(o, t)
             self._templates[st.cluster_key] = t
         return t
@@ -282,12 +289,13 @@ class ActorClass:
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
         self._method_options = _method_options(cls, options.get("concurrency_groups") or {})
+        self._shipped = options  # what a pickled copy carries: the options, runtime_env resolved once it is
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor class {self.__name__} cannot be instantiated directly: use {self.__name__}.remote(...)")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ActorClass, (self._cls, self._options))
+        return (ActorClass, (self._cls, self._shipped))
 
     def options(self, **options: Any) -> ActorClass:
         merged = {**self._options, **_check_options(options, _ACTOR_OPTIONS, f"actor class {self.__name__}")}
@@ -303,6 +311,7 @@ class ActorClass:
         if o.get("lifetime") not in (None, "detached", "non_detached"):
             raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {o.get('lifetime')!r}")
         max_restarts = int(o.get("max_restarts", 0))
+        env, self._shipped = _api.runtime_env_of(st, o)  # its packages stored before the actor is recorded
         groups = {g: int(n) for g, n in (o.get("concurrency_groups") or {}).items()}
         methods = sorted(n for n, _ in inspect.getmembers(self._cls, callable) if not n.startswith("__"))
         info = cpb.ActorInfo(actor_id=actor_id, job_id=st.core.job_id, name=name, namespace=namespace,
@@ -321,7 +330,8 @@ class ActorClass:
                            resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
                            actor_name=name, namespace=namespace, max_retries=0,
                            detached=o.get("lifetime") == "detached",
-                           max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups)
+                           max_concurrency=int(o.get("max_concurrency") or 0), concurrency_groups=groups,
+                           runtime_env=env)
         _strategy(o, spec)
         ready = st.core.submit(spec, nested)
         h = ActorHandle(actor_id, methods, self._exported.name, method_options=self._method_options,

@@ -64,6 +64,10 @@ class TaskUnschedulableError(TesseraSDKError):
     """No node in the cluster has the resources the task asks for."""
 
 
+class RuntimeEnvSetupError(TesseraSDKError):
+    """The worker could not set up the task's or actor's runtime_env (e.g. its packages could not be read)."""
+
+
 __all__ = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
-           "OwnerDiedError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",
-           "WorkerCrashedError"]
+           "OwnerDiedError", "RuntimeEnvSetupError", "TaskCancelledError", "TaskError", "TaskUnschedulableError",
+           "TesseraSDKError", "WorkerCrashedError"]

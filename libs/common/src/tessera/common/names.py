@@ -42,3 +42,8 @@ REFS_STALE_S = 35.0
 #: stops. ``tessera.nodes()``, ``cluster_resources()`` and ``available_resources()`` read it.
 NODES_NAMESPACE = "nodes"
 NODES_HEARTBEAT_S = 2.0
+
+#: A task worker's environment variable holding its runtime_env (JSON; the SDK's get_runtime_context reads it).
+RUNTIME_ENV_VAR = "TESSERA_RUNTIME_ENV"
+#: Under the run directory: each node's unpacked runtime_env packages (a folder per node, then per package).
+RUNTIME_RESOURCES_DIR = "runtime_resources"

@@ -27,17 +27,26 @@ _SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", "node_modules", ".mypy_cac
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def pack(folder: Path) -> tuple[str, bytes]:
-    """(uri, zip bytes) of ``folder``'s source files; the same files give the same bytes and uri."""
+def pack(folder: Path, *, prefix: str = "") -> tuple[str, bytes]:
+    """(uri, zip bytes) of ``folder``'s source files; the same files give the same bytes and uri.
+
+    ``prefix``: a folder name the files are stored under (a ``py_modules`` package keeps its own name, so
+    the unpacked root goes on ``sys.path`` and ``import <name>`` finds it)."""
+    if folder.is_file():  # one module file: stored alone, under its own name
+        return _zip([(prefix + folder.name, folder)], folder)
     files: list[tuple[str, Path]] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for n in sorted(names):
             if n.endswith(INCLUDE):
                 p = Path(root) / n
-                files.append((p.relative_to(folder).as_posix(), p))
+                files.append((prefix + p.relative_to(folder).as_posix(), p))
         if len(files) > MAX_FILES:
             raise InvalidArgumentError(f"{folder} has more than {MAX_FILES} source files: too big to travel with a job")
+    return _zip(files, folder)
+
+
+def _zip(files: list[tuple[str, Path]], folder: Path) -> tuple[str, bytes]:
     buf = io.BytesIO()
     total = 0
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -51,6 +60,17 @@ def pack(folder: Path) -> tuple[str, bytes]:
             info.external_attr = 0o644 << 16
             z.writestr(info, data, zipfile.ZIP_DEFLATED)
     blob = buf.getvalue()
+    return SCHEME + hashlib.sha256(blob).hexdigest(), blob
+
+
+def of_zip(path: Path) -> tuple[str, bytes]:
+    """(uri, bytes) of a zip file as it is (a ``working_dir`` or ``py_modules`` entry given as a .zip)."""
+    blob = path.read_bytes()
+    if len(blob) > MAX_BYTES:
+        raise InvalidArgumentError(f"{path} is larger than {MAX_BYTES // 2**20} MiB: too big to travel with a job "
+                                   "(put data in the object store)")
+    if not zipfile.is_zipfile(io.BytesIO(blob)):
+        raise InvalidArgumentError(f"{path} is not a zip file")
     return SCHEME + hashlib.sha256(blob).hexdigest(), blob
 
 

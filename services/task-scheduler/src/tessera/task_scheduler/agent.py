@@ -34,6 +34,9 @@ LOOKAHEAD = 64
 #: After an agent starts, how long until it has heard every live peer (each reports at least every second):
 #: until then a request no known node can meet waits for the nodes not heard yet, rather than failing.
 JOIN_GRACE_S = 2.0
+#: How long a worker of a runtime_env stays idle before it is stopped (the node's own workers stay): a job that
+#: ran many runtime_envs leaves no processes behind for them.
+ENV_IDLE_S = 60.0
 
 
 class Ports(Protocol):
@@ -44,7 +47,9 @@ class Ports(Protocol):
         """Tell a worker to cancel tasks it runs (and, ``recursive``, what they submitted); ``force``: the
         worker is then stopped (after a short grace in which it cancels what they submitted)."""
         ...
-    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes: ...
+    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = (), runtime_env: str = "") -> bytes:
+        """A new worker process (its id); ``runtime_env``: what it runs with, for its life (TaskSpec.runtime_env)."""
+        ...
     def stop_worker(self, worker_id: bytes) -> None: ...
     def deliver(self, owner_node: bytes, results: list[pb.TaskResult]) -> None: ...
     def spill(self, specs: list[pb.TaskSpec]) -> None: ...
@@ -68,6 +73,8 @@ class Worker:
     #: task and then exits (as Ray's GPU tasks do, which frees the GPU memory it took).
     gpu_ids: tuple[str, ...] = ()
     once: bool = False
+    #: The runtime_env it runs with ("": the node's own): it only ever runs tasks of that runtime_env.
+    env: str = ""
 
 
 @dataclass
@@ -111,7 +118,7 @@ class NodeAgent:
 
     def __init__(self, node_id: bytes, total: dict[str, float], ports: Ports, *, max_queue_per_cpu: float = 4.0,
                  unschedulable_after_s: float = 60.0, max_workers: int = 64, gpu_ids: Sequence[str] | None = None,
-                 join_grace_s: float = JOIN_GRACE_S) -> None:
+                 join_grace_s: float = JOIN_GRACE_S, env_idle_s: float = ENV_IDLE_S) -> None:
         self.node_id = node_id
         self.total = dict(total)
         self.available = dict(total)
@@ -129,6 +136,12 @@ class NodeAgent:
         self.workers: dict[bytes, Worker] = {}
         self.idle: deque[bytes] = deque()
         self.starting = 0
+        # Workers of a runtime_env run nothing else (env vars, cwd and sys.path are the process's): a pool each.
+        self.env_idle: dict[str, deque[bytes]] = {}
+        self.env_starting: dict[str, int] = {}
+        self.env_of: dict[bytes, str] = {}  # started for a runtime_env, not ready yet
+        self.idle_since: dict[bytes, float] = {}  # workers of a runtime_env: when they went idle
+        self.env_idle_s = env_idle_s
         self.queue: deque[tuple[pb.TaskSpec, dict[str, float]]] = deque()  # ready: (spec, its request)
         self.waiting: dict[bytes, tuple[pb.TaskSpec, set[bytes]]] = {}
         self.by_object: dict[bytes, set[bytes]] = {}
@@ -468,6 +481,20 @@ class NodeAgent:
         while queue and i < len(queue) and i < LOOKAHEAD:
             spec, req = queue[i]
             gpu = req.get(res.GPU)
+            if spec.runtime_env and not gpu:
+                if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
+                    i += 1
+                    continue
+                pool = self.env_idle.get(spec.runtime_env)
+                if not pool:
+                    self._grow_env(spec.runtime_env)
+                    i += 1
+                    continue
+                del queue[i]
+                wid = pool.popleft()
+                self.idle_since.pop(wid, None)
+                self._run(wid, spec, req)
+                continue
             if not gpu and not self.idle:
                 self._grow()
                 return
@@ -485,18 +512,63 @@ class NodeAgent:
             del queue[i]
             self._run(self.idle.popleft(), spec, req)
 
+    def _live(self) -> int:
+        """Task workers, running or starting."""
+        return sum(1 for w in self.workers.values() if not w.actor_id) + self.starting \
+            + sum(self.env_starting.values())
+
     def _grow(self) -> None:
-        live = sum(1 for w in self.workers.values() if not w.actor_id)
-        if self.starting == 0 and live + self.starting < self.max_workers:
+        if self.starting == 0 and (self._live() < self.max_workers or self._retire_idle("")):
             self.starting += 1
             self.ports.start_worker()
+
+    def _grow_env(self, env: str) -> None:
+        """Start a worker for tasks of runtime_env ``env`` (one at a time), making room by stopping an idle
+        worker of another runtime_env when the node has as many workers as it may."""
+        if self.env_starting.get(env, 0) or (self._live() >= self.max_workers and not self._retire_idle(env)):
+            return
+        self.env_starting[env] = self.env_starting.get(env, 0) + 1
+        self.env_of[self.ports.start_worker(runtime_env=env)] = env
+
+    def _retire_idle(self, keep: str) -> bool:
+        """Stop an idle task worker whose runtime_env is not ``keep``; whether there was one."""
+        for env, pool in [("", self.idle), *self.env_idle.items()]:
+            if env != keep and pool:
+                wid = pool.popleft()
+                self.idle_since.pop(wid, None)
+                self.workers.pop(wid, None)
+                self.retired.add(wid)  # its exit is then expected: nothing ran in it
+                self.ports.stop_worker(wid)
+                return True
+        return False
+
+    def _idle_of(self, w: Worker) -> deque[bytes]:
+        return self.env_idle.setdefault(w.env, deque()) if w.env else self.idle
+
+    def _to_idle(self, w: Worker) -> None:
+        if w.env:
+            self.idle_since[w.worker_id] = time.monotonic()
+        self._idle_of(w).append(w.worker_id)
+
+    def _stop_idle_env_workers(self, now: float) -> None:
+        """Stop the workers of a runtime_env idle for env_idle_s (a pool's oldest idle worker is its first)."""
+        for env, pool in list(self.env_idle.items()):
+            while pool and now - self.idle_since.get(pool[0], now) > self.env_idle_s:
+                wid = pool.popleft()
+                self.idle_since.pop(wid, None)
+                self.workers.pop(wid, None)
+                self.retired.add(wid)
+                self.ports.stop_worker(wid)
+            if not pool and not self.env_starting.get(env):
+                del self.env_idle[env]
+                self.env_starting.pop(env, None)
 
     def _run_on_gpus(self, spec: pb.TaskSpec, req: dict[str, float], gpus: tuple[str, ...]) -> None:
         """A GPU task runs in a worker of its own that sees only its GPUs (CUDA_VISIBLE_DEVICES is read once,
         when CUDA starts in a process), and that exits after it."""
         res.acquire(req, self.available)
-        wid = self.ports.start_worker(gpu_ids=gpus)
-        self.workers[wid] = Worker(wid, task=spec, held=req, gpu_ids=gpus, once=True)
+        wid = self.ports.start_worker(gpu_ids=gpus, runtime_env=spec.runtime_env)
+        self.workers[wid] = Worker(wid, task=spec, held=req, gpu_ids=gpus, once=True, env=spec.runtime_env)
         self.running[spec.task_id] = wid
 
     def _run(self, wid: bytes, spec: pb.TaskSpec, req: dict[str, float]) -> None:
@@ -528,7 +600,7 @@ class NodeAgent:
             return
         w = self.workers.get(wid)
         if w is None:
-            w = self.workers[wid] = Worker(wid, actor_id=actor_id)
+            w = self.workers[wid] = Worker(wid, actor_id=actor_id, env=self.env_of.pop(wid, ""))
         w.ready = True
         if w.once:
             if w.task is not None:
@@ -542,8 +614,11 @@ class NodeAgent:
             a.worker_id = wid
             self.ports.execute(wid, self._with_values(a.spec))
             return
-        self.starting = max(0, self.starting - 1)
-        self.idle.append(wid)
+        if w.env:
+            self.env_starting[w.env] = max(0, self.env_starting.get(w.env, 0) - 1)
+        else:
+            self.starting = max(0, self.starting - 1)
+        self._to_idle(w)
         self.pump()
 
     def worker_blocked(self, wid: bytes, delta: int) -> None:
@@ -583,7 +658,7 @@ class NodeAgent:
         if w.once:
             self.ports.stop_worker(wid)  # its death is then reported with nothing running in it
         else:
-            self.idle.append(wid)
+            self._to_idle(w)
         self._finish(spec, result)
         self.pump()
 
@@ -635,10 +710,17 @@ class NodeAgent:
             return
         w = self.workers.pop(wid, None)
         if w is None:
-            self.starting = max(0, self.starting - 1)
+            env = self.env_of.pop(wid, None)
+            if env:
+                self.env_starting[env] = max(0, self.env_starting.get(env, 0) - 1)
+                self.pump()  # its tasks start another
+            else:
+                self.starting = max(0, self.starting - 1)
             return
-        if wid in self.idle:
-            self.idle.remove(wid)
+        pool = self._idle_of(w)
+        self.idle_since.pop(wid, None)
+        if wid in pool:
+            pool.remove(wid)
         if w.actor_id:
             self._actor_worker_died(w, why)
             return
@@ -675,7 +757,7 @@ class NodeAgent:
             return
         a.held = dict(spec.resources)
         res.acquire(a.held, self.available)
-        self.ports.start_worker(actor_id=spec.actor_id)
+        self.ports.start_worker(actor_id=spec.actor_id, runtime_env=spec.runtime_env)
 
     def _start_gpu_actors(self) -> None:
         """Start the actors waiting for GPUs, in order, while GPU ids can be assigned to them."""
@@ -691,7 +773,7 @@ class NodeAgent:
             a.gpu_ids = gpus
             a.held = dict(a.spec.resources)
             res.acquire(a.held, self.available)
-            self.ports.start_worker(actor_id=a.spec.actor_id, gpu_ids=gpus)
+            self.ports.start_worker(actor_id=a.spec.actor_id, gpu_ids=gpus, runtime_env=a.spec.runtime_env)
 
     def _actor_call(self, spec: pb.TaskSpec) -> None:
         aid = spec.actor_id
@@ -790,7 +872,7 @@ class NodeAgent:
             a.worker_id = b""
             log.warning("actor %s died (%s); restarting (%d)", a.spec.name, why, a.restarts)
             self.ports.actor_state(a.spec.actor_id, "RESTARTING")
-            self.ports.start_worker(actor_id=a.spec.actor_id, gpu_ids=a.gpu_ids)
+            self.ports.start_worker(actor_id=a.spec.actor_id, gpu_ids=a.gpu_ids, runtime_env=a.spec.runtime_env)
             return
         self._actor_dead(a, f"its process died ({why}) and it has no restarts left")
 
@@ -971,7 +1053,10 @@ class NodeAgent:
                 self._route(retry, local=True)
 
     def tick(self, now: float, *, peer_timeout_s: float, spill_ack_s: float = 5.0) -> None:
-        """Periodic: forget silent peers, re-spill unassigned work, fail what no node can ever run."""
+        """Periodic: forget silent peers, re-spill unassigned work, fail what no node can ever run, stop the
+        workers of a runtime_env idle for long."""
+        if self.env_idle:
+            self._stop_idle_env_workers(now)
         for nid, p in list(self.peers.items()):
             if now - p.seen > peer_timeout_s:
                 del self.peers[nid]

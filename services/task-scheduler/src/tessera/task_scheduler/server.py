@@ -36,6 +36,9 @@ from tessera.task_scheduler import placement
 from tessera.task_scheduler import resources as res
 from tessera.task_scheduler.agent import NodeAgent, error_result
 from tessera.task_scheduler.frames import pack, read_frame
+from tessera.task_scheduler.runtime_env import ENV_VAR as RUNTIME_ENV_VAR
+from tessera.task_scheduler.runtime_env import check as check_runtime_env
+from tessera.task_scheduler.runtime_env import env_vars as runtime_env_vars
 from tessera.task_scheduler.scheduler import (
     LOAD_SUBJECT,
     PG_GONE_SUBJECT,
@@ -105,6 +108,8 @@ def validate(spec: pb.TaskSpec) -> None:
         elif a.WhichOneof("kind") is None:
             raise InvalidArgumentError(f"task {spec.name!r}: an argument has neither a value nor an object id")
     res.check_request(dict(spec.resources), what=f"task {spec.name!r}")
+    if spec.runtime_env:
+        check_runtime_env(spec.runtime_env)
 
 
 class Node:
@@ -234,9 +239,9 @@ class Node:
 
     # ------------------------------------------------------------------ workers (Ports)
 
-    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = ()) -> bytes:
+    def start_worker(self, *, actor_id: bytes = b"", gpu_ids: Sequence[str] = (), runtime_env: str = "") -> bytes:
         wid = os.urandom(8)
-        self._tasks.append(asyncio.create_task(self._spawn(wid, actor_id, tuple(gpu_ids))))
+        self._tasks.append(asyncio.create_task(self._spawn(wid, actor_id, tuple(gpu_ids), runtime_env)))
         return wid
 
     def _worker_env(self) -> dict[str, str]:
@@ -252,19 +257,28 @@ class Node:
             except (OSError, ValueError) as e:
                 log.warning("could not start the worker template (workers start as new processes): %s", e)
 
-    async def _new_worker(self, wid: bytes, actor_id: bytes,
-                          gpu_ids: tuple[str, ...] = ()) -> asyncio.subprocess.Process | ForkedProcess:
+    async def _new_worker(self, wid: bytes, actor_id: bytes, gpu_ids: tuple[str, ...] = (),
+                          runtime_env: str = "") -> asyncio.subprocess.Process | ForkedProcess:
         """A worker process: forked from the template (started on first use), else a fresh interpreter.
 
         A worker for a task or actor that holds GPUs sees only those (``CUDA_VISIBLE_DEVICES``, as in Ray);
-        ``TESSERA_GPU_IDS`` says which they are (``tessera.get_gpu_ids()``), empty for none."""
+        ``TESSERA_GPU_IDS`` says which they are (``tessera.get_gpu_ids()``), empty for none. A worker of a
+        runtime_env has its ``env_vars`` set (in a fresh interpreter, never a fork, when there are any) and
+        ``TESSERA_RUNTIME_ENV`` holding it (the worker unpacks its packages before it says hello)."""
         # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
         own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
                "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids)}
         if gpu_ids:
             own["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        fresh = False
+        if runtime_env:
+            env_vars = runtime_env_vars(runtime_env)
+            own = {**env_vars, **own, RUNTIME_ENV_VAR: runtime_env}
+            # Variables read when a library loads or the interpreter starts (OMP_NUM_THREADS, PYTHONPATH, ...)
+            # would come too late in a fork of the template, which made its imports already.
+            fresh = bool(env_vars)
         await self._start_zygote()
-        if self.zygote.alive:
+        if self.zygote.alive and not fresh:
             try:
                 return await self.zygote.fork(own)
             except OSError as e:
@@ -273,9 +287,9 @@ class Node:
             sys.executable, "-m", "tessera.task_scheduler.worker", env={**self._worker_env(), **own},
             stdin=asyncio.subprocess.DEVNULL)
 
-    async def _spawn(self, wid: bytes, actor_id: bytes, gpu_ids: tuple[str, ...] = ()) -> None:
+    async def _spawn(self, wid: bytes, actor_id: bytes, gpu_ids: tuple[str, ...] = (), runtime_env: str = "") -> None:
         try:
-            proc = await self._new_worker(wid, actor_id, gpu_ids)
+            proc = await self._new_worker(wid, actor_id, gpu_ids, runtime_env)
         except (OSError, ValueError) as e:
             log.error("could not start a worker: %s", e)
             self._worker_gone(wid, actor_id, f"could not start: {e}")

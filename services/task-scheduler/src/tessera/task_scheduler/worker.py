@@ -50,6 +50,7 @@ from tessera.common.config import Settings
 from tessera.common.errors import TesseraError
 from tessera.common.serialization import deserialize, serialize
 from tessera.common.telemetry import context_from_traceparent, flush_tracing, setup_tracing, shutdown_tracing
+from tessera.task_scheduler import runtime_env
 from tessera.task_scheduler.frames import FrameError, SocketConnection
 
 log = logging.getLogger("tessera.worker")
@@ -98,6 +99,8 @@ class Worker:
         # a cancel asks the main thread to raise KeyboardInterrupt: a SIGINT sent to that thread wakes it from
         # a blocking call (a sleep, a wait), which an exception set from another thread would not
         self.interrupt_pending = False
+        #: Why this worker's runtime_env could not be set up: every task given to it fails with it.
+        self.setup_error: Exception | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -268,6 +271,8 @@ class Worker:
         self.core.job_id = spec.job_id
         self.core.current_task = spec.task_id
         try:
+            if self.setup_error is not None:
+                raise self.setup_error
             args, kwargs = self.arguments(spec)
             if spec.kind == K.TASK_KIND_ACTOR_CREATE:
                 cls = self.load(spec.function_id)
@@ -522,6 +527,42 @@ def _status(e: Exception) -> str:
     return "UNAVAILABLE"
 
 
+def _setup_runtime_env(settings: Settings) -> Exception | None:
+    """This worker's runtime_env (``TESSERA_RUNTIME_ENV``) set up, its packages read from the control store's KV
+    into this node's cache; what went wrong, as the RuntimeEnvSetupError its tasks then fail with."""
+    text = os.environ.get(runtime_env.ENV_VAR, "")
+    if not text:
+        return None
+    from tessera.common import packages
+    from tessera.common.names import RUNTIME_RESOURCES_DIR
+    from tessera.common.registry import control_store_stub
+    from tessera.exceptions import RuntimeEnvSetupError
+
+    channels: list[grpc.Channel] = []
+
+    def fetch(uri: str) -> bytes:
+        ch, stub = control_store_stub(settings.control_store_address)
+        channels.append(ch)
+        try:
+            return bytes(stub.KvGet(cpb.KvGetRequest(namespace=packages.NAMESPACE, key=packages.key_of(uri)),
+                                    timeout=60.0).value)
+        except grpc.RpcError as e:
+            raise RuntimeEnvSetupError(f"package {uri} could not be read from the control store: "
+                                       f"{e.code().name} {e.details()}") from None  # type: ignore[attr-defined]
+
+    cache = settings.run_dir / RUNTIME_RESOURCES_DIR / os.environ.get("TESSERA_NODE_ID", "node")[:16]
+    try:
+        runtime_env.setup(text, cache, fetch)
+        return None
+    except RuntimeEnvSetupError as e:
+        return e
+    except Exception as e:
+        return RuntimeEnvSetupError(f"the runtime_env could not be set up: {type(e).__name__}: {e}")
+    finally:
+        for ch in channels:
+            ch.close()
+
+
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
@@ -533,6 +574,7 @@ def main() -> None:
                                             token=auth.client_token(settings))))
     welcome = conn.recv().welcome
     w = Worker(conn, settings, worker_id, actor_id)
+    w.setup_error = _setup_runtime_env(settings)
     signal.signal(signal.SIGINT, w.on_sigint)
     w.core.node_id = welcome.node_id
     _api.attach_worker(w.core, object_store_address=welcome.object_store_address,
