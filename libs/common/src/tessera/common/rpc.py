@@ -454,8 +454,12 @@ class ServerCallMetrics(grpc.aio.ServerInterceptor):
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, failed = time.perf_counter(), True
             try:
-                async for item in inner_s(request, context):
-                    yield item
+                out = inner_s(request, context)
+                if hasattr(out, "__aiter__"):
+                    async for item in out:
+                        yield item
+                else:  # a handler that writes with context.write (or aborts) is a plain coroutine
+                    await out
                 failed = False
             finally:
                 record(start, context, failed)
