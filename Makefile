@@ -9,7 +9,7 @@ PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/compiler services/gpu-scheduler services/serving services/gateway
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-all chaos soak lint typecheck protos check-protos compose-config k8s-validate bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
+.PHONY: install demo test test-long test-all chaos soak lint typecheck protos check-protos compose-config k8s-validate bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: install
 
 test: install check-protos
 	$(PY) -m pytest -q
+
+# the longest e2e tests, kept out of `make test` so it stays near 15 minutes on 2 cores; CI runs them too
+test-long: install
+	$(PY) -m pytest -q -m long
 
 test-all: install
 	$(PY) -m pytest -q -m ''

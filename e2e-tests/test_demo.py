@@ -102,6 +102,7 @@ def check_story(otlp: Any, poll_until: Callable[..., Any], stdout: str, trace_id
     assert not any("grpc.health" in s.name for s in otlp.spans), "health checks are not traced"
 
 
+@pytest.mark.long
 def test_demo_story_is_one_connected_trace(gpu_stack: Cluster, otlp: Any, poll: Callable[..., Any]) -> None:
     stdout, trace_id = run_demo(gpu_stack, "--small")
     check_story(otlp, poll, stdout, trace_id)

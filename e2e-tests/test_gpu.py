@@ -116,6 +116,7 @@ def test_bad_input_gets_clear_errors(client: GpuClient) -> None:
     assert client.list() == []
 
 
+@pytest.mark.long
 def test_time_slicing_three_jobs_on_two_slots_all_progress_then_packing_is_tried(client: GpuClient) -> None:
     ids = [client.submit(entry_point=ENTRY, args=["100000", str(i), "", "0.01"], name=f"ts{i}") for i in range(3)]
     poll_until(lambda: all(client.status(j).step > 0 for j in ids), timeout=150, what="all three jobs progressed")
@@ -138,6 +139,7 @@ def _timeline(stack: Stack, jid: str) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
+@pytest.mark.long
 def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:
     ref = _reference(tmp_path, 150, 3)
     out = tmp_path / "out.pt"
@@ -167,6 +169,7 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
     assert max(t for ev, t in dst if ev == "process") < stopped < max(t for ev, t in dst if ev == "restored")
 
 
+@pytest.mark.long
 def test_killed_agent_requeues_from_last_checkpoint(client: GpuClient, gpu_stack: Stack, tmp_path: Path) -> None:
     ref = _reference(tmp_path, 400, 5)
     out = tmp_path / "out.pt"
@@ -219,6 +222,7 @@ def _gpus_seen(c: GpuClient, jid: str) -> float:
     return float(c.status(jid).metrics.get("gpus", 0.0))
 
 
+@pytest.mark.long
 @pytest.mark.timeout(900)  # a stack of its own, and jobs that start one after the other
 def test_an_elastic_job_grows_when_idle_and_shrinks_when_another_waits(elastic_client: GpuClient, tmp_path: Path) -> None:
     c = elastic_client
@@ -246,6 +250,7 @@ def test_an_elastic_job_grows_when_idle_and_shrinks_when_another_waits(elastic_c
     assert _same(ref, torch.load(out))  # growing and shrinking changed nothing in what it computed
 
 
+@pytest.mark.long
 @pytest.mark.timeout(900)
 def test_early_feedback_stops_and_deprioritizes_poor_group_members(elastic_client: GpuClient) -> None:
     c = elastic_client

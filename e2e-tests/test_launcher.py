@@ -27,6 +27,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return out
 
 
+@pytest.mark.long
 def test_up_uses_given_nats_and_starts_two_redis_shards(tmp_path: Path, nats_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
     env.update(TESSERA_RUN_DIR=str(tmp_path), TESSERA_NATS_URL=nats_url)

@@ -293,6 +293,7 @@ def test_records_are_collected_with_their_objects(cluster: Cluster) -> None:
             time.sleep(0.2)
 
 
+@pytest.mark.long
 def test_driver_tables_stay_flat_over_many_tasks(cluster: Cluster) -> None:
     @tessera.remote
     def noop(i: int) -> int:

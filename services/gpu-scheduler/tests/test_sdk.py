@@ -46,6 +46,7 @@ def _events(fd: int):  # type: ignore[no-untyped-def]
             yield json.loads(line)
 
 
+@pytest.mark.long
 def test_suspended_and_resumed_job_ends_with_identical_weights(tmp_path: Path) -> None:
     from tessera.gpu_scheduler.examples import train
 
@@ -139,6 +140,7 @@ def test_named_pipe_channel_and_resize_at_a_boundary(tmp_path: Path) -> None:
         os.close(ctl_fd)
 
 
+@pytest.mark.long
 def test_a_migration_target_started_ahead_waits_for_the_checkpoint_and_ends_identical(tmp_path: Path) -> None:
     from tessera.gpu_scheduler.examples import train
 
