@@ -147,3 +147,25 @@ async def test_list_actors_by_state(store: ControlStore) -> None:
     assert [x.actor_id for x in await store.list_actors(A.ACTOR_STATE_PENDING)] == [a.actor_id]
     assert [x.actor_id for x in await store.list_actors(A.ACTOR_STATE_ALIVE)] == [b.actor_id]
     assert sorted(x.actor_id for x in await store.list_actors()) == sorted([a.actor_id, b.actor_id])
+
+
+async def test_a_restart_elsewhere_is_claimed_once(store: ControlStore, snapshot) -> None:  # type: ignore[no-untyped-def]
+    """Two schedulers see the actor's node die: the conditional update lets only the first restart it."""
+    dead, other = ids.new_id("node_id"), ids.new_id("node_id")
+    a = await store.create_actor(actor(max_restarts=2))
+    await store.update_actor(a.actor_id, A.ACTOR_STATE_ALIVE, node_id=dead, address="10.0.0.2:9000",
+                             creation_spec=b"the creation task")
+    r = await store.update_actor(a.actor_id, A.ACTOR_STATE_RESTARTING, if_node_id=dead, clear_node=True)
+    assert (r.state, r.restarts, r.node_id, r.address, r.creation_spec) == (
+        A.ACTOR_STATE_RESTARTING, 1, b"", "", b"the creation task")
+    before = snapshot()
+    with pytest.raises(FailedPreconditionError, match=f"recorded on node \\(none\\), not {dead.hex()}"):
+        await store.update_actor(a.actor_id, A.ACTOR_STATE_RESTARTING, if_node_id=dead, clear_node=True)
+    assert snapshot() == before
+    back = await store.update_actor(a.actor_id, A.ACTOR_STATE_ALIVE, node_id=other)
+    assert (back.node_id, back.restarts) == (other, 1)
+    with pytest.raises(FailedPreconditionError, match=f"recorded on node {other.hex()}, not {dead.hex()}"):
+        await store.update_actor(a.actor_id, A.ACTOR_STATE_DEAD, if_node_id=dead)
+    with pytest.raises(InvalidArgumentError, match="either node_id or clear_node"):
+        await store.update_actor(a.actor_id, A.ACTOR_STATE_RESTARTING, node_id=other, clear_node=True)
+    assert (await store.get_actor(a.actor_id)).state == A.ACTOR_STATE_ALIVE

@@ -35,6 +35,7 @@ class Recorder:
         self.gpu_workers: dict[bytes, tuple[str, ...]] = {}
         self.envs: dict[bytes, str] = {}  # the runtime_env each worker was started with
         self.interrupted: list[tuple[bytes, list[bytes], bool]] = []
+        self.recorded_specs: list[pb.TaskSpec] = []
 
     def execute(self, worker_id: bytes, spec: pb.TaskSpec) -> None:
         self.executed.append((worker_id, spec))
@@ -75,8 +76,10 @@ class Recorder:
     def record_created(self, specs: list[pb.TaskSpec]) -> None:
         self.created += specs
 
-    def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
+    def actor_state(self, actor_id: bytes, state: str, cause: str = "", spec: pb.TaskSpec | None = None) -> None:
         self.actor_states.append((actor_id, state))
+        if spec is not None:
+            self.recorded_specs.append(spec)
 
 
 def task(cpus: float = 1, *, args: list[pb.Arg] | None = None, retries: int = 0, **res_: float) -> pb.TaskSpec:
@@ -585,3 +588,51 @@ def test_workers_of_a_runtime_env_idle_for_long_are_stopped() -> None:
     t2 = with_env(ENV_A)
     a.submit([t2], local=True)
     assert len([e for e in p.envs.values() if e == ENV_A]) == 2  # a later task of it starts a new one
+
+# ---------------------------------------------------------------------- actors whose node dies
+
+
+def actor_create(actor_id: bytes, *, restarts: int = 0, max_restarts: int = 1) -> pb.TaskSpec:
+    return pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_CREATE, function_id=b"c" * 32, name="C.__init__",
+                       num_returns=1, actor_id=actor_id, max_restarts=max_restarts, owner_node_id=THERE, owner="s9",
+                       actor_restarts=restarts)
+
+
+def actor_call(actor_id: bytes) -> pb.TaskSpec:
+    return pb.TaskSpec(task_id=os.urandom(16), kind=K.TASK_KIND_ACTOR_METHOD, function_id=b"c" * 32, name="C.m",
+                       num_returns=1, actor_id=actor_id, method="m", owner_node_id=HERE, owner="s1")
+
+
+def test_calls_in_flight_to_a_lost_node_fail_and_later_calls_look_the_actor_up_again(agent: Any) -> None:
+    a, p = agent
+    a.peer_load(NodeView(THERE, incarnation="x", total={"CPU": 4}, available={"CPU": 4}))
+    aid = os.urandom(16)
+    a.actor_located(aid, THERE)
+    call = actor_call(aid)
+    a.submit([call], local=True)
+    assert p.forwarded[-1] == (THERE, call)
+    a.tick(a.peers[THERE].seen + 10, peer_timeout_s=3)  # THERE went silent
+    (_, failed), = [(n, r) for n, r in p.delivered if r.task_id == call.task_id]
+    assert failed.error.kind == E.ERROR_KIND_ACTOR_DIED and f"node {THERE.hex()} was lost" in failed.error.message
+    located: list[bytes] = []
+    p.locate_actor = located.append  # type: ignore[method-assign]
+    a.submit([actor_call(aid)], local=True)
+    assert located == [aid] and len(p.forwarded) == 1  # not sent to the lost node again
+
+
+def test_an_actor_restarted_here_records_nothing_again_and_counts_its_restarts(agent: Any) -> None:
+    a, p = agent
+    first, again = os.urandom(16), os.urandom(16)
+    for aid, restarts in ((first, 0), (again, 1)):
+        spec = actor_create(aid, restarts=restarts)
+        a.submit([spec], local=False)
+        wid = os.urandom(8)
+        a.worker_ready(wid, actor_id=aid)
+        a.task_done(wid, done(spec))
+    # the first start records the creation task (what is resubmitted if this node dies) and answers its owner;
+    # a restart from elsewhere does neither
+    assert [s.actor_id for s in p.recorded_specs] == [first]
+    assert [r.task_id for _, r in p.delivered] == [a.actors[first].spec.task_id]
+    assert a.actors[again].restarts == 1
+    a.worker_died(a.actors[again].worker_id, "killed")  # max_restarts=1, used on the other node
+    assert a.actors[again].state == "DEAD" and "no restarts left" in a.actors[again].cause

@@ -135,7 +135,9 @@ class ControlStoreServicer(pb_grpc.ControlStoreServiceServicer):
 
     async def UpdateActor(self, request: pb.UpdateActorRequest, context: Ctx) -> pb.UpdateActorResponse:
         actor = await self.store.update_actor(request.actor_id, request.state, node_id=request.node_id,
-                                              address=request.address, death_cause=request.death_cause)
+                                              address=request.address, death_cause=request.death_cause,
+                                              creation_spec=request.creation_spec, if_node_id=request.if_node_id,
+                                              clear_node=request.clear_node)
         return pb.UpdateActorResponse(actor=actor)
 
     # kv

@@ -645,14 +645,26 @@ class ControlStore:
         return [a for a in await self.actors.all() if not state or a.state == state]
 
     async def update_actor(self, actor_id: bytes, state: int, *, node_id: bytes = b"", address: str = "",
-                           death_cause: str = "") -> pb.ActorInfo:
+                           death_cause: str = "", creation_spec: bytes = b"", if_node_id: bytes = b"",
+                           clear_node: bool = False) -> pb.ActorInfo:
+        """Move an actor to ``state``. ``if_node_id`` makes it conditional on the node it is recorded on (a
+        compare-and-set: of the schedulers that see its node die, only the first restarts it); ``clear_node``
+        forgets its node and address (it is being restarted elsewhere)."""
         idc.check_id("actor_id", actor_id)
         if node_id:
             idc.check_id("node_id", node_id)
+        if if_node_id:
+            idc.check_id("node_id", if_node_id, field="if_node_id")
+        if clear_node and node_id:
+            raise InvalidArgumentError("give either node_id or clear_node, not both")
         transitions.check(transitions.ACTOR, pb.ActorState, "actor", actor_id.hex(), state, state)
         now = self.clock()
 
         def mutate(_: int, cur: pb.ActorInfo) -> pb.ActorInfo:
+            if if_node_id and cur.node_id != if_node_id:
+                raise FailedPreconditionError(
+                    f"actor {actor_id.hex()} is recorded on node {cur.node_id.hex() or '(none)'}, "
+                    f"not {if_node_id.hex()}")
             transitions.check(transitions.ACTOR, pb.ActorState, "actor", actor_id.hex(), cur.state, state)
             if state == pb.ACTOR_STATE_RESTARTING and cur.state != state:
                 if cur.max_restarts != -1 and cur.restarts >= cur.max_restarts:
@@ -660,12 +672,16 @@ class ControlStore:
                         f"actor {actor_id.hex()} has used all {cur.max_restarts} restarts; mark it DEAD")
                 cur.restarts += 1
             cur.state = state  # type: ignore[assignment]
+            if clear_node:
+                cur.node_id, cur.address = b"", ""
             if node_id:
                 cur.node_id = node_id
             if address:
                 cur.address = address
             if death_cause:
                 cur.death_cause = death_cause
+            if creation_spec:
+                cur.creation_spec = creation_spec
             cur.updated_ms = now
             return cur
 

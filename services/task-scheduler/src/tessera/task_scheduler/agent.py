@@ -58,7 +58,7 @@ class Ports(Protocol):
     def locate_objects(self, object_ids: list[bytes]) -> None: ...
     def locate_actor(self, actor_id: bytes) -> None: ...
     def record_created(self, specs: list[pb.TaskSpec]) -> None: ...
-    def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None: ...
+    def actor_state(self, actor_id: bytes, state: str, cause: str = "", spec: pb.TaskSpec | None = None) -> None: ...
 
 
 @dataclass
@@ -151,7 +151,8 @@ class NodeAgent:
         self.actors: dict[bytes, Actor] = {}
         self.actor_nodes: dict[bytes, bytes] = {}  # remote actors: actor id -> node id
         self.actor_waiting: dict[bytes, list[pb.TaskSpec]] = {}  # calls to actors not located yet
-        self.forwarded_calls: dict[bytes, bytes] = {}  # calls to actors elsewhere: task id -> node id
+        # calls to actors elsewhere, for owners here: task id -> (node id, the call)
+        self.forwarded_calls: dict[bytes, tuple[bytes, pb.TaskSpec]] = {}
         self.dead_actors: dict[bytes, str] = {}
         self.owned_remote: dict[bytes, tuple[bytes, str]] = {}  # actors placed elsewhere for local owners
         self.spilled: dict[bytes, tuple[pb.TaskSpec, bytes, float]] = {}  # task id -> (spec, node or b"", when)
@@ -748,7 +749,7 @@ class NodeAgent:
         old = self.actors.get(spec.actor_id)
         if old is not None and old.state != "DEAD":
             return  # a duplicate creation (resubmitted after a reconnect)
-        a = self.actors[spec.actor_id] = Actor(spec)
+        a = self.actors[spec.actor_id] = Actor(spec, restarts=spec.actor_restarts)
         for call in self.actor_waiting.pop(spec.actor_id, []):
             a.queue.append(call)
         if spec.resources.get(res.GPU):
@@ -791,7 +792,7 @@ class NodeAgent:
         node = self.actor_nodes.get(aid)
         if node is not None and node != self.node_id:
             if spec.owner_node_id == self.node_id:
-                self.forwarded_calls[spec.task_id] = node
+                self.forwarded_calls[spec.task_id] = (node, spec)
             self.ports.forward(node, [spec])
             return
         first = aid not in self.actor_waiting
@@ -800,7 +801,8 @@ class NodeAgent:
             self.ports.locate_actor(aid)
 
     def actor_located(self, actor_id: bytes, node_id: bytes, *, dead: str = "") -> None:
-        """Where an actor lives (from the control store), or that it is dead."""
+        """Where an actor lives (from the control store), or that it is dead. An actor restarted on another
+        node (its node died) is found here again: its owner's record follows it."""
         if not dead and node_id == self.node_id and actor_id not in self.actors:
             # The record says here, but this agent does not host it (restarted): the actor is gone.
             dead = "its node agent restarted"
@@ -811,6 +813,9 @@ class NodeAgent:
                 self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {dead}"))
             return
         self.actor_nodes[actor_id] = node_id
+        owned = self.owned_remote.get(actor_id)
+        if owned is not None:
+            self.owned_remote[actor_id] = (node_id, owned[1])
         for c in calls:
             self._actor_call(c)
 
@@ -841,8 +846,10 @@ class NodeAgent:
                 return
             first = a.state == "PENDING"
             a.state = "ALIVE"
-            self.ports.actor_state(spec.actor_id, "ALIVE")
-            if first:
+            # the first start on this node records the creation task with the actor: what a scheduler submits
+            # again should this node die
+            self.ports.actor_state(spec.actor_id, "ALIVE", spec=spec if first and not spec.actor_restarts else None)
+            if first and not spec.actor_restarts:  # a restart elsewhere: its owner had this result long ago
                 self._finish(spec, result)
         else:
             self._finish(spec, result)
@@ -949,7 +956,7 @@ class NodeAgent:
             if self._cancel_actor_call(tid, recursive=recursive):
                 continue
             entry = self.spilled.get(tid)
-            node = entry[1] if entry is not None else self.forwarded_calls.get(tid, b"")
+            node = entry[1] if entry is not None else self.forwarded_calls.get(tid, (b"",))[0]
             if node:
                 self.ports.control(node, pb.Control(cancel=[tid], force=force, recursive=recursive))
 
@@ -1031,10 +1038,19 @@ class NodeAgent:
                 self._fail_infeasible(spec)
 
     def _node_lost(self, node_id: bytes, why: str) -> None:
+        """Work placed on a node that is gone is placed again; calls sent to its actors fail (as in Ray, a call
+        in flight to an actor whose node died raises ActorDiedError), and later calls look the actors up again
+        (a scheduler restarts them elsewhere, when they have restarts left)."""
         self._place_again(lambda node: node == node_id, f"placed on node {node_id.hex()[:8]}, and {why}")
         for aid, node in list(self.actor_nodes.items()):
             if node == node_id:
                 del self.actor_nodes[aid]
+        for tid, (node, call) in list(self.forwarded_calls.items()):
+            if node == node_id:
+                del self.forwarded_calls[tid]
+                self._finish(call, error_result(call, E.ERROR_KIND_ACTOR_DIED,
+                                                f"the actor's node {node_id.hex()} was lost while it ran {call.name} "
+                                                f"({why})"))
         self.pump()
 
     def messages_lost(self) -> None:

@@ -5,6 +5,12 @@ queue length over CPUs plus the time to move the arguments that node lacks
 (object locations and sizes from the control store) — forwards the task there,
 and tells the spilling agent where it went (so the agent can place it again if
 that node dies).
+
+It also restarts actors whose node died (as Ray's GCS actor manager does): it
+watches the nodes the control store marks DEAD, and submits again the creation
+task of each actor recorded on one, while the actor has restarts left. Its only
+state is the control store's (a restarted or second replica carries on; a
+conditional update makes each restart happen once).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ GLOBAL_QUEUE = "task-scheduler-global"
 PG_GONE_SUBJECT = "tessera.sched.pg.gone"
 #: How often the global scheduler looks for placement groups to place or remove.
 PG_POLL_S = 0.2
+#: How often it looks for dead nodes whose actors are to be restarted (also woken by each node's death).
+ACTOR_POLL_S = 1.0
+NODE_DEAD_SUBJECT = "tessera.events.nodes.dead"
 
 
 def node_subject(node_id: bytes, what: str) -> str:
@@ -59,6 +68,9 @@ class GlobalScheduler:
         await bus.subscribe(SPILL_SUBJECT, self._on_spill, queue=GLOBAL_QUEUE)
         self._tasks.append(asyncio.create_task(self._sweep()))
         self._tasks.append(asyncio.create_task(self._placement_groups()))
+        self._node_died = asyncio.Event()
+        await bus.subscribe(NODE_DEAD_SUBJECT, self._on_node_dead)
+        self._tasks.append(asyncio.create_task(self._actor_restarts()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -136,6 +148,77 @@ class GlobalScheduler:
                 else:
                     keep.append((spec, origin, since))
             self.parked = keep
+
+    # ------------------------------------------------------------------ actors of dead nodes
+
+    async def _on_node_dead(self, msg: Any) -> None:
+        self._node_died.set()
+
+    async def _actor_restarts(self) -> None:
+        """Restart (or declare dead) the actors of every node the control store marks DEAD. A dead node is
+        done once its actors are all handled; after a restart of this process every dead node is looked at
+        again (what was handled is skipped: its actors are no longer recorded there)."""
+        done: set[bytes] = set()
+        started_ms = int(time.time() * 1000)
+        orphans_checked = False
+        while True:
+            try:
+                await asyncio.wait_for(self._node_died.wait(), ACTOR_POLL_S)
+            except TimeoutError:
+                pass
+            self._node_died.clear()
+            try:
+                dead = {n.node_id for n in (await self.cs.ListNodes(cpb.ListNodesRequest(state=cpb.NODE_STATE_DEAD),
+                                                                    timeout=5.0)).nodes}
+                new = dead - done
+                if not new and orphans_checked:
+                    continue
+                actors = (await self.cs.ListActors(cpb.ListActorsRequest(), timeout=10.0)).actors
+                ok = True
+                for a in actors:
+                    if a.state in (cpb.ACTOR_STATE_ALIVE, cpb.ACTOR_STATE_RESTARTING) and a.node_id in new:
+                        ok = await self._restart_actor(a) and ok
+                    elif not orphans_checked and a.state == cpb.ACTOR_STATE_RESTARTING and not a.node_id \
+                            and a.updated_ms < started_ms and a.creation_spec:
+                        # claimed by a scheduler that stopped before it submitted the restart
+                        await self._resubmit(a)
+                orphans_checked = True
+                if ok:
+                    done |= new
+            except Exception as e:
+                log.warning("restarting the actors of dead nodes: %s", e)
+
+    async def _restart_actor(self, a: cpb.ActorInfo) -> bool:
+        """Claim the restart of an actor whose node died (or mark it DEAD), then submit its creation task
+        again. False when it could not be handled now (the control store did not answer)."""
+        node = a.node_id
+        spec, cause = restart_plan(a)
+        state = cpb.ACTOR_STATE_DEAD if spec is None else cpb.ACTOR_STATE_RESTARTING
+        try:
+            rec = (await self.cs.UpdateActor(cpb.UpdateActorRequest(
+                actor_id=a.actor_id, state=state, death_cause=cause, if_node_id=node, clear_node=spec is not None),
+                timeout=5.0)).actor
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return True  # handled by another replica, or it moved meanwhile
+            log.warning("could not restart actor %s: %s", a.actor_id.hex(), e.details())
+            return False
+        if spec is None:
+            log.warning("actor %s (%s) is dead: %s", a.actor_id.hex(), a.name or "unnamed", cause)
+            return True
+        spec.actor_restarts = rec.restarts
+        log.warning("actor %s (%s): its node %s died; restarting it elsewhere (restart %d of %s)", a.actor_id.hex(),
+                    a.name or spec.name, node.hex()[:8], rec.restarts,
+                    "unlimited" if a.max_restarts < 0 else a.max_restarts)
+        await self._place([spec], b"")
+        return True
+
+    async def _resubmit(self, a: cpb.ActorInfo) -> None:
+        spec = pb.TaskSpec.FromString(a.creation_spec)
+        strip_placement(spec)
+        spec.actor_restarts = a.restarts
+        log.warning("actor %s (%s): submitting its restart again", a.actor_id.hex(), a.name or spec.name)
+        await self._place([spec], b"")
 
     # ------------------------------------------------------------------ placement groups
 
@@ -257,3 +340,25 @@ class GlobalScheduler:
                                    timeout=5.0)
         await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=bnd.PLACEMENT_GROUPS_NAMESPACE,
                                                    key=b"remove:" + pg_hex), timeout=5.0)
+
+
+def strip_placement(spec: pb.TaskSpec) -> None:
+    """A restart goes to any node that can run the actor: a soft node affinity (its node is gone) and SPREAD
+    (the owner's agent applies it) are dropped."""
+    spec.affinity_node_id, spec.affinity_soft, spec.scheduling_strategy = b"", False, ""
+
+
+def restart_plan(a: cpb.ActorInfo) -> tuple[pb.TaskSpec | None, str]:
+    """What becomes of an actor whose node died: its creation task to submit again (restarts left), or None
+    and why it is dead. Ray's rules: max_restarts -1 restarts forever; a node affinity that is not soft pins
+    it to the dead node."""
+    where = f"its node {a.node_id.hex()} died"
+    if a.max_restarts >= 0 and a.restarts >= a.max_restarts:
+        return None, f"{where}, and it has no restarts left (max_restarts={a.max_restarts}, restarts={a.restarts})"
+    if not a.creation_spec:
+        return None, f"{where} before its creation task was recorded"
+    spec = pb.TaskSpec.FromString(a.creation_spec)
+    if spec.affinity_node_id == a.node_id and not spec.affinity_soft:
+        return None, f"{where}, and NodeAffinitySchedulingStrategy(soft=False) pins it there"
+    strip_placement(spec)
+    return spec, ""

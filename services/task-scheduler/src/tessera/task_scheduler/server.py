@@ -439,9 +439,10 @@ class Node:
         for spec in specs:
             self._recorded[spec.task_id] = spec
 
-    def actor_state(self, actor_id: bytes, state: str, cause: str = "") -> None:
+    def actor_state(self, actor_id: bytes, state: str, cause: str = "", spec: pb.TaskSpec | None = None) -> None:
         req = cpb.UpdateActorRequest(actor_id=actor_id, state=ACTOR_STATES[state], node_id=self.node_id,
-                                     address=self.app.address, death_cause=cause)
+                                     address=self.app.address, death_cause=cause,
+                                     creation_spec=spec.SerializeToString() if spec is not None else b"")
         self._tasks.append(asyncio.create_task(self._update_actor(req)))
 
     async def _update_actor(self, req: cpb.UpdateActorRequest) -> None:
@@ -481,7 +482,10 @@ class Node:
                 if a.state == cpb.ACTOR_STATE_DEAD:
                     self.agent.actor_located(actor_id, b"", dead=a.death_cause or "dead")
                     return
-                if a.node_id and a.state in (cpb.ACTOR_STATE_ALIVE, cpb.ACTOR_STATE_RESTARTING):
+                # a node this agent lost (or never heard from) is not trusted: the actor's record still names
+                # it until its node is declared dead and the actor restarted elsewhere
+                if a.node_id and a.state in (cpb.ACTOR_STATE_ALIVE, cpb.ACTOR_STATE_RESTARTING) \
+                        and (a.node_id == self.node_id or a.node_id in self.agent.peers):
                     self.agent.actor_located(actor_id, a.node_id)
                     return
             await asyncio.sleep(delay)

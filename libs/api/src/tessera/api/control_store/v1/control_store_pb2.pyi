@@ -587,6 +587,7 @@ class ActorInfo(_message.Message):
     DEATH_CAUSE_FIELD_NUMBER: _builtins.int
     CREATED_MS_FIELD_NUMBER: _builtins.int
     UPDATED_MS_FIELD_NUMBER: _builtins.int
+    CREATION_SPEC_FIELD_NUMBER: _builtins.int
     actor_id: _builtins.bytes
     """16 bytes"""
     job_id: _builtins.bytes
@@ -603,6 +604,10 @@ class ActorInfo(_message.Message):
     death_cause: _builtins.str
     created_ms: _builtins.int
     updated_ms: _builtins.int
+    creation_spec: _builtins.bytes
+    """its creation task (a tessera.api.task_scheduler.v1.TaskSpec), recorded by the node it first runs on: what is
+    submitted again to restart it on another node when its node dies
+    """
     def __init__(
         self,
         *,
@@ -619,10 +624,11 @@ class ActorInfo(_message.Message):
         death_cause: _builtins.str = ...,
         created_ms: _builtins.int = ...,
         updated_ms: _builtins.int = ...,
+        creation_spec: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "address", b"address", "class_function_id", b"class_function_id", "created_ms", b"created_ms", "death_cause", b"death_cause", "job_id", b"job_id", "max_restarts", b"max_restarts", "name", b"name", "namespace", b"namespace", "node_id", b"node_id", "restarts", b"restarts", "state", b"state", "updated_ms", b"updated_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "address", b"address", "class_function_id", b"class_function_id", "created_ms", b"created_ms", "creation_spec", b"creation_spec", "death_cause", b"death_cause", "job_id", b"job_id", "max_restarts", b"max_restarts", "name", b"name", "namespace", b"namespace", "node_id", b"node_id", "restarts", b"restarts", "state", b"state", "updated_ms", b"updated_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1811,11 +1817,22 @@ class UpdateActorRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     DEATH_CAUSE_FIELD_NUMBER: _builtins.int
+    CREATION_SPEC_FIELD_NUMBER: _builtins.int
+    IF_NODE_ID_FIELD_NUMBER: _builtins.int
+    CLEAR_NODE_FIELD_NUMBER: _builtins.int
     actor_id: _builtins.bytes
     state: Global___ActorState.ValueType
     node_id: _builtins.bytes
     address: _builtins.str
     death_cause: _builtins.str
+    creation_spec: _builtins.bytes
+    """set: recorded as ActorInfo.creation_spec"""
+    if_node_id: _builtins.bytes
+    """set: the update applies only while the actor is recorded on this node (FAILED_PRECONDITION otherwise), so
+    that of several schedulers handling one node's death only one restarts each of its actors
+    """
+    clear_node: _builtins.bool
+    """forget its node and address (restarting elsewhere: no node hosts it until it is ALIVE)"""
     def __init__(
         self,
         *,
@@ -1824,10 +1841,13 @@ class UpdateActorRequest(_message.Message):
         node_id: _builtins.bytes = ...,
         address: _builtins.str = ...,
         death_cause: _builtins.str = ...,
+        creation_spec: _builtins.bytes = ...,
+        if_node_id: _builtins.bytes = ...,
+        clear_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "address", b"address", "death_cause", b"death_cause", "node_id", b"node_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "address", b"address", "clear_node", b"clear_node", "creation_spec", b"creation_spec", "death_cause", b"death_cause", "if_node_id", b"if_node_id", "node_id", b"node_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

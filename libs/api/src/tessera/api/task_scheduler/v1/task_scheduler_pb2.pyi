@@ -190,6 +190,7 @@ class TaskSpec(_message.Message):
     AFFINITY_NODE_ID_FIELD_NUMBER: _builtins.int
     AFFINITY_SOFT_FIELD_NUMBER: _builtins.int
     RUNTIME_ENV_FIELD_NUMBER: _builtins.int
+    ACTOR_RESTARTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
     job_id: _builtins.bytes
@@ -244,6 +245,10 @@ class TaskSpec(_message.Message):
     """tasks and actor creations: the runtime_env (JSON, keys sorted; working_dir and py_modules as pkg: uris);
     "": the node's own environment. Workers are pooled by it: two runtime_envs never share a process.
     """
+    actor_restarts: _builtins.int
+    """actor creations: 0 the first; else a restart on another node after the actor's node died, and the restarts
+    it has had (counted against max_restarts there); its result is not delivered to the owner again
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arg]: ...
     @_builtins.property
@@ -287,10 +292,11 @@ class TaskSpec(_message.Message):
         affinity_node_id: _builtins.bytes = ...,
         affinity_soft: _builtins.bool = ...,
         runtime_env: _builtins.str = ...,
+        actor_restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "runtime_env", b"runtime_env", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "actor_restarts", b"actor_restarts", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "runtime_env", b"runtime_env", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
