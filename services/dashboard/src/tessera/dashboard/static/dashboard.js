@@ -19,7 +19,9 @@
       const series = [{}].concat(spec.series.map((s, i) => ({ label: s.label, stroke: colors[i % colors.length], width: 2 })));
       const data = [spec.x].concat(spec.series.map((s) => s.y));
       // one point (or all at one time) gets a minute around it, not uPlot's default span of years
-      const x = { time: true, range: (u, min, max) => (min === max ? [min - 30, max + 30] : [min, max]) };
+      const lo = Math.min(...spec.x), hi = Math.max(...spec.x);
+      const pad = hi - lo < 60 ? (60 - (hi - lo)) / 2 : 0;
+      const x = { time: true, auto: false, range: [lo - pad, hi + pad] };
       const opts = { title: spec.title, width: Math.min(900, main.clientWidth - 20), height: 220, series: series,
                      scales: { x: x } };
       new uPlot(opts, data, box);
