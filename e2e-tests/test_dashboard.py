@@ -247,6 +247,14 @@ def test_serving_page(browser: Any, url: str, workload: dict[str, Any]) -> None:
     assert int(cells[3]) >= 20  # requests, from the replicas' /metrics
     assert re.fullmatch(r"\d+\.\d{3}", cells[4]) and re.fullmatch(r"\d+\.\d{3}", cells[5])  # p50, p99 in ms
     assert float(cells[4]) <= float(cells[5])
+    from tessera.serving import Client as ServingClient
+
+    with ServingClient(cluster_address=workload["address"]) as serving:
+        stats = serving.stats()
+    replica = tab.get_by_test_id("serving-replicas").locator("tr", has_text=stats.http_address).inner_text()
+    cells = replica.split("\t")
+    assert cells[3] == str(stats.pipelines) and cells[4].startswith(f"{stats.param_arrays} (")  # shared, kept once
+    assert cells[7] == str(stats.rows_computed)
     _shot(tab, "serving")
     tab.close()
 

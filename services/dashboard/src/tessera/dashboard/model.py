@@ -38,6 +38,8 @@ class Source(Protocol):
 
     def scrape(self, metrics_address: str) -> str: ...
 
+    def serving_stats(self, address: str) -> dict[str, Any] | None: ...
+
 
 def trace_id(traceparent: str) -> str:
     """The trace id (32 hex digits) in a W3C ``traceparent`` ("version-traceid-spanid-flags"), or "" when there is
@@ -217,9 +219,15 @@ def serving_page(src: Source) -> dict[str, Any]:
         p["requests"] = int(max(b.values())) if b else 0
         p["p50_ms"] = _ms(quantile(b, 0.5))
         p["p99_ms"] = _ms(quantile(b, 0.99))
-    return {"pipelines": pipelines, "replicas": [{"address": r["address"], "http_address": r["http_address"],
-                                                  "metrics_address": r["metrics_address"]} for r in replicas],
-            "replicas_scraped": scraped}
+    rows = []
+    for r in replicas:
+        stats = src.serving_stats(r["address"])
+        if stats is not None:  # featurizations shared between the pipelines of a batch: work saved
+            done = stats["rows_computed"] + stats["rows_reused"]
+            stats["reused_share"] = stats["rows_reused"] / done if done else None
+        rows.append({"address": r["address"], "http_address": r["http_address"],
+                     "metrics_address": r["metrics_address"], "stats": stats})
+    return {"pipelines": pipelines, "replicas": rows, "replicas_scraped": scraped}
 
 
 def _ms(seconds: float | None) -> float | None:

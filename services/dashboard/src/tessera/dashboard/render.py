@@ -188,10 +188,19 @@ def serving(m: dict[str, Any]) -> str:
     rows = table(["pipeline", "operators", "latency budget ms", "requests", "p50 ms", "p99 ms"],
                  ([_e(p["name"]), _e(p["operators"]), _e(p["latency_budget_ms"]), _e(p["requests"]),
                    num(p["p50_ms"], "{:.3f}"), num(p["p99_ms"], "{:.3f}")] for p in m["pipelines"]), test_id="pipelines")
-    reps = table(["replica", "HTTP", "metrics"],
+    def stats(r: dict[str, Any]) -> list[str]:
+        s = r["stats"]
+        if s is None:
+            return ["-"] * 6
+        share = "-" if s["reused_share"] is None else f"{100 * s['reused_share']:.0f}%"
+        return [_e(s["pipelines"]), f"{_e(s['param_arrays'])} ({size(s['param_bytes'])})", size(s["table_bytes"]),
+                _e(s["batches"]), _e(s["rows_computed"]), f"{_e(s['rows_reused'])} ({share})"]
+
+    reps = table(["replica", "HTTP", "metrics", "pipelines", "shared parameters (each kept once)", "vocabulary tables",
+                  "batches", "rows featurized", "featurizations reused"],
                  ([_e(r["address"]), _e(r["http_address"] or "-"),
-                   link(f"http://{r['metrics_address']}/metrics", "metrics") if r["metrics_address"] else "-"]
-                  for r in m["replicas"]), test_id="serving-replicas")
+                   link(f"http://{r['metrics_address']}/metrics", "metrics") if r["metrics_address"] else "-",
+                   *stats(r)] for r in m["replicas"]), test_id="serving-replicas")
     return (f'<section class="stats">{stat("pipelines", len(m["pipelines"]), "pipelines-total")}'
             f'{stat("replicas", len(m["replicas"]), "serving-replicas-total")}</section>'
             f"<h2>Pipelines</h2>{rows}<p class=\"note\">p50/p99: the replicas' request duration histograms "

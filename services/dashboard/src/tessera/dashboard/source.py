@@ -15,9 +15,11 @@ import grpc
 from tessera._state import MAX_LIMIT, list_state
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.gpu_scheduler.v1 import gpu_scheduler_pb2 as gpb
+from tessera.api.serving.v1 import serving_pb2 as spb
+from tessera.api.serving.v1 import serving_pb2_grpc as spb_grpc
 from tessera.client import Client
 from tessera.client._discovery import ClusterNotFoundError
-from tessera.common.rpc import health_status
+from tessera.common.rpc import health_status, stream_channel
 from tessera.dashboard.model import StoreUnavailable, trace_id
 
 #: The control store's key-value namespace where the GPU scheduler keeps one JobInfo per job.
@@ -73,6 +75,17 @@ class ControlStoreSource:
         except (grpc.RpcError, ConnectionError) as e:
             raise self._unavailable(e) from None
         return [_gpu_row(gpb.JobInfo.FromString(r)) for r in raws]
+
+    def serving_stats(self, address: str) -> dict[str, Any] | None:
+        """A serving replica's figures (GetStats), or None when it does not answer (left out)."""
+        try:
+            with stream_channel(address) as ch:
+                s = spb_grpc.ServingServiceStub(ch).GetStats(spb.GetStatsRequest(), timeout=2.0)
+        except grpc.RpcError:
+            return None
+        return {"pipelines": s.pipelines, "param_arrays": s.param_arrays, "param_bytes": s.param_bytes,
+                "table_bytes": s.table_bytes, "plan_bytes": s.plan_bytes, "batches": s.batches,
+                "rows_computed": s.rows_computed, "rows_reused": s.rows_reused}
 
     def scrape(self, metrics_address: str) -> str:
         """A replica's Prometheus exposition, or "" when it does not answer (its figures are left out)."""
