@@ -53,10 +53,15 @@ def build(settings: Settings) -> ServiceApp:
     async def start() -> None:
         assert app.bus is not None
         await app.bus.subscribe(EVENTS, on_event)
-        host = settings.grpc_host or "0.0.0.0"
+        host = (settings.grpc_host or "0.0.0.0").strip("[]")  # the HTTP server listens beside the gRPC one
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, settings.dashboard_port))
+        try:
+            sock.bind((host, settings.dashboard_port))
+        except OSError as e:
+            sock.close()
+            raise SystemExit(f"dashboard: cannot listen on {host}:{settings.dashboard_port} ({e.strerror}); "
+                             "choose another port with TESSERA_DASHBOARD_PORT (0: a free one)") from None
         port = sock.getsockname()[1]
         srv = _Server(uvicorn.Config(web, log_level="warning", access_log=False, lifespan="off",
                                      timeout_graceful_shutdown=1))
