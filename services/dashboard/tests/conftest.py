@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,12 @@ def store(nats_srv: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
             yield s
         finally:
             s.stop()
+
+
+@pytest.fixture
+def service_env(store: Store) -> Callable[..., dict[str, str]]:
+    """The environment of a service process in front of ``store``, with ``extra`` variables."""
+    return lambda **extra: _env(store.nats_url, store.redis_url, store.port, **extra)
 
 
 @dataclass

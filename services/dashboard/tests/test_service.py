@@ -84,3 +84,19 @@ def test_banner_while_the_control_store_is_down(dashboard: Any, store: Any) -> N
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert dashboard.proc.poll() is None
+
+
+def test_a_port_already_taken_is_one_line_naming_it(service_env: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tessera.dashboard"], capture_output=True, text=True, timeout=60,
+                           env=service_env(TESSERA_DASHBOARD_PORT=str(port), TESSERA_GRPC_PORT="0"))
+    assert r.returncode == 1
+    assert f"dashboard: cannot listen on 127.0.0.1:{port} (Address already in use)" in r.stderr
+    assert "TESSERA_DASHBOARD_PORT" in r.stderr and "Traceback" not in r.stderr
