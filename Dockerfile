@@ -3,7 +3,7 @@
 #   docker build --target control-store -t tessera/control-store:0.1.0 .      # a stock Docker (BuildKit)
 #   docker compose up -d --build                                             # all of them, via docker-compose.yml
 #
-# Targets: control-store, task-scheduler, compiler, gpu-scheduler, serving, gateway, node
+# Targets: control-store, task-scheduler, compiler, gpu-scheduler, serving, gateway, dashboard, node
 # (`tessera node`: object store, task-scheduler node agent and GPU node agent in one container)
 # and object-store (standalone). One file rather than one per image because the images share
 # everything but their last stage: the base, the third-party wheels, the venv layers and the
@@ -57,7 +57,8 @@ COPY services /src/services
 # Serving needs no torch: a torch model reaches it as dense stages, never as torch code.
 RUN cd /src && mkdir /requirements \
  && python3 deploy/image/requirements.py libs/api libs/common libs/sdk services/control-store \
-      services/object-store services/task-scheduler services/gateway services/serving >/requirements/core.txt \
+      services/object-store services/task-scheduler services/gateway services/serving services/dashboard \
+      >/requirements/core.txt \
  && python3 deploy/image/requirements.py services/compiler services/gpu-scheduler >/requirements/torch.txt \
  && python3 deploy/image/requirements.py libs/api libs/common libs/sdk services/* >/requirements/all.txt
 
@@ -110,7 +111,7 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheels \
 RUN cd /src && SOURCE_DATE_EPOCH=315532800 /opt/build/bin/pip wheel -q --no-cache-dir --no-deps \
       --no-build-isolation --no-index --wheel-dir /wheels libs/api libs/common libs/sdk services/control-store \
       services/object-store services/task-scheduler services/compiler services/gpu-scheduler services/serving \
-      services/gateway
+      services/gateway services/dashboard
 
 # ---------------------------------------------------------------------------------------------
 # The images. Each copies only its own distributions' wheels (tessera-[0-9]* is the SDK), installs
@@ -188,6 +189,18 @@ ARG HTTP_PORT=8000
 ENV TESSERA_GRPC_HOST=0.0.0.0 TESSERA_GRPC_PORT=${GRPC_PORT} TESSERA_GATEWAY_HTTP_PORT=${HTTP_PORT}
 EXPOSE ${GRPC_PORT} ${HTTP_PORT}
 CMD ["tessera-gateway"]
+
+# The dashboard (HTTP on 8265, as Ray's): reads the control store with the SDK's state API.
+FROM venv AS dashboard
+COPY --from=tessera-wheels /wheels/tessera_api-* /wheels/tessera_common-* /wheels/tessera-[0-9]* \
+     /wheels/tessera_dashboard-* /tmp/wheels/
+RUN pip install -q --no-cache-dir --no-index --no-deps /tmp/wheels/*.whl && pip check && rm -rf /tmp/wheels
+USER 10001:10001
+ARG GRPC_PORT=50059
+ARG HTTP_PORT=8265
+ENV TESSERA_GRPC_HOST=0.0.0.0 TESSERA_GRPC_PORT=${GRPC_PORT} TESSERA_DASHBOARD_PORT=${HTTP_PORT}
+EXPOSE ${GRPC_PORT} ${HTTP_PORT}
+CMD ["tessera-dashboard"]
 
 # One node: `tessera node` supervises an object store (50052, raw transfers on 50058), a
 # task-scheduler node agent (50053) and a GPU node agent (50057) under one node id, sharing

@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PACKAGES := libs/api libs/common libs/testing libs/sdk \
             services/control-store services/object-store services/task-scheduler \
-            services/compiler services/gpu-scheduler services/serving services/gateway
+            services/compiler services/gpu-scheduler services/serving services/gateway \
+            services/dashboard
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: install demo test test-long test-all chaos soak lint typecheck protos check-protos compose-config k8s-validate bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler up down status clean
+.PHONY: install demo test test-long test-all chaos soak lint typecheck protos check-protos compose-config k8s-validate bench bench-objects bench-tasks bench-serving bench-gpu bench-compiler dashboard-test up down status clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +34,10 @@ test-long: install
 test-all: install
 	$(PY) -m pytest -q -m ''
 
+# the dashboard in a real browser (Debian's chromium, driven by Playwright): a stack, a workload, every page.
+dashboard-test: install
+	$(PY) -m pytest -q -s -m browser e2e-tests/test_dashboard.py
+
 # kill -9 each process of a loaded two-node cluster in turn (TESSERA_CHAOS_REPORT: where the JSON report goes).
 chaos: install
 	$(PY) -m pytest -q -s -m chaos e2e-tests/test_chaos.py
@@ -45,7 +50,7 @@ lint: install
 	$(VENV)/bin/ruff check libs services e2e-tests examples benchmarks scripts
 
 typecheck: install
-	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/task-scheduler/src services/serving/src services/gpu-scheduler/src services/compiler/src services/gateway/src
+	$(VENV)/bin/mypy libs/common/src libs/sdk/src services/control-store/src services/object-store/src services/task-scheduler/src services/serving/src services/gpu-scheduler/src services/compiler/src services/gateway/src services/dashboard/src
 
 protos: install
 	$(PY) scripts/gen_protos.py

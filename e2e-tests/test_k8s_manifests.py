@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 TARGETS = ["base", "overlays/dev", "overlays/gpu"]
 HEAD = {"control-store": 50051, "task-scheduler": 50053, "compiler": 50054, "gpu-scheduler": 50055,
-        "serving": 50056, "gateway": 50050}
+        "serving": 50056, "gateway": 50050, "dashboard": 50059}
 # what scripts/compose_secrets.sh writes: the generator reads these names
 SECRET_FILES = {
     "auth_token": "test-token\n",
@@ -127,6 +127,9 @@ def test_head_services_are_deployments_with_grpc_probes_and_services(rendered: d
     assert env(serving)["TESSERA_SERVING_HTTP_PORT"] == "8000"
     (gateway,) = deployments["gateway"]["spec"]["template"]["spec"]["containers"]
     assert env(gateway)["TESSERA_GATEWAY_HTTP_PORT"] == "8000"
+    (dashboard,) = deployments["dashboard"]["spec"]["template"]["spec"]["containers"]
+    assert env(dashboard)["TESSERA_DASHBOARD_PORT"] == "8265"
+    assert sorted(p["port"] for p in services["dashboard"]["spec"]["ports"]) == [8265, 50059]
 
 
 @pytest.mark.parametrize("target", TARGETS)

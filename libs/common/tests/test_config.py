@@ -28,7 +28,7 @@ def test_defaults() -> None:
     assert s.instance_ttl_s == 15
     assert s.run_dir == Path.home() / ".tessera" / "run" == default_run_dir()
     assert s.log_level == "INFO"
-    assert len(SERVICES) == 6 and "control-store" in SERVICES
+    assert len(SERVICES) == 7 and "dashboard" in SERVICES and "control-store" in SERVICES
 
 
 def test_redis_urls_comma_separated_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tessera.common.names import REFS_STALE_S
@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     # serving (white-box pipelines; HTTP/JSON beside gRPC; one stage scheduler per replica)
     gateway_http_port: int = Field(0, ge=0, le=65535, description="gateway: port of the HTTP relay to serving "
                                    "replicas' HTTP front ends; 0 picks a free one")
+    dashboard_port: int = Field(8265, ge=0, le=65535, description="dashboard: HTTP port (Ray's 8265); 0 picks a "
+                                "free one")
+    jaeger_ui_url: str = Field("", validation_alias=AliasChoices("TESSERA_JAEGER_UI_URL", "JAEGER_UI_URL"),
+                               description="dashboard: base URL of Jaeger's UI (http://host:16686), to link each "
+                               "task and request to its trace; empty shows trace ids unlinked")
     serving_http_port: int = Field(0, ge=0, le=65535, description="serving: HTTP/JSON port; 0 picks a free one")
     serving_workers: int = Field(2, gt=0, description="serving: executor threads that run batches of stages")
     serving_max_batch: int = Field(64, gt=0, description="serving: most records the scheduler puts in one batch")

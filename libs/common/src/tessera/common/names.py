@@ -6,7 +6,7 @@ The supervisor that ``tessera up`` leaves running needs only these and
 
 from __future__ import annotations
 
-#: The six services, by their canonical (dashed) names.
+#: The services, by their canonical (dashed) names: the six of the platform, then the dashboard (optional).
 SERVICES: tuple[str, ...] = (
     "control-store",
     "object-store",
@@ -14,6 +14,7 @@ SERVICES: tuple[str, ...] = (
     "compiler",
     "gpu-scheduler",
     "serving",
+    "dashboard",
 )
 
 #: The file in the run directory where ``tessera up`` writes what it started and where.

@@ -101,7 +101,8 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
         else:
             port = procs.free_port()
             ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}",
-                           metrics_port=procs.free_port()))
+                           metrics_port=procs.free_port(),
+                           http_port=dashboard_port(settings) if name == "dashboard" else 0))
     if gpus_per_node and "gpu-scheduler" in services:  # a node agent per node (the gpu-scheduler with the node's id)
         for i, node in enumerate(node_ids):
             port = procs.free_port()
@@ -110,6 +111,21 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
     cs = next(p for p in ps if p.name == "control-store")
     return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
                    control_store_address=cs.address, procs=ps, started=time.time())
+
+
+def dashboard_port(settings: Settings) -> int:
+    """The dashboard's port: TESSERA_DASHBOARD_PORT (8265, as Ray's) when it is free here, else a free one (another
+    cluster on this machine has it)."""
+    port = settings.dashboard_port
+    if port and not procs.port_open("127.0.0.1", port):
+        return port
+    return procs.free_port()
+
+
+def dashboard_url(cluster: Cluster) -> str:
+    """Where the dashboard ``tessera up`` started serves, or "" when it started none."""
+    p = next((p for p in cluster.procs if p.service == "dashboard" and p.http_port), None)
+    return f"http://{p.address.rsplit(':', 1)[0]}:{p.http_port}" if p else ""
 
 
 def _health(p: Proc) -> str:
@@ -274,6 +290,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         for p in cluster.procs:
             if p.service == "object-store":
                 print(f"object store capacity of node {p.node_id[:8]}: {size.describe()}")
+    if url := dashboard_url(cluster):
+        print(f"\nDashboard: {url}")
     print(f"\nTessera is up: control store at {cluster.control_store_address}; `tessera down` stops it.")
     return EXIT_OK
 
@@ -302,13 +320,17 @@ def _remote_status(address: str, as_json: bool) -> int:
 
     alive = [n for n in nodes if n.state == cpb.NODE_STATE_ALIVE]
     healthy = bool(rows) and all(r["health"] == "SERVING" for r in rows)
+    dashboards = [f"http://{i.http_address}" for i in instances if i.service == "dashboard" and i.http_address]
     if as_json:
         print(json.dumps({"running": True, "healthy": healthy, "address": address, "processes": rows,
+                          "dashboard_url": dashboards[0] if dashboards else "",
                           "nodes": [{"node_id": n.node_id.hex(), "address": n.address, "alive": n in alive,
                                      "object_store_address": n.object_store_address} for n in nodes]}, indent=2))
     else:
         print(_table(rows))
         print(f"\n{len(nodes)} node(s) ({len(alive)} alive): " + ", ".join(n.node_id.hex()[:8] for n in nodes))
+        for url in dashboards:
+            print(f"Dashboard: {url}")
     return EXIT_OK if healthy else EXIT_UNHEALTHY
 
 
@@ -332,9 +354,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps({"running": True, "healthy": healthy, "run_dir": str(run.path), "supervisor_pid": sup,
                           "control_store_address": cluster.control_store_address, "nats_url": redact(cluster.nats_url),
                           "redis_urls": [redact(u) for u in cluster.redis_urls], "auth": cluster.auth,
-                          "processes": rows}, indent=2))
+                          "dashboard_url": dashboard_url(cluster), "processes": rows}, indent=2))
     else:
         print(_table(rows))
+        if url := dashboard_url(cluster):
+            print(f"\nDashboard: {url}")
     return EXIT_OK if healthy else EXIT_UNHEALTHY
 
 

@@ -144,7 +144,7 @@ class Node:
         self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
         self._recorded: dict[bytes, pb.TaskSpec] = {}  # submitted here, not finished: lineage to write
         # finished tasks to record: spec, state, node, and when and on which worker it ran (start, end, worker)
-        self._finished: list[tuple[pb.TaskSpec, int, bytes, tuple[int, int, bytes]]] = []
+        self._finished: list[tuple[pb.TaskSpec, int, bytes, tuple[int, int, bytes], str]] = []
         self._flush_scheduled = False
         self._writes = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -390,7 +390,7 @@ class Node:
             if spec is not None:  # lineage: each task is recorded once, when it is done
                 failed = r.HasField("error")
                 self._finished.append((spec, cpb.TASK_STATE_FAILED if failed else cpb.TASK_STATE_FINISHED, r.node_id,
-                                       (r.start_us, r.end_us, r.worker_id)))
+                                       (r.start_us, r.end_us, r.worker_id), error_text(r.error) if failed else ""))
                 self._writes.set()
             put = self.sessions.get(r.owner)
             if put is not None:
@@ -500,10 +500,14 @@ class Node:
             self._writes.clear()
             done, self._finished = self._finished, []
             groups: dict[tuple[int, bytes], list[cpb.TaskSpec]] = {}
-            for spec, state, node, (start_us, end_us, worker_id) in done:
+            errors: list[cpb.TaskStateUpdate] = []
+            for spec, state, node, (start_us, end_us, worker_id), error in done:
                 rec = lineage_record(spec)
                 rec.start_us, rec.end_us, rec.worker_id = start_us, end_us, worker_id
                 groups.setdefault((state, node), []).append(rec)
+                if error:
+                    errors.append(cpb.TaskStateUpdate(task_id=spec.task_id, state=state, node_id=node,  # type: ignore[arg-type]
+                                                      error=error))
             for (state, node), specs in groups.items():
                 for i in range(0, len(specs), 2000):
                     try:
@@ -511,6 +515,11 @@ class Node:
                                                                          node_id=node, replace=True), timeout=30.0)
                     except Exception as e:
                         log.warning("could not record %d finished task(s): %s", len(specs[i:i + 2000]), e)
+            for i in range(0, len(errors), 2000):  # a failed task's record says why (tessera list, the dashboard)
+                try:
+                    await self.cs.UpdateTaskStates(cpb.UpdateTaskStatesRequest(updates=errors[i:i + 2000]), timeout=30.0)
+                except Exception as e:
+                    log.warning("could not record why %d task(s) failed: %s", len(errors[i:i + 2000]), e)
 
     # ------------------------------------------------------------------ NATS
 
@@ -786,6 +795,17 @@ class _SocketSink:
         batch, self.batch = self.batch, []
         if batch and not self.writer.is_closing():
             self.writer.write(pack(pb.ServerFrame(results=batch)))
+
+
+#: The most of a failure's text kept in its task's record (a traceback; the whole error travels in the result).
+MAX_ERROR_CHARS = 16_000
+
+
+def error_text(err: pb.TaskError) -> str:
+    """What a failed task's record says: the exception's message and its remote traceback, if any."""
+    head = f"{err.type_name}: {err.message}" if err.type_name else err.message
+    text = f"{err.traceback.rstrip()}\n{head}" if err.traceback and head not in err.traceback else (err.traceback or head)
+    return text[-MAX_ERROR_CHARS:]
 
 
 def lineage_record(s: pb.TaskSpec) -> cpb.TaskSpec:
