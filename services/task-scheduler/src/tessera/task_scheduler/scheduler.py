@@ -170,6 +170,8 @@ class GlobalScheduler:
             try:
                 dead = {n.node_id for n in (await self.cs.ListNodes(cpb.ListNodesRequest(state=cpb.NODE_STATE_DEAD),
                                                                     timeout=5.0)).nodes}
+                for nid in dead:  # its last load report may still look fresh here: place nothing there
+                    self.nodes.pop(nid, None)
                 new = dead - done
                 if not new and orphans_checked:
                     continue
