@@ -3,7 +3,7 @@
 # (TESSERA_BASE=local): no registry, and no network inside the builds.
 #   1. the Debian base image (deploy/base/build-base.sh: debootstrap from this machine's apt sources),
 #   2. the wheelhouse on the host (scripts/compose_wheelhouse.sh: third-party wheels only),
-#   3. the eight Tessera images, one target each of the Dockerfile (its shared stages, the
+#   3. the nine Tessera images, one target each of the Dockerfile (its shared stages, the
 #      venv with every third-party dependency among them, are built once and then cached),
 #   4. nats and redis from the base image (deploy/images/*) when .env's upstream images cannot be pulled.
 #

@@ -17,7 +17,7 @@ else
   COMPOSE=(docker compose -p "$COMPOSE_PROJECT_NAME" -f docker-compose.yml)
 fi
 # Every image of the Dockerfile (compose_build.sh builds them all): the services, gateway and node.
-TESSERA_IMAGES=(control-store task-scheduler compiler gpu-scheduler serving gateway node object-store)
+TESSERA_IMAGES=(control-store task-scheduler compiler gpu-scheduler serving gateway dashboard node object-store)
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 # An image the engine has, or can pull now (quietly, bounded).

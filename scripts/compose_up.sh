@@ -57,7 +57,7 @@ up "${infra[@]}"
 wait_ready "${infra[@]}"
 up control-store
 wait_ready control-store
-others=(node task-scheduler compiler gpu-scheduler serving gateway)
+others=(node task-scheduler compiler gpu-scheduler serving gateway dashboard)
 # One `up` per scaled service (podman-compose keeps only the last of several --scale options), then the rest.
 scaled=" "
 for ((i = 1; i < ${#scale[@]}; i += 2)); do

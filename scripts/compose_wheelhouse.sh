@@ -33,7 +33,7 @@ fi
 
 mkdir -p "$CACHE" "$OUT"
 PKGS=(libs/api libs/common libs/sdk services/control-store services/object-store services/task-scheduler
-      services/compiler services/gpu-scheduler services/serving services/gateway)
+      services/compiler services/gpu-scheduler services/serving services/gateway services/dashboard)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Pip builds from a clean copy of the sources: nothing is written into the tree, and no
