@@ -134,6 +134,24 @@ async def test_a_bad_time_limit_is_refused_and_changes_nothing() -> None:
     assert not c.jobs.d and not c.sched.jobs
 
 
+async def test_an_oversized_name_or_spec_is_refused_and_changes_nothing() -> None:
+    import pytest
+
+    from tessera.common.errors import InvalidArgumentError
+    from tessera.gpu_scheduler.scheduler import MAX_NAME, MAX_SPEC_BYTES
+
+    c = Cluster()
+    await c.beat("a")
+    await c.sched.tick()
+    with pytest.raises(InvalidArgumentError, match=f"at most {MAX_NAME} characters, got {MAX_NAME + 1}"):
+        await c.sched.submit(pb.JobSpec(name="n" * (MAX_NAME + 1), entry_point="m:f", gpus=1))
+    with pytest.raises(InvalidArgumentError, match=f"more than {MAX_SPEC_BYTES}: pass data through"):
+        await c.sched.submit(pb.JobSpec(entry_point="m:f", gpus=1, args=["x" * MAX_SPEC_BYTES]))
+    assert not c.jobs.d and not c.sched.jobs
+    j = await c.sched.submit(pb.JobSpec(name="n" * MAX_NAME, entry_point="m:f", gpus=1))
+    assert c.sched.get(j.job_id).spec.name == "n" * MAX_NAME
+
+
 CKPT = "cd" * 20
 
 

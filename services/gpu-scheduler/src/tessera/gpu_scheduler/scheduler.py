@@ -25,6 +25,8 @@ from tessera.common.errors import FailedPreconditionError, InvalidArgumentError,
 from tessera.gpu_scheduler.policy import JobView, Node, Policy, plan_actions
 
 log = logging.getLogger(__name__)
+#: The longest job name, and the largest job spec (it travels in every state-change event of the job).
+MAX_NAME, MAX_SPEC_BYTES = 256, 256 * 1024
 
 EXIT_STOPPED = 75
 S = pb.JobState
@@ -115,6 +117,12 @@ class GpuScheduler:
 
     # ------------------------------------------------------------------ API
     async def submit(self, spec: pb.JobSpec) -> pb.JobInfo:
+        if len(spec.name) > MAX_NAME:
+            raise InvalidArgumentError(f"a job name has at most {MAX_NAME} characters, got {len(spec.name)}")
+        size = spec.ByteSize()
+        if size > MAX_SPEC_BYTES:  # every state change carries the spec in an event: it must stay a small message
+            raise InvalidArgumentError(f"the job spec is {size} bytes, more than {MAX_SPEC_BYTES}: pass data through "
+                                       "the object store or a working_dir, not in the spec")
         if spec.gpus < 1:
             raise InvalidArgumentError(f"a job needs at least one GPU (gpus={spec.gpus})")
         if not spec.entry_point and not spec.image:
