@@ -157,15 +157,9 @@ class ServerAuth(grpc.aio.ServerInterceptor):
         async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, bounded(f"{method}: {why}"))
 
-        kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        return make(deny, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        from tessera.common.rpc import same_kind  # rpc imports this module
+
+        return same_kind(handler, deny)
 
 
 # ---------------------------------------------------------------------- sending

@@ -213,6 +213,23 @@ class _ErrorMapping(grpc.aio.ServerInterceptor):
         return handler
 
 
+#: The handler constructor for each (request streaming, response streaming) kind of method.
+HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def same_kind(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind, with its (de)serializers, that runs ``behaviour`` instead (for
+    server interceptors that wrap or replace a method)."""
+    make = HANDLER_FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_responses: Iterable[str] = (),
                  raw_requests: Iterable[str] = ()) -> None:
     """Register ``servicer`` for ``service`` (a protobuf ServiceDescriptor), built from the descriptor.
@@ -224,19 +241,13 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, service: Any, *, raw_re
     """
     from google.protobuf import message_factory
 
-    factories = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     raw, raw_in = set(raw_responses), set(raw_requests)
     handlers = {}
     for m in service.methods:
         req = message_factory.GetMessageClass(m.input_type)
         resp = message_factory.GetMessageClass(m.output_type)
         serializer = (lambda b: b) if m.name in raw else resp.SerializeToString
-        handlers[m.name] = factories[(m.client_streaming, m.server_streaming)](
+        handlers[m.name] = HANDLER_FACTORIES[(m.client_streaming, m.server_streaming)](
             getattr(servicer, m.name), request_deserializer=None if m.name in raw_in else req.FromString,
             response_serializer=serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -432,7 +443,7 @@ class ServerCallMetrics(grpc.aio.ServerInterceptor):
             code = _code_of(context, failed)
             hist.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": code})
 
-        if handler.unary_unary is not None or handler.stream_unary is not None:
+        if not handler.response_streaming:
             inner = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -444,11 +455,7 @@ class ServerCallMetrics(grpc.aio.ServerInterceptor):
                 finally:
                     record(start, context, failed)
 
-            if handler.unary_unary is not None:
-                return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                           response_serializer=handler.response_serializer)
-            return grpc.stream_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
+            return same_kind(handler, unary)
         inner_s = handler.unary_stream or handler.stream_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -464,11 +471,7 @@ class ServerCallMetrics(grpc.aio.ServerInterceptor):
             finally:
                 record(start, context, failed)
 
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streaming, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(streaming, request_deserializer=handler.request_deserializer,
-                                                     response_serializer=handler.response_serializer)
+        return same_kind(handler, streaming)
 
 
 def _code_of(context: grpc.aio.ServicerContext, failed: bool) -> int:
