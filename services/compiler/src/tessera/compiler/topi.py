@@ -456,22 +456,10 @@ def mean(node: Node, ins: list[Tensor], name: str) -> Tensor:
     keepdim = node.attrs.get("keepdim", False)
     rs = [te.reduce_axis(x.shape[d], f"{name}_r{d}") for d in axes]
     count = float(math.prod(x.shape[d] for d in axes))
-    keep = [d for d in range(len(x.shape)) if d not in axes]
 
     def f(*i: Expr) -> Expr:
-        it = iter(i)
-        ri = iter(rs)
-        idx: list[Any] = []
-        for d in range(len(x.shape)):
-            if d in axes:
-                if keepdim:
-                    next(it)
-                idx.append(next(ri).var)
-            else:
-                idx.append(next(it))
-        return te.sum_(x[tuple(idx)], rs)
+        return te.sum_(x[tuple(_reduce_index(x, i, axes, keepdim, rs))], rs)
     s = te.compute(node.shape, f, f"{name}_sum", tag="pool")
-    del keep
     return te.compute(node.shape, lambda *i: s[i] * (1.0 / count), name, tag="elemwise")
 
 
