@@ -88,8 +88,16 @@ def test_metrics_endpoint_times_each_grpc_call_by_method_and_status() -> None:
                     await stub.Check(health_pb2.HealthCheckRequest(service="nope"))
                 except grpc.aio.AioRpcError as e:
                     assert e.code() == grpc.StatusCode.NOT_FOUND
+            # context.abort sends the status before the handler's frame unwinds, so the client can see
+            # NOT_FOUND a moment before the interceptor records it: read /metrics until it is there (10 s)
             url = f"http://{metrics.metrics_address()}/metrics"
-            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+                if 'rpc_grpc_status_code="5"' in text or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             print(text)
             await server.stop(None)
             metrics.shutdown_metrics()
