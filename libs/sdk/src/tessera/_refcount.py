@@ -354,7 +354,7 @@ class RefCounter:
             for key, table in tables.items():
                 if table is not None and table.alive and table.holds:
                     self._unpacked(key, table.holds, since)
-                if table is not None and table.alive and table.lent:
+                if table is not None and table.lent:  # (from a stale table too: what it lent on outlives it)
                     self._adopt(key, table.lent, since)
                 for oid in list(self._by_key.get(key, ())):
                     reported = self._borrows.get(oid, {}).get(key, since)

@@ -300,6 +300,31 @@ class Node:
         self.procs.pop(wid, None)
         why = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         self._worker_gone(wid, actor_id, why)
+        if code != 0:  # killed or crashed: its reference table was left behind
+            self._tasks.append(asyncio.create_task(self._drop_table(f"{socket.gethostname()}:{proc.pid}",
+                                                                    time.time()), name="worker-table"))
+
+    async def _drop_table(self, key: str, died: float) -> None:
+        """A worker died without removing its reference table: remove it, so Redis does not keep the tables of
+        every worker that was ever killed. Its lenders then see it gone (as they would once it went stale) and
+        end its borrows. A table that lists refs passed on untracked stays: their owners keep those for life."""
+        try:
+            for _ in range(2):
+                raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=key.encode()),
+                                           timeout=10.0)).value
+                doc = json.loads(raw)
+                if doc.get("escaped") or float(doc.get("time", 0)) > died:  # (a newer process with the same pid)
+                    return
+                if not doc.get("lent"):
+                    break
+                # it names tables it lent refs on to: its lenders read it (and follow those) until it is stale
+                await asyncio.sleep(float(doc.get("stale_s", REFS_STALE_S)) + REFS_HEARTBEAT_S)
+            await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=key.encode()), timeout=10.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                log.debug("could not remove the reference table of dead worker %s: %s", key, e)
+        except (ValueError, TypeError) as e:
+            log.debug("the reference table of dead worker %s does not parse: %s", key, e)
 
     def _worker_gone(self, wid: bytes, actor_id: bytes, why: str) -> None:
         self.proc_actor.pop(wid, None)
