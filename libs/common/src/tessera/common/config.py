@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as one JSON object "
                                                 "a line carrying trace_id and span_id")
+    log_max_bytes: int = Field(64 * 2**20, ge=0, description="a log file (a service's under tessera up, a worker's) "
+                               "is rotated past this size; 0: never")
+    log_backups: int = Field(5, ge=0, le=100, description="rotated copies kept of each log file (NAME.1 newest)")
+    worker_log_dir: Path | None = Field(None, description="task-scheduler: where workers' stdout and stderr go (a "
+                                        "folder per node id inside); default <run_dir>/logs/workers")
 
     # --- metrics -------------------------------------------------------------------
     metrics_port: int | None = Field(None, ge=0, le=65535, description="port of this process's Prometheus "

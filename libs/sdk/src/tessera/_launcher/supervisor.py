@@ -21,12 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
-from tessera.common import names, procs  # not auth.py: the supervisor imports neither gRPC nor pydantic
+from tessera.common import logfiles, names, procs  # not auth.py: the supervisor imports neither gRPC nor pydantic
 
 log = logging.getLogger("tessera.supervisor")
 
 GRACE_S = 10.0
 POLL_S = 0.2
+#: How often the processes' logs are rotated (past TESSERA_LOG_MAX_BYTES, keeping TESSERA_LOG_BACKUPS copies).
+ROTATE_S = 10.0
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -150,9 +159,23 @@ class Supervisor:
             self.start(p)
         self.save()
 
+    def rotate_logs(self) -> None:
+        """Rotate the logs of the processes it runs (and its own) past their size, as the settings say."""
+        max_bytes = _env_int("TESSERA_LOG_MAX_BYTES", 64 * 2**20)
+        backups = _env_int("TESSERA_LOG_BACKUPS", 5)
+        for name in [*(p.name for p in self.cluster.procs), "supervisor"]:
+            try:
+                logfiles.rotate(self.run.log(name), max_bytes=max_bytes, backups=backups)
+            except OSError as e:
+                log.warning("could not rotate the log of %s: %s", name, e)
+
     def watch(self) -> None:
+        rotated = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
+            if now - rotated >= ROTATE_S:
+                rotated = now
+                self.rotate_logs()
             changed = False
             for p in self.cluster.procs:
                 child = self.children.get(p.name)

@@ -47,6 +47,7 @@ from tessera.task_scheduler.scheduler import (
     node_subject,
 )
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
+from tessera.task_scheduler.worker_logs import WorkerLogs
 from tessera.task_scheduler.zygote import ForkedProcess, Zygote
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ FORCE_CANCEL_GRACE_S = 1.0
 PREPARE_TTL_S = 10.0
 #: How often a node agent compares the bundles it holds with the placement groups recorded.
 RECONCILE_S = 2.0
+#: How often the node agent rotates its workers' logs.
+LOGS_EVERY_S = 10.0
 ACTOR_STATES = {"ALIVE": cpb.ACTOR_STATE_ALIVE, "RESTARTING": cpb.ACTOR_STATE_RESTARTING, "DEAD": cpb.ACTOR_STATE_DEAD}
 
 
@@ -130,6 +133,8 @@ class Node:
         self.procs: dict[bytes, asyncio.subprocess.Process | ForkedProcess] = {}
         self.zygote = Zygote()  # workers are forked from it; started with the first worker
         self.proc_actor: dict[bytes, bytes] = {}
+        self.logs = WorkerLogs((settings.worker_log_dir or settings.run_dir / "logs" / "workers") / node_id.hex(),
+                               max_bytes=settings.log_max_bytes, backups=settings.log_backups)
         self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
         #: set once started: a session opened earlier waits for it (its welcome names the object store and socket)
         self.ready = asyncio.Event()
@@ -267,7 +272,8 @@ class Node:
         ``TESSERA_RUNTIME_ENV`` holding it (the worker unpacks its packages before it says hello)."""
         # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
         own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
-               "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids)}
+               "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids),
+               "TESSERA_WORKER_LOG": self.logs.prefix(wid)}
         if gpu_ids:
             own["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         fresh = False
@@ -296,8 +302,10 @@ class Node:
             return
         self.procs[wid] = proc
         self.proc_actor[wid] = actor_id
+        self.logs.started(wid, proc.pid, actor_id)
         code = await proc.wait()
         self.procs.pop(wid, None)
+        self.logs.ended(wid)
         why = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         self._worker_gone(wid, actor_id, why)
         if code != 0:  # killed or crashed: its reference table was left behind
@@ -730,6 +738,21 @@ class Node:
                 self.agent.expire_prepared(now, PREPARE_TTL_S)
             await asyncio.sleep(RECONCILE_S)
 
+    async def _maintain_logs(self) -> None:
+        """Rotate workers' logs past their size; drop those of long-ended workers."""
+        while True:
+            await asyncio.sleep(LOGS_EVERY_S)
+            try:
+                await asyncio.to_thread(self.logs.maintain)
+            except OSError as e:
+                log.warning("could not rotate the workers' logs: %s", e)
+
+    def worker_log(self, req: pb.GetWorkerLogRequest) -> pb.GetWorkerLogResponse:
+        data, start, size, wid, pid, alive = self.logs.read(worker_id=req.worker_id, actor_id=req.actor_id,
+                                                            suffix=req.suffix, offset=req.offset,
+                                                            max_bytes=req.max_bytes)
+        return pb.GetWorkerLogResponse(data=data, offset=start, size=size, worker_id=wid, pid=pid, alive=alive)
+
     # ------------------------------------------------------------------ life
 
     async def start(self) -> None:
@@ -754,6 +777,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._reporter(), name="load-reporter"))
         self._tasks.append(asyncio.create_task(self._cluster_view(), name="cluster-view"))
         self._tasks.append(asyncio.create_task(self._reconcile(), name="bundles-reconciler"))
+        self._tasks.append(asyncio.create_task(self._maintain_logs(), name="worker-logs"))
         n = self.settings.task_scheduler_prestart_workers
         if n < 0:
             n = int(self.agent.total.get(res.CPU, 1))

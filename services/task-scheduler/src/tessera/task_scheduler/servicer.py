@@ -1,4 +1,4 @@
-"""gRPC ↔ node agent: the Session stream and GetStatus."""
+"""gRPC ↔ node agent: the Session stream, GetStatus and GetWorkerLog."""
 
 from __future__ import annotations
 
@@ -78,3 +78,6 @@ class TaskSchedulerServicer:
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
         return self.node.status()
+
+    async def GetWorkerLog(self, request: pb.GetWorkerLogRequest, context: Any) -> pb.GetWorkerLogResponse:
+        return await asyncio.to_thread(self.node.worker_log, request)

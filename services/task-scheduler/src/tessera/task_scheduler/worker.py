@@ -50,7 +50,7 @@ from tessera.common.config import Settings
 from tessera.common.errors import TesseraError
 from tessera.common.serialization import deserialize, serialize
 from tessera.common.telemetry import context_from_traceparent, flush_tracing, setup_tracing, shutdown_tracing
-from tessera.task_scheduler import runtime_env
+from tessera.task_scheduler import runtime_env, worker_logs
 from tessera.task_scheduler.frames import FrameError, SocketConnection
 
 log = logging.getLogger("tessera.worker")
@@ -569,6 +569,12 @@ def _setup_runtime_env(settings: Settings) -> Exception | None:
 
 
 def main() -> None:
+    prefix = os.environ.get("TESSERA_WORKER_LOG", "")
+    if prefix:  # its own stdout and stderr files, before anything is written
+        try:
+            worker_logs.redirect(prefix)
+        except OSError as e:
+            print(f"worker: could not open its log files {prefix}.*: {e}", file=sys.stderr)
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when a worker ends
@@ -582,6 +588,10 @@ def main() -> None:
     w.setup_error = _setup_runtime_env(settings)
     signal.signal(signal.SIGINT, w.on_sigint)
     w.core.node_id = welcome.node_id
+    if prefix:  # each task's output starts with a line naming it (tessera logs --task)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stdout = worker_logs.MarkedStream(sys.stdout, w.core._current.get)  # type: ignore[arg-type,assignment]
+        sys.stderr = worker_logs.MarkedStream(sys.stderr, w.core._current.get)  # type: ignore[arg-type,assignment]
     _api.attach_worker(w.core, object_store_address=welcome.object_store_address,
                        control_store_address=settings.control_store_address)
     setup_tracing("task-scheduler")  # tasks submitted under a span run in its trace

@@ -952,3 +952,79 @@ class GetStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetWorkerLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_ID_FIELD_NUMBER: _builtins.int
+    SUFFIX_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.bytes
+    """8 bytes; or"""
+    actor_id: _builtins.bytes
+    """16 bytes: the worker that runs (or last ran) the actor on this node"""
+    suffix: _builtins.str
+    """"out" (default) or "err" """
+    offset: _builtins.int
+    """where to start reading, in bytes from the start of the current file; negative: that many bytes before
+    its end (a tail)
+    """
+    max_bytes: _builtins.int
+    """at most this many bytes (default and limit: 4 MiB)"""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.bytes = ...,
+        actor_id: _builtins.bytes = ...,
+        suffix: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "max_bytes", b"max_bytes", "offset", b"offset", "suffix", b"suffix", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkerLogRequest: _TypeAlias = GetWorkerLogRequest  # noqa: Y015
+
+@_typing.final
+class GetWorkerLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    """where data starts in the file"""
+    size: _builtins.int
+    """the file's size now (a rotation starts it again from 0)"""
+    worker_id: _builtins.bytes
+    pid: _builtins.int
+    """the worker's process (0: not known)"""
+    alive: _builtins.bool
+    """the worker still runs"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        worker_id: _builtins.bytes = ...,
+        pid: _builtins.int = ...,
+        alive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "data", b"data", "offset", b"offset", "pid", b"pid", "size", b"size", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkerLogResponse: _TypeAlias = GetWorkerLogResponse  # noqa: Y015
