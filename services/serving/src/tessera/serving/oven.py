@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tessera.common.errors import InvalidArgumentError
-from tessera.serving import models
+from tessera.serving import models, workers
 from tessera.serving.featurize import Hasher, NgramCounter, Tfidf
 from tessera.serving.ir import Graph, Node
 from tessera.serving.params import ParamStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,11 +66,12 @@ def _key(*parts: Any) -> str:
 
 
 class _Builder:
-    def __init__(self, name: str, graph: Graph, store: ParamStore, *, prune: bool) -> None:
+    def __init__(self, name: str, graph: Graph, store: ParamStore, *, prune: bool, blackbox: bool) -> None:
         self.name = name
         self.g = graph
         self.store = store
         self.prune = prune
+        self.blackbox = blackbox
         self.stages: list[Stage] = []
         self.at: dict[str, int] = {}  # node id -> stage index
         self.rules: set[str] = set()
@@ -189,21 +195,46 @@ class _Builder:
                 self.rules.add("prune_dead_features")
             fn, kind = lin, "head"
         elif n.op == "trees":
-            roles = ("feature", "threshold", "left", "right", "value", "roots", "tree_output")
-            fn, kind = models.Trees({r: self.p(n, r) for r in roles}, a), "head"
+            roles = ("feature", "threshold", "left", "right", "value", "roots", "tree_output", "missing_left")
+            fn, kind = models.Trees({r: v for r in roles if (v := self.p(n, r)) is not None}, a), "head"
         elif n.op == "mlp":
             layers = a.get("layers", [])
             ps = {r: self.p(n, r) for r in n.params}
             fn, kind = models.Mlp(layers, ps, a), "head"
+        elif n.op == "affine":
+            fn = models.Affine(self.p(n, "mul"), self.p(n, "add"), a)
+        elif n.op == "normalize":
+            fn = models.Normalize(a)
+        elif n.op == "impute":
+            fn = models.Impute(self.p(n, "fill"), a)
+        elif n.op == "poly":
+            fn = models.Poly(self.p(n, "powers"))
+        elif n.op == "kbins":
+            fn = models.KBins(self.p(n, "edges"), self.p(n, "edge_offsets"), a)
+        elif n.op == "project":
+            fn = models.Project(self.p(n, "components"), self.p(n, "mean"), self.p(n, "divisor"))
+        elif n.op == "blackbox":
+            if not self.blackbox:
+                raise InvalidArgumentError(f"node {n.id!r}: opaque steps ({a.get('estimator', '?')}) are turned off "
+                                           "on this server (serving_blackbox_stages)")
+            blob = self.p(n, "pickle")
+            if blob.dtype != np.uint8 or blob.ndim != 1:
+                raise InvalidArgumentError(f"node {n.id!r}: the pickle must be a 1-D <u1 array")
+            opaque = workers.OpaqueStage(n.params["pickle"], blob, a, workers.default_pool())
+            log.warning("pipeline %s: step %s runs as an opaque stage in a worker process", self.name, opaque.estimator)
+            self.rules.add("opaque_stage")
+            fn, kind = opaque, "head" if opaque.kind == "model" else "transform"
         else:  # pragma: no cover - Graph.check rejects unknown ops
             raise InvalidArgumentError(f"unknown operator {n.op!r}")
         self.at[n.id] = len(self.stages)
         self.stages.append(Stage(_key(n.op, a, n.params, ins), kind, ins, fn))
 
 
-def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True) -> Plan:
-    """Compile ``graph`` (whose parameters are in ``store``) into a plan of stages."""
-    b = _Builder(name, graph, store, prune=prune)
+def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True, blackbox: bool = True) -> Plan:
+    """Compile ``graph`` (whose parameters are in ``store``) into a plan of stages.
+
+    ``blackbox=False`` refuses graphs with opaque steps (pickles run in a worker process)."""
+    b = _Builder(name, graph, store, prune=prune, blackbox=blackbox)
     try:
         for n in graph.nodes:
             b.node(n)
@@ -213,7 +244,7 @@ def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True) -> P
         raise InvalidArgumentError(f"pipeline {name!r}: bad parameters: {type(e).__name__}: {e}") from None
     out = b.at[graph.output]
     if b.stages[out].kind != "head":
-        raise InvalidArgumentError(f"pipeline {name!r}: the output must be a model (linear, trees, mlp)")
+        raise InvalidArgumentError(f"pipeline {name!r}: the output must be a model (linear, trees, mlp, opaque model)")
     # keep only what the output needs, in order
     need: set[int] = set()
     todo = [out]
