@@ -34,7 +34,7 @@ from tessera.common.errors import (
 )
 from tessera.serving import oven
 from tessera.serving.ir import Graph, check_name
-from tessera.serving.models import Scores
+from tessera.serving.models import DenseCompiler, Scores
 from tessera.serving.params import ParamStore
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,10 @@ def _take_rows(X: Any, rows: np.ndarray, n_total: int) -> Any:
 
 class Engine:
     def __init__(self, *, max_records: int = 4096, max_text_chars: int = 100_000, prune: bool = True,
-                 blackbox: bool = True) -> None:
+                 blackbox: bool = True, compiler: DenseCompiler | None = None) -> None:
         self.store = ParamStore()
         self.blackbox = blackbox  # opaque steps (pickles run in a worker process) accepted
+        self.compiler = compiler  # builds dense heads into kernels at registration
         self.pipelines: dict[str, Registered] = {}
         self.max_records = max_records
         self.max_text_chars = max_text_chars
@@ -122,7 +123,8 @@ class Engine:
         if missing:
             raise InvalidArgumentError(f"pipeline {name!r}: parameters not uploaded: {', '.join(missing[:5])}")
         try:
-            plan = oven.bake(name, graph, self.store, prune=self.prune, blackbox=self.blackbox)
+            plan = oven.bake(name, graph, self.store, prune=self.prune, blackbox=self.blackbox,
+                             compiler=self.compiler)
         except Exception:
             self.store.drop_unreferenced()
             raise

@@ -65,7 +65,7 @@ OPS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "blackbox": (("pickle",), 1),
 }
 HEADS = ("linear", "trees", "mlp")  # ops that end a pipeline (and "blackbox" of kind "model")
-ALLOWED_DTYPES = ("<f8", "<f4", "<i8", "<i4", "<u4", "<u1")
+ALLOWED_DTYPES = ("<f8", "<f4", "<i8", "<i4", "<u4", "|u1", "<u1")  # numpy spells bytes "|u1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 

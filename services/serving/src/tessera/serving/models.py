@@ -7,8 +7,9 @@ and the class labels), which the front end turns into predictions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,6 +19,14 @@ from tessera.serving import csr
 from tessera.serving.csr import Csr
 
 Block = Any  # sp.csr_matrix | np.ndarray
+Layer = tuple[str, np.ndarray | None, np.ndarray | None]  # ("linear", W (in x out), b) or (activation, None, None)
+DenseKernel = Callable[[np.ndarray], np.ndarray]  # (n, in) float -> (n, out) float64: compiled dense layers
+
+
+class DenseCompiler(Protocol):
+    """Compiles dense layers into a kernel at registration, or says None (the stage stays on numpy)."""
+
+    def compile(self, pipeline: str, layers: list[Layer]) -> DenseKernel | None: ...
 
 
 @dataclass
@@ -164,6 +173,10 @@ class Linear:
         self.classes = attrs.get("classes")
         self.outputs = _outputs(attrs, self.proba_kind, "sum")
         self.live = np.zeros(0, dtype=np.int64)
+
+    def dense_layers(self) -> list[Layer] | None:
+        """The head as one dense layer (None when pruned: its input is sparse)."""
+        return None if self.pruned else [("linear", self.coef.T, self.intercept)]
 
     def __call__(self, X: Block) -> Scores:
         if width(X) != self.d:
@@ -368,6 +381,9 @@ class Mlp:
         self.classes = attrs.get("classes")
         self.outputs = _outputs(attrs, self.proba_kind, "sum")
 
+    def dense_layers(self) -> list[Layer]:
+        return list(self.layers)
+
     def __call__(self, X: Block) -> Scores:
         h = X.toarray() if (sp.issparse(X) or isinstance(X, Csr)) else np.asarray(X, dtype=np.float64)
         for kind, w, b in self.layers:
@@ -381,6 +397,27 @@ class Mlp:
             else:
                 h = _sigmoid(h)
         return finish(h, self.proba_kind, self.classes)
+
+
+class CompiledHead:
+    """A dense head whose layers run as a compiled kernel on dense input (sparse input, rare
+    for such heads, takes the numpy path); probabilities are finished in numpy."""
+
+    def __init__(self, head: Linear | Mlp, kernel: DenseKernel) -> None:
+        self.head = head
+        self.kernel = kernel
+        self.classes = head.classes
+        self.outputs = head.outputs
+        self.proba_kind = head.proba_kind
+        self.n_in = head.d if isinstance(head, Linear) else None
+
+    def __call__(self, X: Block) -> Scores:
+        if isinstance(X, Csr) or sp.issparse(X):
+            return self.head(X)
+        X = np.asarray(X, dtype=np.float64)
+        if self.n_in is not None and X.shape[1] != self.n_in:
+            raise InvalidArgumentError(f"linear model expects {self.n_in} features, got {X.shape[1]}")
+        return finish(self.kernel(X), self.proba_kind, self.classes)
 
 
 # -- tabular transforms (scikit-learn's preprocessing and decomposition steps) -------------

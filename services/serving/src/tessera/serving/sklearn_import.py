@@ -119,11 +119,15 @@ class _Importer:
     def step(self, est: Any, cur: Any) -> Any:
         """Apply one step to ``cur``: a ('fields', [names], kind) selection or a node id. A step
         the IR cannot express becomes an opaque stage (``strict``: the error naming it)."""
+        n_nodes, had = len(self.p.graph.nodes), set(self.p.params)
         try:
             return self._step(est, cur)
         except UnsupportedEstimatorError as e:
             if self.strict:
                 raise
+            del self.p.graph.nodes[n_nodes:]  # what the failed translation had added
+            for h in set(self.p.params) - had:
+                del self.p.params[h]
             return self.blackbox(est, cur, str(e))
 
     def blackbox(self, est: Any, cur: Any, reason: str) -> str:
