@@ -196,8 +196,8 @@ def test_bad_input_gets_precise_status_and_changes_nothing(client: Client, fitte
         stub.UploadParameters(pb.UploadParametersRequest(tensors=[pb.Tensor(hash="ab", dtype="<f8", shape=[1],
                                                                              data=b"\0" * 8)]), timeout=10)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hash" in ei.value.details()
-    with pytest.raises(UnsupportedEstimatorError, match="MultinomialNB"):  # refused on the client, nothing sent
-        client.register("nb", make_pipeline(CountVectorizer(), MultinomialNB()).fit(docs, y))
+    with pytest.raises(UnsupportedEstimatorError, match="MultinomialNB"):  # strict: refused on the client, nothing sent
+        client.register("nb", make_pipeline(CountVectorizer(), MultinomialNB()).fit(docs, y), strict=True)
     assert sorted(i.name for i in client.list()) == names
 
 

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     serving_max_records: int = Field(4096, gt=0, description="serving: most records in one predict request")
     serving_max_text_chars: int = Field(100_000, gt=0, description="serving: longest text field accepted")
     serving_max_queued_records: int = Field(65536, gt=0, description="serving: records waiting for the stage scheduler; a request past it gets RESOURCE_EXHAUSTED")
+    serving_blackbox_stages: bool = Field(True, description="serving: accept opaque scikit-learn steps (their pickles, "
+                                          "run in a worker process of the server); off: INVALID_ARGUMENT")
+    serving_compile_dense: bool = Field(True, description="serving: compile dense heads (MLPs, torch modules, linear "
+                                        "heads over dense input) through the cluster's compiler at registration")
 
     # gpu-scheduler (Gandiva: a scheduler per cluster, a node agent per node)
     gpus_per_node: int = Field(0, ge=0, le=64, description="gpu-scheduler: virtual GPU slots of a node agent when NVML finds no GPU")

@@ -12,6 +12,7 @@ NATS subjects:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import asdict
@@ -27,7 +28,9 @@ from tessera.common.errors import InvalidArgumentError, TesseraError
 from tessera.common.metrics import observe
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.serving import workers
 from tessera.serving.cluster import PIPELINES, ClusterStore
+from tessera.serving.compiled import CompilerLink
 from tessera.serving.engine import Engine, Scheduler
 from tessera.serving.http import HttpFrontEnd
 from tessera.serving.replica import Replica
@@ -62,7 +65,9 @@ def build(settings: Settings) -> ServiceApp:
     app = ServiceApp(NAME, settings)
     channel, stub = control_store_aio_stub(settings)
     cluster = ClusterStore(stub, timeout=settings.rpc_timeout_s)
-    engine = Engine(max_records=settings.serving_max_records, max_text_chars=settings.serving_max_text_chars)
+    compiler = CompilerLink(settings) if settings.serving_compile_dense else None
+    engine = Engine(max_records=settings.serving_max_records, max_text_chars=settings.serving_max_text_chars,
+                    blackbox=settings.serving_blackbox_stages, compiler=compiler)
     scheduler = Scheduler(engine, workers=settings.serving_workers, max_batch=settings.serving_max_batch,
                           max_queued=settings.serving_max_queued_records)
     replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
@@ -115,6 +120,7 @@ def build(settings: Settings) -> ServiceApp:
     async def stop() -> None:
         await http.stop()
         await scheduler.stop()
+        await asyncio.to_thread(workers.shutdown)  # the worker processes of opaque stages, if any ran
         await cluster.close()
         await channel.close()
 
