@@ -269,6 +269,15 @@ def test_list_and_summary_show_what_runs(cluster: stacks.Cluster) -> None:
     assert {r["task_id"] for r in done} == {ref.id[:16].hex() for ref in refs}
     assert all(r["node_id"] and r["attempt_number"] == 0 for r in done)
 
+    from opentelemetry.sdk.trace import TracerProvider
+
+    with TracerProvider().get_tracer("e2e").start_as_current_span("traced") as span:  # submitted under a span
+        traced = square.remote(6)
+    assert tessera.get(traced) == 36
+    want = format(span.get_span_context().trace_id, "032x")
+    rows = eventually(lambda: state.list_tasks(filters=[("task_id", "=", traced.id[:16].hex())]))
+    assert [r["trace_id"] for r in rows] == [want] and all(r["trace_id"] == "" for r in done)
+
     out = cluster.cli("list", "actors", "--json", "--filter", "name=state-tally")
     assert out.returncode == 0, out.stderr
     (actor,) = json.loads(out.stdout)

@@ -22,7 +22,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "nodes": ("node_id", "state", "address", "object_store_address", "resources_total", "resources_available",
               "labels", "registered_ms", "last_heartbeat_ms"),
     "tasks": ("task_id", "name", "state", "type", "job_id", "actor_id", "node_id", "attempt_number",
-              "parent_task_id", "error", "created_ms", "updated_ms"),
+              "parent_task_id", "error", "created_ms", "updated_ms", "worker_id", "trace_id"),
     "actors": ("actor_id", "class_name", "state", "name", "namespace", "job_id", "node_id", "address",
                "restarts", "max_restarts", "death_cause", "created_ms"),
     "objects": ("object_id", "object_size", "reference_type", "owned", "refs", "process", "job_id", "worker",
@@ -112,8 +112,21 @@ def _tasks(cs: Any, filters: Sequence[Filter], limit: int, timeout: float) -> tu
                      "state": _enum(r.state, cpb.TaskState, "TASK_STATE_"), "type": kind, "job_id": s.job_id.hex(),
                      "actor_id": s.actor_id.hex(), "node_id": r.node_id.hex(), "attempt_number": r.attempt,
                      "parent_task_id": s.parent_task_id.hex(), "error": r.error, "created_ms": r.created_ms,
-                     "updated_ms": r.updated_ms})
+                     "updated_ms": r.updated_ms, "worker_id": s.worker_id.hex(), "trace_id": _trace_of(s.args)})
     return rows, bool(resp.truncated)
+
+
+def _trace_of(spec: bytes) -> str:
+    """The trace a task ran in (32 hex digits), from the submitted spec its record keeps; "" when untraced."""
+    if not spec:
+        return ""
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as tpb
+
+    try:
+        parts = tpb.TaskSpec.FromString(spec).traceparent.split("-")
+    except Exception:  # a record written by something else: no trace to tell
+        return ""
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32 else ""
 
 
 def _actors(cs: Any, timeout: float) -> list[dict[str, Any]]:

@@ -103,7 +103,7 @@ def throughput(tasks: Iterable[dict[str, Any]], *, bucket_s: int = 1) -> dict[st
 def tasks_page(src: Source, jaeger_ui_url: str = "") -> dict[str, Any]:
     tasks = src.rows("tasks")
     actors = src.rows("actors")
-    for t in tasks:  # a trace id when the record carries one (the control store's records carry none yet)
+    for t in tasks:  # the trace it ran in, when it was submitted under a span
         t["trace_url"] = trace_url(jaeger_ui_url, t.get("trace_id", ""))
     states: dict[str, int] = {}
     for t in tasks:
