@@ -39,7 +39,7 @@ from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.client._base import FOREVER_S, ObjectClientBase, _map_error
 from tessera.client._discovery import find_cluster
 from tessera.client._local import LocalConnection, LocalSessionLost
-from tessera.common import auth, ids, telemetry
+from tessera.common import auth, ids, prefault, telemetry
 from tessera.common import localwire as lw
 from tessera.common.config import current_settings
 from tessera.common.errors import InvalidArgumentError, TesseraError
@@ -147,6 +147,8 @@ class ObjectStoreClient(ObjectClientBase):
         anchor = ctypes.c_char.from_buffer(self._wmap)
         self._wbase = ctypes.addressof(anchor)  # for page-congruent placement of large buffers
         del anchor  # (no export of the mapping may outlive this, or it could not be closed)
+        # a large put maps the pages it writes in one call, not a fault per page (see tessera.common.prefault)
+        self._written = prefault.WrittenPages(self._wbase, hello.arena_size)
         with self._lock:
             self._releases.clear()  # pins of the old session died with it
 
@@ -216,7 +218,7 @@ class ObjectStoreClient(ObjectClientBase):
         req = pb.CreateObjectRequest(session_id=sid, object_id=oid, size=ser.size, owner=owner)
         off = self._stub.CreateObject(req).arena_offset
         try:
-            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
+            self._write(off, ser)
         except BaseException:
             self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
             raise
@@ -236,11 +238,16 @@ class ObjectStoreClient(ObjectClientBase):
         off = lw.parse_offset(conn.call(lw.CREATE, lw.create_body(oid, ser.size, owner), releases=releases,
                                         timeout=self.timeout))
         try:
-            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
+            self._write(off, ser)
         except BaseException:
             conn.call(lw.ABORT, oid, timeout=self.timeout)
             raise
         conn.call(lw.SEAL, oid, flags=lw.F_DURABLE if self.durable else 0, timeout=self.timeout)
+
+    def _write(self, off: int, ser: Any) -> None:
+        """Fill the object created at ``off`` of the arena."""
+        self._written.prepare(off, ser.size)
+        ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
 
     # ------------------------------------------------------------------ get
 

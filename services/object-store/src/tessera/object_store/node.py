@@ -288,6 +288,7 @@ class NodeObjectStore:
         offset = self.manager.create(object_id, size, owner, session=session)
         written = 0
         try:
+            await asyncio.to_thread(self.manager.arena.prepare_write, offset, size)
             async for at, data, crc in chunks:
                 n = len(data)
                 if at != written:
@@ -497,6 +498,7 @@ class NodeObjectStore:
             todo = split_range(size, len(holders) * streams)
             alive = list(holders)
             last: BaseException | None = None
+            await asyncio.to_thread(self.manager.arena.prepare_write, offset, size)
             with self.manager.arena.view(offset, size) as dest:
                 while todo:
                     if not alive:
