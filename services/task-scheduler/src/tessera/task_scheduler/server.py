@@ -144,6 +144,7 @@ class Node:
         self.cs: Any = None
         self._out_results: dict[bytes, list[pb.TaskResult]] = {}
         self._refs_keys: dict[str, str] = {}  # driver session -> key of its reference table
+        self._session_jobs: dict[str, bytes] = {}  # driver session -> its job
         self._reaping: set[str] = set()
         self._out_spill: list[pb.TaskSpec] = []
         self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
@@ -158,23 +159,25 @@ class Node:
 
     # ------------------------------------------------------------------ sessions
 
-    def open_session(self, put: Any, name: str, *, refs_key: str = "") -> str:
+    def open_session(self, put: Any, name: str, *, refs_key: str = "", job_id: bytes = b"") -> str:
         self.next_session += 1
         sid = f"s{self.next_session}"
         self.sessions[sid] = put
         if refs_key:
             self._refs_keys[sid] = refs_key[:256]
+            self._session_jobs[sid] = job_id
         return sid
 
     def close_session(self, sid: str) -> None:
         if self.sessions.pop(sid, None) is not None:
             self.agent.owner_gone(sid)
         key = self._refs_keys.pop(sid, "")
+        job = self._session_jobs.pop(sid, b"")
         if key and key not in self._reaping and self._loop is not None:
             self._reaping.add(key)
-            self._tasks.append(self._loop.create_task(self._reap_owner(key), name="owner-reaper"))
+            self._tasks.append(self._loop.create_task(self._reap_owner(key, job), name="owner-reaper"))
 
-    async def _reap_owner(self, key: str) -> None:
+    async def _reap_owner(self, key: str, job: bytes = b"") -> None:
         """A driver's session ended. A driver that shut down freed what it owned and removed its reference
         table; one that died did neither: once it is surely gone (its process is gone, on this host, or its
         table went stale), free what its table says it owned, so its borrowers get OwnerDiedError."""
@@ -189,8 +192,10 @@ class Node:
                     raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=key.encode()),
                                                timeout=10.0)).value
                 except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.NOT_FOUND:
-                        return  # shut down cleanly (or never owned anything)
+                    if e.code() == grpc.StatusCode.NOT_FOUND:  # shut down cleanly, or never owned anything
+                        if job and host == socket.gethostname() and pid.isdigit() and not procs.alive(int(pid)):
+                            await self._job_failed(job.hex(), f"the driver {key} ended without shutting down")
+                        return
                     continue
                 doc = json.loads(raw)
                 gone = host == socket.gethostname() and pid.isdigit() and not procs.alive(int(pid))
@@ -198,6 +203,7 @@ class Node:
                     continue
                 owned = [bytes.fromhex(r["object_id"]) for r in doc.get("rows", []) if r.get("owned")]
                 reason = f"owner died: the driver {key} ended without shutting down"
+                await self._job_failed(doc.get("job_id", ""), f"the driver {key} ended without shutting down")
                 for i in range(0, len(owned), 5000):
                     await self.cs.FreeObjects(cpb.FreeObjectsRequest(object_ids=owned[i:i + 5000], remember=True,
                                                                      reason=reason), timeout=30.0)
@@ -312,6 +318,17 @@ class Node:
             self._tasks.append(asyncio.create_task(self._drop_table(f"{socket.gethostname()}:{proc.pid}",
                                                                     time.time()), name="worker-table"))
 
+    async def _job_failed(self, job_hex: str, why: str) -> None:
+        """A driver died: its job is FAILED (what lives only as long as the job, as its placement groups, goes)."""
+        try:
+            job_id = bytes.fromhex(job_hex)
+            job = (await self.cs.GetJob(cpb.GetJobRequest(job_id=job_id), timeout=10.0)).job
+            if job.state == cpb.JOB_STATE_RUNNING:
+                await self.cs.UpdateJobState(cpb.UpdateJobStateRequest(job_id=job_id, state=cpb.JOB_STATE_FAILED,
+                                                                       message=why), timeout=10.0)
+        except (ValueError, grpc.aio.AioRpcError) as e:
+            log.debug("could not mark job %s failed: %s", job_hex, e)
+
     async def _drop_table(self, key: str, died: float) -> None:
         """A worker died without removing its reference table: remove it, so Redis does not keep the tables of
         every worker that was ever killed. Its lenders then see it gone (as they would once it went stale) and
@@ -386,7 +403,7 @@ class Node:
             else:
                 if len(hello.job_id) != ids.JOB_ID_LEN:
                     return
-                sid = self.open_session(sink.put, hello.name, refs_key=hello.refs_key)
+                sid = self.open_session(sink.put, hello.name, refs_key=hello.refs_key, job_id=hello.job_id)
             writer.write(pack(pb.ServerFrame(welcome=self.welcome(sid))))
             if wid:
                 self.agent.worker_ready(wid, actor_id=bytes.fromhex(hello.name) if hello.name else b"")

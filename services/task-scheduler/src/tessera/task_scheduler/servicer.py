@@ -38,7 +38,8 @@ class TaskSchedulerServicer:
         except TimeoutError:
             raise UnavailableError(f"the node agent did not finish starting within {READY_WAIT_S:g}s") from None
         out: asyncio.Queue[pb.TaskResult | None] = asyncio.Queue()
-        session = self.node.open_session(out.put_nowait, first.hello.name, refs_key=first.hello.refs_key)
+        session = self.node.open_session(out.put_nowait, first.hello.name, refs_key=first.hello.refs_key,
+                                         job_id=first.hello.job_id)
         failed: list[TesseraError] = []
         reader = asyncio.create_task(self._read(it, session, failed, out))
         try:
