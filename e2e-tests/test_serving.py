@@ -53,7 +53,8 @@ class Cluster(stacks.Cluster):
         info = self.info()
         port = procs.free_port()
         env = dict(self.env, TESSERA_NATS_URL=info["nats_url"], TESSERA_CONTROL_STORE_ADDRESS=info["control_store_address"],
-                   TESSERA_GRPC_PORT=str(port), TESSERA_INSTANCE_ID=name, OTEL_TRACES_SAMPLER="always_off")
+                   TESSERA_GRPC_PORT=str(port), TESSERA_INSTANCE_ID=name, OTEL_TRACES_SAMPLER="always_off",
+                   TESSERA_SERVING_HTTP_PORT="0")
         proc = procs.start([sys.executable, "-m", "tessera.serving"], log_path=self.run_dir / f"{name}.log", env=env)
         track(proc)
         address = f"127.0.0.1:{port}"
