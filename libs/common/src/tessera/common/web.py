@@ -54,9 +54,10 @@ class WebServer:
     """One ASGI application served by uvicorn on a socket bound by :func:`bind`."""
 
     def __init__(self, app: Any, **config: Any) -> None:
-        """``config``: more :class:`uvicorn.Config` options (defaults: no lifespan, no access log, warnings only)."""
+        """``config``: more :class:`uvicorn.Config` options (defaults: no lifespan, no access log, warnings only,
+        no ``Server`` header)."""
         options: dict[str, Any] = dict(log_level="warning", access_log=False, lifespan="off",
-                                       timeout_graceful_shutdown=1)
+                                       timeout_graceful_shutdown=1, server_header=False)
         options.update(config)
         self._server = _Server(uvicorn.Config(app, **options))
         self._task: asyncio.Task[None] | None = None
