@@ -40,7 +40,6 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -588,7 +587,7 @@ class HttpFrontEnd:
         if not isinstance(recs, list):
             raise InvalidArgumentError('body must be {"records": [...]}')
         preds = await self._run(name, recs)
-        return _json({"predictions": [asdict(p) for p in preds]})
+        return _json({"predictions": [vars(p) for p in preds]})  # its fields (asdict's deep copy costs 10 us each)
 
     async def _run(self, name: str, records: list[Any]) -> list[Prediction]:
         with _tracer.start_as_current_span("serving predict", attributes={
