@@ -127,7 +127,11 @@ class Settings(BaseSettings):
     jaeger_ui_url: str = Field("", validation_alias=AliasChoices("TESSERA_JAEGER_UI_URL", "JAEGER_UI_URL"),
                                description="dashboard: base URL of Jaeger's UI (http://host:16686), to link each "
                                "task and request to its trace; empty shows trace ids unlinked")
-    serving_http_port: int = Field(0, ge=0, le=65535, description="serving: HTTP/JSON port; 0 picks a free one")
+    serving_http_port: int = Field(8000, ge=0, le=65535, description="serving: port of the HTTP front end "
+                                   "(/v1 JSON and KServe v2), the same in every container; 0 picks a free one "
+                                   "(tessera up picks a free one unless this is set)")
+    serving_http_max_body_bytes: int = Field(16 * 2**20, gt=0, description="serving: largest HTTP request body; "
+                                             "a longer one gets 413 before it is read")
     serving_workers: int = Field(2, gt=0, description="serving: executor threads that run batches of stages")
     serving_max_batch: int = Field(64, gt=0, description="serving: most records the scheduler puts in one batch")
     serving_latency_budget_ms: float = Field(2.0, ge=0, description="serving: default batching reservation of a pipeline")

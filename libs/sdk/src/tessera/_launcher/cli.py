@@ -103,7 +103,7 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
             port = procs.free_port()
             ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}",
                            metrics_port=procs.free_port(),
-                           http_port=dashboard_port(settings) if name == "dashboard" else 0))
+                           http_port=http_port(name, settings)))
     if gpus_per_node and "gpu-scheduler" in services:  # a node agent per node (the gpu-scheduler with the node's id)
         for i, node in enumerate(node_ids):
             port = procs.free_port()
@@ -112,6 +112,17 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
     cs = next(p for p in ps if p.name == "control-store")
     return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
                    control_store_address=cs.address, procs=ps, started=time.time())
+
+
+def http_port(service: str, settings: Settings) -> int:
+    """The port of ``service``'s HTTP server (0: it has none): the dashboard's, or serving's front end, whose
+    fixed default (TESSERA_SERVING_HTTP_PORT, 8000 in every container) is kept only when set explicitly here,
+    so that two clusters on one machine do not both ask for it."""
+    if service == "dashboard":
+        return dashboard_port(settings)
+    if service == "serving":
+        return settings.serving_http_port if os.environ.get("TESSERA_SERVING_HTTP_PORT") else procs.free_port()
+    return 0
 
 
 def dashboard_port(settings: Settings) -> int:

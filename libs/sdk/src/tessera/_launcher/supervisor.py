@@ -99,6 +99,8 @@ class Supervisor:
             env["TESSERA_METRICS_PORT"] = str(p.metrics_port)
         if p.http_port and p.service == "dashboard":
             env["TESSERA_DASHBOARD_PORT"] = str(p.http_port)
+        if p.http_port and p.service == "serving":
+            env["TESSERA_SERVING_HTTP_PORT"] = str(p.http_port)
         if self.cluster.auth:  # paths of the secrets, never the secrets (a child's environment is readable)
             env.pop("TESSERA_AUTH_TOKEN", None)
             env.update(TESSERA_AUTH_TOKEN_FILE=str(self.run.secret_file(names.TOKEN_FILE)))

@@ -1,5 +1,5 @@
 """Wiring of one serving replica: engine + scheduler, the cluster registry (control store)
-and parameters (object store), gRPC and HTTP/JSON front ends, NATS for registry changes
+and parameters (object store), gRPC and HTTP front ends (JSON and KServe v2), NATS for registry changes
 and for predictions through the queue group ``serving``.
 
 NATS subjects:
@@ -73,7 +73,8 @@ def build(settings: Settings) -> ServiceApp:
     replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
                       default_budget_ms=settings.serving_latency_budget_ms)
     # the HTTP front end requires the same token as the gRPC server (none when authentication is off)
-    http = HttpFrontEnd(replica.predict, cluster.pipeline_names, token=auth.server_token(settings))
+    http = HttpFrontEnd(replica.predict, cluster.pipeline_names, replica.ensure, token=auth.server_token(settings),
+                        max_body=settings.serving_http_max_body_bytes, ready=lambda: app.serving)
     servicer = ServingServicer(replica)
     descriptor = pb.DESCRIPTOR.services_by_name["ServingService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor), servicer, SERVICE)
@@ -115,7 +116,7 @@ def build(settings: Settings) -> ServiceApp:
         servicer.http_address = app.http_address = f"{host}:{port}"  # registered with the replica (gateways relay to it)
         await app.bus.subscribe(f"tessera.events.kv.{PIPELINES}.>", on_registry_change)
         await app.bus.subscribe(PREDICT_SUBJECT, on_predict, queue=QUEUE)
-        log.info("serving: HTTP/JSON on %s, NATS %s (queue %s)", servicer.http_address, PREDICT_SUBJECT, QUEUE)
+        log.info("serving: HTTP (JSON, KServe v2) on %s, NATS %s (queue %s)", servicer.http_address, PREDICT_SUBJECT, QUEUE)
 
     async def stop() -> None:
         await http.stop()
