@@ -528,3 +528,19 @@ def test_a_borrower_lists_whom_it_lent_to() -> None:
     doc = {"time": 0, "holds": [theirs.hex()], "lent": {theirs.hex(): ["driver:2"]}}
     t = read_table(json.dumps(doc).encode(), 0.0)
     assert t.lent == {theirs: frozenset(["driver:2"])}
+
+
+def test_a_restartable_actors_constructor_arguments_stay_until_it_dies(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    arg = oid()
+    c.own_put(arg)
+    c.born(arg)
+    tid, (ret,) = task()
+    actor = os.urandom(16)
+    c.own_task(tid, [ret], [arg], [])
+    c.died(arg)
+    c.task_ended(tid, actor_id=actor, pin_for_actor=True)  # created; it may have to be created again
+    assert not c.process(), "its constructor runs again with it after a restart"
+    assert c.borrowing_actors() == [actor] and c.borrower_keys() == []
+    c.actor_died(actor)
+    assert c.process().stored == [arg]

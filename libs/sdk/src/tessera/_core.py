@@ -329,7 +329,9 @@ class Core:
                     if v.contained_ids:
                         refs.contains(v.object_id, v.contained_ids)
                 refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"",
-                                borrower=r.borrower if r.borrower != self.refs_key.decode() else "")
+                                borrower=r.borrower if r.borrower != self.refs_key.decode() else "",
+                                pin_for_actor=spec is not None and spec.kind == pb.TASK_KIND_ACTOR_CREATE
+                                and spec.max_restarts != 0 and not r.HasField("error"))
                 if r.task_id in self.streams:
                     self._stream_end(r, name)
                     continue

@@ -115,6 +115,7 @@ class RefCounter:
         self._borrows: dict[bytes, dict[str, float]] = {}  # object -> borrower key -> when it last reported it
         self._by_key: dict[str, set[bytes]] = {}  # borrower key -> the objects it borrows from me
         self._actor_keys: dict[bytes, str] = {}  # actor -> the key of its worker (its death ends its borrows)
+        self._actor_pins: dict[bytes, str] = {}  # restartable actor -> the key pinning its constructor's arguments
         self._lent: dict[bytes, int] = {}  # objects I do not own -> my pending tasks that take them
         self._kept: set[bytes] = set()  # objects I do not own whose refs I passed on untracked: held for my life
         self._containers: dict[bytes, list[bytes]] = {}  # an object of mine -> the refs its value holds
@@ -215,7 +216,7 @@ class RefCounter:
                 o.big = o.big or big
 
     def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = (), *, actor_id: bytes = b"",
-                   borrower: str = "") -> None:
+                   borrower: str = "", pin_for_actor: bool = False) -> None:
         """One of my tasks finished (or failed); its holds are released. Its worker may still hold ``borrowed``:
         ``borrower`` names the worker's reference table, which lists them while it holds them; an actor's worker
         holds them at most until the actor dies (:meth:`actor_died`). A borrow that names neither (its worker
@@ -238,6 +239,12 @@ class RefCounter:
             if t is None or t.ended:
                 return
             t.ended = now
+            if pin_for_actor and actor_id:  # a restartable actor's constructor runs again with these
+                pin = f"pin:{actor_id.hex()}"
+                for a in dict.fromkeys([*t.holds, *t.lent]):
+                    self._borrows.setdefault(a, {})[pin] = now
+                    self._by_key.setdefault(pin, set()).add(a)
+                self._actor_pins[actor_id] = pin
             self._check_task(task_id)
             for a in t.holds:
                 o = self._owned.get(a)
@@ -340,7 +347,7 @@ class RefCounter:
     def borrower_keys(self) -> list[str]:
         """The reference tables to read: of the processes that borrow from me (actors' workers included)."""
         with self._lock:
-            return [k for k in self._by_key if not k.startswith("actor:")]
+            return [k for k in self._by_key if not k.startswith(("actor:", "pin:"))]
 
     def borrowers_checked(self, tables: dict[str, BorrowerTable | None], since: float) -> None:
         """The borrowers' tables, as read after ``since`` (this counter's clock): ``None`` for one that is gone.
@@ -390,19 +397,22 @@ class RefCounter:
                     self._by_key[key].add(inner)
 
     def borrowing_actors(self) -> list[bytes]:
-        """Actors that keep refs to objects I own or lent on (whose death releases them)."""
+        """Actors that keep refs to objects I own or lent on (whose death releases them): in their state, or
+        as the arguments their constructor runs again with when they restart."""
         with self._lock:
             for a in [a for a, k in self._actor_keys.items() if k not in self._by_key]:
                 del self._actor_keys[a]
-            return list(self._actor_keys)
+            for a in [a for a, k in self._actor_pins.items() if k not in self._by_key]:
+                del self._actor_pins[a]
+            return list(dict.fromkeys([*self._actor_keys, *self._actor_pins]))
 
     def actor_died(self, actor_id: bytes) -> None:
-        """The actor is dead: the refs its state kept are gone with it."""
+        """The actor is dead: the refs its state kept, and its constructor's arguments, are gone with it."""
         with self._lock:
-            key = self._actor_keys.pop(actor_id, None)
-            if key is not None:
-                for oid in list(self._by_key.get(key, ())):
-                    self._release(oid, key)
+            for key in (self._actor_keys.pop(actor_id, None), self._actor_pins.pop(actor_id, None)):
+                if key is not None:
+                    for oid in list(self._by_key.get(key, ())):
+                        self._release(oid, key)
 
     def owns(self, oid: bytes) -> bool:
         with self._lock:
@@ -474,7 +484,7 @@ class RefCounter:
             for oid, b in self._borrows.items():
                 if oid in self._owned:
                     continue
-                keys = [k for k in b if not k.startswith("actor:")][:8]
+                keys = [k for k in b if not k.startswith(("actor:", "pin:"))][:8]
                 if keys:
                     out[oid] = keys
                     if len(out) >= limit:
