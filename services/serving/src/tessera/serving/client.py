@@ -22,6 +22,7 @@ import grpc
 from tessera.api.serving.v1 import serving_pb2 as pb
 from tessera.api.serving.v1 import serving_pb2_grpc as pb_grpc
 from tessera.common import rpc
+from tessera.serving.compact import with_head_dtype
 from tessera.serving.ir import Pipeline
 
 SERVICE = "tessera.serving.v1.ServingService"
@@ -192,14 +193,17 @@ class Client:
         raise last
 
     # ------------------------------------------------------------------ pipelines
-    def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True) -> PipelineInfo:
+    def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True,
+                 head_dtype: str = "float64") -> PipelineInfo:
         """Serve ``pipeline`` (Flour or a fitted scikit-learn pipeline) as ``name``.
 
         Only parameters the cluster does not hold yet are sent; a pipeline that shares a
         vocabulary with one already registered uploads only its own weights.
         ``latency_budget_ms``: how long its requests may wait to be batched (0: the default).
+        ``head_dtype``: "float32" stores linear heads' weights in half the bytes, predictions equal within
+        :data:`~tessera.serving.compact.FLOAT32_RTOL` (see :mod:`tessera.serving.compact`).
         """
-        ir = to_ir(pipeline)
+        ir = with_head_dtype(to_ir(pipeline), head_dtype)
         missing = list(self._call("FindMissingParameters", pb.FindMissingParametersRequest(hashes=list(ir.params))).missing)
         batch: list[pb.Tensor] = []
         size = 0
