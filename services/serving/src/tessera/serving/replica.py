@@ -61,7 +61,12 @@ class Replica:
     async def missing(self, hashes: Sequence[str]) -> list[str]:
         if len(hashes) > 100_000:
             raise InvalidArgumentError("too many hashes in one request")
-        return await self.cluster.missing(list(dict.fromkeys(hashes)))
+        return await self._missing(list(dict.fromkeys(hashes)))
+
+    async def _missing(self, hashes: list[str]) -> list[str]:
+        """Those of ``hashes`` no live node holds. An array this replica has loaded is readable without asking:
+        its view pins the object in the node's store."""
+        return await self.cluster.missing(self.engine.store.missing(hashes))
 
     async def upload(self, tensors: Sequence[tuple[str, str, list[int], bytes]]) -> tuple[int, int]:
         # (the request's copies of the bytes are freed once it is answered: the registration that follows gives
@@ -91,7 +96,7 @@ class Replica:
             raise InvalidArgumentError("latency_budget_ms must be >= 0")
         graph = Graph.from_json(spec.graph_json)
         hashes = graph.param_hashes()
-        missing = await self.cluster.missing(hashes)
+        missing = await self._missing(hashes)
         if missing:
             raise InvalidArgumentError(f"pipeline {spec.name!r}: parameters not uploaded: {', '.join(missing[:5])}")
         store = self.engine.store
