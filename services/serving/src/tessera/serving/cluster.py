@@ -23,14 +23,19 @@ import numpy as np
 from tessera.api.control_store.v1 import control_store_pb2 as cpb
 from tessera.api.control_store.v1 import control_store_pb2_grpc as cpb_grpc
 from tessera.api.serving.v1 import serving_pb2 as pb
-from tessera.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from tessera.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from tessera.common.ids import OBJECT_ID_LEN
+from tessera.exceptions import ObjectStoreFullError
 
 log = logging.getLogger(__name__)
 
 PIPELINES = "serving-pipelines"
-#: How long a parameter array the registry names but this node lacks may take to arrive before it counts as lost.
-CHECK_S = 5.0
 PARAMS = "serving-params"
 
 
@@ -40,6 +45,7 @@ class ClusterStore:
         self.timeout = timeout
         self._objects: Any = None
         self._objects_lock = asyncio.Lock()
+        self._capacity: int | None = None
 
     # ------------------------------------------------------------------ registry
     async def put_pipeline(self, spec: pb.PipelineSpec, *, replace: bool) -> None:
@@ -97,36 +103,70 @@ class ClusterStore:
         return [h for h in hashes if h not in known or h in lost]
 
     async def _unreadable(self, known: dict[str, bytes]) -> list[str]:
-        """The parameters the registry names but no object store can give (lost with a node that is gone,
-        e.g. after the cluster was brought up again): forgotten, so that they are uploaded again."""
+        """The parameters the registry names but no live node holds (lost with a node that is gone, e.g. after
+        the cluster was brought up again): forgotten, so that they are uploaded again.
+
+        Decided at once, without waiting for a copy: this node's store says what it holds; for the others, the
+        control store's object locations are checked against the nodes that are alive."""
         client = await self._client()
         malformed = [h for h, oid in known.items() if len(oid) != OBJECT_ID_LEN]  # not written by a replica
         valid = {h: oid for h, oid in known.items() if h not in malformed}
         here = await asyncio.to_thread(client.contains, list(valid.values())) if valid else []
-        elsewhere = [h for h, present in zip(valid, here, strict=True) if not present]
-        if not elsewhere:
-            return await self._forget(malformed)
-        from tessera.client.objects import ObjectRef
+        elsewhere = {h: oid for (h, oid), present in zip(valid.items(), here, strict=True) if not present}
+        lost: list[str] = []
+        if elsewhere:
+            held = await self.held_by_live_nodes(list(elsewhere.values()), exclude=bytes(client.node_id))
+            lost = [h for h, oid in elsewhere.items() if oid not in held]
+        return await self._forget(malformed + lost)
 
-        try:  # held by another node: pulled here now, which loading them needs anyway
-            await asyncio.to_thread(client.get, [ObjectRef(valid[h]) for h in elsewhere], timeout=CHECK_S)
-            return await self._forget(malformed)
-        except TimeoutError:
-            return await self._forget(malformed + elsewhere)
+    async def held_by_live_nodes(self, object_ids: list[bytes], *, exclude: bytes = b"") -> set[bytes]:
+        """Those of ``object_ids`` that a live node other than ``exclude`` holds, as the control store records
+        copies (each node's store adds and removes its own) and node liveness (heartbeats)."""
+        try:
+            objs, nodes = await asyncio.gather(
+                self.stub.GetObjects(cpb.GetObjectsRequest(object_ids=object_ids), timeout=self.timeout),
+                self.stub.ListNodes(cpb.ListNodesRequest(state=cpb.NODE_STATE_ALIVE), timeout=self.timeout))
+        except grpc.aio.AioRpcError as e:
+            raise UnavailableError(f"control store: {e.code().name} {e.details()}") from e
+        alive = {n.node_id for n in nodes.nodes if n.state == cpb.NODE_STATE_ALIVE} - {exclude}
+        return {o.object_id for o in objs.objects if any(n in alive for n in o.locations)}
 
     async def _forget(self, hashes: list[str]) -> list[str]:
         if hashes:
             await asyncio.gather(*(self.stub.KvDelete(cpb.KvDeleteRequest(namespace=PARAMS, key=h.encode()),
                                                       timeout=self.timeout) for h in hashes))
-            log.warning("%d parameter arrays named in the registry could not be read: forgotten, to be uploaded "
-                        "again", len(hashes))
+            log.warning("%d parameter arrays named in the registry are held by no live node: forgotten, to be "
+                        "uploaded again", len(hashes))
         return hashes
+
+    async def capacity(self) -> int:
+        """Bytes the node's object store can hold in memory (0: unknown)."""
+        if self._capacity is None:
+            client = await self._client()
+            self._capacity = int((await asyncio.to_thread(client.stats)).capacity)
+        return self._capacity
+
+    async def check_fits(self, nbytes: int, what: str) -> None:
+        """Refuse parameters that the node's object store could never hold at once."""
+        cap = await self.capacity()
+        if cap and nbytes > cap:
+            raise InvalidArgumentError(f"{what}: {nbytes:,} bytes of parameters do not fit in the node's object "
+                                       f"store ({cap:,} bytes)")
+
+    async def param_sizes(self, hashes: list[str]) -> int:
+        """Bytes of the stored parameters ``hashes`` (as the control store records the objects)."""
+        oids = [o for o in await asyncio.gather(*(self.object_id(h) for h in hashes)) if o is not None]
+        if not oids:
+            return 0
+        objs = await self.stub.GetObjects(cpb.GetObjectsRequest(object_ids=oids), timeout=self.timeout)
+        return sum(int(o.size) for o in objs.objects)
 
     async def store_params(self, arrays: dict[str, np.ndarray]) -> int:
         """Put the arrays the cluster lacks into the object store; returns how many were new."""
         new = await self.missing(list(arrays))
         if not new:
             return 0
+        await self.check_fits(sum(arrays[h].nbytes for h in new), f"{len(new)} parameter arrays")
         client = await self._client()
 
         def put_all() -> list[bytes]:
@@ -134,7 +174,10 @@ class ClusterStore:
             client.flush()  # small ones are batched: in the store before anyone is told of them
             return [r.id for r in refs]
 
-        oids = await asyncio.to_thread(put_all)
+        try:
+            oids = await asyncio.to_thread(put_all)
+        except ObjectStoreFullError as e:
+            raise ResourceExhaustedError(f"the node's object store is full: {e}") from None
         for h, oid in zip(new, oids, strict=True):
             try:
                 await self.stub.KvPut(cpb.KvPutRequest(namespace=PARAMS, key=h.encode(), value=oid, overwrite=False),

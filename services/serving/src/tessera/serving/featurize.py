@@ -94,8 +94,22 @@ class Analyzer:
         return out
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def vstack(blocks: list[Csr]) -> Csr:
+    """The rows of ``blocks`` one after the other (same width)."""
+    indptr = [blocks[0].indptr]
+    for b in blocks[1:]:
+        indptr.append(b.indptr[1:] + indptr[-1][-1])
+    return Csr(np.concatenate([b.data for b in blocks]), np.concatenate([b.indices for b in blocks]),
+               np.concatenate(indptr), blocks[0].shape[1])
+
+
 class _Scratch(threading.local):
-    """Per-thread buffers of the C kernel, kept between calls (no allocation per request)."""
+    """Per-thread buffers of the C kernel, kept between calls (no allocation per request): the output's
+    indices and counts, and for each vocabulary two int32 arrays of its size (the document in which each term
+    was last seen, and where its count is)."""
 
     def __init__(self) -> None:
         self.mark: dict[int, np.ndarray] = {}
@@ -185,21 +199,27 @@ class NgramCounter:
         return Csr(np.asarray(data, dtype=np.float64), np.asarray(indices, dtype=np.int32),
                    np.asarray(indptr, dtype=np.int64), self.n_terms)
 
-    def _buffers(self) -> tuple[_Scratch, np.ndarray, np.ndarray]:
+    def _buffers(self, n_docs: int) -> tuple[_Scratch, np.ndarray, np.ndarray]:
         s = self._scratch
         key = id(self)
         if key not in s.mark:
-            s.mark[key] = np.full(self.n_terms, -1, dtype=np.int64)
-            s.pos[key] = np.empty(self.n_terms, dtype=np.int64)
+            s.mark[key] = np.full(self.n_terms, -1, dtype=np.int32)
+            s.pos[key] = np.empty(self.n_terms, dtype=np.int32)
+        if s.doc + n_docs >= _INT32_MAX:  # document numbers are int32: start again from 0 with clean marks
+            for m in s.mark.values():
+                m.fill(-1)
+            s.doc = 0
         return s, s.mark[key], s.pos[key]
 
     def _native(self, docs: Sequence[str]) -> Csr:
         assert self.lib is not None
         an = self.an
         n = len(docs)
-        s, mark, pos = self._buffers()
-        indptr = np.empty(n + 1, dtype=np.int64)
         span = an.n_max - an.n_min + 1
+        if n > 1 and sum(len(d) for d in docs) * span >= _INT32_MAX:  # positions are int32: in two halves
+            return vstack([self._native(docs[: n // 2]), self._native(docs[n // 2:])])
+        s, mark, pos = self._buffers(n)
+        indptr = np.empty(n + 1, dtype=np.int64)
         if an.kind == "char":
             pre = [_WS.sub(" ", an.preprocess(d)) for d in docs]
             lens = np.fromiter((len(p) for p in pre), dtype=np.int64, count=n)

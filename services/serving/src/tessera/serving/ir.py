@@ -80,7 +80,7 @@ def tensor_hash(arr: np.ndarray) -> str:
     """Content hash of an array: dtype, shape and bytes."""
     a = np.ascontiguousarray(arr)
     h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
-    h.update(a.tobytes())
+    h.update(a.reshape(-1).view(np.uint8).data)  # the bytes in place (no copy of a large array)
     return h.hexdigest()[:40]
 
 

@@ -128,6 +128,12 @@ def _outputs(attrs: dict[str, Any], proba_kind: str, combine: str) -> list[str]:
     return list(given)
 
 
+def _weights(a: np.ndarray) -> np.ndarray:
+    """Weights as stored when float64 or float32 (products accumulate in float64 either way), else float64."""
+    a = np.asarray(a)
+    return a if a.dtype in (np.float64, np.float32) else a.astype(np.float64)
+
+
 class Linear:
     """X @ coef.T + intercept, sparse or dense X. With ``prune``, columns whose weights are all
     zero are dropped (the dead features cost nothing at prediction time)."""
@@ -141,7 +147,7 @@ class Linear:
             idx = np.asarray(coef_index).reshape(-1)  # kept as given (int32): no private copy
             if idx.dtype.kind not in "iu":
                 raise InvalidArgumentError("linear: coef_index must be integers")
-            val = np.atleast_2d(np.asarray(coef_value, dtype=np.float64))
+            val = np.atleast_2d(_weights(coef_value))
             if val.shape[1] != idx.size or (idx.size and (idx.min() < 0 or idx.max() >= d)) or \
                     np.any(np.diff(idx) <= 0):
                 raise InvalidArgumentError("linear: coef_index must be increasing columns < n_features, one per value")
@@ -149,7 +155,7 @@ class Linear:
             self.live, self.coef, self.pruned = idx, val, True
             self.nbytes = 0  # the parameters themselves, shared through the store
             return
-        coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
+        coef = np.atleast_2d(_weights(coef))
         self._init_common(coef.shape[0], coef.shape[1], intercept, attrs)
         self.pruned = False
         live = np.flatnonzero(np.any(coef != 0.0, axis=0))

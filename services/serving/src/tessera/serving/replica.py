@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from opentelemetry import metrics
 
+from tessera.common import heap
 from tessera.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from tessera.serving.engine import Engine, Prediction, Registered, Scheduler
 from tessera.serving.ir import Graph, check_name, check_tensor
@@ -39,6 +40,8 @@ class Cluster(Protocol):
     async def pipeline_names(self) -> list[str]: ...
     async def missing(self, hashes: list[str]) -> list[str]: ...
     async def store_params(self, arrays: dict[str, np.ndarray]) -> int: ...
+    async def check_fits(self, nbytes: int, what: str) -> None: ...
+    async def param_sizes(self, hashes: list[str]) -> int: ...
     async def load_params(self, hashes: list[str]) -> dict[str, np.ndarray]: ...
 
 
@@ -51,14 +54,23 @@ class Replica:
         self.instance_id = instance_id
         self.default_budget_ms = default_budget_ms
         self._loading: dict[str, asyncio.Lock] = {}
+        self._trim_task: asyncio.Task[None] | None = None
+        self._trim_again = False
 
     # ------------------------------------------------------------------ parameters
     async def missing(self, hashes: Sequence[str]) -> list[str]:
         if len(hashes) > 100_000:
             raise InvalidArgumentError("too many hashes in one request")
-        return await self.cluster.missing(list(dict.fromkeys(hashes)))
+        return await self._missing(list(dict.fromkeys(hashes)))
+
+    async def _missing(self, hashes: list[str]) -> list[str]:
+        """Those of ``hashes`` no live node holds. An array this replica has loaded is readable without asking:
+        its view pins the object in the node's store."""
+        return await self.cluster.missing(self.engine.store.missing(hashes))
 
     async def upload(self, tensors: Sequence[tuple[str, str, list[int], bytes]]) -> tuple[int, int]:
+        # (the request's copies of the bytes are freed once it is answered: the registration that follows gives
+        # their pages back to the system, see register)
         arrays = {h: check_tensor(h, dt, shape, data) for h, dt, shape, data in tensors}  # all checked first
         n = await self.cluster.store_params(arrays)
         return n, sum(a.nbytes for a in arrays.values())
@@ -71,7 +83,10 @@ class Replica:
             for h, arr in (await self.cluster.load_params(need)).items():
                 self.engine.store.put(h, arr)
         budget = spec.latency_budget_ms if spec.latency_budget_ms > 0 else self.default_budget_ms
-        reg = await asyncio.to_thread(self.engine.register, spec.name, graph, budget_ms=budget)
+        try:
+            reg = await asyncio.to_thread(self.engine.register, spec.name, graph, budget_ms=budget)
+        finally:
+            self._trim_soon()
         reg.version = int(spec.registered_ms)
         return reg
 
@@ -80,19 +95,42 @@ class Replica:
         if spec.latency_budget_ms < 0:
             raise InvalidArgumentError("latency_budget_ms must be >= 0")
         graph = Graph.from_json(spec.graph_json)
-        missing = await self.cluster.missing(graph.param_hashes())
+        hashes = graph.param_hashes()
+        missing = await self._missing(hashes)
         if missing:
             raise InvalidArgumentError(f"pipeline {spec.name!r}: parameters not uploaded: {', '.join(missing[:5])}")
+        store = self.engine.store
+        here = [h for h in hashes if store.has(h)]
+        size = sum(store.get(h).nbytes for h in here) + await self.cluster.param_sizes(
+            [h for h in hashes if not store.has(h)])
+        await self.cluster.check_fits(size, f"pipeline {spec.name!r}")
         if not replace and await self.cluster.get_pipeline(spec.name) is not None:
             raise AlreadyExistsError(f"pipeline {spec.name!r} is already registered")
         spec.registered_ms = int(time.time() * 1000)
-        reg = await self._load(spec)  # compiles here first: a bad graph never reaches the registry
         try:
-            await self.cluster.put_pipeline(spec, replace=replace)
-        except Exception:
-            self.engine.unregister(spec.name)
-            raise
+            reg = await self._load(spec)  # compiles here first: a bad graph never reaches the registry
+            try:
+                await self.cluster.put_pipeline(spec, replace=replace)
+            except Exception:
+                self.engine.unregister(spec.name)
+                raise
+        finally:
+            self._trim_soon()  # the uploads' request copies and what building the plan used are freed by now
         return reg
+
+    def _trim_soon(self) -> None:
+        """Give the memory this process freed back to the system, in a thread, after the caller is answered
+        (a few ms; one trim at a time, another after it if asked for meanwhile)."""
+        if self._trim_task is not None and not self._trim_task.done():
+            self._trim_again = True
+            return
+        self._trim_task = asyncio.get_running_loop().create_task(self._trim())
+
+    async def _trim(self) -> None:
+        self._trim_again = True
+        while self._trim_again:
+            self._trim_again = False
+            await asyncio.to_thread(heap.trim)
 
     async def ensure(self, name: str) -> Registered:
         """The pipeline ``name``, loaded from the registry if this replica does not have it yet."""

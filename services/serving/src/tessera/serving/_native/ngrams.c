@@ -11,7 +11,7 @@ typedef struct {
     int64_t n_terms;
     int64_t mask;            /* slots - 1 (a power of two) */
     int32_t *slots;          /* term index or -1 */
-    uint64_t *hashes;        /* hash of the term in each slot */
+    uint32_t *hashes;        /* high half of the hash of the term in each slot (the low bits chose the slot) */
 } table_t;
 
 static inline uint64_t hash32(const uint32_t *s, int64_t n) {
@@ -27,7 +27,7 @@ void *table_build(const uint32_t *chars, const int64_t *offsets, int64_t n_terms
     while (size < 2 * n_terms + 16) size <<= 1;
     t->chars = chars; t->offsets = offsets; t->n_terms = n_terms; t->mask = size - 1;
     t->slots = (int32_t *)malloc(sizeof(int32_t) * size);
-    t->hashes = (uint64_t *)calloc(size, sizeof(uint64_t));
+    t->hashes = (uint32_t *)calloc(size, sizeof(uint32_t));
     if (!t->slots || !t->hashes) { free(t->slots); free(t->hashes); free(t); return NULL; }
     memset(t->slots, 0xff, sizeof(int32_t) * size);
     for (int64_t i = 0; i < n_terms; i++) {
@@ -36,12 +36,12 @@ void *table_build(const uint32_t *chars, const int64_t *offsets, int64_t n_terms
         uint64_t h = hash32(s, n);
         int64_t j = (int64_t)(h & t->mask);
         while (t->slots[j] >= 0) j = (j + 1) & t->mask;
-        t->slots[j] = (int32_t)i; t->hashes[j] = h;
+        t->slots[j] = (int32_t)i; t->hashes[j] = (uint32_t)(h >> 32);
     }
     return t;
 }
 
-int64_t table_bytes(void *tp) { table_t *t = (table_t *)tp; return (t->mask + 1) * (int64_t)(sizeof(int32_t) + sizeof(uint64_t)); }
+int64_t table_bytes(void *tp) { table_t *t = (table_t *)tp; return (t->mask + 1) * (int64_t)(sizeof(int32_t) + sizeof(uint32_t)); }
 
 void table_free(void *tp) {
     table_t *t = (table_t *)tp;
@@ -51,11 +51,12 @@ void table_free(void *tp) {
 
 static inline int32_t lookup(const table_t *t, const uint32_t *s, int64_t n) {
     uint64_t h = hash32(s, n);
+    uint32_t hi = (uint32_t)(h >> 32);
     int64_t j = (int64_t)(h & t->mask);
     for (;;) {
         int32_t k = t->slots[j];
         if (k < 0) return -1;
-        if (t->hashes[j] == h) {
+        if (t->hashes[j] == hi) {
             int64_t o = t->offsets[k], m = t->offsets[k + 1] - o;
             if (m == n && memcmp(t->chars + o, s, sizeof(uint32_t) * n) == 0) return k;
         }
@@ -65,19 +66,20 @@ static inline int32_t lookup(const table_t *t, const uint32_t *s, int64_t n) {
 
 /* Count one found term: mark[] remembers the document in which a term was last seen
  * and pos[] where its count lives, so the output needs no sort. */
-static inline void hit(int32_t k, int64_t doc, int64_t *mark, int64_t *pos, int32_t *indices,
+static inline void hit(int32_t k, int32_t doc, int32_t *mark, int32_t *pos, int32_t *indices,
                        double *counts, int64_t *nnz) {
-    if (mark[k] != doc) { mark[k] = doc; pos[k] = *nnz; indices[*nnz] = k; counts[*nnz] = 1.0; (*nnz)++; }
+    if (mark[k] != doc) { mark[k] = doc; pos[k] = (int32_t)*nnz; indices[*nnz] = k; counts[*nnz] = 1.0; (*nnz)++; }
     else counts[pos[k]] += 1.0;
 }
 
 /* Character n-grams (n_min..n_max) of each document buf[doc_off[d]:doc_off[d+1]].
  * indptr has n_docs+1 entries; indices/counts hold at most cap entries.
- * mark/pos: scratch of n_terms entries each, mark initialised to -1 by the caller.
+ * mark/pos: scratch of n_terms entries each, mark initialised to -1 by the caller; doc_base + n_docs and cap
+ * stay below 2^31 (the caller splits larger batches).
  * Returns nnz, or -1 if cap was too small. */
 int64_t char_ngrams(void *tp, const uint32_t *buf, const int64_t *doc_off, int64_t n_docs, int64_t n_min,
                     int64_t n_max, int64_t *indptr, int32_t *indices, double *counts, int64_t cap,
-                    int64_t *mark, int64_t *pos, int64_t doc_base) {
+                    int32_t *mark, int32_t *pos, int64_t doc_base) {
     const table_t *t = (const table_t *)tp;
     int64_t nnz = 0;
     indptr[0] = 0;
@@ -87,7 +89,7 @@ int64_t char_ngrams(void *tp, const uint32_t *buf, const int64_t *doc_off, int64
         for (int64_t n = n_min; n <= n_max; n++) {
             for (int64_t i = 0; i + n <= len; i++) {
                 int32_t k = lookup(t, s + i, n);
-                if (k >= 0) { if (nnz >= cap) return -1; hit(k, doc_base + d, mark, pos, indices, counts, &nnz); }
+                if (k >= 0) { if (nnz >= cap) return -1; hit(k, (int32_t)(doc_base + d), mark, pos, indices, counts, &nnz); }
             }
         }
         indptr[d + 1] = nnz;
@@ -100,7 +102,7 @@ int64_t char_ngrams(void *tp, const uint32_t *buf, const int64_t *doc_off, int64
  * contiguous span buf[tok_start[i] : tok_end[j]]. */
 int64_t word_ngrams(void *tp, const uint32_t *buf, const int64_t *tok_start, const int64_t *tok_end,
                     const int64_t *tok_off, int64_t n_docs, int64_t n_min, int64_t n_max, int64_t *indptr,
-                    int32_t *indices, double *counts, int64_t cap, int64_t *mark, int64_t *pos, int64_t doc_base) {
+                    int32_t *indices, double *counts, int64_t cap, int32_t *mark, int32_t *pos, int64_t doc_base) {
     const table_t *t = (const table_t *)tp;
     int64_t nnz = 0;
     indptr[0] = 0;
@@ -110,7 +112,7 @@ int64_t word_ngrams(void *tp, const uint32_t *buf, const int64_t *tok_start, con
             for (int64_t i = a; i + n <= b; i++) {
                 int64_t st = tok_start[i], en = tok_end[i + n - 1];
                 int32_t k = lookup(t, buf + st, en - st);
-                if (k >= 0) { if (nnz >= cap) return -1; hit(k, doc_base + d, mark, pos, indices, counts, &nnz); }
+                if (k >= 0) { if (nnz >= cap) return -1; hit(k, (int32_t)(doc_base + d), mark, pos, indices, counts, &nnz); }
             }
         }
         indptr[d + 1] = nnz;
