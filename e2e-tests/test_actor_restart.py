@@ -136,3 +136,43 @@ def _scenario(extra: Nodes, b: str, d: str) -> None:
             tessera.get(handle.incr.remote(), timeout=45)
     with pytest.raises(ValueError):
         tessera.get_actor("keeper")  # a dead actor's name is free again
+
+
+@tessera.remote(num_cpus=0, resources={"spare": 1})  # (its bundle holds no CPU)
+def where_spare() -> str:
+    return os.environ["TESSERA_NODE_ID"]
+
+
+@pytest.mark.long
+def test_bundles_on_a_node_that_died_are_placed_again(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tessera.util import placement_group, placement_group_table
+    from tessera.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    with stacks.running(tmp_path_factory, "pg-resched", "--nodes", "1", TESSERA_NUM_CPUS="2",
+                        TESSERA_NODE_TIMEOUT_S=NODE_TIMEOUT_S) as c:
+        extra = Nodes(c, tmp_path_factory.mktemp("pg-resched-nodes"))
+        b, d = os.urandom(16).hex(), os.urandom(16).hex()
+        try:
+            extra.start(b)
+            extra.start(d)
+            with c.driving("e2e-pg-resched"):
+                stacks.poll_until(lambda: alive_nodes() == {b, d}, timeout=60, what="the two extra nodes")
+                pg = placement_group([{"spare": 1}, {"spare": 1}], strategy="STRICT_SPREAD")
+                assert pg.wait(30)
+                nodes = placement_group_table(pg)["bundles_to_node_id"]
+                assert set(nodes.values()) == {b, d}
+                in_bundle = [PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i) for i in (0, 1)]
+                assert tessera.get([where_spare.options(scheduling_strategy=s).remote() for s in in_bundle],
+                                   timeout=60) == [nodes[0], nodes[1]]
+                extra.kill(d)
+                e = os.urandom(16).hex()
+                extra.start(e)  # a node joins: the bundle lost with node D goes there; the one on B stays
+                stacks.poll_until(lambda: set(placement_group_table(pg)["bundles_to_node_id"].values()) == {b, e}
+                                  and placement_group_table(pg)["state"] == "CREATED" or None, timeout=60,
+                                  what="the lost bundle placed again on the new node")
+                again = placement_group_table(pg)["bundles_to_node_id"]
+                assert [again[i] for i in (0, 1)] == [b if nodes[i] == b else e for i in (0, 1)]
+                assert tessera.get([where_spare.options(scheduling_strategy=s).remote() for s in in_bundle],
+                                   timeout=60) == [again[0], again[1]]
+        finally:
+            extra.close()

@@ -62,6 +62,8 @@ class GlobalScheduler:
         self.cs: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._jobs_checked = 0.0
+        self.dead_nodes: set[bytes] = set()  # marked DEAD in the control store: bundles there are placed again
+        self._dead_seen = 0  # size of dead_nodes when the groups were last checked against it
 
     async def start(self) -> None:
         bus = self.app.bus
@@ -175,6 +177,7 @@ class GlobalScheduler:
                                                                     timeout=5.0)).nodes}
                 for nid in dead:  # its last load report may still look fresh here: place nothing there
                     self.nodes.pop(nid, None)
+                self.dead_nodes |= dead
                 new = dead - done
                 if not new and orphans_checked:
                     continue
@@ -247,12 +250,35 @@ class GlobalScheduler:
                         if b":" not in k and await self._orphaned(k):
                             await self._remove_group(k)
                             done.discard(k)
+                if len(self.dead_nodes) != self._dead_seen:  # a node died: its bundles are placed again
+                    self._dead_seen = len(self.dead_nodes)
+                    for k in keys:
+                        if b":" not in k and await self._lost_bundles(k):
+                            done.discard(k)
                 for k in keys:
                     if b":" not in k and k not in done and await self._place_group(k):
                         done.add(k)
                 done &= set(keys)
             except Exception as e:
                 log.warning("placement groups: %s", e)
+
+    async def _lost_bundles(self, key: bytes) -> bool:
+        """Whether group ``key`` had bundles on nodes now dead: they are marked for placing again (node_id
+        cleared, the group RESCHEDULING); a STRICT_PACK group (all on the dead node) is placed again whole."""
+        g = await self._get_group(key)
+        if g is None or g.state not in (cpb.PLACEMENT_GROUP_STATE_CREATED, cpb.PLACEMENT_GROUP_STATE_RESCHEDULING):
+            return False
+        lost = [b for b in g.bundles if b.node_id and b.node_id in self.dead_nodes]
+        if not lost:
+            return False
+        for b in lost:
+            b.node_id = b""
+        whole = g.strategy == "STRICT_PACK" or all(not b.node_id for b in g.bundles)
+        g.state = cpb.PLACEMENT_GROUP_STATE_PENDING if whole else cpb.PLACEMENT_GROUP_STATE_RESCHEDULING
+        await self._put_group(g)
+        log.warning("placement group %s: %d bundle(s) lost with a dead node; placing them again", key.decode(),
+                    len(lost))
+        return True
 
     async def _orphaned(self, key: bytes) -> bool:
         """Whether group ``key`` outlived the job that made it (it is not detached, and the job ended: its
@@ -285,10 +311,13 @@ class GlobalScheduler:
         """Try to place one group (two phases: every node PREPAREs its bundles, the placement is recorded,
         then every node COMMITs). True when nothing is left to do for it."""
         g = await self._get_group(key)
-        if g is None or g.state != cpb.PLACEMENT_GROUP_STATE_PENDING:
+        if g is None or g.state not in (cpb.PLACEMENT_GROUP_STATE_PENDING, cpb.PLACEMENT_GROUP_STATE_RESCHEDULING):
             return g is not None
         now = time.monotonic()
-        live = [n for n in self.nodes.values() if now - n.seen < max(3.0, self.settings.node_timeout_s / 2)]
+        live = [n for n in self.nodes.values() if now - n.seen < max(3.0, self.settings.node_timeout_s / 2)
+                and n.node_id not in self.dead_nodes]
+        if g.state == cpb.PLACEMENT_GROUP_STATE_RESCHEDULING:
+            return await self._place_lost(key, g, live)
         wanted = [dict(b.resources) for b in g.bundles]
         try:
             chosen = place_bundles(wanted, g.strategy, live)
@@ -331,6 +360,45 @@ class GlobalScheduler:
                     if b.node_id == node:
                         res_acquire(dict(b.resources), view.available)
         log.info("placement group %s placed on %s", key.decode(), ", ".join(n.hex()[:8] for n in chosen))
+        return True
+
+    async def _place_lost(self, key: bytes, g: cpb.PlacementGroup, live: list[NodeView]) -> bool:
+        """Place again the bundles of ``g`` lost with a dead node, on nodes that hold none of its others (a
+        node agent holds one reservation per group); the others stay. True when nothing is left to do."""
+        lost = [i for i, b in enumerate(g.bundles) if not b.node_id]
+        holding = {b.node_id for b in g.bundles if b.node_id}
+        spread = g.strategy in ("SPREAD", "STRICT_SPREAD")
+        try:
+            chosen = place_bundles([dict(g.bundles[i].resources) for i in lost],
+                                   "STRICT_SPREAD" if g.strategy == "STRICT_SPREAD" else "SPREAD" if spread else "PACK",
+                                   [n for n in live if n.node_id not in holding])
+        except InfeasibleGroup:
+            return False  # no node can take them now: it waits (RESCHEDULING) for one to join
+        if chosen is None:
+            return False
+        for i, node in zip(lost, chosen, strict=True):
+            g.bundles[i].node_id = node
+        nodes = sorted(set(chosen))
+        only = cpb.PlacementGroup()
+        only.CopyFrom(g)
+        for i, b in enumerate(only.bundles):
+            if i not in lost:
+                b.node_id = b""  # what goes to the new nodes names their bundles only
+        prepared = [n for n in nodes if await self._reserve(n, "PREPARE", only)]
+        if len(prepared) < len(nodes):
+            for n in prepared:
+                await self._reserve(n, "RETURN", only)
+            return False
+        if await self._get_group(key) is None:  # removed meanwhile
+            for n in prepared:
+                await self._reserve(n, "RETURN", only)
+            return True
+        g.state = cpb.PLACEMENT_GROUP_STATE_CREATED
+        await self._put_group(g)
+        for n in nodes:
+            await self._reserve(n, "COMMIT", only)
+        log.info("placement group %s: lost bundles placed again on %s", key.decode(),
+                 ", ".join(n.hex()[:8] for n in chosen))
         return True
 
     async def _reserve(self, node: bytes, op: str, g: cpb.PlacementGroup) -> bool:

@@ -176,6 +176,10 @@ class _PlacementGroupStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_P
     """asked to be removed: its bundles are being freed"""
     PLACEMENT_GROUP_STATE_INFEASIBLE: _PlacementGroupState.ValueType  # 4
     """no set of the cluster's nodes can ever hold it (error says why)"""
+    PLACEMENT_GROUP_STATE_RESCHEDULING: _PlacementGroupState.ValueType  # 5
+    """a node holding some of its bundles died: those bundles (node_id empty) are being placed again; the others
+    stay where they are, and what runs in them runs on
+    """
 
 class PlacementGroupState(_PlacementGroupState, metaclass=_PlacementGroupStateEnumTypeWrapper):
     """Placement groups: recorded under the kv namespace "placement_groups" (key: the group id in hex), one
@@ -191,6 +195,10 @@ PLACEMENT_GROUP_STATE_REMOVED: PlacementGroupState.ValueType  # 3
 """asked to be removed: its bundles are being freed"""
 PLACEMENT_GROUP_STATE_INFEASIBLE: PlacementGroupState.ValueType  # 4
 """no set of the cluster's nodes can ever hold it (error says why)"""
+PLACEMENT_GROUP_STATE_RESCHEDULING: PlacementGroupState.ValueType  # 5
+"""a node holding some of its bundles died: those bundles (node_id empty) are being placed again; the others
+stay where they are, and what runs in them runs on
+"""
 Global___PlacementGroupState: _TypeAlias = PlacementGroupState  # noqa: Y015
 
 @_typing.final
