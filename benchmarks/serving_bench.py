@@ -244,7 +244,8 @@ def black_box(pipes: list[Any], texts: list[str], n_req: int) -> dict[str, Any]:
 
 def white_box(pipes: list[Any], texts: list[str], n_req: int, *, cold_extra: list[Any]) -> dict[str, Any]:
     """All pipelines imported to the IR and registered in one engine."""
-    from tessera.serving.engine import Engine, Scheduler
+    from tessera.serving.engine import Engine
+    from tessera.serving.scheduler import Scheduler
     from tessera.serving.sklearn_import import import_sklearn
 
     with traced() as mem:

@@ -12,9 +12,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline
 
 from tessera.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from tessera.serving.engine import Engine, Scheduler
+from tessera.serving.engine import Engine
 from tessera.serving.ir import Graph
 from tessera.serving.ir import Pipeline as IrPipeline
+from tessera.serving.scheduler import Scheduler
 from tessera.serving.sklearn_import import import_sklearn
 
 from .conftest import serve

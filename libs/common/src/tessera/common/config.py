@@ -123,7 +123,11 @@ class Settings(BaseSettings):
                                description="dashboard: base URL of Jaeger's UI (http://host:16686), to link each "
                                "task and request to its trace; empty shows trace ids unlinked")
     serving_http_port: int = Field(0, ge=0, le=65535, description="serving: HTTP/JSON port; 0 picks a free one")
-    serving_workers: int = Field(2, gt=0, description="serving: executor threads that run batches of stages")
+    serving_workers: int = Field(2, gt=0, description="serving: shared executor threads of the stage scheduler")
+    serving_reserved_workers: int = Field(1, ge=0, description="serving: executor threads reserved for pipelines "
+                                                              "registered as latency-critical")
+    serving_cache_bytes: int = Field(64 * 2**20, ge=0, description="serving: bound of the cache of featurizer "
+                                                                    "outputs kept across requests; 0 turns it off")
     serving_max_batch: int = Field(64, gt=0, description="serving: most records the scheduler puts in one batch")
     serving_latency_budget_ms: float = Field(2.0, ge=0, description="serving: default batching reservation of a pipeline")
     serving_max_records: int = Field(4096, gt=0, description="serving: most records in one predict request")

@@ -51,6 +51,7 @@ class PipelineInfo:
     stages: list[str]
     param_bytes: int
     latency_budget_ms: float
+    latency_critical: bool = False
 
 
 def _value(v: pb.Value) -> Any:
@@ -100,7 +101,7 @@ def _preds(resp: pb.PredictResponse) -> list[Prediction]:
 def _info(i: pb.PipelineInfo) -> PipelineInfo:
     return PipelineInfo(i.name, i.source, list(zip(i.input_names, i.input_kinds, strict=True)),
                         [_value(c) for c in i.classes], list(i.rules), list(i.stages), i.param_bytes,
-                        i.latency_budget_ms)
+                        i.latency_budget_ms, i.latency_critical)
 
 
 def to_ir(pipeline: Any) -> Pipeline:
@@ -192,12 +193,15 @@ class Client:
         raise last
 
     # ------------------------------------------------------------------ pipelines
-    def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True) -> PipelineInfo:
+    def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True,
+                 latency_critical: bool = False) -> PipelineInfo:
         """Serve ``pipeline`` (Flour or a fitted scikit-learn pipeline) as ``name``.
 
         Only parameters the cluster does not hold yet are sent; a pipeline that shares a
         vocabulary with one already registered uploads only its own weights.
         ``latency_budget_ms``: how long its requests may wait to be batched (0: the default).
+        ``latency_critical``: the replicas' reserved executors serve it too, so a flood of
+        requests to other pipelines does not delay it.
         """
         ir = to_ir(pipeline)
         missing = list(self._call("FindMissingParameters", pb.FindMissingParametersRequest(hashes=list(ir.params))).missing)
@@ -212,7 +216,8 @@ class Client:
                 batch, size = [], 0
         if batch:
             self._call("UploadParameters", pb.UploadParametersRequest(tensors=batch))
-        spec = pb.PipelineSpec(name=name, graph_json=ir.graph.to_json(), latency_budget_ms=latency_budget_ms)
+        spec = pb.PipelineSpec(name=name, graph_json=ir.graph.to_json(), latency_budget_ms=latency_budget_ms,
+                               latency_critical=latency_critical)
         resp = self._call("Register", pb.RegisterRequest(pipeline=spec, replace=replace), failover=False)
         return _info(resp.info)
 

@@ -19,8 +19,9 @@ import numpy as np
 from opentelemetry import metrics
 
 from tessera.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from tessera.serving.engine import Engine, Prediction, Registered, Scheduler
+from tessera.serving.engine import Engine, Prediction, Registered
 from tessera.serving.ir import Graph, check_name, check_tensor
+from tessera.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Spec(Protocol):
     graph_json: str
     latency_budget_ms: float
     registered_ms: int
+    latency_critical: bool
 
 
 class Cluster(Protocol):
@@ -71,7 +73,8 @@ class Replica:
             for h, arr in (await self.cluster.load_params(need)).items():
                 self.engine.store.put(h, arr)
         budget = spec.latency_budget_ms if spec.latency_budget_ms > 0 else self.default_budget_ms
-        reg = await asyncio.to_thread(self.engine.register, spec.name, graph, budget_ms=budget)
+        reg = await asyncio.to_thread(self.engine.register, spec.name, graph, budget_ms=budget,
+                                      critical=spec.latency_critical)
         reg.version = int(spec.registered_ms)
         return reg
 
@@ -168,7 +171,7 @@ class Replica:
             regs = [await self.ensure(n) for n, _ in requests]
             items = [(reg, self.engine.columns(reg, recs), len(recs))
                      for reg, (_, recs) in zip(regs, requests, strict=True)]
-            return await asyncio.get_running_loop().run_in_executor(self.scheduler.pool, self.engine.execute, items)
+            return await self.scheduler.submit_many(items)
         except Exception as e:
             error = type(e).__name__
             raise
