@@ -303,13 +303,13 @@ def test_cache_is_an_lru_within_its_bound() -> None:
 
 def test_cache_accounting_covers_its_real_memory() -> None:
     """The bound is on what the process holds: tracemalloc sees no more than the cache counts."""
-    c = OutputCache(4 * 2**20)
-    rows = [_row(60 + i % 80, i) for i in range(40_000)]
-    keys = [(f"review number {i}: the food was fine and the staff friendly",) for i in range(40_000)]
+    c = OutputCache(2 * 2**20)
+    rows = [_row(60 + i % 80, i) for i in range(12_000)]
+    keys = [(f"review number {i}: the food was fine and the staff friendly",) for i in range(12_000)]
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        for i in range(0, 40_000, 100):
+        for i in range(0, 12_000, 100):
             c.put_many("stage", [(keys[j], (rows[j][0].copy(), rows[j][1].copy())) for j in range(i, i + 100)])
         held = tracemalloc.get_traced_memory()[0] - base
     finally:

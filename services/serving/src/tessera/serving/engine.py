@@ -86,6 +86,9 @@ def take_rows(X: Any, rows: np.ndarray, n_total: int) -> Any:
     """Rows ``rows`` of a stage output of ``n_total`` rows (the output itself when that is all of them, in order)."""
     if rows.size == n_total and np.array_equal(rows, np.arange(n_total)):
         return X
+    if rows.size == 1 and isinstance(X, Csr):  # one record (most requests): its row's slice, copied
+        s, e = int(X.indptr[rows[0]]), int(X.indptr[rows[0] + 1])
+        return Csr(X.data[s:e].copy(), X.indices[s:e].copy(), np.array([0, e - s], dtype=np.int64), X.shape[1])
     return X[rows]
 
 

@@ -47,6 +47,8 @@ _batch_records = _meter.create_histogram(
     explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
 
 IDLE_WAIT_S = 1.0  # an idle executor looks at its queues at least this often (a bounded wait)
+MAX_IDLE_QUEUES = 1024  # past this many queues, empty ones are dropped (stages of unregistered pipelines)
+FINISH_EVERY = 8  # an executor running the next stages of a batch hands answers over at least every this many jobs
 HOLD_GAIN = 0.25  # a source queue is held while its average gain from holding is at least this
 
 
@@ -71,7 +73,7 @@ _Event = tuple[_Job, int]  # a job at one stage of its plan
 class _Queue:
     """The queue of one physical stage: events of every pipeline that runs it."""
 
-    __slots__ = ("key", "source", "crit", "rest", "rows", "cost_s", "gain", "hold", "held_at", "runs")
+    __slots__ = ("key", "source", "crit", "rest", "rows", "cost_s", "gain", "hold", "held_at")
 
     def __init__(self, key: str, source: bool) -> None:
         self.key = key
@@ -83,7 +85,6 @@ class _Queue:
         self.gain = 1.0  # moving average of what holding this queue gathered
         self.hold = False  # held for more events (decided when the first event enters the empty queue)
         self.held_at = 0  # events queued when the hold began
-        self.runs = 0
 
     def __len__(self) -> int:
         return len(self.crit) + len(self.rest)
@@ -126,6 +127,11 @@ class Scheduler:
         self._busy = 0  # executors running a batch
         self._idle = 0  # executors waiting for work
         self._events = 0  # events in all queues
+        self._crit_events = 0  # of which latency-critical
+        self._callers = 0  # requests submitted and not answered yet (counted on the event loop)
+        self._answers: deque[tuple[_Job, list[Prediction] | BaseException]] = deque()  # for the loop to hand out
+        self._answers_lock = threading.Lock()
+        self._wake_pending = False  # a call of _settle is scheduled on the loop
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -151,6 +157,7 @@ class Scheduler:
                 q.rows = 0
             self._waiting.clear()
             self._events = 0
+            self._crit_events = 0
             self.queued = 0
             self._cv.notify_all()
         for job, _ in pending:
@@ -179,30 +186,41 @@ class Scheduler:
         group = object() if together else None
         jobs = [_Job(reg, cols, n, now if together else now + reg.budget_ms / 1000.0, reg.critical,
                      loop.create_future(), group) for reg, cols, n in items]
-        with self._cv:
-            if self.queued + total > self.max_queued:
-                raise ResourceExhaustedError(
-                    f"the serving queue is full: {self.queued} records wait, {total} more would pass the limit of "
-                    f"{self.max_queued} (serving_max_queued_records); retry later or on another replica")
-            inline = (len(jobs) == 1 and total <= self.inline_rows and self._busy == 0 and self._events == 0
-                      and not self._would_hold(jobs[0], now))
+        self._callers += 1
+        try:
+            with self._cv:
+                if self.queued + total > self.max_queued:
+                    raise ResourceExhaustedError(
+                        f"the serving queue is full: {self.queued} records wait, {total} more would pass the limit "
+                        f"of {self.max_queued} (serving_max_queued_records); retry later or on another replica")
+                idle = self._busy == 0 and self._events == 0 and self._callers == 1
+                inline = (idle and len(jobs) == 1 and total <= self.inline_rows
+                          and not self._would_hold(jobs[0], now))
+                if inline:
+                    self._note_idle_arrival(jobs[0])
+                else:
+                    for job in jobs:
+                        self._enqueue_sources(job, idle=idle)
+                    if self._idle:
+                        self._cv.notify_all()
             if inline:
-                self._note_idle_arrival(jobs[0])
-            else:
-                for job in jobs:
-                    self._enqueue_sources(job)
-                if self._idle:
-                    self._cv.notify_all()
-        if inline:
-            job = jobs[0]
-            try:
-                return self.engine.execute([(job.reg, job.cols, job.n)])
-            finally:
-                with self._cv:
-                    self.inline += 1
-                    for _ in job.reg.plan.sources:
-                        self._count_source_batch(job.n)
-        return list(await asyncio.gather(*(j.future for j in jobs)))
+                job = jobs[0]
+                try:
+                    out = self.engine.execute([(job.reg, job.cols, job.n)])
+                finally:
+                    with self._cv:
+                        self.inline += 1
+                        for _ in job.reg.plan.sources:
+                            self._count_source_batch(job.n)
+                # the loop's other work runs before this caller goes on; a request that arrives meanwhile finds
+                # this one still in flight, and is queued (concurrent callers batch, they do not take turns here)
+                await asyncio.sleep(0)
+                return out
+            if len(jobs) == 1:
+                return [await jobs[0].future]
+            return list(await asyncio.gather(*(j.future for j in jobs)))
+        finally:
+            self._callers -= 1
 
     def _would_hold(self, job: _Job, now: float) -> bool:
         for si in job.reg.plan.sources:
@@ -222,14 +240,15 @@ class Scheduler:
     def _queue(self, key: str, source: bool) -> _Queue:
         q = self._queues.get(key)
         if q is None:
+            if len(self._queues) >= MAX_IDLE_QUEUES:  # forget empty queues; they are made again when used
+                self._queues = {k: v for k, v in self._queues.items() if k in self._waiting}
             q = self._queues[key] = _Queue(key, source)
         return q
 
-    def _enqueue_sources(self, job: _Job) -> None:
+    def _enqueue_sources(self, job: _Job, *, idle: bool) -> None:
         plan = job.reg.plan
         job.outs = [None] * len(plan.stages)
         job.waiting = list(job.reg.n_inputs)
-        idle = self._busy == 0 and self._events == 0
         for si in plan.sources:
             q = self._queue(plan.stages[si].key, True)
             if len(q):  # others wait at this stage already: holding it gathers
@@ -244,7 +263,11 @@ class Scheduler:
             q.hold = q.source and ev[0].group is None and q.gain >= HOLD_GAIN
             q.held_at = 0
             self._waiting[q.key] = q
-        (q.crit if ev[0].critical else q.rest).append(ev)
+        if ev[0].critical:
+            q.crit.append(ev)
+            self._crit_events += 1
+        else:
+            q.rest.append(ev)
         q.rows += ev[0].n
         self._events += 1
 
@@ -287,6 +310,8 @@ class Scheduler:
                     break
                 batch.append(dq.popleft())
                 rows += job.n
+                if job.critical:
+                    self._crit_events -= 1
         self._events -= len(batch)
         q.rows -= rows
         if q.source:
@@ -303,18 +328,21 @@ class Scheduler:
     # ------------------------------------------------------------------ executors
     def _worker(self, reserved: bool) -> None:
         ran: tuple[_Queue, list[_Event], list[tuple[_Event, Any]], float] | None = None
+        local: deque[_Queue] = deque()  # queues this executor just gave events to: it runs them next
+        finished: list[tuple[_Job, Any]] = []
         while True:
-            finished: list[tuple[_Job, Any]] = []
             with self._cv:
                 if ran is not None:
-                    finished = self._advance(*ran, reserved=reserved)
+                    finished += self._advance(*ran, reserved=reserved, local=local)
                     ran = None
                     self._busy -= 1
-                # with answers to hand over, take a batch only if one is ready (never wait first)
-                got = self._next(reserved, wait=not finished)
+                # answers are handed over before waiting, and at least every FINISH_EVERY jobs
+                hand_over = len(finished) >= FINISH_EVERY
+                got = None if hand_over else self._next(reserved, local, wait=not finished)
                 stopping = self._stopping
-            if finished:
+            if finished and (got is None or hand_over or not local):
                 self._finish(finished)
+                finished = []
             if got is None:
                 if stopping:
                     return
@@ -328,9 +356,17 @@ class Scheduler:
                 results = [(ev, e) for ev in batch]
             ran = (q, batch, results, time.monotonic() - t0)
 
-    def _next(self, reserved: bool, *, wait: bool) -> tuple[_Queue, list[_Event]] | None:
-        """(Under the lock.) The next batch this executor runs; waits for one (bounded) if ``wait``."""
+    def _next(self, reserved: bool, local: deque[_Queue], *, wait: bool) -> tuple[_Queue, list[_Event]] | None:
+        """(Under the lock.) The next batch this executor runs: the next stage of the jobs it ran (unless
+        latency-critical events wait elsewhere), else the best ready queue; waits for one (bounded) if ``wait``."""
         while not self._stopping:
+            if self._crit_events == 0 or reserved:
+                while local:
+                    mine = local.popleft()
+                    if mine.crit if reserved else len(mine):
+                        self._busy += 1
+                        return mine, self._take(mine, reserved)
+            local.clear()
             now = time.monotonic()
             q, until = self._pick(reserved, now)
             if q is not None:
@@ -364,7 +400,7 @@ class Scheduler:
         return out
 
     def _advance(self, q: _Queue, batch: list[_Event], results: list[tuple[_Event, Any]], dt: float, *,
-                 reserved: bool) -> list[tuple[_Job, Any]]:
+                 reserved: bool, local: deque[_Queue]) -> list[tuple[_Job, Any]]:
         """(Under the lock: another executor may be running another source of the same job.) Record a batch's
         outputs and queue the stages they make ready; returns the jobs that finished or failed."""
         q.cost_s = 0.8 * q.cost_s + 0.2 * dt
@@ -387,8 +423,11 @@ class Scheduler:
                 finished.append((job, out))
             for j in nexts:
                 job.waiting[j] -= 1
-                if job.waiting[j] == 0:  # queued without waking anyone: this executor looks at it next
-                    self._push(self._queue(job.reg.plan.stages[j].key, False), (job, j))
+                if job.waiting[j] == 0:  # queued without waking anyone: this executor runs it next
+                    nq = self._queue(job.reg.plan.stages[j].key, False)
+                    if not len(nq):
+                        local.append(nq)
+                    self._push(nq, (job, j))
         return finished
 
     def _finish(self, finished: list[tuple[_Job, Any]]) -> None:
@@ -423,11 +462,30 @@ class Scheduler:
         return [take_rows(X, r, len(uniq)) for r in rows]
 
     def _resolve(self, done: list[tuple[_Job, list[Prediction] | BaseException]]) -> None:
+        """Hand answers to the event loop: one wake-up of the loop carries every answer given until it runs."""
         assert self._loop is not None
+        with self._answers_lock:
+            self._answers.extend(done)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(_settle, done)
+            self._loop.call_soon_threadsafe(self._settle)
         except RuntimeError:  # the loop is closed: nobody waits for these any more
             pass
+
+    def _settle(self) -> None:
+        with self._answers_lock:
+            done = list(self._answers)
+            self._answers.clear()
+            self._wake_pending = False
+        for job, res in done:
+            if job.future.done():
+                continue
+            if isinstance(res, BaseException):
+                job.future.set_exception(res)
+            else:
+                job.future.set_result(res)
 
     # ------------------------------------------------------------------ figures
     def stats(self) -> dict[str, int]:
@@ -435,15 +493,3 @@ class Scheduler:
             return {"executors": self.workers, "reserved_executors": self.reserved, "stage_queues": len(self._queues),
                     "queued": self.queued, "batches": self.batches, "stage_batches": self.stage_batches,
                     "inline": self.inline, "reserved_runs": self.reserved_runs}
-
-
-def _settle(done: list[tuple[_Job, list[Prediction] | BaseException]]) -> None:
-    for job, res in done:
-        if job.future.done():
-            continue
-        if isinstance(res, BaseException):
-            job.future.set_exception(res)
-        else:
-            job.future.set_result(res)
-
-
