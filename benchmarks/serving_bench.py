@@ -352,7 +352,9 @@ def white_box_tabular(pipes: list[Any], X: np.ndarray, n_req: int) -> dict[str, 
 
 def tessera_wire(pipes: list[Any], texts: list[str], n_req: int, run_dir: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_SAMPLER="always_off", TESSERA_LOG_LEVEL="WARNING")
+    # the dashboard on a free port: another stack on the host may hold the default one
+    env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_SAMPLER="always_off", TESSERA_LOG_LEVEL="WARNING",
+               TESSERA_DASHBOARD_PORT="0")
     tessera = str(Path(sys.executable).parent / "tessera")
     up = subprocess.run([tessera, "up"], env=env, capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
