@@ -200,6 +200,12 @@ def test_serving_http_is_published(target: Target) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{url}/v1/pipelines", timeout=30)
     assert e.value.code == 401  # the token is required there as on gRPC
+    # KServe v2 on the same port: the probe open, the rest under the token
+    with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=30) as resp:
+        assert json.loads(resp.read()) == {"ready": True}
+    req = urllib.request.Request(f"{url}/v2", headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert json.loads(resp.read())["name"] == "tessera-serving"
 
 
 # ---- traces in Jaeger ----------------------------------------------------------------

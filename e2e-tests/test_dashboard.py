@@ -233,6 +233,10 @@ def test_gpu_page(browser: Any, url: str, workload: dict[str, Any]) -> None:
     row = tab.get_by_test_id("gpu-jobs").locator("tr", has_text=workload["job"])
     assert "SUCCEEDED" in row.inner_text() and "dash-train" in row.inner_text()
     assert tab.locator(f'.lane[data-job-id="{workload["job"]}"]').count() == 1
+    (info,) = [j for j in jobs if j.job_id == workload["job"]]
+    slices = tab.locator(f'.lane[data-job-id="{workload["job"]}"] .slice')  # its time slices, from its record
+    assert slices.count() == len(info.history) >= 1
+    assert slices.last.get_attribute("data-ended-by") == info.history[-1].ended_by == "succeeded"
     assert _stat(tab, "gpu-mean-jct") != "-"
     _shot(tab, "gpu")
     tab.close()

@@ -307,6 +307,8 @@ def world(fstack: FuzzStack) -> Iterator[World]:
                               name="fuzz.f", num_returns=1, resources={"CPU": 1.0},
                               args=[ts_pb.Arg(value=b"\x00"), ts_pb.Arg(object_id=put_oid)])]),
                           ts_pb.ClientFrame(cancel=[task_id], kill_actor=[actor_id])]],
+        ts + "GetWorkerLog": [ts_pb.GetWorkerLogRequest(actor_id=actor_id, offset=-100, max_bytes=1000),
+                              ts_pb.GetWorkerLogRequest(worker_id=os.urandom(8), suffix="err")],
         co + "Compile": [comp_pb.CompileRequest(model=model, format=comp_pb.MODEL_FORMAT_TESSERA_GRAPH, target="c")],
         co + "Run": [comp_pb.RunRequest(artifact_id=artifact, inputs=[comp_pb.Tensor(
             shape=[2, 4], dtype="float32", data=bytes(32))])],

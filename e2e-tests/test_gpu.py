@@ -159,6 +159,9 @@ def test_suspend_resume_and_migration_give_identical_results(client: GpuClient, 
     info = client.status(jid)
     assert _state(client, jid) == "SUCCEEDED", info.message
     assert info.migrations >= 1 and info.suspensions >= 1  # the admin suspend; a migration is a stop, not a suspend
+    ends = [h.ended_by for h in info.history]  # its time slices, in order
+    assert "suspended" in ends and ends[-1] == "succeeded" and all(h.end >= h.start > 0 for h in info.history), ends
+    assert {h.node_id for h in info.history} >= {first, info.node_id} and len({h.node_id for h in info.history}) == 2
     assert int(Path(f"{out}.start").read_text()) > held_at  # the process on the new node began from the checkpoint
     assert _same(ref, torch.load(out))
     # the target process was started while the source still ran, and waited for the checkpoint

@@ -136,3 +136,45 @@ def test_group_survives_a_task_scheduler_restart(cluster: stacks.Cluster) -> Non
     stacks.poll_until(lambda: tessera.available_resources().get("CPU", 0) == 2.0, timeout=15, what="re-reserved")
     remove_placement_group(pg)
     stacks.poll_until(lambda: tessera.available_resources().get("CPU", 0) == 4.0, timeout=15, what="cpus freed")
+
+
+def test_a_group_goes_with_its_job_unless_detached(cluster: stacks.Cluster) -> None:
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import tessera
+        from tessera.util import placement_group
+        tessera.init(address="auto")
+        for name, lifetime in (("pg-of-the-job", None), ("pg-detached", "detached")):
+            assert placement_group([{"CPU": 1}], name=name, lifetime=lifetime).wait(30)
+        tessera.shutdown()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+    def by_name() -> dict[str, str]:
+        return {r["name"]: r["state"] for r in placement_group_table().values() if r["name"].startswith("pg-")}
+
+    stacks.poll_until(lambda: by_name() == {"pg-detached": "CREATED"} or None, timeout=20,
+                      what="the job's group removed when its driver shut down, the detached one kept")
+    remove_placement_group(tessera.util.get_placement_group("pg-detached"))
+    stacks.poll_until(lambda: by_name() == {} or None, timeout=20, what="the detached group removed")
+
+
+def test_a_group_goes_when_its_driver_dies(cluster: stacks.Cluster) -> None:
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        import tessera
+        from tessera.util import placement_group
+        tessera.init(address="auto")
+        assert placement_group([{"CPU": 1}], name="pg-of-a-dead-driver").wait(30)
+        os._exit(1)  # no shutdown: its node agent notices the session end and the process gone
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    stacks.poll_until(lambda: all(r["name"] != "pg-of-a-dead-driver" for r in placement_group_table().values()) or None,
+                      timeout=30, what="the dead driver's group removed (its job FAILED)")

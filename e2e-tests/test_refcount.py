@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -173,6 +174,40 @@ def test_a_ref_returned_nested_in_a_result_survives(cluster: Cluster) -> None:
     (inner,) = tessera.get(wrap_put.remote(MiB), timeout=60)
     time.sleep(0.5)  # the worker's own refs are long gone
     assert float(tessera.get(inner, timeout=30).sum()) == 3.0 * MiB
+
+
+@tessera.remote
+def echo(xs: list[Any]) -> list[Any]:
+    return xs
+
+
+def test_a_ref_a_worker_put_and_returned_nested_lives_as_long_as_the_result(cluster: Cluster) -> None:
+    out = wrap_put.remote(MiB)
+    (inner,) = tessera.get(out, timeout=60)
+    oid = inner.id
+    del inner  # only the result holds it now (the worker that owns it lent it to this driver)
+    stays(cluster, oid, 8.0)  # past the worker's grace and two readings of this driver's table
+    (again,) = tessera.get(out, timeout=60)
+    assert float(tessera.get(again, timeout=30).sum()) == 3.0 * MiB
+    del again, out
+    took = goes(cluster, oid, 20.0)
+    assert took < 10.0, f"freed {took:.1f}s after the result that held it"
+
+
+def test_refs_nested_in_a_put_or_passed_through_a_task_go_with_what_holds_them(cluster: Cluster) -> None:
+    inner = tessera.put(np.full(MiB, 9, dtype=np.uint8))
+    oid = inner.id
+    box = tessera.put([inner])  # held by the box
+    out = echo.remote([inner])  # passed in and returned: held by the result
+    assert tessera.get(out, timeout=60)[0] == inner
+    del inner
+    stays(cluster, oid, 2.0)
+    (unpacked,) = tessera.get(box, timeout=30)
+    assert float(tessera.get(unpacked, timeout=30).sum()) == 9.0 * MiB
+    del box, unpacked
+    stays(cluster, oid, 1.0)  # the result still holds it
+    del out
+    goes(cluster, oid, 10.0)
 
 
 def test_a_ref_kept_in_an_actors_state_survives(cluster: Cluster) -> None:
@@ -388,10 +423,21 @@ def test_a_borrower_that_dies_releases_its_borrow(cluster: Cluster) -> None:
     pid = tessera.get(hold.remote([ref]), timeout=60)
     del ref
     stays(cluster, oid, 3.0)
-    os.kill(pid, signal.SIGKILL)  # no goodbye: its table stays, unrefreshed, until it is stale
-    t0 = time.monotonic()
-    goes(cluster, oid, STALE_S + 20)
-    assert time.monotonic() - t0 >= STALE_S - 4.0, "released before the borrower's table went stale"
+    key = f"{socket.gethostname()}:{pid}".encode()
+    ch, cs = cluster.control_store()
+    with ch:
+        assert cs.KvGet(cpb.KvGetRequest(namespace="refs", key=key), timeout=10).value
+        os.kill(pid, signal.SIGKILL)  # no goodbye: its node agent sees it die and removes its table
+        goes(cluster, oid, STALE_S + 20)
+        deadline = time.monotonic() + 20
+        while True:  # Redis does not keep the tables of killed workers
+            try:
+                cs.KvGet(cpb.KvGetRequest(namespace="refs", key=key), timeout=10)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+                break
+            assert time.monotonic() < deadline, "the killed worker's reference table is still there"
+            time.sleep(0.2)
 
 
 def test_a_borrower_of_a_borrower_keeps_the_object_until_both_let_go(cluster: Cluster) -> None:
@@ -406,4 +452,20 @@ def test_a_borrower_of_a_borrower_keeps_the_object_until_both_let_go(cluster: Cl
     tessera.get(k.drop.remote(), timeout=60)  # C lets go too (the actor lives on)
     took = goes(cluster, oid, 20.0)
     assert took < 10.0, f"freed {took:.1f}s after the last borrower let go"
+    tessera.kill(k)
+
+
+@pytest.mark.long
+def test_a_borrower_of_a_borrower_keeps_the_object_when_the_one_between_dies(cluster: Cluster) -> None:
+    k = Keeper.remote()
+    ref = tessera.put(np.full(MiB, 7, dtype=np.uint8))
+    oid = ref.id
+    pid = tessera.get(hold.remote([ref], k), timeout=60)  # B keeps it and lends it on to the actor C
+    del ref
+    stays(cluster, oid, 3.0)  # the owner reads B's table, which names C: it follows C too
+    os.kill(pid, signal.SIGKILL)  # B dies without a word: its table goes stale
+    stays(cluster, oid, STALE_S + 4.0)
+    assert tessera.get(k.read.remote(), timeout=60) == 7.0 * MiB
+    tessera.get(k.drop.remote(), timeout=60)
+    goes(cluster, oid, 20.0)
     tessera.kill(k)

@@ -53,7 +53,8 @@ class Cluster(stacks.Cluster):
         info = self.info()
         port = procs.free_port()
         env = dict(self.env, TESSERA_NATS_URL=info["nats_url"], TESSERA_CONTROL_STORE_ADDRESS=info["control_store_address"],
-                   TESSERA_GRPC_PORT=str(port), TESSERA_INSTANCE_ID=name, OTEL_TRACES_SAMPLER="always_off")
+                   TESSERA_GRPC_PORT=str(port), TESSERA_INSTANCE_ID=name, OTEL_TRACES_SAMPLER="always_off",
+                   TESSERA_SERVING_HTTP_PORT="0")
         proc = procs.start([sys.executable, "-m", "tessera.serving"], log_path=self.run_dir / f"{name}.log", env=env)
         track(proc)
         address = f"127.0.0.1:{port}"
@@ -172,6 +173,47 @@ def test_tabular_and_http(client: Client) -> None:
         assert json.loads(ei.value.read())["error"]["message"]
 
 
+def _post(url: str, payload: object) -> tuple[int, object]:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_kserve_v2_over_the_stack(client: Client, fitted: list[Pipeline], data: tuple[list[str], np.ndarray]) -> None:
+    """The KServe v2 protocol on the replica's HTTP port: metadata, inference equal to scikit-learn, bad input."""
+    docs, _ = data
+    client.register("kserve-a", fitted[0], replace=True)
+    http = client.stats().http_address
+    with urllib.request.urlopen(f"http://{http}/v2/models/kserve-a", timeout=10) as r:
+        meta = json.loads(r.read())
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert [o["name"] for o in meta["outputs"]] == ["label", "scores"]
+    status, out = _post(f"http://{http}/v2/models/kserve-a/infer",
+                        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [5], "data": docs[:5]}]})
+    assert status == 200, out
+    assert isinstance(out, dict) and out["model_version"] == meta["versions"][0]
+    label, scores = out["outputs"]
+    assert label["data"] == fitted[0].predict(docs[:5]).tolist()
+    np.testing.assert_allclose(np.reshape(scores["data"], scores["shape"]), fitted[0].predict_proba(docs[:5]), atol=1e-6)
+    before = client.stats()
+    for payload, text in (({"inputs": [{"name": "body", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+                           "no such input"),
+                          ({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+                           "does not fit a text field"),
+                          ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 2], "data": ["a"] * 4}]},
+                           "shape [2, 2]")):
+        status, out = _post(f"http://{http}/v2/models/kserve-a/infer", payload)
+        assert status == 400 and isinstance(out, dict) and text in out["error"], out
+    after = client.stats()
+    assert (after.rows_computed, after.batches) == (before.rows_computed, before.batches)
+    with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=10) as r:
+        assert json.loads(r.read()) == {"ready": True}
+
+
 def test_bad_input_gets_precise_status_and_changes_nothing(client: Client, fitted: list[Pipeline],
                                                            data: tuple[list[str], np.ndarray]) -> None:
     docs, y = data
@@ -206,8 +248,8 @@ def test_bad_input_gets_precise_status_and_changes_nothing(client: Client, fitte
         stub.UploadParameters(pb.UploadParametersRequest(tensors=[pb.Tensor(hash="ab", dtype="<f8", shape=[1],
                                                                              data=b"\0" * 8)]), timeout=10)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hash" in ei.value.details()
-    with pytest.raises(UnsupportedEstimatorError, match="MultinomialNB"):  # refused on the client, nothing sent
-        client.register("nb", make_pipeline(CountVectorizer(), MultinomialNB()).fit(docs, y))
+    with pytest.raises(UnsupportedEstimatorError, match="MultinomialNB"):  # strict: refused on the client, nothing sent
+        client.register("nb", make_pipeline(CountVectorizer(), MultinomialNB()).fit(docs, y), strict=True)
     assert sorted(i.name for i in client.list()) == names
 
 

@@ -269,6 +269,15 @@ def test_list_and_summary_show_what_runs(cluster: stacks.Cluster) -> None:
     assert {r["task_id"] for r in done} == {ref.id[:16].hex() for ref in refs}
     assert all(r["node_id"] and r["attempt_number"] == 0 for r in done)
 
+    from opentelemetry.sdk.trace import TracerProvider
+
+    with TracerProvider().get_tracer("e2e").start_as_current_span("traced") as span:  # submitted under a span
+        traced = square.remote(6)
+    assert tessera.get(traced) == 36
+    want = format(span.get_span_context().trace_id, "032x")
+    rows = eventually(lambda: state.list_tasks(filters=[("task_id", "=", traced.id[:16].hex())]))
+    assert [r["trace_id"] for r in rows] == [want] and all(r["trace_id"] == "" for r in done)
+
     out = cluster.cli("list", "actors", "--json", "--filter", "name=state-tally")
     assert out.returncode == 0, out.stderr
     (actor,) = json.loads(out.stdout)
@@ -277,7 +286,7 @@ def test_list_and_summary_show_what_runs(cluster: stacks.Cluster) -> None:
     out = cluster.cli("list", "nodes", "--filter", "state=alive")
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip().splitlines()) == 1 + 2  # the header and the two nodes
-    objs = state.list_objects(filters=[("object_id", "=", big.hex())])
+    objs = eventually(lambda: state.list_objects(filters=[("object_id", "=", big.hex())]))  # (tables: every 2 s)
     assert [(o["object_size"] >= 2**20, o["owned"]) for o in objs] == [(True, True)]
     jobs = state.list_jobs(filters=[("job_id", "=", job)])
     assert [j["state"] for j in jobs] == ["RUNNING"]
@@ -308,3 +317,57 @@ def test_list_and_summary_show_what_runs(cluster: stacks.Cluster) -> None:
     with pytest.raises(ValueError, match="limit must be between 1 and 10000, got 0"):
         state.list_nodes(limit=0)
     tessera.kill(tally)
+
+
+@tessera.remote
+def chatty(tag: str) -> int:
+    import sys
+
+    print(f"out {tag} 1")
+    print(f"out {tag} 2")
+    print(f"err {tag}", file=sys.stderr)
+    return 1
+
+
+@tessera.remote
+class Talker:
+    def say(self, text: str) -> str:
+        print(f"actor says {text}")
+        return text
+
+
+def test_logs_of_a_task_and_an_actor(cluster: stacks.Cluster) -> None:
+    """`tessera logs --task/--actor`: a worker's stdout and stderr, one task's part of it, from its node."""
+    from tessera.util import state
+
+    refs = [chatty.remote(f"t{i}") for i in range(4)]
+    assert tessera.get(refs) == [1] * 4
+    first = refs[0].id[:16].hex()
+
+    def task_lines(*extra: str) -> list[str]:
+        out = cluster.cli("logs", "--task", first, *extra)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    assert eventually(lambda: task_lines() == ["out t0 1", "out t0 2"]), task_lines()  # its lines only
+    assert task_lines("--err") == ["err t0"]
+    assert list(state.get_log(task_id=refs[3].id[:16].hex(), tail=1)) == ["out t3 2"]
+
+    talker = Talker.remote()
+    assert tessera.get([talker.say.remote("hi"), talker.say.remote("there")]) == ["hi", "there"]
+    actor = talker.actor_id.hex()
+    out = cluster.cli("logs", "--actor", actor)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == ["actor says hi", "actor says there"]
+    tessera.kill(talker)
+    out = cluster.cli("logs", "--actor", actor, "-n", "1")  # kept after the actor died
+    assert out.returncode == 0 and out.stdout.splitlines() == ["actor says there"], out
+
+    bad = cluster.cli("logs", "--task", "zz")
+    assert bad.returncode == 2 and "task_id must be hex" in bad.stderr
+    bad = cluster.cli("logs", "--task", "00" * 16)
+    assert bad.returncode == 1 and "no such task" in bad.stderr, bad.stderr
+    bad = cluster.cli("logs")
+    assert bad.returncode == 2 and "give a service" in bad.stderr
+    with pytest.raises(ValueError, match="give one of task_id, actor_id and worker_id"):
+        list(state.get_log())

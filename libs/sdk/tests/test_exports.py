@@ -17,7 +17,7 @@ EXPECTED_TESSERA = ["ActorClass", "ActorHandle", "Client", "ClusterNotFoundError
 EXPECTED_UTIL = ["ActorPool", "PlacementGroup", "get_placement_group", "placement_group", "placement_group_table",
                  "remove_placement_group", "scheduling_strategies"]
 EXPECTED_QUEUE = ["Empty", "Full", "Queue"]
-EXPECTED_STATE = ["COLUMNS", "RESOURCES", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
+EXPECTED_STATE = ["COLUMNS", "RESOURCES", "get_log", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
                   "list_placement_groups", "list_state", "list_tasks", "summarize_actors", "summarize_objects", "summarize_tasks"]
 EXPECTED_EXCEPTIONS = ["ActorDiedError", "GetTimeoutError", "ObjectFreedError", "ObjectLostError", "ObjectStoreFullError",
                        "OwnerDiedError", "RuntimeEnvSetupError", "TaskCancelledError", "TaskError", "TaskUnschedulableError", "TesseraSDKError",

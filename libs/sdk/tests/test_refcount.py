@@ -377,3 +377,170 @@ def test_a_generators_items_are_owned_and_freed_like_returns(clock: Clock) -> No
     assert tid in c.process().task_ids
     c.add_return(tid, ids.object_id(tid, 4))  # the task's record is gone: an item now is not owned
     assert not c.owns(ids.object_id(tid, 4))
+
+
+# ---------------------------------------------------------------------- refs nested in objects' values
+
+
+def test_a_put_holds_the_refs_in_its_value_while_it_lives(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    inner, box = oid(), oid()
+    c.own_put(inner)
+    c.born(inner)
+    with c.capture() as nested:
+        c.escaped(inner)  # tessera.put([inner])
+    c.own_put(box)
+    c.born(box)
+    c.contains(box, nested)
+    c.died(inner)
+    assert not c.process(), "the box holds it"
+    assert any(r["reference"] == "contained" for r in c.table())
+    c.died(box)
+    assert c.process().stored == [box, inner], "freed with the box that held it"
+
+
+def test_a_ref_i_do_not_own_held_in_my_object_is_listed_until_the_object_goes(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    theirs, box = oid(), oid()
+    c.born(theirs)
+    c.own_put(box)
+    c.born(box)
+    c.contains(box, [theirs])
+    c.died(theirs)
+    assert c.holds()[0] == [theirs]
+    c.announced(c.holds()[0])
+    assert not c.holds_gone()
+    c.died(box)
+    assert c.process().stored == [box]
+    assert c.holds() == ([], [])
+    assert c.holds_gone(), "publish the table that no longer lists it"
+
+
+def test_a_task_returning_a_ref_it_took_keeps_it_for_as_long_as_the_return_lives(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    inner = oid()
+    c.own_put(inner)
+    c.born(inner)
+    tid, (ret,) = task()
+    c.own_task(tid, [ret], [], [inner])  # f.remote([inner])
+    c.born(ret)
+    c.died(inner)  # the driver's del
+    c.contains(ret, [inner])  # its result: return 1 holds [inner]
+    c.task_ended(tid)
+    assert not c.process(), "the return value holds it"
+    c.died(ret)
+    b = c.process()
+    assert b.local == [ret] and b.stored == [inner], "the ref the return held goes with it"
+
+
+def test_a_worker_lends_returned_refs_to_the_submitters_table(clock: Clock) -> None:
+    w = RefCounter(clock=clock, track_borrows=True)
+    mine = oid()
+    w.own_put(mine)  # put inside the task, returned nested
+    w.born(mine)
+    w.lend([mine], "driver:1", grace=5.0)
+    w.died(mine)
+    assert not w.process()
+    assert w.borrower_keys() == ["driver:1"]
+    w.borrowers_checked({"driver:1": None}, clock.t)
+    assert not w.process(), "within its grace a missing table ends nothing: it has not published yet"
+    clock.t += 6
+    w.borrowers_checked({"driver:1": table(mine)}, clock.t)
+    assert not w.process(), "the submitter lists it"
+    clock.t += 1
+    w.borrowers_checked({"driver:1": table()}, clock.t)
+    assert w.process().stored == [mine], "freed once the submitter lets go"
+
+
+def test_without_a_submitter_table_lent_refs_are_kept(clock: Clock) -> None:
+    w = RefCounter(clock=clock, track_borrows=True)
+    mine = oid()
+    w.own_put(mine)
+    w.born(mine)
+    w.lend([mine], "")
+    w.died(mine)
+    assert not w.process()
+    assert w.stats()["escaped"] == 1
+
+
+def test_a_worker_does_not_report_back_what_only_its_submitter_borrows(clock: Clock) -> None:
+    w = RefCounter(clock=clock, track_borrows=True)
+    theirs, other = oid(), oid()
+    w.born(theirs)  # arrived nested in an argument during the task
+    w.born(other)
+    w.lend([theirs], "driver:1")
+    w.died(theirs)
+    assert w.borrowed_report("driver:1") == [other], "reporting theirs to driver:1 would make each hold it for the other"
+    w.born(theirs)
+    w.lend([theirs], "driver:1")
+    assert w.borrowed_report("driver:1") == [theirs], "still held here (a local ref): reported"
+
+
+def test_a_borrower_of_a_value_that_kept_a_ref_from_it_borrows_that_ref(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    inner, box = oid(), oid()
+    for x in (inner, box):
+        c.own_put(x)
+        c.born(x)
+    c.contains(box, [inner])
+    lent(c, box, "host:1")  # host:1 borrows the box, unpacks it and keeps inner
+    c.died(inner)
+    c.died(box)
+    clock.t += 1
+    since = clock.t
+    c.borrowers_checked({"host:1": table(inner)}, since)  # no longer lists the box: lists inner
+    assert c.process().stored == [box]
+    assert not c.process(), "host:1 borrows inner now"
+    clock.t += 1
+    c.borrowers_checked({"host:1": table(inner)}, clock.t)
+    assert not c.process()
+    clock.t += 1
+    c.borrowers_checked({"host:1": table()}, clock.t)
+    assert c.process().stored == [inner]
+
+
+def test_the_borrowers_of_a_borrower_are_handed_over_to_the_owner(clock: Clock) -> None:
+    c = RefCounter(clock=clock, me="owner:1")
+    o = oid()
+    c.own_put(o)
+    c.born(o)
+    lent(c, o, "worker:1")  # worker:1 borrows it and lends it on to driver:2 (and back to me)
+    c.died(o)
+    clock.t += 1
+    c.borrowers_checked({"worker:1": BorrowerTable(alive=True, holds=frozenset([o]),
+                                                   lent={o: frozenset(["driver:2", "owner:1"])})}, clock.t)
+    assert sorted(c.borrower_keys()) == ["driver:2", "worker:1"], "never itself"
+    clock.t += 1
+    c.borrowers_checked({"worker:1": None, "driver:2": table(o)}, clock.t)  # worker:1 died
+    assert not c.process(), "driver:2 still holds it"
+    clock.t += 1
+    c.borrowers_checked({"driver:2": table()}, clock.t)
+    assert c.process().stored == [o]
+
+
+def test_a_borrower_lists_whom_it_lent_to() -> None:
+    w = RefCounter(track_borrows=True, me="worker:1")
+    theirs, mine = oid(), oid()
+    w.own_put(mine)
+    w.born(theirs)
+    w.lend([theirs, mine], "driver:2")
+    assert w.lent_on() == {theirs: ["driver:2"]}, "only what it does not own (its own objects it follows itself)"
+    doc = {"time": 0, "holds": [theirs.hex()], "lent": {theirs.hex(): ["driver:2"]}}
+    t = read_table(json.dumps(doc).encode(), 0.0)
+    assert t.lent == {theirs: frozenset(["driver:2"])}
+
+
+def test_a_restartable_actors_constructor_arguments_stay_until_it_dies(clock: Clock) -> None:
+    c = RefCounter(clock=clock)
+    arg = oid()
+    c.own_put(arg)
+    c.born(arg)
+    tid, (ret,) = task()
+    actor = os.urandom(16)
+    c.own_task(tid, [ret], [arg], [])
+    c.died(arg)
+    c.task_ended(tid, actor_id=actor, pin_for_actor=True)  # created; it may have to be created again
+    assert not c.process(), "its constructor runs again with it after a restart"
+    assert c.borrowing_actors() == [actor] and c.borrower_keys() == []
+    c.actor_died(actor)
+    assert c.process().stored == [arg]

@@ -204,6 +204,8 @@ async def test_a_migration_starts_the_target_ahead_and_hands_it_the_checkpoint()
     assert (info.state, info.node_id, list(info.gpu_slots), info.step, info.phase) == (
         S.JOB_STATE_RUNNING, "b", [0], 31, "starting")
     assert info.incarnation == "inc-b" and not info.target_node_id
+    assert [(h.node_id, list(h.gpu_slots), h.ended_by, bool(h.end)) for h in info.history] == [
+        ("a", [0], "migrated", True), ("b", [0], "", False)]
 
 
 async def test_a_target_that_cannot_take_the_checkpoint_is_stopped_and_the_job_started_again() -> None:

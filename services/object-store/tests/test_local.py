@@ -382,6 +382,34 @@ def test_releases_ride_on_the_next_create(store: Store) -> None:
         assert store.stats().pinned == pinned
 
 
+def test_a_dropped_view_is_taken_back_without_a_call_until_its_object_is_freed(store: Store) -> None:
+    import gc
+
+    from tessera.exceptions import ObjectFreedError
+
+    with ObjectStoreClient(store.address, name="a") as a, ObjectStoreClient(store.address, name="b") as b:
+        x = np.arange(2 * MiB // 8, dtype=np.float64)
+        ref = a.put(x)
+        v = b.get(ref, timeout=10)
+        pinned = store.stats().pinned
+        del v
+        gc.collect()
+        assert b._local is not None
+        sent = b._local._next_id
+        v = b.get(ref, timeout=10)  # its release was not sent: the pin is taken back, nothing asked
+        assert np.array_equal(v, x) and np.shares_memory(v, b._arena)
+        assert b._local._next_id == sent
+        assert store.stats().pinned == pinned  # one pin still, not two
+        del v
+        gc.collect()
+        a.free([ref.id], reason="dropped")  # b still pins it (its release is parked): the store tells b
+        with pytest.raises(ObjectFreedError):
+            b.get(ref, timeout=10)  # so this get asks, and the store says freed
+        assert b._local._next_id == sent + 1
+        b._flush_releases()  # the parked pin's release goes (it rode on that get): the object is gone
+        assert store.stats().pinned < pinned - x.nbytes + 4096
+
+
 def test_a_batch_of_small_puts_larger_than_one_frame(store: Store) -> None:
     with ObjectStoreClient(store.address, name="a") as a, ObjectStoreClient(store.address, name="b") as b:
         values = [serialize(bytes([i]) * 90_000).to_bytes() for i in range(120)]  # about 10.8 MB: two frames

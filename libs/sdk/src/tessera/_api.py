@@ -476,12 +476,15 @@ def put(value: Any) -> ObjectRef:
     st = _state
     if st is None:
         return _objects.put(value)
-    ser = serialize(value)
+    with st.core.refs.capture() as nested:  # refs inside the value: held while it lives
+        ser = serialize(value)
     big = ser.size > st.inline_threshold
     if big:
         st.core.flush_frees(records=False, urgent_only=True)  # what was dropped makes room first
     oid = ids.new_id("object_id")
     st.core.refs.own_put(oid, big=big)
+    if nested:
+        st.core.refs.contains(oid, nested)
     return st.objects().put_serialized(oid, ser)
 
 

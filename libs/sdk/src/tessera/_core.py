@@ -185,11 +185,12 @@ class Core:
         self._rebuilding: dict[bytes, float] = {}
         self.escaped: set[bytes] = set()  # refs serialized elsewhere before their value arrived
         self.stored: set[bytes] = set()  # small values this owner put in the object store
-        self.refs = RefCounter(track_borrows=worker)
+        self.refs_key = f"{socket.gethostname()}:{os.getpid()}".encode()
+        self._refs_key_str = self.refs_key.decode()
+        self.refs = RefCounter(track_borrows=worker, me=self._refs_key_str)
         self._unsent: list[FreeBatch] = []  # frees the object store did not take yet (restarting)
         self._free_lock = threading.Lock()
         self._refs_thread: threading.Thread | None = None
-        self.refs_key = f"{socket.gethostname()}:{os.getpid()}".encode()
         self._published: tuple[float, int] = (0.0, 0)  # when, and a digest of what
         self._publish_lock = threading.Lock()  # one table in flight at a time: a late put never undoes a newer one
         # a table older than this means this process is gone (its borrows end): it is refreshed well within it
@@ -217,6 +218,7 @@ class Core:
         if self.closed:
             raise TesseraSDKError("tessera is shut down: call tessera.init() first")
         spec.job_id = self.job_id
+        spec.owner_refs_key = self._refs_key_str  # refs returned nested in a value are lent to this table
         parent = self._current.get()
         if parent:
             spec.parent_task_id = parent
@@ -323,8 +325,13 @@ class Core:
                 if r.end_us and spec is not None:
                     self.events.append((name, r.task_id, r.node_id, r.worker_id, r.start_us, r.end_us,
                                         r.HasField("error")))
+                for v in r.returns:  # before the task's holds go: a ref it returned nested may be one it took
+                    if v.contained_ids:
+                        refs.contains(v.object_id, v.contained_ids)
                 refs.task_ended(r.task_id, r.borrowed_object_ids, actor_id=spec.actor_id if spec is not None else b"",
-                                borrower=r.borrower if r.borrower != self.refs_key.decode() else "")
+                                borrower=r.borrower if r.borrower != self.refs_key.decode() else "",
+                                pin_for_actor=spec is not None and spec.kind == pb.TASK_KIND_ACTOR_CREATE
+                                and spec.max_restarts != 0 and not r.HasField("error"))
                 if r.task_id in self.streams:
                     self._stream_end(r, name)
                     continue
@@ -400,6 +407,8 @@ class Core:
                 continue  # sent again by a retry
             st.items.add(index)
             self.refs.add_return(r.task_id, oid, unreferenced=st.dropped)
+            if v.contained_ids:
+                self.refs.contains(oid, v.contained_ids)
             if v.stored:
                 self.refs.stored(oid, big=True)
             self.results[oid] = _Result("s") if v.stored else _Result("v", v.value)
@@ -812,8 +821,9 @@ class Core:
         with self._publish_lock:
             rows = self.refs.table()
             held, escaped = self.refs.holds()
+            lent = self.refs.lent_on()
             digest = hash((tuple((r["object_id"], r["refs"], r["reference"]) for r in rows), tuple(held),
-                           tuple(escaped)))
+                           tuple(escaped), tuple((o, tuple(k)) for o, k in lent.items())))
             now = time.time()
             when, last = self._published
             if not force and digest == last and now - when < self._heartbeat_s:
@@ -826,7 +836,8 @@ class Core:
                    "time": now, "stale_s": self.stale_s, "rows": rows[:REFS_ROWS],
                    "more": max(0, len(rows) - REFS_ROWS),
                    "holds": [o.hex() for o in held] if len(held) <= REFS_HOLDS_MAX else None,
-                   "escaped": [o.hex() for o in escaped[:REFS_HOLDS_MAX]]}
+                   "escaped": [o.hex() for o in escaped[:REFS_HOLDS_MAX]],
+                   "lent": {o.hex(): keys for o, keys in lent.items()}}
             self._cs().KvPut(cpb.KvPutRequest(namespace=REFS_NAMESPACE, key=self.refs_key, overwrite=True,
                                               value=json.dumps(doc).encode()), timeout=5.0)
             self._published = (now, digest)
@@ -907,8 +918,9 @@ def read_table(raw: bytes, now: float) -> BorrowerTable:
     doc = json.loads(raw)
     alive = now - float(doc.get("time", 0)) <= float(doc.get("stale_s", REFS_STALE_S))
     holds = doc.get("holds")
+    lent = {bytes.fromhex(h): frozenset(str(k) for k in keys) for h, keys in (doc.get("lent") or {}).items()}
     return BorrowerTable(alive=alive, holds=None if holds is None else frozenset(bytes.fromhex(h) for h in holds),
-                         escaped=frozenset(bytes.fromhex(h) for h in doc.get("escaped", ())))
+                         escaped=frozenset(bytes.fromhex(h) for h in doc.get("escaped", ())), lent=lent)
 
 
 def new_task_id() -> bytes:

@@ -18,8 +18,14 @@ frees the object, every copy on every node, once nothing can reach it any more:
   actor died. A borrower lists an object while it holds a ref, while a task it submitted
   with it is pending, or while its own borrowers list it: the same rule, one level down,
   follows borrowers of borrowers. A ref that leaves a process in a way it cannot follow
-  (``tessera.put([ref])``, nested in a return value) keeps the object for the owner's life:
-  the borrower's table marks it ``escaped``, and the owner keeps it from then on.
+  (captured in a closure, say) keeps the object for the owner's life: the borrower's table
+  marks it ``escaped``, and the owner keeps it from then on.
+- **containers**: an object whose value holds refs (``tessera.put([ref])``, a task that
+  returns ``[ref]``) holds them while it lives, at its owner (:meth:`contains`). A worker
+  that returns refs nested in a value lends them to the task's submitter (:meth:`lend`):
+  it keeps them while the submitter's table lists them (the submitter lists them while the
+  value lives). A borrower of the value that unpacked a ref and kept it becomes a borrower
+  of that ref once its table lists it, so the ref outlives the value for it.
 - **lineage**: the record of the task that made an object stays while the object lives,
   or while a kept record of a task that read it may have to re-run it. Records nothing
   needs are dropped (a few seconds after the task ends, once its node wrote the record).
@@ -39,6 +45,8 @@ from dataclasses import dataclass, field
 
 #: A task's record is dropped this long after the task ended at the earliest (its node writes it meanwhile).
 RECORD_DELAY_S = 5.0
+#: A process given refs nested in a value has this long to list them in its table before their lender reads it.
+LEND_GRACE_S = 5.0
 #: Freed ids remembered here, so a get of one fails at once with ObjectFreedError.
 FREED_MEMORY = 10_000
 FREED = "freed"
@@ -52,6 +60,7 @@ class _Owned:
     submitted: int = 0  # pending tasks of mine that take it as an argument
     lineage: int = 0  # kept records of my tasks that take it as an argument
     escaped: bool = False  # a ref left this process in a way it cannot follow: kept until the owner exits
+    contained: int = 0  # live objects whose values hold a ref to it
     freed: bool = False
 
 
@@ -71,6 +80,7 @@ class BorrowerTable:
     alive: bool  # refreshed within the staleness its publisher promised (else: it died)
     holds: frozenset[bytes] | None  # the objects it does not own and still holds; None: it does not say
     escaped: frozenset[bytes] = frozenset()  # refs it passed on in ways it cannot follow: kept for the owner's life
+    lent: dict[bytes, frozenset[str]] = field(default_factory=dict)  # held object -> the tables that borrow it from it
 
 
 @dataclass
@@ -91,7 +101,9 @@ class FreeBatch:
 class RefCounter:
     """One process's reference counts: of every ref it holds, and of the objects it owns."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, track_borrows: bool = False) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, track_borrows: bool = False,
+                 me: str = "") -> None:
+        self.me = me  # the key of this process's own reference table
         self._lock = threading.Lock()
         self._clock = clock
         self._local: dict[bytes, int] = {}
@@ -103,8 +115,11 @@ class RefCounter:
         self._borrows: dict[bytes, dict[str, float]] = {}  # object -> borrower key -> when it last reported it
         self._by_key: dict[str, set[bytes]] = {}  # borrower key -> the objects it borrows from me
         self._actor_keys: dict[bytes, str] = {}  # actor -> the key of its worker (its death ends its borrows)
+        self._actor_pins: dict[bytes, str] = {}  # restartable actor -> the key pinning its constructor's arguments
         self._lent: dict[bytes, int] = {}  # objects I do not own -> my pending tasks that take them
         self._kept: set[bytes] = set()  # objects I do not own whose refs I passed on untracked: held for my life
+        self._containers: dict[bytes, list[bytes]] = {}  # an object of mine -> the refs its value holds
+        self._inside: dict[bytes, int] = {}  # objects I do not own -> how many of my objects' values hold them
         self._announced: frozenset[bytes] = frozenset()  # the holds my published table lists
         self._holds_gone = False  # one of the announced holds may have ended: publish again soon
         self._freed: OrderedDict[bytes, str] = OrderedDict()
@@ -201,7 +216,7 @@ class RefCounter:
                 o.big = o.big or big
 
     def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = (), *, actor_id: bytes = b"",
-                   borrower: str = "") -> None:
+                   borrower: str = "", pin_for_actor: bool = False) -> None:
         """One of my tasks finished (or failed); its holds are released. Its worker may still hold ``borrowed``:
         ``borrower`` names the worker's reference table, which lists them while it holds them; an actor's worker
         holds them at most until the actor dies (:meth:`actor_died`). A borrow that names neither (its worker
@@ -224,6 +239,12 @@ class RefCounter:
             if t is None or t.ended:
                 return
             t.ended = now
+            if pin_for_actor and actor_id:  # a restartable actor's constructor runs again with these
+                pin = f"pin:{actor_id.hex()}"
+                for a in dict.fromkeys([*t.holds, *t.lent]):
+                    self._borrows.setdefault(a, {})[pin] = now
+                    self._by_key.setdefault(pin, set()).add(a)
+                self._actor_pins[actor_id] = pin
             self._check_task(task_id)
             for a in t.holds:
                 o = self._owned.get(a)
@@ -248,6 +269,61 @@ class RefCounter:
         else:
             self._kept.add(oid)
 
+    def contains(self, container: bytes, inner: Iterable[bytes]) -> None:
+        """The value of ``container`` (mine) holds refs to ``inner``: they are held while it lives (those I own
+        are not freed, those I do not own are listed in my table)."""
+        with self._lock:
+            c = self._owned.get(container)
+            if c is None or c.freed:
+                return
+            held = self._containers.setdefault(container, [])
+            for i in dict.fromkeys(inner):
+                if i == container or i in held:
+                    continue
+                held.append(i)
+                o = self._owned.get(i)
+                if o is not None:
+                    o.contained += 1
+                else:
+                    self._inside[i] = self._inside.get(i, 0) + 1
+                    self._holds_gone = True  # a new hold: publish the table soon (its lender reads it)
+            if not held:
+                del self._containers[container]
+
+    def _uncontain(self, container: bytes) -> None:
+        """``container`` is gone: the refs its value held are no longer held by it."""
+        for i in self._containers.pop(container, ()):
+            o = self._owned.get(i)
+            if o is not None:
+                o.contained -= 1
+                self._zero.append(i)
+                continue
+            n = self._inside.get(i, 0) - 1
+            if n > 0:
+                self._inside[i] = n
+            else:
+                self._inside.pop(i, None)
+                self._hold_may_end(i)
+
+    def lend(self, oids: Iterable[bytes], key: str, *, grace: float = LEND_GRACE_S) -> None:
+        """Refs to ``oids`` went, nested in a value, to the process whose reference table is ``key`` (a task's
+        submitter, given its return value): it borrows them while its table lists them, read from ``grace``
+        seconds from now on (it publishes them meanwhile). Without a key, they are kept for my life."""
+        until = self._clock() + grace
+        with self._lock:
+            for oid in dict.fromkeys(oids):
+                o = self._owned.get(oid)
+                if o is not None and o.freed:
+                    continue
+                if not key:
+                    self._keep(oid)
+                    continue
+                b = self._borrows.setdefault(oid, {})
+                b[key] = max(b.get(key, until), until)
+                self._by_key.setdefault(key, set()).add(oid)
+                if self._track and o is None:
+                    self._passed.add(oid)
+
     def _hold_may_end(self, oid: bytes) -> None:
         if oid in self._owned:
             self._zero.append(oid)
@@ -271,41 +347,72 @@ class RefCounter:
     def borrower_keys(self) -> list[str]:
         """The reference tables to read: of the processes that borrow from me (actors' workers included)."""
         with self._lock:
-            return [k for k in self._by_key if not k.startswith("actor:")]
+            return [k for k in self._by_key if not k.startswith(("actor:", "pin:"))]
 
     def borrowers_checked(self, tables: dict[str, BorrowerTable | None], since: float) -> None:
         """The borrowers' tables, as read after ``since`` (this counter's clock): ``None`` for one that is gone.
 
-        A borrow ends when its borrower's table does not list the object (a borrow reported after ``since``
-        waits for the next read: the table read may be older than it), or when the borrower is dead. An
-        object its table marks escaped is kept for the life of this process."""
+        A borrow ends when its borrower's table does not list the object, or when the borrower is dead; a
+        borrow reported after ``since`` (or still in its grace, :meth:`lend`) waits for the next read: the
+        table read may be older than it. An object its table marks escaped is kept for the life of this
+        process. A borrower of an object whose value holds refs, whose table lists one of those refs,
+        borrows that ref too (it unpacked the value and kept the ref)."""
         with self._lock:
             for key, table in tables.items():
+                if table is not None and table.alive and table.holds:
+                    self._unpacked(key, table.holds, since)
+                if table is not None and table.lent:  # (from a stale table too: what it lent on outlives it)
+                    self._adopt(key, table.lent, since)
                 for oid in list(self._by_key.get(key, ())):
+                    reported = self._borrows.get(oid, {}).get(key, since)
                     if table is not None and oid in table.escaped:
                         self._keep(oid)
                         self._release(oid, key)
-                    elif table is None or not table.alive:
-                        self._release(oid, key)
-                    elif table.holds is None or oid in table.holds:
+                    elif table is not None and table.alive and (table.holds is None or oid in table.holds):
                         continue
-                    elif self._borrows.get(oid, {}).get(key, since) < since:
+                    elif reported >= since:
+                        continue
+                    else:
                         self._release(oid, key)
 
+    def _adopt(self, key: str, lent: dict[bytes, frozenset[str]], since: float) -> None:
+        """``key`` lent objects it borrows from me on to other tables: those borrow them from me too, so the
+        objects stay while they hold them even if ``key`` dies first (its borrowers are handed over)."""
+        for oid in list(self._by_key.get(key, ())):
+            for other in lent.get(oid, ()):
+                if other == key or other == self.me:
+                    continue
+                b = self._borrows.setdefault(oid, {})
+                if other not in b:
+                    b[other] = since
+                    self._by_key.setdefault(other, set()).add(oid)
+
+    def _unpacked(self, key: str, holds: frozenset[bytes], since: float) -> None:
+        """``key`` borrows objects of mine and lists refs their values hold: it borrows those refs too."""
+        for oid in list(self._by_key.get(key, ())):
+            for inner in self._containers.get(oid, ()):
+                if inner in holds:
+                    b = self._borrows.setdefault(inner, {})
+                    b[key] = max(b.get(key, since), since)
+                    self._by_key[key].add(inner)
+
     def borrowing_actors(self) -> list[bytes]:
-        """Actors that keep refs to objects I own or lent on (whose death releases them)."""
+        """Actors that keep refs to objects I own or lent on (whose death releases them): in their state, or
+        as the arguments their constructor runs again with when they restart."""
         with self._lock:
             for a in [a for a, k in self._actor_keys.items() if k not in self._by_key]:
                 del self._actor_keys[a]
-            return list(self._actor_keys)
+            for a in [a for a, k in self._actor_pins.items() if k not in self._by_key]:
+                del self._actor_pins[a]
+            return list(dict.fromkeys([*self._actor_keys, *self._actor_pins]))
 
     def actor_died(self, actor_id: bytes) -> None:
-        """The actor is dead: the refs its state kept are gone with it."""
+        """The actor is dead: the refs its state kept, and its constructor's arguments, are gone with it."""
         with self._lock:
-            key = self._actor_keys.pop(actor_id, None)
-            if key is not None:
-                for oid in list(self._by_key.get(key, ())):
-                    self._release(oid, key)
+            for key in (self._actor_keys.pop(actor_id, None), self._actor_pins.pop(actor_id, None)):
+                if key is not None:
+                    for oid in list(self._by_key.get(key, ())):
+                        self._release(oid, key)
 
     def owns(self, oid: bytes) -> bool:
         with self._lock:
@@ -335,18 +442,29 @@ class RefCounter:
         """``with counter.capture() as ids:`` collects the refs serialized meanwhile in this thread."""
         return _Capture(self._capture)
 
-    def borrowed_report(self) -> list[bytes]:
-        """A worker, after a task: refs it still holds that arrived while the task ran, lent on, or passed on."""
+    def borrowed_report(self, to: str = "") -> list[bytes]:
+        """A worker, after a task: refs it still holds that arrived while the task ran, lent on, or passed on.
+        Not those it holds only because ``to`` (the task's submitter, told of them) borrows them from it."""
         with self._lock:
             self._count_deaths()
-            out = [o for o in self._born | self._lent_now | self._passed if o not in self._owned and self._holds(o)]
+            out = [o for o in self._born | self._lent_now | self._passed
+                   if o not in self._owned and self._holds(o) and not self._only_lent_to(o, to)]
             self._born.clear()
             self._passed.clear()
             self._lent_now.clear()
             return out
 
+    def _only_lent_to(self, oid: bytes, key: str) -> bool:
+        """Whether ``key``'s borrow is all that holds ``oid`` here (then reporting it to ``key`` would make each
+        hold it for the other)."""
+        b = self._borrows.get(oid)
+        if not key or not b or set(b) != {key}:
+            return False
+        return not (self._local.get(oid, 0) > 0 or oid in self._lent or oid in self._kept or oid in self._inside)
+
     def _holds(self, oid: bytes) -> bool:
-        return (self._local.get(oid, 0) > 0 or oid in self._lent or oid in self._borrows or oid in self._kept)
+        return (self._local.get(oid, 0) > 0 or oid in self._lent or oid in self._borrows or oid in self._kept
+                or oid in self._inside)
 
     def holds(self) -> tuple[list[bytes], list[bytes]]:
         """What this process's table lists: the objects it does not own and holds, and those of them it passed
@@ -354,9 +472,24 @@ class RefCounter:
         with self._lock:
             self._count_deaths()
             owned = self._owned
-            held = [o for o in dict.fromkeys([*self._local, *self._lent, *self._borrows, *self._kept])
-                    if o not in owned]
+            held = [o for o in dict.fromkeys([*self._local, *self._lent, *self._borrows, *self._kept,
+                                              *self._inside]) if o not in owned]
             return held, [o for o in self._kept if o not in owned]
+
+    def lent_on(self, limit: int = 1000) -> dict[bytes, list[str]]:
+        """The objects I borrowed and lent on, with the tables that borrow them from me (at most ``limit``
+        objects): their owners follow those tables too, so my death does not end their borrows."""
+        with self._lock:
+            out: dict[bytes, list[str]] = {}
+            for oid, b in self._borrows.items():
+                if oid in self._owned:
+                    continue
+                keys = [k for k in b if not k.startswith(("actor:", "pin:"))][:8]
+                if keys:
+                    out[oid] = keys
+                    if len(out) >= limit:
+                        break
+            return out
 
     def announced(self, held: Iterable[bytes]) -> None:
         """My table now lists ``held``: when one of them goes, :meth:`holds_gone` says so."""
@@ -407,19 +540,22 @@ class RefCounter:
         batch = FreeBatch()
         with self._lock:
             self._count_deaths()
-            zero, self._zero = self._zero, []
-            for oid in zero:
-                o = self._owned.get(oid)
-                if (o is None or o.freed or o.escaped or oid in self._borrows or o.submitted > 0
-                        or self._local.get(oid, 0) > 0):
-                    continue
-                self._free(oid, o, batch, force_shared=False)
+            while self._zero:  # (freeing an object whose value held refs may free those next)
+                zero, self._zero = self._zero, []
+                for oid in zero:
+                    o = self._owned.get(oid)
+                    if (o is None or o.freed or o.escaped or oid in self._borrows or o.submitted > 0
+                            or o.contained > 0 or self._local.get(oid, 0) > 0):
+                        continue
+                    self._free(oid, o, batch, force_shared=False)
             if records:
                 self._drop_records(batch, force=False)
         return batch
 
     def _free(self, oid: bytes, o: _Owned, batch: FreeBatch, *, force_shared: bool) -> None:
         o.freed = True
+        if oid in self._containers:
+            self._uncontain(oid)
         batch.big = batch.big or o.big
         lent = self._borrows.pop(oid, None)
         for key in lent or ():
@@ -513,9 +649,11 @@ class RefCounter:
                     kinds.append("argument")
                 if o.escaped or oid in self._borrows:
                     kinds.append("borrowed")
+                if o.contained:
+                    kinds.append("contained")
                 out.append({"object_id": oid.hex(), "owned": True, "refs": self._local.get(oid, 0),
                             "reference": ",".join(kinds) or "lineage", "stored": o.stored})
-            for oid in dict.fromkeys([*self._local, *self._lent, *self._borrows, *self._kept]):
+            for oid in dict.fromkeys([*self._local, *self._lent, *self._borrows, *self._kept, *self._inside]):
                 if oid not in self._owned:
                     out.append({"object_id": oid.hex(), "owned": False, "refs": self._local.get(oid, 0),
                                 "reference": "borrowed", "stored": True})

@@ -22,7 +22,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "nodes": ("node_id", "state", "address", "object_store_address", "resources_total", "resources_available",
               "labels", "registered_ms", "last_heartbeat_ms"),
     "tasks": ("task_id", "name", "state", "type", "job_id", "actor_id", "node_id", "attempt_number",
-              "parent_task_id", "error", "created_ms", "updated_ms"),
+              "parent_task_id", "error", "created_ms", "updated_ms", "worker_id", "trace_id"),
     "actors": ("actor_id", "class_name", "state", "name", "namespace", "job_id", "node_id", "address",
                "restarts", "max_restarts", "death_cause", "created_ms"),
     "objects": ("object_id", "object_size", "reference_type", "owned", "refs", "process", "job_id", "worker",
@@ -112,8 +112,21 @@ def _tasks(cs: Any, filters: Sequence[Filter], limit: int, timeout: float) -> tu
                      "state": _enum(r.state, cpb.TaskState, "TASK_STATE_"), "type": kind, "job_id": s.job_id.hex(),
                      "actor_id": s.actor_id.hex(), "node_id": r.node_id.hex(), "attempt_number": r.attempt,
                      "parent_task_id": s.parent_task_id.hex(), "error": r.error, "created_ms": r.created_ms,
-                     "updated_ms": r.updated_ms})
+                     "updated_ms": r.updated_ms, "worker_id": s.worker_id.hex(), "trace_id": _trace_of(s.args)})
     return rows, bool(resp.truncated)
+
+
+def _trace_of(spec: bytes) -> str:
+    """The trace a task ran in (32 hex digits), from the submitted spec its record keeps; "" when untraced."""
+    if not spec:
+        return ""
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as tpb
+
+    try:
+        parts = tpb.TaskSpec.FromString(spec).traceparent.split("-")
+    except Exception:  # a record written by something else: no trace to tell
+        return ""
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32 else ""
 
 
 def _actors(cs: Any, timeout: float) -> list[dict[str, Any]]:
@@ -338,5 +351,135 @@ def summarize_objects(address: str | None = None, timeout: float = 30.0) -> dict
             "summary": dict(sorted(out.items()))}
 
 
-__all__ = ["COLUMNS", "RESOURCES", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
-           "list_placement_groups", "list_state", "list_tasks", "summarize_actors", "summarize_objects", "summarize_tasks"]
+# ---------------------------------------------------------------------- logs
+
+#: The most of a worker's log ``get_log`` reads for one task (its section is picked out of it).
+LOG_READ_MAX = 4 * 2**20
+
+
+def _hex_id(name: str, value: str, length: int) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{name} must be hex, got {value!r}") from None
+    if len(raw) != length:
+        raise ValueError(f"{name} must be {length * 2} hex digits, got {len(value)}")
+    return raw
+
+
+def _log_source(cs: Any, task_id: str | None, actor_id: str | None, worker_id: str | None, node_id: str | None,
+                timeout: float) -> tuple[str, dict[str, bytes]]:
+    """The node agent's address and what to ask it for."""
+    import grpc
+
+    from tessera.api.control_store.v1 import control_store_pb2 as cpb
+
+    if sum(x is not None for x in (task_id, actor_id, worker_id)) != 1:
+        raise ValueError("give one of task_id, actor_id and worker_id")
+    node = _hex_id("node_id", node_id, 16) if node_id else b""
+    try:
+        if task_id is not None:
+            tid = _hex_id("task_id", task_id, 16)
+            rec = cs.GetTasks(cpb.GetTasksRequest(task_ids=[tid]), timeout=timeout).tasks[0]
+            if not rec.spec.worker_id:
+                raise LookupError(f"task {task_id} has not run on a worker yet (state "
+                                  f"{cpb.TaskState.Name(rec.state).removeprefix('TASK_STATE_')})")
+            node, ask = rec.node_id, {"worker_id": rec.spec.worker_id}
+        elif actor_id is not None:
+            aid = _hex_id("actor_id", actor_id, 16)
+            actor = cs.GetActor(cpb.GetActorRequest(actor_id=aid), timeout=timeout).actor
+            node, ask = node or actor.node_id, {"actor_id": aid}
+        else:
+            if not node:
+                raise ValueError("a worker_id needs its node_id")
+            ask = {"worker_id": _hex_id("worker_id", worker_id or "", 8)}
+        cs.GetNode(cpb.GetNodeRequest(node_id=node), timeout=timeout)  # (NOT_FOUND: no such node)
+        address = _agent_of(cs, node, timeout)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            what = "task" if task_id else "actor" if actor_id else "node"
+            raise LookupError(f"no such {what}: {e.details()}") from None  # type: ignore[attr-defined]
+        raise
+    return address, ask
+
+
+def _agent_of(cs: Any, node: bytes, timeout: float) -> str:
+    """The address of the node agent (task-scheduler) of ``node``: the registered one whose status names it."""
+    import grpc
+
+    from tessera.api.control_store.v1 import control_store_pb2 as cpb
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
+    from tessera.common import rpc
+
+    insts = cs.ListInstances(cpb.ListInstancesRequest(service="task-scheduler"), timeout=timeout).instances
+    for inst in insts:
+        with rpc.channel(inst.address, default_timeout=min(timeout, 5.0)) as ch:
+            try:
+                if pb_grpc.TaskSchedulerServiceStub(ch).GetStatus(pb.GetStatusRequest()).node_id == node:
+                    return str(inst.address)
+            except grpc.RpcError:
+                continue  # gone, or a global scheduler (it has no node)
+    raise LookupError(f"no node agent of node {node.hex()} is registered")
+
+
+def get_log(*, task_id: str | None = None, actor_id: str | None = None, worker_id: str | None = None,
+            node_id: str | None = None, suffix: str = "out", tail: int = 1000, follow: bool = False,
+            address: str | None = None, timeout: float = 30.0) -> Iterable[str]:
+    """A worker's stdout (``suffix="out"``) or stderr (``"err"``), as Ray's ``ray.util.state.get_log``: of the
+    worker that ran task ``task_id`` (its output only), of actor ``actor_id``, or of ``worker_id`` on
+    ``node_id``. The last ``tail`` lines (-1: all that is kept); with ``follow``, then what is written next,
+    until the worker ends. Yields lines without their newline. Raises LookupError for an unknown task, actor
+    or worker, ValueError for a malformed id."""
+    import time
+
+    import grpc
+
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2 as pb
+    from tessera.api.task_scheduler.v1 import task_scheduler_pb2_grpc as pb_grpc
+    from tessera.common import logfiles, rpc
+
+    if suffix not in ("out", "err"):
+        raise ValueError(f"suffix must be out or err, got {suffix!r}")
+    ch, cs = _connect(address)
+    with ch:
+        agent, ask = _log_source(cs, task_id, actor_id, worker_id, node_id, timeout)
+    with rpc.channel(agent, default_timeout=timeout) as ach:
+        stub = pb_grpc.TaskSchedulerServiceStub(ach)
+
+        def read(offset: int) -> pb.GetWorkerLogResponse:
+            try:
+                return stub.GetWorkerLog(pb.GetWorkerLogRequest(suffix=suffix, offset=offset, max_bytes=LOG_READ_MAX,
+                                                                **ask), timeout=timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise LookupError(e.details()) from None  # type: ignore[attr-defined]
+                raise
+
+        def pick(data: bytes) -> bytes:
+            return logfiles.task_section(data, task_id.lower()) if task_id else logfiles.without_markers(data)
+
+        r = read(-LOG_READ_MAX)
+        lines = pick(r.data).decode(errors="replace").splitlines()
+        yield from (lines if tail < 0 else lines[-tail:] if tail else [])
+        if not follow:
+            return
+        offset, pending = r.offset + len(r.data), b""
+        while True:
+            r = read(offset)
+            if r.offset < offset:  # rotated meanwhile: it starts again
+                pending = b""
+            offset = r.offset + len(r.data)
+            pending += r.data
+            done, _, pending = pending.rpartition(b"\n")
+            if done:
+                yield from pick(done + b"\n").decode(errors="replace").splitlines()
+            if not r.alive and not r.data:
+                return
+            if not r.data:
+                time.sleep(0.25)
+
+
+__all__ = ["COLUMNS", "RESOURCES", "get_log", "list_actors", "list_jobs", "list_nodes", "list_objects",
+           "list_pipelines", "list_placement_groups", "list_state", "list_tasks", "summarize_actors",
+           "summarize_objects", "summarize_tasks"]

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as one JSON object "
                                                 "a line carrying trace_id and span_id")
+    log_max_bytes: int = Field(64 * 2**20, ge=0, description="a log file (a service's under tessera up, a worker's) "
+                               "is rotated past this size; 0: never")
+    log_backups: int = Field(5, ge=0, le=100, description="rotated copies kept of each log file (NAME.1 newest)")
+    worker_log_dir: Path | None = Field(None, description="task-scheduler: where workers' stdout and stderr go (a "
+                                        "folder per node id inside); default <run_dir>/logs/workers")
 
     # --- metrics -------------------------------------------------------------------
     metrics_port: int | None = Field(None, ge=0, le=65535, description="port of this process's Prometheus "
@@ -122,7 +127,11 @@ class Settings(BaseSettings):
     jaeger_ui_url: str = Field("", validation_alias=AliasChoices("TESSERA_JAEGER_UI_URL", "JAEGER_UI_URL"),
                                description="dashboard: base URL of Jaeger's UI (http://host:16686), to link each "
                                "task and request to its trace; empty shows trace ids unlinked")
-    serving_http_port: int = Field(0, ge=0, le=65535, description="serving: HTTP/JSON port; 0 picks a free one")
+    serving_http_port: int = Field(8000, ge=0, le=65535, description="serving: port of the HTTP front end "
+                                   "(/v1 JSON and KServe v2), the same in every container; 0 picks a free one "
+                                   "(tessera up picks a free one unless this is set)")
+    serving_http_max_body_bytes: int = Field(16 * 2**20, gt=0, description="serving: largest HTTP request body; "
+                                             "a longer one gets 413 before it is read")
     serving_workers: int = Field(2, gt=0, description="serving: shared executor threads of the stage scheduler")
     serving_reserved_workers: int = Field(1, ge=0, description="serving: executor threads reserved for pipelines "
                                                               "registered as latency-critical")
@@ -133,6 +142,10 @@ class Settings(BaseSettings):
     serving_max_records: int = Field(4096, gt=0, description="serving: most records in one predict request")
     serving_max_text_chars: int = Field(100_000, gt=0, description="serving: longest text field accepted")
     serving_max_queued_records: int = Field(65536, gt=0, description="serving: records waiting for the stage scheduler; a request past it gets RESOURCE_EXHAUSTED")
+    serving_blackbox_stages: bool = Field(True, description="serving: accept opaque scikit-learn steps (their pickles, "
+                                          "run in a worker process of the server); off: INVALID_ARGUMENT")
+    serving_compile_dense: bool = Field(True, description="serving: compile dense heads (MLPs, torch modules, linear "
+                                        "heads over dense input) through the cluster's compiler at registration")
 
     # gpu-scheduler (Gandiva: a scheduler per cluster, a node agent per node)
     gpus_per_node: int = Field(0, ge=0, le=64, description="gpu-scheduler: virtual GPU slots of a node agent when NVML finds no GPU")

@@ -15,6 +15,11 @@ releases never cost a round trip of their own. A reply carries the request's id
 with ``op | REPLY`` (or ``ERROR``: the body is a status code and a message);
 replies may come out of order (a get that waits does not hold up the others).
 
+The store also sends one frame nobody asked for, ``FREED`` with request id 0
+(:data:`NOTICE_ID`): objects the session pins were freed by their owner. A
+client that keeps the pin of a value it dropped (to serve the next get of it
+without a round trip) reads these first and stops using those pins.
+
 The first frame of a connection is ``HELLO`` (the token, when the cluster has
 one: the socket carries no metadata). A frame that cannot be parsed gets an
 ``ERROR`` reply and the connection is closed; nothing it asked for is done.
@@ -59,6 +64,9 @@ PUT = 7  # a batch of small objects, sealed at once
 REPLY = 0x80
 ERROR = 0xFF
 REQUESTS = frozenset((HELLO, CREATE, SEAL, ABORT, GET, RELEASE, PUT))
+# ---- notices (store -> client, unasked, with request id NOTICE_ID)
+FREED = 0x40  # object ids (20 bytes each) this session pins, freed by their owner
+NOTICE_ID = 0  # (a request never has it)
 
 # ---- flags
 F_DURABLE = 1  # SEAL, PUT: also keep a copy on the node's disk
@@ -341,6 +349,19 @@ def parse_failed(mv: memoryview) -> list[tuple[bytes, str]]:
 
 
 # ------------------------------------------------------------------ ERROR
+
+def freed_body(object_ids: list[bytes]) -> bytes:
+    body = b"".join(object_ids)
+    if len(body) != OID_LEN * len(object_ids):
+        raise InvalidArgumentError(f"object ids are {OID_LEN} bytes")
+    return body
+
+
+def parse_freed(mv: memoryview) -> list[bytes]:
+    if len(mv) % OID_LEN:
+        raise ProtocolError(f"a FREED notice carries whole object ids, got {len(mv)} bytes")
+    return [bytes(mv[i : i + OID_LEN]) for i in range(0, len(mv), OID_LEN)]
+
 
 def error_body(code: str, message: str) -> bytes:
     m = message.encode()[:0xFFFF]

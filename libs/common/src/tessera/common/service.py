@@ -74,6 +74,8 @@ class ServiceApp:
         self.catch_all_first = False
         #: host:port of this replica's HTTP front end (set by a start hook), registered beside its gRPC address
         self.http_address = ""
+        #: whether health says SERVING: started and registered, not shutting down (an HTTP readiness probe's answer)
+        self.serving = False
 
     def add_servicer(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
         """Serve ``servicer`` (``add_fn`` is the generated ``add_XServicer_to_server``)."""
@@ -167,10 +169,12 @@ class ServiceApp:
                 return
             for n in ["", *self._service_names]:
                 await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
+            self.serving = True
             log.info("%s SERVING at %s", self.name, self.address)
             await self._stop.wait()
         finally:
             log.info("%s shutting down", self.name)
+            self.serving = False
             await self.health.enter_graceful_shutdown()
             if registration is not None:
                 await registration.stop()

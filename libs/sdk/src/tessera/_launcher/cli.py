@@ -4,6 +4,7 @@
     tessera up --services control-store,object-store,task-scheduler   only these services (tasks and actors)
     tessera status [--json]                       what runs where, and its health
     tessera logs SERVICE [-n N] [-f]              a process's log (a service, nats, redis-0, supervisor)
+    tessera logs --task ID | --actor ID [--err]   a task's or an actor's output (stdout, or stderr)
     tessera down [--timeout S]                    stop everything gracefully; leave no process behind
     tessera list RESOURCE [--filter K=V] [--json] a running cluster's nodes, tasks, actors, objects, jobs, pipelines
     tessera summary tasks|actors|objects          tasks per function, actors per class, objects per reference type
@@ -102,7 +103,7 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
             port = procs.free_port()
             ps.append(Proc(name, "service", port, service=name, address=f"127.0.0.1:{port}",
                            metrics_port=procs.free_port(),
-                           http_port=dashboard_port(settings) if name == "dashboard" else 0))
+                           http_port=http_port(name, settings)))
     if gpus_per_node and "gpu-scheduler" in services:  # a node agent per node (the gpu-scheduler with the node's id)
         for i, node in enumerate(node_ids):
             port = procs.free_port()
@@ -111,6 +112,17 @@ def _plan(run: RunDir, settings: Settings, redis_shards: int, nodes: int = 1, gp
     cs = next(p for p in ps if p.name == "control-store")
     return Cluster(run_dir=str(run.path), nats_url=nats_url, redis_urls=redis_urls,
                    control_store_address=cs.address, procs=ps, started=time.time())
+
+
+def http_port(service: str, settings: Settings) -> int:
+    """The port of ``service``'s HTTP server (0: it has none): the dashboard's, or serving's front end, whose
+    fixed default (TESSERA_SERVING_HTTP_PORT, 8000 in every container) is kept only when set explicitly here,
+    so that two clusters on one machine do not both ask for it."""
+    if service == "dashboard":
+        return dashboard_port(settings)
+    if service == "serving":
+        return settings.serving_http_port if os.environ.get("TESSERA_SERVING_HTTP_PORT") else procs.free_port()
+    return 0
 
 
 def dashboard_port(settings: Settings) -> int:
@@ -362,7 +374,42 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if healthy else EXIT_UNHEALTHY
 
 
+def _worker_logs(args: argparse.Namespace) -> int:
+    """``tessera logs --task/--actor/--worker``: a worker's output, from its node agent."""
+    import grpc
+
+    from tessera._state import get_log
+
+    try:
+        for line in get_log(task_id=args.task, actor_id=args.actor, worker_id=args.worker, node_id=args.node,
+                            suffix="err" if args.err else "out", tail=args.lines, follow=args.follow,
+                            address=args.address):
+            print(line, flush=args.follow)
+    except ValueError as e:
+        print(f"tessera logs: {e}", file=sys.stderr)
+        return 2
+    except LookupError as e:
+        print(f"tessera logs: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except (grpc.RpcError, OSError) as e:
+        what = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)  # type: ignore[attr-defined]
+        print(f"tessera logs: cannot read the cluster at {args.address or 'this machine'}: {what}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    if args.task or args.actor or args.worker:
+        if args.service:
+            print("tessera logs: give a service, or one of --task, --actor and --worker", file=sys.stderr)
+            return 2
+        return _worker_logs(args)
+    if not args.service:
+        print("tessera logs: give a service (a service name, nats, redis-N or supervisor), or one of --task, "
+              "--actor and --worker", file=sys.stderr)
+        return 2
     run = RunDir(settings.run_dir)
     path = run.log(args.service)
     if not path.exists():
@@ -458,8 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--address", default="",
                     help="a running cluster's control store or gateway (host:port; e.g. a compose stack's "
                          "localhost:50051): its registered services and nodes, instead of this machine's `tessera up`")
-    lg = sub.add_parser("logs", help="print a process's log")
-    lg.add_argument("service", help="a service name, nats, redis-N or supervisor")
+    lg = sub.add_parser("logs", help="print a process's log, or a task's, an actor's or a worker's output")
+    lg.add_argument("service", nargs="?", default="", help="a service name, nats, redis-N or supervisor")
+    lg.add_argument("--task", metavar="ID", help="the output of this task (hex id) on the worker that ran it")
+    lg.add_argument("--actor", metavar="ID", help="the output of this actor's worker (hex id)")
+    lg.add_argument("--worker", metavar="ID", help="the output of this worker (hex id; with --node)")
+    lg.add_argument("--node", metavar="ID", help="the node of --worker (hex id)")
+    lg.add_argument("--err", action="store_true", help="stderr instead of stdout (--task, --actor, --worker)")
+    lg.add_argument("--address", default=None,
+                    help="a cluster's control store (--task, --actor, --worker; default: this machine's)")
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.add_argument("-f", "--follow", action="store_true")
     dn = sub.add_parser("down", help="stop everything")

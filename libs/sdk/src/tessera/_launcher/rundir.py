@@ -46,7 +46,7 @@ class Proc:
     address: str = ""
     object_store_memory: int = 0  # bytes of the arena tessera up chose (object-store); 0: the store's default
     metrics_port: int = 0  # port of its Prometheus /metrics endpoint (services); 0: none
-    http_port: int = 0  # port of its HTTP front end (the dashboard); 0: none
+    http_port: int = 0  # port of its HTTP server (the dashboard, serving); 0: none
 
 
 @dataclass

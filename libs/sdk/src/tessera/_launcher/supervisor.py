@@ -21,12 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from tessera._launcher.rundir import Cluster, Proc, RunDir, module_of
-from tessera.common import names, procs  # not auth.py: the supervisor imports neither gRPC nor pydantic
+from tessera.common import logfiles, names, procs  # not auth.py: the supervisor imports neither gRPC nor pydantic
 
 log = logging.getLogger("tessera.supervisor")
 
 GRACE_S = 10.0
 POLL_S = 0.2
+#: How often the processes' logs are rotated (past TESSERA_LOG_MAX_BYTES, keeping TESSERA_LOG_BACKUPS copies).
+ROTATE_S = 10.0
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -90,6 +99,8 @@ class Supervisor:
             env["TESSERA_METRICS_PORT"] = str(p.metrics_port)
         if p.http_port and p.service == "dashboard":
             env["TESSERA_DASHBOARD_PORT"] = str(p.http_port)
+        if p.http_port and p.service == "serving":
+            env["TESSERA_SERVING_HTTP_PORT"] = str(p.http_port)
         if self.cluster.auth:  # paths of the secrets, never the secrets (a child's environment is readable)
             env.pop("TESSERA_AUTH_TOKEN", None)
             env.update(TESSERA_AUTH_TOKEN_FILE=str(self.run.secret_file(names.TOKEN_FILE)))
@@ -150,9 +161,23 @@ class Supervisor:
             self.start(p)
         self.save()
 
+    def rotate_logs(self) -> None:
+        """Rotate the logs of the processes it runs (and its own) past their size, as the settings say."""
+        max_bytes = _env_int("TESSERA_LOG_MAX_BYTES", 64 * 2**20)
+        backups = _env_int("TESSERA_LOG_BACKUPS", 5)
+        for name in [*(p.name for p in self.cluster.procs), "supervisor"]:
+            try:
+                logfiles.rotate(self.run.log(name), max_bytes=max_bytes, backups=backups)
+            except OSError as e:
+                log.warning("could not rotate the log of %s: %s", name, e)
+
     def watch(self) -> None:
+        rotated = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
+            if now - rotated >= ROTATE_S:
+                rotated = now
+                self.rotate_logs()
             changed = False
             for p in self.cluster.procs:
                 child = self.children.get(p.name)

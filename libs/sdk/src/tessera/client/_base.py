@@ -95,7 +95,7 @@ class ObjectClientBase(abc.ABC):
         self.name = name or f"pid-{os.getpid()}"
         self._channel = rpc.channel(address, service=SERVICE, idempotent_methods=IDEMPOTENT, default_timeout=timeout)
         self._stub = pb_grpc.ObjectStoreServiceStub(self._channel)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (a dropped view's finalizer may run in a garbage collection inside it)
         self._owned: OrderedDict[bytes, bytes] = OrderedDict()
         self._owned_bytes = 0
         self._pending: list[pb.InlineObject] = []

@@ -49,6 +49,8 @@ class LocalConnection:
         self._broken: Exception | None = None
         self._next_id = 0
         self._buf = bytearray()
+        #: gets the store's notices (frames with request id NOTICE_ID), outside every lock
+        self.on_notice: Callable[[lw.Header, memoryview], None] | None = None
         try:
             self.welcome = lw.parse_welcome(self.call(lw.HELLO, lw.hello_body(token, name), timeout=timeout))
         except BaseException:
@@ -76,7 +78,7 @@ class LocalConnection:
         with self._send_lock:
             if self._broken is not None:
                 raise LocalSessionLost(str(self._broken))
-            self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1  # (0 is the notices' id)
             rid = self._next_id
             data = lw.frame(op, rid, body, flags=flags, releases=releases)
             try:
@@ -113,18 +115,7 @@ class LocalConnection:
             while True:
                 frames = self._read(deadline)
                 with self._cond:
-                    mine = None
-                    for h, body in frames:
-                        if h.request_id == rid:
-                            mine = (h, body)
-                        elif h.request_id in self._abandoned:
-                            fn = self._abandoned.pop(h.request_id)
-                            if fn is not None:
-                                late.append((fn, h, body))
-                        else:
-                            self._replies[h.request_id] = (h, body)
-                    if frames:
-                        self._cond.notify_all()
+                    mine = self._dispatch(frames, rid, late)
                     if mine is not None:
                         return mine
                     if not frames and deadline is not None and time.monotonic() >= deadline:
@@ -133,6 +124,57 @@ class LocalConnection:
         except OSError as e:
             self._fail(e)
             raise LocalSessionLost(f"the object store's socket {self.path} closed: {e}") from None
+        finally:
+            with self._cond:
+                self._reading = False
+                self._cond.notify_all()
+            for fn, h, body in late:
+                fn(h, body)
+
+    def _dispatch(self, frames: list[tuple[lw.Header, memoryview]], rid: int,
+                  late: list[tuple[Callable[[lw.Header, memoryview], None], lw.Header, memoryview]]
+                  ) -> tuple[lw.Header, memoryview] | None:
+        """Hand ``frames`` out (under the condition's lock): the reply to ``rid`` is returned, the others' kept
+        for them, late replies and notices queued in ``late`` for their handlers."""
+        mine = None
+        for h, body in frames:
+            if h.request_id == rid:
+                mine = (h, body)
+            elif h.request_id == lw.NOTICE_ID:
+                if self.on_notice is not None:
+                    late.append((self.on_notice, h, body))
+            elif h.request_id in self._abandoned:
+                fn = self._abandoned.pop(h.request_id)
+                if fn is not None:
+                    late.append((fn, h, body))
+            else:
+                self._replies[h.request_id] = (h, body)
+        if frames:
+            self._cond.notify_all()
+        return mine
+
+    def poll(self) -> None:
+        """Read what the store has sent without waiting (its notices above all), unless another thread is
+        reading now (it hands them out itself). A broken connection is left for the next call to report."""
+        with self._cond:
+            if self._reading or self._broken is not None:
+                return
+            self._reading = True
+        late: list[tuple[Callable[[lw.Header, memoryview], None], lw.Header, memoryview]] = []
+        try:
+            while True:
+                try:
+                    data = self._sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if not data:
+                    raise ConnectionResetError("end of stream")
+                self._buf += data
+                frames = self._frames()
+                with self._cond:
+                    self._dispatch(frames, lw.NOTICE_ID - 1, late)  # (no request has id -1: none is ours)
+        except OSError as e:
+            self._fail(e)
         finally:
             with self._cond:
                 self._reading = False

@@ -39,7 +39,7 @@ from tessera.api.object_store.v1 import object_store_pb2 as pb
 from tessera.client._base import FOREVER_S, ObjectClientBase, _map_error
 from tessera.client._discovery import find_cluster
 from tessera.client._local import LocalConnection, LocalSessionLost
-from tessera.common import auth, ids, telemetry
+from tessera.common import auth, ids, prefault, telemetry
 from tessera.common import localwire as lw
 from tessera.common.config import current_settings
 from tessera.common.errors import InvalidArgumentError, TesseraError
@@ -114,6 +114,9 @@ class ObjectStoreClient(ObjectClientBase):
         super().__init__(address, timeout=timeout, name=name, durable=durable)
         self._releases: list[bytes] = []
         self._live: dict[bytes, weakref.ref[np.ndarray]] = {}  # objects this client views (and pins)
+        #: objects whose last view died but whose release is not sent yet: (offset, size), while the pin lasts.
+        #: A get of one takes the pin back, with no round trip (over the socket, which says what was freed).
+        self._parked: dict[bytes, tuple[int, int]] = {}
         self._open()
 
     def _open(self, wait: float | None = None) -> None:
@@ -127,6 +130,7 @@ class ObjectStoreClient(ObjectClientBase):
                 # the socket has no metadata: the token (when one is set) travels in its first frame
                 conn = LocalConnection(hello.local_socket, token=auth.client_token(), name=self.name,
                                        timeout=min(self.timeout, 5.0))
+                conn.on_notice = self._notice
             except (OSError, lw.UnauthenticatedError) as e:
                 log.info("object store session stays on gRPC: its socket is not usable (%s)", e)
             else:  # the socket's session replaces the gRPC one (which ends holding nothing)
@@ -147,8 +151,11 @@ class ObjectStoreClient(ObjectClientBase):
         anchor = ctypes.c_char.from_buffer(self._wmap)
         self._wbase = ctypes.addressof(anchor)  # for page-congruent placement of large buffers
         del anchor  # (no export of the mapping may outlive this, or it could not be closed)
+        # a large put maps the pages it writes in one call, not a fault per page (see tessera.common.prefault)
+        self._written = prefault.WrittenPages(self._wbase, hello.arena_size)
         with self._lock:
             self._releases.clear()  # pins of the old session died with it
+            self._parked.clear()
 
     @property
     def transport(self) -> str:
@@ -216,7 +223,7 @@ class ObjectStoreClient(ObjectClientBase):
         req = pb.CreateObjectRequest(session_id=sid, object_id=oid, size=ser.size, owner=owner)
         off = self._stub.CreateObject(req).arena_offset
         try:
-            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
+            self._write(off, ser)
         except BaseException:
             self._stub.AbortObject(pb.AbortObjectRequest(session_id=sid, object_id=oid))
             raise
@@ -232,15 +239,20 @@ class ObjectStoreClient(ObjectClientBase):
                 raise _map_error(lw.error_of(code, message))
             return
         with self._lock:  # views dropped since the last request: their pins go first, making room
-            releases, self._releases = self._releases, []
+            releases = self._swap_releases()
         off = lw.parse_offset(conn.call(lw.CREATE, lw.create_body(oid, ser.size, owner), releases=releases,
                                         timeout=self.timeout))
         try:
-            ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
+            self._write(off, ser)
         except BaseException:
             conn.call(lw.ABORT, oid, timeout=self.timeout)
             raise
         conn.call(lw.SEAL, oid, flags=lw.F_DURABLE if self.durable else 0, timeout=self.timeout)
+
+    def _write(self, off: int, ser: Any) -> None:
+        """Fill the object created at ``off`` of the arena."""
+        self._written.prepare(off, ser.size)
+        ser.write_into(memoryview(self._wmap)[off : off + ser.size], dst_addr=self._wbase + off)
 
     # ------------------------------------------------------------------ get
 
@@ -257,6 +269,9 @@ class ObjectStoreClient(ObjectClientBase):
         """
         items, single = self._get_args(refs)
         local: dict[bytes, Any] = {}
+        conn = self._local
+        if conn is not None and self._parked and any(r.id in self._parked for r in items):
+            conn.poll()  # the store's word on what was freed, before a parked pin serves a get
         with self._lock:
             for r in items:
                 if r.id in self._owned:
@@ -265,9 +280,15 @@ class ObjectStoreClient(ObjectClientBase):
                     anchor = self._live[r.id]() if r.id in self._live else None
                     if anchor is not None:  # already pinned and mapped here: another view, no round trip
                         local[r.id] = memoryview(anchor)  # type: ignore[arg-type]
-            releases, self._releases = self._releases, []
+                    elif r.id in self._parked:  # pinned still (its release not sent): take the pin back
+                        self._releases.remove(r.id)
+                        off, size = self._parked.pop(r.id)
+                        local[r.id] = memoryview(self._anchor(r.id, off, size))  # type: ignore[arg-type]
+            if len(local) == len(items):
+                releases = []
+            else:
+                releases = self._swap_releases()
         if len(local) == len(items):
-            self._releases_back(releases)
             values = [deserialize(local[r.id]) for r in items]
             return values[0] if single else values
         remote = self._fetch([r.id for r in items if r.id not in local], timeout, releases)
@@ -320,7 +341,6 @@ class ObjectStoreClient(ObjectClientBase):
         if inline is not None:
             return deserialize(inline)
         off = offset or 0
-        anchor = self._arena[off : off + size]  # a read-only view; its life is the pin's
         with self._lock:
             old = self._live.get(oid)
             old_anchor = old() if old is not None else None
@@ -328,21 +348,42 @@ class ObjectStoreClient(ObjectClientBase):
                 self._releases.append(oid)
                 anchor = old_anchor
             else:
-                self._live[oid] = weakref.ref(anchor)
-                weakref.finalize(anchor, self._release_later, oid)
+                anchor = self._anchor(oid, off, size)
         return deserialize(memoryview(anchor))  # type: ignore[arg-type]
 
-    def _release_later(self, oid: bytes) -> None:
+    def _anchor(self, oid: bytes, off: int, size: int) -> np.ndarray:
+        """A read-only view of a pinned object (under the lock); its life is the pin's."""
+        anchor = self._arena[off : off + size]
+        self._live[oid] = weakref.ref(anchor)
+        weakref.finalize(anchor, self._release_later, oid, off, size)
+        return anchor
+
+    def _release_later(self, oid: bytes, off: int, size: int) -> None:
         with self._lock:
             ref = self._live.get(oid)
             if ref is not None and ref() is None:
                 del self._live[oid]
             self._releases.append(oid)
+            if self._local is not None and oid not in self._parked:
+                self._parked[oid] = (off, size)
+
+    def _swap_releases(self) -> list[bytes]:
+        """The releases to send now (under the lock): their pins are no longer ours to take back."""
+        todo, self._releases = self._releases, []
+        self._parked.clear()
+        return todo
+
+    def _notice(self, h: lw.Header, body: memoryview) -> None:
+        """The store's word (over the socket): objects this session pins were freed, so a parked pin of one
+        must not serve a get (the get asks the store, which says the object is freed)."""
+        if h.op == lw.FREED:
+            with self._lock:
+                for oid in lw.parse_freed(body):
+                    self._parked.pop(oid, None)
 
     def _take_releases(self) -> list[bytes]:
         with self._lock:
-            todo, self._releases = self._releases, []
-        return todo
+            return self._swap_releases()
 
     def _releases_back(self, releases: list[bytes]) -> None:
         if releases:
@@ -354,7 +395,7 @@ class ObjectStoreClient(ObjectClientBase):
 
     def _flush_releases(self) -> None:
         with self._lock:
-            todo, self._releases = self._releases, []
+            todo = self._swap_releases()
         if todo:
             try:
                 if self._local is not None:

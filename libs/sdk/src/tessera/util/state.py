@@ -12,6 +12,7 @@ from __future__ import annotations
 from tessera._state import (
     COLUMNS,
     RESOURCES,
+    get_log,
     list_actors,
     list_jobs,
     list_nodes,
@@ -25,6 +26,6 @@ from tessera._state import (
     summarize_tasks,
 )
 
-__all__ = ["COLUMNS", "RESOURCES", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
+__all__ = ["COLUMNS", "RESOURCES", "get_log", "list_actors", "list_jobs", "list_nodes", "list_objects", "list_pipelines",
            "list_placement_groups", "list_state", "list_tasks", "summarize_actors", "summarize_objects",
            "summarize_tasks"]

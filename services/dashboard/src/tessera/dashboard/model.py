@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -103,7 +104,7 @@ def throughput(tasks: Iterable[dict[str, Any]], *, bucket_s: int = 1) -> dict[st
 def tasks_page(src: Source, jaeger_ui_url: str = "") -> dict[str, Any]:
     tasks = src.rows("tasks")
     actors = src.rows("actors")
-    for t in tasks:  # a trace id when the record carries one (the control store's records carry none yet)
+    for t in tasks:  # the trace it ran in, when it was submitted under a span
         t["trace_url"] = trace_url(jaeger_ui_url, t.get("trace_id", ""))
     states: dict[str, int] = {}
     for t in tasks:
@@ -147,6 +148,8 @@ def gpu_page(src: Source, jaeger_ui_url: str = "") -> dict[str, Any]:
     jobs = sorted(src.gpu_jobs(), key=lambda j: j["submitted_at"])
     origin = min((j["submitted_at"] for j in jobs if j["submitted_at"]), default=0.0)
     end = max([j["finished_at"] or j["last_ran_at"] or j["started_at"] or j["submitted_at"] for j in jobs] or [origin])
+    if any(h["end"] == 0 for j in jobs for h in j.get("history", ())):  # a time slice still running: up to now
+        end = max(end, time.time())
     states: dict[str, int] = {}
     for j in jobs:
         states[j["state"]] = states.get(j["state"], 0) + 1

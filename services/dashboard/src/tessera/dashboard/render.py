@@ -153,6 +153,22 @@ def objects(m: dict[str, Any]) -> str:
             f"<h2>Memory by owner</h2>{owners}<h2>Memory by node</h2>{nodes}<h2>References</h2>{rows}")
 
 
+def _slices(j: dict[str, Any], origin: float, span: float, now: float) -> str:
+    """A job's time slices on GPUs: one bar per placement, coloured by node, hatched while packed."""
+    nodes = sorted({h["node_id"] for h in j["history"]})
+    out = []
+    for h in j["history"]:
+        start, end = h["start"] - origin, (h["end"] or now) - origin
+        how = f'packed with {h["packed_with"]}' if h["packed_with"] else "alone"
+        until = f'; then {h["ended_by"]}' if h["ended_by"] else "; running"
+        out.append(f'<span class="run slice node-{nodes.index(h["node_id"]) % 4}{" packed" if h["packed_with"] else ""}" '
+                   f'data-node="{_e(h["node_id"])}" data-ended-by="{_e(h["ended_by"])}" '
+                   f'style="left:{100 * start / span:.2f}%;width:{max(0.3, 100 * (end - start) / span):.2f}%" '
+                   f'title="node {_e(h["node_id"][:8])} GPUs {_e(h["gpu_slots"])}, {_e(how)}, '
+                   f'{end - start:.1f}s{_e(until)}"></span>')
+    return "".join(out)
+
+
 def gpu(m: dict[str, Any]) -> str:
     span = m["span_s"]
     bars = []
@@ -160,13 +176,15 @@ def gpu(m: dict[str, Any]) -> str:
         start = (j["started_at"] or j["submitted_at"]) - m["origin"]
         end = (j["finished_at"] or j["last_ran_at"] or j["started_at"] or j["submitted_at"]) - m["origin"]
         wait = max(0.0, start - (j["submitted_at"] - m["origin"]))
+        runs = _slices(j, m["origin"], span, m["origin"] + span) if j["history"] else (
+            f'<span class="run s-{_e(j["state"])}" '
+            f'style="left:{100 * start / span:.2f}%;width:{max(0.5, 100 * (end - start) / span):.2f}%" '
+            f'title="{_e(j["state"])} on {_e(j["node_id"][:8])} GPUs {_e(j["gpu_slots"])}; '
+            f'{j["suspensions"]} suspensions, {j["migrations"]} migrations"></span>')
         bars.append(
             f'<div class="lane" data-job-id="{_e(j["job_id"])}"><span class="lane-name">{_e(j["name"] or j["job_id"])}</span>'
             f'<span class="track"><span class="wait" style="left:{100 * (start - wait) / span:.2f}%;'
-            f'width:{100 * wait / span:.2f}%"></span><span class="run s-{_e(j["state"])}" '
-            f'style="left:{100 * start / span:.2f}%;width:{max(0.5, 100 * (end - start) / span):.2f}%" '
-            f'title="{_e(j["state"])} on {_e(j["node_id"][:8])} GPUs {_e(j["gpu_slots"])}; '
-            f'{j["suspensions"]} suspensions, {j["migrations"]} migrations"></span></span></div>')
+            f'width:{100 * wait / span:.2f}%"></span>{runs}</span></div>')
     rows = table(["job", "name", "state", "GPUs", "node", "slots", "packed with", "suspensions", "migrations",
                   "mini-batch s", "JCT s", "trace"],
                  ([_e(j["job_id"]), _e(j["name"]), f'<span class="state s-{_e(j["state"])}">{_e(j["state"])}</span>',

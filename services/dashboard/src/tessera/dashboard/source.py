@@ -104,4 +104,6 @@ def _gpu_row(j: Any) -> dict[str, Any]:
             "last_ran_at": j.last_ran_at, "minibatch_s": j.minibatch_s, "suspensions": j.suspensions,
             "migrations": j.migrations, "requeues": j.requeues, "packed_with": j.packed_with, "held": j.held,
             "message": j.message, "attained_gpu_s": j.attained_gpu_s,
-            "trace_id": trace_id(dict(j.spec.env).get("TRACEPARENT", ""))}
+            "trace_id": trace_id(dict(j.spec.env).get("TRACEPARENT", "")),
+            "history": [{"node_id": h.node_id, "gpu_slots": list(h.gpu_slots), "start": h.start, "end": h.end,
+                         "packed_with": h.packed_with, "ended_by": h.ended_by} for h in j.history]}

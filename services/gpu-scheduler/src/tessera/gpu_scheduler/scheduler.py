@@ -100,6 +100,7 @@ class GpuScheduler:
         self.loaded = True
 
     async def _save(self, j: pb.JobInfo, *, event: bool = False) -> None:
+        record_placement(j, self.clock())
         await self.jobs_kv.put(j.job_id, j.SerializeToString())
         if event:
             await self.emit(state_name(j.state), j)
@@ -594,3 +595,31 @@ class GpuScheduler:
                         "job_ids": sorted(j.job_id for j in self.jobs.values()
                                           if j.node_id == a.node_id and j.state == S.JOB_STATE_RUNNING)})
         return out
+
+
+#: Placements a job's record keeps (its history of time slices on GPUs).
+HISTORY = 64
+
+
+def record_placement(j: pb.JobInfo, now: float) -> None:
+    """Keep ``j.history`` in step with where it runs now: the open placement ends when it leaves its GPUs or
+    its partner changes, and a new one starts where it runs."""
+    running = j.state == S.JOB_STATE_RUNNING and bool(j.node_id) and bool(j.gpu_slots)
+    last = j.history[-1] if j.history else None
+    if last is not None and not last.end:
+        same = running and last.node_id == j.node_id and list(last.gpu_slots) == list(j.gpu_slots)
+        if same and last.packed_with == j.packed_with:
+            return
+        last.end = now
+        if j.state != S.JOB_STATE_RUNNING:
+            last.ended_by = state_name(j.state).lower()
+        elif not j.node_id or last.node_id != j.node_id:
+            last.ended_by = "migrated"
+        elif list(last.gpu_slots) != list(j.gpu_slots):
+            last.ended_by = "resized"
+        else:
+            last.ended_by = "repacked"
+    if running:
+        j.history.add(node_id=j.node_id, gpu_slots=list(j.gpu_slots), start=now, packed_with=j.packed_with)
+        if len(j.history) > HISTORY:
+            del j.history[: len(j.history) - HISTORY]

@@ -39,6 +39,16 @@ class LocalSessions:
         self.token = token
         self.matches = matches
         self.open_count = 0
+        self.by_id: dict[str, LocalSession] = {}
+        node.freed_pinned.append(self._tell_freed)
+
+    def _tell_freed(self, object_id: bytes, sessions: list[str]) -> None:
+        """Objects freed while local sessions pin them: say so to those sessions (a client may hold the pin of
+        a value it dropped, to serve its next get without asking; it must no longer)."""
+        for sid in sessions:
+            s = self.by_id.get(sid)
+            if s is not None and not s.closed:
+                s.send(lw.frame(lw.FREED, lw.NOTICE_ID, lw.freed_body([object_id])))
 
     def session(self, send: Callable[[bytes], None], close: Callable[[], None]) -> LocalSession:
         return LocalSession(self, send, close)
@@ -130,6 +140,7 @@ class LocalSession:
         self.sid = f"local-{uuid.uuid4().hex}"
         self.name = name or self.sid
         self.shared.sessions.add(self.sid)
+        self.shared.by_id[self.sid] = self
         self.shared.open_count += 1
         w = lw.Welcome(self.sid, self.node.node_id, self.shared.arena_path, self.shared.arena_size,
                        self.node.inline_threshold)
@@ -213,6 +224,7 @@ class LocalSession:
             t.cancel()
         if self.sid:
             self.shared.sessions.discard(self.sid)
+            self.shared.by_id.pop(self.sid, None)
             self.shared.open_count -= 1
             self.node.manager.release_session(self.sid)
 

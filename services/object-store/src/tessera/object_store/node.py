@@ -145,6 +145,8 @@ class NodeObjectStore:
         self._freed: OrderedDict[bytes, str] = OrderedDict()  # object id -> why it was freed (bounded)
         self.frees = 0
         self._stream_ids = itertools.count(1)  # sessions of WriteObject/ReadObject streams
+        #: told (object id, sessions that pin it) when a pinned object is freed: it goes once they release it
+        self.freed_pinned: list[Callable[[bytes, list[str]], None]] = []
 
     # ------------------------------------------------------------------ events from memory management
 
@@ -228,6 +230,10 @@ class NodeObjectStore:
             if pull is not None:
                 pull.cancel()
             n += self.manager.free(oid)
+            e = self.manager.get_entry(oid)
+            if e is not None and e.doomed and e.pins:
+                for tell in self.freed_pinned:
+                    tell(oid, list(e.pins))
             ev = self._sealed.pop(oid, None)
             if ev is not None:  # wake its waiters: they find it freed
                 ev.set()
@@ -288,6 +294,7 @@ class NodeObjectStore:
         offset = self.manager.create(object_id, size, owner, session=session)
         written = 0
         try:
+            await asyncio.to_thread(self.manager.arena.prepare_write, offset, size)
             async for at, data, crc in chunks:
                 n = len(data)
                 if at != written:
@@ -497,6 +504,7 @@ class NodeObjectStore:
             todo = split_range(size, len(holders) * streams)
             alive = list(holders)
             last: BaseException | None = None
+            await asyncio.to_thread(self.manager.arena.prepare_write, offset, size)
             with self.manager.arena.view(offset, size) as dest:
                 while todo:
                     if not alive:

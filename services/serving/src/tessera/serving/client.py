@@ -51,6 +51,8 @@ class PipelineInfo:
     stages: list[str]
     param_bytes: int
     latency_budget_ms: float
+    outputs: list[str] = field(default_factory=list)  # beside predict: "predict_proba", "decision_function"
+    opaque_steps: list[str] = field(default_factory=list)  # steps run as opaque stages (in a worker process)
     latency_critical: bool = False
 
 
@@ -101,11 +103,24 @@ def _preds(resp: pb.PredictResponse) -> list[Prediction]:
 def _info(i: pb.PipelineInfo) -> PipelineInfo:
     return PipelineInfo(i.name, i.source, list(zip(i.input_names, i.input_kinds, strict=True)),
                         [_value(c) for c in i.classes], list(i.rules), list(i.stages), i.param_bytes,
-                        i.latency_budget_ms, i.latency_critical)
+                        i.latency_budget_ms, list(i.outputs), list(i.opaque_steps), i.latency_critical)
 
 
-def to_ir(pipeline: Any) -> Pipeline:
-    """A Flour graph, an IR pipeline or a fitted scikit-learn estimator, as IR."""
+OUTPUTS = {"": pb.OUTPUT_DEFAULT, "predict_proba": pb.OUTPUT_PREDICT_PROBA,
+           "decision_function": pb.OUTPUT_DECISION_FUNCTION}
+
+
+def _output(output: str) -> pb.Output.ValueType:
+    try:
+        return OUTPUTS[output]
+    except KeyError:
+        raise ValueError(f"output must be '', 'predict_proba' or 'decision_function', got {output!r}") from None
+
+
+def to_ir(pipeline: Any, *, strict: bool = False) -> Pipeline:
+    """A Flour graph, an IR pipeline or a fitted scikit-learn estimator, as IR. A scikit-learn
+    step the IR cannot express becomes an opaque stage (with a warning); ``strict=True``
+    refuses it instead (:class:`~tessera.serving.sklearn_import.UnsupportedEstimatorError`)."""
     if isinstance(pipeline, Pipeline):
         return pipeline
     build = getattr(pipeline, "build", None)
@@ -116,7 +131,7 @@ def to_ir(pipeline: Any) -> Pipeline:
     if type(pipeline).__module__.startswith("sklearn."):
         from tessera.serving.sklearn_import import import_sklearn
 
-        return import_sklearn(pipeline)
+        return import_sklearn(pipeline, strict=strict)
     raise TypeError(f"cannot serve a {type(pipeline).__name__}: give a Flour pipeline or a fitted scikit-learn one")
 
 
@@ -194,16 +209,19 @@ class Client:
 
     # ------------------------------------------------------------------ pipelines
     def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True,
-                 latency_critical: bool = False) -> PipelineInfo:
+                 strict: bool = False, latency_critical: bool = False) -> PipelineInfo:
         """Serve ``pipeline`` (Flour or a fitted scikit-learn pipeline) as ``name``.
 
         Only parameters the cluster does not hold yet are sent; a pipeline that shares a
         vocabulary with one already registered uploads only its own weights.
         ``latency_budget_ms``: how long its requests may wait to be batched (0: the default).
+        A scikit-learn step the IR cannot express runs as an opaque stage (its pickle, in a
+        worker process of the server) with an ``OpaqueStepWarning``; ``strict=True`` refuses
+        it instead, naming the step.
         ``latency_critical``: the replicas' reserved executors serve it too, so a flood of
         requests to other pipelines does not delay it.
         """
-        ir = to_ir(pipeline)
+        ir = to_ir(pipeline, strict=strict)
         missing = list(self._call("FindMissingParameters", pb.FindMissingParametersRequest(hashes=list(ir.params))).missing)
         batch: list[pb.Tensor] = []
         size = 0
@@ -228,16 +246,24 @@ class Client:
         return [_info(i) for i in self._call("List", pb.ListRequest()).pipelines]
 
     # ------------------------------------------------------------------ predictions
-    def predict(self, name: str, records: Sequence[Any]) -> builtins.list[Prediction]:
+    def predict(self, name: str, records: Sequence[Any], *, output: str = "") -> builtins.list[Prediction]:
         """Predictions of pipeline ``name`` for ``records`` (dicts of fields, lists of values,
-        or bare values for single-input pipelines such as text ones)."""
-        req = pb.PredictRequest(pipeline=name, records=[_record(r) for r in records])
+        or bare values for single-input pipelines such as text ones).
+
+        ``output``: what a classifier's ``scores`` hold: ``"predict_proba"``,
+        ``"decision_function"``, or by default the probabilities when the model has them, else
+        its decision values. A model without that output is INVALID_ARGUMENT
+        (``PipelineInfo.outputs`` lists those it has)."""
+        req = pb.PredictRequest(pipeline=name, records=[_record(r) for r in records], output=_output(output))
         return _preds(self._call("Predict", req))
 
-    def predict_batch(self, requests: Sequence[tuple[str, Sequence[Any]]]) -> builtins.list[builtins.list[Prediction]]:
+    def predict_batch(self, requests: Sequence[tuple[str, Sequence[Any]]], *,
+                      output: str = "") -> builtins.list[builtins.list[Prediction]]:
         """Several (pipeline, records) requests in one call, run together on one replica:
         a featurizer that pipelines share runs once per distinct input."""
-        req = pb.PredictBatchRequest(requests=[pb.PredictRequest(pipeline=n, records=[_record(r) for r in recs])
+        out = _output(output)
+        req = pb.PredictBatchRequest(requests=[pb.PredictRequest(pipeline=n, records=[_record(r) for r in recs],
+                                                                 output=out)
                                                for n, recs in requests])
         return [_preds(r) for r in self._call("PredictBatch", req).responses]
 

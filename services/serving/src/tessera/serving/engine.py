@@ -30,7 +30,7 @@ from tessera.serving import oven
 from tessera.serving.cache import OutputCache, Row, assemble, row_of
 from tessera.serving.csr import Csr
 from tessera.serving.ir import Graph, check_name
-from tessera.serving.models import Scores
+from tessera.serving.models import DenseCompiler, Scores
 from tessera.serving.params import ParamStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class Prediction:
     class_index: int = -1
     value: float = 0.0
     scores: list[float] = field(default_factory=list)
+    # the decision function, where it is not already ``scores`` (a classifier with probabilities)
+    decision: list[float] | None = None
 
 
 @dataclass(eq=False)
@@ -72,14 +74,24 @@ class Registered:
         head = self.plan.stages[-1].fn
         return getattr(head, "classes", None)
 
+    @property
+    def outputs(self) -> list[str]:
+        """What a request may ask besides ``predict``: ``predict_proba``, ``decision_function``."""
+        return list(getattr(self.plan.stages[-1].fn, "outputs", []))
+
 
 def to_predictions(s: Scores) -> list[Prediction]:
     if s.classes is None:
         return [Prediction(value=float(v), scores=[float(v)]) for v in s.decision[:, 0]]
     idx = s.labels()
-    rows = s.proba if s.proba is not None else s.decision
-    return [Prediction(label=s.classes[int(i)], class_index=int(i), scores=r.tolist())
-            for i, r in zip(idx, rows, strict=True)]
+    if s.proba is None:
+        return [Prediction(label=s.classes[int(i)], class_index=int(i), scores=r.tolist())
+                for i, r in zip(idx, s.decision, strict=True)]
+    if not s.has_decision:
+        return [Prediction(label=s.classes[int(i)], class_index=int(i), scores=r.tolist())
+                for i, r in zip(idx, s.proba, strict=True)]
+    return [Prediction(label=s.classes[int(i)], class_index=int(i), scores=r.tolist(), decision=d.tolist())
+            for i, r, d in zip(idx, s.proba, s.decision, strict=True)]
 
 
 def take_rows(X: Any, rows: np.ndarray, n_total: int) -> Any:
@@ -110,8 +122,11 @@ def distinct_rows(st: oven.Stage, cols: dict[str, list[Any]], n: int, index: dic
 
 class Engine:
     def __init__(self, *, max_records: int = 4096, max_text_chars: int = 100_000, prune: bool = True,
+                 blackbox: bool = True, compiler: DenseCompiler | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.store = ParamStore()
+        self.blackbox = blackbox  # opaque steps (pickles run in a worker process) accepted
+        self.compiler = compiler  # builds dense heads into kernels at registration
         self.pipelines: dict[str, Registered] = {}
         self.max_records = max_records
         self.max_text_chars = max_text_chars
@@ -140,7 +155,8 @@ class Engine:
         if missing:
             raise InvalidArgumentError(f"pipeline {name!r}: parameters not uploaded: {', '.join(missing[:5])}")
         try:
-            plan = oven.bake(name, graph, self.store, prune=self.prune)
+            plan = oven.bake(name, graph, self.store, prune=self.prune, blackbox=self.blackbox,
+                             compiler=self.compiler)
         except Exception:
             self.store.drop_unreferenced()
             raise

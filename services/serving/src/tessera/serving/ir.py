@@ -18,7 +18,16 @@ Operators (``Node.op``):
 - ``linear``: linear model (regression, logistic, SVM, SGD heads); weights dense (``coef``) or
   as the live columns only (``coef_index``, ``coef_value``, attribute ``n_features``).
 - ``trees``: tree ensemble (gradient boosting or random forest).
-- ``mlp``: a small dense network (Linear/ReLU/Tanh/Sigmoid layers, from torch modules).
+- ``mlp``: a small dense network (Linear/ReLU/Tanh/Sigmoid layers, from torch modules or
+  scikit-learn's MLPClassifier/MLPRegressor).
+- ``affine``: ``x * mul + add``, optionally clipped (MinMaxScaler).
+- ``normalize``: rows divided by their l1, l2 or max norm (Normalizer).
+- ``impute``: missing values replaced per column, optional indicator columns (SimpleImputer).
+- ``poly``: products of input powers (PolynomialFeatures).
+- ``kbins``: bin indices, one-hot or ordinal (KBinsDiscretizer).
+- ``project``: ``(x - mean) @ components.T / divisor`` (PCA, TruncatedSVD).
+- ``blackbox``: an opaque scikit-learn step (a pickle, parameter ``pickle``), run in a worker
+  process; attribute ``kind`` is ``transform`` or ``model``.
 """
 
 from __future__ import annotations
@@ -47,8 +56,16 @@ OPS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "linear": (("intercept",), 1),  # and "coef" (dense), or "coef_index" + "coef_value" (live columns)
     "trees": (("feature", "threshold", "left", "right", "value", "roots", "tree_output"), 1),
     "mlp": ((), 1),
+    "affine": ((), 1),  # "mul", "add" optional
+    "normalize": ((), 1),
+    "impute": (("fill",), 1),
+    "poly": (("powers",), 1),
+    "kbins": (("edges", "edge_offsets"), 1),
+    "project": (("components",), 1),  # "mean", "divisor" optional
+    "blackbox": (("pickle",), 1),
 }
-ALLOWED_DTYPES = ("<f8", "<f4", "<i8", "<i4", "<u4", "<u1")
+HEADS = ("linear", "trees", "mlp")  # ops that end a pipeline (and "blackbox" of kind "model")
+ALLOWED_DTYPES = ("<f8", "<f4", "<i8", "<i4", "<u4", "|u1", "<u1")  # numpy spells bytes "|u1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 

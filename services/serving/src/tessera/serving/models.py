@@ -7,8 +7,9 @@ and the class labels), which the front end turns into predictions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,6 +19,14 @@ from tessera.serving import csr
 from tessera.serving.csr import Csr
 
 Block = Any  # sp.csr_matrix | np.ndarray
+Layer = tuple[str, np.ndarray | None, np.ndarray | None]  # ("linear", W (in x out), b) or (activation, None, None)
+DenseKernel = Callable[[np.ndarray], np.ndarray]  # (n, in) float -> (n, out) float64: compiled dense layers
+
+
+class DenseCompiler(Protocol):
+    """Compiles dense layers into a kernel at registration, or says None (the stage stays on numpy)."""
+
+    def compile(self, pipeline: str, layers: list[Layer]) -> DenseKernel | None: ...
 
 
 @dataclass
@@ -25,9 +34,13 @@ class Scores:
     decision: np.ndarray  # (n, k) raw outputs (regression values for regressors)
     proba: np.ndarray | None  # (n, n_classes) or None
     classes: list[Any] | None  # None: a regressor
+    index: np.ndarray | None = None  # the predicted class of each row, when the model says it (black boxes)
+    has_decision: bool = True  # False: ``decision`` is not a decision function (a forest's mean of votes)
 
     def labels(self) -> np.ndarray:
         """Index into ``classes`` of each row's predicted class."""
+        if self.index is not None:
+            return self.index
         if self.proba is not None:
             return np.argmax(self.proba, axis=1)
         d = self.decision
@@ -86,10 +99,33 @@ def finish(decision: np.ndarray, proba_kind: str, classes: list[Any] | None) -> 
             s[s == 0] = 1.0
             proba = p / s
     elif proba_kind == "mean":
-        proba = decision
+        return Scores(decision, decision, classes, has_decision=False)
     elif proba_kind != "none":
         raise InvalidArgumentError(f"unknown probability kind {proba_kind!r}")
     return Scores(decision, proba, classes)
+
+
+def outputs_of(proba_kind: str, combine: str = "sum", *, classifier: bool = True) -> list[str]:
+    """The outputs a head gives besides ``predict``: ``predict_proba`` and/or ``decision_function``."""
+    if not classifier:
+        return []
+    out = []
+    if proba_kind != "none":
+        out.append("predict_proba")
+    if proba_kind != "mean" and combine != "mean":
+        out.append("decision_function")
+    return out
+
+
+def _outputs(attrs: dict[str, Any], proba_kind: str, combine: str) -> list[str]:
+    """A head's outputs: as the graph says (what its source model offers), else what it computes."""
+    given = attrs.get("outputs")
+    default = outputs_of(proba_kind, combine, classifier=attrs.get("classes") is not None)
+    if given is None:
+        return default
+    if not isinstance(given, list) or any(o not in default for o in given):
+        raise InvalidArgumentError(f"outputs {given!r}: this model can give {default}")
+    return list(given)
 
 
 class Linear:
@@ -135,7 +171,12 @@ class Linear:
             raise InvalidArgumentError(f"linear: intercept has {self.intercept.size} values for {self.k} outputs")
         self.proba_kind = str(attrs.get("proba", "none"))
         self.classes = attrs.get("classes")
+        self.outputs = _outputs(attrs, self.proba_kind, "sum")
         self.live = np.zeros(0, dtype=np.int64)
+
+    def dense_layers(self) -> list[Layer] | None:
+        """The head as one dense layer (None when pruned: its input is sparse)."""
+        return None if self.pruned else [("linear", self.coef.T, self.intercept)]
 
     def __call__(self, X: Block) -> Scores:
         if width(X) != self.d:
@@ -268,16 +309,32 @@ class Trees:
         self.n_outputs = int(attrs.get("n_outputs", 1))
         self.proba_kind = str(attrs.get("proba", "none"))
         self.classes = attrs.get("classes")
+        self.outputs = _outputs(attrs, self.proba_kind, self.combine)
         self.n_features = int(attrs.get("n_features", 0))
         self.depth = int(attrs.get("max_depth", 64))
+        miss = p.get("missing_left")
+        self.missing_left = None if miss is None else np.asarray(miss).astype(bool).reshape(-1)
+        if self.missing_left is not None and self.missing_left.size != n_nodes:
+            raise InvalidArgumentError(f"trees: missing_left has {self.missing_left.size} entries for {n_nodes} nodes")
+        self.strict_less = attrs.get("cmp", "le") == "lt"  # XGBoost: x < threshold goes left
+        if attrs.get("cmp", "le") not in ("le", "lt"):
+            raise InvalidArgumentError(f"trees: cmp must be 'le' or 'lt', got {attrs.get('cmp')!r}")
+        self.input_dtype = str(attrs.get("input_dtype", "float32"))  # what the source compares inputs as
+        if self.input_dtype not in ("float32", "float64"):
+            raise InvalidArgumentError(f"trees: input_dtype must be float32 or float64, got {self.input_dtype!r}")
         self._leaf = self.left < 0
         self._safe_feature = np.where(self._leaf, 0, self.feature)
+        if self._safe_feature.size and (self._safe_feature.min() < 0 or
+                                        (self.n_features and self._safe_feature.max() >= self.n_features)):
+            raise InvalidArgumentError("trees: a split reads a feature outside the input")
 
     def __call__(self, X: Block) -> Scores:
         X = X.toarray() if (sp.issparse(X) or isinstance(X, Csr)) else np.asarray(X)
         if self.n_features and X.shape[1] != self.n_features:
             raise InvalidArgumentError(f"trees expect {self.n_features} features, got {X.shape[1]}")
-        X = X.astype(np.float32).astype(np.float64)
+        X = X.astype(np.float64)
+        if self.input_dtype == "float32":
+            X = X.astype(np.float32).astype(np.float64)
         n = X.shape[0]
         node = np.broadcast_to(self.roots, (n, self.roots.size)).copy()
         rows = np.arange(n)[:, None]
@@ -286,11 +343,17 @@ class Trees:
             if leaf.all():
                 break
             x = X[rows, self._safe_feature[node]]
-            nxt = np.where(x <= self.threshold[node], self.left[node], self.right[node])
+            t = self.threshold[node]
+            go_left = x < t if self.strict_less else x <= t
+            if self.missing_left is not None:
+                nan = np.isnan(x)
+                if nan.any():
+                    go_left = np.where(nan, self.missing_left[node], go_left)
+            nxt = np.where(go_left, self.left[node], self.right[node])
             node = np.where(leaf, node, nxt)
         vals = self.value[node]  # (n, T, v)
         if self.combine == "mean":
-            out = vals.mean(axis=1)
+            out = vals.mean(axis=1) if self.roots.size > 1 else vals[:, 0, :]
         else:
             onehot = np.zeros((self.roots.size, self.n_outputs))
             onehot[np.arange(self.roots.size), self.tree_output] = 1.0
@@ -310,10 +373,16 @@ class Mlp:
                                     np.asarray(p[f"b{i}"], dtype=np.float64)))
             elif kind in ("relu", "tanh", "sigmoid"):
                 self.layers.append((kind, None, None))
+            elif kind == "identity":
+                continue
             else:
                 raise InvalidArgumentError(f"mlp: unsupported layer {kind!r}")
         self.proba_kind = str(attrs.get("proba", "none"))
         self.classes = attrs.get("classes")
+        self.outputs = _outputs(attrs, self.proba_kind, "sum")
+
+    def dense_layers(self) -> list[Layer]:
+        return list(self.layers)
 
     def __call__(self, X: Block) -> Scores:
         h = X.toarray() if (sp.issparse(X) or isinstance(X, Csr)) else np.asarray(X, dtype=np.float64)
@@ -328,3 +397,212 @@ class Mlp:
             else:
                 h = _sigmoid(h)
         return finish(h, self.proba_kind, self.classes)
+
+
+class CompiledHead:
+    """A dense head whose layers run as a compiled kernel on dense input (sparse input, rare
+    for such heads, takes the numpy path); probabilities are finished in numpy."""
+
+    def __init__(self, head: Linear | Mlp, kernel: DenseKernel) -> None:
+        self.head = head
+        self.kernel = kernel
+        self.classes = head.classes
+        self.outputs = head.outputs
+        self.proba_kind = head.proba_kind
+        self.n_in = head.d if isinstance(head, Linear) else None
+
+    def __call__(self, X: Block) -> Scores:
+        if isinstance(X, Csr) or sp.issparse(X):
+            return self.head(X)
+        X = np.asarray(X, dtype=np.float64)
+        if self.n_in is not None and X.shape[1] != self.n_in:
+            raise InvalidArgumentError(f"linear model expects {self.n_in} features, got {X.shape[1]}")
+        return finish(self.kernel(X), self.proba_kind, self.classes)
+
+
+# -- tabular transforms (scikit-learn's preprocessing and decomposition steps) -------------
+def _dense(X: Block) -> np.ndarray:
+    if isinstance(X, Csr) or sp.issparse(X):
+        return np.asarray(X.toarray(), dtype=np.float64)
+    return np.asarray(X, dtype=np.float64)
+
+
+def _check_width(op: str, X: Block, d: int) -> None:
+    if d and width(X) != d:
+        raise InvalidArgumentError(f"{op} expects {d} features, got {width(X)}")
+
+
+class Affine:
+    """``X * mul + add``, optionally clipped (MinMaxScaler)."""
+
+    def __init__(self, mul: np.ndarray | None, add: np.ndarray | None, attrs: dict[str, Any]) -> None:
+        self.mul = None if mul is None else np.asarray(mul, dtype=np.float64).reshape(-1)
+        self.add = None if add is None else np.asarray(add, dtype=np.float64).reshape(-1)
+        clip = attrs.get("clip")
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        sizes = {a.size for a in (self.mul, self.add) if a is not None}
+        if len(sizes) > 1:
+            raise InvalidArgumentError("affine: mul and add differ in size")
+        self.d = sizes.pop() if sizes else 0
+
+    def __call__(self, X: Block) -> np.ndarray:
+        _check_width("affine", X, self.d)
+        X = _dense(X)
+        if self.mul is not None:
+            X = X * self.mul
+        if self.add is not None:
+            X = X + self.add
+        if self.clip is not None:
+            X = np.clip(X, *self.clip)
+        return X
+
+
+class Normalize:
+    """Each row divided by its l1, l2 or max norm (rows of norm 0 stay as they are): Normalizer."""
+
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.norm = attrs.get("norm", "l2")
+        if self.norm not in ("l1", "l2", "max"):
+            raise InvalidArgumentError(f"normalize: norm must be l1, l2 or max, got {self.norm!r}")
+
+    def __call__(self, X: Block) -> Block:
+        if isinstance(X, Csr):
+            X = X.scipy()
+        if sp.issparse(X):
+            X = sp.csr_matrix(X, dtype=np.float64, copy=True)
+            rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+            if self.norm == "max":
+                norms = np.zeros(X.shape[0])
+                np.maximum.at(norms, rows, np.abs(X.data))
+            else:
+                sq = np.abs(X.data) if self.norm == "l1" else X.data * X.data
+                norms = np.bincount(rows, weights=sq, minlength=X.shape[0])
+                if self.norm == "l2":
+                    norms = np.sqrt(norms)
+            norms[norms == 0.0] = 1.0
+            X.data /= norms[rows]
+            return X
+        X = np.asarray(X, dtype=np.float64)
+        if self.norm == "l1":
+            norms = np.abs(X).sum(axis=1)
+        elif self.norm == "l2":
+            norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+        else:
+            norms = np.max(np.abs(X), axis=1) if X.shape[1] else np.zeros(X.shape[0])
+        norms[norms == 0.0] = 1.0
+        out: np.ndarray = X / norms[:, None]
+        return out
+
+
+class Impute:
+    """Missing values (NaN, or a given number) replaced by each column's fill value; columns
+    whose fill is NaN (all-missing in training) dropped; optional indicator columns (SimpleImputer)."""
+
+    def __init__(self, fill: np.ndarray, attrs: dict[str, Any]) -> None:
+        self.fill = np.asarray(fill, dtype=np.float64).reshape(-1)
+        mv = attrs.get("missing", "nan")
+        self.missing_nan = mv == "nan"
+        self.missing_value = 0.0 if self.missing_nan else float(mv)
+        keep = attrs.get("keep")
+        self.keep = None if keep is None else np.asarray(keep, dtype=np.int64)
+        self.indicator = np.asarray(attrs.get("indicator") or [], dtype=np.int64)
+        d = self.fill.size
+        for name, idx in (("keep", self.keep), ("indicator", self.indicator)):
+            if idx is not None and idx.size and (idx.min() < 0 or idx.max() >= d):
+                raise InvalidArgumentError(f"impute: {name} names a column outside the {d} inputs")
+
+    def _mask(self, X: np.ndarray) -> np.ndarray:
+        return np.isnan(X) if self.missing_nan else (X == self.missing_value)
+
+    def __call__(self, X: Block) -> np.ndarray:
+        _check_width("impute", X, self.fill.size)
+        X = _dense(X)
+        mask = self._mask(X)
+        out = np.where(mask, self.fill, X)
+        if self.keep is not None:
+            out = out[:, self.keep]
+        if self.indicator.size:
+            out = np.hstack([out, mask[:, self.indicator].astype(np.float64)])
+        return out
+
+
+class Poly:
+    """Products of input powers, one column per row of ``powers`` (PolynomialFeatures)."""
+
+    def __init__(self, powers: np.ndarray) -> None:
+        self.powers = np.atleast_2d(np.asarray(powers, dtype=np.int64))
+        if self.powers.size and (self.powers.min() < 0 or self.powers.max() > 16):
+            raise InvalidArgumentError("poly: powers must be 0..16")
+        self.d = self.powers.shape[1]
+        # each output column as the list of input columns to multiply (a power p repeats a column p times)
+        self.terms = [np.repeat(np.arange(self.d), row) for row in self.powers]
+
+    def __call__(self, X: Block) -> np.ndarray:
+        _check_width("poly", X, self.d)
+        X = _dense(X)
+        out = np.empty((X.shape[0], len(self.terms)))
+        for j, cols in enumerate(self.terms):
+            if cols.size == 0:
+                out[:, j] = 1.0
+                continue
+            v = X[:, cols[0]].copy()
+            for c in cols[1:]:
+                v *= X[:, c]
+            out[:, j] = v
+        return out
+
+
+class KBins:
+    """Bin index of each column from its inner bin edges; one-hot (sparse or dense) or ordinal
+    (KBinsDiscretizer)."""
+
+    def __init__(self, edges: np.ndarray, offsets: np.ndarray, attrs: dict[str, Any]) -> None:
+        e = np.asarray(edges, dtype=np.float64).reshape(-1)
+        o = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        if o.size < 2 or o[0] != 0 or o[-1] != e.size or np.any(np.diff(o) < 0):
+            raise InvalidArgumentError("kbins: edge_offsets must rise from 0 to the number of edges")
+        self.inner = [e[o[j]:o[j + 1]] for j in range(o.size - 1)]
+        self.n_bins = np.asarray([a.size + 1 for a in self.inner], dtype=np.int64)
+        self.col_off = np.concatenate([[0], np.cumsum(self.n_bins)]).astype(np.int64)
+        self.encode = attrs.get("encode", "onehot")
+        if self.encode not in ("onehot", "onehot-dense", "ordinal"):
+            raise InvalidArgumentError(f"kbins: encode must be onehot, onehot-dense or ordinal, got {self.encode!r}")
+
+    def __call__(self, X: Block) -> Block:
+        _check_width("kbins", X, len(self.inner))
+        X = _dense(X)
+        bins = np.empty(X.shape, dtype=np.float64)
+        for j, edges in enumerate(self.inner):
+            bins[:, j] = np.searchsorted(edges, X[:, j], side="right")
+        if self.encode == "ordinal":
+            return bins
+        n, d = X.shape
+        cols = (bins.astype(np.int64) + self.col_off[:-1]).reshape(-1)
+        M = sp.csr_matrix((np.ones(n * d), cols, np.arange(0, n * d + 1, d)), shape=(n, int(self.col_off[-1])))
+        return M.toarray() if self.encode == "onehot-dense" else M
+
+
+class Project:
+    """``X @ components.T - mean @ components.T``, divided by ``divisor`` (PCA, whitened PCA, TruncatedSVD)."""
+
+    def __init__(self, components: np.ndarray, mean: np.ndarray | None, divisor: np.ndarray | None) -> None:
+        self.components = np.atleast_2d(np.asarray(components, dtype=np.float64))
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
+        self.divisor = None if divisor is None else np.asarray(divisor, dtype=np.float64).reshape(-1)
+        k, d = self.components.shape
+        if self.mean is not None and self.mean.size != d:
+            raise InvalidArgumentError(f"project: mean has {self.mean.size} values for {d} features")
+        if self.divisor is not None and self.divisor.size != k:
+            raise InvalidArgumentError(f"project: divisor has {self.divisor.size} values for {k} components")
+
+    def __call__(self, X: Block) -> np.ndarray:
+        _check_width("project", X, self.components.shape[1])
+        if isinstance(X, Csr):
+            X = X.scipy()
+        # centred after the projection, as scikit-learn does (sparse input stays sparse)
+        out = np.asarray(X @ self.components.T, dtype=np.float64)
+        if self.mean is not None:
+            out = out - self.mean @ self.components.T
+        if self.divisor is not None:
+            out = out / self.divisor
+        return out

@@ -10,6 +10,10 @@ Rules, applied in order (each a pure function of the graph, named in ``Plan.rule
    (when fewer than half are live) and skips the others' entries in the product. The
    scikit-learn importer already ships such heads as live columns only (a head trained
    on a subset never saw most of a shared vocabulary), so the store keeps just those.
+4. ``compile_dense``: a dense head (an MLP or torch module, a linear head over dense
+   input) becomes fused C kernels built by the cluster's compiler service, when the server
+   has a compiler link (:mod:`tessera.serving.compiled`); otherwise, or when the compile
+   fails, it stays on numpy.
 
 Every stage is compiled when the plan is built (lookup tables, transposed weights), never
 at the first request. Source stages (those that read record fields) carry a content
@@ -21,15 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tessera.common.errors import InvalidArgumentError
-from tessera.serving import models
+from tessera.serving import models, workers
 from tessera.serving.featurize import Hasher, NgramCounter, Tfidf
 from tessera.serving.ir import Graph, Node
 from tessera.serving.params import ParamStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,11 +70,14 @@ def _key(*parts: Any) -> str:
 
 
 class _Builder:
-    def __init__(self, name: str, graph: Graph, store: ParamStore, *, prune: bool) -> None:
+    def __init__(self, name: str, graph: Graph, store: ParamStore, *, prune: bool, blackbox: bool,
+                 compiler: models.DenseCompiler | None) -> None:
         self.name = name
+        self.compiler = compiler
         self.g = graph
         self.store = store
         self.prune = prune
+        self.blackbox = blackbox
         self.stages: list[Stage] = []
         self.at: dict[str, int] = {}  # node id -> stage index
         self.rules: set[str] = set()
@@ -141,6 +153,37 @@ class _Builder:
             self.rules.add("fuse_featurizers")
         return True
 
+    # -- rule 4: dense heads compiled -------------------------------------------------
+    def dense_input(self, node_id: str) -> bool:
+        """Whether node ``node_id`` yields a dense matrix (known from the operators alone)."""
+        n = self.g.node(node_id)
+        if n.op == "columns":
+            return not n.attrs.get("categorical", False)
+        if n.op in ("affine", "impute", "poly", "project", "mlp"):
+            return True
+        if n.op == "kbins":
+            return n.attrs.get("encode", "onehot") != "onehot"
+        if n.op == "onehot":
+            return not n.attrs.get("sparse_output", True)
+        if n.op in ("scale", "normalize"):
+            return self.dense_input(n.inputs[0])
+        if n.op == "concat":
+            return all(self.dense_input(i) for i in n.inputs)
+        return False
+
+    def compile_dense(self, n: Node, head: models.Linear | models.Mlp) -> Callable[..., Any]:
+        """``head`` as a compiled kernel when a compiler is at hand and its input is dense."""
+        if self.compiler is None or not self.dense_input(n.inputs[0]):
+            return head
+        layers = head.dense_layers()
+        if not layers:
+            return head
+        kernel = self.compiler.compile(self.name, layers)
+        if kernel is None:
+            return head
+        self.rules.add("compile_dense")
+        return models.CompiledHead(head, kernel)
+
     # -- the rest, one stage per node -------------------------------------------------
     def node(self, n: Node) -> None:
         if n.id in self.at:
@@ -184,26 +227,55 @@ class _Builder:
             lin = models.Linear(self.p(n, "coef"), self.p(n, "intercept"), a, prune=self.prune,
                                 coef_index=self.p(n, "coef_index"), coef_value=self.p(n, "coef_value"))
             self.extra += lin.nbytes
-            self.rules.add("sparse_dot")
+            kind = "head"
+            fn = self.compile_dense(n, lin)
+            if fn is lin:
+                self.rules.add("sparse_dot")
             if lin.pruned:
                 self.rules.add("prune_dead_features")
-            fn, kind = lin, "head"
         elif n.op == "trees":
-            roles = ("feature", "threshold", "left", "right", "value", "roots", "tree_output")
-            fn, kind = models.Trees({r: self.p(n, r) for r in roles}, a), "head"
+            roles = ("feature", "threshold", "left", "right", "value", "roots", "tree_output", "missing_left")
+            fn, kind = models.Trees({r: v for r in roles if (v := self.p(n, r)) is not None}, a), "head"
         elif n.op == "mlp":
             layers = a.get("layers", [])
             ps = {r: self.p(n, r) for r in n.params}
-            fn, kind = models.Mlp(layers, ps, a), "head"
+            fn, kind = self.compile_dense(n, models.Mlp(layers, ps, a)), "head"
+        elif n.op == "affine":
+            fn = models.Affine(self.p(n, "mul"), self.p(n, "add"), a)
+        elif n.op == "normalize":
+            fn = models.Normalize(a)
+        elif n.op == "impute":
+            fn = models.Impute(self.p(n, "fill"), a)
+        elif n.op == "poly":
+            fn = models.Poly(self.p(n, "powers"))
+        elif n.op == "kbins":
+            fn = models.KBins(self.p(n, "edges"), self.p(n, "edge_offsets"), a)
+        elif n.op == "project":
+            fn = models.Project(self.p(n, "components"), self.p(n, "mean"), self.p(n, "divisor"))
+        elif n.op == "blackbox":
+            if not self.blackbox:
+                raise InvalidArgumentError(f"node {n.id!r}: opaque steps ({a.get('estimator', '?')}) are turned off "
+                                           "on this server (serving_blackbox_stages)")
+            blob = self.p(n, "pickle")
+            if blob.dtype != np.uint8 or blob.ndim != 1:
+                raise InvalidArgumentError(f"node {n.id!r}: the pickle must be a 1-D array of bytes (|u1)")
+            opaque = workers.OpaqueStage(n.params["pickle"], blob, a, workers.default_pool())
+            log.warning("pipeline %s: step %s runs as an opaque stage in a worker process", self.name, opaque.estimator)
+            self.rules.add("opaque_stage")
+            fn, kind = opaque, "head" if opaque.kind == "model" else "transform"
         else:  # pragma: no cover - Graph.check rejects unknown ops
             raise InvalidArgumentError(f"unknown operator {n.op!r}")
         self.at[n.id] = len(self.stages)
         self.stages.append(Stage(_key(n.op, a, n.params, ins), kind, ins, fn))
 
 
-def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True) -> Plan:
-    """Compile ``graph`` (whose parameters are in ``store``) into a plan of stages."""
-    b = _Builder(name, graph, store, prune=prune)
+def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True, blackbox: bool = True,
+         compiler: models.DenseCompiler | None = None) -> Plan:
+    """Compile ``graph`` (whose parameters are in ``store``) into a plan of stages.
+
+    ``blackbox=False`` refuses graphs with opaque steps (pickles run in a worker process);
+    ``compiler`` builds dense heads into kernels (rule 4)."""
+    b = _Builder(name, graph, store, prune=prune, blackbox=blackbox, compiler=compiler)
     try:
         for n in graph.nodes:
             b.node(n)
@@ -213,7 +285,7 @@ def bake(name: str, graph: Graph, store: ParamStore, *, prune: bool = True) -> P
         raise InvalidArgumentError(f"pipeline {name!r}: bad parameters: {type(e).__name__}: {e}") from None
     out = b.at[graph.output]
     if b.stages[out].kind != "head":
-        raise InvalidArgumentError(f"pipeline {name!r}: the output must be a model (linear, trees, mlp)")
+        raise InvalidArgumentError(f"pipeline {name!r}: the output must be a model (linear, trees, mlp, opaque model)")
     # keep only what the output needs, in order
     need: set[int] = set()
     todo = [out]

@@ -1,5 +1,5 @@
 """Wiring of one serving replica: engine + scheduler, the cluster registry (control store)
-and parameters (object store), gRPC and HTTP/JSON front ends, NATS for registry changes
+and parameters (object store), gRPC and HTTP front ends (JSON and KServe v2), NATS for registry changes
 and for predictions through the queue group ``serving``.
 
 NATS subjects:
@@ -12,6 +12,7 @@ NATS subjects:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import asdict
@@ -27,7 +28,9 @@ from tessera.common.errors import InvalidArgumentError, TesseraError
 from tessera.common.metrics import observe
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.service import ServiceApp
+from tessera.serving import workers
 from tessera.serving.cluster import PIPELINES, ClusterStore
+from tessera.serving.compiled import CompilerLink
 from tessera.serving.engine import Engine
 from tessera.serving.http import HttpFrontEnd
 from tessera.serving.replica import Replica
@@ -79,14 +82,16 @@ def build(settings: Settings) -> ServiceApp:
     app = ServiceApp(NAME, settings)
     channel, stub = control_store_aio_stub(settings)
     cluster = ClusterStore(stub, timeout=settings.rpc_timeout_s)
+    compiler = CompilerLink(settings) if settings.serving_compile_dense else None
     engine = Engine(max_records=settings.serving_max_records, max_text_chars=settings.serving_max_text_chars,
-                    cache_bytes=settings.serving_cache_bytes)
+                    blackbox=settings.serving_blackbox_stages, compiler=compiler, cache_bytes=settings.serving_cache_bytes)
     scheduler = Scheduler(engine, workers=settings.serving_workers, reserved=settings.serving_reserved_workers,
                           max_batch=settings.serving_max_batch, max_queued=settings.serving_max_queued_records)
     replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
                       default_budget_ms=settings.serving_latency_budget_ms)
     # the HTTP front end requires the same token as the gRPC server (none when authentication is off)
-    http = HttpFrontEnd(replica.predict, cluster.pipeline_names, token=auth.server_token(settings))
+    http = HttpFrontEnd(replica.predict, cluster.pipeline_names, replica.ensure, token=auth.server_token(settings),
+                        max_body=settings.serving_http_max_body_bytes, ready=lambda: app.serving)
     servicer = ServingServicer(replica)
     descriptor = pb.DESCRIPTOR.services_by_name["ServingService"]
     app.add_servicer(lambda s, srv: rpc.add_servicer(s, srv, descriptor), servicer, SERVICE)
@@ -128,11 +133,12 @@ def build(settings: Settings) -> ServiceApp:
         servicer.http_address = app.http_address = f"{host}:{port}"  # registered with the replica (gateways relay to it)
         await app.bus.subscribe(f"tessera.events.kv.{PIPELINES}.>", on_registry_change)
         await app.bus.subscribe(PREDICT_SUBJECT, on_predict, queue=QUEUE)
-        log.info("serving: HTTP/JSON on %s, NATS %s (queue %s)", servicer.http_address, PREDICT_SUBJECT, QUEUE)
+        log.info("serving: HTTP (JSON, KServe v2) on %s, NATS %s (queue %s)", servicer.http_address, PREDICT_SUBJECT, QUEUE)
 
     async def stop() -> None:
         await http.stop()
         await scheduler.stop()
+        await asyncio.to_thread(workers.shutdown)  # the worker processes of opaque stages, if any ran
         await cluster.close()
         await channel.close()
 

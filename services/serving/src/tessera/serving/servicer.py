@@ -41,11 +41,30 @@ def records_from_proto(records: Any) -> list[Any]:
     return out
 
 
-def predictions_to_proto(preds: list[Prediction]) -> pb.PredictResponse:
+OUTPUTS = {pb.OUTPUT_DEFAULT: "", pb.OUTPUT_PREDICT_PROBA: "predict_proba",
+           pb.OUTPUT_DECISION_FUNCTION: "decision_function"}
+
+
+def output_name(output: pb.Output.ValueType) -> str:
+    if output not in OUTPUTS:
+        raise InvalidArgumentError(f"unknown output {output} (OUTPUT_DEFAULT, OUTPUT_PREDICT_PROBA, "
+                                   "OUTPUT_DECISION_FUNCTION)")
+    return OUTPUTS[output]
+
+
+def check_output(reg: Registered, output: str) -> None:
+    """``output`` (a name from :data:`OUTPUTS`) is one the pipeline's model gives."""
+    if output and output not in reg.outputs:
+        has = ", ".join(["predict", *reg.outputs])
+        raise InvalidArgumentError(f"pipeline {reg.name!r} has no {output} output (it has: {has})")
+
+
+def predictions_to_proto(preds: list[Prediction], output: str = "") -> pb.PredictResponse:
     out = []
     for p in preds:
         if p.class_index >= 0:
-            out.append(pb.Prediction(label=py_to_value(p.label), class_index=p.class_index, scores=p.scores))
+            scores = p.decision if output == "decision_function" and p.decision is not None else p.scores
+            out.append(pb.Prediction(label=py_to_value(p.label), class_index=p.class_index, scores=scores))
         else:
             out.append(pb.Prediction(class_index=-1, value=p.value, scores=p.scores))
     return pb.PredictResponse(predictions=out)
@@ -57,7 +76,9 @@ def info_of(spec: Any, reg: Registered | None, graph: Graph, replica: Replica) -
     info = pb.PipelineInfo(name=spec.name, source=graph.source, input_names=[f.name for f in graph.inputs],
                            input_kinds=[f.kind for f in graph.inputs], classes=[py_to_value(c) for c in classes],
                            latency_budget_ms=spec.latency_budget_ms, latency_critical=spec.latency_critical)
+    info.opaque_steps.extend(str(n.attrs.get("estimator", "?")) for n in graph.nodes if n.op == "blackbox")
     if reg is not None:
+        info.outputs.extend(reg.outputs)
         info.rules.extend(reg.plan.rules)
         info.stages.extend(s.kind for s in reg.plan.stages)
         info.param_bytes = sum(replica.engine.store.get(h).nbytes for h in reg.params if replica.engine.store.has(h))
@@ -92,13 +113,21 @@ class ServingServicer:
         return pb.ListResponse(pipelines=sorted(infos, key=lambda i: i.name))
 
     async def Predict(self, request: pb.PredictRequest, context: Ctx) -> pb.PredictResponse:
+        output = output_name(request.output)
+        if output:
+            check_output(await self.replica.ensure(request.pipeline), output)
         preds = await self.replica.predict(request.pipeline, records_from_proto(request.records))
-        return predictions_to_proto(preds)
+        return predictions_to_proto(preds, output)
 
     async def PredictBatch(self, request: pb.PredictBatchRequest, context: Ctx) -> pb.PredictBatchResponse:
+        outputs = [output_name(r.output) for r in request.requests]
+        for r, output in zip(request.requests, outputs, strict=True):
+            if output:
+                check_output(await self.replica.ensure(r.pipeline), output)
         reqs = [(r.pipeline, records_from_proto(r.records)) for r in request.requests]
         results = await self.replica.predict_many(reqs)
-        return pb.PredictBatchResponse(responses=[predictions_to_proto(p) for p in results])
+        return pb.PredictBatchResponse(responses=[predictions_to_proto(p, o)
+                                                  for p, o in zip(results, outputs, strict=True)])
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
         e = self.replica.engine

@@ -492,7 +492,7 @@ class NodeAgent:
                     i += 1
                     continue
                 del queue[i]
-                wid = pool.popleft()
+                wid = pool.pop()  # the most recently idle (see below)
                 self.idle_since.pop(wid, None)
                 self._run(wid, spec, req)
                 continue
@@ -511,7 +511,10 @@ class NodeAgent:
                 self._run_on_gpus(spec, req, gpus)
                 continue
             del queue[i]
-            self._run(self.idle.popleft(), spec, req)
+            # The worker idle for the shortest time: its caches and page tables are warm (a task reading an
+            # object another task just wrote in shared memory maps no page afresh), and the workers a burst
+            # started but no longer needed stay idle at the front, the first to be retired.
+            self._run(self.idle.pop(), spec, req)
 
     def _live(self) -> int:
         """Task workers, running or starting."""

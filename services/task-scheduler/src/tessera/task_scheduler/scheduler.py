@@ -41,6 +41,8 @@ GLOBAL_QUEUE = "task-scheduler-global"
 PG_GONE_SUBJECT = "tessera.sched.pg.gone"
 #: How often the global scheduler looks for placement groups to place or remove.
 PG_POLL_S = 0.2
+#: How often placement groups are checked against their jobs (a group goes when its job ends, unless detached).
+PG_JOBS_S = 2.0
 #: How often it looks for dead nodes whose actors are to be restarted (also woken by each node's death).
 ACTOR_POLL_S = 1.0
 NODE_DEAD_SUBJECT = "tessera.events.nodes.dead"
@@ -59,6 +61,7 @@ class GlobalScheduler:
         self.placed = 0
         self.cs: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._jobs_checked = 0.0
 
     async def start(self) -> None:
         bus = self.app.bus
@@ -237,12 +240,31 @@ class GlobalScheduler:
                     if k.startswith(b"remove:"):
                         await self._remove_group(k[len(b"remove:"):])
                         done.discard(k[len(b"remove:"):])
+                now = time.monotonic()
+                if now - self._jobs_checked >= PG_JOBS_S:  # groups whose job ended go with it, unless detached
+                    self._jobs_checked = now
+                    for k in keys:
+                        if b":" not in k and await self._orphaned(k):
+                            await self._remove_group(k)
+                            done.discard(k)
                 for k in keys:
                     if b":" not in k and k not in done and await self._place_group(k):
                         done.add(k)
                 done &= set(keys)
             except Exception as e:
                 log.warning("placement groups: %s", e)
+
+    async def _orphaned(self, key: bytes) -> bool:
+        """Whether group ``key`` outlived the job that made it (it is not detached, and the job ended: its
+        driver shut down, or died and its node agent said so)."""
+        g = await self._get_group(key)
+        if g is None or g.detached or not g.creator_job_id or g.state == cpb.PLACEMENT_GROUP_STATE_REMOVED:
+            return False
+        try:
+            job = (await self.cs.GetJob(cpb.GetJobRequest(job_id=g.creator_job_id), timeout=5.0)).job
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.NOT_FOUND
+        return job.state in (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_STOPPED)
 
     async def _get_group(self, key: bytes) -> cpb.PlacementGroup | None:
         try:

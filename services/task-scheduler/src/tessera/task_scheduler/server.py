@@ -47,6 +47,7 @@ from tessera.task_scheduler.scheduler import (
     node_subject,
 )
 from tessera.task_scheduler.servicer import TaskSchedulerServicer
+from tessera.task_scheduler.worker_logs import WorkerLogs
 from tessera.task_scheduler.zygote import ForkedProcess, Zygote
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ FORCE_CANCEL_GRACE_S = 1.0
 PREPARE_TTL_S = 10.0
 #: How often a node agent compares the bundles it holds with the placement groups recorded.
 RECONCILE_S = 2.0
+#: How often the node agent rotates its workers' logs.
+LOGS_EVERY_S = 10.0
 ACTOR_STATES = {"ALIVE": cpb.ACTOR_STATE_ALIVE, "RESTARTING": cpb.ACTOR_STATE_RESTARTING, "DEAD": cpb.ACTOR_STATE_DEAD}
 
 
@@ -130,6 +133,8 @@ class Node:
         self.procs: dict[bytes, asyncio.subprocess.Process | ForkedProcess] = {}
         self.zygote = Zygote()  # workers are forked from it; started with the first worker
         self.proc_actor: dict[bytes, bytes] = {}
+        self.logs = WorkerLogs((settings.worker_log_dir or settings.run_dir / "logs" / "workers") / node_id.hex(),
+                               max_bytes=settings.log_max_bytes, backups=settings.log_backups)
         self.socket_path = f"\0tessera-sched-{node_id.hex()[:16]}-{self.incarnation}"
         #: set once started: a session opened earlier waits for it (its welcome names the object store and socket)
         self.ready = asyncio.Event()
@@ -139,6 +144,7 @@ class Node:
         self.cs: Any = None
         self._out_results: dict[bytes, list[pb.TaskResult]] = {}
         self._refs_keys: dict[str, str] = {}  # driver session -> key of its reference table
+        self._session_jobs: dict[str, bytes] = {}  # driver session -> its job
         self._reaping: set[str] = set()
         self._out_spill: list[pb.TaskSpec] = []
         self._out_forward: dict[bytes, list[pb.TaskSpec]] = {}
@@ -153,23 +159,25 @@ class Node:
 
     # ------------------------------------------------------------------ sessions
 
-    def open_session(self, put: Any, name: str, *, refs_key: str = "") -> str:
+    def open_session(self, put: Any, name: str, *, refs_key: str = "", job_id: bytes = b"") -> str:
         self.next_session += 1
         sid = f"s{self.next_session}"
         self.sessions[sid] = put
         if refs_key:
             self._refs_keys[sid] = refs_key[:256]
+            self._session_jobs[sid] = job_id
         return sid
 
     def close_session(self, sid: str) -> None:
         if self.sessions.pop(sid, None) is not None:
             self.agent.owner_gone(sid)
         key = self._refs_keys.pop(sid, "")
+        job = self._session_jobs.pop(sid, b"")
         if key and key not in self._reaping and self._loop is not None:
             self._reaping.add(key)
-            self._tasks.append(self._loop.create_task(self._reap_owner(key), name="owner-reaper"))
+            self._tasks.append(self._loop.create_task(self._reap_owner(key, job), name="owner-reaper"))
 
-    async def _reap_owner(self, key: str) -> None:
+    async def _reap_owner(self, key: str, job: bytes = b"") -> None:
         """A driver's session ended. A driver that shut down freed what it owned and removed its reference
         table; one that died did neither: once it is surely gone (its process is gone, on this host, or its
         table went stale), free what its table says it owned, so its borrowers get OwnerDiedError."""
@@ -184,8 +192,10 @@ class Node:
                     raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=key.encode()),
                                                timeout=10.0)).value
                 except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.NOT_FOUND:
-                        return  # shut down cleanly (or never owned anything)
+                    if e.code() == grpc.StatusCode.NOT_FOUND:  # shut down cleanly, or never owned anything
+                        if job and host == socket.gethostname() and pid.isdigit() and not procs.alive(int(pid)):
+                            await self._job_failed(job.hex(), f"the driver {key} ended without shutting down")
+                        return
                     continue
                 doc = json.loads(raw)
                 gone = host == socket.gethostname() and pid.isdigit() and not procs.alive(int(pid))
@@ -193,6 +203,7 @@ class Node:
                     continue
                 owned = [bytes.fromhex(r["object_id"]) for r in doc.get("rows", []) if r.get("owned")]
                 reason = f"owner died: the driver {key} ended without shutting down"
+                await self._job_failed(doc.get("job_id", ""), f"the driver {key} ended without shutting down")
                 for i in range(0, len(owned), 5000):
                     await self.cs.FreeObjects(cpb.FreeObjectsRequest(object_ids=owned[i:i + 5000], remember=True,
                                                                      reason=reason), timeout=30.0)
@@ -267,7 +278,8 @@ class Node:
         ``TESSERA_RUNTIME_ENV`` holding it (the worker unpacks its packages before it says hello)."""
         # The socket is abstract (no file); "@" stands for its leading NUL, which env cannot hold.
         own = {"TESSERA_WORKER_SOCKET": "@" + self.socket_path[1:], "TESSERA_WORKER_ID": wid.hex(),
-               "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids)}
+               "TESSERA_WORKER_ACTOR": actor_id.hex(), "TESSERA_GPU_IDS": ",".join(gpu_ids),
+               "TESSERA_WORKER_LOG": self.logs.prefix(wid)}
         if gpu_ids:
             own["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         fresh = False
@@ -296,10 +308,48 @@ class Node:
             return
         self.procs[wid] = proc
         self.proc_actor[wid] = actor_id
+        self.logs.started(wid, proc.pid, actor_id)
         code = await proc.wait()
         self.procs.pop(wid, None)
+        self.logs.ended(wid)
         why = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         self._worker_gone(wid, actor_id, why)
+        if code != 0:  # killed or crashed: its reference table was left behind
+            self._tasks.append(asyncio.create_task(self._drop_table(f"{socket.gethostname()}:{proc.pid}",
+                                                                    time.time()), name="worker-table"))
+
+    async def _job_failed(self, job_hex: str, why: str) -> None:
+        """A driver died: its job is FAILED (what lives only as long as the job, as its placement groups, goes)."""
+        try:
+            job_id = bytes.fromhex(job_hex)
+            job = (await self.cs.GetJob(cpb.GetJobRequest(job_id=job_id), timeout=10.0)).job
+            if job.state == cpb.JOB_STATE_RUNNING:
+                await self.cs.UpdateJobState(cpb.UpdateJobStateRequest(job_id=job_id, state=cpb.JOB_STATE_FAILED,
+                                                                       message=why), timeout=10.0)
+        except (ValueError, grpc.aio.AioRpcError) as e:
+            log.debug("could not mark job %s failed: %s", job_hex, e)
+
+    async def _drop_table(self, key: str, died: float) -> None:
+        """A worker died without removing its reference table: remove it, so Redis does not keep the tables of
+        every worker that was ever killed. Its lenders then see it gone (as they would once it went stale) and
+        end its borrows. A table that lists refs passed on untracked stays: their owners keep those for life."""
+        try:
+            for _ in range(2):
+                raw = (await self.cs.KvGet(cpb.KvGetRequest(namespace=REFS_NAMESPACE, key=key.encode()),
+                                           timeout=10.0)).value
+                doc = json.loads(raw)
+                if doc.get("escaped") or float(doc.get("time", 0)) > died:  # (a newer process with the same pid)
+                    return
+                if not doc.get("lent"):
+                    break
+                # it names tables it lent refs on to: its lenders read it (and follow those) until it is stale
+                await asyncio.sleep(float(doc.get("stale_s", REFS_STALE_S)) + REFS_HEARTBEAT_S)
+            await self.cs.KvDelete(cpb.KvDeleteRequest(namespace=REFS_NAMESPACE, key=key.encode()), timeout=10.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                log.debug("could not remove the reference table of dead worker %s: %s", key, e)
+        except (ValueError, TypeError) as e:
+            log.debug("the reference table of dead worker %s does not parse: %s", key, e)
 
     def _worker_gone(self, wid: bytes, actor_id: bytes, why: str) -> None:
         self.proc_actor.pop(wid, None)
@@ -353,7 +403,7 @@ class Node:
             else:
                 if len(hello.job_id) != ids.JOB_ID_LEN:
                     return
-                sid = self.open_session(sink.put, hello.name, refs_key=hello.refs_key)
+                sid = self.open_session(sink.put, hello.name, refs_key=hello.refs_key, job_id=hello.job_id)
             writer.write(pack(pb.ServerFrame(welcome=self.welcome(sid))))
             if wid:
                 self.agent.worker_ready(wid, actor_id=bytes.fromhex(hello.name) if hello.name else b"")
@@ -705,6 +755,21 @@ class Node:
                 self.agent.expire_prepared(now, PREPARE_TTL_S)
             await asyncio.sleep(RECONCILE_S)
 
+    async def _maintain_logs(self) -> None:
+        """Rotate workers' logs past their size; drop those of long-ended workers."""
+        while True:
+            await asyncio.sleep(LOGS_EVERY_S)
+            try:
+                await asyncio.to_thread(self.logs.maintain)
+            except OSError as e:
+                log.warning("could not rotate the workers' logs: %s", e)
+
+    def worker_log(self, req: pb.GetWorkerLogRequest) -> pb.GetWorkerLogResponse:
+        data, start, size, wid, pid, alive = self.logs.read(worker_id=req.worker_id, actor_id=req.actor_id,
+                                                            suffix=req.suffix, offset=req.offset,
+                                                            max_bytes=req.max_bytes)
+        return pb.GetWorkerLogResponse(data=data, offset=start, size=size, worker_id=wid, pid=pid, alive=alive)
+
     # ------------------------------------------------------------------ life
 
     async def start(self) -> None:
@@ -729,6 +794,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._reporter(), name="load-reporter"))
         self._tasks.append(asyncio.create_task(self._cluster_view(), name="cluster-view"))
         self._tasks.append(asyncio.create_task(self._reconcile(), name="bundles-reconciler"))
+        self._tasks.append(asyncio.create_task(self._maintain_logs(), name="worker-logs"))
         n = self.settings.task_scheduler_prestart_workers
         if n < 0:
             n = int(self.agent.total.get(res.CPU, 1))

@@ -1,4 +1,4 @@
-"""gRPC ↔ node agent: the Session stream and GetStatus."""
+"""gRPC ↔ node agent: the Session stream, GetStatus and GetWorkerLog."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ class TaskSchedulerServicer:
         except TimeoutError:
             raise UnavailableError(f"the node agent did not finish starting within {READY_WAIT_S:g}s") from None
         out: asyncio.Queue[pb.TaskResult | None] = asyncio.Queue()
-        session = self.node.open_session(out.put_nowait, first.hello.name, refs_key=first.hello.refs_key)
+        session = self.node.open_session(out.put_nowait, first.hello.name, refs_key=first.hello.refs_key,
+                                         job_id=first.hello.job_id)
         failed: list[TesseraError] = []
         reader = asyncio.create_task(self._read(it, session, failed, out))
         try:
@@ -78,3 +79,6 @@ class TaskSchedulerServicer:
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
         return self.node.status()
+
+    async def GetWorkerLog(self, request: pb.GetWorkerLogRequest, context: Any) -> pb.GetWorkerLogResponse:
+        return await asyncio.to_thread(self.node.worker_log, request)

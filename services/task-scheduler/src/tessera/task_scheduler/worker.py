@@ -50,7 +50,7 @@ from tessera.common.config import Settings
 from tessera.common.errors import TesseraError
 from tessera.common.serialization import deserialize, serialize
 from tessera.common.telemetry import context_from_traceparent, flush_tracing, setup_tracing, shutdown_tracing
-from tessera.task_scheduler import runtime_env
+from tessera.task_scheduler import runtime_env, worker_logs
 from tessera.task_scheduler.frames import FrameError, SocketConnection
 
 log = logging.getLogger("tessera.worker")
@@ -200,10 +200,10 @@ class Worker:
         self._forget(spec.task_id)
         if cancelled or result is None:
             result = self.cancelled_result(spec)
-        self.send_result(result)
+        self.send_result(result, spec)
 
-    def send_result(self, result: pb.TaskResult) -> None:
-        self.report_borrows(result)
+    def send_result(self, result: pb.TaskResult, spec: pb.TaskSpec) -> None:
+        self.report_borrows(result, spec.owner_refs_key)
         try:
             self.conn.send(pb.ClientFrame(done=[result]))
         except OSError:
@@ -334,9 +334,13 @@ class Worker:
 
     def store(self, spec: pb.TaskSpec, index: int, value: Any) -> pb.ReturnValue:
         oid = ids.object_id(spec.task_id, index)
-        ser = serialize(value)
+        refs = self.core.refs
+        with refs.capture() as nested:
+            ser = serialize(value)
+        if nested:  # lent to the submitter, which holds them while the value lives
+            refs.lend(nested, spec.owner_refs_key if spec.owner_refs_key != self.core.refs_key.decode() else "")
         if ser.size <= self.settings.object_store_inline_threshold:
-            return pb.ReturnValue(object_id=oid, value=ser.to_bytes(), size=ser.size)
+            return pb.ReturnValue(object_id=oid, value=ser.to_bytes(), size=ser.size, contained_ids=nested)
         store = _api.object_client()
         deadline = time.monotonic() + STORE_RETRY_S
         while True:
@@ -357,7 +361,7 @@ class Worker:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"return value {oid.hex()} is still being written by an earlier attempt")
             time.sleep(0.1)
-        return pb.ReturnValue(object_id=oid, stored=True, size=ser.size)
+        return pb.ReturnValue(object_id=oid, stored=True, size=ser.size, contained_ids=nested)
 
     def failure(self, spec: pb.TaskSpec, e: Exception) -> pb.TaskResult:
         frames = e.__traceback__
@@ -386,11 +390,12 @@ class Worker:
             # a task (interrupted by a cancel), or a plain actor's call (runs on, as in Ray)
             self.execute(spec, interruptible=spec.kind == K.TASK_KIND_NORMAL)
 
-    def report_borrows(self, result: pb.TaskResult) -> None:
+    def report_borrows(self, result: pb.TaskResult, to: str) -> None:
         """Refs it still holds (a global, an actor's state, a task it lent them to) or passed on: their owners
         keep those objects while this worker's reference table lists them. The table is published before the
-        result leaves, so that an owner reading it after the result never misses them."""
-        borrowed = self.core.refs.borrowed_report()
+        result leaves, so that an owner reading it after the result never misses them. ``to``: the submitter's
+        table, which lists the refs nested in the returned values."""
+        borrowed = self.core.refs.borrowed_report(to)
         if not borrowed:
             return
         result.borrowed_object_ids.extend(borrowed)
@@ -440,7 +445,7 @@ class ActorRunner:
             g = self.group(spec)
         except ValueError as e:
             self.worker._forget(spec.task_id)
-            self.worker.send_result(self.worker.failure(spec, e))
+            self.worker.send_result(self.worker.failure(spec, e), spec)
             return
         if self.inline:
             self.worker.execute(spec, interruptible=False)
@@ -474,7 +479,7 @@ class ActorRunner:
                 if spec.traceparent:
                     flush_tracing()
         w._forget(spec.task_id)
-        w.send_result(result if result is not None else w.cancelled_result(spec))
+        w.send_result(result if result is not None else w.cancelled_result(spec), spec)
 
     async def _call(self, spec: pb.TaskSpec) -> pb.TaskResult:
         start = time.time()
@@ -564,6 +569,12 @@ def _setup_runtime_env(settings: Settings) -> Exception | None:
 
 
 def main() -> None:
+    prefix = os.environ.get("TESSERA_WORKER_LOG", "")
+    if prefix:  # its own stdout and stderr files, before anything is written
+        try:
+            worker_logs.redirect(prefix)
+        except OSError as e:
+            print(f"worker: could not open its log files {prefix}.*: {e}", file=sys.stderr)
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when a worker ends
@@ -577,6 +588,10 @@ def main() -> None:
     w.setup_error = _setup_runtime_env(settings)
     signal.signal(signal.SIGINT, w.on_sigint)
     w.core.node_id = welcome.node_id
+    if prefix:  # each task's output starts with a line naming it (tessera logs --task)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stdout = worker_logs.MarkedStream(sys.stdout, w.core._current.get)  # type: ignore[arg-type,assignment]
+        sys.stderr = worker_logs.MarkedStream(sys.stderr, w.core._current.get)  # type: ignore[arg-type,assignment]
     _api.attach_worker(w.core, object_store_address=welcome.object_store_address,
                        control_store_address=settings.control_store_address)
     setup_tracing("task-scheduler")  # tasks submitted under a span run in its trace

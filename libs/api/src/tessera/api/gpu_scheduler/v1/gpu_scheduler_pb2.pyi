@@ -186,6 +186,7 @@ class JobInfo(_message.Message):
     LAST_RAN_AT_FIELD_NUMBER: _builtins.int
     SOLO_MINIBATCH_S_FIELD_NUMBER: _builtins.int
     RESIZES_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     node_id: _builtins.str
@@ -232,6 +233,12 @@ class JobInfo(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """user metrics: loss, accuracy, ..."""
 
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]:
+        """where it ran, in order (the last 64 time slices): each placement on a node's GPUs, alone or packed, until
+        it was suspended, migrated, resized, repacked or ended
+        """
+
     def __init__(
         self,
         *,
@@ -263,14 +270,55 @@ class JobInfo(_message.Message):
         last_ran_at: _builtins.float = ...,
         solo_minibatch_s: _builtins.float = ...,
         resizes: _builtins.int = ...,
+        history: _abc.Iterable[Global___Placement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attained_gpu_s", b"attained_gpu_s", "checkpoint_object_id", b"checkpoint_object_id", "checkpoint_step", b"checkpoint_step", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_slots", b"gpu_slots", "held", b"held", "incarnation", b"incarnation", "job_id", b"job_id", "last_ran_at", b"last_ran_at", "message", b"message", "metrics", b"metrics", "migrations", b"migrations", "minibatch_s", b"minibatch_s", "node_id", b"node_id", "packed_with", b"packed_with", "phase", b"phase", "requeues", b"requeues", "resizes", b"resizes", "run_started_at", b"run_started_at", "solo_minibatch_s", b"solo_minibatch_s", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step", b"step", "submitted_at", b"submitted_at", "suspensions", b"suspensions", "target_node_id", b"target_node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attained_gpu_s", b"attained_gpu_s", "checkpoint_object_id", b"checkpoint_object_id", "checkpoint_step", b"checkpoint_step", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_slots", b"gpu_slots", "held", b"held", "history", b"history", "incarnation", b"incarnation", "job_id", b"job_id", "last_ran_at", b"last_ran_at", "message", b"message", "metrics", b"metrics", "migrations", b"migrations", "minibatch_s", b"minibatch_s", "node_id", b"node_id", "packed_with", b"packed_with", "phase", b"phase", "requeues", b"requeues", "resizes", b"resizes", "run_started_at", b"run_started_at", "solo_minibatch_s", b"solo_minibatch_s", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step", b"step", "submitted_at", b"submitted_at", "suspensions", b"suspensions", "target_node_id", b"target_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobInfo: _TypeAlias = JobInfo  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GPU_SLOTS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    PACKED_WITH_FIELD_NUMBER: _builtins.int
+    ENDED_BY_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """hex"""
+    start: _builtins.float
+    """when it got these GPUs (the scheduler's clock, seconds)"""
+    end: _builtins.float
+    """when it left them; 0: it is still there"""
+    packed_with: _builtins.str
+    """the job sharing them, if any"""
+    ended_by: _builtins.str
+    """what ended it: suspended, migrated, resized, repacked, queued, succeeded, failed, killed"""
+    @_builtins.property
+    def gpu_slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        gpu_slots: _abc.Iterable[_builtins.int] | None = ...,
+        start: _builtins.float = ...,
+        end: _builtins.float = ...,
+        packed_with: _builtins.str = ...,
+        ended_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "ended_by", b"ended_by", "gpu_slots", b"gpu_slots", "node_id", b"node_id", "packed_with", b"packed_with", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):

@@ -8,13 +8,16 @@ IR: a JSON graph whose arrays are parameters named by the hash of their content.
 uploads the parameters the cluster lacks, then registers the graph. Parameters are kept
 once per content in the object store; the registry (name -> graph) is the control
 store's KV namespace "serving-pipelines", so every replica serves every pipeline.
-Only protobuf (or JSON over HTTP and NATS) crosses the wire: nothing is unpickled.
+Only protobuf (or JSON over HTTP and NATS) crosses the wire. The serving process unpickles
+nothing: a step the IR cannot express travels as its pickle (a parameter) and is loaded only
+by a worker process of the server, and only where serving_blackbox_stages is on.
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -25,6 +28,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Output:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Output.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_DEFAULT: _Output.ValueType  # 0
+    """probabilities per class when the model has them, else its decision values"""
+    OUTPUT_PREDICT_PROBA: _Output.ValueType  # 1
+    """predict_proba: probabilities per class (INVALID_ARGUMENT if the model has none)"""
+    OUTPUT_DECISION_FUNCTION: _Output.ValueType  # 2
+    """decision_function: raw decision values, one per class, or one for two classes
+    (INVALID_ARGUMENT if the model has none: a forest, an MLP)
+    """
+
+class Output(_Output, metaclass=_OutputEnumTypeWrapper):
+    """What a classifier's Prediction.scores hold."""
+
+OUTPUT_DEFAULT: Output.ValueType  # 0
+"""probabilities per class when the model has them, else its decision values"""
+OUTPUT_PREDICT_PROBA: Output.ValueType  # 1
+"""predict_proba: probabilities per class (INVALID_ARGUMENT if the model has none)"""
+OUTPUT_DECISION_FUNCTION: Output.ValueType  # 2
+"""decision_function: raw decision values, one per class, or one for two classes
+(INVALID_ARGUMENT if the model has none: a forest, an MLP)
+"""
+Global___Output: _TypeAlias = Output  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -109,6 +140,8 @@ class PipelineInfo(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     PARAM_BYTES_FIELD_NUMBER: _builtins.int
     LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    OPAQUE_STEPS_FIELD_NUMBER: _builtins.int
     LATENCY_CRITICAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
@@ -135,6 +168,14 @@ class PipelineInfo(_message.Message):
     def stages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """kind of each physical stage"""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """beside predict: "predict_proba", "decision_function" """
+
+    @_builtins.property
+    def opaque_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """steps run as opaque stages (pickles in a worker process)"""
+
     def __init__(
         self,
         *,
@@ -147,11 +188,13 @@ class PipelineInfo(_message.Message):
         stages: _abc.Iterable[_builtins.str] | None = ...,
         param_bytes: _builtins.int = ...,
         latency_budget_ms: _builtins.float = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
+        opaque_steps: _abc.Iterable[_builtins.str] | None = ...,
         latency_critical: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "input_kinds", b"input_kinds", "input_names", b"input_names", "latency_budget_ms", b"latency_budget_ms", "latency_critical", b"latency_critical", "name", b"name", "param_bytes", b"param_bytes", "rules", b"rules", "source", b"source", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "input_kinds", b"input_kinds", "input_names", b"input_names", "latency_budget_ms", b"latency_budget_ms", "latency_critical", b"latency_critical", "name", b"name", "opaque_steps", b"opaque_steps", "outputs", b"outputs", "param_bytes", b"param_bytes", "rules", b"rules", "source", b"source", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -246,7 +289,7 @@ class Prediction(_message.Message):
 
     @_builtins.property
     def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """probabilities per class, or decision values"""
+        """the requested output (PredictRequest.output) of a classifier"""
 
     def __init__(
         self,
@@ -466,7 +509,10 @@ class PredictRequest(_message.Message):
 
     PIPELINE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
+    output: Global___Output.ValueType
+    """what scores hold (classifiers)"""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___Record]: ...
     def __init__(
@@ -474,10 +520,11 @@ class PredictRequest(_message.Message):
         *,
         pipeline: _builtins.str = ...,
         records: _abc.Iterable[Global___Record] | None = ...,
+        output: Global___Output.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "pipeline", b"pipeline", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,7 +8,9 @@ IR: a JSON graph whose arrays are parameters named by the hash of their content.
 uploads the parameters the cluster lacks, then registers the graph. Parameters are kept
 once per content in the object store; the registry (name -> graph) is the control
 store's KV namespace "serving-pipelines", so every replica serves every pipeline.
-Only protobuf (or JSON over HTTP and NATS) crosses the wire: nothing is unpickled.
+Only protobuf (or JSON over HTTP and NATS) crosses the wire. The serving process unpickles
+nothing: a step the IR cannot express travels as its pickle (a parameter) and is loaded only
+by a worker process of the server, and only where serving_blackbox_stages is on.
 """
 
 from collections import abc as _abc

@@ -191,6 +191,7 @@ class TaskSpec(_message.Message):
     AFFINITY_SOFT_FIELD_NUMBER: _builtins.int
     RUNTIME_ENV_FIELD_NUMBER: _builtins.int
     ACTOR_RESTARTS_FIELD_NUMBER: _builtins.int
+    OWNER_REFS_KEY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.bytes
     """16 bytes; return i is ObjectID(task_id, i), i = 1..num_returns"""
     job_id: _builtins.bytes
@@ -249,6 +250,10 @@ class TaskSpec(_message.Message):
     """actor creations: 0 the first; else a restart on another node after the actor's node died, and the restarts
     it has had (counted against max_restarts there); its result is not delivered to the owner again
     """
+    owner_refs_key: _builtins.str
+    """the key of the submitter's reference table (key-value namespace "refs"): refs the task returns nested in
+    a value are lent to it, and held by the worker while that table lists them (reference counting)
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arg]: ...
     @_builtins.property
@@ -293,10 +298,11 @@ class TaskSpec(_message.Message):
         affinity_soft: _builtins.bool = ...,
         runtime_env: _builtins.str = ...,
         actor_restarts: _builtins.int = ...,
+        owner_refs_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "actor_restarts", b"actor_restarts", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "parent_task_id", b"parent_task_id", "resources", b"resources", "runtime_env", b"runtime_env", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "actor_name", b"actor_name", "actor_restarts", b"actor_restarts", "affinity_node_id", b"affinity_node_id", "affinity_soft", b"affinity_soft", "args", b"args", "attempt", b"attempt", "caller", b"caller", "concurrency_group", b"concurrency_group", "concurrency_groups", b"concurrency_groups", "detached", b"detached", "function_id", b"function_id", "generator", b"generator", "job_id", b"job_id", "kind", b"kind", "max_concurrency", b"max_concurrency", "max_restarts", b"max_restarts", "max_retries", b"max_retries", "method", b"method", "name", b"name", "namespace", b"namespace", "num_returns", b"num_returns", "owner", b"owner", "owner_node_id", b"owner_node_id", "owner_refs_key", b"owner_refs_key", "parent_task_id", b"parent_task_id", "resources", b"resources", "runtime_env", b"runtime_env", "scheduling_strategy", b"scheduling_strategy", "seq", b"seq", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,12 +349,19 @@ class ReturnValue(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     STORED_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    CONTAINED_IDS_FIELD_NUMBER: _builtins.int
     object_id: _builtins.bytes
     value: _builtins.bytes
     """inline serialized value (small objects)"""
     stored: _builtins.bool
     """in the object store (large objects): read it there"""
     size: _builtins.int
+    @_builtins.property
+    def contained_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """refs serialized inside the value: its owner holds them while the value lives (a reader that keeps one
+        after the value is gone is a borrower of it)
+        """
+
     def __init__(
         self,
         *,
@@ -356,10 +369,11 @@ class ReturnValue(_message.Message):
         value: _builtins.bytes = ...,
         stored: _builtins.bool = ...,
         size: _builtins.int = ...,
+        contained_ids: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["object_id", b"object_id", "size", b"size", "stored", b"stored", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contained_ids", b"contained_ids", "object_id", b"object_id", "size", b"size", "stored", b"stored", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -938,3 +952,79 @@ class GetStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetWorkerLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_ID_FIELD_NUMBER: _builtins.int
+    SUFFIX_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.bytes
+    """8 bytes; or"""
+    actor_id: _builtins.bytes
+    """16 bytes: the worker that runs (or last ran) the actor on this node"""
+    suffix: _builtins.str
+    """"out" (default) or "err" """
+    offset: _builtins.int
+    """where to start reading, in bytes from the start of the current file; negative: that many bytes before
+    its end (a tail)
+    """
+    max_bytes: _builtins.int
+    """at most this many bytes (default and limit: 4 MiB)"""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.bytes = ...,
+        actor_id: _builtins.bytes = ...,
+        suffix: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "max_bytes", b"max_bytes", "offset", b"offset", "suffix", b"suffix", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkerLogRequest: _TypeAlias = GetWorkerLogRequest  # noqa: Y015
+
+@_typing.final
+class GetWorkerLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    """where data starts in the file"""
+    size: _builtins.int
+    """the file's size now (a rotation starts it again from 0)"""
+    worker_id: _builtins.bytes
+    pid: _builtins.int
+    """the worker's process (0: not known)"""
+    alive: _builtins.bool
+    """the worker still runs"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        worker_id: _builtins.bytes = ...,
+        pid: _builtins.int = ...,
+        alive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "data", b"data", "offset", b"offset", "pid", b"pid", "size", b"size", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkerLogResponse: _TypeAlias = GetWorkerLogResponse  # noqa: Y015

@@ -44,6 +44,11 @@ class TaskSchedulerServiceStub:
                 request_serializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.GetWorkerLog = channel.unary_unary(
+                '/tessera.task_scheduler.v1.TaskSchedulerService/GetWorkerLog',
+                request_serializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetWorkerLogRequest.SerializeToString,
+                response_deserializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetWorkerLogResponse.FromString,
+                _registered_method=True)
 
 
 class TaskSchedulerServiceServicer:
@@ -62,6 +67,13 @@ class TaskSchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWorkerLog(self, request, context):
+        """A worker's stdout or stderr on this node (kept per worker, rotated): by worker, or by the actor it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskSchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_TaskSchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetStatusRequest.FromString,
                     response_serializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'GetWorkerLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkerLog,
+                    request_deserializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetWorkerLogRequest.FromString,
+                    response_serializer=tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetWorkerLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +147,33 @@ class TaskSchedulerService:
             '/tessera.task_scheduler.v1.TaskSchedulerService/GetStatus',
             tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetStatusRequest.SerializeToString,
             tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkerLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.task_scheduler.v1.TaskSchedulerService/GetWorkerLog',
+            tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetWorkerLogRequest.SerializeToString,
+            tessera_dot_task__scheduler_dot_v1_dot_task__scheduler__pb2.GetWorkerLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,8 @@ class TaskSchedulerServiceStub:
     Session: _grpc.StreamStreamMultiCallable[_task_scheduler_pb2.ClientFrame, _task_scheduler_pb2.ServerFrame]
     """A driver's or worker's session with its node agent (bidirectional)."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_task_scheduler_pb2.GetStatusRequest, _task_scheduler_pb2.GetStatusResponse]
+    GetWorkerLog: _grpc.UnaryUnaryMultiCallable[_task_scheduler_pb2.GetWorkerLogRequest, _task_scheduler_pb2.GetWorkerLogResponse]
+    """A worker's stdout or stderr on this node (kept per worker, rotated): by worker, or by the actor it runs."""
 
 @_typing.type_check_only
 class TaskSchedulerServiceAsyncStub(TaskSchedulerServiceStub):
@@ -50,6 +52,8 @@ class TaskSchedulerServiceAsyncStub(TaskSchedulerServiceStub):
     Session: _aio.StreamStreamMultiCallable[_task_scheduler_pb2.ClientFrame, _task_scheduler_pb2.ServerFrame]  # type: ignore[assignment]
     """A driver's or worker's session with its node agent (bidirectional)."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_task_scheduler_pb2.GetStatusRequest, _task_scheduler_pb2.GetStatusResponse]  # type: ignore[assignment]
+    GetWorkerLog: _aio.UnaryUnaryMultiCallable[_task_scheduler_pb2.GetWorkerLogRequest, _task_scheduler_pb2.GetWorkerLogResponse]  # type: ignore[assignment]
+    """A worker's stdout or stderr on this node (kept per worker, rotated): by worker, or by the actor it runs."""
 
 class TaskSchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +70,13 @@ class TaskSchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_scheduler_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_scheduler_pb2.GetStatusResponse, _abc.Awaitable[_task_scheduler_pb2.GetStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetWorkerLog(
+        self,
+        request: _task_scheduler_pb2.GetWorkerLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_scheduler_pb2.GetWorkerLogResponse, _abc.Awaitable[_task_scheduler_pb2.GetWorkerLogResponse]]:
+        """A worker's stdout or stderr on this node (kept per worker, rotated): by worker, or by the actor it runs."""
 
 def add_TaskSchedulerServiceServicer_to_server(servicer: TaskSchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
