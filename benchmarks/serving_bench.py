@@ -256,7 +256,8 @@ def black_box(pipes: list[Any], texts: list[str], n_req: int) -> dict[str, Any]:
 
 def white_box(pipes: list[Any], texts: list[str], n_req: int, *, cold_extra: list[Any]) -> dict[str, Any]:
     """All pipelines imported to the IR and registered in one engine."""
-    from tessera.serving.engine import Engine, Scheduler
+    from tessera.serving.engine import Engine
+    from tessera.serving.scheduler import Scheduler
     from tessera.serving.sklearn_import import import_sklearn
 
     with traced() as mem:
@@ -510,7 +511,9 @@ class _Up:
 
     def __init__(self, run_dir: Path) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TESSERA_", "OTEL_"))}
-        self.env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_SAMPLER="always_off", TESSERA_LOG_LEVEL="WARNING")
+        # the dashboard on a free port: another stack on the host may hold the default one
+        self.env.update(TESSERA_RUN_DIR=str(run_dir), OTEL_TRACES_SAMPLER="always_off", TESSERA_LOG_LEVEL="WARNING",
+                        TESSERA_DASHBOARD_PORT="0")
         self.tessera = str(Path(sys.executable).parent / "tessera")
         self.run_dir = run_dir
 

@@ -120,6 +120,14 @@ def test_register_predict_and_share(client: Client, fitted: list[Pipeline], data
     preds = client.predict("sentiment-a", docs[:40])
     assert [p.label for p in preds] == fitted[0].predict(docs[:40]).tolist()
     np.testing.assert_allclose([p.scores for p in preds], fitted[0].predict_proba(docs[:40]), atol=1e-6)
+    # the same inputs again: their featurizer rows are kept, the answers identical
+    kept = client.stats()
+    again = client.predict("sentiment-a", docs[:40])
+    assert [p.scores for p in again] == [p.scores for p in preds]
+    st = client.stats()
+    assert st.cache_hits - kept.cache_hits == len(set(docs[:40])) and st.cache_misses == kept.cache_misses
+    assert 0 < st.cache_hit_rate < 1 and 0 < st.cache_bytes <= st.cache_capacity_bytes and st.cache_entries > 0
+    assert st.executors >= 1 and st.reserved_executors >= 1 and st.stage_queues >= 1
     # the second pipeline's vocabularies and idf are in the cluster already: only its head is new
     ir = import_sklearn(fitted[1])
     stub = client._stubs[0]
@@ -127,15 +135,21 @@ def test_register_predict_and_share(client: Client, fitted: list[Pipeline], data
     heads = {h for n in ir.graph.nodes if n.op == "linear" for h in n.params.values()}
     assert set(missing) == heads
     before = client.stats()
-    client.register("sentiment-b", fitted[1])
+    info_b = client.register("sentiment-b", fitted[1], latency_critical=True)
+    assert info_b.latency_critical and not info.latency_critical
     after = client.stats()
     assert after.param_bytes - before.param_bytes == sum(ir.params[h].nbytes for h in heads)
     assert after.table_bytes == before.table_bytes
     # both together: one featurization per input
     out = client.predict_batch([("sentiment-a", docs[:5]), ("sentiment-b", docs[:5])])
     np.testing.assert_allclose([p.scores for p in out[1]], fitted[1].predict_proba(docs[:5]), atol=1e-6)
-    assert client.stats().rows_reused - after.rows_reused == 5
-    assert {i.name for i in client.list()} >= {"sentiment-a", "sentiment-b"}
+    st = client.stats()
+    computed, reused = st.rows_computed - after.rows_computed, st.rows_reused - after.rows_reused
+    hits = st.cache_hits - after.cache_hits
+    # (these inputs were featurized above: their rows come from the cache, or from the other pipeline's share)
+    assert computed == 0 and reused + hits == 10, (computed, reused, hits)
+    listed = {i.name: i for i in client.list()}
+    assert listed["sentiment-b"].latency_critical and not listed["sentiment-a"].latency_critical
 
 
 def test_tabular_and_http(client: Client) -> None:

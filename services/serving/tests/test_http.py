@@ -37,9 +37,10 @@ from tessera.common.config import Settings
 from tessera.common.registry import control_store_aio_stub
 from tessera.common.rpc import health_status
 from tessera.serving.cluster import ClusterStore
-from tessera.serving.engine import Engine, Scheduler
+from tessera.serving.engine import Engine
 from tessera.serving.http import HttpFrontEnd
 from tessera.serving.replica import Replica
+from tessera.serving.scheduler import Scheduler
 from tessera.serving.sklearn_import import import_sklearn
 from tessera.testing import NatsServer, redis_server, track
 

@@ -21,7 +21,8 @@ CHILD = """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from tessera.common.errors import NotFoundError
-    from tessera.serving.engine import Engine, Scheduler
+    from tessera.serving.engine import Engine
+    from tessera.serving.scheduler import Scheduler
     from tessera.serving.replica import Replica
     from tessera.serving.server import observe_replica
     from tessera.serving.sklearn_import import import_sklearn
@@ -80,11 +81,19 @@ def test_requests_latency_batches_and_reuse_per_pipeline() -> None:
     assert got[duration + '{"tessera.pipeline": "a"}'][1] > 0
     assert got['tessera.serving.records{"tessera.pipeline": "a"}'] == 7
     assert got['tessera.serving.records{"tessera.pipeline": "b"}'] == 2
-    # the scheduler ran the 4 single-pipeline requests (predict_many runs its items together, off the scheduler)
-    # (no latency budget: each its own batch)
-    assert got["tessera.serving.batch.size{}"] == [4, 7] and got["tessera.serving.batches{}"] == 4
-    # each batch computes its distinct rows of the shared featurizer once (2 + 2 + 2 + 1); predict_many's two
-    # pipelines ask for the same row: computed once, reused once
-    assert got['tessera.serving.rows{"tessera.serving.row": "computed"}'] == 8
+    # each request's featurizer run is one batch (no latency budget: nothing waits to be batched); the
+    # predict_many's two requests share one batch: 2 + 2 + 2 + 1 + 2 records
+    assert got["tessera.serving.batch.size{}"] == [5, 9] and got["tessera.serving.batches{}"] == 5
+    # distinct rows computed: the first request's 2, then "great view" and "bad food"; the 2nd and 3rd requests
+    # find their rows kept from the first (4 cache hits); predict_many's two pipelines ask for the same row in one
+    # batch: computed once, reused once
+    assert got['tessera.serving.rows{"tessera.serving.row": "computed"}'] == 4
     assert got['tessera.serving.rows{"tessera.serving.row": "reused"}'] == 1
+    assert got['tessera.serving.cache.lookups{"tessera.serving.cache.result": "hit"}'] == 4
+    assert got['tessera.serving.cache.lookups{"tessera.serving.cache.result": "miss"}'] == 4
+    assert got["tessera.serving.cache.hit_rate{}"] == 0.5
+    assert 0 < got["tessera.serving.cache.size{}"] <= 64 * 2**20 and got["tessera.serving.cache.evictions{}"] == 0
+    # no pipeline is latency-critical: the reserved executor ran nothing
+    assert got['tessera.serving.stage.batches{"tessera.serving.executor": "reserved"}'] == 0
+    assert got['tessera.serving.stage.batches{"tessera.serving.executor": "shared"}'] >= 0
     assert got["tessera.serving.pipelines{}"] == 2

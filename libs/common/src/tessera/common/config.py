@@ -132,7 +132,11 @@ class Settings(BaseSettings):
                                    "(tessera up picks a free one unless this is set)")
     serving_http_max_body_bytes: int = Field(16 * 2**20, gt=0, description="serving: largest HTTP request body; "
                                              "a longer one gets 413 before it is read")
-    serving_workers: int = Field(2, gt=0, description="serving: executor threads that run batches of stages")
+    serving_workers: int = Field(2, gt=0, description="serving: shared executor threads of the stage scheduler")
+    serving_reserved_workers: int = Field(1, ge=0, description="serving: executor threads reserved for pipelines "
+                                                              "registered as latency-critical")
+    serving_cache_bytes: int = Field(64 * 2**20, ge=0, description="serving: bound of the cache of featurizer "
+                                                                    "outputs kept across requests; 0 turns it off")
     serving_max_batch: int = Field(64, gt=0, description="serving: most records the scheduler puts in one batch")
     serving_latency_budget_ms: float = Field(2.0, ge=0, description="serving: default batching reservation of a pipeline")
     serving_max_records: int = Field(4096, gt=0, description="serving: most records in one predict request")

@@ -54,6 +54,7 @@ class PipelineInfo:
     latency_budget_ms: float
     outputs: list[str] = field(default_factory=list)  # beside predict: "predict_proba", "decision_function"
     opaque_steps: list[str] = field(default_factory=list)  # steps run as opaque stages (in a worker process)
+    latency_critical: bool = False
 
 
 def _value(v: pb.Value) -> Any:
@@ -103,7 +104,7 @@ def _preds(resp: pb.PredictResponse) -> list[Prediction]:
 def _info(i: pb.PipelineInfo) -> PipelineInfo:
     return PipelineInfo(i.name, i.source, list(zip(i.input_names, i.input_kinds, strict=True)),
                         [_value(c) for c in i.classes], list(i.rules), list(i.stages), i.param_bytes,
-                        i.latency_budget_ms, list(i.outputs), list(i.opaque_steps))
+                        i.latency_budget_ms, list(i.outputs), list(i.opaque_steps), i.latency_critical)
 
 
 OUTPUTS = {"": pb.OUTPUT_DEFAULT, "predict_proba": pb.OUTPUT_PREDICT_PROBA,
@@ -209,7 +210,7 @@ class Client:
 
     # ------------------------------------------------------------------ pipelines
     def register(self, name: str, pipeline: Any, *, latency_budget_ms: float = 0.0, replace: bool = True,
-                 strict: bool = False, head_dtype: str = "float64") -> PipelineInfo:
+                 strict: bool = False, head_dtype: str = "float64", latency_critical: bool = False) -> PipelineInfo:
         """Serve ``pipeline`` (Flour or a fitted scikit-learn pipeline) as ``name``.
 
         Only parameters the cluster does not hold yet are sent; a pipeline that shares a
@@ -220,6 +221,8 @@ class Client:
         it instead, naming the step.
         ``head_dtype``: "float32" stores linear heads' weights in half the bytes, predictions equal within
         :data:`~tessera.serving.compact.FLOAT32_RTOL` (see :mod:`tessera.serving.compact`).
+        ``latency_critical``: the replicas' reserved executors serve it too, so a flood of
+        requests to other pipelines does not delay it.
         """
         ir = with_head_dtype(to_ir(pipeline, strict=strict), head_dtype)
         missing = list(self._call("FindMissingParameters", pb.FindMissingParametersRequest(hashes=list(ir.params))).missing)
@@ -234,7 +237,8 @@ class Client:
                 batch, size = [], 0
         if batch:
             self._call("UploadParameters", pb.UploadParametersRequest(tensors=batch))
-        spec = pb.PipelineSpec(name=name, graph_json=ir.graph.to_json(), latency_budget_ms=latency_budget_ms)
+        spec = pb.PipelineSpec(name=name, graph_json=ir.graph.to_json(), latency_budget_ms=latency_budget_ms,
+                               latency_critical=latency_critical)
         resp = self._call("Register", pb.RegisterRequest(pipeline=spec, replace=replace), failover=False)
         return _info(resp.info)
 

@@ -1,30 +1,24 @@
-"""The serving runtime of one replica: registered plans, one stage scheduler, an executor pool.
+"""The serving runtime of one replica: registered plans and the execution of their stages.
 
 - :class:`Engine` keeps the plans and the :class:`ParamStore`, validates records against a
-  pipeline's inputs and runs batches. A batch may mix pipelines: each source stage
-  (featurizer) present in it runs once over the distinct inputs of all its requests, and
-  every pipeline that shares it reads its rows (sub-plan materialization).
-- :class:`Scheduler` is the one event-driven scheduler of all pipelines: requests queue up
-  and are dispatched to the executor pool as batches, no later than each request's
-  latency budget allows (the reservation of its pipeline, minus the measured cost of a
-  batch), or as soon as a batch is full. Waiting is skipped while it gathers nothing
-  (a single caller waiting for each answer), so batching never costs an idle system latency.
+  pipeline's inputs and runs stages. A source stage (a featurizer) runs once over the
+  distinct inputs of all the requests given to it, whichever pipelines they belong to, and
+  every pipeline that shares it reads its rows (sub-plan materialization). Featurizer rows
+  are also kept across requests in an :class:`~tessera.serving.cache.OutputCache` keyed
+  by stage and input, so an input seen before is not featurized again.
+- The stage scheduler that feeds it requests as events is :mod:`tessera.serving.scheduler`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from opentelemetry import metrics
 
 from tessera.common.errors import (
     AlreadyExistsError,
@@ -33,14 +27,14 @@ from tessera.common.errors import (
     ResourceExhaustedError,
 )
 from tessera.serving import oven
+from tessera.serving.cache import OutputCache, Row, assemble, row_of
+from tessera.serving.csr import Csr
 from tessera.serving.ir import Graph, check_name
 from tessera.serving.models import DenseCompiler, Scores
 from tessera.serving.params import ParamStore
 
 log = logging.getLogger(__name__)
-_batch_records = metrics.get_meter("tessera.serving").create_histogram(
-    "tessera.serving.batch.size", unit="{record}", description="Records in each batch the stage scheduler ran",
-    explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+DEFAULT_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -56,13 +50,24 @@ class Prediction:
     decision: list[float] | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Registered:
     name: str
     plan: oven.Plan
     budget_ms: float
     params: list[str]
     version: int = 0
+    critical: bool = False  # latency-critical: served by the reserved executors too
+    consumers: list[list[int]] = field(default_factory=list)  # per stage: the stages that read its output
+    n_inputs: list[int] = field(default_factory=list)  # per stage: how many inputs it reads
+
+    def __post_init__(self) -> None:
+        stages = self.plan.stages
+        self.consumers = [[] for _ in stages]
+        for j, st in enumerate(stages):
+            for i in st.inputs:
+                self.consumers[i].append(j)
+        self.n_inputs = [len(st.inputs) for st in stages]
 
     @property
     def classes(self) -> list[Any] | None:
@@ -89,15 +94,36 @@ def to_predictions(s: Scores) -> list[Prediction]:
             for i, r, d in zip(idx, s.proba, s.decision, strict=True)]
 
 
-def _take_rows(X: Any, rows: np.ndarray, n_total: int) -> Any:
+def take_rows(X: Any, rows: np.ndarray, n_total: int) -> Any:
+    """Rows ``rows`` of a stage output of ``n_total`` rows (the output itself when that is all of them, in order)."""
     if rows.size == n_total and np.array_equal(rows, np.arange(n_total)):
         return X
+    if rows.size == 1 and isinstance(X, Csr):  # one record (most requests): its row's slice, copied
+        s, e = int(X.indptr[rows[0]]), int(X.indptr[rows[0] + 1])
+        return Csr(X.data[s:e].copy(), X.indices[s:e].copy(), np.array([0, e - s], dtype=np.int64), X.shape[1])
     return X[rows]
+
+
+def distinct_rows(st: oven.Stage, cols: dict[str, list[Any]], n: int, index: dict[tuple[Any, ...], int],
+                  uniq: list[tuple[Any, ...]]) -> np.ndarray:
+    """For each of ``n`` records, the row of its input (the values of ``st.fields``) among the
+    distinct inputs ``uniq`` of a source stage's run; inputs not seen yet are added."""
+    rows = np.empty(n, dtype=np.int64)
+    fc = [cols[f] for f in st.fields]
+    for i in range(n):
+        k = tuple(c[i] for c in fc)
+        j = index.get(k)
+        if j is None:
+            j = index[k] = len(uniq)
+            uniq.append(k)
+        rows[i] = j
+    return rows
 
 
 class Engine:
     def __init__(self, *, max_records: int = 4096, max_text_chars: int = 100_000, prune: bool = True,
-                 blackbox: bool = True, compiler: DenseCompiler | None = None) -> None:
+                 blackbox: bool = True, compiler: DenseCompiler | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.store = ParamStore()
         self.blackbox = blackbox  # opaque steps (pickles run in a worker process) accepted
         self.compiler = compiler  # builds dense heads into kernels at registration
@@ -105,14 +131,20 @@ class Engine:
         self.max_records = max_records
         self.max_text_chars = max_text_chars
         self.prune = prune
+        self.cache = OutputCache(cache_bytes)  # featurizer rows kept across requests
         self.stage_runs: Counter[str] = Counter()  # source-stage key -> times run
-        self.rows_computed = 0
-        self.rows_reused = 0
+        self.rows_computed = 0  # rows source stages computed
+        self.rows_reused = 0  # rows asked of a source stage beyond the distinct inputs of its run (shared in a batch)
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._plain: set[str] = set()  # source stages whose output is not a CSR matrix: never cached
+        self._widths: dict[str, int] = {}  # columns of each cached source stage's output
 
     # ------------------------------------------------------------------ registry
-    def register(self, name: str, graph: Graph, *, budget_ms: float = 5.0, replace: bool = True) -> Registered:
-        """Compile ``graph`` (its parameters must be in the store) and serve it as ``name``."""
+    def register(self, name: str, graph: Graph, *, budget_ms: float = 5.0, replace: bool = True,
+                 critical: bool = False) -> Registered:
+        """Compile ``graph`` (its parameters must be in the store) and serve it as ``name``;
+        ``critical``: latency-critical (the scheduler's reserved executors serve it)."""
         check_name(name)
         if budget_ms < 0 or budget_ms > 60_000:
             raise InvalidArgumentError(f"latency budget must be 0..60000 ms, got {budget_ms}")
@@ -128,13 +160,14 @@ class Engine:
         except Exception:
             self.store.drop_unreferenced()
             raise
-        reg = Registered(name, plan, budget_ms, hashes)
+        reg = Registered(name, plan, budget_ms, hashes, critical=critical)
         with self._lock:
             self.store.retain(hashes, plan.shared_keys)
             old = self.pipelines.get(name)
             self.pipelines[name] = reg
         if old is not None:
             self.store.release(old.params, old.plan.shared_keys)
+            self._forget_stages(old)
         return reg
 
     def unregister(self, name: str) -> list[str]:
@@ -142,7 +175,16 @@ class Engine:
             reg = self.pipelines.pop(name, None)
         if reg is None:
             raise NotFoundError(f"no pipeline named {name!r}")
+        self._forget_stages(reg)
         return self.store.release(reg.params, reg.plan.shared_keys)
+
+    def _forget_stages(self, gone: Registered) -> None:
+        """Drop the kept rows of source stages that no pipeline runs any more."""
+        with self._lock:
+            live = {st.key for r in self.pipelines.values() for st in r.plan.stages if not st.inputs}
+        for st in gone.plan.stages:
+            if not st.inputs and st.key not in live:
+                self.cache.drop_stage(st.key)
 
     def get(self, name: str) -> Registered:
         reg = self.pipelines.get(name)
@@ -195,9 +237,48 @@ class Engine:
         return cols
 
     # ------------------------------------------------------------------ execution
+    def source_output(self, st: oven.Stage, uniq: Sequence[tuple[Any, ...]]) -> Any:
+        """The output of source stage ``st`` for the distinct inputs ``uniq`` (a tuple of the
+        values of ``st.fields`` each): one row per input, in order. Rows kept in the cache
+        are reused; the others are computed in one call and kept."""
+        n = len(uniq)
+        cached = self.cache.enabled and st.kind == "featurize" and st.key not in self._plain
+        found: list[Row | None] = self.cache.get_many(st.key, uniq) if cached else [None] * n
+        miss = [j for j, r in enumerate(found) if r is None]
+        X: Any = None
+        if miss:
+            mk = uniq if len(miss) == n else [uniq[j] for j in miss]
+            X = st.fn({f: [u[j] for u in mk] for j, f in enumerate(st.fields)}, len(mk))
+            with self._stats_lock:
+                self.stage_runs[st.key] += 1
+                self.rows_computed += len(mk)
+            if cached:
+                if isinstance(X, Csr):
+                    self._widths[st.key] = X.shape[1]
+                    rows = [row_of(X, i) for i in range(len(mk))]
+                    self.cache.put_many(st.key, list(zip(mk, rows, strict=True)))
+                    if len(miss) < n:
+                        for j, r in zip(miss, rows, strict=True):
+                            found[j] = r
+                else:
+                    self._plain.add(st.key)
+        if len(miss) == n:
+            return X
+        return assemble([r for r in found if r is not None], self._widths[st.key])
+
+    def note_reuse(self, asked: int, distinct: int) -> None:
+        """``asked`` rows of a source stage were served by ``distinct`` inputs' rows (the rest shared)."""
+        with self._stats_lock:
+            self.rows_reused += asked - distinct
+
+    def run_stage(self, reg: Registered, i: int, outs: list[Any]) -> Any:
+        """Stage ``i`` (not a source) of ``reg``'s plan on the outputs of its inputs."""
+        st = reg.plan.stages[i]
+        return st.fn(*(outs[j] for j in st.inputs))
+
     def execute(self, items: Sequence[tuple[Registered, dict[str, list[Any]], int]]) -> list[list[Prediction]]:
-        """Run a batch of requests (possibly of many pipelines); shared source stages run once."""
-        # 1. source stages, grouped by content key over every request in the batch
+        """Run requests (possibly of many pipelines) to the end, synchronously: each source
+        stage once over the distinct inputs of all of them, then the rest of each plan."""
         groups: dict[str, tuple[oven.Stage, dict[tuple[Any, ...], int], list[tuple[Any, ...]]]] = {}
         wants: list[dict[int, tuple[str, np.ndarray]]] = []
         for reg, cols, n in items:
@@ -207,35 +288,21 @@ class Engine:
                 g = groups.get(st.key)
                 if g is None:
                     g = groups[st.key] = (st, {}, [])
-                index, uniq = g[1], g[2]
-                rows = np.empty(n, dtype=np.int64)
-                fc = [cols[f] for f in st.fields]
-                for i in range(n):
-                    k = tuple(c[i] for c in fc)
-                    j = index.get(k)
-                    if j is None:
-                        j = index[k] = len(uniq)
-                        uniq.append(k)
-                    rows[i] = j
-                w[si] = (st.key, rows)
+                w[si] = (st.key, distinct_rows(st, cols, n, g[1], g[2]))
             wants.append(w)
-        outputs: dict[str, tuple[Any, int]] = {}
-        for key, (st, _, uniq) in groups.items():
-            ucols = {f: [u[j] for u in uniq] for j, f in enumerate(st.fields)}
-            outputs[key] = (st.fn(ucols, len(uniq)), len(uniq))
-            self.stage_runs[key] += 1
-            self.rows_computed += len(uniq)
-        # 2. the rest of each plan on its rows
+        outputs = {key: (self.source_output(st, uniq), len(uniq)) for key, (st, _, uniq) in groups.items()}
+        self.note_reuse(sum(rows.size for w in wants for _, rows in w.values()),
+                        sum(total for _, total in outputs.values()))
         results = []
-        for (reg, cols, n), w in zip(items, wants, strict=True):
-            sources = {}
+        for (reg, _, _), w in zip(items, wants, strict=True):
+            outs: list[Any] = [None] * len(reg.plan.stages)
             for si, (key, rows) in w.items():
                 X, total = outputs[key]
-                sources[si] = _take_rows(X, rows, total)
-            scores = oven.run(reg.plan, cols, n, sources=sources)
-            results.append(to_predictions(scores))
-        asked = sum(rows.size for w in wants for _, rows in w.values())
-        self.rows_reused += asked - sum(total for _, total in outputs.values())
+                outs[si] = take_rows(X, rows, total)
+            for i, st in enumerate(reg.plan.stages):
+                if st.inputs:
+                    outs[i] = self.run_stage(reg, i, outs)
+            results.append(to_predictions(outs[-1]))
         return results
 
     def predict(self, name: str, records: Sequence[Any]) -> list[Prediction]:
@@ -248,149 +315,3 @@ class Engine:
         s["plan_bytes"] = sum(r.plan.extra_bytes for r in self.pipelines.values())
         s["total_bytes"] = s["array_bytes"] + s["table_bytes"] + s["plan_bytes"]
         return s
-
-
-@dataclass
-class _Request:
-    reg: Registered
-    cols: dict[str, list[Any]]
-    n: int
-    deadline: float
-    future: asyncio.Future[list[Prediction]]
-
-
-class Scheduler:
-    """One scheduler for every pipeline of the replica (see module doc)."""
-
-    def __init__(self, engine: Engine, *, workers: int = 2, max_batch: int = 64, inline_rows: int = 4,
-                 max_queued: int = 65536) -> None:
-        self.engine = engine
-        self.max_queued = max_queued  # records waiting for an executor; more are refused (back-pressure)
-        self.queued = 0
-        self.inline_rows = inline_rows  # batches this small run on the event loop (no thread handoff)
-        self.workers = workers
-        self.max_batch = max_batch
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serving-exec")
-        self._queue: list[_Request] = []
-        self._wake: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.cost_s = 0.0005  # EWMA of one batch's execution time
-        self.wait_gain = 1.0  # EWMA of the requests that waiting for the budget gathered
-        self._probe = 0
-        self.batches = 0
-        self.batch_sizes: Counter[int] = Counter()
-
-    def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.workers)
-        self._task = asyncio.create_task(self._loop(), name="serving-scheduler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for r in self._queue:
-            if not r.future.done():
-                r.future.cancel()
-        self._queue.clear()
-        self.queued = 0
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    async def submit(self, name: str, records: Sequence[Any]) -> list[Prediction]:
-        reg = self.engine.get(name)
-        return await self.submit_checked(reg, self.engine.columns(reg, records), len(records))
-
-    async def submit_checked(self, reg: Registered, cols: dict[str, list[Any]], n: int) -> list[Prediction]:
-        assert self._wake is not None, "scheduler not started"
-        if self.queued + n > self.max_queued:
-            raise ResourceExhaustedError(
-                f"the serving queue is full: {self.queued} records wait, {n} more would pass the limit of "
-                f"{self.max_queued} (serving_max_queued_records); retry later or on another replica")
-        fut: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
-        self.queued += n
-        self._queue.append(_Request(reg, cols, n, time.monotonic() + reg.budget_ms / 1000.0, fut))
-        self._wake.set()
-        return await fut
-
-    async def _loop(self) -> None:
-        assert self._wake is not None and self._slots is not None
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            await self._slots.acquire()  # a free executor: now decide what it runs
-            # wait for more requests while every queued one can still make its budget, unless
-            # waiting has stopped paying (a lone sequential caller: nothing else ever arrives);
-            # every 16th batch waits anyway, to notice when traffic picks up
-            self._probe += 1
-            wait = self.wait_gain >= 0.25 or self._probe % 16 == 0
-            queued = len(self._queue)
-            while wait and self._queue:
-                size = sum(r.n for r in self._queue)
-                if size >= self.max_batch:
-                    break
-                slack = min(r.deadline for r in self._queue) - time.monotonic() - self.cost_s
-                if slack <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=slack)
-                except TimeoutError:
-                    break
-            if wait:
-                self.wait_gain = 0.7 * self.wait_gain + 0.3 * (len(self._queue) - queued)
-            if not self._queue:
-                self._slots.release()
-                continue
-            batch: list[_Request] = []
-            total = 0
-            self._queue.sort(key=lambda r: r.deadline)
-            while self._queue and (not batch or total + self._queue[0].n <= self.max_batch):
-                r = self._queue.pop(0)
-                self.queued -= r.n
-                batch.append(r)
-                total += r.n
-            asyncio.get_running_loop().create_task(self._run(batch))
-
-    async def _execute(self, items: list[tuple[Registered, dict[str, list[Any]], int]]) -> list[list[Prediction]]:
-        if sum(n for _, _, n in items) <= self.inline_rows:
-            return self.engine.execute(items)  # sub-millisecond: a thread handoff would cost more
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.execute, items)
-
-    async def _run(self, batch: list[_Request]) -> None:
-        assert self._slots is not None
-        t0 = time.monotonic()
-        try:
-            live = [r for r in batch if not r.future.done()]
-            items = [(r.reg, r.cols, r.n) for r in live]
-            try:
-                results = await self._execute(items)
-            except Exception:
-                if len(live) == 1:
-                    raise
-                # one bad request (an unknown category, say) must not fail the others batched with it
-                for r, item in zip(live, items, strict=True):
-                    try:
-                        res1 = (await self._execute([item]))[0]
-                    except Exception as e1:
-                        if not r.future.done():
-                            r.future.set_exception(e1)
-                    else:
-                        if not r.future.done():
-                            r.future.set_result(res1)
-                return
-            for r, res in zip(live, results, strict=True):
-                if not r.future.done():
-                    r.future.set_result(res)
-        except Exception as e:
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(e)
-        finally:
-            self._slots.release()
-            dt = time.monotonic() - t0
-            self.cost_s = 0.8 * self.cost_s + 0.2 * dt
-            self.batches += 1
-            _batch_records.record(sum(r.n for r in batch))
-            self.batch_sizes[sum(r.n for r in batch)] += 1

@@ -20,8 +20,9 @@ from opentelemetry import metrics
 
 from tessera.common import heap
 from tessera.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from tessera.serving.engine import Engine, Prediction, Registered, Scheduler
+from tessera.serving.engine import Engine, Prediction, Registered
 from tessera.serving.ir import Graph, check_name, check_tensor
+from tessera.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Spec(Protocol):
     graph_json: str
     latency_budget_ms: float
     registered_ms: int
+    latency_critical: bool
 
 
 class Cluster(Protocol):
@@ -84,7 +86,8 @@ class Replica:
                 self.engine.store.put(h, arr)
         budget = spec.latency_budget_ms if spec.latency_budget_ms > 0 else self.default_budget_ms
         try:
-            reg = await asyncio.to_thread(self.engine.register, spec.name, graph, budget_ms=budget)
+            reg = await asyncio.to_thread(self.engine.register, spec.name, graph, budget_ms=budget,
+                                          critical=spec.latency_critical)
         finally:
             self._trim_soon()
         reg.version = int(spec.registered_ms)
@@ -206,7 +209,7 @@ class Replica:
             regs = [await self.ensure(n) for n, _ in requests]
             items = [(reg, self.engine.columns(reg, recs), len(recs))
                      for reg, (_, recs) in zip(regs, requests, strict=True)]
-            return await asyncio.get_running_loop().run_in_executor(self.scheduler.pool, self.engine.execute, items)
+            return await self.scheduler.submit_many(items)
         except Exception as e:
             error = type(e).__name__
             raise

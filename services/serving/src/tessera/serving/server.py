@@ -31,9 +31,10 @@ from tessera.common.service import ServiceApp
 from tessera.serving import workers
 from tessera.serving.cluster import PIPELINES, ClusterStore
 from tessera.serving.compiled import CompilerLink
-from tessera.serving.engine import Engine, Scheduler
+from tessera.serving.engine import Engine
 from tessera.serving.http import HttpFrontEnd
 from tessera.serving.replica import Replica
+from tessera.serving.scheduler import Scheduler
 from tessera.serving.servicer import ServingServicer
 
 NAME = "serving"
@@ -47,18 +48,34 @@ _OPS = {cpb.CHANGE_OP_CREATED: "created", cpb.CHANGE_OP_UPDATED: "updated", cpb.
 
 
 def observe_replica(engine: Engine, scheduler: Scheduler) -> None:
-    """The replica's figures as metrics, read at each collection: shared-stage reuse (the cache hits of
-    white-box serving: rows a shared featurizer computed once for several pipelines), pipelines, queued records."""
+    """The replica's figures as metrics, read at each collection: shared-stage reuse (rows a shared featurizer
+    computed once for several pipelines of a batch), the cache of featurizer outputs kept across requests,
+    pipelines, queued records, batches."""
     scope = "tessera.serving"
     observe(scope, "tessera.serving.rows", lambda: [(engine.rows_computed, {"tessera.serving.row": "computed"}),
                                                     (engine.rows_reused, {"tessera.serving.row": "reused"})],
             kind="counter", unit="{row}", description="Rows of shared stages computed, and reused instead of computed")
+    cache = engine.cache
+    observe(scope, "tessera.serving.cache.lookups", lambda: [(cache.hits, {"tessera.serving.cache.result": "hit"}),
+                                                             (cache.misses, {"tessera.serving.cache.result": "miss"})],
+            kind="counter", unit="{lookup}", description="Featurizer inputs looked up in the cache of outputs kept "
+                                                        "across requests, found (hit) or featurized (miss)")
+    observe(scope, "tessera.serving.cache.hit_rate", lambda: cache.hit_rate, unit="1",
+            description="Share of featurizer inputs found in the cache since the replica started")
+    observe(scope, "tessera.serving.cache.size", lambda: cache.bytes, unit="By",
+            description="Bytes the cache of featurizer outputs holds (bounded by serving_cache_bytes)")
+    observe(scope, "tessera.serving.cache.evictions", lambda: cache.evictions, kind="counter", unit="{entry}",
+            description="Cache entries evicted to stay within the bound")
     observe(scope, "tessera.serving.pipelines", lambda: len(engine.pipelines), unit="{pipeline}",
             description="Pipelines loaded in this replica")
     observe(scope, "tessera.serving.queued", lambda: scheduler.queued, unit="{record}",
             description="Records waiting for the stage scheduler")
     observe(scope, "tessera.serving.batches", lambda: scheduler.batches, kind="counter", unit="{batch}",
-            description="Batches the stage scheduler ran")
+            description="Batches the source stages (featurizers) ran")
+    observe(scope, "tessera.serving.stage.batches",
+            lambda: [(scheduler.stage_batches - scheduler.reserved_runs, {"tessera.serving.executor": "shared"}),
+                     (scheduler.reserved_runs, {"tessera.serving.executor": "reserved"})],
+            kind="counter", unit="{batch}", description="Batches of every stage the executors ran, by executor kind")
 
 
 def build(settings: Settings) -> ServiceApp:
@@ -67,9 +84,9 @@ def build(settings: Settings) -> ServiceApp:
     cluster = ClusterStore(stub, timeout=settings.rpc_timeout_s)
     compiler = CompilerLink(settings) if settings.serving_compile_dense else None
     engine = Engine(max_records=settings.serving_max_records, max_text_chars=settings.serving_max_text_chars,
-                    blackbox=settings.serving_blackbox_stages, compiler=compiler)
-    scheduler = Scheduler(engine, workers=settings.serving_workers, max_batch=settings.serving_max_batch,
-                          max_queued=settings.serving_max_queued_records)
+                    blackbox=settings.serving_blackbox_stages, compiler=compiler, cache_bytes=settings.serving_cache_bytes)
+    scheduler = Scheduler(engine, workers=settings.serving_workers, reserved=settings.serving_reserved_workers,
+                          max_batch=settings.serving_max_batch, max_queued=settings.serving_max_queued_records)
     replica = Replica(engine, scheduler, cluster, instance_id=settings.resolved_instance_id,
                       default_budget_ms=settings.serving_latency_budget_ms)
     # the HTTP front end requires the same token as the gRPC server (none when authentication is off)

@@ -75,7 +75,7 @@ def info_of(spec: Any, reg: Registered | None, graph: Graph, replica: Replica) -
     classes = head.attrs.get("classes") or []
     info = pb.PipelineInfo(name=spec.name, source=graph.source, input_names=[f.name for f in graph.inputs],
                            input_kinds=[f.kind for f in graph.inputs], classes=[py_to_value(c) for c in classes],
-                           latency_budget_ms=spec.latency_budget_ms)
+                           latency_budget_ms=spec.latency_budget_ms, latency_critical=spec.latency_critical)
     info.opaque_steps.extend(str(n.attrs.get("estimator", "?")) for n in graph.nodes if n.op == "blackbox")
     if reg is not None:
         info.outputs.extend(reg.outputs)
@@ -132,8 +132,16 @@ class ServingServicer:
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
         e = self.replica.engine
         m = e.memory()
+        c = e.cache.stats()
+        sched = self.replica.scheduler.stats()
         return pb.GetStatsResponse(instance_id=self.replica.instance_id, pipelines=len(e.pipelines),
                                    param_arrays=m["arrays"], param_bytes=m["array_bytes"], table_bytes=m["table_bytes"],
-                                   plan_bytes=m["plan_bytes"], batches=self.replica.scheduler.batches,
+                                   plan_bytes=m["plan_bytes"], batches=sched["batches"],
                                    rows_computed=e.rows_computed, rows_reused=e.rows_reused,
-                                   http_address=self.http_address)
+                                   http_address=self.http_address,
+                                   cache_hits=int(c["hits"]), cache_misses=int(c["misses"]), cache_hit_rate=c["hit_rate"],
+                                   cache_entries=int(c["entries"]), cache_bytes=int(c["bytes"]),
+                                   cache_capacity_bytes=int(c["capacity_bytes"]), cache_evictions=int(c["evictions"]),
+                                   executors=sched["executors"], reserved_executors=sched["reserved_executors"],
+                                   stage_queues=sched["stage_queues"], stage_batches=sched["stage_batches"],
+                                   reserved_batches=sched["reserved_runs"], queued_records=sched["queued"])

@@ -98,6 +98,7 @@ class PipelineSpec(_message.Message):
     GRAPH_JSON_FIELD_NUMBER: _builtins.int
     LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
     REGISTERED_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_CRITICAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     graph_json: _builtins.str
     """the IR graph (tessera.serving.ir.Graph)"""
@@ -105,6 +106,10 @@ class PipelineSpec(_message.Message):
     """the pipeline's reservation: longest a request may wait to be batched"""
     registered_ms: _builtins.int
     """set by the server"""
+    latency_critical: _builtins.bool
+    """Latency-critical: the stage scheduler's reserved executors serve it too, so a flood of requests to
+    other pipelines does not delay it.
+    """
     def __init__(
         self,
         *,
@@ -112,10 +117,11 @@ class PipelineSpec(_message.Message):
         graph_json: _builtins.str = ...,
         latency_budget_ms: _builtins.float = ...,
         registered_ms: _builtins.int = ...,
+        latency_critical: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_json", b"graph_json", "latency_budget_ms", b"latency_budget_ms", "name", b"name", "registered_ms", b"registered_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_json", b"graph_json", "latency_budget_ms", b"latency_budget_ms", "latency_critical", b"latency_critical", "name", b"name", "registered_ms", b"registered_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,12 +142,14 @@ class PipelineInfo(_message.Message):
     LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     OPAQUE_STEPS_FIELD_NUMBER: _builtins.int
+    LATENCY_CRITICAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """e.g. "sklearn:Pipeline", "flour" """
     param_bytes: _builtins.int
     """bytes of the parameters it references (shared ones included)"""
     latency_budget_ms: _builtins.float
+    latency_critical: _builtins.bool
     @_builtins.property
     def input_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -182,10 +190,11 @@ class PipelineInfo(_message.Message):
         latency_budget_ms: _builtins.float = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         opaque_steps: _abc.Iterable[_builtins.str] | None = ...,
+        latency_critical: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "input_kinds", b"input_kinds", "input_names", b"input_names", "latency_budget_ms", b"latency_budget_ms", "name", b"name", "opaque_steps", b"opaque_steps", "outputs", b"outputs", "param_bytes", b"param_bytes", "rules", b"rules", "source", b"source", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "input_kinds", b"input_kinds", "input_names", b"input_names", "latency_budget_ms", b"latency_budget_ms", "latency_critical", b"latency_critical", "name", b"name", "opaque_steps", b"opaque_steps", "outputs", b"outputs", "param_bytes", b"param_bytes", "rules", b"rules", "source", b"source", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -610,6 +619,19 @@ class GetStatsResponse(_message.Message):
     ROWS_COMPUTED_FIELD_NUMBER: _builtins.int
     ROWS_REUSED_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    CACHE_MISSES_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
+    CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_EVICTIONS_FIELD_NUMBER: _builtins.int
+    EXECUTORS_FIELD_NUMBER: _builtins.int
+    RESERVED_EXECUTORS_FIELD_NUMBER: _builtins.int
+    STAGE_QUEUES_FIELD_NUMBER: _builtins.int
+    STAGE_BATCHES_FIELD_NUMBER: _builtins.int
+    RESERVED_BATCHES_FIELD_NUMBER: _builtins.int
+    QUEUED_RECORDS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     pipelines: _builtins.int
     param_arrays: _builtins.int
@@ -626,6 +648,33 @@ class GetStatsResponse(_message.Message):
     """featurizer outputs reused by another pipeline of the same batch"""
     http_address: _builtins.str
     """host:port of the HTTP/JSON front end"""
+    cache_hits: _builtins.int
+    """The stage scheduler's cache of featurizer outputs kept across requests (keyed by stage and input).
+    inputs whose featurizer row was found
+    """
+    cache_misses: _builtins.int
+    """inputs that were featurized"""
+    cache_hit_rate: _builtins.float
+    """hits / (hits + misses); 0 before any lookup"""
+    cache_entries: _builtins.int
+    cache_bytes: _builtins.int
+    """rows, keys and per-entry overhead held now"""
+    cache_capacity_bytes: _builtins.int
+    """serving_cache_bytes; 0: nothing is kept"""
+    cache_evictions: _builtins.int
+    executors: _builtins.int
+    """The stage scheduler: its executors, the queues of physical stages, and the batches they ran.
+    shared executor threads
+    """
+    reserved_executors: _builtins.int
+    """threads that serve latency-critical pipelines only"""
+    stage_queues: _builtins.int
+    stage_batches: _builtins.int
+    """batches of every stage (batches counts those of source stages)"""
+    reserved_batches: _builtins.int
+    """batches the reserved executors ran"""
+    queued_records: _builtins.int
+    """records waiting for a source stage now"""
     def __init__(
         self,
         *,
@@ -639,10 +688,23 @@ class GetStatsResponse(_message.Message):
         rows_computed: _builtins.int = ...,
         rows_reused: _builtins.int = ...,
         http_address: _builtins.str = ...,
+        cache_hits: _builtins.int = ...,
+        cache_misses: _builtins.int = ...,
+        cache_hit_rate: _builtins.float = ...,
+        cache_entries: _builtins.int = ...,
+        cache_bytes: _builtins.int = ...,
+        cache_capacity_bytes: _builtins.int = ...,
+        cache_evictions: _builtins.int = ...,
+        executors: _builtins.int = ...,
+        reserved_executors: _builtins.int = ...,
+        stage_queues: _builtins.int = ...,
+        stage_batches: _builtins.int = ...,
+        reserved_batches: _builtins.int = ...,
+        queued_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "http_address", b"http_address", "instance_id", b"instance_id", "param_arrays", b"param_arrays", "param_bytes", b"param_bytes", "pipelines", b"pipelines", "plan_bytes", b"plan_bytes", "rows_computed", b"rows_computed", "rows_reused", b"rows_reused", "table_bytes", b"table_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "cache_bytes", b"cache_bytes", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_entries", b"cache_entries", "cache_evictions", b"cache_evictions", "cache_hit_rate", b"cache_hit_rate", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "executors", b"executors", "http_address", b"http_address", "instance_id", b"instance_id", "param_arrays", b"param_arrays", "param_bytes", b"param_bytes", "pipelines", b"pipelines", "plan_bytes", b"plan_bytes", "queued_records", b"queued_records", "reserved_batches", b"reserved_batches", "reserved_executors", b"reserved_executors", "rows_computed", b"rows_computed", "rows_reused", b"rows_reused", "stage_batches", b"stage_batches", "stage_queues", b"stage_queues", "table_bytes", b"table_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
