@@ -60,6 +60,20 @@ def test_up_and_status_print_the_capacity_chosen(cluster: Sized) -> None:
     assert re.search(rf"node {node[:8]} 0MiB/\S+ used \(0% of capacity\)", text), text
 
 
+def test_the_store_warms_a_bounded_headroom_of_its_arena(cluster: Sized) -> None:
+    """The default store keeps 1 GiB (at most half the arena) allocated ahead of its objects, and no more."""
+    capacity = cluster.proc("object-store")["capacity"]
+    headroom = min(2**30, capacity // 2)
+    arena = ARENA_DIR / f"tessera-{cluster.node_ids()[0]}.arena"
+    deadline = time.monotonic() + 60
+    while arena.stat().st_blocks * 512 < headroom:
+        assert time.monotonic() < deadline, f"{arena.stat().st_blocks * 512} of {headroom} bytes warmed in 60s"
+        time.sleep(0.1)
+    time.sleep(0.5)  # an idle store goes no further
+    assert arena.stat().st_blocks * 512 < headroom + 64 * MiB
+    assert cluster.proc("object-store")["used"] == 0
+
+
 def test_a_client_maps_the_arena_lazily(cluster: Sized) -> None:
     capacity = cluster.proc("object-store")["capacity"]
     assert capacity >= 512 * MiB, "the test needs a store larger than what it checks against"

@@ -23,7 +23,7 @@ class Allocator:
     ``ValueError``: it is a bug of the caller, never a client's error.
     """
 
-    __slots__ = ("align", "capacity", "_mask", "_starts", "_sizes", "_by_size", "_free")
+    __slots__ = ("align", "capacity", "high_water", "_mask", "_starts", "_sizes", "_by_size", "_free")
 
     def __init__(self, capacity: int, align: int = 64) -> None:
         if align <= 0 or align & (align - 1):
@@ -37,6 +37,7 @@ class Allocator:
         self._sizes: dict[int, int] = {}  # hole offset -> hole size
         self._by_size: list[tuple[int, int]] = []  # (size, offset), ascending
         self._free = self.capacity
+        self.high_water = 0  # the end of the highest block ever allocated: below it, pages have been used
         if self.capacity:
             self._add(0, self.capacity, 0)
 
@@ -70,6 +71,7 @@ class Allocator:
         """An independent allocator with the same holes (to try a sequence of frees)."""
         other = Allocator.__new__(Allocator)
         other.align, other._mask, other.capacity, other._free = self.align, self._mask, self.capacity, self._free
+        other.high_water = self.high_water
         other._starts = self._starts.copy()
         other._sizes = self._sizes.copy()
         other._by_size = self._by_size.copy()
@@ -100,6 +102,8 @@ class Allocator:
             self._sizes[rest] = hole - n
             insort(by_size, (hole - n, rest))
         self._free -= n
+        if start + n > self.high_water:
+            self.high_water = start + n
         return start
 
     def free(self, offset: int, size: int) -> None:

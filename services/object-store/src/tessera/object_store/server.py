@@ -31,6 +31,7 @@ from tessera.object_store.manager import ObjectManager
 from tessera.object_store.node import Chunk, Located, NodeObjectStore, freed_message
 from tessera.object_store.servicer import ObjectStoreServicer
 from tessera.object_store.transfer_net import TransferClient, TransferServer
+from tessera.object_store.warm import Warmer, headroom_for
 
 NAME = "object-store"
 SERVICE = "tessera.object_store.v1.ObjectStoreService"
@@ -294,6 +295,8 @@ def build(settings: Settings) -> ServiceApp:
                                             inline_threshold=settings.object_store_inline_threshold,
                                             chunk_bytes=settings.object_store_chunk_bytes,
                                             transfer=transfer_client.fetch_range)
+    warmer = Warmer(arena, lambda: manager.alloc.high_water,
+                    0 if settings.object_store_prefault else headroom_for(settings.object_store_warm_bytes, capacity))
     transfer_server = TransferServer(node, arena_path, host=settings.grpc_host, port=settings.object_store_transfer_port,
                                      token=token, timeout_s=settings.rpc_timeout_s)
     sessions: set[str] = set()  # gRPC and local sessions alike
@@ -351,6 +354,7 @@ def build(settings: Settings) -> ServiceApp:
         if settings.object_store_prefault:
             await asyncio.to_thread(arena.prefault)
         await transfer_server.start()
+        warmer.start()
         node.start()
         if app.bus is not None:
             await app.bus.subscribe("tessera.events.objects.deleted", on_freed)
@@ -368,6 +372,7 @@ def build(settings: Settings) -> ServiceApp:
         await transfer_client.close()
         await peers.close()
         await directory.channel.close()
+        await asyncio.to_thread(warmer.stop)
         manager.close()  # a graceful stop: this node leaves, its spill files go too
         arena.close()
         arena.unlink()
