@@ -61,9 +61,9 @@ def test_up_and_status_print_the_capacity_chosen(cluster: Sized) -> None:
 
 
 def test_the_store_warms_a_bounded_headroom_of_its_arena(cluster: Sized) -> None:
-    """The default store keeps 1 GiB (at most half the arena) allocated ahead of its objects, and no more."""
+    """The default store keeps 256 MiB (at most half the arena) allocated ahead of its objects, and no more."""
     capacity = cluster.proc("object-store")["capacity"]
-    headroom = min(2**30, capacity // 2)
+    headroom = min(256 * MiB, capacity // 2)
     arena = ARENA_DIR / f"tessera-{cluster.node_ids()[0]}.arena"
     deadline = time.monotonic() + 60
     while arena.stat().st_blocks * 512 < headroom:
