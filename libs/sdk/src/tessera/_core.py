@@ -46,7 +46,6 @@ from tessera.exceptions import (
 
 log = logging.getLogger(__name__)
 
-E = pb.ErrorKind
 #: How long a get of a stored object waits before checking whether it was lost.
 LOST_CHECK_S = 1.0
 #: How often the owner counts dropped refs and frees what nothing references.
@@ -116,15 +115,15 @@ def task_error(err: pb.TaskError, name: str) -> BaseException:
     """The exception ``get`` raises for a failed task."""
     kind = err.kind
     where = f"{name}: " if name else ""
-    if kind == E.ERROR_KIND_WORKER_CRASHED:
+    if kind == pb.ERROR_KIND_WORKER_CRASHED:
         return WorkerCrashedError(where + err.message)
-    if kind == E.ERROR_KIND_ACTOR_DIED:
+    if kind == pb.ERROR_KIND_ACTOR_DIED:
         return ActorDiedError(where + err.message)
-    if kind == E.ERROR_KIND_CANCELLED:
+    if kind == pb.ERROR_KIND_CANCELLED:
         return TaskCancelledError(where + err.message)
-    if kind == E.ERROR_KIND_UNSCHEDULABLE:
+    if kind == pb.ERROR_KIND_UNSCHEDULABLE:
         return TaskUnschedulableError(err.message)
-    if kind == E.ERROR_KIND_OBJECT_LOST:
+    if kind == pb.ERROR_KIND_OBJECT_LOST:
         return ObjectLostError(where + err.message)
     cause: BaseException | None = None
     if err.exception:
@@ -376,7 +375,7 @@ class Core:
         """Whether failed ``r`` is sent again (retry_exceptions, within max_retries); caller holds cond."""
         which = self.retry_exceptions.get(r.task_id)
         spec = self.pending.get(r.task_id)
-        if not which or spec is None or r.error.kind != E.ERROR_KIND_TASK:
+        if not which or spec is None or r.error.kind != pb.ERROR_KIND_TASK:
             return False
         if 0 <= spec.max_retries <= max(spec.attempt, r.attempt):
             return False
@@ -435,7 +434,7 @@ class Core:
         if r.HasField("error"):
             err = r.error
         elif len(st.items) < r.stream_items:
-            err = pb.TaskError(kind=E.ERROR_KIND_WORKER_CRASHED,
+            err = pb.TaskError(kind=pb.ERROR_KIND_WORKER_CRASHED,
                                message=f"{r.stream_items - len(st.items)} of its {r.stream_items} values never arrived")
         else:
             return
@@ -650,7 +649,7 @@ class Core:
                                  "the actor")
             spec = self.held.pop(tid, None)
             if spec is not None:
-                self._fail_locally(spec, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled"), spec.name)
+                self._fail_locally(spec, pb.TaskError(kind=pb.ERROR_KIND_CANCELLED, message="cancelled"), spec.name)
                 return
             if tid not in self.pending:
                 return
@@ -664,7 +663,7 @@ class Core:
                     and not (force and s.kind == pb.TaskKind.TASK_KIND_ACTOR_METHOD)]
             for s in held:
                 del self.held[s.task_id]
-                self._fail_locally(s, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled (its parent was)"),
+                self._fail_locally(s, pb.TaskError(kind=pb.ERROR_KIND_CANCELLED, message="cancelled (its parent was)"),
                                    s.name)
         if sent:
             self._send(pb.ClientFrame(cancel=sent, force=force, recursive=True))

@@ -56,8 +56,6 @@ NAME = "task-scheduler"
 #: The name a replica running only the global scheduler (TESSERA_TASK_SCHEDULER_ROLE=global) registers under.
 GLOBAL_NAME = "global-scheduler"
 SERVICE = "tessera.task_scheduler.v1.TaskSchedulerService"
-K = pb.TaskKind
-E = pb.ErrorKind
 LOAD_INTERVAL_S = 0.1
 #: How long a worker whose task was cancelled with force has to cancel what that task submitted before it is killed.
 FORCE_CANCEL_GRACE_S = 1.0
@@ -97,13 +95,13 @@ def node_id_of(settings: Settings) -> bytes:
 def validate(spec: pb.TaskSpec) -> None:
     """Refuse a malformed submission (it then fails alone, with ERROR_KIND_INVALID)."""
     ids.check_id("task_id", spec.task_id)
-    if spec.kind not in (K.TASK_KIND_NORMAL, K.TASK_KIND_ACTOR_CREATE, K.TASK_KIND_ACTOR_METHOD):
+    if spec.kind not in (pb.TASK_KIND_NORMAL, pb.TASK_KIND_ACTOR_CREATE, pb.TASK_KIND_ACTOR_METHOD):
         raise InvalidArgumentError(f"task {spec.name!r}: unknown kind {spec.kind}")
-    if spec.kind != K.TASK_KIND_ACTOR_METHOD:
+    if spec.kind != pb.TASK_KIND_ACTOR_METHOD:
         ids.check_id("function_id", spec.function_id)
-    if spec.kind != K.TASK_KIND_NORMAL:
+    if spec.kind != pb.TASK_KIND_NORMAL:
         ids.check_id("actor_id", spec.actor_id)
-    if spec.kind == K.TASK_KIND_ACTOR_METHOD and not spec.method:
+    if spec.kind == pb.TASK_KIND_ACTOR_METHOD and not spec.method:
         raise InvalidArgumentError(f"actor call {spec.name!r} names no method")
     for a in spec.args:
         if a.WhichOneof("kind") == "object_id":
@@ -222,7 +220,7 @@ class Node:
                 except InvalidArgumentError as e:
                     put = self.sessions.get(sid)
                     if put is not None:
-                        put(error_result(spec, E.ERROR_KIND_INVALID, str(e)))
+                        put(error_result(spec, pb.ERROR_KIND_INVALID, str(e)))
                     continue
                 spec.owner_node_id = self.node_id
                 spec.owner = sid
