@@ -476,12 +476,19 @@ class NodeAgent:
     def pump(self) -> None:
         """Dispatch queued tasks to idle workers (a GPU task: to a worker of its own) while resources last."""
         queue, avail = self.queue, self.available
+        # requests found not to fit in this pass: tasks behind one that asks the same are passed over without
+        # checking again (resources only come free between passes)
+        unfit: list[dict[str, float]] = []
         i = 0
         while queue and i < len(queue) and i < LOOKAHEAD:
             spec, req = queue[i]
             gpu = req.get(res.GPU)
+            if req in unfit:
+                i += 1
+                continue
             if spec.runtime_env and not gpu:
-                if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
+                if not res.fits(req, avail):
+                    unfit.append(req)
                     i += 1
                     continue
                 pool = self.env_idle.get(spec.runtime_env)
@@ -494,12 +501,13 @@ class NodeAgent:
                 self.idle_since.pop(wid, None)
                 self._run(wid, spec, req)
                 continue
-            if not gpu and not self.idle:
-                self._grow()
-                return
-            if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
+            if not res.fits(req, avail):
+                unfit.append(req)
                 i += 1
                 continue
+            if not gpu and not self.idle:
+                self._grow()  # a worker more only for work that could run now: none is started to sit idle
+                return
             if gpu:
                 gpus = self.gpus.assign(gpu)
                 if gpus is None:  # enough GPU in sum, but split across devices in shares too small
