@@ -66,7 +66,9 @@ FOREVER_S = 365 * 24 * 3600.0
 
 
 class Transport(Protocol):
-    def send(self, frame: pb.ClientFrame) -> None: ...
+    def send(self, frame: pb.ClientFrame, *, idle: bool = False) -> None:
+        """Send ``frame``; ``idle``: nothing else of this owner is in flight (a transport that batches may write
+        it at once, from the calling thread, rather than wait for more to batch with)."""
     def close(self) -> None: ...
 
 
@@ -236,9 +238,10 @@ class Core:
             if state == "held":
                 self.held[spec.task_id] = spec
                 return returns
+            idle = not self.pending
             self.pending[spec.task_id] = spec
         if state == "ready":
-            self._send(pb.ClientFrame(submit=[spec]))
+            self._send(pb.ClientFrame(submit=[spec]), idle=idle)
         return returns
 
     def _resolve(self, spec: pb.TaskSpec) -> str:
@@ -291,11 +294,11 @@ class Core:
         self.refs.task_ended(spec.task_id)
         self.cond.notify_all()
 
-    def _send(self, frame: pb.ClientFrame) -> None:
+    def _send(self, frame: pb.ClientFrame, *, idle: bool = False) -> None:
         t = self.transport
         if t is None:
             raise TesseraSDKError("not connected to a node agent: call tessera.init() first")
-        t.send(frame)
+        t.send(frame, idle=idle)
 
     def pending_specs(self) -> list[pb.TaskSpec]:
         """What to send again after reconnecting to a (restarted) agent."""

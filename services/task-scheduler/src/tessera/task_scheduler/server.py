@@ -827,18 +827,29 @@ class Node:
 
 
 class _SocketSink:
-    """Results for one socket session, written in batches (one frame per turn of the event loop)."""
+    """Results for one socket session. The first result of a turn of the event loop is written at once (a
+    lone result waits for no further turn); those that follow it in the same turn are written together, as
+    one frame, at the end of the turn."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.batch: list[pb.TaskResult] = []
+        self.wrote = False  # a result was written at once in this turn (cleared by flush, at its end)
 
     def put(self, r: pb.TaskResult) -> None:
-        if not self.batch:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.batch.append(r)
+        if self.batch:
+            self.batch.append(r)
+            return
+        if not self.wrote:
+            self.wrote = True
+            if not self.writer.is_closing():
+                self.writer.write(pack(pb.ServerFrame(results=[r])))
+        else:
+            self.batch.append(r)
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        self.wrote = False
         batch, self.batch = self.batch, []
         if batch and not self.writer.is_closing():
             self.writer.write(pack(pb.ServerFrame(results=batch)))
