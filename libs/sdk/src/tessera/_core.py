@@ -228,7 +228,8 @@ class Core:
         returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
         self.refs.own_task(tid, returns, [a.object_id for a in spec.args if a.WhichOneof("kind") == "object_id"],
                            nested)
-        self.flush_frees(records=False, urgent_only=True)
+        if self._unsent or self.refs.holds_big():  # else no free could make room: the background pass counts
+            self.flush_frees(records=False, urgent_only=True)
         with self.cond:
             if spec.generator:
                 self.streams[tid] = _Stream(set(), dynamic=spec.generator == GENERATOR_DYNAMIC)
