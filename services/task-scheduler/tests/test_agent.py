@@ -114,6 +114,42 @@ def test_runs_tasks_on_idle_workers_within_resources(agent: Any) -> None:
     assert len(p.created) == 3  # lineage of every local task
 
 
+def test_no_worker_is_started_for_queued_work_that_cannot_run_now(agent: Any) -> None:
+    a, p = agent
+    specs = [task() for _ in range(10)]
+    a.submit(specs, local=True)
+    assert len(p.executed) == 2 and len(a.queue) == 8
+    assert p.started == []  # both CPUs are taken: a third worker would only sit idle
+    wid, first = p.executed[0]
+    a.task_done(wid, done(first))
+    assert p.executed[-1][1].task_id == specs[2].task_id and p.started == []
+
+
+def test_a_task_that_fits_behind_ones_that_do_not_gets_a_worker(agent: Any) -> None:
+    a, p = agent
+    a.submit([task(), task()], local=True)  # both workers busy, no CPU left
+    big = [task(cpus=1) for _ in range(5)]
+    small = task(cpus=0, custom=1)
+    a.total["custom"] = a.available["custom"] = 1.0
+    a.submit([*big, small], local=True)
+    assert p.started == [b""]  # one worker, for the task that can run now (the CPU tasks cannot)
+    a.worker_ready(b"w" * 8)
+    assert p.executed[-1] == (b"w" * 8, small)
+    assert [s.task_id for s, _ in a.queue] == [s.task_id for s in big]
+
+
+def test_an_idle_worker_leaves_queued_work_that_does_not_fit_queued(agent: Any) -> None:
+    a, p = agent
+    a.worker_ready(b"w" * 8)  # a third worker, idle
+    specs = [task() for _ in range(70)]
+    a.submit(specs, local=True)
+    assert len(p.executed) == 2 and len(a.queue) == 68 and len(a.idle) == 1  # no CPU for the third worker
+    wid, first = p.executed[0]
+    a.task_done(wid, done(first))
+    # the task behind gets the worker idle for the shortest time (the one that just finished)
+    assert p.executed[-1] == (wid, specs[2]) and len(a.queue) == 67
+
+
 def test_task_waits_for_its_arguments_and_gets_them_inline(agent: Any) -> None:
     a, p = agent
     oid = os.urandom(20)

@@ -112,6 +112,13 @@ class GrpcSession:
         self._call: Any = None
         self._sock: SocketConnection | None = None
         self._sender: threading.Thread | None = None
+        # Over the socket, _queued counts the frames queued for the sender thread and not written yet; a frame
+        # sent while none are (and nothing else is in flight) is written by the sending thread itself, without
+        # the hand-off to the sender. _wlock is held across every write, and the count drops only once its
+        # frames are written, so frames keep the order they were sent in. _qlock guards the count and the queue.
+        self._wlock = threading.Lock()
+        self._qlock = threading.Lock()
+        self._queued = 0
         self._connect(timeout=30.0)
         self.reader = threading.Thread(target=self._read, name="tessera-session", daemon=True)
         self.reader.start()
@@ -125,7 +132,10 @@ class GrpcSession:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise ConnectionError(f"no task scheduler answered at {self.address} within {timeout:g}s") from None
-        self.outbox = queue.SimpleQueue()
+        with self._wlock, self._qlock:
+            self.outbox = queue.SimpleQueue()
+            self._sock = None
+            self._queued = 0
         stub = pb_grpc.TaskSchedulerServiceStub(self.channel)
         hello = pb.ClientFrame(hello=pb.Hello(job_id=self.core.job_id, name=self.name,
                                               refs_key=self.core.refs_key.decode()))
@@ -133,7 +143,6 @@ class GrpcSession:
         first = next(self._call)
         self.welcome = first.welcome
         self.core.node_id = self.welcome.node_id
-        self._sock = None
         if self.welcome.socket and self.welcome.hostname == socket.gethostname() \
                 and os.environ.get("TESSERA_SESSION_TRANSPORT", "") != "grpc":
             try:
@@ -148,8 +157,10 @@ class GrpcSession:
                 return
             self._call.cancel()
             self._call = None
-            self.welcome, self._sock = welcome, conn
-            self.outbox = queue.SimpleQueue()
+            with self._wlock, self._qlock:
+                self.welcome, self._sock = welcome, conn
+                self.outbox = queue.SimpleQueue()
+                self._queued = 0
             self._sender = threading.Thread(target=self._socket_sender, args=(conn, self.outbox),
                                             name="tessera-session-send", daemon=True)
             self._sender.start()
@@ -160,13 +171,38 @@ class GrpcSession:
 
     def _socket_sender(self, conn: SocketConnection, box: queue.SimpleQueue[pb.ClientFrame | None]) -> None:
         try:
-            for frame in _coalesced(box):
-                conn.send(frame)
+            for frame, n in _coalesced_counted(box):
+                with self._wlock:
+                    try:
+                        live = self._sock is conn  # (not a socket a reconnect replaced)
+                        if live:
+                            conn.send(frame)
+                    finally:
+                        with self._qlock:
+                            if conn is self._sock:
+                                self._queued -= n
         except OSError:
             pass  # the reader notices and reconnects
 
-    def send(self, frame: pb.ClientFrame) -> None:
-        self.outbox.put(frame)
+    def send(self, frame: pb.ClientFrame, *, idle: bool = False) -> None:
+        """Queue ``frame`` for the sender, which batches submissions; ``idle`` (nothing else of this owner in
+        flight): over the socket, write it from this thread now if nothing queued is still unwritten."""
+        conn = self._sock
+        if idle and conn is not None and self._wlock.acquire(blocking=False):
+            try:
+                live = self._sock is conn
+                if live and self._queued == 0:
+                    try:
+                        conn.send(frame)
+                    except OSError:
+                        pass  # the reader notices and reconnects (and resubmits what is pending)
+                    return
+            finally:
+                self._wlock.release()
+        with self._qlock:
+            if self._sock is not None:
+                self._queued += 1
+            self.outbox.put(frame)
 
     def _read(self) -> None:
         while not self.closing:
@@ -230,14 +266,21 @@ class GrpcSession:
 
 def _coalesced(box: queue.SimpleQueue[pb.ClientFrame | None]) -> Iterator[pb.ClientFrame]:
     """Frames from ``box`` until None; submissions queued meanwhile travel as one frame."""
+    for frame, _ in _coalesced_counted(box):
+        yield frame
+
+
+def _coalesced_counted(box: queue.SimpleQueue[pb.ClientFrame | None]) -> Iterator[tuple[pb.ClientFrame, int]]:
+    """As ``_coalesced``, each frame with how many frames taken from ``box`` it carries."""
     while True:
         frame = box.get()
         if frame is None:
             return
         if not frame.submit:
-            yield frame
+            yield frame, 1
             continue
         specs = list(frame.submit)
+        n = 1
         while len(specs) < 4096:
             try:
                 more = box.get_nowait()
@@ -245,15 +288,19 @@ def _coalesced(box: queue.SimpleQueue[pb.ClientFrame | None]) -> Iterator[pb.Cli
                 more = pb.ClientFrame()
             if more is not None and more.submit:
                 specs.extend(more.submit)
+                n += 1
                 continue
-            yield pb.ClientFrame(submit=specs)
             if more is None:
+                yield pb.ClientFrame(submit=specs), n
                 return
             if more.ByteSize():
-                yield more
+                yield pb.ClientFrame(submit=specs), n
+                yield more, 1
+            else:
+                yield pb.ClientFrame(submit=specs), n
             break
         else:
-            yield pb.ClientFrame(submit=specs)
+            yield pb.ClientFrame(submit=specs), n
 
 
 # ---------------------------------------------------------------------- init / shutdown

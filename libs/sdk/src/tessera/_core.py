@@ -46,7 +46,6 @@ from tessera.exceptions import (
 
 log = logging.getLogger(__name__)
 
-E = pb.ErrorKind
 #: How long a get of a stored object waits before checking whether it was lost.
 LOST_CHECK_S = 1.0
 #: How often the owner counts dropped refs and frees what nothing references.
@@ -67,7 +66,9 @@ FOREVER_S = 365 * 24 * 3600.0
 
 
 class Transport(Protocol):
-    def send(self, frame: pb.ClientFrame) -> None: ...
+    def send(self, frame: pb.ClientFrame, *, idle: bool = False) -> None:
+        """Send ``frame``; ``idle``: nothing else of this owner is in flight (a transport that batches may write
+        it at once, from the calling thread, rather than wait for more to batch with)."""
     def close(self) -> None: ...
 
 
@@ -116,15 +117,15 @@ def task_error(err: pb.TaskError, name: str) -> BaseException:
     """The exception ``get`` raises for a failed task."""
     kind = err.kind
     where = f"{name}: " if name else ""
-    if kind == E.ERROR_KIND_WORKER_CRASHED:
+    if kind == pb.ERROR_KIND_WORKER_CRASHED:
         return WorkerCrashedError(where + err.message)
-    if kind == E.ERROR_KIND_ACTOR_DIED:
+    if kind == pb.ERROR_KIND_ACTOR_DIED:
         return ActorDiedError(where + err.message)
-    if kind == E.ERROR_KIND_CANCELLED:
+    if kind == pb.ERROR_KIND_CANCELLED:
         return TaskCancelledError(where + err.message)
-    if kind == E.ERROR_KIND_UNSCHEDULABLE:
+    if kind == pb.ERROR_KIND_UNSCHEDULABLE:
         return TaskUnschedulableError(err.message)
-    if kind == E.ERROR_KIND_OBJECT_LOST:
+    if kind == pb.ERROR_KIND_OBJECT_LOST:
         return ObjectLostError(where + err.message)
     cause: BaseException | None = None
     if err.exception:
@@ -227,7 +228,8 @@ class Core:
         returns = [tid + (i + 1).to_bytes(4, "big") for i in range(spec.num_returns)]
         self.refs.own_task(tid, returns, [a.object_id for a in spec.args if a.WhichOneof("kind") == "object_id"],
                            nested)
-        self.flush_frees(records=False, urgent_only=True)
+        if self._unsent or self.refs.holds_big():  # else no free could make room: the background pass counts
+            self.flush_frees(records=False, urgent_only=True)
         with self.cond:
             if spec.generator:
                 self.streams[tid] = _Stream(set(), dynamic=spec.generator == GENERATOR_DYNAMIC)
@@ -237,9 +239,10 @@ class Core:
             if state == "held":
                 self.held[spec.task_id] = spec
                 return returns
+            idle = not self.pending
             self.pending[spec.task_id] = spec
         if state == "ready":
-            self._send(pb.ClientFrame(submit=[spec]))
+            self._send(pb.ClientFrame(submit=[spec]), idle=idle)
         return returns
 
     def _resolve(self, spec: pb.TaskSpec) -> str:
@@ -292,11 +295,11 @@ class Core:
         self.refs.task_ended(spec.task_id)
         self.cond.notify_all()
 
-    def _send(self, frame: pb.ClientFrame) -> None:
+    def _send(self, frame: pb.ClientFrame, *, idle: bool = False) -> None:
         t = self.transport
         if t is None:
             raise TesseraSDKError("not connected to a node agent: call tessera.init() first")
-        t.send(frame)
+        t.send(frame, idle=idle)
 
     def pending_specs(self) -> list[pb.TaskSpec]:
         """What to send again after reconnecting to a (restarted) agent."""
@@ -378,7 +381,7 @@ class Core:
         """Whether failed ``r`` is sent again (retry_exceptions, within max_retries); caller holds cond."""
         which = self.retry_exceptions.get(r.task_id)
         spec = self.pending.get(r.task_id)
-        if not which or spec is None or r.error.kind != E.ERROR_KIND_TASK:
+        if not which or spec is None or r.error.kind != pb.ERROR_KIND_TASK:
             return False
         if 0 <= spec.max_retries <= max(spec.attempt, r.attempt):
             return False
@@ -437,7 +440,7 @@ class Core:
         if r.HasField("error"):
             err = r.error
         elif len(st.items) < r.stream_items:
-            err = pb.TaskError(kind=E.ERROR_KIND_WORKER_CRASHED,
+            err = pb.TaskError(kind=pb.ERROR_KIND_WORKER_CRASHED,
                                message=f"{r.stream_items - len(st.items)} of its {r.stream_items} values never arrived")
         else:
             return
@@ -652,7 +655,7 @@ class Core:
                                  "the actor")
             spec = self.held.pop(tid, None)
             if spec is not None:
-                self._fail_locally(spec, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled"), spec.name)
+                self._fail_locally(spec, pb.TaskError(kind=pb.ERROR_KIND_CANCELLED, message="cancelled"), spec.name)
                 return
             if tid not in self.pending:
                 return
@@ -666,7 +669,7 @@ class Core:
                     and not (force and s.kind == pb.TaskKind.TASK_KIND_ACTOR_METHOD)]
             for s in held:
                 del self.held[s.task_id]
-                self._fail_locally(s, pb.TaskError(kind=E.ERROR_KIND_CANCELLED, message="cancelled (its parent was)"),
+                self._fail_locally(s, pb.TaskError(kind=pb.ERROR_KIND_CANCELLED, message="cancelled (its parent was)"),
                                    s.name)
         if sent:
             self._send(pb.ClientFrame(cancel=sent, force=force, recursive=True))

@@ -37,7 +37,8 @@ class SocketConnection:
         self._send_lock = threading.Lock()
         self._rfile = self.sock.makefile("rb", buffering=1 << 16)
 
-    def send(self, frame: Any) -> None:
+    def send(self, frame: Any, *, idle: bool = False) -> None:
+        """Write ``frame`` now, from this thread (``idle`` changes nothing: each frame is written at once)."""
         data = pack(frame)
         with self._send_lock:
             self.sock.sendall(data)

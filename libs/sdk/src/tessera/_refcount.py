@@ -124,6 +124,9 @@ class RefCounter:
         self._holds_gone = False  # one of the announced holds may have ended: publish again soon
         self._freed: OrderedDict[bytes, str] = OrderedDict()
         self._zero: list[bytes] = []  # owned ids whose local count reached zero, to check
+        # owned objects in an arena, not freed yet (at least: one owned twice counts twice): while there are
+        # none, no free can make room in an arena, so a submission need not count the refs dropped meanwhile
+        self._big = 0
         self._capture = threading.local()
         # a worker's view of what a task borrowed: refs born while it ran, refs it passed on
         self._track = track_borrows
@@ -168,6 +171,8 @@ class RefCounter:
         """This process put ``oid`` (its ref is made next); ``big``: into the arena, not inline."""
         with self._lock:
             self._owned[oid] = _Owned(None, stored=True, big=big)
+            if big:
+                self._big += 1
 
     def own_task(self, task_id: bytes, returns: list[bytes], args: Iterable[bytes], nested: Iterable[bytes]) -> None:
         """This process submitted a task: it owns the returns; the task holds its owned arguments until it ends."""
@@ -213,7 +218,9 @@ class RefCounter:
             o = self._owned.get(oid)
             if o is not None:
                 o.stored = True
-                o.big = o.big or big
+                if big and not o.big:
+                    o.big = True
+                    self._big += 0 if o.freed else 1
 
     def task_ended(self, task_id: bytes, borrowed: Iterable[bytes] = (), *, actor_id: bytes = b"",
                    borrower: str = "", pin_for_actor: bool = False) -> None:
@@ -535,6 +542,10 @@ class RefCounter:
                 self._freed[oid] = reason
         return batch
 
+    def holds_big(self) -> bool:
+        """Whether this process owns an object in an arena that is not freed yet (freeing one makes room)."""
+        return self._big > 0
+
     def process(self, *, records: bool = True) -> FreeBatch:
         """Count queued deaths; what became free (and, with ``records``, the lineage records now droppable)."""
         batch = FreeBatch()
@@ -554,6 +565,8 @@ class RefCounter:
 
     def _free(self, oid: bytes, o: _Owned, batch: FreeBatch, *, force_shared: bool) -> None:
         o.freed = True
+        if o.big:
+            self._big -= 1
         if oid in self._containers:
             self._uncontain(oid)
         batch.big = batch.big or o.big

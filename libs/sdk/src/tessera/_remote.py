@@ -21,7 +21,6 @@ from tessera.common import ids
 from tessera.common.errors import InvalidArgumentError
 from tessera.common.serialization import serialize
 
-K = pb.TaskKind
 T = TypeVar("T")
 
 _TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "name", "scheduling_strategy",
@@ -249,7 +248,7 @@ class RemoteFunction(Generic[T]):
             o = self._options
             gen = _generator_kind(o, self._fn)
             env, self._shipped = _api.runtime_env_of(st, o)
-            t = pb.TaskSpec(kind=K.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
+            t = pb.TaskSpec(kind=pb.TASK_KIND_NORMAL, function_id=self._exported.function_id(),
                             name=o.get("name") or self._exported.name, num_returns=_num_returns(o, gen),
                             resources=_resources(o, 1.0), max_retries=int(o.get("max_retries", 3)), generator=gen,
                             runtime_env=env)
@@ -325,7 +324,7 @@ class ActorClass:
             raise
         cname = f"{self._exported.name}.__init__"
         spec_args, nested = _args(cname, args, kwargs)
-        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_CREATE, function_id=fid,
+        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=pb.TASK_KIND_ACTOR_CREATE, function_id=fid,
                            name=cname, args=spec_args, num_returns=1,
                            resources=_resources(o, 0.0), actor_id=actor_id, max_restarts=max_restarts,
                            actor_name=name, namespace=namespace, max_retries=0,
@@ -405,7 +404,7 @@ class ActorMethod:
         name = f"{h._class_name}.{self._name}"
         spec_args, nested = _args(name, args, kwargs)
         # max_retries of an actor call: how often it is sent again to the restarted actor if the actor dies
-        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=K.TASK_KIND_ACTOR_METHOD, name=name,
+        spec = pb.TaskSpec(task_id=os.urandom(ids.TASK_ID_LEN), kind=pb.TASK_KIND_ACTOR_METHOD, name=name,
                            method=self._name, args=spec_args, num_returns=num_returns,
                            actor_id=h._actor_id, caller=h._caller, seq=h._next_seq(),
                            max_retries=int(o.get("max_task_retries", h._max_task_retries)),

@@ -22,8 +22,6 @@ from tessera.task_scheduler.placement import NodeView, choose_node
 
 log = logging.getLogger(__name__)
 
-K = pb.TaskKind
-E = pb.ErrorKind
 #: Inline values kept for arguments of later tasks on this node.
 CACHE_BYTES = 32 * 2**20
 #: What one remembered object costs beyond its value (the key, the bytes object, the dict's entry): without
@@ -191,8 +189,8 @@ class NodeAgent:
     def _fail_infeasible(self, spec: pb.TaskSpec) -> None:
         msg = res.infeasible_message(spec.name, dict(spec.resources), self._node_totals())
         log.warning("%s", msg)
-        self._finish(spec, error_result(spec, E.ERROR_KIND_UNSCHEDULABLE, msg))
-        if spec.kind == K.TASK_KIND_ACTOR_CREATE:  # the actor never starts: its calls fail rather than wait for it
+        self._finish(spec, error_result(spec, pb.ERROR_KIND_UNSCHEDULABLE, msg))
+        if spec.kind == pb.TASK_KIND_ACTOR_CREATE:  # the actor never starts: its calls fail rather than wait for it
             self.ports.actor_state(spec.actor_id, "DEAD", msg)
             self.actor_located(spec.actor_id, b"", dead=msg)
 
@@ -208,7 +206,7 @@ class NodeAgent:
         for spec in specs:
             if not local:
                 self.received += 1
-            if local and spec.kind == K.TASK_KIND_NORMAL and spec.attempt == 0:
+            if local and spec.kind == pb.TASK_KIND_NORMAL and spec.attempt == 0:
                 created.append(spec)
             self._route(spec, local=local)
         if created:
@@ -216,7 +214,7 @@ class NodeAgent:
         self.pump()
 
     def _route(self, spec: pb.TaskSpec, *, local: bool) -> None:
-        if spec.kind == K.TASK_KIND_ACTOR_METHOD:
+        if spec.kind == pb.TASK_KIND_ACTOR_METHOD:
             self._actor_call(spec)
             return
         req = dict(spec.resources)
@@ -234,7 +232,7 @@ class NodeAgent:
                 self.spilled_count += 1
                 self.ports.spill([spec])
             return
-        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+        if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
             self._create_actor(spec)
             return
         if local and self._busy() and self._peer_has_room(req):
@@ -260,8 +258,8 @@ class NodeAgent:
             why = "is not alive" if has is None else f"has only {res.describe(has)}"
             msg = (f"{spec.name} needs {res.describe(req)} on node {target.hex()} "
                    f"(NodeAffinitySchedulingStrategy, soft=False), and that node {why}")
-            self._finish(spec, error_result(spec, E.ERROR_KIND_UNSCHEDULABLE, msg))
-            if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            self._finish(spec, error_result(spec, pb.ERROR_KIND_UNSCHEDULABLE, msg))
+            if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
                 self.ports.actor_state(spec.actor_id, "DEAD", msg)
                 self.actor_located(spec.actor_id, b"", dead=msg)
             return True
@@ -279,7 +277,7 @@ class NodeAgent:
 
     def _send(self, node_id: bytes, spec: pb.TaskSpec) -> None:
         """Work this node's client submitted, sent to run on ``node_id`` (followed as spilled work is)."""
-        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+        if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
             self.actor_nodes[spec.actor_id] = node_id
             if not spec.detached:
                 self.owned_remote[spec.actor_id] = (node_id, spec.owner)
@@ -301,8 +299,8 @@ class NodeAgent:
         return True
 
     def _fail_group(self, spec: pb.TaskSpec, why: str) -> None:
-        self._finish(spec, error_result(spec, E.ERROR_KIND_UNSCHEDULABLE, f"{spec.name}: {why}"))
-        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+        self._finish(spec, error_result(spec, pb.ERROR_KIND_UNSCHEDULABLE, f"{spec.name}: {why}"))
+        if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
             self.ports.actor_state(spec.actor_id, "DEAD", why)
             self.actor_located(spec.actor_id, b"", dead=why)
 
@@ -405,7 +403,7 @@ class NodeAgent:
                         spec.name, res.describe(req), self.unschedulable_after_s)
             self.unschedulable[spec.task_id] = (spec, time.monotonic())
             return
-        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+        if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
             node = choose_node(req, self.peers.values())
             if node is None:
                 self.unschedulable[spec.task_id] = (spec, time.monotonic())
@@ -478,12 +476,19 @@ class NodeAgent:
     def pump(self) -> None:
         """Dispatch queued tasks to idle workers (a GPU task: to a worker of its own) while resources last."""
         queue, avail = self.queue, self.available
+        # requests found not to fit in this pass: tasks behind one that asks the same are passed over without
+        # checking again (resources only come free between passes)
+        unfit: list[dict[str, float]] = []
         i = 0
         while queue and i < len(queue) and i < LOOKAHEAD:
             spec, req = queue[i]
             gpu = req.get(res.GPU)
+            if req in unfit:
+                i += 1
+                continue
             if spec.runtime_env and not gpu:
-                if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
+                if not res.fits(req, avail):
+                    unfit.append(req)
                     i += 1
                     continue
                 pool = self.env_idle.get(spec.runtime_env)
@@ -496,12 +501,13 @@ class NodeAgent:
                 self.idle_since.pop(wid, None)
                 self._run(wid, spec, req)
                 continue
-            if not gpu and not self.idle:
-                self._grow()
-                return
-            if not all(avail.get(k, 0.0) + res.EPS >= v for k, v in req.items()):
+            if not res.fits(req, avail):
+                unfit.append(req)
                 i += 1
                 continue
+            if not gpu and not self.idle:
+                self._grow()  # a worker more only for work that could run now: none is started to sit idle
+                return
             if gpu:
                 gpus = self.gpus.assign(gpu)
                 if gpus is None:  # enough GPU in sum, but split across devices in shares too small
@@ -744,7 +750,7 @@ class NodeAgent:
             log.warning("%s; retrying (attempt %d)", why, retry.attempt)
             self.queue.appendleft((retry, dict(retry.resources)))
             return
-        self._finish(spec, error_result(spec, E.ERROR_KIND_WORKER_CRASHED, f"{why}; no retries left"))
+        self._finish(spec, error_result(spec, pb.ERROR_KIND_WORKER_CRASHED, f"{why}; no retries left"))
 
     # ------------------------------------------------------------------ actors
 
@@ -784,13 +790,13 @@ class NodeAgent:
         a = self.actors.get(aid)
         if a is not None:
             if a.state == "DEAD":
-                self._finish(spec, error_result(spec, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {a.cause}"))
+                self._finish(spec, error_result(spec, pb.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {a.cause}"))
                 return
             a.queue.append(spec)
             self._actor_next(a)
             return
         if aid in self.dead_actors:
-            self._finish(spec, error_result(spec, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {self.dead_actors[aid]}"))
+            self._finish(spec, error_result(spec, pb.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {self.dead_actors[aid]}"))
             return
         node = self.actor_nodes.get(aid)
         if node is not None and node != self.node_id:
@@ -813,7 +819,7 @@ class NodeAgent:
         if dead:
             self.dead_actors[actor_id] = dead
             for c in calls:
-                self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {dead}"))
+                self._finish(c, error_result(c, pb.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {dead}"))
             return
         self.actor_nodes[actor_id] = node_id
         owned = self.owned_remote.get(actor_id)
@@ -841,7 +847,7 @@ class NodeAgent:
             spec = a.spec
         if spec is None:
             return
-        if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+        if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
             if result.HasField("error"):
                 self._actor_dead(a, f"its constructor raised: {result.error.message}")
                 self._finish(spec, result)
@@ -873,7 +879,7 @@ class NodeAgent:
                 retry.attempt += 1
                 again.append(retry)
                 continue
-            self._finish(call, error_result(call, E.ERROR_KIND_ACTOR_DIED,
+            self._finish(call, error_result(call, pb.ERROR_KIND_ACTOR_DIED,
                                             f"the actor's process died while running {call.name} ({why})"))
         a.queue.extendleft(reversed(again))
         if restarts:
@@ -898,10 +904,10 @@ class NodeAgent:
         self.ports.actor_state(a.spec.actor_id, "DEAD", cause)
         running, a.inflight = list(a.inflight.values()), {}
         for c in running:
-            self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
+            self._finish(c, error_result(c, pb.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
         while a.queue:
             c = a.queue.popleft()
-            self._finish(c, error_result(c, E.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
+            self._finish(c, error_result(c, pb.ERROR_KIND_ACTOR_DIED, f"the actor is dead: {cause}"))
         self.pump()
 
     def owner_gone(self, owner: str) -> None:
@@ -938,7 +944,7 @@ class NodeAgent:
         for tid in task_ids:
             spec = self._dequeue(tid)
             if spec is not None:
-                self._finish(spec, error_result(spec, E.ERROR_KIND_CANCELLED, "cancelled"))
+                self._finish(spec, error_result(spec, pb.ERROR_KIND_CANCELLED, "cancelled"))
                 continue
             wid = self.running.get(tid)
             if wid is not None:
@@ -952,7 +958,7 @@ class NodeAgent:
                 if w.task is not None:
                     spec = w.task
                     self._free(w)
-                    self._finish(spec, error_result(spec, E.ERROR_KIND_CANCELLED, "cancelled (its worker was stopped)"))
+                    self._finish(spec, error_result(spec, pb.ERROR_KIND_CANCELLED, "cancelled (its worker was stopped)"))
                 self.ports.interrupt(wid, [tid], force=True, recursive=recursive)
                 self.pump()
                 continue
@@ -970,7 +976,7 @@ class NodeAgent:
             for i, c in enumerate(a.queue):
                 if c.task_id == tid:
                     del a.queue[i]
-                    self._finish(c, error_result(c, E.ERROR_KIND_CANCELLED, "cancelled"))
+                    self._finish(c, error_result(c, pb.ERROR_KIND_CANCELLED, "cancelled"))
                     return True
             if tid in a.inflight and a.worker_id:
                 self.ports.interrupt(a.worker_id, [tid], force=False, recursive=recursive)
@@ -979,7 +985,7 @@ class NodeAgent:
             for i, c in enumerate(calls):
                 if c.task_id == tid:
                     del calls[i]
-                    self._finish(c, error_result(c, E.ERROR_KIND_CANCELLED, "cancelled"))
+                    self._finish(c, error_result(c, pb.ERROR_KIND_CANCELLED, "cancelled"))
                     return True
         return False
 
@@ -1051,7 +1057,7 @@ class NodeAgent:
         for tid, (node, call) in list(self.forwarded_calls.items()):
             if node == node_id:
                 del self.forwarded_calls[tid]
-                self._finish(call, error_result(call, E.ERROR_KIND_ACTOR_DIED,
+                self._finish(call, error_result(call, pb.ERROR_KIND_ACTOR_DIED,
                                                 f"the actor's node {node_id.hex()} was lost while it ran {call.name} "
                                                 f"({why})"))
         self.pump()
@@ -1092,6 +1098,6 @@ class NodeAgent:
                 have = "; ".join(f"{p.node_id.hex()[:8]}: {res.describe(p.total)}" for p in self.peers.values())
                 mine = f"{self.node_id.hex()[:8]}: {res.describe(self.total)}"
                 self._finish(spec, error_result(
-                    spec, E.ERROR_KIND_UNSCHEDULABLE,
+                    spec, pb.ERROR_KIND_UNSCHEDULABLE,
                     f"{spec.name} needs {res.describe(dict(spec.resources))}, and no node has it "
                     f"(nodes: {mine}{'; ' + have if have else ''}) after {self.unschedulable_after_s:g}s"))

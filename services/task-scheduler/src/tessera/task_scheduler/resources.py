@@ -27,7 +27,10 @@ def check_request(req: Mapping[str, float], *, what: str = "task") -> dict[str, 
 
 
 def fits(req: Mapping[str, float], avail: Mapping[str, float]) -> bool:
-    return all(avail.get(k, 0.0) + EPS >= v for k, v in req.items())
+    for k, v in req.items():  # a plain loop: called for each queued task a node agent looks at
+        if avail.get(k, 0.0) + EPS < v:
+            return False
+    return True
 
 
 def acquire(req: Mapping[str, float], avail: dict[str, float]) -> None:

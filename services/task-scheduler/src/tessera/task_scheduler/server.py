@@ -56,8 +56,6 @@ NAME = "task-scheduler"
 #: The name a replica running only the global scheduler (TESSERA_TASK_SCHEDULER_ROLE=global) registers under.
 GLOBAL_NAME = "global-scheduler"
 SERVICE = "tessera.task_scheduler.v1.TaskSchedulerService"
-K = pb.TaskKind
-E = pb.ErrorKind
 LOAD_INTERVAL_S = 0.1
 #: How long a worker whose task was cancelled with force has to cancel what that task submitted before it is killed.
 FORCE_CANCEL_GRACE_S = 1.0
@@ -97,13 +95,13 @@ def node_id_of(settings: Settings) -> bytes:
 def validate(spec: pb.TaskSpec) -> None:
     """Refuse a malformed submission (it then fails alone, with ERROR_KIND_INVALID)."""
     ids.check_id("task_id", spec.task_id)
-    if spec.kind not in (K.TASK_KIND_NORMAL, K.TASK_KIND_ACTOR_CREATE, K.TASK_KIND_ACTOR_METHOD):
+    if spec.kind not in (pb.TASK_KIND_NORMAL, pb.TASK_KIND_ACTOR_CREATE, pb.TASK_KIND_ACTOR_METHOD):
         raise InvalidArgumentError(f"task {spec.name!r}: unknown kind {spec.kind}")
-    if spec.kind != K.TASK_KIND_ACTOR_METHOD:
+    if spec.kind != pb.TASK_KIND_ACTOR_METHOD:
         ids.check_id("function_id", spec.function_id)
-    if spec.kind != K.TASK_KIND_NORMAL:
+    if spec.kind != pb.TASK_KIND_NORMAL:
         ids.check_id("actor_id", spec.actor_id)
-    if spec.kind == K.TASK_KIND_ACTOR_METHOD and not spec.method:
+    if spec.kind == pb.TASK_KIND_ACTOR_METHOD and not spec.method:
         raise InvalidArgumentError(f"actor call {spec.name!r} names no method")
     for a in spec.args:
         if a.WhichOneof("kind") == "object_id":
@@ -228,7 +226,7 @@ class Node:
                 except InvalidArgumentError as e:
                     put = self.sessions.get(sid)
                     if put is not None:
-                        put(error_result(spec, E.ERROR_KIND_INVALID, str(e)))
+                        put(error_result(spec, pb.ERROR_KIND_INVALID, str(e)))
                     continue
                 spec.owner_node_id = self.node_id
                 spec.owner = sid
@@ -846,18 +844,29 @@ class Node:
 
 
 class _SocketSink:
-    """Results for one socket session, written in batches (one frame per turn of the event loop)."""
+    """Results for one socket session. The first result of a turn of the event loop is written at once (a
+    lone result waits for no further turn); those that follow it in the same turn are written together, as
+    one frame, at the end of the turn."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.batch: list[pb.TaskResult] = []
+        self.wrote = False  # a result was written at once in this turn (cleared by flush, at its end)
 
     def put(self, r: pb.TaskResult) -> None:
-        if not self.batch:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.batch.append(r)
+        if self.batch:
+            self.batch.append(r)
+            return
+        if not self.wrote:
+            self.wrote = True
+            if not self.writer.is_closing():
+                self.writer.write(pack(pb.ServerFrame(results=[r])))
+        else:
+            self.batch.append(r)
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        self.wrote = False
         batch, self.batch = self.batch, []
         if batch and not self.writer.is_closing():
             self.writer.write(pack(pb.ServerFrame(results=batch)))

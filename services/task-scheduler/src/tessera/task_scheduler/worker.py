@@ -55,8 +55,6 @@ from tessera.task_scheduler.frames import FrameError, SocketConnection
 
 log = logging.getLogger("tessera.worker")
 _tracer = trace.get_tracer("tessera.task_scheduler.worker")
-K = pb.TaskKind
-E = pb.ErrorKind
 #: Calls an async actor runs at once unless max_concurrency says otherwise (Ray's default).
 ASYNC_MAX_CONCURRENCY = 1000
 #: Where ``@tessera.method`` keeps a method's options (tessera._remote.METHOD_OPTIONS_ATTR).
@@ -181,7 +179,7 @@ class Worker:
             self.cancelled.discard(tid)
 
     def cancelled_result(self, spec: pb.TaskSpec) -> pb.TaskResult:
-        return pb.TaskResult(task_id=spec.task_id, error=pb.TaskError(kind=E.ERROR_KIND_CANCELLED,
+        return pb.TaskResult(task_id=spec.task_id, error=pb.TaskError(kind=pb.ERROR_KIND_CANCELLED,
                                                                       message="cancelled while running"))
 
     def execute(self, spec: pb.TaskSpec, *, interruptible: bool) -> None:
@@ -274,13 +272,13 @@ class Worker:
             if self.setup_error is not None:
                 raise self.setup_error
             args, kwargs = self.arguments(spec)
-            if spec.kind == K.TASK_KIND_ACTOR_CREATE:
+            if spec.kind == pb.TASK_KIND_ACTOR_CREATE:
                 cls = self.load(spec.function_id)
                 self.instance = cls(*args, **kwargs)
                 self.actor = ActorRunner(self, cls, spec)
                 values: list[Any] = [None]
             else:
-                if spec.kind == K.TASK_KIND_ACTOR_METHOD:
+                if spec.kind == pb.TASK_KIND_ACTOR_METHOD:
                     if self.instance is None:
                         raise RuntimeError("the actor was not constructed")
                     fn = getattr(self.instance, spec.method)
@@ -373,7 +371,7 @@ class Worker:
             pickled = blob if len(blob) < 1 << 20 else b""
         except Exception:
             pickled = b""
-        err = pb.TaskError(kind=E.ERROR_KIND_TASK, message=str(e), traceback=tb, exception=pickled,
+        err = pb.TaskError(kind=pb.ERROR_KIND_TASK, message=str(e), traceback=tb, exception=pickled,
                            type_name=type(e).__name__)
         return pb.TaskResult(task_id=spec.task_id, error=err)
 
@@ -384,11 +382,11 @@ class Worker:
             if spec is None:
                 return
             actor = self.actor
-            if spec.kind == K.TASK_KIND_ACTOR_METHOD and actor is not None:
+            if spec.kind == pb.TASK_KIND_ACTOR_METHOD and actor is not None:
                 actor.submit(spec)  # here (a plain actor), or alongside others (a threaded or async actor)
                 continue
             # a task (interrupted by a cancel), or a plain actor's call (runs on, as in Ray)
-            self.execute(spec, interruptible=spec.kind == K.TASK_KIND_NORMAL)
+            self.execute(spec, interruptible=spec.kind == pb.TASK_KIND_NORMAL)
 
     def report_borrows(self, result: pb.TaskResult, to: str) -> None:
         """Refs it still holds (a global, an actor's state, a task it lent them to) or passed on: their owners
