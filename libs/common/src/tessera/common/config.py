@@ -83,7 +83,7 @@ class Settings(BaseSettings):
                                      "object_store_arena_dir (see tessera.common.sizing)")
     object_store_arena_dir: Path = Field(Path("/dev/shm"), description="object-store: where the shared-memory file lives")
     object_store_prefault: bool = Field(False, description="object-store: allocate and touch every arena page at start (fast first puts, memory held from the start); off: pages are taken on first write")
-    object_store_warm_bytes: int = Field(256 * 1024**2, ge=0, description="object-store: bytes of the arena kept allocated and mapped ahead of the highest object so far (at most half the arena), so that the next large put or pull finds its pages ready; 0: none")
+    object_store_warm_bytes: int = Field(256 * 1024**2, ge=0, description="object-store: bytes of the arena kept allocated and mapped ahead of the highest object so far (at most half the arena; none before the first object), so that the next large put or pull finds its pages ready; 0: none")
     object_store_spill_dir: Path | None = Field(None, description="object-store: spill directory (a folder per node id inside); default <run_dir>/spill")
     object_store_spill_capacity: int = Field(16 * 1024**3, ge=0, description="object-store: bytes of disk for spilled objects")
     object_store_inline_threshold: int = Field(100 * 1024, ge=0, description="objects up to this size travel inline in gRPC")

@@ -12,8 +12,10 @@ objects will take next are those just above the highest block ever allocated
 :class:`Warmer` keeps ``headroom`` bytes above that mark allocated and mapped in
 the store's process (:meth:`~tessera.object_store.arena.Arena.warm`), in pieces,
 on a thread of the lowest scheduling priority, and follows the mark as it rises.
-It costs at most ``headroom`` bytes of memory beyond what objects have used and
-never changes what memory holds. Nothing here imports gRPC or NATS.
+It starts with the first object: a store never written to holds no memory at all
+(an idle cluster costs what its processes do). It costs at most ``headroom`` bytes
+of memory beyond what objects have used and never changes what memory holds.
+Nothing here imports gRPC or NATS.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Warmer:
         self._thread: threading.Thread | None = None
 
     def target(self) -> int:
-        return min(self.arena.size, self.high_water() + self.headroom)
+        mark = self.high_water()
+        return min(self.arena.size, mark + self.headroom) if mark else 0  # nothing before the first object
 
     def start(self) -> None:
         if self.headroom <= 0 or self._thread is not None:
