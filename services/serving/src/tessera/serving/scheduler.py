@@ -73,7 +73,7 @@ _Event = tuple[_Job, int]  # a job at one stage of its plan
 class _Queue:
     """The queue of one physical stage: events of every pipeline that runs it."""
 
-    __slots__ = ("key", "source", "crit", "rest", "rows", "cost_s", "gain", "hold", "held_at")
+    __slots__ = ("key", "source", "crit", "rest", "rows", "cost_s", "gain", "hold", "held_at", "soonest")
 
     def __init__(self, key: str, source: bool) -> None:
         self.key = key
@@ -85,13 +85,17 @@ class _Queue:
         self.gain = 1.0  # moving average of what holding this queue gathered
         self.hold = False  # held for more events (decided when the first event enters the empty queue)
         self.held_at = 0  # events queued when the hold began
+        self.soonest = float("inf")  # the earliest deadline of the events waiting (a later one may come due first)
 
     def __len__(self) -> int:
         return len(self.crit) + len(self.rest)
 
     def deadline(self) -> float:
-        d = [q[0][0].deadline for q in (self.crit, self.rest) if q]
-        return min(d) if d else float("inf")
+        return self.soonest
+
+    def recompute(self) -> None:
+        """The earliest deadline of what is left, after a batch was taken."""
+        self.soonest = min((ev[0].deadline for dq in (self.crit, self.rest) for ev in dq), default=float("inf"))
 
 
 class Scheduler:
@@ -269,6 +273,7 @@ class Scheduler:
         else:
             q.rest.append(ev)
         q.rows += ev[0].n
+        q.soonest = min(q.soonest, ev[0].deadline)
         self._events += 1
 
     def _ready(self, q: _Queue, now: float) -> tuple[bool, float]:
@@ -314,6 +319,7 @@ class Scheduler:
                     self._crit_events -= 1
         self._events -= len(batch)
         q.rows -= rows
+        q.recompute()
         if q.source:
             for job, _ in batch:
                 if not job.started:
