@@ -259,12 +259,7 @@ class RefCounter:
                     o.submitted -= 1
                     self._zero.append(a)
             for a in t.lent:
-                n = self._lent.get(a, 0) - 1
-                if n > 0:
-                    self._lent[a] = n
-                else:
-                    self._lent.pop(a, None)
-                    self._hold_may_end(a)
+                self._count_down(self._lent, a)
             t.holds = []
             t.lent = []
 
@@ -305,12 +300,16 @@ class RefCounter:
                 o.contained -= 1
                 self._zero.append(i)
                 continue
-            n = self._inside.get(i, 0) - 1
-            if n > 0:
-                self._inside[i] = n
-            else:
-                self._inside.pop(i, None)
-                self._hold_may_end(i)
+            self._count_down(self._inside, i)
+
+    def _count_down(self, counts: dict[bytes, int], oid: bytes) -> None:
+        """One hold of ``oid`` counted in ``counts`` (tasks it is lent to, my objects holding it) ends."""
+        n = counts.get(oid, 0) - 1
+        if n > 0:
+            counts[oid] = n
+        else:
+            counts.pop(oid, None)
+            self._hold_may_end(oid)
 
     def lend(self, oids: Iterable[bytes], key: str, *, grace: float = LEND_GRACE_S) -> None:
         """Refs to ``oids`` went, nested in a value, to the process whose reference table is ``key`` (a task's
